@@ -1,0 +1,1 @@
+//! Just-in-time approvals of held statements and time-bound grants (issue 7).

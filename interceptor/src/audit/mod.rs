@@ -1,0 +1,1 @@
+//! The audit trail: durable, hash-chained, sled-backed records (issue 3).

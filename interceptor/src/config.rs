@@ -1,0 +1,295 @@
+//! The TOML configuration model and its validation. See `interceptor.example.toml` for the
+//! annotated reference.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    pub upstream: UpstreamConfig,
+    /// Where upstream role passwords come from.
+    #[serde(default)]
+    pub secrets: SecretsConfig,
+    /// Static identities (bots and humans without an IdP), keyed by subject.
+    #[serde(default, rename = "identity")]
+    pub identities: BTreeMap<String, StaticIdentity>,
+    #[serde(default)]
+    pub audit: Option<AuditConfig>,
+    #[serde(default)]
+    pub policy: Option<PolicyConfig>,
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// TCP addresses to listen on, e.g. `["127.0.0.1:6432", "[::1]:6432"]`.
+    #[serde(default)]
+    pub tcp: Vec<SocketAddr>,
+    /// Directory in which to create the unix socket `.s.PGSQL.<unix_port>`.
+    #[serde(default)]
+    pub unix_socket_dir: Option<PathBuf>,
+    /// Port number used in the unix socket file name (clients pass it as `-p`).
+    #[serde(default = "default_pg_port")]
+    pub unix_port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Refuse clients that do not negotiate TLS.
+    #[serde(default)]
+    pub require: bool,
+    /// CA bundle for client certificates (mTLS). When set, clients may present a certificate.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    /// Plaintext (the default for a unix socket).
+    #[default]
+    Disable,
+    /// TLS if the server offers it.
+    Prefer,
+    /// TLS without certificate verification.
+    Require,
+    /// TLS with the server certificate verified against `ca` and the host name.
+    VerifyFull,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// A directory (unix socket, preferred) or a host name / IP address.
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    /// CA bundle used with `tls = "verify-full"`.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Upstream role used for identities that name none.
+    #[serde(default)]
+    pub default_role: Option<String>,
+}
+
+impl UpstreamConfig {
+    /// A host starting with `/` is a socket directory, as in libpq.
+    pub fn unix_socket_path(&self) -> Option<PathBuf> {
+        self.host
+            .starts_with('/')
+            .then(|| Path::new(&self.host).join(format!(".s.PGSQL.{}", self.port)))
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// A TOML file `[roles] name = "password"`; must not be group- or world-readable.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticIdentity {
+    /// A SCRAM-SHA-256 verifier (`interceptor hash-password`), never a clear password.
+    pub secret: String,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// The upstream role interceptor logs in as for this identity (until policy maps it).
+    #[serde(default)]
+    pub upstream_role: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Directory of the sled store.
+    pub dir: PathBuf,
+    /// Ed25519 signing key (PKCS#8 PEM or 32 raw bytes hex) for checkpoints.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+    /// Result rows recorded per statement for replay.
+    #[serde(default = "default_recorded_rows")]
+    pub record_rows: usize,
+    /// Sessions older than this many days are removed (0 = keep forever).
+    #[serde(default)]
+    pub retention_days: u64,
+    /// Size bound of the store in MiB (0 = unbounded).
+    #[serde(default)]
+    pub max_size_mib: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Directory of policy files (`*.toml`), reloaded when they change.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Unix socket for the CLI (audit queries, approvals) while the daemon runs.
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest protocol message accepted from a client or server, in bytes.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Time a client has to finish startup and authentication.
+    #[serde(default = "default_auth_timeout")]
+    pub auth_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: default_max_message(),
+            auth_timeout_ms: default_auth_timeout(),
+        }
+    }
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+fn default_recorded_rows() -> usize {
+    100
+}
+fn default_max_message() -> usize {
+    64 * 1024 * 1024
+}
+fn default_auth_timeout() -> u64 {
+    30_000
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        config.resolve_relative_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(config)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.tcp.is_empty() && self.listen.unix_socket_dir.is_none() {
+            return Err(ConfigError::Invalid(
+                "[listen] needs at least one of `tcp` or `unix_socket_dir`".into(),
+            ));
+        }
+        if self.limits.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "[limits] max_message_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.upstream.tls == UpstreamTls::VerifyFull && self.upstream.ca.is_none() {
+            return Err(ConfigError::Invalid(
+                "[upstream] tls = \"verify-full\" needs `ca`".into(),
+            ));
+        }
+        for (name, id) in &self.identities {
+            if !id.secret.starts_with("SCRAM-SHA-256$") {
+                return Err(ConfigError::Invalid(format!(
+                    "[identity.{name}] secret must be a SCRAM-SHA-256 verifier \
+                     (run `interceptor hash-password`), not a clear password"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Paths in the config are relative to the config file, like most daemons do.
+    fn resolve_relative_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(tls) = &mut self.tls {
+            fix(&mut tls.cert);
+            fix(&mut tls.key);
+            if let Some(ca) = &mut tls.client_ca {
+                fix(ca);
+            }
+        }
+        if let Some(ca) = &mut self.upstream.ca {
+            fix(ca);
+        }
+        if let Some(f) = &mut self.secrets.file {
+            fix(f);
+        }
+        if let Some(a) = &mut self.audit {
+            fix(&mut a.dir);
+            if let Some(k) = &mut a.signing_key {
+                fix(k);
+            }
+        }
+        if let Some(p) = &mut self.policy {
+            fix(&mut p.dir);
+        }
+        if let Some(a) = &mut self.admin {
+            fix(&mut a.socket);
+        }
+        if let Some(d) = &mut self.listen.unix_socket_dir {
+            fix(d);
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Inline masking of result values (issue 6).

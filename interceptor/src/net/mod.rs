@@ -1,0 +1,1 @@
+//! Listeners, TLS and PostgreSQL wire framing.

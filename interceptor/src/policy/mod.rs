@@ -1,0 +1,1 @@
+//! Policy files, statement classification and decisions (issue 4).

@@ -1,0 +1,1 @@
+//! Upstream role passwords, read from a private file or the environment.

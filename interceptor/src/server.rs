@@ -1,0 +1,1 @@
+//! The daemon: listeners, shared state and the accept loop.

@@ -1,0 +1,1 @@
+//! One client connection: startup, authentication, upstream login and the relay loop.
