@@ -400,8 +400,9 @@ impl Interceptor {
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("dup log")?)
             .stderr(log);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info,interceptor=debug");
+        // The daemon reads its log filter from INTERCEPTOR_LOG.
+        if std::env::var_os("INTERCEPTOR_LOG").is_none() {
+            cmd.env("INTERCEPTOR_LOG", "info,interceptor=debug");
         }
         cmd.env("RUST_BACKTRACE", "1");
         cmd.envs(self.setup.env.iter().map(|(k, v)| (k, v)));
