@@ -33,11 +33,12 @@ fn send_and_expect_close(port: u16, bytes: &[u8], half_close: bool) -> Vec<u8> {
             ),
         }
     }
-    // Anything said before closing must be an ErrorResponse (or the 'N' refusing SSL).
+    // Anything said before closing must be an ErrorResponse, the 'N' refusing SSL, or (for a
+    // valid startup packet) an authentication request.
     if let Some(first) = got.first() {
         assert!(
-            *first == b'E' || *first == b'N',
-            "unexpected reply to garbage: {got:?}"
+            matches!(*first, b'E' | b'N' | b'R'),
+            "unexpected reply: {got:?}"
         );
     }
     got
@@ -198,5 +199,53 @@ fn malformed_messages_after_login_end_the_session_only() {
     assert!(!closed);
     let row = msgs.iter().find(|m| m.tag == b'D').expect("a DataRow");
     assert!(row.body.ends_with(b"36"), "{row:?}");
+    assert!(!s.logs().contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_are_cut_off_by_the_auth_timeout() {
+    let opts = StackOptions {
+        pg: interceptor_tests::PgOptions::default().extra_conf("authentication_timeout = '1s'"),
+        customize: Some(|s| s.extra_toml("[limits]\nauth_timeout_ms = 1000")),
+        ..StackOptions::standard()
+    };
+    let s = Stack::start(opts).unwrap();
+    let port = s.params(ALICE).port;
+
+    let startup = {
+        let mut body = Vec::new();
+        body.extend_from_slice(&196_608i32.to_be_bytes());
+        body.extend_from_slice(b"user\0alice\0database\0app\0\0");
+        let mut v = (body.len() as i32 + 4).to_be_bytes().to_vec();
+        v.extend_from_slice(&body);
+        v
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("silent after connect", Vec::new()),
+        ("half a startup packet", startup[..10].to_vec()),
+        // The server asks for SASL and the client never answers.
+        ("stalled in authentication", startup.clone()),
+    ];
+    // All stalled at once, while a normal client is served.
+    let mut handles = Vec::new();
+    for (name, bytes) in cases {
+        handles.push(tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let got = send_and_expect_close(port, &bytes, false);
+            (name, started.elapsed(), got)
+        }));
+    }
+    still_serves(&s).await;
+    for h in handles {
+        let (name, elapsed, got) = h.await.unwrap();
+        assert!(
+            elapsed < Duration::from_secs(5),
+            "{name}: closed only after {elapsed:?}"
+        );
+        if name == "stalled in authentication" {
+            // It did get the SASL request first.
+            assert_eq!(got.first(), Some(&b'R'), "{name}: {got:?}");
+        }
+    }
     assert!(!s.logs().contains("panicked"));
 }
