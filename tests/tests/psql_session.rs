@@ -156,3 +156,19 @@ fn copy_from_with_bad_row_fails_cleanly() {
         "{out:?}"
     );
 }
+
+#[test]
+fn psql_over_the_unix_socket_listener() {
+    let s = stack();
+    let Some(proxy) = &s.proxy else {
+        eprintln!("direct mode: the proxy's unix listener does not exist; skipped");
+        return;
+    };
+    let params = proxy.unix_params(ALICE).unwrap();
+    let out = PgCommand::psql(&params)
+        .args(["-A", "-t", "-c", "SELECT count(*) FROM accounts"])
+        .run()
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+    assert_eq!(out.stdout.trim(), ACCOUNT_ROWS.to_string());
+}

@@ -77,3 +77,48 @@ fn required_tls_refuses_plaintext_with_fatal() {
     assert!(out.success(), "{out:?}");
     assert_eq!(out.stdout, "over tls\n");
 }
+
+#[test]
+fn client_certificate_from_a_foreign_ca_is_refused() {
+    if interceptor_tests::direct_mode() {
+        eprintln!("direct mode: client CA not configured in PostgreSQL; skipped");
+        return;
+    }
+    // A proxy that trusts the test CA for client certificates.
+    let pg = interceptor_tests::PgCluster::start().unwrap();
+    let certs = TestCerts::generate().unwrap();
+    let setup = interceptor_tests::InterceptorSetup::new(&pg)
+        .identity(
+            ALICE,
+            interceptor_tests::ALICE_PASSWORD,
+            &["dev"],
+            Some("app_rw"),
+        )
+        .tls(&certs)
+        .client_ca(&certs.ca_cert);
+    let proxy = interceptor_tests::Interceptor::start(setup).unwrap();
+    let base = proxy
+        .params(ALICE)
+        .host("localhost")
+        .sslmode(SslMode::VerifyFull)
+        .sslrootcert(&certs.ca_cert);
+
+    // A certificate from the trusted CA completes the handshake (password still required).
+    let good = certs.client(ALICE).unwrap();
+    let out = PgCommand::psql(&base.clone().client_cert(&good.cert, &good.key))
+        .args(["-A", "-t", "-c", "SELECT 'mtls'"])
+        .run()
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+    assert_eq!(out.stdout, "mtls\n");
+
+    // One from another CA is refused during the handshake.
+    let other = TestCerts::generate().unwrap();
+    let bad = other.client(ALICE).unwrap();
+    let out = PgCommand::psql(&base.client_cert(&bad.cert, &bad.key))
+        .args(["-c", "SELECT 1"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(!proxy.logs().contains("panicked"));
+}

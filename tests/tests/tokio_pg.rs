@@ -318,3 +318,92 @@ async fn concurrent_clients_get_separate_sessions() {
     }
     assert_eq!(pids.len(), 16, "each client has its own backend");
 }
+
+#[tokio::test]
+async fn portals_with_row_limits_and_empty_queries() {
+    let s = stack();
+    let mut c = s.params(BOB).connect().await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    let stmt = tx
+        .prepare("SELECT g FROM generate_series(1, 95) g ORDER BY g")
+        .await
+        .unwrap();
+    let portal = tx.bind(&stmt, &[]).await.unwrap();
+    // Execute with a row limit: PortalSuspended after each batch of 10.
+    let mut seen = Vec::new();
+    loop {
+        let batch = tx.query_portal(&portal, 10).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        assert!(batch.len() <= 10);
+        seen.extend(batch.iter().map(|r| r.get::<_, i32>(0)));
+    }
+    assert_eq!(seen, (1..=95).collect::<Vec<_>>());
+    tx.commit().await.unwrap();
+
+    // Simple-protocol corner cases: an empty query and only a comment.
+    // tokio-postgres reports EmptyQueryResponse as a zero-row completion.
+    let msgs = c.simple_query("").await.unwrap();
+    assert!(
+        msgs.iter()
+            .all(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(0))),
+        "{msgs:?}"
+    );
+    c.simple_query("-- nothing but a comment").await.unwrap();
+    let msgs = c
+        .simple_query("SELECT 'a' AS x; SELECT 'b' AS y")
+        .await
+        .unwrap();
+    let rows: Vec<String> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows, ["a", "b"]);
+}
+
+#[tokio::test]
+async fn closed_clients_leave_no_upstream_sessions() {
+    let s = stack();
+    // Backends of the application roles (or, in direct mode, of the identities).
+    let count_sql = "SELECT count(*) FROM pg_stat_activity \
+                     WHERE usename IN ('app_rw', 'app_ro', 'alice', 'bob')";
+    let baseline = s.pg.psql(count_sql).unwrap();
+    assert_eq!(baseline.trim(), "0");
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let c = s
+            .params(if i % 2 == 0 { ALICE } else { BOB })
+            .connect()
+            .await
+            .unwrap();
+        c.query_one("SELECT 1", &[]).await.unwrap();
+        clients.push(c);
+    }
+    assert_eq!(s.pg.psql(count_sql).unwrap().trim(), "8");
+    // Half leave politely (Terminate), half vanish (socket dropped mid-transaction).
+    for (i, c) in clients.into_iter().enumerate() {
+        if i % 2 == 0 {
+            drop(c);
+        } else {
+            c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+            drop(c);
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = s.pg.psql(count_sql).unwrap();
+        if n.trim() == "0" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} upstream sessions left behind",
+            n.trim()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
