@@ -14,6 +14,7 @@ pub mod os;
 pub mod pg;
 pub mod proxy;
 pub mod raw;
+pub mod reaper;
 pub mod stack;
 
 pub use certs::{TestCa, TestCerts};

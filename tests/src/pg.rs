@@ -146,6 +146,8 @@ impl PgCluster {
             .prefix("pgt")
             .tempdir_in("/tmp")
             .context("create cluster temp dir")?;
+        crate::reaper::reap_orphans_once();
+        crate::reaper::claim(dir.path()).context("write owner file")?;
         give_to_pg_user(dir.path())?;
         let data_dir = dir.path().join("data");
         let log_file = dir.path().join("postgres.log");

@@ -349,6 +349,8 @@ impl Interceptor {
             .prefix("icpt")
             .tempdir_in("/tmp")
             .context("interceptor temp dir")?;
+        crate::reaper::reap_orphans_once();
+        crate::reaper::claim(dir.path()).context("write owner file")?;
         if setup.unix_listener {
             std::fs::create_dir(dir.path().join("sock")).context("create socket dir")?;
         }
@@ -409,7 +411,14 @@ impl Interceptor {
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        let pid = child.id();
+        // Owned by self first, so a failure below still kills it (start() calls kill9).
         self.child = Some(child);
+        std::fs::write(
+            self.dir.path().join(crate::reaper::PROXY_PID_FILE),
+            pid.to_string(),
+        )
+        .context("write pid file")?;
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
         let timeout = self.setup.startup_timeout;
         let log_path = self.log_path.clone();
