@@ -1,6 +1,7 @@
 //! Who is on the other end of a session. Every provider (static secrets, OIDC, mTLS, kernel
 //! attestation) produces the same [`Identity`], so policy and audit never care how it was proven.
 
+pub mod process;
 pub mod scram;
 
 use serde::{Deserialize, Serialize};
