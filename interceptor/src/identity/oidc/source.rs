@@ -174,10 +174,14 @@ pub(crate) fn check_url(url: &str) -> Result<(), IdentityError> {
         )));
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.is_empty() || authority.contains('@') {
-        return Err(IdentityError::Config(format!(
-            "`{url}` must name a host and no credentials"
-        )));
+    if authority.contains('@') {
+        // Not echoed: the user-info part is a secret.
+        return Err(IdentityError::Config(
+            "IdP URLs must not contain credentials".into(),
+        ));
+    }
+    if authority.is_empty() {
+        return Err(IdentityError::Config(format!("`{url}` names no host")));
     }
     if !https {
         let loopback = if let Some(v6) = authority.strip_prefix('[') {
