@@ -129,6 +129,28 @@ pub fn client_cert_verifier(
         .map_err(|e| IdentityError::Config(format!("client certificate verifier: {e}")))
 }
 
+/// Reads the gateway's own certificate chain and private key (PEM files) for [`server_config`].
+pub fn load_server_identity(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), IdentityError> {
+    let chain = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            IdentityError::Config(format!("TLS certificate {}: {e}", cert_file.display()))
+        })?;
+    if chain.is_empty() {
+        return Err(IdentityError::Config(format!(
+            "TLS certificate {}: no certificate in file",
+            cert_file.display()
+        )));
+    }
+    // The key's bytes never reach the message: only the file name and the parse error kind.
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| IdentityError::Config(format!("TLS key {}: {e}", key_file.display())))?;
+    Ok((chain, key))
+}
+
 /// A rustls server config with the `ring` provider, safe default protocol versions, the
 /// gateway's certificate, and `client_verifier` (or no client authentication when `None`).
 pub fn server_config(

@@ -258,7 +258,7 @@ impl OidcVerifier {
         if self.cache.read().await.keys.is_some() {
             return Ok(());
         }
-        self.refresh().await.map(|_| ())
+        self.refresh(Wait::Yes).await.map(|_| ())
     }
 
     /// How many times keys were fetched from the source (for metrics and tests).
@@ -347,19 +347,25 @@ impl OidcVerifier {
         };
         let keys = match (keys, stale) {
             (Some(keys), false) => keys,
-            (keys, _) => match self.refresh().await {
-                Ok(_) => self.current().await.or(keys).ok_or_else(|| {
-                    IdentityError::ProviderUnavailable("no keys loaded yet".into())
-                })?,
-                Err(e) => keys.ok_or(e)?,
+            // Old keys still work while a reload is under way: logins do not queue behind a
+            // slow IdP.
+            (Some(keys), true) => match self.refresh(Wait::No).await {
+                Ok(true) => self.current().await.unwrap_or(keys),
+                _ => keys,
             },
+            (None, _) => {
+                self.refresh(Wait::Yes).await?;
+                self.current().await.ok_or_else(|| {
+                    IdentityError::ProviderUnavailable("no keys loaded yet".into())
+                })?
+            }
         };
         match keys.select(alg, kid) {
             Ok(_) => return Ok(keys),
             Err(NoKey::Mismatch) => return Err(IdentityError::KeyAlgorithmMismatch),
             Err(NoKey::Unknown) => {}
         }
-        if let Ok(true) = self.refresh().await
+        if let Ok(true) = self.refresh(Wait::Yes).await
             && let Some(fresh) = self.current().await
         {
             match fresh.select(alg, kid) {
@@ -387,9 +393,16 @@ impl OidcVerifier {
     }
 
     /// Reloads the keys unless the last attempt is younger than `jwks_refresh_min_secs`.
-    /// `Ok(true)`: new keys installed; `Ok(false)`: skipped by the rate limit.
-    async fn refresh(&self) -> Result<bool, IdentityError> {
-        let _serial = self.refresh_lock.lock().await;
+    /// `Ok(true)`: new keys installed; `Ok(false)`: skipped (rate limit, or another reload
+    /// is running and `wait` is [`Wait::No`]).
+    async fn refresh(&self, wait: Wait) -> Result<bool, IdentityError> {
+        let _serial = match wait {
+            Wait::Yes => self.refresh_lock.lock().await,
+            Wait::No => match self.refresh_lock.try_lock() {
+                Ok(guard) => guard,
+                Err(_) => return Ok(false),
+            },
+        };
         {
             let mut cache = self.cache.write().await;
             if cache
@@ -421,6 +434,13 @@ impl OidcVerifier {
             }
         }
     }
+}
+
+/// Whether a caller waits for a reload another task is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    No,
 }
 
 fn describe_kid(kid: Option<&str>) -> String {
