@@ -3,6 +3,16 @@
 //! Two halves: [`client_cert_verifier`] plugs into the TLS acceptor (rustls, `ring` provider),
 //! so chain, validity, EKU and revocation are checked during the handshake; after it,
 //! [`identity_from_cert`] maps the accepted leaf certificate to an [`Identity`].
+//!
+//! ```toml
+//! [mtls]
+//! ca_file = "/etc/interceptor/client-ca.pem"
+//! crl_files = ["/etc/interceptor/client-ca.crl.pem"]
+//! subject_from = "uri"                       # cn | email | uri | dns
+//! uri_prefix = "spiffe://example.org/"
+//! [mtls.groups]
+//! "spiffe://example.org/ns/etl/sa/loader" = ["etl"]
+//! ```
 
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,19 @@
 //!
 //! Verification fails closed: pinned asymmetric algorithms only, signature before claims,
 //! `iss`/`aud`/`exp` required, bounded clock leeway, and no key means no login.
+//!
+//! ```toml
+//! [oidc]
+//! issuer = "https://sso.example.com/realms/corp"   # Keycloak; keys via OIDC discovery
+//! audience = ["interceptor"]
+//! subject_claim = "preferred_username"
+//! groups_claim = ["realm_access.roles", "groups"]
+//! allowed_algs = ["RS256", "ES256"]
+//! leeway_secs = 60
+//! placeholder_users = ["oidc"]                     # `psql -U oidc` with the token as password
+//! # jwks_url = "https://sso.example.com/realms/corp/protocol/openid-connect/certs"
+//! # jwks_file = "/etc/interceptor/jwks.json"
+//! ```
 
 mod claims;
 mod keys;
@@ -38,6 +51,10 @@ pub const MAX_LEEWAY_SECS: u64 = 300;
 pub struct OidcConfig {
     /// Expected `iss`, exactly as the IdP writes it (e.g. `https://login.microsoftonline.com/<tenant>/v2.0`).
     pub issuer: String,
+    /// Other spellings of the same issuer that tokens may carry (Google issues both
+    /// `https://accounts.google.com` and `accounts.google.com`). Keys still come from `issuer`.
+    #[serde(default)]
+    pub issuer_aliases: Vec<String>,
     /// Accepted `aud` values (one string or a list); the token must name at least one.
     #[serde(deserialize_with = "one_or_many")]
     pub audience: Vec<String>,
@@ -223,7 +240,11 @@ impl OidcVerifier {
         }
 
         let mut validation = Validation::new(allowed_algs[0]);
-        validation.set_issuer(&[cfg.issuer.as_str()]);
+        let issuers: Vec<&str> = std::iter::once(cfg.issuer.as_str())
+            .chain(cfg.issuer_aliases.iter().map(String::as_str))
+            .filter(|i| !i.is_empty())
+            .collect();
+        validation.set_issuer(&issuers);
         validation.set_audience(&cfg.audience);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.leeway = cfg.leeway_secs;

@@ -237,6 +237,49 @@ async fn expired_and_not_yet_valid_tokens_with_bounded_leeway() {
 }
 
 #[tokio::test]
+async fn issuer_aliases_and_provider_style_jwks_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    // Google / Azure AD publish extra members (x5c, x5t, issuer) next to the key itself, and
+    // mix in encryption keys; neither may break loading.
+    let mut google = rsa_key(0, "g-1", Algorithm::RS256, Some("RS256"));
+    google.jwk["x5t"] = "bm90LWEtcmVhbC10aHVtYnByaW50".into();
+    google.jwk["x5c"] = json!(["TUlJQw=="]);
+    google.jwk["issuer"] = "https://login.microsoftonline.com/tenant/v2.0".into();
+    let mut enc = ec_key("enc-1");
+    enc.jwk["use"] = "enc".into();
+    write_jwks(&path, &[&enc, &google]);
+    let cfg: OidcConfig = toml::from_str(&format!(
+        "issuer = \"https://accounts.google.com\"\nissuer_aliases = [\"accounts.google.com\"]\n\
+         audience = \"{AUDIENCE}\"\njwks_file = \"{}\"",
+        path.display()
+    ))
+    .unwrap();
+    let v = OidcVerifier::new(&cfg).unwrap();
+    for iss in ["https://accounts.google.com", "accounts.google.com"] {
+        let mut c = claims();
+        c["iss"] = iss.into();
+        let id = v.verify(&sign(&google, &c)).await.unwrap();
+        assert_eq!(
+            id.proof,
+            Proof::Oidc {
+                issuer: "https://accounts.google.com".into()
+            }
+        );
+    }
+    let mut c = claims();
+    c["iss"] = "https://accounts.google.com.evil".into();
+    let token = sign(&google, &c);
+    assert_rejected(v.verify(&token).await, IdentityError::WrongIssuer, &token);
+    // The encryption key is not a signing key.
+    let token = sign(&enc, &claims());
+    assert!(matches!(
+        v.verify(&token).await,
+        Err(IdentityError::UnknownKey { .. })
+    ));
+}
+
+#[tokio::test]
 async fn wrong_audience_and_wrong_issuer() {
     let f = fixture();
     let v = f.verifier("");
