@@ -176,7 +176,10 @@ impl OidcVerifier {
             )),
             (Some(path), None) => {
                 let file = FileJwksSource::new(path);
-                let text = file.read_blocking()?;
+                // At startup an unreadable file is a configuration error, not an outage.
+                let text = file
+                    .read_blocking()
+                    .map_err(|e| IdentityError::Config(e.to_string()))?;
                 let set = KeySet::parse(&text).map_err(|e| {
                     IdentityError::Config(format!("JWKS file {}: {e}", path.display()))
                 })?;
