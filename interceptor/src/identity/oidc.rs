@@ -92,6 +92,10 @@ pub struct OidcConfig {
     /// Keys older than this are reloaded before use (stale keys are kept if that fails).
     #[serde(default = "default_max_age")]
     pub jwks_max_age_secs: u64,
+    /// Keys that could not be reloaded for this long are dropped and logins fail until the
+    /// IdP answers again: a key the IdP has withdrawn must not stay trusted forever.
+    #[serde(default = "default_max_stale")]
+    pub jwks_max_stale_secs: u64,
     /// Time limit for one HTTP exchange with the IdP.
     #[serde(default = "default_http_timeout")]
     pub http_timeout_secs: u64,
@@ -117,6 +121,9 @@ fn default_refresh_min() -> u64 {
 }
 fn default_max_age() -> u64 {
     3600
+}
+fn default_max_stale() -> u64 {
+    24 * 3600
 }
 fn default_http_timeout() -> u64 {
     10
@@ -157,6 +164,7 @@ pub struct OidcVerifier {
     placeholder_users: Vec<String>,
     refresh_min: Duration,
     max_age: Duration,
+    max_stale: Duration,
     source: Arc<dyn JwksSource>,
     cache: tokio::sync::RwLock<KeyCache>,
     /// Serialises refreshes so a burst of unknown `kid`s causes one fetch.
@@ -242,6 +250,13 @@ impl OidcVerifier {
             return Err(config("`allowed_algs` is empty".into()));
         }
 
+        let max_age = Duration::from_secs(cfg.jwks_max_age_secs.max(cfg.jwks_refresh_min_secs));
+        if Duration::from_secs(cfg.jwks_max_stale_secs) < max_age {
+            return Err(config(
+                "`jwks_max_stale_secs` must be at least `jwks_max_age_secs`".into(),
+            ));
+        }
+
         let mut validation = Validation::new(allowed_algs[0]);
         let issuers: Vec<&str> = std::iter::once(cfg.issuer.as_str())
             .chain(cfg.issuer_aliases.iter().map(String::as_str))
@@ -264,7 +279,8 @@ impl OidcVerifier {
             bind_user: cfg.bind_user,
             placeholder_users: cfg.placeholder_users.clone(),
             refresh_min: Duration::from_secs(cfg.jwks_refresh_min_secs),
-            max_age: Duration::from_secs(cfg.jwks_max_age_secs.max(cfg.jwks_refresh_min_secs)),
+            max_age,
+            max_stale: Duration::from_secs(cfg.jwks_max_stale_secs),
             source,
             cache: tokio::sync::RwLock::new(KeyCache::default()),
             refresh_lock: tokio::sync::Mutex::new(()),
@@ -364,17 +380,22 @@ impl OidcVerifier {
         alg: Algorithm,
         kid: Option<&str>,
     ) -> Result<Arc<KeySet>, IdentityError> {
-        let (keys, stale) = {
+        let (keys, age) = {
             let cache = self.cache.read().await;
-            let stale = cache.loaded_at.is_none_or(|t| t.elapsed() >= self.max_age);
-            (cache.keys.clone(), stale)
+            (cache.keys.clone(), cache.loaded_at.map(|t| t.elapsed()))
         };
+        let stale = age.is_none_or(|a| a >= self.max_age);
         let keys = match (keys, stale) {
             (Some(keys), false) => keys,
-            // Old keys still work while a reload is under way: logins do not queue behind a
-            // slow IdP.
+            // Old keys still work while a reload is under way or the IdP is briefly away:
+            // logins do not queue behind a slow IdP. Past `max_stale` they are dropped.
             (Some(keys), true) => match self.refresh(Wait::No).await {
                 Ok(true) => self.current().await.unwrap_or(keys),
+                _ if age.is_some_and(|a| a >= self.max_stale) => {
+                    return Err(IdentityError::ProviderUnavailable(
+                        "signing keys are too old and could not be reloaded".into(),
+                    ));
+                }
                 _ => keys,
             },
             (None, _) => {

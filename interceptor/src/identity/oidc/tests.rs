@@ -509,7 +509,7 @@ async fn unknown_kid_refreshes_the_jwks_at_most_once_per_interval() {
 #[tokio::test]
 async fn old_keys_are_reloaded_and_kept_when_reload_fails() {
     let f = fixture();
-    let v = f.verifier("jwks_refresh_min_secs = 1\njwks_max_age_secs = 1");
+    let v = f.verifier("jwks_refresh_min_secs = 1\njwks_max_age_secs = 1\njwks_max_stale_secs = 2");
     let token = sign(&f.rsa, &claims());
     assert!(v.verify(&token).await.is_ok());
     assert_eq!(v.jwks_fetches(), 0);
@@ -529,6 +529,21 @@ async fn old_keys_are_reloaded_and_kept_when_reload_fails() {
         v.verify(&token).await,
         Err(IdentityError::UnknownKey { .. })
     ));
+
+    // Keys that cannot be reloaded for longer than `jwks_max_stale_secs` stop being trusted.
+    let ec_token = sign(&f.ec, &claims());
+    std::fs::write(&f.path, "{ broken").unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(
+        v.verify(&ec_token).await.is_ok(),
+        "still within the stale bound"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let err = v.verify(&ec_token).await.unwrap_err();
+    assert!(
+        matches!(err, IdentityError::ProviderUnavailable(_)),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -683,6 +698,10 @@ fn config_is_validated() {
         (jwks.as_str(), "allowed_algs = [\"RS257\"]"),
         (jwks.as_str(), "jwks_refresh_min_secs = 0"),
         (jwks.as_str(), "subject_claim = \"\""),
+        (
+            jwks.as_str(),
+            "jwks_max_age_secs = 600\njwks_max_stale_secs = 60",
+        ),
         ("jwks_url = \"http://idp.example.com/keys\"", ""),
         (
             "jwks_url = \"https://user:secret@idp.example.com/keys\"",
