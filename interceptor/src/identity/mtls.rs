@@ -80,6 +80,22 @@ pub struct MtlsConfig {
     pub groups: BTreeMap<String, Vec<String>>,
 }
 
+impl MtlsConfig {
+    /// Defaults for a CA file alone (e.g. `[tls] client_ca` of the main config): optional
+    /// client certificates, subject from the CN, no groups.
+    pub fn with_ca_file(ca_file: impl Into<PathBuf>) -> Self {
+        MtlsConfig {
+            ca_file: ca_file.into(),
+            crl_files: Vec::new(),
+            require_client_cert: false,
+            subject_from: CertSubjectSource::Cn,
+            uri_prefix: None,
+            ou_as_groups: false,
+            groups: BTreeMap::new(),
+        }
+    }
+}
+
 fn cert_error(reason: impl Into<String>) -> IdentityError {
     IdentityError::Certificate(reason.into())
 }

@@ -318,7 +318,7 @@ async fn clients_without_a_certificate_pass_unless_required() {
     let server_ca = ca("Corp Server CA");
     let ca_file = write_ca(dir.path(), &client_ca);
 
-    let optional = config(&ca_file, "");
+    let optional = MtlsConfig::with_ca_file(&ca_file);
     let seen = handshake(gateway(&server_ca, &optional), &server_ca, None)
         .await
         .unwrap();
