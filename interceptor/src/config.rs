@@ -293,3 +293,26 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../interceptor.example.toml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.listen.tcp.len(), 2);
+        assert!(config.identities.contains_key("reporting-bot"));
+    }
+
+    #[test]
+    fn clear_passwords_and_unknown_keys_are_refused() {
+        let base = "[listen]\ntcp=[\"127.0.0.1:1\"]\n[upstream]\nhost=\"/tmp\"\n";
+        let clear = format!("{base}[identity.a]\nsecret=\"hunter2\"\n");
+        assert!(Config::parse(&clear).unwrap_err().to_string().contains("hash-password"));
+        let typo = format!("{base}[limitz]\n");
+        assert!(Config::parse(&typo).is_err());
+        assert!(Config::parse("[listen]\n[upstream]\nhost=\"/tmp\"\n").is_err());
+    }
+}

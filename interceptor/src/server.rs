@@ -154,6 +154,7 @@ async fn accept_unix(listener: UnixListener, state: Arc<ServerState>) -> anyhow:
         let cred = sock.peer_cred().ok();
         let peer = Peer::Unix {
             uid: cred.as_ref().map(|c| c.uid()),
+            gid: cred.as_ref().map(|c| c.gid()),
             pid: cred.as_ref().and_then(|c| c.pid()),
         };
         tokio::spawn(session::handle(Stream::Unix(sock), peer, state.clone()));
