@@ -31,3 +31,5 @@ pub use set::{Decision, Policy, PolicySet, Refusal, Route, Rule, Verdict};
 
 #[cfg(test)]
 mod classify_tests;
+#[cfg(test)]
+mod decide_tests;

@@ -91,8 +91,9 @@ impl PolicyHandle {
     pub fn spawn_watcher(&self, dir: PathBuf) -> broadcast::Receiver<PolicyEvent> {
         let rx = self.subscribe();
         let handle = self.clone();
+        // Taken now, not in the task: a change made before the task first runs is still seen.
+        let mut seen = fingerprint(&dir);
         tokio::spawn(async move {
-            let mut seen = fingerprint(&dir);
             let mut tick = tokio::time::interval(POLL_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
