@@ -161,7 +161,10 @@ impl Conn {
                 backend::Message::ErrorResponse(e) => {
                     let msg: Vec<String> = e
                         .fields()
-                        .filter_map(|f| Ok((f.type_() == b'M').then(|| f.value().to_owned())))
+                        .filter_map(|f| {
+                            Ok((f.type_() == b'M')
+                                .then(|| String::from_utf8_lossy(f.value_bytes()).into_owned()))
+                        })
                         .collect()
                         .unwrap_or_default();
                     o.error = Some(msg.join(" "));
