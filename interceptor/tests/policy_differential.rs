@@ -419,3 +419,150 @@ fn classifier_agrees_with_postgresql() {
     }
     assert!(checked >= 70, "only {checked} checks ran");
 }
+
+/// A small deterministic generator (xorshift64*), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[(self.next() % items.len() as u64) as usize]
+    }
+}
+
+/// Random quoting/comment soup around a hidden DELETE: whatever the classifier accepts must
+/// match what the server did.
+fn generated_query(rng: &mut Rng) -> String {
+    const BODY: &[&str] = &[
+        "\\'",
+        "''",
+        "\\",
+        "\\\\",
+        ";",
+        " DELETE FROM t WHERE id = 3; ",
+        "*/",
+        "/*",
+        "$$",
+        "'",
+        "--",
+        "\n",
+        "x",
+        "\r",
+        "$a$",
+        " ",
+        "E'",
+        "\"",
+    ];
+    const OPEN_CLOSE: &[(&str, &str)] = &[
+        ("'", "'"),
+        ("E'", "'"),
+        ("e'", "'"),
+        ("U&'", "'"),
+        ("$$", "$$"),
+        ("$a$", "$a$"),
+        ("/*", "*/"),
+        ("--", "\n"),
+        ("\"", "\""),
+        ("B'", "'"),
+    ];
+    let mut sql = String::from("SELECT 1");
+    for _ in 0..(1 + rng.next() % 3) {
+        let (open, close) = OPEN_CLOSE[(rng.next() % OPEN_CLOSE.len() as u64) as usize];
+        sql.push(' ');
+        if open == "'" || open.ends_with('\'') && !open.starts_with('B') {
+            sql.push_str(", ");
+        }
+        sql.push_str(open);
+        for _ in 0..(rng.next() % 4) {
+            sql.push_str(rng.pick(BODY));
+        }
+        sql.push_str(close);
+    }
+    sql.push_str(rng.pick(&[
+        "; DELETE FROM t WHERE id = 1",
+        " ; DELETE FROM t WHERE id = 2; --'",
+        "",
+        "'; DELETE FROM t WHERE id = 1; --",
+        "*/; DELETE FROM t WHERE id = 2",
+    ]));
+    sql
+}
+
+#[test]
+fn generated_queries_agree_with_postgresql() {
+    if !Path::new(BIN).join("initdb").exists() {
+        eprintln!(
+            "\n\n*** SKIPPING policy_differential: {BIN}/initdb not found (install postgresql-15) ***\n"
+        );
+        return;
+    }
+    let cluster = Cluster::start();
+    let mut conn = Conn::connect(&cluster.socket());
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let (mut accepted, mut refused, mut server_errors, mut refused_but_ran) = (0, 0, 0, 0);
+    for &scs in BOTH {
+        conn.reset(scs);
+        let mut before = conn.state();
+        for _ in 0..250 {
+            let sql = generated_query(&mut rng);
+            let lex = LexSettings {
+                standard_conforming_strings: scs,
+            };
+            let belief = classify(&sql, lex);
+            let outcome = conn.query(&sql);
+            let after = conn.state();
+            let ctx =
+                format!("scs={scs} sql={sql:?}\n  classifier: {belief:?}\n  server: {outcome:?}");
+            match belief {
+                Err(e) => {
+                    refused += 1;
+                    if outcome.error.is_none() {
+                        refused_but_ran += 1;
+                        if std::env::var_os("POLICY_DIFF_VERBOSE").is_some() {
+                            eprintln!("refused but ran: {e}\n{ctx}");
+                        }
+                    }
+                }
+                Ok(statements) => {
+                    accepted += 1;
+                    if outcome.error.is_some() {
+                        // The implicit transaction rolled everything back.
+                        server_errors += 1;
+                        assert_eq!(before, after, "failed query changed the database\n{ctx}");
+                    } else {
+                        assert_eq!(statements.len(), outcome.tags.len(), "count differs\n{ctx}");
+                        for (c, tag) in statements.iter().zip(&outcome.tags) {
+                            assert!(tag_fits(tag, c), "tag {tag:?} vs {:?}\n{ctx}", c.kind);
+                        }
+                        if statements.iter().all(harmless) {
+                            assert_eq!(before, after, "'harmless' query changed data\n{ctx}");
+                        }
+                    }
+                }
+            }
+            if before != after {
+                conn.reset(scs);
+                before = conn.state();
+            }
+        }
+    }
+    eprintln!(
+        "generated: {accepted} accepted ({server_errors} server errors), {refused} refused \
+         ({refused_but_ran} of which the server ran)"
+    );
+    // The generator must exercise both sides, or the test proves nothing.
+    assert!(
+        accepted >= 100,
+        "only {accepted} generated queries were accepted"
+    );
+    assert!(
+        refused >= 20,
+        "only {refused} generated queries were refused"
+    );
+}

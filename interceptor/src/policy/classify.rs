@@ -614,12 +614,18 @@ impl Visitor for Walk<'_> {
                 args: Some(args),
                 ..
             } => {
-                let first = args.args.first().and_then(arg_expr);
+                let first = match args.args.first() {
+                    Some(a @ FunctionArg::Unnamed(_)) => arg_expr(a),
+                    _ => None,
+                };
                 self.facts.record_function(name, first, executed);
                 self.table_functions.push(name.clone());
             }
             TableFactor::Function { name, args, .. } => {
-                let first = args.first().and_then(arg_expr);
+                let first = match args.first() {
+                    Some(a @ FunctionArg::Unnamed(_)) => arg_expr(a),
+                    _ => None,
+                };
                 self.facts.record_function(name, first, executed);
             }
             _ => {}
@@ -638,8 +644,13 @@ impl Visitor for Walk<'_> {
 
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
         if let Expr::Function(f) = expr {
+            // Only a positional first argument is the setting name of set_config; a named
+            // argument could be any parameter (then the name counts as unknown).
             let first = match &f.args {
-                FunctionArguments::List(list) => list.args.first().and_then(arg_expr),
+                FunctionArguments::List(list) => match list.args.first() {
+                    Some(a @ FunctionArg::Unnamed(_)) => arg_expr(a),
+                    _ => None,
+                },
                 _ => None,
             };
             self.facts
@@ -663,7 +674,7 @@ fn explain_executes(statement: &Statement) -> bool {
             ident_name(&o.name) == "analyze"
                 && !o.arg.as_ref().is_some_and(|a| {
                     let text = a.to_string().to_ascii_lowercase();
-                    matches!(text.trim_matches('\''), "false" | "off" | "0")
+                    matches!(text.trim_matches('\''), "false" | "off" | "0" | "no")
                 })
         })
 }

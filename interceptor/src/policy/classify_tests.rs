@@ -174,6 +174,14 @@ fn explain_analyze_executes() {
     assert!(c.risks.contains(&Risk::DeleteWithoutWhere));
     let c = one("EXPLAIN (ANALYZE, BUFFERS) UPDATE t SET a = 1 WHERE id = 2");
     assert_eq!(c.kind, StatementKind::Write);
+    assert_eq!(
+        one("EXPLAIN (ANALYZE TRUE) DELETE FROM t WHERE id = 1").kind,
+        StatementKind::Write
+    );
+    assert_eq!(
+        one("EXPLAIN (ANALYZE off) DELETE FROM t WHERE id = 1").kind,
+        StatementKind::Read
+    );
     // Without ANALYZE nothing runs.
     let c = one("EXPLAIN SELECT nextval('s')");
     assert_eq!(c.kind, StatementKind::Read);
