@@ -124,9 +124,10 @@ pub struct Classified {
     pub tables: Vec<String>,
     /// `schema.function`; unqualified built-ins as `pg_catalog.name`, others as `public.name`.
     pub functions: Vec<String>,
-    /// False when sqlparser could not parse the statement and it was classified by keywords:
-    /// the tables and functions it touches are then unknown.
-    pub parsed: bool,
+    /// False when the tables and functions the statement touches are unknown: it was
+    /// classified by keywords (sqlparser could not parse it), or it is a DDL/DCL/utility
+    /// statement in which no table was found.
+    pub names_known: bool,
     /// `PREPARE name AS …`: the name (the rest describes the prepared statement).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prepares: Option<String>,
@@ -315,7 +316,7 @@ fn bodies_execute(piece: &StatementText) -> bool {
 }
 
 /// Statements sqlparser 0.63 cannot parse, classified by their leading keywords. Conservative:
-/// tables and functions are unknown (`parsed: false`).
+/// tables and functions are unknown (`names_known: false`).
 fn keyword_fallback(piece: &StatementText, index: usize) -> Option<Classified> {
     let w = leading_words(piece, 4);
     let first = *w.first()?;
@@ -362,7 +363,7 @@ fn keyword_fallback(piece: &StatementText, index: usize) -> Option<Classified> {
         risks: risks.into_iter().collect(),
         tables: Vec::new(),
         functions: Vec::new(),
-        parsed: false,
+        names_known: false,
         prepares: None,
         executes: None,
         deallocates: None,
@@ -450,7 +451,7 @@ fn copy_fallback(piece: &StatementText, index: usize) -> Option<Classified> {
         tables: vec![table],
         functions: Vec::new(),
         // The table is known exactly and a table-form COPY calls no functions.
-        parsed: true,
+        names_known: true,
         prepares: None,
         executes: None,
         deallocates: None,
@@ -565,6 +566,119 @@ struct Walk<'a> {
     /// Table-function names already recorded as functions (sqlparser also reports them as
     /// relations).
     table_functions: Vec<ObjectName>,
+    /// sqlparser read a PostgreSQL reserved keyword as a table name or alias (e.g.
+    /// `FROM ONLY secrets` as table `only` aliased `secrets`): its tree is not PostgreSQL's.
+    misread: bool,
+}
+
+/// PostgreSQL 15 keywords that can never be an unquoted table name or alias (categories
+/// "reserved" and "reserved (can be function or type name)" of the SQL Key Words appendix).
+const PG_RESERVED: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "binary",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "intersect",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "right",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
+
+fn is_reserved_unquoted(ident: &ast::Ident) -> bool {
+    ident.quote_style.is_none() && PG_RESERVED.contains(&ident.value.to_ascii_lowercase().as_str())
 }
 
 impl Visitor for Walk<'_> {
@@ -608,6 +722,16 @@ impl Visitor for Walk<'_> {
 
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
         let executed = self.not_executed == 0;
+        let alias = match factor {
+            TableFactor::Table { alias, .. }
+            | TableFactor::Derived { alias, .. }
+            | TableFactor::Function { alias, .. }
+            | TableFactor::UNNEST { alias, .. } => alias.as_ref(),
+            _ => None,
+        };
+        if alias.is_some_and(|a| is_reserved_unquoted(&a.name)) {
+            self.misread = true;
+        }
         match factor {
             TableFactor::Table {
                 name,
@@ -634,6 +758,13 @@ impl Visitor for Walk<'_> {
     }
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        if relation
+            .0
+            .iter()
+            .any(|p| p.as_ident().is_some_and(is_reserved_unquoted))
+        {
+            self.misread = true;
+        }
         if let Some(pos) = self.table_functions.iter().position(|n| n == relation) {
             self.table_functions.swap_remove(pos);
         } else {
@@ -914,8 +1045,12 @@ fn classify_statement(
         not_executed: 0,
         explain_stack: Vec::new(),
         table_functions: Vec::new(),
+        misread: false,
     };
     let _ = statement.visit(&mut walk);
+    if walk.misread {
+        return Err(Unclassifiable::Differential { index });
+    }
     // Function bodies and DO blocks are strings to the parser: look for EXECUTE in them.
     if matches!(statement, Statement::CreateFunction(_)) && bodies_execute(piece) {
         facts.risks.insert(Risk::DynamicSql);
@@ -946,14 +1081,29 @@ fn classify_statement(
         }
         _ => {}
     }
+    if let Statement::Drop {
+        object_type, names, ..
+    } = statement
+        && !matches!(object_type, ObjectType::Role | ObjectType::User)
+    {
+        facts.tables.extend(names.iter().map(table_name));
+    }
     let command = command_of(piece, command_words(statement));
+    let kind = facts.kind.unwrap_or(StatementKind::Procedural);
+    // sqlparser's visitor does not report the objects of every DDL/DCL/utility statement: when
+    // it found none, say the names are unknown rather than "none".
+    let names_known = !(facts.tables.is_empty()
+        && matches!(
+            kind,
+            StatementKind::Ddl | StatementKind::Dcl | StatementKind::Utility
+        ));
     Ok(Classified {
         command,
-        kind: facts.kind.unwrap_or(StatementKind::Procedural),
+        kind,
         risks: facts.risks.into_iter().collect(),
         tables: facts.tables.into_iter().collect(),
         functions: facts.functions.into_iter().collect(),
-        parsed: true,
+        names_known,
         prepares,
         executes,
         deallocates,

@@ -551,12 +551,12 @@ impl Rule {
                     return false;
                 }
                 if let Some(pats) = &self.tables
-                    && (!s.parsed || !s.tables.iter().all(|t| table_hit(t, pats)))
+                    && (!s.names_known || !s.tables.iter().all(|t| table_hit(t, pats)))
                 {
                     return false;
                 }
                 if let Some(pats) = &self.functions
-                    && (!s.parsed || !s.functions.iter().all(|f| table_hit(f, pats)))
+                    && (!s.names_known || !s.functions.iter().all(|f| table_hit(f, pats)))
                 {
                     return false;
                 }
@@ -568,15 +568,15 @@ impl Rule {
                 {
                     return false;
                 }
-                // Unknown tables/functions (statement not parsed) count as a hit: fail closed.
+                // Unknown tables/functions (`names_known` false) count as a hit: fail closed.
                 if let Some(pats) = &self.tables
-                    && s.parsed
+                    && s.names_known
                     && !s.tables.iter().any(|t| table_hit(t, pats))
                 {
                     return false;
                 }
                 if let Some(pats) = &self.functions
-                    && s.parsed
+                    && s.names_known
                     && !s.functions.iter().any(|f| table_hit(f, pats))
                 {
                     return false;
