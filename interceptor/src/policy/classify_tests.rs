@@ -537,3 +537,84 @@ fn every_table_reference_is_found() {
     // `FROM ONLY s` is read by sqlparser as table `only` aliased `s`: refused as a misread.
     assert_eq!(refused, vec!["TABLE s", "SELECT * FROM ONLY s"]);
 }
+
+/// Side-effect detection is only as good as function discovery: every place a function can be
+/// called must report it.
+#[test]
+fn every_function_call_is_found() {
+    let mut refused = Vec::new();
+    for sql in [
+        "SELECT pg_read_file('x')",
+        "SELECT * FROM pg_read_file('x')",
+        "SELECT * FROM pg_read_file('x') AS f(c)",
+        "SELECT * FROM t JOIN LATERAL pg_read_file(t.a) x ON true",
+        "SELECT * FROM ROWS FROM (pg_read_file('x'))",
+        "SELECT * FROM t WHERE pg_read_file(a) > ''",
+        "SELECT a FROM t ORDER BY pg_read_file(a)",
+        "SELECT a FROM t GROUP BY pg_read_file(a)",
+        "SELECT count(*) FROM t HAVING max(pg_read_file('x')) > ''",
+        "VALUES (pg_read_file('x'))",
+        "INSERT INTO t VALUES (pg_read_file('x'))",
+        "INSERT INTO t SELECT pg_read_file('x')",
+        "INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET a = pg_read_file('x')",
+        "UPDATE t SET a = pg_read_file('x') WHERE id = 1",
+        "DELETE FROM t WHERE id = 1 RETURNING pg_read_file('x')",
+        "SELECT (pg_read_file('x'))",
+        "SELECT length(pg_read_file('x')) OVER ()",
+        "SELECT ARRAY[pg_read_file('x')]",
+        "SELECT CASE WHEN true THEN pg_read_file('x') END",
+        "SELECT 1 LIMIT length(pg_read_file('x'))",
+        "SELECT 1 OFFSET length(pg_read_file('x'))",
+        "SELECT count(*) FILTER (WHERE pg_read_file('x') > '') FROM t",
+        "SELECT string_agg(a, ',' ORDER BY pg_read_file(a)) FROM t",
+        "SELECT pg_read_file('x') COLLATE \"C\"",
+        "SELECT (SELECT pg_read_file('x'))",
+        "WITH x AS (SELECT pg_read_file('x')) SELECT 1",
+        "SELECT * FROM t WHERE a = ANY(pg_read_file('x'))",
+        "SELECT pg_read_file('x')::int",
+        "SELECT CAST(pg_read_file('x') AS int)",
+        "SELECT coalesce(NULL, pg_read_file('x'))",
+        "SELECT pg_read_file(VARIADIC ARRAY['x'])",
+        "SELECT ROW(pg_read_file('x'))",
+        "SELECT EXISTS (SELECT pg_read_file('x'))",
+        "COPY (SELECT pg_read_file('x')) TO STDOUT",
+        "EXPLAIN ANALYZE SELECT pg_read_file('x')",
+        "PREPARE p AS SELECT pg_read_file('x')",
+        "DECLARE c CURSOR FOR SELECT pg_read_file('x')",
+        "CALL pg_read_file('x')",
+        "SELECT * FROM t WHERE a IN (pg_read_file('x'))",
+        "SELECT * FROM t WHERE a BETWEEN pg_read_file('x') AND 'z'",
+        "SELECT * FROM t WHERE a LIKE pg_read_file('x')",
+        "SELECT pg_read_file('x') IS NULL",
+        "SELECT 1 WHERE pg_read_file('x') IS DISTINCT FROM 'x'",
+        "SELECT * FROM t JOIN s ON s.a = pg_read_file('x')",
+        "SELECT * FROM t JOIN s USING (a) WHERE pg_read_file('x') = ''",
+        "SELECT substring(pg_read_file('x') FROM 1 FOR 2)",
+        "SELECT trim(BOTH FROM pg_read_file('x'))",
+        "SELECT position('a' IN pg_read_file('x'))",
+        "SELECT extract(year FROM pg_read_file('x')::date)",
+        "SELECT pg_read_file('x') AT TIME ZONE 'UTC'",
+        "SELECT DISTINCT ON (pg_read_file('x')) a FROM t",
+        "SELECT * FROM t WINDOW w AS (ORDER BY pg_read_file('x'))",
+        "SELECT a FROM t UNION SELECT pg_read_file('x')",
+        "SELECT pg_catalog.pg_read_file('x')",
+        "SELECT \"pg_read_file\"('x')",
+        "SELECT PG_READ_FILE('x')",
+    ] {
+        let Ok(c) = classify(sql, ON) else {
+            refused.push(sql);
+            continue;
+        };
+        let found = c.iter().any(|c| {
+            !c.names_known
+                || (c.functions.iter().any(|f| f == "pg_catalog.pg_read_file")
+                    && (c.risks.contains(&Risk::ServerFile)
+                        || c.prepares.is_some()
+                        || c.command == "EXPLAIN"
+                        || c.command.starts_with("DECLARE")))
+        });
+        assert!(found, "{sql}: pg_read_file not reported: {c:?}");
+    }
+    eprintln!("refused: {refused:?}");
+    assert!(refused.len() <= 5, "too many refused: {refused:?}");
+}
