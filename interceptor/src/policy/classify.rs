@@ -459,12 +459,25 @@ fn copy_fallback(piece: &StatementText, index: usize) -> Option<Classified> {
     })
 }
 
-/// Normalizes an identifier the way PostgreSQL folds it.
+/// PostgreSQL truncates identifiers to NAMEDATALEN - 1 bytes.
+const MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// Normalizes an identifier the way PostgreSQL does: unquoted names fold to lower case, and
+/// every name is truncated to 63 bytes (so a long name cannot dodge a pattern the server
+/// would resolve it to).
 fn ident_name(ident: &ast::Ident) -> String {
-    match ident.quote_style {
+    let mut name = match ident.quote_style {
         None => ident.value.to_ascii_lowercase(),
         Some(_) => ident.value.clone(),
+    };
+    if name.len() > MAX_IDENTIFIER_BYTES {
+        let mut end = MAX_IDENTIFIER_BYTES;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
     }
+    name
 }
 
 fn name_parts(name: &ObjectName) -> Vec<String> {

@@ -618,3 +618,10 @@ fn every_function_call_is_found() {
     eprintln!("refused: {refused:?}");
     assert!(refused.len() <= 5, "too many refused: {refused:?}");
 }
+
+#[test]
+fn long_identifiers_are_truncated_like_postgresql() {
+    let long = format!("{}_and_more", "s".repeat(63));
+    let c = one(&format!("SELECT * FROM {long}"));
+    assert_eq!(c.tables, vec![format!("public.{}", "s".repeat(63))]);
+}

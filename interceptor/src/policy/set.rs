@@ -158,6 +158,17 @@ impl PolicySet {
         })
     }
 
+    /// A set without policies: every login is refused and every statement denied (for a
+    /// daemon started without a policy directory: fail closed).
+    pub fn empty() -> PolicySet {
+        PolicySet {
+            policies: Vec::new(),
+            version: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
+            dir: PathBuf::new(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// Changes on each successful load (a cache key for the proxy).
     pub fn version(&self) -> u64 {
         self.version
