@@ -625,3 +625,37 @@ fn long_identifiers_are_truncated_like_postgresql() {
     let c = one(&format!("SELECT * FROM {long}"));
     assert_eq!(c.tables, vec![format!("public.{}", "s".repeat(63))]);
 }
+
+/// Text from the network must never panic the classifier, whatever it is.
+#[test]
+fn arbitrary_text_never_panics() {
+    const PIECES: &[&str] = &[
+        "'", "\"", "$", "$$", "$a$", "E'", "U&'", "U&\"", "/*", "*/", "--", "\n", "\r", "\\", ";",
+        "(", ")", "SELECT", "DELETE", "FROM", " ", "é", "€", "𝄞", "1", ".", "e", "::", "B'", "X'",
+        "N'", "\t", "DO", "COPY", "t", "WITH", "EXPLAIN", "ANALYZE", ",",
+    ];
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    for _ in 0..20_000 {
+        let n = next() % 12;
+        let sql: String = (0..n)
+            .map(|_| PIECES[(next() % PIECES.len() as u64) as usize])
+            .collect();
+        for lex in [ON, OFF] {
+            let _ = classify(&sql, lex);
+        }
+    }
+}
+
+#[test]
+fn deep_nesting_is_refused_not_a_stack_overflow() {
+    let sql = format!("SELECT {}1{}", "(".repeat(20_000), ")".repeat(20_000));
+    assert!(classify(&sql, ON).is_err());
+    let sql = format!("SELECT 1 {}", "/*".repeat(50_000));
+    assert!(classify(&sql, ON).is_err());
+}

@@ -429,3 +429,53 @@ async fn hot_reload_swaps_and_keeps_old_on_error() {
     );
     assert_eq!(dec.verdict, Verdict::Allow);
 }
+
+#[test]
+fn check_reports_every_broken_file_with_position() {
+    let d = dir_with(&[
+        ("a.toml", BASIC),
+        (
+            "b.toml",
+            "[policy]\nname = \"b\"\n[identities]\ngroups = [\"x\"]\n[login]\nupstream_role = \"r\"\ndatabases = [\"*\"]\n[[rule]]\nname = \"r1\"\ndecision = \"alow\"\n",
+        ),
+        (
+            "c.toml",
+            "[policy]\nname = \"c\"\n[identities]\ngroups = [\"x\"]\n[login]\nupstream_role = \"r\"\ndatabases = [\"*\"]\n[windows.w]\nfrom = \"8:00\"\nto = \"18:00\"\n",
+        ),
+    ]);
+    let mut out = Vec::new();
+    let ok = cli::run(
+        &PolicyCommand::Check {
+            dir: d.path().to_owned(),
+        },
+        &mut out,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8_lossy(&out);
+    assert!(!ok, "{text}");
+    assert!(text.contains("b.toml:10:12"), "{text}");
+    assert!(text.contains("c.toml:9:8"), "{text}");
+    assert!(text.contains("2 errors"), "{text}");
+}
+
+#[tokio::test]
+async fn reload_picks_up_a_new_file() {
+    let d = dir_with(&[("basic.toml", BASIC)]);
+    let handle = PolicyHandle::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    let mut events = handle.spawn_watcher(d.path().to_owned());
+    let ops = BASIC
+        .replace("name = \"basic\"", "name = \"ops\"")
+        .replace("groups = [\"devs\"]", "groups = [\"ops\"]");
+    std::fs::write(d.path().join("ops.toml"), ops).unwrap_or_else(|e| panic!("{e}"));
+    let ev = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
+    assert!(
+        matches!(ev, Ok(Ok(PolicyEvent::Reloaded { ref policies, .. })) if policies.len() == 2),
+        "{ev:?}"
+    );
+    assert!(
+        handle
+            .current()
+            .route(&who("olga", &["ops"]), "app")
+            .is_ok()
+    );
+}
