@@ -479,3 +479,45 @@ async fn reload_picks_up_a_new_file() {
             .is_ok()
     );
 }
+
+/// psql's catalog queries and drivers' housekeeping must pass a read-only policy.
+#[test]
+fn read_only_example_policies_allow_psql_and_drivers() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let set = load(&dir);
+    let corpus = include_str!("testdata/psql15_catalog_queries.sql");
+    let mut queries: Vec<&str> = corpus
+        .split("\n----\n")
+        .map(str::trim)
+        .filter(|q| !q.is_empty() && !q.starts_with("--"))
+        .collect();
+    queries.extend([
+        "SET extra_float_digits = 3",
+        "SET application_name = 'PostgreSQL JDBC Driver'",
+        "SET DateStyle = 'ISO'; SET TIME ZONE 'UTC'",
+        "SHOW transaction_isolation",
+        "SHOW ALL",
+        "BEGIN; SELECT 1; COMMIT",
+        "BEGIN READ ONLY",
+        "ROLLBACK",
+        "DISCARD ALL",
+        "RESET ALL",
+        "DEALLOCATE ALL",
+        "SELECT version()",
+        "SELECT current_schema(), current_database(), session_user",
+        "SELECT typname, oid FROM pg_type WHERE typname = 'hstore'",
+        "SELECT t.oid, typarray FROM pg_type t JOIN pg_namespace ns ON typnamespace = ns.oid WHERE typname = 'hstore'",
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'",
+        "SELECT abalance FROM pgbench_accounts WHERE aid = 7",
+        "select count(*) from pgbench_branches",
+    ]);
+    assert!(queries.len() > 30);
+    for (subject, group) in [("agent-7", "ai-agents"), ("ana", "analysts")] {
+        let id = who(subject, &[group]);
+        let database = "app";
+        for q in &queries {
+            let d = set.decide(&id, database, q, &ON);
+            assert_eq!(d.verdict, Verdict::Allow, "{subject}: {q}\n{d:?}");
+        }
+    }
+}
