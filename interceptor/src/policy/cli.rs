@@ -8,8 +8,9 @@ use super::classify::{Risk, StatementKind};
 use super::error::PolicyError;
 use super::glob::Glob;
 use super::lexer::LexSettings;
+use super::load::parse_policy;
 use super::model::{DecisionKind, KindSpec};
-use super::set::{Policy, PolicySet, Rule, TESTS_SUFFIX, Verdict, parse_policy};
+use super::set::{Policy, PolicySet, Rule, TESTS_SUFFIX, Verdict};
 use super::testcases;
 use crate::identity::{Identity, ProcessIdentity, Proof};
 
