@@ -1,7 +1,7 @@
 //! Policy files, statement classification and decisions.
 //!
 //! * [`lexer`]: PostgreSQL-faithful splitting of query text (the anti-bypass layer).
-//! * [`classify`]: what each statement does (kind, risks, tables, functions), with
+//! * [`mod@classify`]: what each statement does (kind, risks, tables, functions), with
 //!   [`walk`] (the AST walk), [`names`] (name resolution), [`functions`] (side effects) and
 //!   [`fallback`] (statements sqlparser cannot parse).
 //! * [`model`]: the TOML policy file format; [`load`]: validation with `file:line:col`.
