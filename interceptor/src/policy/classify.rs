@@ -372,6 +372,14 @@ fn classify_statement(
     {
         facts.tables.extend(names.iter().map(table_name));
     }
+    if let Statement::Comment {
+        object_type: ast::CommentObject::Table | ast::CommentObject::View,
+        object_name,
+        ..
+    } = statement
+    {
+        facts.tables.insert(table_name(object_name));
+    }
     let command = command_of(piece, command_words(statement));
     let kind = facts.kind.unwrap_or(StatementKind::Procedural);
     // sqlparser's visitor does not report the objects of every DDL/DCL/utility statement: when

@@ -659,3 +659,23 @@ fn deep_nesting_is_refused_not_a_stack_overflow() {
     let sql = format!("SELECT 1 {}", "/*".repeat(50_000));
     assert!(classify(&sql, ON).is_err());
 }
+
+#[test]
+fn ddl_reports_its_tables() {
+    for sql in [
+        "CREATE TABLE s (a int)",
+        "CREATE TABLE s AS SELECT 1",
+        "ALTER TABLE s ADD COLUMN b int",
+        "CREATE INDEX i ON s (a)",
+        "DROP TABLE s",
+        "TRUNCATE s",
+        "CREATE VIEW s AS SELECT 1",
+        "COMMENT ON TABLE s IS 'x'",
+    ] {
+        let c = one(sql);
+        assert!(
+            c.names_known && c.tables.contains(&"public.s".to_owned()),
+            "{sql}: {c:?}"
+        );
+    }
+}
