@@ -27,6 +27,8 @@ static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
 
 /// Classification results kept per policy set (bounded; cleared when full).
 const CACHE_ENTRIES: usize = 4096;
+/// Longer texts are classified every time rather than kept (bounds the cache's memory).
+const CACHE_MAX_SQL_BYTES: usize = 16 * 1024;
 
 type CacheKey = (String, bool);
 type Cached = Arc<Result<Vec<Classified>, Unclassifiable>>;
@@ -271,6 +273,9 @@ impl PolicySet {
     }
 
     fn classify_cached(&self, sql: &str, lex: &LexSettings) -> Cached {
+        if sql.len() > CACHE_MAX_SQL_BYTES {
+            return Arc::new(classify(sql, *lex));
+        }
         let key = (sql.to_owned(), lex.standard_conforming_strings);
         // A poisoned lock only means another thread panicked mid-insert; the map is still sound.
         if let Some(hit) = self
