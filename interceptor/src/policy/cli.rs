@@ -8,7 +8,7 @@ use super::classify::{Risk, StatementKind};
 use super::error::PolicyError;
 use super::glob::Glob;
 use super::lexer::LexSettings;
-use super::load::parse_policy;
+use super::load::{parse_policy, policy_files};
 use super::model::{DecisionKind, KindSpec};
 use super::set::{Policy, PolicySet, Rule, TESTS_SUFFIX, Verdict};
 use super::testcases;
@@ -186,27 +186,14 @@ pub struct CheckReport {
 /// syntax.
 pub fn check_dir(dir: &Path) -> Result<CheckReport, PolicyError> {
     let mut report = CheckReport::default();
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| PolicyError::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    entries.sort();
     let mut policies = Vec::new();
-    for path in entries {
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                report.errors.push(PolicyError::io(&path, e));
-                continue;
-            }
-        };
-        if path.to_string_lossy().ends_with(TESTS_SUFFIX) {
-            continue;
-        }
-        match parse_policy(&path, &text) {
-            Ok(p) => policies.push(p),
-            Err(e) => report.errors.push(e),
+    for path in policy_files(dir)? {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match parse_policy(&path, &text) {
+                Ok(p) => policies.push(p),
+                Err(e) => report.errors.push(e),
+            },
+            Err(e) => report.errors.push(PolicyError::io(&path, e)),
         }
     }
     report.policies = policies.len();

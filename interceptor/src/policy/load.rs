@@ -8,6 +8,7 @@ use super::model::{DecisionKind, PolicyFile, RuleSpec, default_timeout};
 use super::set::{Policy, Rule, TESTS_SUFFIX, Verdict};
 use super::window::Window;
 
+/// The policy files of `dir`: `*.toml` except `*.tests.toml` and hidden files, sorted.
 pub(crate) fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     let entries = std::fs::read_dir(dir).map_err(|e| PolicyError::io(dir, e))?;
     let mut files = Vec::new();
