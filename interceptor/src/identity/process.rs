@@ -102,7 +102,10 @@ mod tests {
 
     #[test]
     fn cgroup_paths() {
-        assert_eq!(cgroup_v2_path("12:cpu:/a\n0::/user.slice/x\n").as_deref(), Some("/user.slice/x"));
+        assert_eq!(
+            cgroup_v2_path("12:cpu:/a\n0::/user.slice/x\n").as_deref(),
+            Some("/user.slice/x")
+        );
         assert_eq!(cgroup_v2_path("12:cpu:/a\n").as_deref(), Some("/a"));
     }
 }
