@@ -56,6 +56,7 @@ pub struct InterceptorSetup {
     client_ca: Option<PathBuf>,
     audit_dir: Option<AuditDir>,
     policy_dir: Option<PathBuf>,
+    policy_files: Vec<(String, String)>,
     unix_listener: bool,
     extra_toml: String,
     env: Vec<(String, String)>,
@@ -85,6 +86,7 @@ impl InterceptorSetup {
             client_ca: None,
             audit_dir: None,
             policy_dir: None,
+            policy_files: Vec::new(),
             unix_listener: true,
             extra_toml: String::new(),
             env: Vec::new(),
@@ -162,6 +164,21 @@ impl InterceptorSetup {
     pub fn policy_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.policy_dir = Some(dir.into());
         self
+    }
+
+    /// A policy file (`<name>.toml`) written into `<tempdir>/policies`, which becomes the
+    /// policy dir unless [`Self::policy_dir`] names another one (then the file goes there).
+    pub fn policy_file(mut self, name: &str, toml: &str) -> Self {
+        self.policy_files.push((name.to_owned(), toml.to_owned()));
+        self
+    }
+
+    fn effective_policy_dir(&self, dir: &Path) -> Option<PathBuf> {
+        match (&self.policy_dir, self.policy_files.is_empty()) {
+            (Some(p), _) => Some(p.clone()),
+            (None, false) => Some(dir.join("policies")),
+            (None, true) => None,
+        }
     }
 
     /// Also listen on a unix socket in the temp dir (default on).
@@ -267,9 +284,9 @@ impl InterceptorSetup {
             t.insert("dir".into(), path(&dir));
             root.insert("audit".into(), Value::Table(t));
         }
-        if let Some(p) = &self.policy_dir {
+        if let Some(p) = self.effective_policy_dir(dir) {
             let mut t = Table::new();
-            t.insert("dir".into(), path(p));
+            t.insert("dir".into(), path(&p));
             root.insert("policy".into(), Value::Table(t));
         }
 
@@ -353,6 +370,14 @@ impl Interceptor {
         crate::reaper::claim(dir.path()).context("write owner file")?;
         if setup.unix_listener {
             std::fs::create_dir(dir.path().join("sock")).context("create socket dir")?;
+        }
+        if let Some(policy_dir) = setup.effective_policy_dir(dir.path()) {
+            std::fs::create_dir_all(&policy_dir).context("create policy dir")?;
+            for (name, text) in &setup.policy_files {
+                let file = policy_dir.join(format!("{name}.toml"));
+                std::fs::write(&file, text)
+                    .with_context(|| format!("write policy {}", file.display()))?;
+            }
         }
         let secrets = dir.path().join("secrets.toml");
         std::fs::write(&secrets, setup.render_secrets()?).context("write secrets")?;
@@ -459,6 +484,11 @@ impl Interceptor {
             Some(AuditDir::At(p)) => Some(p.clone()),
             None => None,
         }
+    }
+
+    /// The policy directory in the config, if any.
+    pub fn policy_dir(&self) -> Option<PathBuf> {
+        self.setup.effective_policy_dir(self.dir.path())
     }
 
     /// Everything the process wrote to stdout and stderr so far (all runs).
