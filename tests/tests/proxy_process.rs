@@ -80,8 +80,14 @@ async fn kill9_and_restart_on_the_same_port() {
 fn generated_config_is_accepted_by_check_config() {
     let pg = PgCluster::start_with(interceptor_tests::PgOptions::default().accounts_fixture(false))
         .unwrap();
-    let proxy =
-        Interceptor::start(setup(&pg).extra_toml("[limits]\nmax_message_bytes = 1048576")).unwrap();
+    let proxy = Interceptor::start(
+        setup(&pg)
+            .extra_toml("[limits]\nmax_message_bytes = 1048576")
+            .policy_file("analyst", include_str!("../../policies/analyst.toml")),
+    )
+    .unwrap();
+    let policy = proxy.policy_dir().unwrap().join("analyst.toml");
+    assert!(policy.is_file());
     let bin = interceptor_tests::proxy::interceptor_bin().unwrap();
     let out = std::process::Command::new(bin)
         .args(["check-config", "--config"])
