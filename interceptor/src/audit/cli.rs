@@ -238,7 +238,7 @@ pub fn keygen(out: &Path) -> anyhow::Result<()> {
 enum Backend {
     Daemon(AdminClient),
     Direct {
-        store: Store,
+        store: Box<Store>,
         key: Option<ed25519_dalek::VerifyingKey>,
     },
 }
@@ -270,7 +270,10 @@ impl Backend {
             },
             None => None,
         };
-        Ok(Backend::Direct { store, key })
+        Ok(Backend::Direct {
+            store: Box::new(store),
+            key,
+        })
     }
 
     fn call<T: DeserializeOwned>(&mut self, req: AdminRequest) -> anyhow::Result<T> {

@@ -159,7 +159,8 @@ pub(crate) struct Writer {
     prev: ChainHash,
     head: Option<Mark>,
     since_checkpoint: u64,
-    last_checkpoint: Instant,
+    /// `None` until the first commit of this run, which always leaves a checkpoint.
+    last_checkpoint: Option<Instant>,
     last_retention: Option<Instant>,
     synced_blobs: HashSet<PathBuf>,
     retention: RetentionPolicy,
@@ -230,7 +231,7 @@ impl Writer {
             prev,
             head,
             since_checkpoint: 0,
-            last_checkpoint: Instant::now(),
+            last_checkpoint: None,
             last_retention: None,
             synced_blobs: HashSet::new(),
             retention: RetentionPolicy::from_config(cfg),
@@ -382,7 +383,9 @@ impl Writer {
         batch.insert(HEAD_KEY, head.encode()?);
         let n = records.len() as u64;
         let checkpoint = self.since_checkpoint + n >= CHECKPOINT_EVERY_RECORDS
-            || self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL;
+            || self
+                .last_checkpoint
+                .is_none_or(|t| t.elapsed() >= CHECKPOINT_INTERVAL);
         if checkpoint {
             let cp = Mark::new(MarkKind::Checkpoint, last, prev, self.key.as_ref());
             batch.insert(&chain::checkpoint_key(last), cp.encode()?);
@@ -396,7 +399,7 @@ impl Writer {
         self.head = Some(head);
         if checkpoint {
             self.since_checkpoint = 0;
-            self.last_checkpoint = Instant::now();
+            self.last_checkpoint = Some(Instant::now());
         } else {
             self.since_checkpoint += n;
         }
