@@ -5,7 +5,7 @@
 //! every flush [`Store::sync`] therefore calls `fdatasync` on sled's log file `db`, `fsync` on
 //! every blob file not yet synced, and `fsync` on the directories whose entries changed.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -30,6 +30,7 @@ pub struct Store {
 
 const INDEXED_UPTO: &[u8] = b"indexed_upto";
 const SESSION_HWM: &[u8] = b"session_hwm";
+const MAX_CACHED_SESSIONS: usize = 100_000;
 
 /// What the index knows about a session (derived from its records; rebuilt if lost).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -325,13 +326,17 @@ impl Store {
         Ok(u64_value(self.meta.get(SESSION_HWM)?).unwrap_or(0))
     }
 
-    /// Applies a batch of committed records to the indexes (idempotent).
-    pub(crate) fn index(&self, records: &[Record]) -> Result<(), AuditError> {
+    /// Applies a batch of committed records to the indexes (idempotent). `cache` holds the
+    /// summaries of open sessions so the writer need not read them back for every batch.
+    pub(crate) fn index(
+        &self,
+        records: &[Record],
+        cache: &mut HashMap<SessionId, SessionSummary>,
+    ) -> Result<(), AuditError> {
         let Some(last) = records.last() else {
             return Ok(());
         };
-        let mut touched: std::collections::BTreeMap<SessionId, SessionSummary> =
-            std::collections::BTreeMap::new();
+        let mut touched: BTreeSet<SessionId> = BTreeSet::new();
         let mut refs = sled::Batch::default();
         let mut hwm = self.session_hwm()?;
         for rec in records {
@@ -340,22 +345,33 @@ impl Store {
             };
             hwm = hwm.max(sid.0);
             refs.insert(&session_record_key(sid, rec.seq), &[] as &[u8]);
-            let mut summary = match touched.remove(&sid) {
-                Some(s) => s,
-                None => self
+            if !cache.contains_key(&sid) {
+                let s = self
                     .session_summary(sid)?
-                    .unwrap_or_else(|| SessionSummary::new(sid, rec.seq)),
-            };
-            summary.apply(rec);
-            touched.insert(sid, summary);
+                    .unwrap_or_else(|| SessionSummary::new(sid, rec.seq));
+                cache.insert(sid, s);
+            }
+            if let Some(summary) = cache.get_mut(&sid) {
+                summary.apply(rec);
+            }
+            touched.insert(sid);
         }
         self.session_records.apply_batch(refs)?;
         let mut sums = sled::Batch::default();
-        for (sid, s) in &touched {
-            let v = serde_json::to_vec(s).map_err(|e| AuditError::Encode(e.to_string()))?;
-            sums.insert(&sid.0.to_be_bytes(), v);
+        for sid in &touched {
+            if let Some(s) = cache.get(sid) {
+                let v = serde_json::to_vec(s).map_err(|e| AuditError::Encode(e.to_string()))?;
+                sums.insert(&sid.0.to_be_bytes(), v);
+                if s.ended_at.is_some() {
+                    cache.remove(sid);
+                }
+            }
         }
         self.sessions.apply_batch(sums)?;
+        // Sessions that never end (crashed clients) must not grow the cache without bound.
+        if cache.len() > MAX_CACHED_SESSIONS {
+            cache.clear();
+        }
         let mut meta = sled::Batch::default();
         meta.insert(INDEXED_UPTO, &last.seq.0.to_be_bytes());
         meta.insert(SESSION_HWM, &hwm.to_be_bytes());
@@ -374,7 +390,7 @@ impl Store {
             };
             after = Some(last.seq);
             let recs: Vec<Record> = page.into_iter().map(|(_, r)| r).collect();
-            self.index(&recs)?;
+            self.index(&recs, &mut HashMap::new())?;
         }
     }
 

@@ -974,3 +974,77 @@ fn cli_opens_the_store_directly_when_no_daemon_runs() {
     .expect("verify");
     cli::run(cli::AuditCommand::Prune, &config).expect("prune");
 }
+
+/// A short throughput probe (run by hand: `cargo test ... throughput_probe -- --ignored
+/// --nocapture`): 8 sessions each waiting for durability per statement, like pgbench -c 8.
+#[test]
+#[ignore]
+fn throughput_probe() {
+    let (_tmp, cfg, _key) = setup();
+    let log = AuditLog::open(&cfg).expect("open");
+    let secs = 3;
+    let total = rt().block_on(async {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let mut tasks = Vec::new();
+        for c in 0..8u64 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while tokio::time::Instant::now() < deadline {
+                    let st = log
+                        .append_durable(statement(
+                            SessionId(c),
+                            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+                            "allow",
+                        ))
+                        .await
+                        .expect("append");
+                    log.append(outcome(SessionId(c), st)).expect("outcome");
+                    n += 1;
+                }
+                n
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.expect("join");
+        }
+        total
+    });
+    let syncs = log.sync_count();
+    println!(
+        "{} statements/s, {} commits/s, {:.1} records per commit",
+        total / secs,
+        syncs / secs,
+        (2 * total) as f64 / syncs as f64
+    );
+}
+
+#[test]
+#[ignore]
+fn flush_cost_probe() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let db = sled::Config::new()
+        .path(tmp.path())
+        .flush_every_ms(None)
+        .open()
+        .expect("open");
+    let f = std::fs::File::open(tmp.path().join("db")).expect("db file");
+    let n = 100;
+    let mut flush = std::time::Duration::ZERO;
+    let mut sync = std::time::Duration::ZERO;
+    for i in 0..n {
+        db.insert(format!("k{i}"), vec![0u8; 300]).expect("insert");
+        let t = std::time::Instant::now();
+        db.flush().expect("flush");
+        flush += t.elapsed();
+        let t = std::time::Instant::now();
+        f.sync_data().expect("sync");
+        sync += t.elapsed();
+    }
+    println!(
+        "sled flush {:?} / fdatasync {:?} per commit",
+        flush / n,
+        sync / n
+    );
+}

@@ -3,7 +3,7 @@
 //! the thread takes everything queued since its last commit and makes it durable with a single
 //! flush + sync, then wakes all waiters of that batch.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 
 use super::chain::{self, ChainHash, HEAD_KEY};
-use super::record::{AuditEvent, Record, RecordId, Timestamp};
+use super::record::{AuditEvent, Record, RecordId, SessionId, Timestamp};
 use super::retention::{self, RetentionPolicy, RetentionReport};
 use super::signing::{Mark, MarkKind};
-use super::store::Store;
+use super::store::{SessionSummary, Store};
 use super::{AuditError, MAX_PENDING};
 use crate::config::AuditConfig;
 
@@ -164,6 +164,10 @@ pub(crate) struct Writer {
     last_retention: Option<Instant>,
     synced_blobs: HashSet<PathBuf>,
     retention: RetentionPolicy,
+    /// Summaries of open sessions (see [`Store::index`]).
+    summaries: HashMap<SessionId, SessionSummary>,
+    /// The last index update failed: re-index from the log before the next one.
+    index_stale: bool,
 }
 
 impl Writer {
@@ -235,6 +239,8 @@ impl Writer {
             last_retention: None,
             synced_blobs: HashSet::new(),
             retention: RetentionPolicy::from_config(cfg),
+            summaries: HashMap::new(),
+            index_stale: false,
         })
     }
 
@@ -340,7 +346,7 @@ impl Writer {
         }
         let result = match failed {
             Some(f) => Err(AuditError::Failed(f)),
-            None => self.commit(records),
+            None => self.commit(&records),
         };
         match &result {
             Ok(()) => {
@@ -357,16 +363,38 @@ impl Writer {
         for w in waiters {
             let _ = w.send(result.clone());
         }
+        // The indexes are derived from the log, so they are updated after the waiters are
+        // released; their writes become durable with the next commit (or are rebuilt from
+        // the log at open).
+        if result.is_ok() {
+            self.update_index(&records);
+        }
     }
 
-    fn commit(&mut self, records: Vec<Record>) -> Result<(), AuditError> {
+    fn update_index(&mut self, records: &[Record]) {
+        let r = if self.index_stale {
+            self.summaries.clear();
+            self.store.reindex()
+        } else {
+            self.store.index(records, &mut self.summaries)
+        };
+        match r {
+            Ok(()) => self.index_stale = false,
+            Err(e) => {
+                tracing::error!(error = %e, "audit index update failed; will re-index");
+                self.index_stale = true;
+            }
+        }
+    }
+
+    fn commit(&mut self, records: &[Record]) -> Result<(), AuditError> {
         let Some(last) = records.last().map(|r| r.seq) else {
             return Ok(());
         };
         let mut batch = sled::Batch::default();
         let mut prev = self.prev;
         let mut expected = self.next_seq;
-        for rec in &records {
+        for rec in records {
             if rec.seq != expected {
                 return Err(AuditError::Inconsistent(format!(
                     "writer expected record {expected}, got {}",
@@ -392,7 +420,6 @@ impl Writer {
         }
         // One atomic batch: records, head and checkpoint appear together or not at all.
         self.store.log.apply_batch(batch)?;
-        self.store.index(&records)?;
         self.store.sync(&mut self.synced_blobs)?;
         self.prev = prev;
         self.next_seq = expected;
@@ -408,6 +435,8 @@ impl Writer {
 
     fn retain(&mut self) -> Result<RetentionReport, AuditError> {
         self.last_retention = Some(Instant::now());
+        // Retention rewrites summaries; read them back from the store afterwards.
+        self.summaries.clear();
         let last = self.head.as_ref().map(|h| h.seq);
         retention::apply(
             &self.store,
