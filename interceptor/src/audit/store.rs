@@ -5,6 +5,7 @@
 //! every flush [`Store::sync`] therefore calls `fdatasync` on sled's log file `db`, `fsync` on
 //! every blob file not yet synced, and `fsync` on the directories whose entries changed.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -345,15 +346,14 @@ impl Store {
             };
             hwm = hwm.max(sid.0);
             refs.insert(&session_record_key(sid, rec.seq), &[] as &[u8]);
-            if !cache.contains_key(&sid) {
-                let s = self
-                    .session_summary(sid)?
-                    .unwrap_or_else(|| SessionSummary::new(sid, rec.seq));
-                cache.insert(sid, s);
-            }
-            if let Some(summary) = cache.get_mut(&sid) {
-                summary.apply(rec);
-            }
+            let summary = match cache.entry(sid) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(
+                    self.session_summary(sid)?
+                        .unwrap_or_else(|| SessionSummary::new(sid, rec.seq)),
+                ),
+            };
+            summary.apply(rec);
             touched.insert(sid);
         }
         self.session_records.apply_batch(refs)?;
