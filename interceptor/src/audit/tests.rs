@@ -1048,3 +1048,111 @@ fn flush_cost_probe() {
         sync / n
     );
 }
+
+/// Child half of `acknowledged_records_survive_kill`: appends durably, reports each
+/// acknowledged seq on stdout, and dies abruptly mid-stream (no destructors, no final flush).
+#[test]
+#[ignore]
+fn crash_child() {
+    let Some(dir) = std::env::var_os("AUDIT_CRASH_DIR") else {
+        return; // only meaningful when spawned by the parent test
+    };
+    let cfg = config(Path::new(&dir), None);
+    let log = AuditLog::open(&cfg).expect("open");
+    rt().block_on(async {
+        use std::io::Write;
+        let mut tasks = Vec::new();
+        for c in 0..8u64 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0.. {
+                    let seq = log
+                        .append_durable(statement(SessionId(c), &format!("SELECT {i}"), "allow"))
+                        .await
+                        .expect("append");
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "ACK {}", seq.0);
+                    let _ = out.flush();
+                    // Outcomes are not awaited; they may or may not survive.
+                    let _ = log.append(outcome(SessionId(c), seq));
+                }
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        std::process::abort();
+    });
+}
+
+#[test]
+fn acknowledged_records_survive_kill() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let exe = std::env::current_exe().expect("test binary");
+    let out = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "audit::tests::crash_child",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("AUDIT_CRASH_DIR", tmp.path())
+        .output()
+        .expect("spawn child");
+    assert!(!out.status.success(), "child should have aborted");
+    let acked: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("ACK ").and_then(|n| n.trim().parse().ok()))
+        .collect();
+    assert!(
+        acked.len() > 10,
+        "child acknowledged too little: {}",
+        acked.len()
+    );
+    let cfg = config(tmp.path(), None);
+    let log = AuditLog::open(&cfg).expect("reopen after crash");
+    for seq in &acked {
+        assert!(
+            log.store().record(RecordId(*seq)).expect("read").is_some(),
+            "acknowledged record {seq} lost"
+        );
+    }
+    let report = verify(
+        log.store(),
+        None,
+        VerifyMode::Live {
+            head: log.committed_head(),
+        },
+    )
+    .expect("verify");
+    assert!(report.ok, "{report:?}");
+    // The chain continues after the crash.
+    rt().block_on(log.append_durable(statement(SessionId(99), "SELECT 'after'", "allow")))
+        .expect("append after crash");
+}
+
+#[test]
+fn lost_index_is_rebuilt_at_open() {
+    let (_tmp, cfg, key) = setup();
+    let log = AuditLog::open(&cfg).expect("open");
+    let ids = populate(&log, 3);
+    drop(log);
+    {
+        let db = sled::open(&cfg.dir).expect("sled");
+        for t in ["sessions", "session_records", "meta"] {
+            db.open_tree(t).expect("tree").clear().expect("clear");
+        }
+        db.flush().expect("flush");
+    }
+    let log = AuditLog::open(&cfg).expect("reopen");
+    let all = query::list_sessions(log.store(), &SessionFilter::default()).expect("list");
+    assert_eq!(all.len(), 3);
+    let replay = query::replay(log.store(), ids[0])
+        .expect("replay")
+        .expect("session");
+    assert_eq!(replay.entries.len(), 3);
+    assert!(
+        log.new_session_id() > ids[2],
+        "session ids must not be reused"
+    );
+    drop(log);
+    assert!(verify_offline(&cfg, &key).ok);
+}
