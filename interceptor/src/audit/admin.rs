@@ -152,7 +152,7 @@ pub fn handle(target: &Target<'_>, req: AdminRequest) -> Result<serde_json::Valu
     }
 }
 
-/// Binds `path` and serves requests until the listener fails. Removes a stale socket file
+/// Binds `path` and serves requests until the task is dropped. Removes a stale socket file
 /// left by a previous run, but never a regular file or a socket someone still listens on.
 pub async fn serve(path: &Path, log: AuditLog) -> Result<(), AuditError> {
     let listener = bind(path).await?;
@@ -162,10 +162,15 @@ pub async fn serve(path: &Path, log: AuditLog) -> Result<(), AuditError> {
         .map_err(|e| AuditError::io(path, e))?
         .uid();
     loop {
-        let (stream, _) = listener
-            .accept()
-            .await
-            .map_err(|e| AuditError::io(path, e))?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // e.g. EMFILE: keep serving once descriptors are available again.
+                tracing::warn!(error = %e, "admin socket accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let allowed = stream
             .peer_cred()
             .map(|c| c.uid() == own_uid || c.uid() == 0)

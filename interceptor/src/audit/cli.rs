@@ -2,6 +2,7 @@
 //! admin socket; otherwise the CLI opens the store itself.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -160,8 +161,15 @@ pub fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<()> {
                 until: until.as_deref().map(parse_time).transpose()?,
             };
             let mut sink: Box<dyn Write> = match &path {
+                // Exports hold session recordings: private to the auditor by default.
                 Some(p) => Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(p).with_context(|| format!("create {}", p.display()))?,
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(p)
+                        .with_context(|| format!("create {}", p.display()))?,
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout())),
             };

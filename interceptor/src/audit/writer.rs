@@ -253,6 +253,7 @@ impl Writer {
     }
 
     pub(crate) fn run(mut self, shared: std::sync::Arc<Shared>) {
+        let _stopped = StopGuard(shared.clone());
         loop {
             let (batch, jobs, shutdown) = {
                 let Ok(mut q) = shared.queue.lock() else {
@@ -446,5 +447,41 @@ impl Writer {
             Timestamp::now(),
             &mut self.synced_blobs,
         )
+    }
+}
+
+/// Runs when the writer thread ends for any reason (including a panic inside sled): from then
+/// on appends fail instead of queueing records nobody will write, and queued waiters get an
+/// error instead of waiting forever.
+struct StopGuard(std::sync::Arc<Shared>);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let mut q = match self.0.queue.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if q.failed.is_none() && !q.shutdown {
+            q.failed = Some("the audit writer stopped".into());
+        }
+        let reason = q
+            .failed
+            .clone()
+            .unwrap_or_else(|| "the audit log was closed".into());
+        for p in q.pending.drain(..) {
+            if let Some(w) = p.waiter {
+                let _ = w.send(Err(AuditError::Failed(reason.clone())));
+            }
+        }
+        for job in q.jobs.drain(..) {
+            match job {
+                Job::Barrier(w) => {
+                    let _ = w.send(Err(AuditError::Failed(reason.clone())));
+                }
+                Job::Retention(tx) => {
+                    let _ = tx.send(Err(AuditError::Failed(reason.clone())));
+                }
+            }
+        }
     }
 }
