@@ -15,6 +15,7 @@ pub mod cli;
 pub mod export;
 pub mod query;
 pub mod record;
+pub mod redact;
 pub mod retention;
 pub mod signing;
 pub mod store;
@@ -218,7 +219,13 @@ impl AuditLog {
         event: AuditEvent,
         waiter: Option<writer::Waiter>,
     ) -> Result<RecordId, AuditError> {
-        let event = cap_rows(event, self.inner.record_rows);
+        let event = match cap_rows(event, self.inner.record_rows) {
+            AuditEvent::Statement(mut st) => {
+                redact::redact_statement(&mut st);
+                AuditEvent::Statement(st)
+            }
+            other => other,
+        };
         self.inner.shared.push(event, waiter)
     }
 }
