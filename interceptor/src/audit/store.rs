@@ -138,15 +138,7 @@ impl Store {
     /// Opens (creating if needed) the store in `dir`. Fails if another process holds it.
     pub fn open(dir: &Path) -> Result<Store, AuditError> {
         std::fs::create_dir_all(dir).map_err(|e| AuditError::io(dir, e))?;
-        let db = sled::Config::new()
-            .path(dir)
-            // Durability comes from our explicit flush + fsync at each group commit, not from
-            // sled's background flusher.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| {
-                AuditError::Store(format!("cannot open audit store {}: {e}", dir.display()))
-            })?;
+        let db = open_db(dir)?;
         let tree = |name: &str| db.open_tree(name).map_err(AuditError::from);
         let store = Store {
             dir: dir.to_owned(),
@@ -418,6 +410,35 @@ pub struct Space {
     pub record_bytes: u64,
     /// Size of the store directory on disk (sled reclaims space lazily, so this lags).
     pub disk_bytes: u64,
+}
+
+/// Opens sled, waiting briefly for the directory lock: after a store is dropped, sled's
+/// background I/O threads may hold it for a moment longer.
+pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, AuditError> {
+    const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    loop {
+        let r = sled::Config::new()
+            .path(dir)
+            // Durability comes from our explicit flush + fsync at each group commit, not
+            // from sled's background flusher.
+            .flush_every_ms(None)
+            .open();
+        match r {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock && started.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(AuditError::Store(format!(
+                    "cannot open audit store {}: {e}",
+                    dir.display()
+                )));
+            }
+        }
+    }
 }
 
 fn dir_size(dir: &Path) -> u64 {

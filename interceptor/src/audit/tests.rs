@@ -159,7 +159,7 @@ fn verify_offline(cfg: &AuditConfig, key: &ed25519_dalek::VerifyingKey) -> Verif
 }
 
 fn raw_log(cfg: &AuditConfig) -> (sled::Db, sled::Tree) {
-    let db = sled::open(&cfg.dir).expect("sled");
+    let db = store::open_db(&cfg.dir).expect("sled");
     let tree = db.open_tree("log").expect("log tree");
     (db, tree)
 }
@@ -1136,7 +1136,7 @@ fn lost_index_is_rebuilt_at_open() {
     let ids = populate(&log, 3);
     drop(log);
     {
-        let db = sled::open(&cfg.dir).expect("sled");
+        let db = store::open_db(&cfg.dir).expect("sled");
         for t in ["sessions", "session_records", "meta"] {
             db.open_tree(t).expect("tree").clear().expect("clear");
         }
