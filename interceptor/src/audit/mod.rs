@@ -230,6 +230,12 @@ impl AuditLog {
     }
 }
 
+// The relay shares one log across tasks and threads.
+const _: fn() = || {
+    fn assert_shareable<T: Send + Sync + Clone + 'static>() {}
+    assert_shareable::<AuditLog>();
+};
+
 /// Enforces the per-statement row cap and [`MAX_RECORDED_BYTES`] on recorded results.
 fn cap_rows(event: AuditEvent, max_rows: usize) -> AuditEvent {
     let AuditEvent::ResultRows(mut r) = event else {
