@@ -454,8 +454,13 @@ fn print_replay(out: &mut dyn Write, r: &Replay) -> std::io::Result<()> {
                 if let Some(o) = outcome {
                     writeln!(
                         out,
-                        "    -> {} rows={} sqlstate={} {}us masked={}",
-                        opt(&o.command_tag),
+                        "    -> {}{} rows={} sqlstate={} {}us masked={}",
+                        if o.command_tags.is_empty() {
+                            "-".to_string()
+                        } else {
+                            o.command_tags.join("; ")
+                        },
+                        if o.skipped { " (skipped)" } else { "" },
                         opt(&o.rows),
                         opt(&o.sqlstate),
                         o.duration_us,

@@ -44,7 +44,7 @@ pub const CSV_COLUMNS: [&str; 15] = [
     "rule",
     "sql",
     "statement",
-    "command_tag",
+    "command_tags",
     "rows",
     "sqlstate",
     "duration_us",
@@ -82,7 +82,7 @@ pub fn write_csv<W: Write + ?Sized>(w: &mut W, rec: &ExportRecord) -> std::io::R
         }
         AuditEvent::Outcome(o) => {
             statement = Some(o.statement.0.to_string());
-            tag = o.command_tag.clone();
+            tag = (!o.command_tags.is_empty()).then(|| o.command_tags.join("; "));
             rows = o.rows.map(|r| r.to_string());
             sqlstate = o.sqlstate.clone();
             duration = Some(o.duration_us.to_string());

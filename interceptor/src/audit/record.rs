@@ -195,10 +195,15 @@ pub struct StatementOutcome {
     pub session: SessionId,
     /// The [`StatementRecord`] this completes.
     pub statement: RecordId,
+    /// Command tags in order (`SELECT 3`); several for a multi-statement simple Query.
     #[serde(default)]
-    pub command_tag: Option<String>,
+    pub command_tags: Vec<String>,
+    /// Rows returned or affected (summed over the tags).
     #[serde(default)]
     pub rows: Option<u64>,
+    /// Not executed: PostgreSQL skipped it after an earlier error in the same batch.
+    #[serde(default)]
+    pub skipped: bool,
     /// Set when the statement failed.
     #[serde(default)]
     pub sqlstate: Option<String>,

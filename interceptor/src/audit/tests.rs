@@ -86,8 +86,9 @@ fn outcome(session: SessionId, stmt: RecordId) -> AuditEvent {
     AuditEvent::Outcome(StatementOutcome {
         session,
         statement: stmt,
-        command_tag: Some("SELECT 1".into()),
+        command_tags: vec!["SELECT 1".into()],
         rows: Some(1),
+        skipped: false,
         sqlstate: None,
         error_message: None,
         duration_us: 1234,
