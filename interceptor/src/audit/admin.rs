@@ -4,9 +4,12 @@
 //! Request:  `{"op":"sessions","filter":{...}}` (one line)
 //! Response: `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}` (one line)
 
+use std::future::Future;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
@@ -152,9 +155,35 @@ pub fn handle(target: &Target<'_>, req: AdminRequest) -> Result<serde_json::Valu
     }
 }
 
-/// Binds `path` and serves requests until the task is dropped. Removes a stale socket file
-/// left by a previous run, but never a regular file or a socket someone still listens on.
+/// The `op`s answered by [`handle`]; any other `op` goes to the [`Extension`], if any.
+pub const AUDIT_OPS: [&str; 7] = [
+    "sessions",
+    "show",
+    "replay",
+    "export",
+    "verify",
+    "stats",
+    "retention",
+];
+
+pub type ExtensionFuture =
+    Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send + 'static>>;
+/// Handles requests for other modules on the same socket (e.g. approvals): receives the whole
+/// request object; its result or error is sent back as `{"ok":...}` like audit requests.
+pub type Extension = Arc<dyn Fn(serde_json::Value) -> ExtensionFuture + Send + Sync>;
+
+/// Binds `path` and serves audit requests until the task is dropped. Removes a stale socket
+/// file left by a previous run, but never a regular file or a socket someone still listens on.
 pub async fn serve(path: &Path, log: AuditLog) -> Result<(), AuditError> {
+    serve_with(path, log, None).await
+}
+
+/// [`serve`], passing requests with other `op`s to `extension`.
+pub async fn serve_with(
+    path: &Path,
+    log: AuditLog,
+    extension: Option<Extension>,
+) -> Result<(), AuditError> {
     let listener = bind(path).await?;
     tracing::info!(socket = %path.display(), "admin socket listening");
     // The socket file was just created by this process, so its owner is our effective uid.
@@ -180,8 +209,9 @@ pub async fn serve(path: &Path, log: AuditLog) -> Result<(), AuditError> {
             continue;
         }
         let log = log.clone();
+        let extension = extension.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, log).await {
+            if let Err(e) = connection(stream, log, extension).await {
                 tracing::debug!(error = %e, "admin connection ended");
             }
         });
@@ -211,7 +241,11 @@ async fn bind(path: &Path) -> Result<tokio::net::UnixListener, AuditError> {
     Ok(listener)
 }
 
-async fn connection(stream: tokio::net::UnixStream, log: AuditLog) -> std::io::Result<()> {
+async fn connection(
+    stream: tokio::net::UnixStream,
+    log: AuditLog,
+    extension: Option<Extension>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read);
     loop {
@@ -229,19 +263,32 @@ async fn connection(stream: tokio::net::UnixStream, log: AuditLog) -> std::io::R
             write_response(&mut write, &resp).await?;
             return Ok(());
         }
-        let resp = match serde_json::from_slice::<AdminRequest>(&line) {
-            Err(e) => {
-                AdminResponse::from_result(Err(AuditError::Request(format!("bad request: {e}"))))
-            }
-            Ok(req) => {
-                let log = log.clone();
-                let r = tokio::task::spawn_blocking(move || handle(&Target::Live(&log), req))
-                    .await
-                    .unwrap_or_else(|_| Err(AuditError::Request("request handler failed".into())));
-                AdminResponse::from_result(r)
-            }
-        };
+        let resp = AdminResponse::from_result(dispatch(&line, &log, extension.as_ref()).await);
         write_response(&mut write, &resp).await?;
+    }
+}
+
+async fn dispatch(
+    line: &[u8],
+    log: &AuditLog,
+    extension: Option<&Extension>,
+) -> Result<serde_json::Value, AuditError> {
+    let bad = |e: String| AuditError::Request(format!("bad request: {e}"));
+    let value: serde_json::Value = serde_json::from_slice(line).map_err(|e| bad(e.to_string()))?;
+    let op = value
+        .get("op")
+        .and_then(|o| o.as_str())
+        .ok_or_else(|| bad("missing \"op\"".into()))?;
+    if AUDIT_OPS.contains(&op) {
+        let req: AdminRequest = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        let log = log.clone();
+        return tokio::task::spawn_blocking(move || handle(&Target::Live(&log), req))
+            .await
+            .unwrap_or_else(|_| Err(AuditError::Request("request handler failed".into())));
+    }
+    match extension {
+        Some(ext) => ext(value).await.map_err(AuditError::Request),
+        None => Err(AuditError::Request(format!("unknown op `{op}`"))),
     }
 }
 
@@ -272,6 +319,15 @@ impl AdminClient {
     }
 
     pub fn request(&mut self, req: &AdminRequest) -> Result<serde_json::Value, AuditError> {
+        let value = serde_json::to_value(req).map_err(|e| AuditError::Encode(e.to_string()))?;
+        self.request_value(&value)
+    }
+
+    /// Sends any request object (for extension ops such as approvals).
+    pub fn request_value(
+        &mut self,
+        req: &serde_json::Value,
+    ) -> Result<serde_json::Value, AuditError> {
         let io = |e: std::io::Error| AuditError::Request(format!("admin socket: {e}"));
         let mut line = serde_json::to_vec(req).map_err(|e| AuditError::Encode(e.to_string()))?;
         line.push(b'\n');

@@ -862,7 +862,17 @@ fn admin_socket_serves_queries_while_the_store_is_open() {
     let runtime = rt();
     let server_log = log.clone();
     let server_socket = socket.clone();
-    let server = runtime.spawn(async move { admin::serve(&server_socket, server_log).await });
+    // Another module's request (e.g. approvals) answered on the same socket.
+    let extension: admin::Extension = std::sync::Arc::new(|req: serde_json::Value| {
+        Box::pin(async move {
+            match req["op"].as_str() {
+                Some("approve") => Ok(serde_json::json!({ "approved": req["id"] })),
+                _ => Err("unknown op".to_string()),
+            }
+        }) as admin::ExtensionFuture
+    });
+    let server = runtime
+        .spawn(async move { admin::serve_with(&server_socket, server_log, Some(extension)).await });
     runtime.block_on(async {
         for _ in 0..100 {
             if socket.exists() {
@@ -871,13 +881,6 @@ fn admin_socket_serves_queries_while_the_store_is_open() {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     });
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&socket)
-        .expect("socket")
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
-
     // The store is locked by this process: a direct open would fail, the socket works.
     let mut client = admin::AdminClient::connect(&socket).expect("connect");
     let sessions: Vec<SessionSummary> = serde_json::from_value(
@@ -889,6 +892,14 @@ fn admin_socket_serves_queries_while_the_store_is_open() {
     )
     .expect("decode");
     assert_eq!(sessions.len(), 2);
+    // Checked after a served request: the chmod follows the bind.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
     let report: VerifyReport = serde_json::from_value(
         client
             .request(&admin::AdminRequest::Verify { public_key: None })
@@ -902,6 +913,11 @@ fn admin_socket_serves_queries_while_the_store_is_open() {
         })
         .expect("show");
     assert!(err.is_null());
+
+    let approved = client
+        .request_value(&serde_json::json!({ "op": "approve", "id": "a-1" }))
+        .expect("extension op");
+    assert_eq!(approved["approved"], "a-1");
 
     // Malformed request lines get an error response, not a dropped connection.
     {
