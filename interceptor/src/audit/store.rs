@@ -415,7 +415,7 @@ pub struct Space {
 /// Opens sled, waiting briefly for the directory lock: after a store is dropped, sled's
 /// background I/O threads may hold it for a moment longer.
 pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, AuditError> {
-    const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+    const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
     let started = std::time::Instant::now();
     loop {
         let r = sled::Config::new()
