@@ -11,7 +11,7 @@ use crate::config::{Config, UpstreamTls};
 use crate::net::stream::Stream;
 use crate::net::tls;
 use crate::secrets::Secrets;
-use crate::session::auth::StaticIdentities;
+use crate::session::auth::{Authenticators, StaticIdentities};
 use crate::session::cancel::CancelRegistry;
 use crate::session::upstream::UpstreamTarget;
 use crate::session::{self, Peer};
@@ -19,7 +19,7 @@ use crate::session::{self, Peer};
 /// Everything sessions share.
 pub struct ServerState {
     pub config: Config,
-    pub identities: StaticIdentities,
+    pub identities: Authenticators,
     pub secrets: Secrets,
     pub upstream: UpstreamTarget,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
@@ -31,13 +31,29 @@ impl ServerState {
     pub fn new(config: Config) -> anyhow::Result<ServerState> {
         let identities = StaticIdentities::new(&config.identities).map_err(anyhow::Error::msg)?;
         let secrets = Secrets::load(config.secrets.file.as_deref())?;
+        let mtls = config.mtls.clone().or_else(|| {
+            config
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_ca.clone())
+                .map(crate::identity::mtls::MtlsConfig::with_ca_file)
+        });
         let tls = match &config.tls {
             Some(t) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
                 &t.cert,
                 &t.key,
-                t.client_ca.as_deref(),
+                mtls.as_ref(),
             )?)),
             None => None,
+        };
+        let oidc = match &config.oidc {
+            Some(o) => Some(crate::identity::oidc::OidcVerifier::new(o)?),
+            None => None,
+        };
+        let identities = Authenticators {
+            statics: identities,
+            oidc,
+            mtls,
         };
         let upstream_tls = match config.upstream.tls {
             UpstreamTls::Disable => None,
@@ -154,6 +170,7 @@ async fn accept_unix(listener: UnixListener, state: Arc<ServerState>) -> anyhow:
         let cred = sock.peer_cred().ok();
         let peer = Peer::Unix {
             uid: cred.as_ref().map(|c| c.uid()),
+            gid: cred.as_ref().map(|c| c.gid()),
             pid: cred.as_ref().and_then(|c| c.pid()),
         };
         tokio::spawn(session::handle(Stream::Unix(sock), peer, state.clone()));

@@ -30,15 +30,34 @@ pub enum Peer {
     },
     Unix {
         uid: Option<u32>,
+        gid: Option<u32>,
         pid: Option<i32>,
     },
+}
+
+impl Peer {
+    /// What the kernel attests about the client process, where it can.
+    fn process(&self) -> Option<crate::identity::ProcessIdentity> {
+        match self {
+            Peer::Unix {
+                uid: Some(uid),
+                gid,
+                pid: Some(pid),
+            } => Some(crate::identity::process::describe(
+                *pid as u32,
+                *uid,
+                gid.unwrap_or(u32::MAX),
+            )),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Peer::Tcp { peer, .. } => write!(f, "{peer}"),
-            Peer::Unix { uid, pid } => write!(
+            Peer::Unix { uid, pid, .. } => write!(
                 f,
                 "unix(uid={},pid={})",
                 uid.map_or("?".into(), |u| u.to_string()),
@@ -97,7 +116,7 @@ enum SessionError {
     Io(#[from] std::io::Error),
 }
 
-async fn run(stream: Stream, _peer: &Peer, server: &ServerState) -> Result<(), SessionError> {
+async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), SessionError> {
     let limits = &server.config.limits;
     let auth_deadline = Duration::from_millis(limits.auth_timeout_ms);
     let opening = tokio::time::timeout(
@@ -179,13 +198,15 @@ async fn run(stream: Stream, _peer: &Peer, server: &ServerState) -> Result<(), S
     )
     .await
     .map_err(|_| SessionError::Timeout)?;
-    let identity = match identity {
+    let mut identity = match identity {
         Ok(i) => i,
         Err(e) => {
             let _ = stream.write_all(&e.to_pg().encode()).await;
             return Err(e.into());
         }
     };
+
+    identity.process = peer.process();
 
     let role = server
         .identities
