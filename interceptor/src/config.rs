@@ -104,9 +104,6 @@ pub struct UpstreamConfig {
     pub ca: Option<PathBuf>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
-    /// Upstream role used for identities that name none.
-    #[serde(default)]
-    pub default_role: Option<String>,
 }
 
 impl UpstreamConfig {
@@ -135,9 +132,6 @@ pub struct StaticIdentity {
     pub display_name: Option<String>,
     #[serde(default)]
     pub groups: Vec<String>,
-    /// The upstream role interceptor logs in as for this identity (until policy maps it).
-    #[serde(default)]
-    pub upstream_role: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::config::{Config, UpstreamTls};
 use crate::net::stream::Stream;
 use crate::net::tls;
+use crate::policy::{PolicyEvent, PolicyHandle, PolicySet};
 use crate::secrets::Secrets;
 use crate::session::auth::{Authenticators, StaticIdentities};
 use crate::session::cancel::CancelRegistry;
@@ -24,6 +25,7 @@ pub struct ServerState {
     pub upstream: UpstreamTarget,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancel: CancelRegistry,
+    pub policy: PolicyHandle,
     session_ids: AtomicU64,
 }
 
@@ -67,6 +69,12 @@ impl ServerState {
             upstream_tls,
             config.limits.max_message_bytes,
         );
+        // Default deny: without a policy directory every login is refused.
+        let policy = match &config.policy {
+            Some(p) => PolicyHandle::load(&p.dir)
+                .with_context(|| format!("cannot load policies from {}", p.dir.display()))?,
+            None => PolicyHandle::new(PolicySet::empty()),
+        };
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -78,6 +86,7 @@ impl ServerState {
             upstream,
             tls,
             cancel: CancelRegistry::default(),
+            policy,
             session_ids: AtomicU64::new(start),
         })
     }
@@ -92,6 +101,25 @@ impl ServerState {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(ServerState::new(config)?);
     let mut tasks = tokio::task::JoinSet::new();
+    match &state.config.policy {
+        Some(p) => {
+            let mut events = state.policy.spawn_watcher(p.dir.clone());
+            tasks.spawn(async move {
+                while let Ok(event) = events.recv().await {
+                    match event {
+                        PolicyEvent::Reloaded { version, policies } => {
+                            tracing::info!(version, ?policies, "policies reloaded")
+                        }
+                        PolicyEvent::ReloadFailed { error, .. } => {
+                            tracing::error!(%error, "policy reload failed; keeping the previous policies")
+                        }
+                    }
+                }
+                Ok(())
+            });
+        }
+        None => tracing::warn!("no [policy] configured: every login is refused (default deny)"),
+    }
     for addr in &state.config.listen.tcp {
         let listener = TcpListener::bind(addr)
             .await

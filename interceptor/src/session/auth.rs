@@ -132,7 +132,7 @@ impl AuthError {
     pub fn to_pg(&self) -> PgError {
         match self {
             AuthError::Failed(_) => PgError::fatal(sqlstate::INVALID_PASSWORD, self.to_string()),
-            AuthError::Identity(code, msg) => PgError::fatal(code, msg.clone()),
+            AuthError::Identity(code, msg) => PgError::fatal(*code, msg.clone()),
             _ => PgError::fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string()),
         }
     }

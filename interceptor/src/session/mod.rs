@@ -208,24 +208,26 @@ async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), Se
 
     identity.process = peer.process();
 
-    let role = server
-        .identities
-        .get(&identity.subject)
-        .and_then(|s| s.upstream_role.clone())
-        .or_else(|| server.config.upstream.default_role.clone());
-    let Some(role) = role else {
-        return fatal(
-            &mut stream,
-            PgError::fatal(
-                sqlstate::INVALID_AUTHORIZATION,
-                format!(
-                    "no upstream role is configured for identity \"{}\"",
-                    identity.subject
+    let policy = server.policy.current();
+    let route = match policy.route(&identity, &database) {
+        Ok(r) => r,
+        Err(refusal) => {
+            tracing::info!(
+                identity = identity.subject,
+                reason = refusal.message,
+                "login refused by policy"
+            );
+            return fatal(
+                &mut stream,
+                PgError::fatal(
+                    refusal.sqlstate,
+                    format!("interceptor: {}", refusal.message),
                 ),
-            ),
-        )
-        .await;
+            )
+            .await;
+        }
     };
+    let role = route.upstream_role.clone();
     let password = server.secrets.password_for(&role);
     let passthrough: Vec<(String, String)> = params
         .iter()
@@ -277,6 +279,7 @@ async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), Se
         identity,
         database,
         upstream_role: role,
+        policy: route.policy.clone(),
     });
     tracing::info!(
         session = facts.session_id,
@@ -285,7 +288,7 @@ async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), Se
         "session started"
     );
     let shared = relay::Shared::new(&upstream.params);
-    let mut gate = Gate::new(facts.clone());
+    let mut gate = Gate::new(facts.clone(), server.policy.clone());
     let recorder = Recorder::new(facts.clone());
     let (client_rd, client_wr) = stream.into_split();
     let (up_rd, up_wr) = upstream.stream.into_split();
