@@ -47,7 +47,6 @@ pub struct InterceptorSetup {
     upstream_socket_dir: PathBuf,
     upstream_port: u16,
     upstream_via: UpstreamVia,
-    default_role: Option<String>,
     role_passwords: Vec<(String, String)>,
     identities: Vec<IdentitySpec>,
     tls: Option<(PathBuf, PathBuf)>,
@@ -57,6 +56,7 @@ pub struct InterceptorSetup {
     audit_dir: Option<AuditDir>,
     policy_dir: Option<PathBuf>,
     policy_files: Vec<(String, String)>,
+    allow_all_policies: bool,
     unix_listener: bool,
     extra_toml: String,
     env: Vec<(String, String)>,
@@ -77,7 +77,6 @@ impl InterceptorSetup {
             upstream_socket_dir: pg.socket_dir().to_path_buf(),
             upstream_port: pg.port(),
             upstream_via: UpstreamVia::UnixSocket,
-            default_role: None,
             role_passwords: pg.role_passwords().into_iter().collect(),
             identities: Vec::new(),
             tls: None,
@@ -87,6 +86,7 @@ impl InterceptorSetup {
             audit_dir: None,
             policy_dir: None,
             policy_files: Vec::new(),
+            allow_all_policies: false,
             unix_listener: true,
             extra_toml: String::new(),
             env: Vec::new(),
@@ -137,11 +137,6 @@ impl InterceptorSetup {
         self
     }
 
-    pub fn default_role(mut self, role: &str) -> Self {
-        self.default_role = Some(role.to_owned());
-        self
-    }
-
     /// Add or replace an upstream role password in the secrets file.
     pub fn role_password(mut self, role: &str, password: &str) -> Self {
         self.role_passwords.retain(|(r, _)| r != role);
@@ -173,11 +168,31 @@ impl InterceptorSetup {
         self
     }
 
+    /// One policy per identity that logs it in as its `upstream_role` (default `app_ro`) and
+    /// allows every statement kind and risk: for tests of the relay itself, so that what
+    /// they observe is PostgreSQL's behaviour and not a policy decision. The proxy denies
+    /// everything without a policy.
+    pub fn allow_all_policies(mut self) -> Self {
+        self.allow_all_policies = true;
+        self
+    }
+
+    fn all_policy_files(&self) -> Vec<(String, String)> {
+        let mut files = self.policy_files.clone();
+        if self.allow_all_policies {
+            for id in &self.identities {
+                files.push((format!("e2e-allow-all-{}", id.name), allow_all_policy(id)));
+            }
+        }
+        files
+    }
+
     fn effective_policy_dir(&self, dir: &Path) -> Option<PathBuf> {
-        match (&self.policy_dir, self.policy_files.is_empty()) {
+        let has_files = !self.policy_files.is_empty() || self.allow_all_policies;
+        match (&self.policy_dir, has_files) {
             (Some(p), _) => Some(p.clone()),
-            (None, false) => Some(dir.join("policies")),
-            (None, true) => None,
+            (None, true) => Some(dir.join("policies")),
+            (None, false) => None,
         }
     }
 
@@ -248,9 +263,6 @@ impl InterceptorSetup {
             }
         }
         upstream.insert("port".into(), Value::Integer(i64::from(self.upstream_port)));
-        if let Some(role) = &self.default_role {
-            upstream.insert("default_role".into(), Value::String(role.clone()));
-        }
         root.insert("upstream".into(), Value::Table(upstream));
 
         let mut secrets = Table::new();
@@ -266,9 +278,7 @@ impl InterceptorSetup {
                 "groups".into(),
                 Value::Array(id.groups.iter().cloned().map(Value::String).collect()),
             );
-            if let Some(role) = &id.upstream_role {
-                t.insert("upstream_role".into(), Value::String(role.clone()));
-            }
+            // The upstream role is chosen by policy ([login] upstream_role), not here.
             identities.insert(id.name.clone(), Value::Table(t));
         }
         if !identities.is_empty() {
@@ -307,6 +317,57 @@ impl InterceptorSetup {
         root.insert("roles".into(), Value::Table(roles));
         toml::to_string(&root).context("serialize secrets")
     }
+}
+
+/// Every risk the policy engine knows (docs/policy.md), for allow-everything rules.
+const ALL_RISKS: [&str; 19] = [
+    "delete_without_where",
+    "update_without_where",
+    "drop",
+    "truncate",
+    "alter_role",
+    "alter_system",
+    "copy_program",
+    "copy_file",
+    "dynamic_sql",
+    "anonymous_code",
+    "server_file",
+    "large_object",
+    "dblink",
+    "set_role",
+    "session_authorization",
+    "search_path",
+    "side_effect_function",
+    "admin_function",
+    "user_function",
+];
+
+fn allow_all_policy(id: &IdentitySpec) -> String {
+    let role = id.upstream_role.as_deref().unwrap_or(crate::pg::APP_RO);
+    let quote = |s: &str| Value::String(s.to_owned()).to_string();
+    let risks: Vec<String> = ALL_RISKS.iter().map(|r| quote(r)).collect();
+    format!(
+        "[policy]\n\
+         name = {name}\n\
+         description = \"interceptor-tests: everything allowed (relay tests, not policy tests)\"\n\
+         \n\
+         [identities]\n\
+         subjects = [{subject}]\n\
+         \n\
+         [login]\n\
+         upstream_role = {role}\n\
+         databases = [\"*\"]\n\
+         \n\
+         [[rule]]\n\
+         name = \"everything\"\n\
+         decision = \"allow\"\n\
+         kinds = [\"any\"]\n\
+         risks = [{risks}]\n",
+        name = quote(&format!("e2e-allow-all-{}", id.name)),
+        subject = quote(&id.name),
+        role = quote(role),
+        risks = risks.join(", "),
+    )
 }
 
 /// Path of the interceptor binary: `$INTERCEPTOR_BIN`, else `debug/interceptor` in the cargo
@@ -373,7 +434,7 @@ impl Interceptor {
         }
         if let Some(policy_dir) = setup.effective_policy_dir(dir.path()) {
             std::fs::create_dir_all(&policy_dir).context("create policy dir")?;
-            for (name, text) in &setup.policy_files {
+            for (name, text) in &setup.all_policy_files() {
                 let file = policy_dir.join(format!("{name}.toml"));
                 std::fs::write(&file, text)
                     .with_context(|| format!("write policy {}", file.display()))?;

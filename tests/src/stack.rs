@@ -34,7 +34,8 @@ pub struct StackOptions {
     pub require_tls: bool,
     /// `pgbench -i -s <scale>` before the proxy starts.
     pub pgbench_scale: Option<u32>,
-    /// Customize the proxy setup (ignored in direct mode).
+    /// Customize the proxy setup (ignored in direct mode). The stack starts from
+    /// [`InterceptorSetup::allow_all_policies`]: these are relay tests.
     pub customize: Option<fn(InterceptorSetup) -> InterceptorSetup>,
 }
 
@@ -118,7 +119,7 @@ impl Stack {
             }
             None
         } else {
-            let mut setup = InterceptorSetup::new(&pg);
+            let mut setup = InterceptorSetup::new(&pg).allow_all_policies();
             for id in &opts.identities {
                 setup = setup.identity_spec(id.clone());
             }

@@ -8,6 +8,7 @@ use interceptor_tests::{
 
 fn setup(pg: &PgCluster) -> InterceptorSetup {
     InterceptorSetup::new(pg)
+        .allow_all_policies()
         .identity(ALICE, ALICE_PASSWORD, &["dev"], Some(APP_RW))
         .identity(BOB, BOB_PASSWORD, &["analyst"], Some(APP_RO))
 }

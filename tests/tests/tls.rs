@@ -88,6 +88,7 @@ fn client_certificate_from_a_foreign_ca_is_refused() {
     let pg = interceptor_tests::PgCluster::start().unwrap();
     let certs = TestCerts::generate().unwrap();
     let setup = interceptor_tests::InterceptorSetup::new(&pg)
+        .allow_all_policies()
         .identity(
             ALICE,
             interceptor_tests::ALICE_PASSWORD,
