@@ -320,7 +320,7 @@ async fn concurrent_clients_get_separate_sessions() {
 }
 
 #[tokio::test]
-async fn portals_with_row_limits_and_empty_queries() {
+async fn portals_with_row_limits() {
     let s = stack();
     let mut c = s.params(BOB).connect().await.unwrap();
     let tx = c.transaction().await.unwrap();
@@ -341,8 +341,14 @@ async fn portals_with_row_limits_and_empty_queries() {
     }
     assert_eq!(seen, (1..=95).collect::<Vec<_>>());
     tx.commit().await.unwrap();
+}
 
-    // Simple-protocol corner cases: an empty query and only a comment.
+#[tokio::test]
+async fn empty_and_comment_only_queries() {
+    let s = stack();
+    let c = s.params(BOB).connect().await.unwrap();
+    // Simple-protocol corner cases PostgreSQL answers with EmptyQueryResponse; clients and
+    // drivers send them (e.g. keepalive pings of some pools).
     // tokio-postgres reports EmptyQueryResponse as a zero-row completion.
     let msgs = c.simple_query("").await.unwrap();
     assert!(
