@@ -34,6 +34,14 @@ enum Command {
     },
     /// Read a password on standard input and print its SCRAM-SHA-256 verifier for `[identity.*] secret`.
     HashPassword,
+    /// Query, replay, verify and export the audit trail (works while the daemon runs).
+    Audit {
+        /// The daemon's configuration file (for the store and admin socket paths).
+        #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: interceptor::audit::cli::AuditCommand,
+    },
     /// Write, lint, explain and test policy files.
     #[command(subcommand)]
     Policy(interceptor::policy::cli::PolicyCommand),
@@ -56,6 +64,15 @@ fn main() -> anyhow::Result<()> {
             interceptor::server::ServerState::new(c)?;
             println!("{}: ok", config.display());
             Ok(())
+        }
+        Command::Audit { config, command } => {
+            if let interceptor::audit::cli::AuditCommand::Keygen { out } = &command {
+                return interceptor::audit::cli::keygen(out);
+            }
+            let config =
+                config.context("--config is required (the daemon's configuration file)")?;
+            let config = Config::load(&config)?;
+            interceptor::audit::cli::run(command, &config)
         }
         Command::Policy(cmd) => {
             let ok = interceptor::policy::cli::run(&cmd, &mut std::io::stdout().lock())?;

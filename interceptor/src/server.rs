@@ -2,11 +2,11 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 use tokio::net::{TcpListener, UnixListener};
 
+use crate::audit::{AuditEvent, AuditLog, PolicyReload};
 use crate::config::{Config, UpstreamTls};
 use crate::net::stream::Stream;
 use crate::net::tls;
@@ -26,7 +26,7 @@ pub struct ServerState {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancel: CancelRegistry,
     pub policy: PolicyHandle,
-    session_ids: AtomicU64,
+    pub audit: AuditLog,
 }
 
 impl ServerState {
@@ -75,10 +75,12 @@ impl ServerState {
                 .with_context(|| format!("cannot load policies from {}", p.dir.display()))?,
             None => PolicyHandle::new(PolicySet::empty()),
         };
-        let start = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(1);
+        let audit = AuditLog::open(&config.audit).with_context(|| {
+            format!(
+                "cannot open the audit trail in {}",
+                config.audit.dir.display()
+            )
+        })?;
         Ok(ServerState {
             config,
             identities,
@@ -87,13 +89,8 @@ impl ServerState {
             tls,
             cancel: CancelRegistry::default(),
             policy,
-            session_ids: AtomicU64::new(start),
+            audit,
         })
-    }
-
-    /// Session ids are unique across restarts (seeded from the start time in microseconds).
-    pub fn next_session_id(&self) -> u64 {
-        self.session_ids.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -101,18 +98,43 @@ impl ServerState {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(ServerState::new(config)?);
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(admin) = &state.config.admin {
+        let path = admin.socket.clone();
+        let log = state.audit.clone();
+        tasks.spawn(async move {
+            crate::audit::admin::serve(&path, log)
+                .await
+                .map_err(|e| anyhow::anyhow!("admin socket {}: {e}", path.display()))
+        });
+    }
     match &state.config.policy {
         Some(p) => {
             let mut events = state.policy.spawn_watcher(p.dir.clone());
+            let audit = state.audit.clone();
             tasks.spawn(async move {
                 while let Ok(event) = events.recv().await {
-                    match event {
+                    let record = match event {
                         PolicyEvent::Reloaded { version, policies } => {
-                            tracing::info!(version, ?policies, "policies reloaded")
+                            tracing::info!(version, ?policies, "policies reloaded");
+                            PolicyReload {
+                                version: version.to_string(),
+                                files: policies,
+                                ok: true,
+                                error: None,
+                            }
                         }
-                        PolicyEvent::ReloadFailed { error, .. } => {
-                            tracing::error!(%error, "policy reload failed; keeping the previous policies")
+                        PolicyEvent::ReloadFailed { version, error } => {
+                            tracing::error!(%error, "policy reload failed; keeping the previous policies");
+                            PolicyReload {
+                                version: version.to_string(),
+                                files: Vec::new(),
+                                ok: false,
+                                error: Some(error),
+                            }
                         }
+                    };
+                    if let Err(e) = audit.append(AuditEvent::PolicyReload(record)) {
+                        tracing::error!(error = %e, "cannot record a policy reload");
                     }
                 }
                 Ok(())
