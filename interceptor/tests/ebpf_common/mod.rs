@@ -340,7 +340,7 @@ pub fn exchange(
     }
 }
 
-fn serve(steering: Option<&Steering>, stream: TcpStream, peer: SocketAddr) -> Accepted {
+pub fn serve(steering: Option<&Steering>, stream: TcpStream, peer: SocketAddr) -> Accepted {
     stream.set_nonblocking(false).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -369,4 +369,32 @@ pub fn fds<'a>(ls: &'a [&'a TcpListener]) -> Vec<BorrowedFd<'a>> {
 
 pub fn cstr(s: &str) -> CString {
     CString::new(s).unwrap()
+}
+
+/// Runs a client that no test listener serves; returns its report.
+pub fn client_alone(spec: &ClientSpec<'_>) -> String {
+    let out = spawn_client(spec).wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+pub fn assert_nothing_waiting(l: &TcpListener, what: &str) {
+    match l.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("{what}: unexpected connection {other:?}"),
+    }
+}
+
+/// Accepts one connection within a few seconds.
+pub fn accept_within(l: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match l.accept() {
+            Ok(c) => return c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "{what}: nothing arrived");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
 }
