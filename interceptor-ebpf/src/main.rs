@@ -194,7 +194,10 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         }
         Err(_) => {
             count(CNT_DROPPED);
-            warn!(ctx, "no interceptor listener: dropped connection to port {}", port);
+            warn!(
+                ctx,
+                "no interceptor listener: dropped connection to port {}", port
+            );
             SK_DROP
         }
     }

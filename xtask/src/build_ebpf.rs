@@ -121,7 +121,10 @@ pub fn build(release: bool) -> anyhow::Result<PathBuf> {
         .join(profile)
         .join("interceptor-ebpf");
     if !object.is_file() {
-        bail!("the eBPF build succeeded but {} is missing", object.display());
+        bail!(
+            "the eBPF build succeeded but {} is missing",
+            object.display()
+        );
     }
     println!("eBPF object: {}", object.display());
     Ok(object)

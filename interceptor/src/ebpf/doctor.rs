@@ -295,7 +295,8 @@ pub fn check_unix_socket_dir(dir: &Path, proxy: Option<Account>) -> Vec<Finding>
         }
         let others: Vec<String> = group_members(group)
             .into_iter()
-            .filter(|(_, uid)| *uid != owner && proxy.is_none_or(|p| p.uid != *uid))
+            // root passes any permission check anyway; it is reported once, separately.
+            .filter(|(_, uid)| *uid != 0 && *uid != owner && proxy.is_none_or(|p| p.uid != *uid))
             .map(|(name, _)| name)
             .collect();
         if !others.is_empty() {

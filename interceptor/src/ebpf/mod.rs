@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 pub use cli::{EbpfCommand, run_command};
-pub use doctor::{Finding, Severity, check_unix_socket_dir, doctor, doctor_with};
+pub use doctor::{Account, Finding, Severity, check_unix_socket_dir, doctor, doctor_with};
 pub use steering::{Counters, LinkStatus, Status, Steering, detach, status};
 
 /// Where the links and maps are pinned unless configured otherwise.
@@ -50,7 +50,16 @@ pub enum EbpfError {
         source: std::io::Error,
     },
     #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
+    Load(Box<aya::EbpfError>),
+    #[error(
+        "loading the eBPF object with the maps pinned under {pin_dir} (left by an incompatible \
+         version? `interceptor ebpf detach --pin-dir {pin_dir}` removes them): {source}",
+        pin_dir = pin_dir.display()
+    )]
+    LoadPinned {
+        pin_dir: PathBuf,
+        source: Box<aya::EbpfError>,
+    },
     #[error("eBPF program {name}: {source}")]
     Program {
         name: &'static str,

@@ -87,7 +87,20 @@ impl Steering {
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir.join("maps"))
-            .load(object)?;
+            .load(object)
+            .map_err(|source| {
+                let pinned = std::fs::read_dir(pin_dir.join("maps"))
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(false);
+                if pinned {
+                    EbpfError::LoadPinned {
+                        pin_dir: pin_dir.clone(),
+                        source: Box::new(source),
+                    }
+                } else {
+                    EbpfError::Load(Box::new(source))
+                }
+            })?;
         let log = KernelLog::start(&mut ebpf);
 
         // Listeners first: once sk_lookup runs, a missing listener means refused connections.
@@ -422,12 +435,12 @@ pub fn detach(pin_dir: &Path) -> Result<(), EbpfError> {
         if !path.exists() {
             continue;
         }
-        let fd = sys::obj_get(&path)
-            .map_err(|e| EbpfError::io(format!("opening {}", path.display()), e))?;
-        sys::link_detach(fd.as_fd()).map_err(|e| EbpfError::Link {
-            path: path.clone(),
-            message: format!("BPF_LINK_DETACH: {e}"),
-        })?;
+        // Detach explicitly in case some process still holds the link open; a link whose
+        // target is gone (deleted netns or cgroup) refuses this, and removing its pin suffices.
+        match sys::obj_get(&path).and_then(|fd| sys::link_detach(fd.as_fd())) {
+            Ok(()) => {}
+            Err(e) => tracing::warn!("BPF_LINK_DETACH {}: {e}", path.display()),
+        }
         std::fs::remove_file(&path)
             .map_err(|e| EbpfError::io(format!("removing {}", path.display()), e))?;
     }
@@ -446,3 +459,9 @@ pub fn detach(pin_dir: &Path) -> Result<(), EbpfError> {
     tracing::info!("eBPF steering detached from {}", pin_dir.display());
     Ok(())
 }
+
+// The server shares one `Steering` between connection tasks.
+const _: fn() = || {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Steering>();
+};
