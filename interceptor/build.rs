@@ -25,11 +25,13 @@ fn main() {
             let p = PathBuf::from(p);
             if !p.is_file() {
                 println!(
-                    "cargo::warning={ENV}={} is not a file: eBPF support not compiled in",
+                    "cargo::warning={ENV}={} is not a file: interceptor is built without eBPF \
+                     support",
                     p.display()
                 );
+                return;
             }
-            Some(p).filter(|p| p.is_file())
+            Some(p)
         }
         _ => default_object(&out_dir),
     };

@@ -14,6 +14,32 @@ use aya::maps::{HashMap, Map, MapData};
 use ebpf_common::*;
 use interceptor::ebpf::{self, Steering};
 
+/// Collects everything logged through `tracing`.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn wait_for(&self, needle: &str) -> bool {
+        for _ in 0..100 {
+            if String::from_utf8_lossy(&self.0.lock().unwrap()).contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
 /// Moves this process into a cgroup and back to the root on drop.
 struct Joined;
 
@@ -75,6 +101,12 @@ fn only_the_registered_upstream_socket_reaches_postgres() {
     if !bpf_available("only_the_registered_upstream_socket_reaches_postgres") {
         return;
     }
+    let logs = Captured::default();
+    let writer = logs.clone();
+    tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .init();
     let ns = NetNs::new();
     let cgroup = Cgroup::new();
     let pin = PinDir::new();
@@ -118,4 +150,16 @@ fn only_the_registered_upstream_socket_reaches_postgres() {
     }
     assert_eq!(left, 0, "exemption outlived its socket");
     assert_eq!(pinned_len::<u64, u8>(&pin.0, "IC_EXEMPT_CK"), 0);
+
+    // No IPv6 listener was given: IPv6 connections to the port are refused (fail closed), and
+    // the kernel program's log line reaches tracing.
+    let err = TcpStream::connect(format!("[::1]:{PROTECTED}")).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    assert_nothing_waiting(&postgres, "postgres after a v6 connect");
+    assert_eq!(ebpf::status(&pin.0).unwrap().counters.dropped, 1);
+    assert!(
+        logs.wait_for("no interceptor listener: dropped connection to port 5432"),
+        "{}",
+        String::from_utf8_lossy(&logs.0.lock().unwrap())
+    );
 }

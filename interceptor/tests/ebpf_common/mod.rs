@@ -36,7 +36,9 @@ pub fn bpf_available(test: &str) -> bool {
         None => true,
         Some(p) if required => panic!("{test}: INTERCEPTOR_REQUIRE_BPF=1 but {p}"),
         Some(p) => {
-            eprintln!(
+            // Straight to fd 2: libtest captures eprintln! of passing tests, and a skip must show.
+            let _ = writeln!(
+                std::io::stderr(),
                 "\n!!!!!!!! SKIPPING {test}: {p} (set INTERCEPTOR_REQUIRE_BPF=1 to fail) !!!!!!!!\n"
             );
             false
