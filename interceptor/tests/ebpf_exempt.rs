@@ -114,6 +114,9 @@ fn only_the_registered_upstream_socket_reaches_postgres() {
     let proxy = listen("127.0.0.1:6432");
     let postgres = listen(&format!("127.0.0.1:{PROTECTED}"));
     let steering = Steering::attach(&config(&cgroup, &pin), &fds(&[&proxy])).unwrap();
+    // Outside the attached cgroup the kernel could not honour an exemption: refused up front.
+    let probe = listen("127.0.0.1:0");
+    assert!(steering.exempt_upstream(probe.as_fd()).is_err());
     let _joined = Joined::join(&cgroup);
     let pg: SocketAddr = format!("127.0.0.1:{PROTECTED}").parse().unwrap();
 

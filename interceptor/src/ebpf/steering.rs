@@ -31,6 +31,8 @@ pub struct Steering {
     exempt: Mutex<HashMap<MapData, u64, u8>>,
     netns_cookie: u64,
     cgroup_root: Option<PathBuf>,
+    /// The cgroup the connect/sock_ops programs are attached to.
+    cgroup: PathBuf,
     pin_dir: PathBuf,
     // Keeps the programs loaded for as long as interceptor runs; the pins keep them attached.
     _ebpf: Ebpf,
@@ -78,6 +80,8 @@ impl Steering {
         sys::ensure_pin_dir(&pin_dir)?;
         let cgroup_root = sys::ensure_cgroup2()?;
         let cgroup = cfg.cgroup.clone().unwrap_or_else(|| cgroup_root.clone());
+        let cgroup = std::fs::canonicalize(&cgroup)
+            .map_err(|e| EbpfError::io(format!("cgroup {}", cgroup.display()), e))?;
         if !sys::is_cgroup2(&cgroup) {
             return Err(EbpfError::Config(format!(
                 "cgroup {} is not a cgroup v2 directory",
@@ -237,6 +241,7 @@ impl Steering {
             exempt: Mutex::new(exempt),
             netns_cookie,
             cgroup_root: Some(cgroup_root),
+            cgroup,
             pin_dir,
             _ebpf: ebpf,
             _log: log,
@@ -265,6 +270,17 @@ impl Steering {
     /// socket right before connect(); the exemption covers that socket's connection (over
     /// loopback) and ends when it closes. interceptor must run inside the attached cgroup.
     pub fn exempt_upstream(&self, socket: BorrowedFd<'_>) -> Result<(), EbpfError> {
+        // The exemption is made by the sock_ops program, which only sees sockets of processes
+        // inside the attached cgroup; outside it the upstream would be steered back to us.
+        let root = self.cgroup_root.as_deref().unwrap_or(Path::new("/"));
+        if !sys::current_cgroup(root).is_some_and(|c| c.starts_with(&self.cgroup)) {
+            return Err(EbpfError::Config(format!(
+                "interceptor runs outside the attached cgroup {}: its TCP upstream connection \
+                 cannot be exempted from steering (attach to a cgroup that contains interceptor, \
+                 or reach PostgreSQL over its unix socket)",
+                self.cgroup.display()
+            )));
+        }
         let cookie = sys::socket_cookie(socket)
             .map_err(|e| EbpfError::io("reading the upstream socket's cookie", e))?;
         let mut map = self

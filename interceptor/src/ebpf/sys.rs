@@ -114,6 +114,13 @@ pub fn ensure_cgroup2() -> Result<PathBuf, EbpfError> {
     Ok(PathBuf::from(CGROUP2_FALLBACK))
 }
 
+/// The calling thread's cgroup v2 directory under `root` (the cgroup2 mount point).
+pub fn current_cgroup(root: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/thread-self/cgroup").ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    std::fs::canonicalize(root.join(rel.trim_start_matches('/'))).ok()
+}
+
 pub fn is_cgroup2(path: &Path) -> bool {
     fs_magic(path) == Some(CGROUP2_SUPER_MAGIC)
 }
