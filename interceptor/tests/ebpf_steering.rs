@@ -262,3 +262,25 @@ fn outside_the_cgroup_there_is_no_identity_but_still_steering() {
     let acc = out.accepted.expect("steered");
     assert!(acc.identity.is_none());
 }
+
+#[test]
+fn listeners_of_another_namespace_are_refused() {
+    if !bpf_available("listeners_of_another_namespace_are_refused") {
+        return;
+    }
+    let ns = NetNs::new();
+    let cgroup = Cgroup::new();
+    let pin = PinDir::new();
+    let v4 = {
+        let _in = InNetNs::enter(&ns);
+        listen("127.0.0.1:6432")
+    };
+    // Called from the host namespace: nothing may get attached there.
+    let err = Steering::attach(&config(&cgroup, &pin), &fds(&[&v4])).unwrap_err();
+    assert!(
+        err.to_string().contains("another network namespace"),
+        "{err}"
+    );
+    let st = ebpf::status(&pin.0).unwrap();
+    assert!(st.links.iter().all(|l| !l.pinned), "{st:?}");
+}

@@ -107,9 +107,14 @@ impl Steering {
             })?;
         let log = KernelLog::start(&mut ebpf);
 
+        // sk_lookup is attached to this thread's namespace; listeners elsewhere would never be
+        // chosen and every connection would be refused.
+        let netns_cookie = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| sys::netns_cookie(s.as_fd()))
+            .map_err(|e| EbpfError::io("reading this thread's netns cookie", e))?;
+
         // Listeners first: once sk_lookup runs, a missing listener means refused connections.
         let mut identify_ports = Vec::new();
-        let mut netns_cookie = None;
         {
             let mut sockets: SockMap<&mut MapData> = ebpf
                 .map_mut(maps::SOCKETS)
@@ -124,9 +129,10 @@ impl Steering {
                 identify_ports.push(addr.port());
                 let cookie = sys::netns_cookie(*fd)
                     .map_err(|e| EbpfError::io("reading a listener's netns cookie", e))?;
-                if netns_cookie.replace(cookie).is_some_and(|c| c != cookie) {
+                if cookie != netns_cookie {
                     return Err(EbpfError::Config(
-                        "listeners live in different network namespaces".into(),
+                        "a listener lives in another network namespace than the calling thread"
+                            .into(),
                     ));
                 }
                 let slot = if addr.is_ipv4() {
@@ -147,7 +153,6 @@ impl Steering {
                     .map_err(map_err(maps::SOCKETS))?;
             }
         }
-        let netns_cookie = netns_cookie.ok_or(EbpfError::Missing("listener"))?;
 
         {
             let mut ports: HashMap<&mut MapData, u16, u8> = ebpf
