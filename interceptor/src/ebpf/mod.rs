@@ -15,6 +15,25 @@
 //! * Lifecycle: maps and links are pinned under `pin_dir` (bpffs), so steering outlives a crash of
 //!   interceptor (connections are refused meanwhile); [`Steering::attach`] re-adopts the pinned
 //!   maps and replaces the links without a gap. [`detach`] uninstalls.
+//!
+//! Using it from the server, at startup after binding the TCP listeners:
+//!
+//! ```ignore
+//! let steering = cfg.ebpf.enabled
+//!     .then(|| Steering::attach(&cfg.ebpf, &[v4.as_fd(), v6.as_fd()]))
+//!     .transpose()?          // fail closed: no steering, no start
+//!     .map(Arc::new);
+//! // per accepted TCP connection:
+//! let process = steering.as_ref().and_then(|s| s.identity_for(peer, stream.local_addr()?));
+//! // TCP upstream on a steered port (not needed for the unix socket):
+//! let sock = tokio::net::TcpSocket::new_v4()?;
+//! if let Some(s) = &steering { s.exempt_upstream(sock.as_fd())?; }
+//! let upstream = sock.connect(addr).await?;
+//! ```
+//!
+//! The binary embeds the eBPF object when it was built first (`cargo xtask build-ebpf`, or
+//! `INTERCEPTOR_EBPF_OBJ=<path>`); otherwise [`Steering::attach`] returns
+//! [`EbpfError::NotCompiledIn`].
 
 mod cli;
 mod doctor;
