@@ -55,6 +55,19 @@ pub struct Account {
     pub gid: u32,
 }
 
+impl Account {
+    /// The account this process runs as (effective ids).
+    pub fn current() -> Account {
+        // SAFETY: geteuid/getegid cannot fail and touch no memory.
+        unsafe {
+            Account {
+                uid: libc::geteuid(),
+                gid: libc::getegid(),
+            }
+        }
+    }
+}
+
 /// `doctor_with` for the default configuration.
 pub fn doctor() -> Vec<Finding> {
     doctor_with(&SteeringConfig::default(), None)
@@ -496,10 +509,7 @@ mod tests {
     fn unix_socket_dir_permissions() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
-        let me = Account {
-            uid: unsafe { libc::geteuid() },
-            gid: unsafe { libc::getegid() },
-        };
+        let me = Account::current();
 
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
         let f = check_unix_socket_dir(p, Some(me));
