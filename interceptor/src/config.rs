@@ -47,6 +47,9 @@ pub struct Config {
     /// mTLS: client certificates chained to a CA become identities.
     #[serde(default)]
     pub mtls: Option<crate::identity::mtls::MtlsConfig>,
+    /// Kernel interception: steer every connection to PostgreSQL's port(s) into interceptor.
+    #[serde(default)]
+    pub ebpf: crate::ebpf::SteeringConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -42,6 +42,14 @@ enum Command {
         #[command(subcommand)]
         command: interceptor::audit::cli::AuditCommand,
     },
+    /// Kernel interception: status of the attached programs, or a clean uninstall.
+    #[command(subcommand)]
+    Ebpf(interceptor::ebpf::EbpfCommand),
+    /// Check this host: kernel features, cgroup2, bpffs, where PostgreSQL listens, bypass paths.
+    Doctor {
+        #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Write, lint, explain and test policy files.
     #[command(subcommand)]
     Policy(interceptor::policy::cli::PolicyCommand),
@@ -61,7 +69,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
-            interceptor::server::ServerState::new(c)?;
+            interceptor::server::ServerState::new(c, None)?;
             println!("{}: ok", config.display());
             Ok(())
         }
@@ -73,6 +81,31 @@ fn main() -> anyhow::Result<()> {
                 config.context("--config is required (the daemon's configuration file)")?;
             let config = Config::load(&config)?;
             interceptor::audit::cli::run(command, &config)
+        }
+        Command::Ebpf(cmd) => {
+            interceptor::ebpf::run_command(&cmd, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+        Command::Doctor { config } => {
+            let findings = match config {
+                Some(c) => {
+                    let c = Config::load(&c)?;
+                    interceptor::ebpf::doctor_with(
+                        &c.ebpf,
+                        Some(interceptor::ebpf::Account::current()),
+                    )
+                }
+                None => interceptor::ebpf::doctor(),
+            };
+            let mut failed = false;
+            for f in &findings {
+                println!("{f}");
+                failed |= f.severity == interceptor::ebpf::Severity::Fail;
+            }
+            if failed {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Policy(cmd) => {
             let ok = interceptor::policy::cli::run(&cmd, &mut std::io::stdout().lock())?;

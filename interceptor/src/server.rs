@@ -8,6 +8,7 @@ use tokio::net::{TcpListener, UnixListener};
 
 use crate::audit::{AuditEvent, AuditLog, PolicyReload};
 use crate::config::{Config, UpstreamTls};
+use crate::ebpf::Steering;
 use crate::net::stream::Stream;
 use crate::net::tls;
 use crate::policy::{PolicyEvent, PolicyHandle, PolicySet};
@@ -27,10 +28,11 @@ pub struct ServerState {
     pub cancel: CancelRegistry,
     pub policy: PolicyHandle,
     pub audit: AuditLog,
+    pub steering: Option<Arc<Steering>>,
 }
 
 impl ServerState {
-    pub fn new(config: Config) -> anyhow::Result<ServerState> {
+    pub fn new(config: Config, steering: Option<Arc<Steering>>) -> anyhow::Result<ServerState> {
         let identities = StaticIdentities::new(&config.identities).map_err(anyhow::Error::msg)?;
         let secrets = Secrets::load(config.secrets.file.as_deref())?;
         let mtls = config.mtls.clone().or_else(|| {
@@ -68,6 +70,7 @@ impl ServerState {
             &config.upstream,
             upstream_tls,
             config.limits.max_message_bytes,
+            steering.clone(),
         );
         // Default deny: without a policy directory every login is refused.
         let policy = match &config.policy {
@@ -90,14 +93,43 @@ impl ServerState {
             cancel: CancelRegistry::default(),
             policy,
             audit,
+            steering,
         })
     }
 }
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let state = Arc::new(ServerState::new(config)?);
+    let mut listeners = Vec::new();
+    for addr in &config.listen.tcp {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(%addr, "listening");
+        listeners.push(listener);
+    }
+    let steering = if config.ebpf.enabled {
+        use std::os::fd::AsFd;
+        // Slot order matters to the kernel program: the IPv4 listener, then the IPv6 one.
+        let v4 = listeners
+            .iter()
+            .find(|l| l.local_addr().is_ok_and(|a| a.is_ipv4()));
+        let v6 = listeners
+            .iter()
+            .find(|l| l.local_addr().is_ok_and(|a| a.is_ipv6()));
+        let fds: Vec<_> = v4.into_iter().chain(v6).map(|l| l.as_fd()).collect();
+        let steering = Steering::attach(&config.ebpf, &fds)
+            .context("cannot attach the kernel programs ([ebpf] enabled = true)")?;
+        tracing::info!(ports = ?config.ebpf.ports, "kernel steering attached: connections to PostgreSQL's port(s) now land here");
+        Some(Arc::new(steering))
+    } else {
+        None
+    };
+    let state = Arc::new(ServerState::new(config, steering)?);
     let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        tasks.spawn(accept_tcp(listener, state.clone()));
+    }
     if let Some(admin) = &state.config.admin {
         let path = admin.socket.clone();
         let log = state.audit.clone();
@@ -141,13 +173,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             });
         }
         None => tracing::warn!("no [policy] configured: every login is refused (default deny)"),
-    }
-    for addr in &state.config.listen.tcp {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        tracing::info!(%addr, "listening");
-        tasks.spawn(accept_tcp(listener, state.clone()));
     }
     let mut socket_path: Option<PathBuf> = None;
     if let Some(dir) = &state.config.listen.unix_socket_dir {
@@ -199,9 +224,25 @@ async fn accept_tcp(listener: TcpListener, state: Arc<ServerState>) -> anyhow::R
         };
         let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().unwrap_or(peer);
+        let process = state
+            .steering
+            .as_ref()
+            .and_then(|s| s.identity_for(peer, local));
+        if process
+            .as_ref()
+            .is_some_and(|p| p.pid == std::process::id())
+        {
+            // Our own upstream connection came back to us: never serve it (it would loop).
+            tracing::error!(%peer, "refusing a connection from interceptor itself (steering loop)");
+            continue;
+        }
         tokio::spawn(session::handle(
             Stream::Tcp(tcp),
-            Peer::Tcp { peer, local },
+            Peer::Tcp {
+                peer,
+                local,
+                process,
+            },
             state.clone(),
         ));
     }

@@ -27,6 +27,8 @@ pub enum Peer {
     Tcp {
         peer: std::net::SocketAddr,
         local: std::net::SocketAddr,
+        /// Kernel-attested client process (local clients, when the eBPF programs saw it).
+        process: Option<crate::identity::ProcessIdentity>,
     },
     Unix {
         uid: Option<u32>,
@@ -48,6 +50,7 @@ impl Peer {
                 *uid,
                 gid.unwrap_or(u32::MAX),
             )),
+            Peer::Tcp { process, .. } => process.clone(),
             _ => None,
         }
     }
