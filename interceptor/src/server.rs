@@ -29,6 +29,46 @@ pub struct ServerState {
     pub policy: PolicyHandle,
     pub audit: AuditLog,
     pub steering: Option<Arc<Steering>>,
+    pub sessions: SessionCounts,
+}
+
+/// Open sessions per identity, for the policy's `max_sessions`.
+#[derive(Default)]
+pub struct SessionCounts {
+    open: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+/// Holds one session slot; released on drop.
+pub struct SessionSlot<'a> {
+    counts: &'a SessionCounts,
+    subject: String,
+}
+
+impl SessionCounts {
+    pub fn acquire(&self, subject: &str, max: u32) -> Option<SessionSlot<'_>> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(subject.to_owned()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SessionSlot {
+            counts: self,
+            subject: subject.to_owned(),
+        })
+    }
+}
+
+impl Drop for SessionSlot<'_> {
+    fn drop(&mut self) {
+        let mut open = self.counts.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.subject) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.subject);
+            }
+        }
+    }
 }
 
 impl ServerState {
@@ -94,6 +134,7 @@ impl ServerState {
             policy,
             audit,
             steering,
+            sessions: SessionCounts::default(),
         })
     }
 }

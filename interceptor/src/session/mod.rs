@@ -231,12 +231,36 @@ async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), Se
         }
     };
     let role = route.upstream_role.clone();
+    let _session_slot = match route.limits.max_sessions {
+        Some(max) => match server.sessions.acquire(&identity.subject, max) {
+            Some(slot) => Some(slot),
+            None => {
+                return fatal(
+                    &mut stream,
+                    PgError::fatal(
+                        "53300",
+                        format!(
+                            "interceptor: identity \"{}\" already has {max} open sessions, the most policy \"{}\" allows",
+                            identity.subject, route.policy
+                        ),
+                    )
+                    .with_hint("close an idle session and retry"),
+                )
+                .await;
+            }
+        },
+        None => None,
+    };
     let password = server.secrets.password_for(&role);
-    let passthrough: Vec<(String, String)> = params
+    let mut passthrough: Vec<(String, String)> = params
         .iter()
         .filter(|(k, _)| PASSTHROUGH.contains(&k.as_str()))
         .cloned()
         .collect();
+    if let Some(ms) = route.limits.statement_timeout_ms {
+        // The policy's limit is the session's starting value on the server.
+        passthrough.push(("statement_timeout".into(), ms.to_string()));
+    }
     let upstream = match server
         .upstream
         .login(&role, password.as_ref(), &database, &passthrough)
