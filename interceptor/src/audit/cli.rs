@@ -92,10 +92,7 @@ pub fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<()> {
     if let AuditCommand::Keygen { out } = &cmd {
         return keygen(out);
     }
-    let audit = config
-        .audit
-        .as_ref()
-        .context("no [audit] section in the config")?;
+    let audit = &config.audit;
     let mut backend = Backend::connect(config)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -253,10 +250,7 @@ enum Backend {
 
 impl Backend {
     fn connect(config: &Config) -> anyhow::Result<Backend> {
-        let audit = config
-            .audit
-            .as_ref()
-            .context("no [audit] section in the config")?;
+        let audit = &config.audit;
         if let Some(admin) = &config.admin {
             match AdminClient::connect(&admin.socket) {
                 Ok(c) => return Ok(Backend::Daemon(c)),
