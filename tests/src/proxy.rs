@@ -1,0 +1,522 @@
+//! The interceptor process under test: a generated config and secrets file in a temp dir,
+//! the real binary, logs captured to a file, killed on drop.
+
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+use toml::{Table, Value};
+
+use crate::certs::TestCerts;
+use crate::conn::ConnParams;
+use crate::pg::PgCluster;
+
+/// A static identity the proxy authenticates with SCRAM.
+#[derive(Debug, Clone)]
+pub struct IdentitySpec {
+    pub name: String,
+    pub password: String,
+    pub groups: Vec<String>,
+    pub upstream_role: Option<String>,
+}
+
+impl IdentitySpec {
+    pub fn new(name: &str, password: &str, groups: &[&str], upstream_role: Option<&str>) -> Self {
+        IdentitySpec {
+            name: name.to_owned(),
+            password: password.to_owned(),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            upstream_role: upstream_role.map(str::to_owned),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpstreamVia {
+    UnixSocket,
+    Tcp,
+}
+
+/// What to put into the generated config. Start with [`InterceptorSetup::new`].
+#[derive(Debug, Clone)]
+pub struct InterceptorSetup {
+    upstream_socket_dir: PathBuf,
+    upstream_port: u16,
+    upstream_via: UpstreamVia,
+    default_role: Option<String>,
+    role_passwords: Vec<(String, String)>,
+    identities: Vec<IdentitySpec>,
+    tls: Option<(PathBuf, PathBuf)>,
+    ca_cert: Option<PathBuf>,
+    require_tls: bool,
+    client_ca: Option<PathBuf>,
+    audit_dir: Option<AuditDir>,
+    policy_dir: Option<PathBuf>,
+    unix_listener: bool,
+    extra_toml: String,
+    env: Vec<(String, String)>,
+    startup_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+enum AuditDir {
+    InTemp,
+    At(PathBuf),
+}
+
+impl InterceptorSetup {
+    /// Upstream is `pg` over its unix socket; the secrets file holds every role password the
+    /// harness created.
+    pub fn new(pg: &PgCluster) -> Self {
+        InterceptorSetup {
+            upstream_socket_dir: pg.socket_dir().to_path_buf(),
+            upstream_port: pg.port(),
+            upstream_via: UpstreamVia::UnixSocket,
+            default_role: None,
+            role_passwords: pg.role_passwords().into_iter().collect(),
+            identities: Vec::new(),
+            tls: None,
+            ca_cert: None,
+            require_tls: false,
+            client_ca: None,
+            audit_dir: None,
+            policy_dir: None,
+            unix_listener: true,
+            extra_toml: String::new(),
+            env: Vec::new(),
+            startup_timeout: Duration::from_secs(20),
+        }
+    }
+
+    /// Adds a static identity (name, password, groups, upstream role).
+    pub fn identity(
+        mut self,
+        name: &str,
+        password: &str,
+        groups: &[&str],
+        upstream_role: Option<&str>,
+    ) -> Self {
+        self.identities
+            .push(IdentitySpec::new(name, password, groups, upstream_role));
+        self
+    }
+
+    pub fn identity_spec(mut self, spec: IdentitySpec) -> Self {
+        self.identities.push(spec);
+        self
+    }
+
+    /// Serve TLS with the test server certificate.
+    pub fn tls(mut self, certs: &TestCerts) -> Self {
+        self.tls = Some((certs.server.cert.clone(), certs.server.key.clone()));
+        self.ca_cert = Some(certs.ca_cert.clone());
+        self
+    }
+
+    /// Refuse clients that do not negotiate TLS (`[tls] require = true`).
+    pub fn require_tls(mut self, on: bool) -> Self {
+        self.require_tls = on;
+        self
+    }
+
+    /// Accept client certificates signed by this CA (mTLS).
+    pub fn client_ca(mut self, ca: impl Into<PathBuf>) -> Self {
+        self.client_ca = Some(ca.into());
+        self
+    }
+
+    /// Reach PostgreSQL over TCP 127.0.0.1 instead of its unix socket.
+    pub fn upstream_tcp(mut self) -> Self {
+        self.upstream_via = UpstreamVia::Tcp;
+        self
+    }
+
+    pub fn default_role(mut self, role: &str) -> Self {
+        self.default_role = Some(role.to_owned());
+        self
+    }
+
+    /// Add or replace an upstream role password in the secrets file.
+    pub fn role_password(mut self, role: &str, password: &str) -> Self {
+        self.role_passwords.retain(|(r, _)| r != role);
+        self.role_passwords
+            .push((role.to_owned(), password.to_owned()));
+        self
+    }
+
+    /// Enable the audit store in `<tempdir>/audit`.
+    pub fn with_audit(mut self) -> Self {
+        self.audit_dir = Some(AuditDir::InTemp);
+        self
+    }
+
+    pub fn audit_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.audit_dir = Some(AuditDir::At(dir.into()));
+        self
+    }
+
+    pub fn policy_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.policy_dir = Some(dir.into());
+        self
+    }
+
+    /// Also listen on a unix socket in the temp dir (default on).
+    pub fn unix_listener(mut self, on: bool) -> Self {
+        self.unix_listener = on;
+        self
+    }
+
+    /// TOML appended verbatim to the generated config (e.g. `[limits]` or `[admin]`).
+    pub fn extra_toml(mut self, toml: &str) -> Self {
+        self.extra_toml.push_str(toml);
+        self.extra_toml.push('\n');
+        self
+    }
+
+    /// An environment variable for the interceptor process (e.g. `RUST_LOG`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
+        self.startup_timeout = timeout;
+        self
+    }
+
+    pub fn identities(&self) -> &[IdentitySpec] {
+        &self.identities
+    }
+
+    /// The config TOML for a proxy listening on `port` with its files under `dir`.
+    pub fn render_config(&self, dir: &Path, port: u16) -> Result<String> {
+        let mut root = Table::new();
+        let path = |p: &Path| Value::String(p.to_string_lossy().into_owned());
+
+        let mut listen = Table::new();
+        listen.insert(
+            "tcp".into(),
+            Value::Array(vec![Value::String(format!("127.0.0.1:{port}"))]),
+        );
+        if self.unix_listener {
+            listen.insert("unix_socket_dir".into(), path(&dir.join("sock")));
+            listen.insert("unix_port".into(), Value::Integer(i64::from(port)));
+        }
+        root.insert("listen".into(), Value::Table(listen));
+
+        if let Some((cert, key)) = &self.tls {
+            let mut tls = Table::new();
+            tls.insert("cert".into(), path(cert));
+            tls.insert("key".into(), path(key));
+            tls.insert("require".into(), Value::Boolean(self.require_tls));
+            if let Some(ca) = &self.client_ca {
+                tls.insert("client_ca".into(), path(ca));
+            }
+            root.insert("tls".into(), Value::Table(tls));
+        } else if self.require_tls {
+            bail!("require_tls needs tls(certs)");
+        }
+
+        let mut upstream = Table::new();
+        match self.upstream_via {
+            UpstreamVia::UnixSocket => {
+                upstream.insert("host".into(), path(&self.upstream_socket_dir));
+            }
+            UpstreamVia::Tcp => {
+                upstream.insert("host".into(), Value::String("127.0.0.1".into()));
+            }
+        }
+        upstream.insert("port".into(), Value::Integer(i64::from(self.upstream_port)));
+        if let Some(role) = &self.default_role {
+            upstream.insert("default_role".into(), Value::String(role.clone()));
+        }
+        root.insert("upstream".into(), Value::Table(upstream));
+
+        let mut secrets = Table::new();
+        secrets.insert("file".into(), path(&dir.join("secrets.toml")));
+        root.insert("secrets".into(), Value::Table(secrets));
+
+        let mut identities = Table::new();
+        for id in &self.identities {
+            let mut t = Table::new();
+            let verifier = postgres_protocol::password::scram_sha_256(id.password.as_bytes());
+            t.insert("secret".into(), Value::String(verifier));
+            t.insert(
+                "groups".into(),
+                Value::Array(id.groups.iter().cloned().map(Value::String).collect()),
+            );
+            if let Some(role) = &id.upstream_role {
+                t.insert("upstream_role".into(), Value::String(role.clone()));
+            }
+            identities.insert(id.name.clone(), Value::Table(t));
+        }
+        if !identities.is_empty() {
+            root.insert("identity".into(), Value::Table(identities));
+        }
+
+        if let Some(audit) = &self.audit_dir {
+            let dir = match audit {
+                AuditDir::InTemp => dir.join("audit"),
+                AuditDir::At(p) => p.clone(),
+            };
+            let mut t = Table::new();
+            t.insert("dir".into(), path(&dir));
+            root.insert("audit".into(), Value::Table(t));
+        }
+        if let Some(p) = &self.policy_dir {
+            let mut t = Table::new();
+            t.insert("dir".into(), path(p));
+            root.insert("policy".into(), Value::Table(t));
+        }
+
+        let mut text = toml::to_string(&root).context("serialize config")?;
+        if !self.extra_toml.is_empty() {
+            text.push('\n');
+            text.push_str(&self.extra_toml);
+        }
+        Ok(text)
+    }
+
+    fn render_secrets(&self) -> Result<String> {
+        let mut roles = Table::new();
+        for (role, pw) in &self.role_passwords {
+            roles.insert(role.clone(), Value::String(pw.clone()));
+        }
+        let mut root = Table::new();
+        root.insert("roles".into(), Value::Table(roles));
+        toml::to_string(&root).context("serialize secrets")
+    }
+}
+
+/// Path of the interceptor binary: `$INTERCEPTOR_BIN`, else `debug/interceptor` in the cargo
+/// target dir (`$CARGO_TARGET_DIR`, the dir this test binary runs from, or `<workspace>/target`).
+pub fn interceptor_bin() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("INTERCEPTOR_BIN") {
+        let bin = PathBuf::from(bin);
+        if bin.is_file() {
+            return Ok(bin);
+        }
+        bail!("INTERCEPTOR_BIN={} does not exist", bin.display());
+    }
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        candidates.push(PathBuf::from(dir).join("debug").join("interceptor"));
+    }
+    // Test binaries live in <target>/debug/deps/.
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(profile_dir) = exe.parent().and_then(Path::parent)
+    {
+        candidates.push(profile_dir.join("interceptor"));
+    }
+    candidates.push(
+        crate::workspace_root()
+            .join("target")
+            .join("debug")
+            .join("interceptor"),
+    );
+    for c in &candidates {
+        if c.is_file() {
+            return Ok(c.clone());
+        }
+    }
+    bail!(
+        "interceptor binary not found (looked at {candidates:?}); run `cargo build -p interceptor` \
+         (or `cargo xtask test`) first, or set INTERCEPTOR_BIN"
+    )
+}
+
+/// A running interceptor. Dropping it kills the process and removes its temp dir.
+#[derive(Debug)]
+pub struct Interceptor {
+    dir: TempDir,
+    bin: PathBuf,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    port: u16,
+    unix_listener: bool,
+    setup: InterceptorSetup,
+    child: Option<Child>,
+}
+
+impl Interceptor {
+    pub fn start(setup: InterceptorSetup) -> Result<Interceptor> {
+        let bin = interceptor_bin()?;
+        let dir = tempfile::Builder::new()
+            .prefix("icpt")
+            .tempdir_in("/tmp")
+            .context("interceptor temp dir")?;
+        if setup.unix_listener {
+            std::fs::create_dir(dir.path().join("sock")).context("create socket dir")?;
+        }
+        let secrets = dir.path().join("secrets.toml");
+        std::fs::write(&secrets, setup.render_secrets()?).context("write secrets")?;
+        std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600))
+            .context("chmod secrets")?;
+        let mut proxy = Interceptor {
+            config_path: dir.path().join("interceptor.toml"),
+            log_path: dir.path().join("interceptor.log"),
+            dir,
+            bin,
+            port: 0,
+            unix_listener: setup.unix_listener,
+            setup,
+            child: None,
+        };
+        // A port that was free a moment ago can be taken by someone else: retry on a new one.
+        let mut last_err = None;
+        for _ in 0..3 {
+            proxy.port = crate::net::free_port()?;
+            let config = proxy.setup.render_config(proxy.dir.path(), proxy.port)?;
+            std::fs::write(&proxy.config_path, config).context("write config")?;
+            match proxy.spawn() {
+                Ok(()) => return Ok(proxy),
+                Err(e) => {
+                    proxy.kill9();
+                    if !proxy.logs().contains("in use") {
+                        return Err(e);
+                    }
+                    last_err = Some(e);
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("interceptor did not start")))
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .context("open interceptor log")?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("dup log")?)
+            .stderr(log);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info,interceptor=debug");
+        }
+        cmd.env("RUST_BACKTRACE", "1");
+        cmd.envs(self.setup.env.iter().map(|(k, v)| (k, v)));
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        self.child = Some(child);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        let timeout = self.setup.startup_timeout;
+        let log_path = self.log_path.clone();
+        let child = &mut self.child;
+        crate::net::wait_for_tcp(addr, timeout, || {
+            if let Some(c) = child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                let logs = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("interceptor exited during startup ({status}); its log:\n{logs}");
+            }
+            Ok(())
+        })
+        .with_context(|| format!("interceptor log:\n{}", self.logs()))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Directory of the unix listener socket `.s.PGSQL.<port>`, when enabled.
+    pub fn unix_socket_dir(&self) -> Option<PathBuf> {
+        self.unix_listener.then(|| self.dir.path().join("sock"))
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The audit directory in use when [`InterceptorSetup::with_audit`] was chosen.
+    pub fn audit_dir(&self) -> Option<PathBuf> {
+        match &self.setup.audit_dir {
+            Some(AuditDir::InTemp) => Some(self.dir.path().join("audit")),
+            Some(AuditDir::At(p)) => Some(p.clone()),
+            None => None,
+        }
+    }
+
+    /// Everything the process wrote to stdout and stderr so far (all runs).
+    pub fn logs(&self) -> String {
+        std::fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Process id of the running interceptor.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// TCP parameters for an identity configured in the setup (password looked up).
+    pub fn params(&self, identity: &str) -> ConnParams {
+        let pw = self
+            .setup
+            .identities
+            .iter()
+            .find(|i| i.name == identity)
+            .map(|i| i.password.as_str());
+        ConnParams::new("127.0.0.1", self.port, identity, pw)
+    }
+
+    /// Unix-socket parameters for an identity (requires the unix listener).
+    pub fn unix_params(&self, identity: &str) -> Option<ConnParams> {
+        let dir = self.unix_socket_dir()?;
+        Some(self.params(identity).host(dir.to_string_lossy()))
+    }
+
+    /// SIGKILL, no chance to clean up (crash simulation).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; returns the exit status if it exited on its own.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        crate::os::signal(c.id(), libc::SIGTERM);
+        crate::os::wait_with_deadline(&mut c, Duration::from_secs(5))
+            .ok()
+            .flatten()
+    }
+
+    /// Stops the process (if running) and starts it again with the same config and port.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            self.terminate();
+        }
+        self.spawn()
+    }
+}
+
+impl Drop for Interceptor {
+    fn drop(&mut self) {
+        // terminate() escalates to SIGKILL itself, so nothing outlives the test.
+        self.terminate();
+    }
+}
