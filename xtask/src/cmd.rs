@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
@@ -22,21 +22,6 @@ pub fn cargo() -> Command {
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root());
     cmd
-}
-
-/// The cargo target directory, honouring `CARGO_TARGET_DIR`.
-pub fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) if !dir.is_empty() => {
-            let dir = PathBuf::from(dir);
-            if dir.is_relative() {
-                workspace_root().join(dir)
-            } else {
-                dir
-            }
-        }
-        _ => workspace_root().join("target"),
-    }
 }
 
 /// A shell-like rendering of a command for echoing (arguments with spaces are quoted).
@@ -70,26 +55,6 @@ pub fn run(cmd: &mut Command) -> Result<()> {
         bail!("`{shown}` failed ({status})");
     }
     Ok(())
-}
-
-/// Runs a command quietly and returns its output whatever the exit status.
-pub fn capture(cmd: &mut Command) -> Result<Output> {
-    cmd.output()
-        .with_context(|| format!("cannot start `{}`", display(cmd)))
-}
-
-/// Runs a command quietly; a non-zero exit is an error carrying its stderr.
-pub fn stdout_of(cmd: &mut Command) -> Result<String> {
-    let out = capture(cmd)?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed ({}): {}",
-            display(cmd),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// True when we run as root (apt and `runuser` need it).

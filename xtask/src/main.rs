@@ -5,6 +5,7 @@ mod bench;
 mod build_ebpf;
 mod cmd;
 mod demo;
+mod harness_env;
 mod setup;
 mod test;
 

@@ -10,6 +10,11 @@ use crate::cmd;
 
 /// Builds `interceptor` (debug) and returns the path of its executable, as cargo reports it.
 pub fn build_interceptor() -> Result<PathBuf> {
+    build_interceptor_profile(false)
+}
+
+/// Builds `interceptor` in the debug or release profile and returns its executable's path.
+pub fn build_interceptor_profile(release: bool) -> Result<PathBuf> {
     let mut build = cmd::cargo();
     build.args([
         "build",
@@ -19,6 +24,9 @@ pub fn build_interceptor() -> Result<PathBuf> {
         "interceptor",
         "--message-format=json-render-diagnostics",
     ]);
+    if release {
+        build.arg("--release");
+    }
     println!("$ {}", cmd::display(&build));
     // stdout carries cargo's JSON messages; diagnostics are rendered to stderr as usual.
     let out = build

@@ -213,3 +213,51 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod live_tests {
+    use super::*;
+    use interceptor_tests::pg::{APP_DB, APP_RW, APP_RW_PASSWORD};
+    use interceptor_tests::{ConnParams, PgCluster, PgCommand, PgOptions};
+
+    /// A real pgbouncer (installed by `cargo xtask setup`) in front of a real cluster: SCRAM
+    /// from the userlist works, a wrong password is refused, and the process goes away on drop.
+    #[test]
+    fn pgbouncer_relays_to_a_real_cluster_and_stops_on_drop() {
+        let pg = PgCluster::start_with(PgOptions::default()).unwrap();
+        let bouncer = Pgbouncer::start(
+            &Upstream {
+                socket_dir: pg.socket_dir().to_path_buf(),
+                port: pg.port(),
+                user: APP_RW.into(),
+                password: APP_RW_PASSWORD.into(),
+            },
+            interceptor_tests::os::PG_OS_USER,
+        )
+        .unwrap();
+        let params = |pw| ConnParams::new("127.0.0.1", bouncer.port(), APP_RW, Some(pw));
+        let out = PgCommand::psql(&params(APP_RW_PASSWORD).dbname(APP_DB))
+            .args(["-At", "-c", "SELECT current_user, count(*) FROM accounts"])
+            .run()
+            .unwrap()
+            .ok()
+            .unwrap();
+        assert!(out.stdout.starts_with("app_rw|"), "{}", out.stdout);
+        let wrong = PgCommand::psql(&params("not-the-password").dbname(APP_DB))
+            .args(["-c", "SELECT 1"])
+            .run()
+            .unwrap();
+        assert!(
+            !wrong.success(),
+            "a wrong password got in: {}",
+            wrong.stdout
+        );
+
+        let pid = bouncer.child.id();
+        drop(bouncer);
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "pgbouncer {pid} still runs after drop"
+        );
+    }
+}

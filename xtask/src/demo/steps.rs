@@ -1,0 +1,53 @@
+//! The scripted part of the demo: a list of steps, each one SQL statement sent through
+//! interceptor with psql, shown with its output. Add steps here as features land (a blocked
+//! statement, a masked column, an approval, audit verify, a bypass attempt).
+
+/// What a step must produce; anything else fails the demo (and the test that runs it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// psql succeeds and its output contains this text.
+    Output(&'static str),
+    /// The statement is refused with this SQLSTATE (e.g. a policy denial).
+    Rejected { sqlstate: &'static str },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    pub title: &'static str,
+    /// One or two sentences for a newcomer: what this shows.
+    pub explain: &'static str,
+    pub sql: &'static str,
+    pub expect: Expect,
+}
+
+/// The demo session, in order. The demo identity logs in upstream as `app_rw`.
+pub const STEPS: &[Step] = &[
+    Step {
+        title: "Who am I?",
+        explain: "You authenticated to interceptor as `demo` (SCRAM-SHA-256); interceptor logged \
+                  in to PostgreSQL as the upstream role configured for that identity.",
+        sql: "SELECT current_user AS upstream_role, current_database() AS database",
+        expect: Expect::Output("app_rw"),
+    },
+    Step {
+        title: "Read sample data",
+        explain: "An ordinary query; rows stream back through the proxy unchanged.",
+        sql: "SELECT id, name, email, balance FROM accounts ORDER BY id LIMIT 5",
+        expect: Expect::Output("(5 rows)"),
+    },
+    Step {
+        title: "Several statements in one message",
+        explain: "A transaction sent as one simple-protocol query: each statement is seen, \
+                  decided and recorded on its own.",
+        sql: "BEGIN; UPDATE accounts SET balance = balance + 1 WHERE id = 1; \
+              SELECT count(*) AS accounts FROM accounts; ROLLBACK",
+        expect: Expect::Output("ROLLBACK"),
+    },
+    Step {
+        title: "PostgreSQL's own permissions still apply",
+        explain: "app_rw may not create tables in the public schema; the database's error comes \
+                  back to the client unchanged.",
+        sql: "CREATE TABLE demo_scratch (id int)",
+        expect: Expect::Rejected { sqlstate: "42501" },
+    },
+];
