@@ -149,3 +149,47 @@ fn random_password() -> Result<String> {
         .context("read /dev/urandom")?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use interceptor_tests::pg::APP_RW_PASSWORD;
+
+    /// The script encodes PostgreSQL's own behaviour, which interceptor must pass through: run
+    /// against PostgreSQL directly as the demo's upstream role, every step meets its expectation.
+    #[test]
+    fn every_step_holds_against_postgresql_itself() {
+        let pg = PgCluster::start_with(PgOptions::default()).unwrap();
+        let params = pg.tcp_params(APP_RW, Some(APP_RW_PASSWORD)).dbname(APP_DB);
+        for (n, step) in STEPS.iter().enumerate() {
+            run_step(n + 1, step, &params, pg.port())
+                .unwrap_or_else(|e| panic!("step {} ({}): {e:#}", n + 1, step.title));
+        }
+    }
+
+    /// The checker really checks: wrong expectations fail in both directions.
+    #[test]
+    fn unmet_expectations_fail_the_step() {
+        let pg = PgCluster::start_with(PgOptions::default()).unwrap();
+        let params = pg.tcp_params(APP_RW, Some(APP_RW_PASSWORD)).dbname(APP_DB);
+        let wrong_output = Step {
+            title: "t",
+            explain: "e",
+            sql: "SELECT 1 AS one",
+            expect: Expect::Output("two"),
+        };
+        assert!(run_step(1, &wrong_output, &params, pg.port()).is_err());
+        let succeeded_instead = Step {
+            expect: Expect::Rejected { sqlstate: "42501" },
+            ..wrong_output
+        };
+        assert!(run_step(1, &succeeded_instead, &params, pg.port()).is_err());
+        let other_sqlstate = Step {
+            sql: "SELECT * FROM no_such_table",
+            expect: Expect::Rejected { sqlstate: "42501" },
+            ..wrong_output
+        };
+        let err = run_step(1, &other_sqlstate, &params, pg.port()).unwrap_err();
+        assert!(format!("{err:#}").contains("42P01"), "{err:#}");
+    }
+}
