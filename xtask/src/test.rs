@@ -60,14 +60,14 @@ pub fn interceptor_bin() -> Result<PathBuf> {
     build_interceptor()
 }
 
-/// Whether this interceptor build has the `policy` subcommand (it arrives later).
+/// Whether this interceptor build has `policy test` (it arrives later). Its help must succeed
+/// and name the `test` subcommand: the skeleton binary ignores arguments and prints nothing.
 fn has_policy_subcommand(bin: &Path) -> bool {
     Command::new(bin)
         .args(["policy", "--help"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("test"))
 }
 
 pub fn run() -> Result<()> {
