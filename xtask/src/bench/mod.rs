@@ -91,7 +91,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 InterceptorSetup::new(&pg)
                     .identity(BENCH_IDENTITY, password, &["bench"], Some(APP_RW))
                     .with_audit()
-                    .env("RUST_LOG", "warn"),
+                    .env("RUST_LOG", "warn")
+                    .env("INTERCEPTOR_LOG", "warn"),
             )?)
         }
         None => None,

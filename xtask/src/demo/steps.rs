@@ -37,8 +37,8 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         title: "Several statements in one message",
-        explain: "A transaction sent as one simple-protocol query: each statement is seen, \
-                  decided and recorded on its own.",
+        explain: "A whole transaction sent as one simple-protocol query message, relayed \
+                  as PostgreSQL would receive it directly.",
         sql: "BEGIN; UPDATE accounts SET balance = balance + 1 WHERE id = 1; \
               SELECT count(*) AS accounts FROM accounts; ROLLBACK",
         expect: Expect::Output("ROLLBACK"),
