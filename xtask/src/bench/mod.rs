@@ -86,7 +86,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     let proxy = match &bin {
         Some(bin) => {
-            println!("== interceptor {} (audit on, RUST_LOG=warn)", bin.display());
+            println!(
+                "== interceptor {} (audit on, log level warn)",
+                bin.display()
+            );
             Some(Interceptor::start(
                 InterceptorSetup::new(&pg)
                     .identity(BENCH_IDENTITY, password, &["bench"], Some(APP_RW))
