@@ -34,6 +34,9 @@ enum Command {
     },
     /// Read a password on standard input and print its SCRAM-SHA-256 verifier for `[identity.*] secret`.
     HashPassword,
+    /// Write, lint, explain and test policy files.
+    #[command(subcommand)]
+    Policy(interceptor::policy::cli::PolicyCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +55,13 @@ fn main() -> anyhow::Result<()> {
             let c = Config::load(&config)?;
             interceptor::server::ServerState::new(c)?;
             println!("{}: ok", config.display());
+            Ok(())
+        }
+        Command::Policy(cmd) => {
+            let ok = interceptor::policy::cli::run(&cmd, &mut std::io::stdout().lock())?;
+            if !ok {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::HashPassword => {

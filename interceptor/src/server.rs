@@ -10,8 +10,9 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::config::{Config, UpstreamTls};
 use crate::net::stream::Stream;
 use crate::net::tls;
+use crate::policy::{PolicyEvent, PolicyHandle, PolicySet};
 use crate::secrets::Secrets;
-use crate::session::auth::StaticIdentities;
+use crate::session::auth::{Authenticators, StaticIdentities};
 use crate::session::cancel::CancelRegistry;
 use crate::session::upstream::UpstreamTarget;
 use crate::session::{self, Peer};
@@ -19,11 +20,12 @@ use crate::session::{self, Peer};
 /// Everything sessions share.
 pub struct ServerState {
     pub config: Config,
-    pub identities: StaticIdentities,
+    pub identities: Authenticators,
     pub secrets: Secrets,
     pub upstream: UpstreamTarget,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancel: CancelRegistry,
+    pub policy: PolicyHandle,
     session_ids: AtomicU64,
 }
 
@@ -31,13 +33,29 @@ impl ServerState {
     pub fn new(config: Config) -> anyhow::Result<ServerState> {
         let identities = StaticIdentities::new(&config.identities).map_err(anyhow::Error::msg)?;
         let secrets = Secrets::load(config.secrets.file.as_deref())?;
+        let mtls = config.mtls.clone().or_else(|| {
+            config
+                .tls
+                .as_ref()
+                .and_then(|t| t.client_ca.clone())
+                .map(crate::identity::mtls::MtlsConfig::with_ca_file)
+        });
         let tls = match &config.tls {
             Some(t) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
                 &t.cert,
                 &t.key,
-                t.client_ca.as_deref(),
+                mtls.as_ref(),
             )?)),
             None => None,
+        };
+        let oidc = match &config.oidc {
+            Some(o) => Some(crate::identity::oidc::OidcVerifier::new(o)?),
+            None => None,
+        };
+        let identities = Authenticators {
+            statics: identities,
+            oidc,
+            mtls,
         };
         let upstream_tls = match config.upstream.tls {
             UpstreamTls::Disable => None,
@@ -51,6 +69,12 @@ impl ServerState {
             upstream_tls,
             config.limits.max_message_bytes,
         );
+        // Default deny: without a policy directory every login is refused.
+        let policy = match &config.policy {
+            Some(p) => PolicyHandle::load(&p.dir)
+                .with_context(|| format!("cannot load policies from {}", p.dir.display()))?,
+            None => PolicyHandle::new(PolicySet::empty()),
+        };
         let start = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
@@ -62,6 +86,7 @@ impl ServerState {
             upstream,
             tls,
             cancel: CancelRegistry::default(),
+            policy,
             session_ids: AtomicU64::new(start),
         })
     }
@@ -76,6 +101,25 @@ impl ServerState {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(ServerState::new(config)?);
     let mut tasks = tokio::task::JoinSet::new();
+    match &state.config.policy {
+        Some(p) => {
+            let mut events = state.policy.spawn_watcher(p.dir.clone());
+            tasks.spawn(async move {
+                while let Ok(event) = events.recv().await {
+                    match event {
+                        PolicyEvent::Reloaded { version, policies } => {
+                            tracing::info!(version, ?policies, "policies reloaded")
+                        }
+                        PolicyEvent::ReloadFailed { error, .. } => {
+                            tracing::error!(%error, "policy reload failed; keeping the previous policies")
+                        }
+                    }
+                }
+                Ok(())
+            });
+        }
+        None => tracing::warn!("no [policy] configured: every login is refused (default deny)"),
+    }
     for addr in &state.config.listen.tcp {
         let listener = TcpListener::bind(addr)
             .await
@@ -154,6 +198,7 @@ async fn accept_unix(listener: UnixListener, state: Arc<ServerState>) -> anyhow:
         let cred = sock.peer_cred().ok();
         let peer = Peer::Unix {
             uid: cred.as_ref().map(|c| c.uid()),
+            gid: cred.as_ref().map(|c| c.gid()),
             pid: cred.as_ref().and_then(|c| c.pid()),
         };
         tokio::spawn(session::handle(Stream::Unix(sock), peer, state.clone()));

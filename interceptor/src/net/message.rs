@@ -3,6 +3,8 @@
 //! Views take the body of one message already isolated by [`super::frame`], so a malformed body can
 //! only fail its own decode.
 
+use std::borrow::Cow;
+
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// SQLSTATE codes interceptor itself raises.
@@ -55,24 +57,24 @@ impl Severity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgError {
     pub severity: Severity,
-    pub code: &'static str,
+    pub code: Cow<'static, str>,
     pub message: String,
     pub detail: Option<String>,
     pub hint: Option<String>,
 }
 
 impl PgError {
-    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn error(code: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
         PgError {
             severity: Severity::Error,
-            code,
+            code: code.into(),
             message: message.into(),
             detail: None,
             hint: None,
         }
     }
 
-    pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn fatal(code: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
         PgError {
             severity: Severity::Fatal,
             ..PgError::error(code, message)
@@ -99,7 +101,7 @@ impl PgError {
         let sev = self.severity.as_str();
         field(&mut body, b'S', sev);
         field(&mut body, b'V', sev);
-        field(&mut body, b'C', self.code);
+        field(&mut body, b'C', &self.code);
         field(&mut body, b'M', &self.message);
         if let Some(d) = &self.detail {
             field(&mut body, b'D', d);

@@ -54,30 +54,21 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
-/// The acceptor's configuration. With `client_ca`, clients may present a certificate chained to it
-/// (mTLS); clients without one can still authenticate by other means.
+/// The acceptor's configuration. With an mTLS configuration, clients may (or must) present a
+/// certificate chained to its CA; the verifier is the identity module's.
 pub fn server_config(
     cert: &Path,
     key: &Path,
-    client_ca: Option<&Path>,
+    mtls: Option<&crate::identity::mtls::MtlsConfig>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs(cert)?;
     let key = load_key(key)?;
     let builder =
         ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
-    let config = match client_ca {
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for c in load_certs(ca)? {
-                roots.add(c)?;
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider(),
-            )
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let config = match mtls {
+        Some(m) => {
+            let verifier = crate::identity::mtls::client_cert_verifier(m)
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
             builder
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(certs, key)?

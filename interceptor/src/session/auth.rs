@@ -42,6 +42,76 @@ impl StaticIdentities {
     }
 }
 
+/// Every way a client can prove who it is.
+pub struct Authenticators {
+    pub statics: StaticIdentities,
+    pub oidc: Option<crate::identity::oidc::OidcVerifier>,
+    pub mtls: Option<crate::identity::mtls::MtlsConfig>,
+}
+
+impl Authenticators {
+    pub fn get(&self, name: &str) -> Option<&StaticIdentity> {
+        self.statics.get(name)
+    }
+}
+
+/// Authenticates the client, choosing the method as PostgreSQL's pg_hba would for this gateway:
+/// a verified client certificate (mTLS) first, then a static identity by SCRAM, then an OIDC token
+/// sent as a cleartext password over TLS. Anything else fails like a wrong password.
+pub async fn authenticate(
+    stream: &mut Stream,
+    reader: &mut FrameReader,
+    auth: &Authenticators,
+    user: &str,
+) -> Result<Identity, AuthError> {
+    if let (Some(mtls), Some(cert)) = (&auth.mtls, peer_certificate(stream)) {
+        let identity = crate::identity::mtls::identity_from_cert(&cert, mtls)
+            .map_err(|e| AuthError::Identity(e.sqlstate(), e.to_string()))?;
+        if identity.subject != user {
+            return Err(AuthError::Identity(
+                sqlstate::INVALID_AUTHORIZATION,
+                format!(
+                    "user name \"{user}\" does not match the client certificate's identity \"{}\"",
+                    identity.subject
+                ),
+            ));
+        }
+        return Ok(identity);
+    }
+    if auth.statics.get(user).is_some() || auth.oidc.is_none() {
+        return authenticate_scram(stream, reader, &auth.statics, user).await;
+    }
+    let Some(oidc) = &auth.oidc else {
+        return Err(AuthError::Failed(user.to_owned()));
+    };
+    if !stream.is_tls() {
+        return Err(AuthError::Identity(
+            sqlstate::INVALID_AUTHORIZATION,
+            "OIDC tokens are only accepted over TLS: connect with sslmode=require or stronger"
+                .into(),
+        ));
+    }
+    send(stream, message::auth_cleartext()).await?;
+    let body = expect_password_message(stream, reader).await?;
+    let mut c = Cursor::new(&body, "PasswordMessage");
+    let token = c.utf8().map_err(|e| AuthError::Protocol(e.to_string()))?;
+    oidc.verify_login(user, token)
+        .await
+        .map_err(|e| AuthError::Identity(e.sqlstate(), e.to_string()))
+}
+
+fn peer_certificate(stream: &Stream) -> Option<Vec<u8>> {
+    match stream {
+        Stream::TlsServer(s) => s
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref().to_vec()),
+        _ => None,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("password authentication failed for user \"{0}\"")]
@@ -52,6 +122,9 @@ pub enum AuthError {
     Frame(#[from] FrameError),
     #[error("client closed the connection during authentication")]
     Closed,
+    /// A token or certificate was rejected; the message never contains the credential.
+    #[error("{1}")]
+    Identity(&'static str, String),
 }
 
 impl AuthError {
@@ -59,6 +132,7 @@ impl AuthError {
     pub fn to_pg(&self) -> PgError {
         match self {
             AuthError::Failed(_) => PgError::fatal(sqlstate::INVALID_PASSWORD, self.to_string()),
+            AuthError::Identity(code, msg) => PgError::fatal(*code, msg.clone()),
             _ => PgError::fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string()),
         }
     }
@@ -66,7 +140,7 @@ impl AuthError {
 
 /// Authenticates `user` with SCRAM-SHA-256 against the static identities. Unknown users run the
 /// same exchange against a decoy verifier and fail at the same point as a wrong password.
-pub async fn authenticate(
+async fn authenticate_scram(
     stream: &mut Stream,
     reader: &mut FrameReader,
     identities: &StaticIdentities,

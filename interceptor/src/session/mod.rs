@@ -30,15 +30,34 @@ pub enum Peer {
     },
     Unix {
         uid: Option<u32>,
+        gid: Option<u32>,
         pid: Option<i32>,
     },
+}
+
+impl Peer {
+    /// What the kernel attests about the client process, where it can.
+    fn process(&self) -> Option<crate::identity::ProcessIdentity> {
+        match self {
+            Peer::Unix {
+                uid: Some(uid),
+                gid,
+                pid: Some(pid),
+            } => Some(crate::identity::process::describe(
+                *pid as u32,
+                *uid,
+                gid.unwrap_or(u32::MAX),
+            )),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Peer::Tcp { peer, .. } => write!(f, "{peer}"),
-            Peer::Unix { uid, pid } => write!(
+            Peer::Unix { uid, pid, .. } => write!(
                 f,
                 "unix(uid={},pid={})",
                 uid.map_or("?".into(), |u| u.to_string()),
@@ -97,7 +116,7 @@ enum SessionError {
     Io(#[from] std::io::Error),
 }
 
-async fn run(stream: Stream, _peer: &Peer, server: &ServerState) -> Result<(), SessionError> {
+async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), SessionError> {
     let limits = &server.config.limits;
     let auth_deadline = Duration::from_millis(limits.auth_timeout_ms);
     let opening = tokio::time::timeout(
@@ -179,7 +198,7 @@ async fn run(stream: Stream, _peer: &Peer, server: &ServerState) -> Result<(), S
     )
     .await
     .map_err(|_| SessionError::Timeout)?;
-    let identity = match identity {
+    let mut identity = match identity {
         Ok(i) => i,
         Err(e) => {
             let _ = stream.write_all(&e.to_pg().encode()).await;
@@ -187,24 +206,28 @@ async fn run(stream: Stream, _peer: &Peer, server: &ServerState) -> Result<(), S
         }
     };
 
-    let role = server
-        .identities
-        .get(&identity.subject)
-        .and_then(|s| s.upstream_role.clone())
-        .or_else(|| server.config.upstream.default_role.clone());
-    let Some(role) = role else {
-        return fatal(
-            &mut stream,
-            PgError::fatal(
-                sqlstate::INVALID_AUTHORIZATION,
-                format!(
-                    "no upstream role is configured for identity \"{}\"",
-                    identity.subject
+    identity.process = peer.process();
+
+    let policy = server.policy.current();
+    let route = match policy.route(&identity, &database) {
+        Ok(r) => r,
+        Err(refusal) => {
+            tracing::info!(
+                identity = identity.subject,
+                reason = refusal.message,
+                "login refused by policy"
+            );
+            return fatal(
+                &mut stream,
+                PgError::fatal(
+                    refusal.sqlstate,
+                    format!("interceptor: {}", refusal.message),
                 ),
-            ),
-        )
-        .await;
+            )
+            .await;
+        }
     };
+    let role = route.upstream_role.clone();
     let password = server.secrets.password_for(&role);
     let passthrough: Vec<(String, String)> = params
         .iter()
@@ -256,6 +279,7 @@ async fn run(stream: Stream, _peer: &Peer, server: &ServerState) -> Result<(), S
         identity,
         database,
         upstream_role: role,
+        policy: route.policy.clone(),
     });
     tracing::info!(
         session = facts.session_id,
@@ -264,7 +288,7 @@ async fn run(stream: Stream, _peer: &Peer, server: &ServerState) -> Result<(), S
         "session started"
     );
     let shared = relay::Shared::new(&upstream.params);
-    let mut gate = Gate::new(facts.clone());
+    let mut gate = Gate::new(facts.clone(), server.policy.clone());
     let recorder = Recorder::new(facts.clone());
     let (client_rd, client_wr) = stream.into_split();
     let (up_rd, up_wr) = upstream.stream.into_split();

@@ -234,7 +234,7 @@ async fn client_to_upstream(
                     let (portal, _) = message::decode_execute(f.body)
                         .map_err(|e| RelayError::Protocol(e.to_string()))?;
                     shared.counters.statements.fetch_add(1, Ordering::Relaxed);
-                    match gate.execute(portal).await {
+                    match gate.execute(portal, shared.lex()).await {
                         Verdict::Forward { record } => {
                             track(shared, batch, Kind::Execute, record);
                             None
