@@ -23,6 +23,8 @@ use scenario::{Scenario, Target};
 
 /// The identity the benchmark's clients present to interceptor.
 const BENCH_IDENTITY: &str = "bench";
+/// The policy interceptor decides the benchmark's statements with.
+const BENCH_POLICY: &str = include_str!("policy.toml");
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -84,6 +86,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     pg.pgbench_init(args.scale)?;
     let password = APP_RW_PASSWORD;
 
+    let policies = tempfile::Builder::new()
+        .prefix("bench-policies-")
+        .tempdir()
+        .context("create policy dir")?;
+    std::fs::write(policies.path().join("bench.toml"), BENCH_POLICY).context("write policy")?;
     let proxy = match &bin {
         Some(bin) => {
             println!(
@@ -92,7 +99,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             );
             Some(Interceptor::start(
                 InterceptorSetup::new(&pg)
-                    .identity(BENCH_IDENTITY, password, &["bench"], Some(APP_RW))
+                    .identity(BENCH_IDENTITY, password, &["bench"], None)
+                    .policy_dir(policies.path())
                     .with_audit()
                     .env("RUST_LOG", "warn")
                     .env("INTERCEPTOR_LOG", "warn"),

@@ -20,7 +20,8 @@ pub struct Step {
     pub expect: Expect,
 }
 
-/// The demo session, in order. The demo identity logs in upstream as `app_rw`.
+/// The demo session, in order. The demo identity logs in upstream as `app_rw`; what it may do
+/// is in `policy.toml` beside this file.
 pub const STEPS: &[Step] = &[
     Step {
         title: "Who am I?",
@@ -44,9 +45,21 @@ pub const STEPS: &[Step] = &[
         expect: Expect::Output("ROLLBACK"),
     },
     Step {
-        title: "PostgreSQL's own permissions still apply",
-        explain: "app_rw may not create tables in the public schema; the database's error comes \
-                  back to the client unchanged.",
+        title: "Blocked by policy",
+        explain: "A DELETE without WHERE: PostgreSQL would run it (app_rw may delete), but the \
+                  demo policy refuses mass changes, so it never reaches the database.",
+        sql: "DELETE FROM accounts",
+        expect: Expect::Rejected { sqlstate: "42501" },
+    },
+    Step {
+        title: "Nothing was deleted",
+        explain: "The refused statement was not sent: every account is still there.",
+        sql: "SELECT count(*) AS accounts FROM accounts",
+        expect: Expect::Output("36"),
+    },
+    Step {
+        title: "Default deny",
+        explain: "The policy allows no DDL; a statement no rule allows is refused.",
         sql: "CREATE TABLE demo_scratch (id int)",
         expect: Expect::Rejected { sqlstate: "42501" },
     },
