@@ -33,8 +33,8 @@ pub struct Config {
     /// Static identities (bots and humans without an IdP), keyed by subject.
     #[serde(default, rename = "identity")]
     pub identities: BTreeMap<String, StaticIdentity>,
-    #[serde(default)]
-    pub audit: Option<AuditConfig>,
+    /// The audit trail is not optional: no statement runs without a durable record.
+    pub audit: AuditConfig,
     #[serde(default)]
     pub policy: Option<PolicyConfig>,
     #[serde(default)]
@@ -47,6 +47,9 @@ pub struct Config {
     /// mTLS: client certificates chained to a CA become identities.
     #[serde(default)]
     pub mtls: Option<crate::identity::mtls::MtlsConfig>,
+    /// Kernel interception: steer every connection to PostgreSQL's port(s) into interceptor.
+    #[serde(default)]
+    pub ebpf: crate::ebpf::SteeringConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -282,11 +285,9 @@ impl Config {
         if let Some(f) = &mut self.secrets.file {
             fix(f);
         }
-        if let Some(a) = &mut self.audit {
-            fix(&mut a.dir);
-            if let Some(k) = &mut a.signing_key {
-                fix(k);
-            }
+        fix(&mut self.audit.dir);
+        if let Some(k) = &mut self.audit.signing_key {
+            fix(k);
         }
         if let Some(p) = &mut self.policy {
             fix(&mut p.dir);
@@ -328,7 +329,8 @@ mod tests {
 
     #[test]
     fn clear_passwords_and_unknown_keys_are_refused() {
-        let base = "[listen]\ntcp=[\"127.0.0.1:1\"]\n[upstream]\nhost=\"/tmp\"\n";
+        let base =
+            "[listen]\ntcp=[\"127.0.0.1:1\"]\n[upstream]\nhost=\"/tmp\"\n[audit]\ndir=\"/tmp/a\"\n";
         let clear = format!("{base}[identity.a]\nsecret=\"hunter2\"\n");
         assert!(
             Config::parse(&clear)

@@ -34,6 +34,22 @@ enum Command {
     },
     /// Read a password on standard input and print its SCRAM-SHA-256 verifier for `[identity.*] secret`.
     HashPassword,
+    /// Query, replay, verify and export the audit trail (works while the daemon runs).
+    Audit {
+        /// The daemon's configuration file (for the store and admin socket paths).
+        #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: interceptor::audit::cli::AuditCommand,
+    },
+    /// Kernel interception: status of the attached programs, or a clean uninstall.
+    #[command(subcommand)]
+    Ebpf(interceptor::ebpf::EbpfCommand),
+    /// Check this host: kernel features, cgroup2, bpffs, where PostgreSQL listens, bypass paths.
+    Doctor {
+        #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Write, lint, explain and test policy files.
     #[command(subcommand)]
     Policy(interceptor::policy::cli::PolicyCommand),
@@ -53,8 +69,42 @@ fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
-            interceptor::server::ServerState::new(c)?;
+            interceptor::server::ServerState::new(c, None)?;
             println!("{}: ok", config.display());
+            Ok(())
+        }
+        Command::Audit { config, command } => {
+            if let interceptor::audit::cli::AuditCommand::Keygen { out } = &command {
+                return interceptor::audit::cli::keygen(out);
+            }
+            let config =
+                config.context("--config is required (the daemon's configuration file)")?;
+            let config = Config::load(&config)?;
+            interceptor::audit::cli::run(command, &config)
+        }
+        Command::Ebpf(cmd) => {
+            interceptor::ebpf::run_command(&cmd, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+        Command::Doctor { config } => {
+            let findings = match config {
+                Some(c) => {
+                    let c = Config::load(&c)?;
+                    interceptor::ebpf::doctor_with(
+                        &c.ebpf,
+                        Some(interceptor::ebpf::Account::current()),
+                    )
+                }
+                None => interceptor::ebpf::doctor(),
+            };
+            let mut failed = false;
+            for f in &findings {
+                println!("{f}");
+                failed |= f.severity == interceptor::ebpf::Severity::Fail;
+            }
+            if failed {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Policy(cmd) => {

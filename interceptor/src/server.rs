@@ -2,12 +2,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 use tokio::net::{TcpListener, UnixListener};
 
+use crate::audit::{AuditEvent, AuditLog, PolicyReload};
 use crate::config::{Config, UpstreamTls};
+use crate::ebpf::Steering;
 use crate::net::stream::Stream;
 use crate::net::tls;
 use crate::policy::{PolicyEvent, PolicyHandle, PolicySet};
@@ -26,11 +27,52 @@ pub struct ServerState {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancel: CancelRegistry,
     pub policy: PolicyHandle,
-    session_ids: AtomicU64,
+    pub audit: AuditLog,
+    pub steering: Option<Arc<Steering>>,
+    pub sessions: SessionCounts,
+}
+
+/// Open sessions per identity, for the policy's `max_sessions`.
+#[derive(Default)]
+pub struct SessionCounts {
+    open: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+/// Holds one session slot; released on drop.
+pub struct SessionSlot<'a> {
+    counts: &'a SessionCounts,
+    subject: String,
+}
+
+impl SessionCounts {
+    pub fn acquire(&self, subject: &str, max: u32) -> Option<SessionSlot<'_>> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(subject.to_owned()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SessionSlot {
+            counts: self,
+            subject: subject.to_owned(),
+        })
+    }
+}
+
+impl Drop for SessionSlot<'_> {
+    fn drop(&mut self) {
+        let mut open = self.counts.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.subject) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.subject);
+            }
+        }
+    }
 }
 
 impl ServerState {
-    pub fn new(config: Config) -> anyhow::Result<ServerState> {
+    pub fn new(config: Config, steering: Option<Arc<Steering>>) -> anyhow::Result<ServerState> {
         let identities = StaticIdentities::new(&config.identities).map_err(anyhow::Error::msg)?;
         let secrets = Secrets::load(config.secrets.file.as_deref())?;
         let mtls = config.mtls.clone().or_else(|| {
@@ -68,6 +110,7 @@ impl ServerState {
             &config.upstream,
             upstream_tls,
             config.limits.max_message_bytes,
+            steering.clone(),
         );
         // Default deny: without a policy directory every login is refused.
         let policy = match &config.policy {
@@ -75,10 +118,12 @@ impl ServerState {
                 .with_context(|| format!("cannot load policies from {}", p.dir.display()))?,
             None => PolicyHandle::new(PolicySet::empty()),
         };
-        let start = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(1);
+        let audit = AuditLog::open(&config.audit).with_context(|| {
+            format!(
+                "cannot open the audit trail in {}",
+                config.audit.dir.display()
+            )
+        })?;
         Ok(ServerState {
             config,
             identities,
@@ -87,45 +132,88 @@ impl ServerState {
             tls,
             cancel: CancelRegistry::default(),
             policy,
-            session_ids: AtomicU64::new(start),
+            audit,
+            steering,
+            sessions: SessionCounts::default(),
         })
-    }
-
-    /// Session ids are unique across restarts (seeded from the start time in microseconds).
-    pub fn next_session_id(&self) -> u64 {
-        self.session_ids.fetch_add(1, Ordering::Relaxed)
     }
 }
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let state = Arc::new(ServerState::new(config)?);
+    let mut listeners = Vec::new();
+    for addr in &config.listen.tcp {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(%addr, "listening");
+        listeners.push(listener);
+    }
+    let steering = if config.ebpf.enabled {
+        use std::os::fd::AsFd;
+        // Slot order matters to the kernel program: the IPv4 listener, then the IPv6 one.
+        let v4 = listeners
+            .iter()
+            .find(|l| l.local_addr().is_ok_and(|a| a.is_ipv4()));
+        let v6 = listeners
+            .iter()
+            .find(|l| l.local_addr().is_ok_and(|a| a.is_ipv6()));
+        let fds: Vec<_> = v4.into_iter().chain(v6).map(|l| l.as_fd()).collect();
+        let steering = Steering::attach(&config.ebpf, &fds)
+            .context("cannot attach the kernel programs ([ebpf] enabled = true)")?;
+        tracing::info!(ports = ?config.ebpf.ports, "kernel steering attached: connections to PostgreSQL's port(s) now land here");
+        Some(Arc::new(steering))
+    } else {
+        None
+    };
+    let state = Arc::new(ServerState::new(config, steering)?);
     let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        tasks.spawn(accept_tcp(listener, state.clone()));
+    }
+    if let Some(admin) = &state.config.admin {
+        let path = admin.socket.clone();
+        let log = state.audit.clone();
+        tasks.spawn(async move {
+            crate::audit::admin::serve(&path, log)
+                .await
+                .map_err(|e| anyhow::anyhow!("admin socket {}: {e}", path.display()))
+        });
+    }
     match &state.config.policy {
         Some(p) => {
             let mut events = state.policy.spawn_watcher(p.dir.clone());
+            let audit = state.audit.clone();
             tasks.spawn(async move {
                 while let Ok(event) = events.recv().await {
-                    match event {
+                    let record = match event {
                         PolicyEvent::Reloaded { version, policies } => {
-                            tracing::info!(version, ?policies, "policies reloaded")
+                            tracing::info!(version, ?policies, "policies reloaded");
+                            PolicyReload {
+                                version: version.to_string(),
+                                files: policies,
+                                ok: true,
+                                error: None,
+                            }
                         }
-                        PolicyEvent::ReloadFailed { error, .. } => {
-                            tracing::error!(%error, "policy reload failed; keeping the previous policies")
+                        PolicyEvent::ReloadFailed { version, error } => {
+                            tracing::error!(%error, "policy reload failed; keeping the previous policies");
+                            PolicyReload {
+                                version: version.to_string(),
+                                files: Vec::new(),
+                                ok: false,
+                                error: Some(error),
+                            }
                         }
+                    };
+                    if let Err(e) = audit.append(AuditEvent::PolicyReload(record)) {
+                        tracing::error!(error = %e, "cannot record a policy reload");
                     }
                 }
                 Ok(())
             });
         }
         None => tracing::warn!("no [policy] configured: every login is refused (default deny)"),
-    }
-    for addr in &state.config.listen.tcp {
-        let listener = TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        tracing::info!(%addr, "listening");
-        tasks.spawn(accept_tcp(listener, state.clone()));
     }
     let mut socket_path: Option<PathBuf> = None;
     if let Some(dir) = &state.config.listen.unix_socket_dir {
@@ -177,9 +265,25 @@ async fn accept_tcp(listener: TcpListener, state: Arc<ServerState>) -> anyhow::R
         };
         let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().unwrap_or(peer);
+        let process = state
+            .steering
+            .as_ref()
+            .and_then(|s| s.identity_for(peer, local));
+        if process
+            .as_ref()
+            .is_some_and(|p| p.pid == std::process::id())
+        {
+            // Our own upstream connection came back to us: never serve it (it would loop).
+            tracing::error!(%peer, "refusing a connection from interceptor itself (steering loop)");
+            continue;
+        }
         tokio::spawn(session::handle(
             Stream::Tcp(tcp),
-            Peer::Tcp { peer, local },
+            Peer::Tcp {
+                peer,
+                local,
+                process,
+            },
             state.clone(),
         ));
     }

@@ -44,11 +44,8 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::run(),
         Task::Test => test::run(),
-        Task::BuildEbpf { release } => {
-            let object = build_ebpf::build(release)?;
-            println!("eBPF object: {}", object.display());
-            Ok(())
-        }
+        // build() prints where the object went.
+        Task::BuildEbpf { release } => build_ebpf::build(release).map(drop),
         Task::Demo { no_wait } => demo::run(no_wait),
         Task::Bench(args) => bench::run(&args),
     }

@@ -1,12 +1,13 @@
-//! `cargo xtask test`: builds the interceptor binary, runs every workspace test against it, then
-//! the policy tests. All steps run even after a failure; any failure makes the exit non-zero.
+//! `cargo xtask test`: builds the eBPF object and the interceptor binary, runs every workspace
+//! test against it, then the policy tests. All steps run even after a failure; any failure makes
+//! the exit non-zero.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::cmd;
+use crate::{build_ebpf, cmd};
 
 /// Builds `interceptor` (debug) and returns the path of its executable, as cargo reports it.
 pub fn build_interceptor() -> Result<PathBuf> {
@@ -70,12 +71,29 @@ fn has_policy_subcommand(bin: &Path) -> bool {
         .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("test"))
 }
 
+/// Whether eBPF tests must run rather than skip (CI sets this).
+fn bpf_required() -> bool {
+    std::env::var("INTERCEPTOR_REQUIRE_BPF").is_ok_and(|v| v == "1")
+}
+
 pub fn run() -> Result<()> {
     let root = cmd::workspace_root();
+    let mut failed: Vec<&str> = Vec::new();
+
+    // interceptor's build script embeds the eBPF object, so it must exist before the build.
+    // Without it the binary works but its eBPF tests skip, which is only acceptable when they
+    // are not required.
+    if let Err(e) = build_ebpf::build(false) {
+        eprintln!("error: {e:#}");
+        if bpf_required() {
+            failed.push("cargo xtask build-ebpf");
+        } else {
+            eprintln!("warning: continuing without eBPF support; its tests will be skipped");
+        }
+    }
+
     let bin = build_interceptor()?;
     println!("INTERCEPTOR_BIN={}", bin.display());
-
-    let mut failed: Vec<&str> = Vec::new();
     let mut workspace = cmd::cargo();
     workspace
         .args(["test", "--workspace", "--no-fail-fast"])

@@ -5,6 +5,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::audit::{
+    AuditError, AuditEvent, AuditLog, QueryProtocol, RecordId, ResultRows, SessionId,
+    StatementOutcome, StatementRecord,
+};
 use crate::identity::Identity;
 use crate::net::message::{PgError, sqlstate};
 use crate::policy::{Decision, LexSettings, PolicyHandle, PolicySet, SessionStatements};
@@ -13,7 +17,7 @@ use crate::policy::{Decision, LexSettings, PolicyHandle, PolicySet, SessionState
 #[derive(Debug)]
 pub enum Verdict {
     /// Forward it; `record` is the audit record its outcome will be attached to.
-    Forward { record: Option<u64> },
+    Forward { record: Option<RecordId> },
     /// Do not forward it; the client gets this error and the session stays usable.
     Refuse(PgError),
 }
@@ -21,7 +25,7 @@ pub enum Verdict {
 /// Facts about the session the gate decides with.
 #[derive(Debug, Clone)]
 pub struct SessionFacts {
-    pub session_id: u64,
+    pub session_id: SessionId,
     pub identity: Identity,
     pub database: String,
     pub upstream_role: String,
@@ -44,6 +48,10 @@ pub struct Outcome {
     pub error: Option<String>,
     pub duration_us: u64,
     pub skipped: bool,
+    /// Result rows as the client saw them (already masked), up to the recording cap.
+    pub columns: Vec<String>,
+    pub recorded: Vec<Vec<Option<String>>>,
+    pub truncated: bool,
 }
 
 /// Decisions are cached per SQL text for the policy version they were made under; drivers send
@@ -56,6 +64,11 @@ struct Prepared {
     version: u64,
 }
 
+struct Portal {
+    statement: Arc<Prepared>,
+    parameters: Vec<Option<String>>,
+}
+
 pub struct Gate {
     facts: Arc<SessionFacts>,
     policy: PolicyHandle,
@@ -64,12 +77,15 @@ pub struct Gate {
     sql_prepared: SessionStatements,
     /// Protocol-level prepared statements by name.
     statements: HashMap<String, Arc<Prepared>>,
-    /// Portals by name → their statement.
-    portals: HashMap<String, Arc<Prepared>>,
+    /// Portals by name → their statement and parameters.
+    portals: HashMap<String, Portal>,
+    audit: AuditLog,
+    /// Records appended since the last [`Gate::flush`].
+    unsynced: bool,
 }
 
 impl Gate {
-    pub fn new(facts: Arc<SessionFacts>, policy: PolicyHandle) -> Self {
+    pub fn new(facts: Arc<SessionFacts>, policy: PolicyHandle, audit: AuditLog) -> Self {
         Gate {
             facts,
             policy,
@@ -77,6 +93,85 @@ impl Gate {
             sql_prepared: SessionStatements::new(),
             statements: HashMap::new(),
             portals: HashMap::new(),
+            audit,
+            unsynced: false,
+        }
+    }
+
+    /// Waits until every record appended so far is durable. The relay calls this before it
+    /// forwards anything, so no statement reaches PostgreSQL ahead of its record.
+    pub async fn flush(&mut self) -> Result<(), AuditError> {
+        if std::mem::take(&mut self.unsynced) {
+            self.audit.sync().await?;
+        }
+        Ok(())
+    }
+
+    /// Appends the statement's record (durable at the next [`Gate::flush`]).
+    fn record(
+        &mut self,
+        protocol: QueryProtocol,
+        sql: &str,
+        parameters: Vec<Option<String>>,
+        decision: &Decision,
+    ) -> Result<RecordId, AuditError> {
+        use crate::policy::Verdict as P;
+        let (verdict, deny_sqlstate, reason, approval) = match &decision.verdict {
+            P::Allow => ("allow", None, None, None),
+            P::Deny { sqlstate, message } => {
+                ("deny", Some(sqlstate.clone()), Some(message.clone()), None)
+            }
+            P::Approve { rule, .. } => (
+                "approve",
+                Some(sqlstate::INSUFFICIENT_PRIVILEGE.to_owned()),
+                Some("approval required; refused (no approval workflow in this session)".into()),
+                Some(rule.clone()),
+            ),
+        };
+        let mut tables: Vec<String> = Vec::new();
+        for st in &decision.statements {
+            for t in &st.tables {
+                if !tables.contains(t) {
+                    tables.push(t.clone());
+                }
+            }
+        }
+        let id = self.audit.append(AuditEvent::Statement(StatementRecord {
+            session: self.facts.session_id,
+            protocol,
+            sql: sql.to_owned(),
+            parameters,
+            statement_kinds: decision
+                .statements
+                .iter()
+                .map(|c| c.kind.as_str().to_owned())
+                .collect(),
+            tables,
+            decision: verdict.to_owned(),
+            rule: decision.rule.clone(),
+            deny_sqlstate,
+            reason,
+            approval,
+        }))?;
+        self.unsynced = true;
+        Ok(id)
+    }
+
+    /// Records the decision and turns it into what the relay does. Fails closed when the
+    /// record cannot be written.
+    fn recorded_verdict(
+        &mut self,
+        protocol: QueryProtocol,
+        sql: &str,
+        parameters: Vec<Option<String>>,
+        decision: &Decision,
+    ) -> Verdict {
+        match self.record(protocol, sql, parameters, decision) {
+            Ok(id) => match self.verdict(decision) {
+                Verdict::Forward { .. } => Verdict::Forward { record: Some(id) },
+                refuse => refuse,
+            },
+            Err(e) => audit_unavailable(e),
         }
     }
 
@@ -177,7 +272,7 @@ impl Gate {
         }
         let policy = self.policy.current();
         let decision = self.decide(&policy, sql, lex);
-        self.verdict(&decision)
+        self.recorded_verdict(QueryProtocol::Simple, sql, Vec::new(), &decision)
     }
 
     /// Parse: decided here, enforced (re-decided if the policy changed) and audited at Execute.
@@ -188,6 +283,12 @@ impl Gate {
         let policy = self.policy.current();
         let decision = self.decide(&policy, sql, lex);
         let verdict = self.verdict(&decision);
+        if let Verdict::Refuse(_) = &verdict {
+            // Nothing runs at Parse, but an attempt that was refused is evidence: record it.
+            if let Err(e) = self.record(QueryProtocol::Extended, sql, Vec::new(), &decision) {
+                return audit_unavailable(e);
+            }
+        }
         if matches!(verdict, Verdict::Forward { .. }) {
             self.statements.insert(
                 statement.to_owned(),
@@ -203,10 +304,41 @@ impl Gate {
         verdict
     }
 
-    pub fn bind(&mut self, portal: &str, statement: &str) {
+    pub fn bind(
+        &mut self,
+        portal: &str,
+        statement: &str,
+        params: &[Option<&[u8]>],
+        formats: &[i16],
+    ) {
         match self.statements.get(statement) {
             Some(p) => {
-                self.portals.insert(portal.to_owned(), p.clone());
+                let parameters = params
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        v.map(|v| {
+                            // Format codes: none = all text, one = for all, else one each.
+                            let binary = match formats.len() {
+                                0 => false,
+                                1 => formats[0] == 1,
+                                _ => formats.get(i) == Some(&1),
+                            };
+                            if binary {
+                                format!("\\x{}", hex::encode(v))
+                            } else {
+                                String::from_utf8_lossy(v).into_owned()
+                            }
+                        })
+                    })
+                    .collect();
+                self.portals.insert(
+                    portal.to_owned(),
+                    Portal {
+                        statement: p.clone(),
+                        parameters,
+                    },
+                );
             }
             None => {
                 self.portals.remove(portal);
@@ -216,25 +348,36 @@ impl Gate {
 
     pub fn close(&mut self, kind: u8, name: &str) {
         match kind {
-            b'S' => self.statements.remove(name),
-            _ => self.portals.remove(name),
-        };
+            b'S' => {
+                self.statements.remove(name);
+            }
+            _ => {
+                self.portals.remove(name);
+            }
+        }
     }
 
     pub async fn execute(&mut self, portal: &str, lex: LexState) -> Verdict {
-        let Some(prepared) = self.portals.get(portal).cloned() else {
+        let Some(p) = self.portals.get(portal) else {
             // Not a portal we allowed: PostgreSQL does not know it either (its Parse was refused
             // or never sent), so it will answer with its own error.
             return Verdict::Forward { record: None };
         };
+        let prepared = p.statement.clone();
+        let parameters = p.parameters.clone();
         let policy = self.policy.current();
-        if prepared.version != policy.version() {
+        let decision = if prepared.version != policy.version() {
             // The policy changed since Parse: enforce the current one.
-            let decision = self.decide(&policy, &prepared.sql, lex);
-            return self.verdict(&decision);
-        }
-        let _ = &prepared.decision;
-        Verdict::Forward { record: None }
+            self.decide(&policy, &prepared.sql, lex)
+        } else {
+            prepared.decision.clone()
+        };
+        self.recorded_verdict(
+            QueryProtocol::Extended,
+            &prepared.sql,
+            parameters,
+            &decision,
+        )
     }
 
     /// FunctionCall calls a function by OID, outside SQL. Nothing can be decided about it from
@@ -250,23 +393,69 @@ impl Gate {
     }
 }
 
+fn audit_unavailable(e: AuditError) -> Verdict {
+    tracing::error!(error = %e, "AUDIT TRAIL UNAVAILABLE: refusing statements (fail closed)");
+    Verdict::Refuse(
+        PgError::error(
+            sqlstate::IO_ERROR,
+            "interceptor: the audit trail cannot be written, so no statement can run",
+        )
+        .with_hint("this is an operator problem; contact the interceptor administrator"),
+    )
+}
+
 /// Records what forwarded statements did; used by the upstream → client direction.
 pub struct Recorder {
     facts: Arc<SessionFacts>,
+    audit: AuditLog,
+    /// Result rows recorded per statement for replay.
+    pub rows_cap: usize,
 }
 
 impl Recorder {
-    pub fn new(facts: Arc<SessionFacts>) -> Self {
-        Recorder { facts }
+    pub fn new(facts: Arc<SessionFacts>, audit: AuditLog) -> Self {
+        let rows_cap = audit.record_rows_cap();
+        Recorder {
+            facts,
+            audit,
+            rows_cap,
+        }
     }
 
     /// A forwarded statement finished.
-    pub fn outcome(&self, record: Option<u64>, outcome: Outcome) {
-        tracing::debug!(
-            session = self.facts.session_id,
-            ?record,
-            ?outcome,
-            "outcome"
-        );
+    pub fn outcome(&self, record: Option<RecordId>, outcome: Outcome) {
+        let Some(statement) = record else { return };
+        let session = self.facts.session_id;
+        let rows = (outcome.rows > 0 || !outcome.command_tags.is_empty()).then(|| {
+            let affected: u64 = outcome
+                .command_tags
+                .iter()
+                .filter_map(|t| t.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum();
+            affected.max(outcome.rows)
+        });
+        if !outcome.columns.is_empty() {
+            let _ = self.audit.append(AuditEvent::ResultRows(ResultRows {
+                session,
+                statement,
+                columns: outcome.columns,
+                rows: outcome.recorded,
+                truncated: outcome.truncated,
+            }));
+        }
+        let result = self.audit.append(AuditEvent::Outcome(StatementOutcome {
+            session,
+            statement,
+            command_tags: outcome.command_tags,
+            rows,
+            skipped: outcome.skipped,
+            sqlstate: outcome.sqlstate,
+            error_message: outcome.error,
+            duration_us: outcome.duration_us,
+            masking: Default::default(),
+        }));
+        if let Err(e) = result {
+            tracing::error!(error = %e, "AUDIT TRAIL UNAVAILABLE: cannot record a statement outcome");
+        }
     }
 }

@@ -27,6 +27,8 @@ pub enum Peer {
     Tcp {
         peer: std::net::SocketAddr,
         local: std::net::SocketAddr,
+        /// Kernel-attested client process (local clients, when the eBPF programs saw it).
+        process: Option<crate::identity::ProcessIdentity>,
     },
     Unix {
         uid: Option<u32>,
@@ -48,6 +50,7 @@ impl Peer {
                 *uid,
                 gid.unwrap_or(u32::MAX),
             )),
+            Peer::Tcp { process, .. } => process.clone(),
             _ => None,
         }
     }
@@ -228,12 +231,36 @@ async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), Se
         }
     };
     let role = route.upstream_role.clone();
+    let _session_slot = match route.limits.max_sessions {
+        Some(max) => match server.sessions.acquire(&identity.subject, max) {
+            Some(slot) => Some(slot),
+            None => {
+                return fatal(
+                    &mut stream,
+                    PgError::fatal(
+                        "53300",
+                        format!(
+                            "interceptor: identity \"{}\" already has {max} open sessions, the most policy \"{}\" allows",
+                            identity.subject, route.policy
+                        ),
+                    )
+                    .with_hint("close an idle session and retry"),
+                )
+                .await;
+            }
+        },
+        None => None,
+    };
     let password = server.secrets.password_for(&role);
-    let passthrough: Vec<(String, String)> = params
+    let mut passthrough: Vec<(String, String)> = params
         .iter()
         .filter(|(k, _)| PASSTHROUGH.contains(&k.as_str()))
         .cloned()
         .collect();
+    if let Some(ms) = route.limits.statement_timeout_ms {
+        // The policy's limit is the session's starting value on the server.
+        passthrough.push(("statement_timeout".into(), ms.to_string()));
+    }
     let upstream = match server
         .upstream
         .login(&role, password.as_ref(), &database, &passthrough)
@@ -274,22 +301,55 @@ async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), Se
     hello.extend_from_slice(&message::ready_for_query(upstream.status));
     stream.write_all(&hello).await?;
 
+    let session_id = server.audit.new_session_id();
+    let start = crate::audit::AuditEvent::SessionStart(crate::audit::SessionStart {
+        session: session_id,
+        identity: identity.clone(),
+        peer: match peer {
+            Peer::Tcp { peer, .. } => crate::audit::Peer::Tcp {
+                addr: peer.to_string(),
+            },
+            Peer::Unix { .. } => crate::audit::Peer::Unix {
+                path: server
+                    .config
+                    .listen
+                    .unix_socket_dir
+                    .as_ref()
+                    .map(|d| d.display().to_string()),
+            },
+        },
+        tls: tls_info(&stream),
+        database: database.clone(),
+        upstream_role: role.clone(),
+        application_name: get("application_name").map(str::to_owned),
+    });
+    if let Err(e) = server.audit.append_durable(start).await {
+        tracing::error!(error = %e, "AUDIT TRAIL UNAVAILABLE: refusing the session (fail closed)");
+        return fatal(
+            &mut stream,
+            PgError::fatal(
+                sqlstate::IO_ERROR,
+                "interceptor: the audit trail cannot be written, so no session can start",
+            ),
+        )
+        .await;
+    }
     let facts = Arc::new(SessionFacts {
-        session_id: server.next_session_id(),
+        session_id,
         identity,
         database,
         upstream_role: role,
         policy: route.policy.clone(),
     });
     tracing::info!(
-        session = facts.session_id,
+        session = facts.session_id.0,
         identity = facts.identity.subject,
         role = facts.upstream_role,
         "session started"
     );
     let shared = relay::Shared::new(&upstream.params);
-    let mut gate = Gate::new(facts.clone(), server.policy.clone());
-    let recorder = Recorder::new(facts.clone());
+    let mut gate = Gate::new(facts.clone(), server.policy.clone(), server.audit.clone());
+    let recorder = Recorder::new(facts.clone(), server.audit.clone());
     let (client_rd, client_wr) = stream.into_split();
     let (up_rd, up_wr) = upstream.stream.into_split();
     let end = relay::run(
@@ -306,7 +366,7 @@ async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), Se
     .await;
     use std::sync::atomic::Ordering::Relaxed;
     tracing::info!(
-        session = facts.session_id,
+        session = facts.session_id.0,
         end = ?end.as_ref().ok(),
         statements = shared.counters.statements.load(Relaxed),
         refused = shared.counters.refused.load(Relaxed),
@@ -314,8 +374,44 @@ async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), Se
         bytes_out = shared.counters.bytes_to_client.load(Relaxed),
         "session ended"
     );
+    let reason = match &end {
+        Ok(relay::End::ClientTerminated) => "client_terminate".to_owned(),
+        Ok(relay::End::ClientGone) => "client_disconnect".to_owned(),
+        Ok(relay::End::UpstreamGone) => "server_closed".to_owned(),
+        Err(e) => format!("error: {e}"),
+    };
+    let _ = server.audit.append(crate::audit::AuditEvent::SessionEnd(
+        crate::audit::SessionEnd {
+            session: facts.session_id,
+            bytes_from_client: shared.counters.bytes_from_client.load(Relaxed),
+            bytes_to_client: shared.counters.bytes_to_client.load(Relaxed),
+            statements: shared.counters.statements.load(Relaxed),
+            reason,
+        },
+    ));
     end?;
     Ok(())
+}
+
+fn tls_info(stream: &Stream) -> Option<crate::audit::TlsInfo> {
+    let Stream::TlsServer(s) = stream else {
+        return None;
+    };
+    let conn = s.get_ref().1;
+    Some(crate::audit::TlsInfo {
+        version: conn
+            .protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default(),
+        cipher_suite: conn
+            .negotiated_cipher_suite()
+            .map(|c| format!("{:?}", c.suite()))
+            .unwrap_or_default(),
+        client_cert_sha256: conn.peer_certificates().and_then(|c| c.first()).map(|c| {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(c.as_ref()))
+        }),
+    })
 }
 
 async fn fatal(stream: &mut Stream, err: PgError) -> Result<(), SessionError> {

@@ -29,6 +29,8 @@ pub enum RelayError {
     Upstream(FrameError),
     #[error("client protocol violation: {0}")]
     Protocol(String),
+    #[error("audit trail unavailable: {0}")]
+    Audit(crate::audit::AuditError),
 }
 
 impl RelayError {
@@ -51,6 +53,10 @@ impl RelayError {
             RelayError::Upstream(_) => Some(PgError::fatal(
                 sqlstate::PROTOCOL_VIOLATION,
                 format!("{self}"),
+            )),
+            RelayError::Audit(_) => Some(PgError::fatal(
+                sqlstate::IO_ERROR,
+                "interceptor: the audit trail cannot be written, so no statement can run",
             )),
             RelayError::Client(_) => None,
         }
@@ -89,7 +95,7 @@ enum Kind {
 struct InFlight {
     batch: u64,
     kind: Kind,
-    record: Option<u64>,
+    record: Option<crate::audit::RecordId>,
     started: Instant,
     outcome: Outcome,
 }
@@ -227,7 +233,7 @@ async fn client_to_upstream(
                 b'B' => {
                     let b = message::decode_bind(f.body)
                         .map_err(|e| RelayError::Protocol(e.to_string()))?;
-                    gate.bind(b.portal, b.statement);
+                    gate.bind(b.portal, b.statement, &b.params, &b.param_formats);
                     None
                 }
                 b'E' => {
@@ -282,6 +288,8 @@ async fn client_to_upstream(
                 break;
             }
         }
+        // Write-ahead: every record of this chunk is durable before any of it is forwarded.
+        gate.flush().await.map_err(RelayError::Audit)?;
         let result = match out {
             None => wr.write_all(&chunk[..offset]).await,
             Some(mut o) => {
@@ -296,7 +304,7 @@ async fn client_to_upstream(
     }
 }
 
-fn track(shared: &Shared, batch: u64, kind: Kind, record: Option<u64>) {
+fn track(shared: &Shared, batch: u64, kind: Kind, record: Option<crate::audit::RecordId>) {
     lock(&shared.inflight).push_back(InFlight {
         batch,
         kind,
@@ -349,6 +357,21 @@ async fn upstream_to_client(
                     b'D' => {
                         if let Some(front) = inflight.front_mut() {
                             front.outcome.rows += 1;
+                            if front.record.is_some() && !front.outcome.columns.is_empty() {
+                                if front.outcome.recorded.len() < recorder.rows_cap {
+                                    front.outcome.recorded.push(text_fields(f.body));
+                                } else {
+                                    front.outcome.truncated = true;
+                                }
+                            }
+                        }
+                    }
+                    b'T' => {
+                        if let Some(front) = inflight.front_mut()
+                            && front.record.is_some()
+                            && recorder.rows_cap > 0
+                        {
+                            front.outcome.columns = column_names(f.body);
                         }
                     }
                     b'C' | b'I' | b's' => {
@@ -428,6 +451,41 @@ async fn upstream_to_client(
             .bytes_to_client
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
     }
+}
+
+/// The fields of a DataRow as text, for the session recording (binary values as hex).
+fn text_fields(body: &[u8]) -> Vec<Option<String>> {
+    let mut c = Cursor::new(body, "DataRow");
+    let Ok(n) = c.i16() else { return Vec::new() };
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let Ok(len) = c.i32() else { break };
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let Ok(v) = c.take(len as usize) else { break };
+        out.push(Some(match std::str::from_utf8(v) {
+            Ok(s) => s.to_owned(),
+            Err(_) => format!("\\x{}", hex::encode(v)),
+        }));
+    }
+    out
+}
+
+/// Column names of a RowDescription.
+fn column_names(body: &[u8]) -> Vec<String> {
+    let mut c = Cursor::new(body, "RowDescription");
+    let Ok(n) = c.i16() else { return Vec::new() };
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let Ok(name) = c.cstr() else { break };
+        out.push(String::from_utf8_lossy(name).into_owned());
+        if c.take(18).is_err() {
+            break;
+        }
+    }
+    out
 }
 
 /// If this ErrorResponse is PostgreSQL's answer to a refusal's stand-in, interceptor's own error.

@@ -25,6 +25,8 @@ pub struct UpstreamTarget {
     connector: Option<tokio_rustls::TlsConnector>,
     timeout: Duration,
     max_message: usize,
+    /// With kernel steering on, TCP connections to PostgreSQL are exempted socket by socket.
+    steering: Option<Arc<crate::ebpf::Steering>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,7 @@ impl UpstreamTarget {
         cfg: &UpstreamConfig,
         connector: Option<Arc<rustls::ClientConfig>>,
         max_message: usize,
+        steering: Option<Arc<crate::ebpf::Steering>>,
     ) -> Self {
         UpstreamTarget {
             unix: cfg.unix_socket_path(),
@@ -73,6 +76,7 @@ impl UpstreamTarget {
             connector: connector.map(tokio_rustls::TlsConnector::from),
             timeout: Duration::from_millis(cfg.connect_timeout_ms),
             max_message,
+            steering,
         }
     }
 
@@ -97,7 +101,8 @@ impl UpstreamTarget {
                         })?;
                 return Ok(Stream::Unix(s));
             }
-            let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            let tcp = self
+                .connect_tcp()
                 .await
                 .map_err(|source| UpstreamError::Connect {
                     at: at.clone(),
@@ -109,6 +114,31 @@ impl UpstreamTarget {
         tokio::time::timeout(self.timeout, fut)
             .await
             .map_err(|_| UpstreamError::Timeout(at.clone()))?
+    }
+
+    /// A TCP connection to PostgreSQL. With kernel steering, the socket is registered as
+    /// interceptor's own before connect(), so the kernel lets exactly it through (the cookie of
+    /// a socket only interceptor holds: no other process can forge that exemption).
+    async fn connect_tcp(&self) -> std::io::Result<TcpStream> {
+        let addrs = tokio::net::lookup_host((self.host.as_str(), self.port)).await?;
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+        for addr in addrs {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            if let Some(s) = &self.steering {
+                use std::os::fd::AsFd;
+                s.exempt_upstream(socket.as_fd())
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+            }
+            match socket.connect(addr).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     async fn negotiate_tls(&self, mut tcp: TcpStream) -> Result<Stream, UpstreamError> {

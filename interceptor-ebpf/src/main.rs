@@ -1,0 +1,357 @@
+//! Kernel programs of interceptor.
+//!
+//! * `ic_steer` (sk_lookup, one network namespace): every new TCP connection to a protected port is
+//!   assigned to interceptor's listener from `IC_SOCKETS` (index 0 IPv4, 1 IPv6). No listener means
+//!   the connection is dropped (the client sees a refusal): steering fails closed.
+//! * `ic_connect4` / `ic_connect6` (cgroup sock_addr): record who connects (pid, uid, gid, comm,
+//!   cgroup, netns) under the socket cookie.
+//! * `ic_sock_ops` (cgroup sock_ops): once the client side is established, re-key that record by
+//!   the connection's 4-tuple so the accepting side can find it; remove it when the socket closes.
+//!   It also turns interceptor's own upstream sockets (cookies user space put in `IC_EXEMPT_CK`)
+//!   into 4-tuple exemptions for `ic_steer`.
+//!
+//! The `#[repr(C)]` layouts below are mirrored in `interceptor/src/ebpf/maps.rs`; both sides assert
+//! their sizes.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+    },
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::warn;
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const IPPROTO_TCP: u32 = 6;
+const SK_DROP: u32 = 0;
+const SK_PASS: u32 = 1;
+/// The loopback device has this index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 1 << 2;
+const TCP_CLOSE: u32 = 7;
+
+/// `IC_PORTS` value bits.
+const PORT_STEER: u8 = 1;
+const PORT_IDENTIFY: u8 = 2;
+
+/// `IC_COUNTERS` indexes.
+const CNT_STEERED: u32 = 0;
+const CNT_DROPPED: u32 = 1;
+const CNT_EXEMPTED: u32 = 2;
+const CNT_RECORDED: u32 = 3;
+const CNT_IDENTIFIED: u32 = 4;
+const CNT_SLOTS: u32 = 8;
+
+/// A TCP connection seen from the client: addresses are IPv6 or IPv4-mapped IPv6, in network byte
+/// order; ports in host byte order. `netns` is the client's network namespace cookie (0 in
+/// exemption keys).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowKey {
+    pub netns: u64,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub pad: u32,
+}
+
+/// What the kernel knew about the connecting task at connect() time.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnInfo {
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    /// CLOCK_BOOTTIME of the connect(), to detect pid reuse against /proc/<pid>/stat.
+    pub boot_ns: u64,
+    pub dst: [u32; 4],
+    pub dport: u16,
+    pub family: u16,
+    pub pad: u32,
+    pub comm: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 80);
+
+#[map(name = "IC_SOCKETS")]
+static IC_SOCKETS: SockMap = SockMap::pinned(2, 0);
+
+#[map(name = "IC_PORTS")]
+static IC_PORTS: HashMap<u16, u8> = HashMap::pinned(64, 0);
+
+#[map(name = "IC_CONNECTS")]
+static IC_CONNECTS: LruHashMap<u64, ConnInfo> = LruHashMap::pinned(65536, 0);
+
+#[map(name = "IC_FLOWS")]
+static IC_FLOWS: LruHashMap<FlowKey, ConnInfo> = LruHashMap::pinned(65536, 0);
+
+#[map(name = "IC_EXEMPT_CK")]
+static IC_EXEMPT_CK: HashMap<u64, u8> = HashMap::pinned(4096, 0);
+
+#[map(name = "IC_EXEMPT_FL")]
+static IC_EXEMPT_FL: HashMap<FlowKey, u64> = HashMap::pinned(4096, 0);
+
+#[map(name = "IC_COUNTERS")]
+static IC_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(CNT_SLOTS, 0);
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(p) = IC_COUNTERS.get_ptr_mut(slot) {
+        // Per-CPU slot: no other writer can race with this increment.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn port_flags(port: u16) -> u8 {
+    unsafe { IC_PORTS.get(&port) }.copied().unwrap_or(0)
+}
+
+/// `::ffff:a.b.c.d` for an IPv4 address in network byte order.
+#[inline(always)]
+fn mapped(ip4: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4]
+}
+
+// Context fields are read one u32 at a time: the verifier rejects wider loads of these arrays.
+#[inline(always)]
+unsafe fn read4(p: *const [u32; 4]) -> [u32; 4] {
+    let p = p.cast::<u32>();
+    unsafe {
+        [
+            core::ptr::read_volatile(p),
+            core::ptr::read_volatile(p.add(1)),
+            core::ptr::read_volatile(p.add(2)),
+            core::ptr::read_volatile(p.add(3)),
+        ]
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Steering
+// ---------------------------------------------------------------------------------------------
+
+#[sk_lookup]
+pub fn ic_steer(ctx: SkLookupContext) -> u32 {
+    steer(&ctx)
+}
+
+#[inline(always)]
+fn steer(ctx: &SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    let (protocol, family, local_port) = unsafe { ((*l).protocol, (*l).family, (*l).local_port) };
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let port = local_port as u16;
+    if port_flags(port) & PORT_STEER == 0 {
+        return SK_PASS;
+    }
+    let (src, dst) = unsafe {
+        if family == AF_INET6 {
+            (read4(&(*l).remote_ip6), read4(&(*l).local_ip6))
+        } else {
+            (mapped((*l).remote_ip4), mapped((*l).local_ip4))
+        }
+    };
+    let key = FlowKey {
+        netns: 0,
+        src,
+        dst,
+        sport: u16::from_be(unsafe { (*l).remote_port }),
+        dport: port,
+        pad: 0,
+    };
+    // interceptor's own upstream connection: only ever over loopback, and only for a 4-tuple the
+    // sock_ops program derived from a socket cookie that user space registered.
+    let ifindex = unsafe { (*l).ingress_ifindex };
+    if ifindex == LOOPBACK_IFINDEX && unsafe { IC_EXEMPT_FL.get(&key) }.is_some() {
+        count(CNT_EXEMPTED);
+        return SK_PASS;
+    }
+    let index = if family == AF_INET6 { 1 } else { 0 };
+    match IC_SOCKETS.redirect_sk_lookup(ctx, index, 0) {
+        Ok(()) => {
+            count(CNT_STEERED);
+            SK_PASS
+        }
+        Err(_) => {
+            count(CNT_DROPPED);
+            warn!(
+                ctx,
+                "no interceptor listener: dropped connection to port {}", port
+            );
+            SK_DROP
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Identity: connect()
+// ---------------------------------------------------------------------------------------------
+
+#[cgroup_sock_addr(connect4)]
+pub fn ic_connect4(ctx: SockAddrContext) -> i32 {
+    record_connect(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ic_connect6(ctx: SockAddrContext) -> i32 {
+    record_connect(&ctx, true);
+    1
+}
+
+#[inline(always)]
+fn record_connect(ctx: &SockAddrContext, v6: bool) {
+    let sa = ctx.sock_addr;
+    if unsafe { (*sa).protocol } != IPPROTO_TCP {
+        return;
+    }
+    let port = u16::from_be(unsafe { (*sa).user_port } as u16);
+    if port_flags(port) & (PORT_STEER | PORT_IDENTIFY) == 0 {
+        return;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if unsafe { IC_EXEMPT_CK.get(&cookie) }.is_some() {
+        return;
+    }
+    let dst = unsafe {
+        if v6 {
+            read4(&(*sa).user_ip6)
+        } else {
+            mapped((*sa).user_ip4)
+        }
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    let info = ConnInfo {
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        dst,
+        dport: port,
+        family: if v6 { AF_INET6 as u16 } else { AF_INET as u16 },
+        pad: 0,
+        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+    };
+    if IC_CONNECTS.insert(&cookie, &info, 0).is_ok() {
+        count(CNT_RECORDED);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Identity and exemptions: TCP state
+// ---------------------------------------------------------------------------------------------
+
+#[sock_ops]
+pub fn ic_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => {
+            if ctx.arg(1) == TCP_CLOSE {
+                on_close(&ctx);
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+/// The connection's 4-tuple from the client side (this socket).
+#[inline(always)]
+fn client_tuple(ctx: &SockOpsContext, netns: u64) -> FlowKey {
+    let o = ctx.ops;
+    let (src, dst) = unsafe {
+        if (*o).family == AF_INET6 {
+            (read4(&(*o).local_ip6), read4(&(*o).remote_ip6))
+        } else {
+            (mapped((*o).local_ip4), mapped((*o).remote_ip4))
+        }
+    };
+    FlowKey {
+        netns,
+        src,
+        dst,
+        sport: ctx.local_port() as u16,
+        // remote_port holds the network-order port in its upper half on little endian.
+        dport: u32::from_be(ctx.remote_port()) as u16,
+        pad: 0,
+    }
+}
+
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let exempt = unsafe { IC_EXEMPT_CK.get(&cookie) }.is_some();
+    let recorded = unsafe { IC_CONNECTS.get(&cookie) }.is_some();
+    if !exempt && !recorded {
+        return;
+    }
+    if exempt {
+        // The source port is chosen by now (tcp_connect runs after inet_hash_connect).
+        let key = client_tuple(ctx, 0);
+        let _ = IC_EXEMPT_FL.insert(&key, &cookie, 0);
+    }
+    // Ask for state callbacks so the entries go away with the socket.
+    let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(info) = (unsafe { IC_CONNECTS.get(&cookie) }).copied() else {
+        return;
+    };
+    let key = client_tuple(ctx, info.netns_cookie);
+    if IC_FLOWS.insert(&key, &info, 0).is_ok() {
+        count(CNT_IDENTIFIED);
+    }
+}
+
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(info) = (unsafe { IC_CONNECTS.get(&cookie) }).copied() {
+        let key = client_tuple(ctx, info.netns_cookie);
+        let _ = IC_FLOWS.remove(&key);
+        let _ = IC_CONNECTS.remove(&cookie);
+    }
+    if unsafe { IC_EXEMPT_CK.get(&cookie) }.is_some() {
+        let key = client_tuple(ctx, 0);
+        let _ = IC_EXEMPT_FL.remove(&key);
+        let _ = IC_EXEMPT_CK.remove(&cookie);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

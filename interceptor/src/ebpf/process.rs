@@ -1,0 +1,143 @@
+//! Turning a kernel connect record into a [`ProcessIdentity`].
+//!
+//! pid, uid, gid, comm and cgroup id come from the kernel at connect() time and are trusted as
+//! they are. The executable and cgroup path are read from /proc at accept time, so they are only
+//! reported when /proc still describes the same process:
+//!
+//! * pid reuse: the process start time in `/proc/<pid>/stat` (CLOCK_BOOTTIME, clock ticks) must not
+//!   be later than the connect time the kernel recorded (also CLOCK_BOOTTIME). A process that took
+//!   the pid over after the connect started later. The stat is read before and after `exe` and the
+//!   two start times must agree, so the exe belongs to the process that was checked. The check has
+//!   clock-tick resolution (10 ms): fooling it needs the pid space to wrap within one tick.
+//! * exec after connect: `/proc/<pid>/comm` must still equal the comm recorded at connect time.
+//! * cgroup path: the path from `/proc/<pid>/cgroup` is kept only if that directory's inode is the
+//!   cgroup id the kernel recorded.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use super::maps::ConnInfo;
+use crate::identity::ProcessIdentity;
+
+pub fn process_identity(info: &ConnInfo, cgroup_root: Option<&Path>) -> ProcessIdentity {
+    let comm = info.comm();
+    let proc_dir = Path::new("/proc").join(info.pid.to_string());
+    let exe = same_process(info, &comm, &proc_dir, || {
+        std::fs::read_link(proc_dir.join("exe"))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+    })
+    .flatten();
+    let cgroup_path = cgroup_root.and_then(|root| cgroup_path(&proc_dir, root, info.cgroup_id));
+    ProcessIdentity {
+        pid: info.pid,
+        uid: info.uid,
+        gid: info.gid,
+        comm,
+        exe,
+        cgroup_id: info.cgroup_id,
+        cgroup_path,
+    }
+}
+
+/// Runs `read` if `/proc/<pid>` is (before and after) the process that connected.
+fn same_process<T>(
+    info: &ConnInfo,
+    comm: &str,
+    proc_dir: &Path,
+    read: impl FnOnce() -> T,
+) -> Option<T> {
+    let before = start_time_ns(proc_dir)?;
+    if before > info.boot_ns {
+        tracing::warn!(
+            pid = info.pid,
+            "pid was reused after connect: not reporting its executable"
+        );
+        return None;
+    }
+    let now_comm = std::fs::read_to_string(proc_dir.join("comm")).ok()?;
+    if now_comm.trim_end_matches('\n') != comm {
+        tracing::info!(
+            pid = info.pid,
+            "process changed its command since connect: not reporting its executable"
+        );
+        return None;
+    }
+    let value = read();
+    (start_time_ns(proc_dir)? == before).then_some(value)
+}
+
+/// Field 22 of `/proc/<pid>/stat`, in nanoseconds since boot.
+fn start_time_ns(proc_dir: &Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(proc_dir.join("stat")).ok()?;
+    parse_start_ticks(&stat).and_then(|ticks| ticks.checked_mul(ns_per_tick()))
+}
+
+fn parse_start_ticks(stat: &str) -> Option<u64> {
+    // comm (field 2) may contain spaces and parentheses: fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // rest starts with field 3 (state); starttime is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn ns_per_tick() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        1_000_000_000 / hz as u64
+    } else {
+        10_000_000
+    }
+}
+
+fn cgroup_path(proc_dir: &Path, root: &Path, cgroup_id: u64) -> Option<String> {
+    let text = std::fs::read_to_string(proc_dir.join("cgroup")).ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = root.join(rel.trim_start_matches('/'));
+    let ino = std::fs::metadata(&dir).ok()?.ino();
+    (ino == cgroup_id).then(|| rel.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_of_odd_comm() {
+        let stat = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 \
+                    1000 10 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
+        assert_eq!(parse_start_ticks(stat), Some(98765));
+        assert_eq!(parse_start_ticks("garbage"), None);
+        assert_eq!(parse_start_ticks("1 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn own_process_is_recognised_and_reuse_is_not() {
+        let pid = std::process::id();
+        let proc_dir = Path::new("/proc").join(pid.to_string());
+        let comm = std::fs::read_to_string(proc_dir.join("comm")).unwrap();
+        let comm = comm.trim_end_matches('\n');
+        let mut info: ConnInfo = unsafe { std::mem::zeroed() };
+        info.pid = pid;
+        info.comm[..comm.len()].copy_from_slice(comm.as_bytes());
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        info.boot_ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+
+        let id = process_identity(&info, None);
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        assert_eq!(id.exe.as_deref(), Some(&*exe.to_string_lossy()));
+
+        // A connect that happened before this process started: the pid must have been reused.
+        info.boot_ns = 1;
+        assert_eq!(process_identity(&info, None).exe, None);
+
+        // Another command name than the one recorded: exec happened since connect.
+        info.boot_ns = u64::MAX;
+        info.comm = *b"not-this-comm\0\0\0";
+        assert_eq!(process_identity(&info, None).exe, None);
+    }
+}
