@@ -34,11 +34,8 @@ pub fn install_toolchain() -> anyhow::Result<()> {
         println!("apt packages: present");
     } else {
         println!("apt packages missing: {}", missing.join(" "));
-        run(Command::new("apt-get").arg("update"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        // Shares setup's single `apt-get update` and its guard against service starts.
+        crate::apt::install(&missing)?;
     }
 
     if toolchain_linked()? {

@@ -1,1 +1,52 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's automation (setup, tests, demo, benchmark).
+
+mod apt;
+mod bench;
+mod build_ebpf;
+mod cmd;
+mod demo;
+mod harness_env;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "interceptor's project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: PostgreSQL, psql, pgbouncer, the eBPF toolchain (Debian, root).
+    Setup,
+    /// Build interceptor, run every workspace test against it, then the policy tests.
+    Test,
+    /// Build the eBPF programs (interceptor-ebpf).
+    BuildEbpf {
+        /// Build with optimisations.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Start PostgreSQL with sample data and interceptor in front of it, and show a session.
+    Demo {
+        /// Run the scripted session and exit instead of waiting for Ctrl-C.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Compare direct PostgreSQL, interceptor and pgbouncer with pgbench and a large stream.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::run(),
+        Task::Test => test::run(),
+        // build() prints where the object went.
+        Task::BuildEbpf { release } => build_ebpf::build(release).map(drop),
+        Task::Demo { no_wait } => demo::run(no_wait),
+        Task::Bench(args) => bench::run(&args),
+    }
+}
