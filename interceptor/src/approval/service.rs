@@ -796,3 +796,11 @@ impl Drop for AbortGuard {
         }
     }
 }
+
+#[cfg(test)]
+impl ApprovalService {
+    /// The raw store, to simulate what a crashed process leaves behind.
+    pub(crate) fn inner_store_for_tests(&self) -> &Store {
+        &self.inner.store
+    }
+}
