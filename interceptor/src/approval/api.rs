@@ -1,5 +1,5 @@
-//! The authenticated admin API over HTTP/1.1: on TCP callers present an OIDC token
-//! (`Authorization: Bearer`), on the local unix socket they are identified by their uid
+//! The authenticated admin API over HTTP/1.1: on TCP callers present a client certificate
+//! (mTLS) or an OIDC token (`Authorization: Bearer`); on the local unix socket they are identified by their uid
 //! (SO_PEERCRED) through `local_approvers`.
 //!
 //! `GET /approvals[?all=1]`, `GET /approvals/{id}`, `POST /approvals/{id}/approve`
@@ -22,21 +22,38 @@ use super::http::{HttpRequest, read_request, write_response};
 use super::model::Scope;
 use super::service::ApprovalService;
 use super::{ApprovalError, LocalApprover};
+use crate::identity::mtls::{MtlsConfig, identity_from_cert};
 use crate::identity::oidc::OidcVerifier;
 use crate::identity::{Identity, ProcessIdentity, Proof};
 
 /// Time a caller has to send its whole request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Time a TLS client has to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How TCP callers prove who they are.
+#[derive(Clone, Default)]
+pub struct AdminAuth {
+    /// Verifies `Authorization: Bearer` tokens.
+    pub oidc: Option<Arc<OidcVerifier>>,
+    /// TLS for the TCP listener; its client verifier decides which certificates pass the
+    /// handshake (see `identity::mtls::server_config`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Maps a client certificate that passed the handshake to an identity.
+    pub mtls: Option<MtlsConfig>,
+}
+
 pub struct AdminApi {
     service: ApprovalService,
-    oidc: Option<Arc<OidcVerifier>>,
+    auth: AdminAuth,
 }
 
 /// Who is on the other end of a connection, before authentication.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Peer {
-    Tcp,
+    /// `cert`: the leaf certificate a TLS client presented (already verified by the handshake).
+    Tcp { cert: Option<Vec<u8>> },
     Local {
         uid: u32,
         gid: u32,
@@ -61,13 +78,19 @@ struct RevokeBody {
 }
 
 /// Binds both listeners the config names and serves them until the handles are aborted.
+/// A non-loopback `http_listen` needs TLS: tokens must not cross the network in clear.
 pub async fn spawn(
     service: ApprovalService,
-    oidc: Option<Arc<OidcVerifier>>,
+    auth: AdminAuth,
 ) -> Result<Vec<JoinHandle<()>>, ApprovalError> {
-    let api = Arc::new(AdminApi { service, oidc });
+    let api = Arc::new(AdminApi { service, auth });
     let mut tasks = Vec::new();
     if let Some(addr) = api.service.config().http_listen {
+        if !addr.ip().is_loopback() && api.auth.tls.is_none() {
+            return Err(ApprovalError::Config(format!(
+                "http_listen {addr} is not loopback: the admin API needs TLS there"
+            )));
+        }
         let listener = TcpListener::bind(addr).await?;
         tracing::info!(%addr, "approvals admin API listening");
         tasks.push(tokio::spawn(api.clone().serve_tcp(listener)));
@@ -93,16 +116,39 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, ApprovalError> {
 }
 
 impl AdminApi {
-    pub fn new(service: ApprovalService, oidc: Option<Arc<OidcVerifier>>) -> Self {
-        AdminApi { service, oidc }
+    pub fn new(service: ApprovalService, auth: AdminAuth) -> Self {
+        AdminApi { service, auth }
     }
 
+    /// Serves TCP callers, over TLS when [`AdminAuth::tls`] is set.
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        let acceptor = self.auth.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let api = self.clone();
-                    tokio::spawn(async move { api.handle(stream, Peer::Tcp).await });
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let Some(acceptor) = acceptor else {
+                            return api.handle(stream, Peer::Tcp { cert: None }).await;
+                        };
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(tls)) => {
+                                let cert = tls
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .map(|c| c.as_ref().to_vec());
+                                api.handle(tls, Peer::Tcp { cert }).await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::info!(error = %e, "admin API TLS handshake failed")
+                            }
+                            Err(_) => tracing::info!("admin API TLS handshake timed out"),
+                        }
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "admin API accept failed");
@@ -165,7 +211,14 @@ impl AdminApi {
                         ))
                     })
             }
-            Peer::Tcp => {
+            Peer::Tcp { cert: Some(der) } if self.auth.mtls.is_some() => {
+                let cfg = self.auth.mtls.as_ref().ok_or_else(|| {
+                    ApprovalError::Unauthenticated("client certificates are not accepted".into())
+                })?;
+                identity_from_cert(&der, cfg)
+                    .map_err(|e| ApprovalError::Unauthenticated(e.to_string()))
+            }
+            Peer::Tcp { .. } => {
                 let token = req
                     .authorization
                     .as_deref()
@@ -176,7 +229,7 @@ impl AdminApi {
                     .ok_or_else(|| {
                         ApprovalError::Unauthenticated("a bearer token is needed".into())
                     })?;
-                let verifier = self.oidc.as_ref().ok_or_else(|| {
+                let verifier = self.auth.oidc.as_ref().ok_or_else(|| {
                     ApprovalError::Unauthenticated("no OIDC issuer is configured".into())
                 })?;
                 // The verifier's errors never contain the token.
@@ -190,6 +243,7 @@ impl AdminApi {
 
     async fn respond(&self, req: &HttpRequest, peer: Peer) -> Result<(u16, Value), ApprovalError> {
         let who = self.authenticate(req, peer).await?;
+        tracing::debug!(subject = %who.subject, method = %req.method, path = %req.path, "admin API call");
         let (path, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
         let all = query
             .split('&')

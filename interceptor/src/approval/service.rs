@@ -182,10 +182,11 @@ impl ApprovalService {
                     .collect();
                 request.closed_note = Some(note);
                 request.closed_at_ms = Some(now);
-            } else {
-                st.waiters.insert(id, tx);
             }
             self.inner.store.put_request(&request)?;
+            if reused.is_none() {
+                st.waiters.insert(id, tx);
+            }
             reused
         };
         // From here on, dropping the hold future (client gone) aborts the request.

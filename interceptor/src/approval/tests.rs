@@ -622,7 +622,10 @@ async fn http_api_authenticates_and_enforces_groups() {
     let addr = listener.local_addr().unwrap();
     let api = Arc::new(api::AdminApi::new(
         f.service.clone(),
-        Some(idp.verifier.clone()),
+        api::AdminAuth {
+            oidc: Some(idp.verifier.clone()),
+            ..Default::default()
+        },
     ));
     let server = tokio::spawn(api.serve_tcp(listener));
 
@@ -774,8 +777,13 @@ async fn cli_over_unix_socket_identifies_callers_by_uid() {
         std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
         0o660
     );
-    let server =
-        tokio::spawn(Arc::new(api::AdminApi::new(f.service.clone(), None)).serve_unix(listener));
+    let server = tokio::spawn(
+        Arc::new(api::AdminApi::new(
+            f.service.clone(),
+            api::AdminAuth::default(),
+        ))
+        .serve_unix(listener),
+    );
 
     let held = f
         .service
@@ -818,8 +826,13 @@ async fn cli_over_unix_socket_identifies_callers_by_uid() {
     let g = fixture();
     let socket = g.dir.path().join("approvals.sock");
     let listener = api::bind_unix(&socket).unwrap();
-    let server =
-        tokio::spawn(Arc::new(api::AdminApi::new(g.service.clone(), None)).serve_unix(listener));
+    let server = tokio::spawn(
+        Arc::new(api::AdminApi::new(
+            g.service.clone(),
+            api::AdminAuth::default(),
+        ))
+        .serve_unix(listener),
+    );
     let err = tokio::task::spawn_blocking(move || {
         cli::run_access(cli::AccessCommand::List { all: true }, &socket)
     })
@@ -923,4 +936,165 @@ fn config_from_toml() {
     let hook: ApprovalConfig =
         toml::from_str("dir = \"/x\"\nwebhook_url = \"http://hooks.example.com/\"\n").unwrap();
     assert!(hook.validate().is_err());
+}
+
+// ---- HTTP admin API over TLS with client certificates ----
+
+struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+fn test_ca() -> TestCa {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "approvals test CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    TestCa { cert, key }
+}
+
+fn issue(
+    ca: &TestCa,
+    cn: Option<&str>,
+    server: bool,
+) -> (
+    rustls_pki_types::CertificateDer<'static>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+) {
+    let names = if server {
+        vec!["localhost".to_owned()]
+    } else {
+        vec![]
+    };
+    let mut params = rcgen::CertificateParams::new(names).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    if let Some(cn) = cn {
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+    }
+    params.extended_key_usages = vec![if server {
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth
+    } else {
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth
+    }];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    (
+        cert.der().clone(),
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+}
+
+async fn https(
+    addr: std::net::SocketAddr,
+    ca: &TestCa,
+    client: Option<&str>,
+    method: &str,
+    path: &str,
+) -> (u16, Value) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match client {
+        Some(cn) => {
+            let (cert, key) = issue(ca, Some(cn), false);
+            builder.with_client_auth_cert(vec![cert], key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let req =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{{}}");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    // The server closes without close_notify on some paths; what was read counts.
+    let _ = tls.read_to_end(&mut raw).await;
+    let text = String::from_utf8(raw).unwrap();
+    let (_, body) = text.split_once("\r\n\r\n").unwrap();
+    (
+        text[9..12].parse().unwrap(),
+        serde_json::from_str(body).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn client_certificates_identify_approvers_over_tls() {
+    let f = fixture();
+    let ca = test_ca();
+    let ca_file = f.dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+    let mtls: crate::identity::mtls::MtlsConfig = toml::from_str(&format!(
+        "ca_file = \"{}\"\n[groups]\nalice = [\"dba\"]\n",
+        ca_file.display()
+    ))
+    .unwrap();
+    let (cert, key) = issue(&ca, None, true);
+    let tls = crate::identity::mtls::server_config(
+        vec![cert],
+        key,
+        Some(crate::identity::mtls::client_cert_verifier(&mtls).unwrap()),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let auth = api::AdminAuth {
+        oidc: None,
+        tls: Some(tls),
+        mtls: Some(mtls),
+    };
+    let server =
+        tokio::spawn(Arc::new(api::AdminApi::new(f.service.clone(), auth)).serve_tcp(listener));
+
+    let held = f
+        .service
+        .hold(statement("agent-7", 1, SQL, 1, 60))
+        .await
+        .unwrap();
+    let id = held.id();
+    let waiter = tokio::spawn(held.wait());
+    let path = format!("/approvals/{id}/approve");
+    // No certificate and no token: 401. A certificate without approver groups: 403.
+    assert_eq!(https(addr, &ca, None, "POST", &path).await.0, 401);
+    assert_eq!(
+        https(addr, &ca, Some("mallory"), "POST", &path).await.0,
+        403
+    );
+    let (status, body) = https(addr, &ca, Some("alice"), "POST", &path).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        waiter.await.unwrap(),
+        Resolution::Approved {
+            by: vec!["alice".into()],
+            scope: Scope::Once
+        }
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn plaintext_admin_api_only_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.http_listen = Some("0.0.0.0:0".parse().unwrap());
+    let service = ApprovalService::open(cfg, Arc::new(|_| {})).unwrap();
+    let err = api::spawn(service, api::AdminAuth::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApprovalError::Config(m) if m.contains("TLS")));
 }
