@@ -224,12 +224,13 @@ impl ApprovalService {
     }
 
     /// Applies `f` to a pending request under the lock and stores the result. Closing it
-    /// drops its waiter's sender, which wakes the waiter.
+    /// hands back the waiter's sender: the caller drops it (waking the waiter) only after the
+    /// events are out, so the audit log has "approved" before "executed".
     fn transition(
         &self,
         id: RequestId,
         f: impl FnOnce(&mut Request, &mut State) -> Result<(), ApprovalError>,
-    ) -> Result<Request, ApprovalError> {
+    ) -> Result<(Request, Option<watch::Sender<()>>), ApprovalError> {
         let mut st = self.state();
         let mut r = self
             .inner
@@ -247,12 +248,12 @@ impl ApprovalService {
             r.closed_at_ms = Some(now_ms());
         }
         self.inner.store.put_request(&r)?;
-        if r.status != Status::Pending
-            && let Some(tx) = st.waiters.remove(&id)
-        {
-            tx.send_replace(());
-        }
-        Ok(r)
+        let waiter = if r.status != Status::Pending {
+            st.waiters.remove(&id)
+        } else {
+            None
+        };
+        Ok((r, waiter))
     }
 
     /// One approver's vote. Enforces: the approver is in one of the request's approver
@@ -272,7 +273,7 @@ impl ApprovalService {
             .filter(|r| !r.is_empty());
         let now = now_ms();
         let mut new_grant = None;
-        let r = self.transition(id, |r, st| {
+        let (r, waiter) = self.transition(id, |r, st| {
             if now >= r.deadline_ms {
                 return Err(ApprovalError::Closed {
                     id,
@@ -376,6 +377,7 @@ impl ApprovalService {
         if let Some(grant) = new_grant {
             self.emit(ApprovalEvent::GrantActive { grant });
         }
+        drop(waiter);
         Ok(r)
     }
 
@@ -392,7 +394,7 @@ impl ApprovalService {
             r.closed_note = Some(note.to_owned());
             Ok(())
         }) {
-            Ok(r) => {
+            Ok((r, waiter)) => {
                 tracing::info!(request = id, %status, "approval request closed");
                 self.emit(match status {
                     Status::TimedOut => ApprovalEvent::TimedOut { id },
@@ -401,6 +403,7 @@ impl ApprovalService {
                         reason: note.to_owned(),
                     },
                 });
+                drop(waiter);
                 Ok(r.resolution().unwrap_or(Resolution::Aborted))
             }
             Err(ApprovalError::Closed { .. }) => self
@@ -742,6 +745,13 @@ impl HeldRequest {
                         .close(id, Status::TimedOut, "timed out")
                         .unwrap_or(Resolution::Aborted);
                     self.guard.armed = false;
+                    if resolution != Resolution::TimedOut
+                        && let Some(rx) = self.rx.as_mut()
+                    {
+                        // A vote won the race against the deadline: let its events go out
+                        // first (its sender is dropped after them).
+                        let _ = tokio::time::timeout(Duration::from_secs(5), rx.changed()).await;
+                    }
                     return service.durable(resolution).await;
                 }
             }

@@ -117,7 +117,13 @@ async fn approved_statement_runs_and_every_step_is_reported() {
     // Durable before hold returned: a second reader of the store sees it pending.
     assert_eq!(f.service.show(id, None).unwrap().status, Status::Pending);
 
-    let waiter = tokio::spawn(held.wait());
+    // The gate runs the statement as soon as wait returns; "executed" must follow "approved".
+    let service = f.service.clone();
+    let waiter = tokio::spawn(async move {
+        let resolution = held.wait().await;
+        service.executed(id, 1, None);
+        resolution
+    });
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!waiter.is_finished());
     let r = f
@@ -144,7 +150,6 @@ async fn approved_statement_runs_and_every_step_is_reported() {
         }
     );
     assert!(resolution.refusal(id).is_none());
-    f.service.executed(id, 1, None);
     assert_eq!(f.names(), ["requested", "voted", "approved", "executed"]);
     // The stored request keeps the full SQL, the requester and the rule.
     let stored = f.service.show(id, None).unwrap();
