@@ -1103,3 +1103,32 @@ async fn plaintext_admin_api_only_on_loopback() {
         .unwrap_err();
     assert!(matches!(err, ApprovalError::Config(m) if m.contains("TLS")));
 }
+
+#[tokio::test]
+async fn malformed_and_oversized_requests_get_400() {
+    let f = fixture();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        Arc::new(api::AdminApi::new(
+            f.service.clone(),
+            api::AdminAuth::default(),
+        ))
+        .serve_tcp(listener),
+    );
+    let big = format!(
+        "POST /grants HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        http::MAX_BODY + 1
+    );
+    let chunked = "POST /grants HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_owned();
+    let head = format!("GET /{} HTTP/1.1\r\n", "a".repeat(http::MAX_HEAD + 10));
+    for raw in ["\x00\x01garbage\r\n\r\n".to_owned(), big, chunked, head] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(raw.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 400 "), "{raw:.40?} -> {text}");
+    }
+    server.abort();
+}
