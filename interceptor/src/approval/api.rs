@@ -103,10 +103,18 @@ pub async fn spawn(
     Ok(tasks)
 }
 
-/// Binds the admin socket (replacing a stale one) with mode 0660.
+/// Binds the admin socket (replacing a stale socket, never another kind of file) with
+/// mode 0660.
 pub fn bind_unix(path: &Path) -> Result<UnixListener, ApprovalError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(ApprovalError::Config(format!(
+                "{} exists and is not a socket",
+                path.display()
+            )));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e.into()),
     }

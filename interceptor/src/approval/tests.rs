@@ -1132,3 +1132,24 @@ async fn malformed_and_oversized_requests_get_400() {
     }
     server.abort();
 }
+
+#[tokio::test]
+async fn rules_without_approvers_fail_closed_and_sockets_replace_only_sockets() {
+    let f = fixture();
+    let mut req = statement("agent-7", 1, SQL, 1, 60);
+    req.approver_groups.clear();
+    assert!(matches!(
+        f.service.hold(req).await,
+        Err(ApprovalError::Config(_))
+    ));
+    assert!(f.service.list(None, true).unwrap().is_empty());
+
+    let path = f.dir.path().join("not-a-socket");
+    std::fs::write(&path, "data").unwrap();
+    assert!(api::bind_unix(&path).is_err());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
+    let sock = f.dir.path().join("s.sock");
+    drop(api::bind_unix(&sock).unwrap());
+    // A stale socket from an earlier run is replaced.
+    drop(api::bind_unix(&sock).unwrap());
+}
