@@ -8,6 +8,7 @@
 //! log, and optionally to a webhook.
 
 pub mod api;
+pub mod audit_sink;
 pub mod cli;
 pub mod grant;
 mod http;
