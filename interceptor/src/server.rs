@@ -164,6 +164,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(%addr, "listening");
         listeners.push(listener);
     }
+    // Every listener is bound before anything slow (opening the audit store) so that clients
+    // that connect early wait in the backlog instead of finding no socket.
+    let mut socket_path: Option<PathBuf> = None;
+    let mut unix_listener = None;
+    if let Some(dir) = &config.listen.unix_socket_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
+        let path = dir.join(format!(".s.PGSQL.{}", config.listen.unix_port));
+        // A stale socket from a crashed run would make bind fail.
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(&path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        // Any local user may connect, as with PostgreSQL's own socket: authentication decides.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
+        tracing::info!(path = %path.display(), "listening");
+        unix_listener = Some(listener);
+        socket_path = Some(path);
+    }
     let steering = if config.ebpf.enabled {
         use std::os::fd::AsFd;
         // Slot order matters to the kernel program: the IPv4 listener, then the IPv6 one.
@@ -185,6 +207,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
         tasks.spawn(accept_tcp(listener, state.clone()));
+    }
+    if let Some(listener) = unix_listener {
+        tasks.spawn(accept_unix(listener, state.clone()));
     }
     if let Some(svc) = &state.approvals {
         let _sweeper = svc.spawn_sweeper(std::time::Duration::from_secs(1));
@@ -241,25 +266,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             });
         }
         None => tracing::warn!("no [policy] configured: every login is refused (default deny)"),
-    }
-    let mut socket_path: Option<PathBuf> = None;
-    if let Some(dir) = &state.config.listen.unix_socket_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
-        let path = dir.join(format!(".s.PGSQL.{}", state.config.listen.unix_port));
-        // A stale socket from a crashed run would make bind fail.
-        if path.exists() {
-            std::fs::remove_file(&path)
-                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-        }
-        let listener = UnixListener::bind(&path)
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
-        // Any local user may connect, as with PostgreSQL's own socket: authentication decides.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
-        tracing::info!(path = %path.display(), "listening");
-        tasks.spawn(accept_unix(listener, state.clone()));
-        socket_path = Some(path);
     }
     tracing::info!(upstream = state.upstream.describe(), "interceptor ready");
 

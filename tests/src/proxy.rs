@@ -83,7 +83,7 @@ impl InterceptorSetup {
             ca_cert: None,
             require_tls: false,
             client_ca: None,
-            audit_dir: None,
+            audit_dir: Some(AuditDir::InTemp),
             policy_dir: None,
             policy_files: Vec::new(),
             allow_all_policies: false,
@@ -145,7 +145,7 @@ impl InterceptorSetup {
         self
     }
 
-    /// Enable the audit store in `<tempdir>/audit`.
+    /// Keep the audit store in `<tempdir>/audit` (the default: interceptor requires an audit trail).
     pub fn with_audit(mut self) -> Self {
         self.audit_dir = Some(AuditDir::InTemp);
         self
