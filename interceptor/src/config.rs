@@ -47,6 +47,9 @@ pub struct Config {
     /// mTLS: client certificates chained to a CA become identities.
     #[serde(default)]
     pub mtls: Option<crate::identity::mtls::MtlsConfig>,
+    /// Just-in-time approvals of held statements and time-bound grants.
+    #[serde(default)]
+    pub approvals: Option<crate::approval::ApprovalConfig>,
     /// Kernel interception: steer every connection to PostgreSQL's port(s) into interceptor.
     #[serde(default)]
     pub ebpf: crate::ebpf::SteeringConfig,
@@ -304,6 +307,12 @@ impl Config {
             }
             if let Some(f) = &mut o.ca_file {
                 fix(f);
+            }
+        }
+        if let Some(a) = &mut self.approvals {
+            fix(&mut a.dir);
+            if let Some(s) = &mut a.socket {
+                fix(s);
             }
         }
         if let Some(m) = &mut self.mtls {

@@ -42,6 +42,20 @@ enum Command {
         #[command(subcommand)]
         command: interceptor::audit::cli::AuditCommand,
     },
+    /// Held statements: list, show, approve or deny them (through the running daemon).
+    Approvals {
+        #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: interceptor::approval::cli::ApprovalsCommand,
+    },
+    /// Time-bound grants: request, list, revoke.
+    Access {
+        #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: interceptor::approval::cli::AccessCommand,
+    },
     /// Kernel interception: status of the attached programs, or a clean uninstall.
     #[command(subcommand)]
     Ebpf(interceptor::ebpf::EbpfCommand),
@@ -81,6 +95,16 @@ fn main() -> anyhow::Result<()> {
                 config.context("--config is required (the daemon's configuration file)")?;
             let config = Config::load(&config)?;
             interceptor::audit::cli::run(command, &config)
+        }
+        Command::Approvals { config, command } => {
+            let socket = approvals_socket(&config)?;
+            interceptor::approval::cli::run_approvals(command, &socket)?;
+            Ok(())
+        }
+        Command::Access { config, command } => {
+            let socket = approvals_socket(&config)?;
+            interceptor::approval::cli::run_access(command, &socket)?;
+            Ok(())
         }
         Command::Ebpf(cmd) => {
             interceptor::ebpf::run_command(&cmd, &mut std::io::stdout().lock())?;
@@ -127,6 +151,14 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn approvals_socket(config: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let config = Config::load(config)?;
+    config
+        .approvals
+        .and_then(|a| a.socket)
+        .context("the config has no [approvals] socket: approvals are not enabled")
 }
 
 fn init_tracing() {

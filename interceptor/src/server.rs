@@ -30,6 +30,9 @@ pub struct ServerState {
     pub audit: AuditLog,
     pub steering: Option<Arc<Steering>>,
     pub sessions: SessionCounts,
+    pub approvals: Option<crate::approval::ApprovalService>,
+    /// The client-facing TLS configuration (shared with the approvals admin API).
+    pub tls_config: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Open sessions per identity, for the policy's `max_sessions`.
@@ -82,16 +85,13 @@ impl ServerState {
                 .and_then(|t| t.client_ca.clone())
                 .map(crate::identity::mtls::MtlsConfig::with_ca_file)
         });
-        let tls = match &config.tls {
-            Some(t) => Some(tokio_rustls::TlsAcceptor::from(tls::server_config(
-                &t.cert,
-                &t.key,
-                mtls.as_ref(),
-            )?)),
+        let tls_config = match &config.tls {
+            Some(t) => Some(tls::server_config(&t.cert, &t.key, mtls.as_ref())?),
             None => None,
         };
+        let tls = tls_config.clone().map(tokio_rustls::TlsAcceptor::from);
         let oidc = match &config.oidc {
-            Some(o) => Some(crate::identity::oidc::OidcVerifier::new(o)?),
+            Some(o) => Some(Arc::new(crate::identity::oidc::OidcVerifier::new(o)?)),
             None => None,
         };
         let identities = Authenticators {
@@ -118,12 +118,16 @@ impl ServerState {
                 .with_context(|| format!("cannot load policies from {}", p.dir.display()))?,
             None => PolicyHandle::new(PolicySet::empty()),
         };
+        let audit_for_approvals =
+            |audit: &AuditLog| crate::approval::audit_sink::to_audit(audit.clone());
         let audit = AuditLog::open(&config.audit).with_context(|| {
             format!(
                 "cannot open the audit trail in {}",
                 config.audit.dir.display()
             )
         })?;
+        let config_approvals = config.approvals.clone();
+        let audit_clone = audit.clone();
         Ok(ServerState {
             config,
             identities,
@@ -135,6 +139,17 @@ impl ServerState {
             audit,
             steering,
             sessions: SessionCounts::default(),
+            approvals: match &config_approvals {
+                Some(cfg) => Some(
+                    crate::approval::ApprovalService::open(
+                        cfg.clone(),
+                        audit_for_approvals(&audit_clone),
+                    )
+                    .context("cannot open the approvals store")?,
+                ),
+                None => None,
+            },
+            tls_config,
         })
     }
 }
@@ -148,6 +163,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!(%addr, "listening");
         listeners.push(listener);
+    }
+    // Every listener is bound before anything slow (opening the audit store) so that clients
+    // that connect early wait in the backlog instead of finding no socket.
+    let mut socket_path: Option<PathBuf> = None;
+    let mut unix_listener = None;
+    if let Some(dir) = &config.listen.unix_socket_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
+        let path = dir.join(format!(".s.PGSQL.{}", config.listen.unix_port));
+        // A stale socket from a crashed run would make bind fail.
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(&path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        // Any local user may connect, as with PostgreSQL's own socket: authentication decides.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
+        tracing::info!(path = %path.display(), "listening");
+        unix_listener = Some(listener);
+        socket_path = Some(path);
     }
     let steering = if config.ebpf.enabled {
         use std::os::fd::AsFd;
@@ -170,6 +207,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
         tasks.spawn(accept_tcp(listener, state.clone()));
+    }
+    if let Some(listener) = unix_listener {
+        tasks.spawn(accept_unix(listener, state.clone()));
+    }
+    if let Some(svc) = &state.approvals {
+        let _sweeper = svc.spawn_sweeper(std::time::Duration::from_secs(1));
+        let auth = crate::approval::api::AdminAuth {
+            oidc: state.identities.oidc.clone(),
+            tls: state.tls_config.clone(),
+            mtls: state.identities.mtls.clone(),
+        };
+        let handles = crate::approval::api::spawn(svc.clone(), auth)
+            .await
+            .context("cannot start the approvals admin API")?;
+        tracing::info!(listeners = handles.len(), "approvals admin API started");
     }
     if let Some(admin) = &state.config.admin {
         let path = admin.socket.clone();
@@ -214,25 +266,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             });
         }
         None => tracing::warn!("no [policy] configured: every login is refused (default deny)"),
-    }
-    let mut socket_path: Option<PathBuf> = None;
-    if let Some(dir) = &state.config.listen.unix_socket_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
-        let path = dir.join(format!(".s.PGSQL.{}", state.config.listen.unix_port));
-        // A stale socket from a crashed run would make bind fail.
-        if path.exists() {
-            std::fs::remove_file(&path)
-                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-        }
-        let listener = UnixListener::bind(&path)
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
-        // Any local user may connect, as with PostgreSQL's own socket: authentication decides.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
-        tracing::info!(path = %path.display(), "listening");
-        tasks.spawn(accept_unix(listener, state.clone()));
-        socket_path = Some(path);
     }
     tracing::info!(upstream = state.upstream.describe(), "interceptor ready");
 

@@ -13,6 +13,8 @@ pub mod net;
 pub mod os;
 pub mod pg;
 pub mod proxy;
+pub mod raw;
+pub mod reaper;
 pub mod stack;
 
 pub use certs::{TestCa, TestCerts};
@@ -20,7 +22,7 @@ pub use cli::{CmdOutput, PgCommand};
 pub use conn::{ConnParams, SslMode};
 pub use pg::{HbaAuth, PgCluster, PgOptions};
 pub use proxy::{IdentitySpec, Interceptor, InterceptorSetup};
-pub use stack::{Stack, StackOptions};
+pub use stack::{ALICE, ALICE_PASSWORD, BOB, BOB_PASSWORD, Stack, StackOptions, direct_mode};
 
 /// Root of the cargo workspace (the parent of this crate's directory).
 pub fn workspace_root() -> std::path::PathBuf {

@@ -146,6 +146,8 @@ impl PgCluster {
             .prefix("pgt")
             .tempdir_in("/tmp")
             .context("create cluster temp dir")?;
+        crate::reaper::reap_orphans_once();
+        crate::reaper::claim(dir.path()).context("write owner file")?;
         give_to_pg_user(dir.path())?;
         let data_dir = dir.path().join("data");
         let log_file = dir.path().join("postgres.log");
@@ -357,6 +359,26 @@ impl PgCluster {
             .dbname(db)
             .connect()
             .await
+    }
+
+    /// Waits until a backend is running a query containing `needle` (seen in
+    /// `pg_stat_activity`), so a test acts on a query the server really has.
+    pub fn wait_for_active_query(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+             AND pid <> pg_backend_pid() AND strpos(query, '{}') > 0",
+            needle.replace('\'', "''")
+        );
+        loop {
+            if self.psql_db("postgres", &sql)?.trim() != "0" {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!("no active query containing {needle:?} within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Unix-socket parameters for `user` in the app database.

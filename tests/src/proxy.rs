@@ -47,7 +47,6 @@ pub struct InterceptorSetup {
     upstream_socket_dir: PathBuf,
     upstream_port: u16,
     upstream_via: UpstreamVia,
-    default_role: Option<String>,
     role_passwords: Vec<(String, String)>,
     identities: Vec<IdentitySpec>,
     tls: Option<(PathBuf, PathBuf)>,
@@ -56,6 +55,8 @@ pub struct InterceptorSetup {
     client_ca: Option<PathBuf>,
     audit_dir: Option<AuditDir>,
     policy_dir: Option<PathBuf>,
+    policy_files: Vec<(String, String)>,
+    allow_all_policies: bool,
     unix_listener: bool,
     extra_toml: String,
     env: Vec<(String, String)>,
@@ -76,15 +77,16 @@ impl InterceptorSetup {
             upstream_socket_dir: pg.socket_dir().to_path_buf(),
             upstream_port: pg.port(),
             upstream_via: UpstreamVia::UnixSocket,
-            default_role: None,
             role_passwords: pg.role_passwords().into_iter().collect(),
             identities: Vec::new(),
             tls: None,
             ca_cert: None,
             require_tls: false,
             client_ca: None,
-            audit_dir: None,
+            audit_dir: Some(AuditDir::InTemp),
             policy_dir: None,
+            policy_files: Vec::new(),
+            allow_all_policies: false,
             unix_listener: true,
             extra_toml: String::new(),
             env: Vec::new(),
@@ -135,11 +137,6 @@ impl InterceptorSetup {
         self
     }
 
-    pub fn default_role(mut self, role: &str) -> Self {
-        self.default_role = Some(role.to_owned());
-        self
-    }
-
     /// Add or replace an upstream role password in the secrets file.
     pub fn role_password(mut self, role: &str, password: &str) -> Self {
         self.role_passwords.retain(|(r, _)| r != role);
@@ -148,7 +145,7 @@ impl InterceptorSetup {
         self
     }
 
-    /// Enable the audit store in `<tempdir>/audit`.
+    /// Keep the audit store in `<tempdir>/audit` (the default: interceptor requires an audit trail).
     pub fn with_audit(mut self) -> Self {
         self.audit_dir = Some(AuditDir::InTemp);
         self
@@ -162,6 +159,41 @@ impl InterceptorSetup {
     pub fn policy_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.policy_dir = Some(dir.into());
         self
+    }
+
+    /// A policy file (`<name>.toml`) written into `<tempdir>/policies`, which becomes the
+    /// policy dir unless [`Self::policy_dir`] names another one (then the file goes there).
+    pub fn policy_file(mut self, name: &str, toml: &str) -> Self {
+        self.policy_files.push((name.to_owned(), toml.to_owned()));
+        self
+    }
+
+    /// One policy per identity that logs it in as its `upstream_role` (default `app_ro`) and
+    /// allows every statement kind and risk: for tests of the relay itself, so that what
+    /// they observe is PostgreSQL's behaviour and not a policy decision. The proxy denies
+    /// everything without a policy.
+    pub fn allow_all_policies(mut self) -> Self {
+        self.allow_all_policies = true;
+        self
+    }
+
+    fn all_policy_files(&self) -> Vec<(String, String)> {
+        let mut files = self.policy_files.clone();
+        if self.allow_all_policies {
+            for id in &self.identities {
+                files.push((format!("e2e-allow-all-{}", id.name), allow_all_policy(id)));
+            }
+        }
+        files
+    }
+
+    fn effective_policy_dir(&self, dir: &Path) -> Option<PathBuf> {
+        let has_files = !self.policy_files.is_empty() || self.allow_all_policies;
+        match (&self.policy_dir, has_files) {
+            (Some(p), _) => Some(p.clone()),
+            (None, true) => Some(dir.join("policies")),
+            (None, false) => None,
+        }
     }
 
     /// Also listen on a unix socket in the temp dir (default on).
@@ -231,9 +263,6 @@ impl InterceptorSetup {
             }
         }
         upstream.insert("port".into(), Value::Integer(i64::from(self.upstream_port)));
-        if let Some(role) = &self.default_role {
-            upstream.insert("default_role".into(), Value::String(role.clone()));
-        }
         root.insert("upstream".into(), Value::Table(upstream));
 
         let mut secrets = Table::new();
@@ -249,9 +278,7 @@ impl InterceptorSetup {
                 "groups".into(),
                 Value::Array(id.groups.iter().cloned().map(Value::String).collect()),
             );
-            if let Some(role) = &id.upstream_role {
-                t.insert("upstream_role".into(), Value::String(role.clone()));
-            }
+            // The upstream role is chosen by policy ([login] upstream_role), not here.
             identities.insert(id.name.clone(), Value::Table(t));
         }
         if !identities.is_empty() {
@@ -267,9 +294,9 @@ impl InterceptorSetup {
             t.insert("dir".into(), path(&dir));
             root.insert("audit".into(), Value::Table(t));
         }
-        if let Some(p) = &self.policy_dir {
+        if let Some(p) = self.effective_policy_dir(dir) {
             let mut t = Table::new();
-            t.insert("dir".into(), path(p));
+            t.insert("dir".into(), path(&p));
             root.insert("policy".into(), Value::Table(t));
         }
 
@@ -290,6 +317,57 @@ impl InterceptorSetup {
         root.insert("roles".into(), Value::Table(roles));
         toml::to_string(&root).context("serialize secrets")
     }
+}
+
+/// Every risk the policy engine knows (docs/policy.md), for allow-everything rules.
+const ALL_RISKS: [&str; 19] = [
+    "delete_without_where",
+    "update_without_where",
+    "drop",
+    "truncate",
+    "alter_role",
+    "alter_system",
+    "copy_program",
+    "copy_file",
+    "dynamic_sql",
+    "anonymous_code",
+    "server_file",
+    "large_object",
+    "dblink",
+    "set_role",
+    "session_authorization",
+    "search_path",
+    "side_effect_function",
+    "admin_function",
+    "user_function",
+];
+
+fn allow_all_policy(id: &IdentitySpec) -> String {
+    let role = id.upstream_role.as_deref().unwrap_or(crate::pg::APP_RO);
+    let quote = |s: &str| Value::String(s.to_owned()).to_string();
+    let risks: Vec<String> = ALL_RISKS.iter().map(|r| quote(r)).collect();
+    format!(
+        "[policy]\n\
+         name = {name}\n\
+         description = \"interceptor-tests: everything allowed (relay tests, not policy tests)\"\n\
+         \n\
+         [identities]\n\
+         subjects = [{subject}]\n\
+         \n\
+         [login]\n\
+         upstream_role = {role}\n\
+         databases = [\"*\"]\n\
+         \n\
+         [[rule]]\n\
+         name = \"everything\"\n\
+         decision = \"allow\"\n\
+         kinds = [\"any\"]\n\
+         risks = [{risks}]\n",
+        name = quote(&format!("e2e-allow-all-{}", id.name)),
+        subject = quote(&id.name),
+        role = quote(role),
+        risks = risks.join(", "),
+    )
 }
 
 /// Path of the interceptor binary: `$INTERCEPTOR_BIN`, else `debug/interceptor` in the cargo
@@ -349,8 +427,18 @@ impl Interceptor {
             .prefix("icpt")
             .tempdir_in("/tmp")
             .context("interceptor temp dir")?;
+        crate::reaper::reap_orphans_once();
+        crate::reaper::claim(dir.path()).context("write owner file")?;
         if setup.unix_listener {
             std::fs::create_dir(dir.path().join("sock")).context("create socket dir")?;
+        }
+        if let Some(policy_dir) = setup.effective_policy_dir(dir.path()) {
+            std::fs::create_dir_all(&policy_dir).context("create policy dir")?;
+            for (name, text) in &setup.all_policy_files() {
+                let file = policy_dir.join(format!("{name}.toml"));
+                std::fs::write(&file, text)
+                    .with_context(|| format!("write policy {}", file.display()))?;
+            }
         }
         let secrets = dir.path().join("secrets.toml");
         std::fs::write(&secrets, setup.render_secrets()?).context("write secrets")?;
@@ -400,15 +488,23 @@ impl Interceptor {
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("dup log")?)
             .stderr(log);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info,interceptor=debug");
+        // The daemon reads its log filter from INTERCEPTOR_LOG.
+        if std::env::var_os("INTERCEPTOR_LOG").is_none() {
+            cmd.env("INTERCEPTOR_LOG", "info,interceptor=debug");
         }
         cmd.env("RUST_BACKTRACE", "1");
         cmd.envs(self.setup.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        let pid = child.id();
+        // Owned by self first, so a failure below still kills it (start() calls kill9).
         self.child = Some(child);
+        std::fs::write(
+            self.dir.path().join(crate::reaper::PROXY_PID_FILE),
+            pid.to_string(),
+        )
+        .context("write pid file")?;
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
         let timeout = self.setup.startup_timeout;
         let log_path = self.log_path.clone();
@@ -449,6 +545,11 @@ impl Interceptor {
             Some(AuditDir::At(p)) => Some(p.clone()),
             None => None,
         }
+    }
+
+    /// The policy directory in the config, if any.
+    pub fn policy_dir(&self) -> Option<PathBuf> {
+        self.setup.effective_policy_dir(self.dir.path())
     }
 
     /// Everything the process wrote to stdout and stderr so far (all runs).

@@ -17,6 +17,13 @@ pub fn direct_mode() -> bool {
     std::env::var("INTERCEPTOR_E2E_DIRECT").is_ok_and(|v| v == "1" || v == "true")
 }
 
+/// Standard identity mapped to the read-write role.
+pub const ALICE: &str = "alice";
+pub const ALICE_PASSWORD: &str = "alice-Correct-Horse-1";
+/// Standard identity mapped to the read-only role.
+pub const BOB: &str = "bob";
+pub const BOB_PASSWORD: &str = "bob-Battery-Staple-2";
+
 #[derive(Debug, Clone, Default)]
 pub struct StackOptions {
     pub pg: PgOptions,
@@ -27,11 +34,19 @@ pub struct StackOptions {
     pub require_tls: bool,
     /// `pgbench -i -s <scale>` before the proxy starts.
     pub pgbench_scale: Option<u32>,
-    /// Customize the proxy setup (ignored in direct mode).
+    /// Customize the proxy setup (ignored in direct mode). The stack starts from
+    /// [`InterceptorSetup::allow_all_policies`]: these are relay tests.
     pub customize: Option<fn(InterceptorSetup) -> InterceptorSetup>,
 }
 
 impl StackOptions {
+    /// `alice` (group `dev`, upstream `app_rw`) and `bob` (group `analyst`, upstream `app_ro`).
+    pub fn standard() -> Self {
+        StackOptions::default()
+            .identity(ALICE, ALICE_PASSWORD, &["dev"], Some(crate::pg::APP_RW))
+            .identity(BOB, BOB_PASSWORD, &["analyst"], Some(crate::pg::APP_RO))
+    }
+
     pub fn identity(
         mut self,
         name: &str,
@@ -104,7 +119,7 @@ impl Stack {
             }
             None
         } else {
-            let mut setup = InterceptorSetup::new(&pg);
+            let mut setup = InterceptorSetup::new(&pg).allow_all_policies();
             for id in &opts.identities {
                 setup = setup.identity_spec(id.clone());
             }

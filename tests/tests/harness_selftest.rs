@@ -251,3 +251,29 @@ fn server_tls_with_test_ca() {
     let pem = std::fs::read_to_string(&client.cert).unwrap();
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
 }
+
+#[test]
+fn orphaned_cluster_is_reaped() {
+    let pg = PgCluster::start_with(PgOptions::default().accounts_fixture(false)).unwrap();
+    let dir = pg.socket_dir().to_path_buf();
+    // Pretend the owner died without running destructors: a pid that has exited.
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+    std::fs::write(
+        dir.join(interceptor_tests::reaper::OWNER_FILE),
+        dead_pid.to_string(),
+    )
+    .unwrap();
+    std::mem::forget(pg);
+    interceptor_tests::reaper::reap_orphans();
+    assert!(!dir.exists(), "orphaned cluster dir still there");
+    let still_running = std::process::Command::new("pgrep")
+        .args(["-f", &format!("postgres -D {}", dir.display())])
+        .output()
+        .unwrap();
+    assert!(
+        !still_running.status.success(),
+        "orphaned postmaster still running"
+    );
+}

@@ -257,6 +257,12 @@ pub enum ApprovalAction {
     Denied,
     Expired,
     Revoked,
+    /// One approver's vote (a rule may need several).
+    Voted,
+    /// The requesting client went away or cancelled before a decision.
+    Aborted,
+    /// The approved statement was forwarded.
+    Executed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

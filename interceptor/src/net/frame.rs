@@ -94,6 +94,20 @@ impl FrameReader {
         Ok(pos)
     }
 
+    /// Reads more bytes into the buffer without handing anything out (used to notice a client
+    /// that disconnects while its statement is held). Returns the number of bytes read.
+    pub async fn fill<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+    ) -> Result<usize, FrameError> {
+        if self.buf.len() > self.max {
+            // Enough pipelined input is waiting; do not grow without bound.
+            std::future::pending::<()>().await;
+        }
+        self.buf.reserve(READ_CHUNK);
+        Ok(reader.read_buf(&mut self.buf).await?)
+    }
+
     /// Reads exactly one typed message (for the authentication exchange, where the client sends
     /// one message at a time). `Ok(None)` on a clean end of stream.
     pub async fn read_message<R: AsyncRead + Unpin>(

@@ -45,7 +45,7 @@ impl StaticIdentities {
 /// Every way a client can prove who it is.
 pub struct Authenticators {
     pub statics: StaticIdentities,
-    pub oidc: Option<crate::identity::oidc::OidcVerifier>,
+    pub oidc: Option<std::sync::Arc<crate::identity::oidc::OidcVerifier>>,
     pub mtls: Option<crate::identity::mtls::MtlsConfig>,
 }
 

@@ -2,7 +2,9 @@
 //! to the upstream backend that runs the client's query. Upstream keys never leave interceptor.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
 
 use rand::Rng;
 
@@ -16,14 +18,19 @@ pub struct UpstreamKey {
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    sessions: Mutex<HashMap<i32, (i32, UpstreamKey)>>,
+    sessions: Mutex<HashMap<i32, Entry>>,
 }
+
+/// Client-facing secret, the upstream key, and the session's own cancel signal.
+type Entry = (i32, UpstreamKey, Arc<Notify>);
 
 /// Removes the session's key when the session ends.
 pub struct CancelKey<'a> {
     registry: &'a CancelRegistry,
     pub pid: i32,
     pub secret: i32,
+    /// Woken by a genuine CancelRequest: ends a wait that is interceptor's own (approval holds).
+    pub cancelled: Arc<Notify>,
 }
 
 impl Drop for CancelKey<'_> {
@@ -48,19 +55,26 @@ impl CancelRegistry {
                 break pid;
             }
         };
-        m.insert(pid, (secret, upstream));
+        let cancelled = Arc::new(Notify::new());
+        m.insert(pid, (secret, upstream, cancelled.clone()));
         CancelKey {
             registry: self,
             pid,
             secret,
+            cancelled,
         }
     }
 
     /// The upstream key for a client's CancelRequest, if the key is genuine.
+    /// Also wakes the session's own waits (a held statement).
     pub fn resolve(&self, pid: i32, secret: i32) -> Option<UpstreamKey> {
         let m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let (s, up) = m.get(&pid)?;
-        constant_time_eq(&s.to_be_bytes(), &secret.to_be_bytes()).then_some(*up)
+        let (s, up, cancelled) = m.get(&pid)?;
+        if !constant_time_eq(&s.to_be_bytes(), &secret.to_be_bytes()) {
+            return None;
+        }
+        cancelled.notify_waiters();
+        Some(*up)
     }
 }
 

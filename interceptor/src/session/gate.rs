@@ -20,6 +20,37 @@ pub enum Verdict {
     Forward { record: Option<RecordId> },
     /// Do not forward it; the client gets this error and the session stays usable.
     Refuse(PgError),
+    /// Policy wants a human decision: the request is recorded and pending. The relay tells the
+    /// client, waits, and hands the resolution to [`Gate::after_hold`].
+    Hold(Held),
+}
+
+/// A statement waiting for approval.
+pub struct Held {
+    pub request: crate::approval::HeldRequest,
+    meta: HeldStatement,
+}
+
+/// What is needed to run a held statement once approved.
+pub struct HeldStatement {
+    id: crate::approval::RequestId,
+    decision: Arc<Decision>,
+    sql: Arc<str>,
+    protocol: QueryProtocol,
+    parameters: Vec<Option<String>>,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Held({})", self.meta.id)
+    }
+}
+
+impl Held {
+    /// Splits the waitable request from what the gate needs afterwards.
+    pub fn take_request(self) -> (crate::approval::HeldRequest, HeldStatement) {
+        (self.request, self.meta)
+    }
 }
 
 /// Facts about the session the gate decides with.
@@ -82,11 +113,22 @@ pub struct Gate {
     audit: AuditLog,
     /// Records appended since the last [`Gate::flush`].
     unsynced: bool,
+    approvals: Option<crate::approval::ApprovalService>,
+    /// The identity with its active time-bound grants, refreshed at most every second (a grant
+    /// ends by itself at expiry, to within that second).
+    elevated: Option<(std::time::Instant, Identity)>,
 }
 
 impl Gate {
-    pub fn new(facts: Arc<SessionFacts>, policy: PolicyHandle, audit: AuditLog) -> Self {
+    pub fn new(
+        facts: Arc<SessionFacts>,
+        policy: PolicyHandle,
+        audit: AuditLog,
+        approvals: Option<crate::approval::ApprovalService>,
+    ) -> Self {
         Gate {
+            approvals,
+            elevated: None,
             facts,
             policy,
             cache: HashMap::new(),
@@ -157,6 +199,73 @@ impl Gate {
         Ok(id)
     }
 
+    /// Puts a statement that needs approval on hold, when approvals are configured.
+    async fn hold(
+        &mut self,
+        protocol: QueryProtocol,
+        sql: &str,
+        parameters: Vec<Option<String>>,
+        decision: &Arc<Decision>,
+    ) -> Option<Verdict> {
+        let svc = self.approvals.clone()?;
+        let f = &self.facts;
+        let request = crate::approval::NewRequest::from_decision(
+            &f.identity,
+            f.session_id.0,
+            &f.database,
+            sql,
+            decision,
+        )?;
+        Some(match svc.hold(request).await {
+            Ok(request) => Verdict::Hold(Held {
+                meta: HeldStatement {
+                    id: request.id(),
+                    decision: decision.clone(),
+                    sql: Arc::from(sql),
+                    protocol,
+                    parameters,
+                },
+                request,
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record an approval request");
+                Verdict::Refuse(PgError::error(
+                    sqlstate::INSUFFICIENT_PRIVILEGE,
+                    format!(
+                        "interceptor: this statement needs approval, and the request could not be recorded: {e}"
+                    ),
+                ))
+            }
+        })
+    }
+
+    /// Applies a held statement's resolution: approved statements are recorded (with their
+    /// approval) and forwarded exactly as submitted; anything else is refused.
+    pub fn after_hold(
+        &mut self,
+        held: HeldStatement,
+        resolution: crate::approval::Resolution,
+    ) -> Verdict {
+        let id = held.id;
+        if let Some(err) = resolution.refusal(id) {
+            return Verdict::Refuse(err);
+        }
+        let mut allowed = (*held.decision).clone();
+        allowed.verdict = crate::policy::Verdict::Allow;
+        match self.record(held.protocol, &held.sql, held.parameters, &allowed) {
+            Ok(record) => {
+                if let Some(svc) = &self.approvals {
+                    svc.executed(id, self.facts.session_id.0, None);
+                }
+                self.sql_prepared.observe(&allowed.statements);
+                Verdict::Forward {
+                    record: Some(record),
+                }
+            }
+            Err(e) => audit_unavailable(e),
+        }
+    }
+
     /// Records the decision and turns it into what the relay does. Fails closed when the
     /// record cannot be written.
     fn recorded_verdict(
@@ -179,7 +288,34 @@ impl Gate {
         &self.facts
     }
 
+    /// The session's identity as policy sees it now: with the groups of active grants.
+    fn current_identity(&mut self) -> Identity {
+        let Some(svc) = &self.approvals else {
+            return self.facts.identity.clone();
+        };
+        if let Some((at, who)) = &self.elevated
+            && at.elapsed() < std::time::Duration::from_secs(1)
+        {
+            return who.clone();
+        }
+        let who = svc.elevated(&self.facts.identity);
+        let changed = self
+            .elevated
+            .as_ref()
+            .is_none_or(|(_, old)| old.groups != who.groups);
+        if changed {
+            // Cached decisions were made for other groups.
+            self.cache.clear();
+            if who.groups != self.facts.identity.groups {
+                tracing::info!(groups = ?who.groups, "time-bound grant in effect");
+            }
+        }
+        self.elevated = Some((std::time::Instant::now(), who.clone()));
+        who
+    }
+
     fn decide(&mut self, policy: &PolicySet, sql: &str, lex: LexState) -> Arc<Decision> {
+        let who = self.current_identity();
         let version = policy.version();
         if let Some((v, d)) = self.cache.get(sql)
             && *v == version
@@ -190,13 +326,8 @@ impl Gate {
             standard_conforming_strings: lex.standard_conforming_strings,
         };
         let f = &self.facts;
-        let decision = Arc::new(policy.decide_in_session(
-            &f.identity,
-            &f.database,
-            sql,
-            &lex,
-            &self.sql_prepared,
-        ));
+        let decision =
+            Arc::new(policy.decide_in_session(&who, &f.database, sql, &lex, &self.sql_prepared));
         // EXECUTE depends on session state (what was PREPAREd), so its decision is not cached.
         let stateful = decision
             .statements
@@ -272,6 +403,12 @@ impl Gate {
         }
         let policy = self.policy.current();
         let decision = self.decide(&policy, sql, lex);
+        if let Some(v) = self
+            .hold(QueryProtocol::Simple, sql, Vec::new(), &decision)
+            .await
+        {
+            return v;
+        }
         self.recorded_verdict(QueryProtocol::Simple, sql, Vec::new(), &decision)
     }
 
@@ -282,7 +419,13 @@ impl Gate {
         }
         let policy = self.policy.current();
         let decision = self.decide(&policy, sql, lex);
-        let verdict = self.verdict(&decision);
+        let needs_approval = matches!(decision.verdict, crate::policy::Verdict::Approve { .. });
+        let verdict = if needs_approval && self.approvals.is_some() {
+            // Parsing runs nothing: the statement is held at Execute, where it would run.
+            Verdict::Forward { record: None }
+        } else {
+            self.verdict(&decision)
+        };
         if let Verdict::Refuse(_) = &verdict {
             // Nothing runs at Parse, but an attempt that was refused is evidence: record it.
             if let Err(e) = self.record(QueryProtocol::Extended, sql, Vec::new(), &decision) {

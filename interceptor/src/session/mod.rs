@@ -348,7 +348,12 @@ async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), Se
         "session started"
     );
     let shared = relay::Shared::new(&upstream.params);
-    let mut gate = Gate::new(facts.clone(), server.policy.clone(), server.audit.clone());
+    let mut gate = Gate::new(
+        facts.clone(),
+        server.policy.clone(),
+        server.audit.clone(),
+        server.approvals.clone(),
+    );
     let recorder = Recorder::new(facts.clone(), server.audit.clone());
     let (client_rd, client_wr) = stream.into_split();
     let (up_rd, up_wr) = upstream.stream.into_split();
@@ -362,8 +367,12 @@ async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), Se
         &mut gate,
         &recorder,
         &shared,
+        &key.cancelled,
     )
     .await;
+    if let Some(svc) = &server.approvals {
+        svc.end_session(facts.session_id.0);
+    }
     use std::sync::atomic::Ordering::Relaxed;
     tracing::info!(
         session = facts.session_id.0,

@@ -162,10 +162,28 @@ pub async fn run(
     gate: &mut Gate,
     recorder: &Recorder,
     shared: &Shared,
+    cancel: &tokio::sync::Notify,
 ) -> Result<End, RelayError> {
+    // Messages interceptor itself sends the client mid-session (approval notices) go through
+    // the upstream → client side, the only writer of the client socket.
+    let (notice_tx, mut notice_rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
     let result = {
-        let c2u = client_to_upstream(&mut client_rd, &mut up_wr, &mut client_reader, gate, shared);
-        let u2c = upstream_to_client(&mut up_rd, &mut client_wr, &mut up_reader, recorder, shared);
+        let c2u = client_to_upstream(
+            &mut client_rd,
+            &mut up_wr,
+            &mut client_reader,
+            gate,
+            shared,
+            Side { notice_tx, cancel },
+        );
+        let u2c = upstream_to_client(
+            &mut up_rd,
+            &mut client_wr,
+            &mut up_reader,
+            recorder,
+            shared,
+            &mut notice_rx,
+        );
         tokio::select! {
             r = c2u => r,
             r = u2c => r,
@@ -182,12 +200,19 @@ pub async fn run(
     result
 }
 
+/// What the client → upstream side needs besides the sockets.
+struct Side<'a> {
+    notice_tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    cancel: &'a tokio::sync::Notify,
+}
+
 async fn client_to_upstream(
     rd: &mut BoxedRead,
     wr: &mut BoxedWrite,
     reader: &mut FrameReader,
     gate: &mut Gate,
     shared: &Shared,
+    side: Side<'_>,
 ) -> Result<End, RelayError> {
     // Messages forwarded so far that each produce one ReadyForQuery (Query, Sync, FunctionCall).
     let mut batch: u64 = 0;
@@ -211,13 +236,23 @@ async fn client_to_upstream(
                     let sql = message::decode_query(f.body)
                         .map_err(|e| RelayError::Protocol(e.to_string()))?;
                     shared.counters.statements.fetch_add(1, Ordering::Relaxed);
-                    let verdict = gate.query(sql, shared.lex()).await;
+                    let mut verdict = gate.query(sql, shared.lex()).await;
+                    if let Verdict::Hold(held) = verdict {
+                        // Everything before the held statement goes out first.
+                        emit(wr, gate, &chunk, &mut out, &mut copied_to, start).await?;
+                        let Some(v) = wait_for_approval(rd, reader, gate, held, &side).await?
+                        else {
+                            return Ok(End::ClientGone);
+                        };
+                        verdict = v;
+                    }
                     let sub = match verdict {
                         Verdict::Forward { record } => {
                             track(shared, batch, Kind::Simple, record);
                             None
                         }
                         Verdict::Refuse(err) => Some(refuse(shared, batch, err, false)),
+                        Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), false)),
                     };
                     batch += 1;
                     sub
@@ -228,6 +263,7 @@ async fn client_to_upstream(
                     match gate.parse(p.statement, p.sql, shared.lex()).await {
                         Verdict::Forward { .. } => None,
                         Verdict::Refuse(err) => Some(refuse(shared, batch, err, true)),
+                        Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), true)),
                     }
                 }
                 b'B' => {
@@ -240,12 +276,27 @@ async fn client_to_upstream(
                     let (portal, _) = message::decode_execute(f.body)
                         .map_err(|e| RelayError::Protocol(e.to_string()))?;
                     shared.counters.statements.fetch_add(1, Ordering::Relaxed);
-                    match gate.execute(portal, shared.lex()).await {
+                    let mut verdict = gate.execute(portal, shared.lex()).await;
+                    if let Verdict::Hold(held) = verdict {
+                        // The batch so far goes out with a Flush so its answers reach the client
+                        // while this statement waits.
+                        emit(wr, gate, &chunk, &mut out, &mut copied_to, start).await?;
+                        wr.write_all(&message::message(b'H', &[]))
+                            .await
+                            .map_err(|e| RelayError::Upstream(FrameError::Io(e)))?;
+                        let Some(v) = wait_for_approval(rd, reader, gate, held, &side).await?
+                        else {
+                            return Ok(End::ClientGone);
+                        };
+                        verdict = v;
+                    }
+                    match verdict {
                         Verdict::Forward { record } => {
                             track(shared, batch, Kind::Execute, record);
                             None
                         }
                         Verdict::Refuse(err) => Some(refuse(shared, batch, err, true)),
+                        Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), true)),
                     }
                 }
                 b'C' => {
@@ -262,6 +313,7 @@ async fn client_to_upstream(
                     let sub = match gate.function_call().await {
                         Verdict::Forward { .. } => None,
                         Verdict::Refuse(err) => Some(refuse(shared, batch, err, false)),
+                        Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), false)),
                     };
                     batch += 1;
                     sub
@@ -304,6 +356,73 @@ async fn client_to_upstream(
     }
 }
 
+/// Forwards what the chunk holds before `upto` (audit records made durable first).
+async fn emit(
+    wr: &mut BoxedWrite,
+    gate: &mut Gate,
+    chunk: &[u8],
+    out: &mut Option<BytesMut>,
+    copied_to: &mut usize,
+    upto: usize,
+) -> Result<(), RelayError> {
+    gate.flush().await.map_err(RelayError::Audit)?;
+    let result = match out.take() {
+        Some(mut o) => {
+            o.extend_from_slice(&chunk[*copied_to..upto]);
+            wr.write_all(&o).await
+        }
+        None => wr.write_all(&chunk[*copied_to..upto]).await,
+    };
+    *copied_to = upto;
+    result.map_err(|e| RelayError::Upstream(FrameError::Io(e)))
+}
+
+/// Tells the client its statement is pending and waits for the decision, the client's cancel
+/// (its CancelRequest with our key) or its disconnect. `None`: the client went away (dropping the
+/// wait marks the request aborted).
+async fn wait_for_approval(
+    rd: &mut BoxedRead,
+    reader: &mut FrameReader,
+    gate: &mut Gate,
+    held: super::gate::Held,
+    side: &Side<'_>,
+) -> Result<Option<Verdict>, RelayError> {
+    if let Some(notice) = held.request.notice() {
+        let _ = side.notice_tx.send(notice.encode());
+    }
+    let id = held.request.id();
+    let (request, held) = held.take_request();
+    let wait = request.wait();
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            resolution = &mut wait => return Ok(Some(gate.after_hold(held, resolution))),
+            _ = side.cancel.notified() => {
+                tracing::info!(approval = id, "client cancelled a held statement");
+                return Ok(Some(Verdict::Refuse(PgError::error(
+                    sqlstate::QUERY_CANCELED,
+                    format!("canceling statement due to user request (approval request {id} withdrawn)"),
+                ))));
+            }
+            more = reader.fill(rd) => {
+                // The client may pipeline more messages; they wait in the buffer. End of
+                // stream means it is gone.
+                if more.map_err(RelayError::Client)? == 0 {
+                    tracing::info!(approval = id, "client disconnected while its statement was held");
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+fn still_held() -> PgError {
+    PgError::error(
+        sqlstate::INTERNAL_ERROR,
+        "interceptor: statement still held",
+    )
+}
+
 fn track(shared: &Shared, batch: u64, kind: Kind, record: Option<crate::audit::RecordId>) {
     lock(&shared.inflight).push_back(InFlight {
         batch,
@@ -338,11 +457,22 @@ async fn upstream_to_client(
     reader: &mut FrameReader,
     recorder: &Recorder,
     shared: &Shared,
+    notices: &mut tokio::sync::mpsc::UnboundedReceiver<Bytes>,
 ) -> Result<End, RelayError> {
     let mut ready_seen: u64 = 0;
     let mut finished: Vec<InFlight> = Vec::new();
     loop {
-        let Some(chunk) = reader.read_chunk(rd).await.map_err(RelayError::Upstream)? else {
+        // read_chunk is cancel-safe: bytes read stay in the reader's buffer.
+        let chunk = tokio::select! {
+            chunk = reader.read_chunk(rd) => chunk,
+            Some(notice) = notices.recv() => {
+                wr.write_all(&notice)
+                    .await
+                    .map_err(|e| RelayError::Client(FrameError::Io(e)))?;
+                continue;
+            }
+        };
+        let Some(chunk) = chunk.map_err(RelayError::Upstream)? else {
             return Ok(End::UpstreamGone);
         };
         let mut out: Option<BytesMut> = None;

@@ -1,0 +1,112 @@
+//! The little HTTP/1.1 both ends of the admin API need: one request per connection,
+//! bounded headers and body, JSON bodies.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::ApprovalError;
+
+pub const MAX_HEAD: usize = 16 * 1024;
+pub const MAX_BODY: usize = 64 * 1024;
+
+pub struct HttpRequest {
+    pub method: String,
+    pub path: String,
+    pub authorization: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// Reads one request; errors are answered with 400 by the caller.
+pub async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<HttpRequest, ApprovalError> {
+    let bad = |m: &str| ApprovalError::BadRequest(m.to_owned());
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(bad("connection closed before the request was complete"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(head_len)) => {
+                let method = req.method.unwrap_or("").to_owned();
+                let path = req.path.unwrap_or("").to_owned();
+                let mut authorization = None;
+                let mut length = 0usize;
+                for h in req.headers.iter() {
+                    if h.name.eq_ignore_ascii_case("authorization") {
+                        authorization = Some(
+                            std::str::from_utf8(h.value)
+                                .map_err(|_| bad("authorization is not text"))?
+                                .to_owned(),
+                        );
+                    } else if h.name.eq_ignore_ascii_case("content-length") {
+                        length = std::str::from_utf8(h.value)
+                            .ok()
+                            .and_then(|v| v.trim().parse().ok())
+                            .ok_or_else(|| bad("bad content-length"))?;
+                    } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                        return Err(bad("transfer-encoding is not supported"));
+                    }
+                }
+                if length > MAX_BODY {
+                    return Err(bad("body too large"));
+                }
+                let mut body = buf.split_off(head_len);
+                while body.len() < length {
+                    let n = s.read(&mut chunk).await?;
+                    if n == 0 {
+                        return Err(bad("body shorter than content-length"));
+                    }
+                    body.extend_from_slice(&chunk[..n]);
+                }
+                body.truncate(length);
+                return Ok(HttpRequest {
+                    method,
+                    path,
+                    authorization,
+                    body,
+                });
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => return Err(bad("request head too large")),
+            Err(_) => return Err(bad("malformed request")),
+        }
+    }
+}
+
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        _ => "Internal Server Error",
+    }
+}
+
+pub async fn write_response<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    status: u16,
+    body: &serde_json::Value,
+) -> std::io::Result<()> {
+    let body = body.to_string();
+    let auth = if status == 401 {
+        "WWW-Authenticate: Bearer\r\n"
+    } else {
+        ""
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n",
+        reason_phrase(status),
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body.as_bytes()).await?;
+    s.flush().await
+}

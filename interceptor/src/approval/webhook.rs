@@ -1,0 +1,118 @@
+//! Fire-and-forget JSON POSTs on new, decided and expired requests. The payload names the
+//! request but carries no SQL: approvers read it through the authenticated API.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::ApprovalError;
+use super::model::{ApprovalEvent, RequestKind};
+
+pub struct Webhook {
+    url: String,
+    agent: ureq::Agent,
+}
+
+/// https anywhere; plain http only to loopback (tests, a local relay).
+pub fn check_url(url: &str) -> Result<(), ApprovalError> {
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("https://") {
+        return Ok(());
+    }
+    if let Some(rest) = lower.strip_prefix("http://") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(""),
+            None => authority.split(':').next().unwrap_or(""),
+        };
+        if matches!(host, "127.0.0.1" | "localhost" | "::1") && !authority.contains('@') {
+            return Ok(());
+        }
+    }
+    Err(ApprovalError::Config(
+        "webhook_url must be https (plain http only to loopback)".into(),
+    ))
+}
+
+impl Webhook {
+    pub fn new(url: &str, timeout: Duration) -> Result<Webhook, ApprovalError> {
+        check_url(url)?;
+        let config = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .max_redirects(0)
+            .build();
+        Ok(Webhook {
+            url: url.to_owned(),
+            agent: config.into(),
+        })
+    }
+
+    /// Sends the event if it is one the webhook reports, without waiting for the answer.
+    pub fn send(&self, event: &ApprovalEvent) {
+        let Some(body) = payload(event) else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let agent = self.agent.clone();
+        let url = self.url.clone();
+        handle.spawn_blocking(move || {
+            let result = agent
+                .post(&url)
+                .header("content-type", "application/json")
+                .send(body.to_string());
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "approvals webhook failed");
+            }
+        });
+    }
+}
+
+/// The webhook's view of an event (`None`: not reported).
+pub fn payload(event: &ApprovalEvent) -> Option<Value> {
+    Some(match event {
+        ApprovalEvent::Requested { request } => {
+            let (kind, database, groups) = match &request.kind {
+                RequestKind::Statement { database, .. } => ("statement", Some(database), None),
+                RequestKind::Grant { groups, .. } => ("grant", None, Some(groups)),
+            };
+            json!({
+                "event": "requested", "id": request.id, "kind": kind,
+                "requester": request.identity.subject, "database": database,
+                "groups": groups, "rule": request.rule,
+                "approver_groups": request.approver_groups,
+                "approvals_required": request.approvals_required,
+                "deadline_ms": request.deadline_ms,
+            })
+        }
+        ApprovalEvent::Approved { id, by, scope, .. } => {
+            json!({"event": "approved", "id": id, "by": by, "scope": scope})
+        }
+        ApprovalEvent::Denied { id, by, reason } => {
+            json!({"event": "denied", "id": id, "by": by, "reason": reason})
+        }
+        ApprovalEvent::TimedOut { id } => json!({"event": "timed_out", "id": id}),
+        ApprovalEvent::Aborted { id, .. } => json!({"event": "aborted", "id": id}),
+        ApprovalEvent::GrantExpired { id, subject } => {
+            json!({"event": "grant_expired", "grant": id, "subject": subject})
+        }
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_rules() {
+        assert!(check_url("https://hooks.example.com/x").is_ok());
+        assert!(check_url("http://127.0.0.1:9000/hook").is_ok());
+        assert!(check_url("http://[::1]:80/").is_ok());
+        assert!(check_url("http://hooks.example.com/").is_err());
+        assert!(check_url("http://127.0.0.1.evil.com/").is_err());
+        assert!(check_url("http://user@127.0.0.1/").is_err());
+        assert!(check_url("ftp://127.0.0.1/").is_err());
+    }
+}
