@@ -145,6 +145,10 @@ impl InterceptorSetup {
         self
     }
 
+    fn admin_socket(&self, dir: &Path) -> PathBuf {
+        dir.join("admin.sock")
+    }
+
     /// Keep the audit store in `<tempdir>/audit` (the default: interceptor requires an audit trail).
     pub fn with_audit(mut self) -> Self {
         self.audit_dir = Some(AuditDir::InTemp);
@@ -286,6 +290,7 @@ impl InterceptorSetup {
         }
 
         if let Some(audit) = &self.audit_dir {
+            let admin_socket = self.admin_socket(dir);
             let dir = match audit {
                 AuditDir::InTemp => dir.join("audit"),
                 AuditDir::At(p) => p.clone(),
@@ -293,6 +298,10 @@ impl InterceptorSetup {
             let mut t = Table::new();
             t.insert("dir".into(), path(&dir));
             root.insert("audit".into(), Value::Table(t));
+            // The auditor's CLI reaches the running daemon's store through the admin socket.
+            let mut admin = Table::new();
+            admin.insert("socket".into(), path(&admin_socket));
+            root.insert("admin".into(), Value::Table(admin));
         }
         if let Some(p) = self.effective_policy_dir(dir) {
             let mut t = Table::new();

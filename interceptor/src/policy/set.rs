@@ -287,7 +287,7 @@ impl PolicySet {
         if sql.len() > CACHE_MAX_SQL_BYTES {
             return Arc::new(classify(sql, *lex));
         }
-        let key = (sql.to_owned(), lex.standard_conforming_strings);
+        let key = (cache_key(sql, lex), lex.standard_conforming_strings);
         // A poisoned lock only means another thread panicked mid-insert; the map is still sound.
         if let Some(hit) = self
             .cache
@@ -307,10 +307,64 @@ impl PolicySet {
     }
 }
 
+/// The classification cache key: the text with every numeric literal token replaced by a marker.
+/// What a statement does (kind, tables, functions, risks) never depends on the value of a number,
+/// and drivers that inline values (pgbench `-M simple`, ORMs) send the same statement shape with
+/// different numbers over and over. The tokens come from the same PostgreSQL-faithful lexer
+/// that splits statements, so a number inside a string, identifier or comment is not a token.
+fn cache_key(sql: &str, lex: &LexSettings) -> String {
+    let Ok(tokens) = super::lexer::tokenize(sql, *lex) else {
+        return sql.to_owned();
+    };
+    let mut key = String::with_capacity(sql.len());
+    let mut at = 0;
+    for t in tokens
+        .iter()
+        .filter(|t| t.kind == super::lexer::TokKind::Number)
+    {
+        if t.span.start < at || t.span.end > sql.len() {
+            return sql.to_owned();
+        }
+        key.push_str(&sql[at..t.span.start]);
+        // NUL never occurs in query text (the protocol cannot carry it), so it cannot collide.
+        key.push('\0');
+        at = t.span.end;
+    }
+    key.push_str(&sql[at..]);
+    key
+}
+
 fn mask_values(mask: Option<&toml::Value>) -> Vec<toml::Value> {
     match mask {
         None => Vec::new(),
         Some(toml::Value::Array(items)) => items.clone(),
         Some(v) => vec![v.clone()],
+    }
+}
+
+#[cfg(test)]
+mod cache_key_tests {
+    use super::*;
+
+    const ON: LexSettings = LexSettings {
+        standard_conforming_strings: true,
+    };
+
+    #[test]
+    fn only_numeric_literal_tokens_are_normalized() {
+        assert_eq!(
+            cache_key("SELECT abalance FROM a WHERE aid = 42", &ON),
+            cache_key("SELECT abalance FROM a WHERE aid = 7", &ON)
+        );
+        // Digits inside names, strings, quoted identifiers and comments are the statement.
+        for (a, b) in [
+            ("SELECT * FROM t1", "SELECT * FROM t2"),
+            ("SELECT 'a1'", "SELECT 'a2'"),
+            ("SELECT * FROM \"x 1\"", "SELECT * FROM \"x 2\""),
+            ("SELECT 1 /* 1 */", "SELECT 1 /* 2 */"),
+            ("SELECT $$1$$", "SELECT $$2$$"),
+        ] {
+            assert_ne!(cache_key(a, &ON), cache_key(b, &ON), "{a} vs {b}");
+        }
     }
 }

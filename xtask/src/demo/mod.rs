@@ -78,6 +78,8 @@ pub fn run(no_wait: bool) -> Result<()> {
         })?;
     }
 
+    show_audit(&bin, proxy.config_path())?;
+
     println!("\n== connect by hand (password of the demo identity `{DEMO_IDENTITY}` included):");
     println!(
         "   PGPASSWORD={} psql {}",
@@ -104,6 +106,50 @@ pub fn run(no_wait: bool) -> Result<()> {
     drop(pg);
     drop(policies);
     println!("   stopped");
+    Ok(())
+}
+
+/// The audit trail of the steps above, as an auditor reads it: the sessions, the replay of the
+/// session whose statement was refused, and the tamper check.
+fn show_audit(bin: &std::path::Path, config: &std::path::Path) -> Result<()> {
+    let audit = |args: &[&str]| -> Result<String> {
+        println!(
+            "$ interceptor audit -c {} {}",
+            config.display(),
+            args.join(" ")
+        );
+        let out = std::process::Command::new(bin)
+            .arg("audit")
+            .arg("-c")
+            .arg(config)
+            .args(args)
+            .output()
+            .context("run interceptor audit")?;
+        if !out.status.success() {
+            bail!(
+                "interceptor audit {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    println!("\n== the audit trail of this demo (every statement was on disk before it ran)");
+    print!("{}", audit(&["sessions"])?);
+    let sessions: Vec<serde_json::Value> =
+        serde_json::from_str(&audit(&["sessions", "--json"])?).context("parse sessions")?;
+    if let Some(refused) = sessions
+        .iter()
+        .find(|s| s["denied"].as_u64().unwrap_or(0) > 0)
+        .and_then(|s| s["session"].as_u64())
+    {
+        print!("{}", audit(&["replay", &refused.to_string()])?);
+    }
+    let verify = audit(&["verify"])?;
+    print!("{verify}");
+    if !verify.starts_with("OK") {
+        bail!("audit verify did not report OK");
+    }
     Ok(())
 }
 
