@@ -350,29 +350,46 @@ impl CopyMasker {
         row: &[u8],
         summary: &mut MaskSummary,
     ) -> Result<Option<Vec<u8>>, MaskError> {
-        let delim = self.options.delimiter;
-        let mut fields: Vec<(usize, usize)> = Vec::new();
-        let mut start = 0;
-        let mut i = 0;
-        while i < row.len() {
-            if row[i] == b'\\' {
-                i += 2;
-                continue;
-            }
-            if row[i] == delim {
-                fields.push((start, i));
-                start = i + 1;
-            }
-            i += 1;
-        }
-        fields.push((start, row.len()));
-        self.check_count(fields.len())?;
+        let fields = DelimitedFields::new(row, self.options.delimiter, None);
+        self.mask_delimited_row(row, fields, summary)
+    }
+
+    fn mask_csv_row(
+        &self,
+        row: &[u8],
+        summary: &mut MaskSummary,
+    ) -> Result<Option<Vec<u8>>, MaskError> {
+        let quoting = Some((self.options.quote, self.options.escape));
+        let fields = DelimitedFields::new(row, self.options.delimiter, quoting);
+        self.mask_delimited_row(row, fields, summary)
+    }
+
+    /// Mask the fields of one text or CSV row; `None` (and no allocation) when unchanged.
+    fn mask_delimited_row(
+        &self,
+        row: &[u8],
+        fields: DelimitedFields<'_>,
+        summary: &mut MaskSummary,
+    ) -> Result<Option<Vec<u8>>, MaskError> {
+        let csv = self.options.format == CopyFormat::Csv;
+        let (delim, quote, escape) = (
+            self.options.delimiter,
+            self.options.quote,
+            self.options.escape,
+        );
         let mut out: Option<Vec<u8>> = None;
-        for (idx, &(s, e)) in fields.iter().enumerate() {
+        let mut count = 0;
+        for field in fields {
+            let (s, e, quoted) = field?;
+            let idx = count;
+            count += 1;
             let raw = &row[s..e];
-            let outcome = if raw == self.options.null.as_slice() {
+            let outcome = if !quoted && raw == self.options.null.as_slice() {
                 Outcome::Unchanged
-            } else if raw.contains(&b'\\') {
+            } else if quoted {
+                let decoded = csv_unquote(raw, quote, escape);
+                self.mask_field(idx, &decoded, Repr::Text, summary)?
+            } else if !csv && raw.contains(&b'\\') {
                 let decoded = text_unescape(raw);
                 self.mask_field(idx, &decoded, Repr::Text, summary)?
             } else {
@@ -399,88 +416,7 @@ impl CopyMasker {
             }
             let Some(o) = out.as_mut() else { continue };
             match outcome {
-                Outcome::Bytes(b) => text_escape_into(&b, delim, o),
-                _ => o.extend_from_slice(&self.options.null),
-            }
-        }
-        Ok(out)
-    }
-
-    fn mask_csv_row(
-        &self,
-        row: &[u8],
-        summary: &mut MaskSummary,
-    ) -> Result<Option<Vec<u8>>, MaskError> {
-        let (delim, quote, escape) = (
-            self.options.delimiter,
-            self.options.quote,
-            self.options.escape,
-        );
-        // Field bounds and whether each was quoted.
-        let mut fields: Vec<(usize, usize, bool)> = Vec::new();
-        let mut start = 0;
-        let mut in_quotes = false;
-        let mut quoted = false;
-        let mut i = 0;
-        while i < row.len() {
-            let b = row[i];
-            if in_quotes {
-                if b == escape
-                    && escape != quote
-                    && row.get(i + 1).is_some_and(|n| *n == quote || *n == escape)
-                {
-                    i += 1;
-                } else if b == quote {
-                    in_quotes = false;
-                }
-            } else if b == quote {
-                in_quotes = true;
-                quoted = true;
-            } else if b == delim {
-                fields.push((start, i, quoted));
-                start = i + 1;
-                quoted = false;
-            }
-            i += 1;
-        }
-        if in_quotes {
-            return Err(MaskError::malformed("CopyData", "unterminated CSV quote"));
-        }
-        fields.push((start, row.len(), quoted));
-        self.check_count(fields.len())?;
-        let mut out: Option<Vec<u8>> = None;
-        for (idx, &(s, e, quoted)) in fields.iter().enumerate() {
-            let raw = &row[s..e];
-            let outcome = if !quoted && raw == self.options.null.as_slice() {
-                Outcome::Unchanged
-            } else if quoted {
-                let decoded = csv_unquote(raw, quote, escape);
-                self.mask_field(idx, &decoded, Repr::Text, summary)?
-            } else {
-                self.mask_field(idx, raw, Repr::Text, summary)?
-            };
-            if let Outcome::Unchanged = outcome {
-                if let Some(o) = out.as_mut() {
-                    if idx > 0 {
-                        o.push(delim);
-                    }
-                    o.extend_from_slice(raw);
-                }
-                continue;
-            }
-            // The first change copies the row up to this field (its delimiter included).
-            match out.as_mut() {
-                Some(o) if idx > 0 => o.push(delim),
-                Some(_) => {}
-                None => {
-                    let mut o = Vec::with_capacity(row.len() + 32);
-                    o.extend_from_slice(&row[..s]);
-                    out = Some(o);
-                }
-            }
-            let Some(o) = out.as_mut() else { continue };
-            match outcome {
-                Outcome::Bytes(b) => {
+                Outcome::Bytes(b) if csv => {
                     o.push(quote);
                     for c in b {
                         if c == quote || (c == escape && escape != quote) {
@@ -490,9 +426,11 @@ impl CopyMasker {
                     }
                     o.push(quote);
                 }
+                Outcome::Bytes(b) => text_escape_into(&b, delim, o),
                 _ => o.extend_from_slice(&self.options.null),
             }
         }
+        self.check_count(count)?;
         Ok(out)
     }
 
@@ -703,4 +641,79 @@ fn csv_unquote(raw: &[u8], quote: u8, escape: u8) -> Vec<u8> {
         i += 1;
     }
     out
+}
+
+/// The fields of a text row (`quoting: None`, backslash escapes) or CSV row (quote and
+/// escape characters): `(start, end, quoted)` ranges, without allocating.
+struct DelimitedFields<'a> {
+    row: &'a [u8],
+    delim: u8,
+    quoting: Option<(u8, u8)>,
+    start: usize,
+    done: bool,
+}
+
+impl<'a> DelimitedFields<'a> {
+    fn new(row: &'a [u8], delim: u8, quoting: Option<(u8, u8)>) -> Self {
+        DelimitedFields {
+            row,
+            delim,
+            quoting,
+            start: 0,
+            done: false,
+        }
+    }
+}
+
+impl Iterator for DelimitedFields<'_> {
+    type Item = Result<(usize, usize, bool), MaskError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let row = self.row;
+        let start = self.start;
+        let mut i = start;
+        let mut quoted = false;
+        let mut in_quotes = false;
+        while i < row.len() {
+            let b = row[i];
+            match self.quoting {
+                None if b == b'\\' => {
+                    i += 2;
+                    continue;
+                }
+                Some((quote, escape)) if in_quotes => {
+                    let escaped_next = row.get(i + 1).is_some_and(|n| *n == quote || *n == escape);
+                    if b == escape && escape != quote && escaped_next {
+                        i += 1;
+                    } else if b == quote {
+                        in_quotes = false;
+                    }
+                }
+                Some((quote, _)) if b == quote => {
+                    in_quotes = true;
+                    quoted = true;
+                }
+                _ if b == self.delim => break,
+                _ => {}
+            }
+            i += 1;
+        }
+        if in_quotes {
+            self.done = true;
+            return Some(Err(MaskError::malformed(
+                "CopyData",
+                "unterminated CSV quote",
+            )));
+        }
+        let end = i.min(row.len());
+        if end >= row.len() {
+            self.done = true;
+        } else {
+            self.start = end + 1;
+        }
+        Some(Ok((start, end, quoted)))
+    }
 }

@@ -40,7 +40,7 @@ impl Exemption {
     }
 
     fn exempts(&self, identity: &Identity) -> bool {
-        self.subjects.iter().any(|s| *s == identity.subject)
+        self.subjects.contains(&identity.subject)
             || self.groups.iter().any(|g| identity.in_group(g))
     }
 }
