@@ -133,6 +133,8 @@ enum Finder {
 
 fn builtin_patterns(kind: DetectorKind) -> &'static [(&'static str, Finder)] {
     match kind {
+        // Card networks start with 2-6; excluding 0, 1 and 7-9 keeps epoch-millisecond
+        // timestamps and most numeric ids out.
         DetectorKind::Card => &[(r"(?-u)[0-9](?:[ -]?[0-9]){12,18}", Finder::Card)],
         DetectorKind::Email => &[(
             r"(?-u)[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
@@ -158,8 +160,10 @@ fn builtin_patterns(kind: DetectorKind) -> &'static [(&'static str, Finder)] {
                 r"(?-u)\b(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\b",
                 Finder::Ipv4,
             ),
+            // Full form, or compressed with groups around `::` (so `x::text` casts and
+            // times like 12:30:45 do not even pass the prefilter).
             (
-                r"(?-u)[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}",
+                r"(?-u)(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}|(?:[0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){0,5}|(?:[0-9A-Fa-f]{1,4}:){2,7}:|::[0-9A-Fa-f]{1,4}(?::[0-9A-Fa-f]{1,4}){1,6}",
                 Finder::Ipv6,
             ),
         ],
@@ -395,7 +399,8 @@ fn card_windows(hay: &[u8], s: usize, e: usize, push: &mut impl FnMut(usize, usi
             for &(a, b) in &groups[g..=end] {
                 digits.extend(hay[a..b].iter().map(|d| d - b'0'));
             }
-            if (13..=19).contains(&digits.len()) && luhn_valid(&digits) {
+            let network = digits.first().is_some_and(|d| (2..=6).contains(d));
+            if network && (13..=19).contains(&digits.len()) && luhn_valid(&digits) {
                 found = Some(end);
                 break;
             }

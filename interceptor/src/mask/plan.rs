@@ -138,6 +138,27 @@ impl MaskRules {
     }
 }
 
+impl MaskRules {
+    /// Rewrite a FunctionCallResponse body (fast-path calls such as `lo_read`): its type and
+    /// format are unknown, so detectors scan the raw bytes and a hit makes the result NULL.
+    /// Column rules cannot be attributed to a function result; deny fast-path calls by policy
+    /// where that matters. `Ok(None)` when unchanged.
+    pub fn mask_function_result(
+        &self,
+        body: &[u8],
+        summary: &mut MaskSummary,
+    ) -> Result<Option<Vec<u8>>, MaskError> {
+        let mut r = Reader::new(body, "FunctionCallResponse");
+        let value = r.value()?;
+        r.finish()?;
+        let Some(v) = value else { return Ok(None) };
+        match self.inner.scan_value(Repr::Opaque, v, summary)? {
+            Outcome::Unchanged => Ok(None),
+            _ => Ok(Some((-1i32).to_be_bytes().to_vec())),
+        }
+    }
+}
+
 impl MaskPlan {
     /// Apply the result format codes of a Bind (0, 1 or one per column) when the
     /// RowDescription came from a Describe of the statement, whose format codes are all text.

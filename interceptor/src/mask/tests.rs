@@ -539,6 +539,9 @@ fn card_detector() {
     assert_eq!(m("order 1234567890123456"), None);
     assert_eq!(m("411111111111"), None);
     assert_eq!(m("41111111111111110000000"), None);
+    // Luhn-valid, but no card network starts with 1: an epoch-millisecond timestamp.
+    assert!(luhn_valid(&[1, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4]));
+    assert_eq!(m("{\"ts\":1700000000004}"), None);
 }
 
 #[test]
@@ -628,7 +631,9 @@ fn ip_detector() {
     assert_eq!(m("999.1.1.1"), None);
     assert_eq!(m("at 12:30:45"), None);
     assert_eq!(m("version 1.2.3.4.5"), None);
-    assert_eq!(m("SELECT x::text"), None);
+    assert_eq!(m("SELECT x::text, date::date"), None);
+    assert_eq!(m("loopback ::1"), None);
+    assert_eq!(m("db8::1:2").as_deref(), Some("[REDACTED:ip]"));
 }
 
 #[test]
@@ -1304,4 +1309,48 @@ fn origin_cache_and_catalog_query() {
     assert!(r.plan(&rd, &|t, a| cache.origin(t, a)).is_err());
     let q = catalog_query(&[ACCOUNTS, 16500]);
     assert!(q.contains("IN (16401,16500)"));
+}
+
+#[test]
+fn bytea_and_function_results() {
+    let r = detector("email", "redact");
+    let rd = row_description(&[f("b", 0, 0, 17, 0)]);
+    let plan = r.plan(&rd, &no_origins).expect("plan").expect("some");
+    let mut s = MaskSummary::new();
+    let hex_value = format!("\\x{}", hex::encode("to eve@example.com"));
+    let out = plan
+        .mask_data_row(&data_row(&[Some(hex_value.as_bytes())]), &mut s)
+        .expect("ok")
+        .expect("changed");
+    assert_eq!(decode_row(&out), vec![None]);
+    let clean = format!("\\x{}", hex::encode("nothing"));
+    assert!(
+        plan.mask_data_row(&data_row(&[Some(clean.as_bytes())]), &mut s)
+            .expect("ok")
+            .is_none()
+    );
+    assert!(
+        plan.mask_data_row(&data_row(&[Some(b"\\xzz")]), &mut s)
+            .is_err()
+    );
+
+    let mut body = (18i32).to_be_bytes().to_vec();
+    body.extend_from_slice(b"to eve@example.com");
+    assert_eq!(
+        r.mask_function_result(&body, &mut s).expect("ok"),
+        Some((-1i32).to_be_bytes().to_vec())
+    );
+    let mut body = (4i32).to_be_bytes().to_vec();
+    body.extend_from_slice(b"fine");
+    assert_eq!(r.mask_function_result(&body, &mut s).expect("ok"), None);
+    assert!(r.mask_function_result(&body[..6], &mut s).is_err());
+}
+
+#[test]
+fn engine_types_can_cross_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<MaskRules>();
+    assert_send_sync::<MaskPlan>();
+    assert_send_sync::<CopyMasker>();
+    assert_send_sync::<MaskSummary>();
 }

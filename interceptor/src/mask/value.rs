@@ -28,6 +28,8 @@ pub(crate) enum Repr {
     /// Anything else (dates, uuids, binary arrays, bytea, unknown binary types): no masked form
     /// is type-correct, so a masked value becomes NULL.
     Opaque,
+    /// bytea in text format (`\x` + hex): detectors read the decoded bytes.
+    ByteaHex,
 }
 
 /// First OID of user-defined types (enums, domains, citext, ...).
@@ -43,6 +45,7 @@ impl Repr {
             (Format::Text, 114 | 3802) => Repr::Json,
             (Format::Text, 20 | 21 | 23 | 26 | 700 | 701 | 1700 | 790) => Repr::Number,
             (Format::Text, oid) if oid >= FIRST_USER_OID => Repr::Text,
+            (Format::Text, 17) => Repr::ByteaHex,
             (Format::Text, _) => Repr::Opaque,
             (Format::Binary, 25 | 1043 | 1042 | 19 | 705 | 142) => Repr::Text,
             (Format::Binary, 114) => Repr::Json,
@@ -98,7 +101,9 @@ impl Inner {
                 Outcome::Bytes(format_preserving_digits(value, key)),
                 StrategyKind::FormatPreserving,
             ),
-            Repr::Number | Repr::BinaryInt(_) | Repr::Opaque => (Outcome::Null, StrategyKind::Null),
+            Repr::Number | Repr::BinaryInt(_) | Repr::Opaque | Repr::ByteaHex => {
+                (Outcome::Null, StrategyKind::Null)
+            }
         };
         summary.record(target, applied, 1);
         outcome
@@ -181,6 +186,22 @@ impl Inner {
                 let mut buf = [0u8; 24];
                 let text = decimal(value, width, &mut buf)?;
                 Ok(match scanner.scan(text) {
+                    None => Outcome::Unchanged,
+                    Some(spans) => {
+                        self.record_null(&spans, summary);
+                        Outcome::Null
+                    }
+                })
+            }
+            Repr::ByteaHex => {
+                let decoded = match value.strip_prefix(b"\\x") {
+                    Some(hex_digits) => hex::decode(hex_digits).map_err(|_| {
+                        MaskError::malformed("DataRow", "bytea value is not valid hex")
+                    })?,
+                    // The legacy escape output format: its printable bytes are as they are.
+                    None => value.to_vec(),
+                };
+                Ok(match scanner.scan(&decoded) {
                     None => Outcome::Unchanged,
                     Some(spans) => {
                         self.record_null(&spans, summary);
