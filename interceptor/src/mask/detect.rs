@@ -137,7 +137,7 @@ fn builtin_patterns(kind: DetectorKind) -> &'static [(&'static str, Finder)] {
         // timestamps and most numeric ids out.
         DetectorKind::Card => &[(r"(?-u)[0-9](?:[ -]?[0-9]){12,18}", Finder::Card)],
         DetectorKind::Email => &[(
-            r"(?-u)[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+            r"(?-u)[A-Za-z0-9._%+_-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
             Finder::Email,
         )],
         DetectorKind::Phone => &[
@@ -150,14 +150,11 @@ fn builtin_patterns(kind: DetectorKind) -> &'static [(&'static str, Finder)] {
                 Finder::PhoneNanp,
             ),
         ],
-        DetectorKind::Ssn => &[(r"(?-u)\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b", Finder::Ssn)],
-        DetectorKind::Iban => &[(
-            r"(?-u)\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}",
-            Finder::Iban,
-        )],
+        DetectorKind::Ssn => &[(r"(?-u)[0-9]{3}-[0-9]{2}-[0-9]{4}", Finder::Ssn)],
+        DetectorKind::Iban => &[(r"(?-u)[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}", Finder::Iban)],
         DetectorKind::Ip => &[
             (
-                r"(?-u)\b(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\b",
+                r"(?-u)(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])",
                 Finder::Ipv4,
             ),
             // Full form, or compressed with groups around `::` (so `x::text` casts and
@@ -169,7 +166,7 @@ fn builtin_patterns(kind: DetectorKind) -> &'static [(&'static str, Finder)] {
         ],
         DetectorKind::AwsKey => &[
             (
-                r"(?-u)\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|APKA)[A-Z0-9]{16}\b",
+                r"(?-u)(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|APKA)[A-Z0-9]{16}",
                 Finder::AwsKeyId,
             ),
             (
@@ -178,7 +175,7 @@ fn builtin_patterns(kind: DetectorKind) -> &'static [(&'static str, Finder)] {
             ),
         ],
         DetectorKind::Jwt => &[(
-            r"(?-u)\beyJ[A-Za-z0-9_-]{2,}\.eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*",
+            r"(?-u)eyJ[A-Za-z0-9_-]{2,}\.eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*",
             Finder::Jwt,
         )],
         DetectorKind::PrivateKey => &[(
@@ -270,6 +267,12 @@ impl Scanner {
         }))
     }
 
+    fn strength(&self, detector: usize) -> u8 {
+        self.detectors
+            .get(detector)
+            .map_or(0, |d| d.strategy.kind().strength())
+    }
+
     /// Non-overlapping hits in `hay`, sorted; `None` (and no allocation) when there are none.
     pub(crate) fn scan(&self, hay: &[u8]) -> Option<Vec<Span>> {
         if !self.set.is_match(hay) {
@@ -285,12 +288,19 @@ impl Scanner {
         if spans.is_empty() {
             return None;
         }
-        // Earliest first, longest first at equal start; drop what overlaps a kept span.
+        // Overlapping hits merge into one span (nothing of either survives), masked by the
+        // detector with the stronger strategy.
         spans.sort_by(|a, b| a.start.cmp(&b.start).then(b.end.cmp(&a.end)));
         let mut kept: Vec<Span> = Vec::with_capacity(spans.len());
         for s in spans {
-            if kept.last().is_none_or(|k| s.start >= k.end) {
-                kept.push(s);
+            match kept.last_mut() {
+                Some(k) if s.start < k.end => {
+                    k.end = k.end.max(s.end);
+                    if self.strength(s.detector) > self.strength(k.detector) {
+                        k.detector = s.detector;
+                    }
+                }
+                _ => kept.push(s),
             }
         }
         Some(kept)
@@ -299,7 +309,7 @@ impl Scanner {
 
 fn find(entry: &Entry, hay: &[u8], spans: &mut Vec<Span>) {
     let d = entry.detector;
-    let mut push = |start: usize, end: usize| {
+    let push = |spans: &mut Vec<Span>, start: usize, end: usize| {
         if start < end {
             spans.push(Span {
                 start,
@@ -311,65 +321,124 @@ fn find(entry: &Entry, hay: &[u8], spans: &mut Vec<Span>) {
     if let Finder::Group1 = entry.finder {
         for caps in entry.regex.captures_iter(hay) {
             if let Some(g) = caps.get(1) {
-                push(g.start(), g.end());
+                push(spans, g.start(), g.end());
             }
         }
         return;
     }
-    for m in entry.regex.find_iter(hay) {
+    if let Finder::Card = entry.finder {
+        // The regex only finds where a run starts; the whole run of digit groups is searched
+        // for cards, so a failed first window cannot hide a card later in the same run.
+        let mut pos = 0;
+        while let Some(m) = entry.regex.find_at(hay, pos) {
+            let end = digit_run_end(hay, m.start()).max(m.end());
+            card_windows(hay, m.start(), end, &mut |a, b| push(spans, a, b));
+            pos = end;
+        }
+        return;
+    }
+    // A rejected candidate may overlap a real one: the search resumes right after its start.
+    let mut pos = 0;
+    while let Some(m) = entry.regex.find_at(hay, pos) {
         let (s, e) = (m.start(), m.end());
+        let found_before = spans.len();
         match entry.finder {
-            Finder::Card => card_windows(hay, s, e, &mut push),
-            Finder::Email | Finder::AwsKeyId | Finder::Jwt | Finder::Custom => push(s, e),
+            Finder::Card => {}
+            Finder::Email | Finder::Jwt | Finder::Custom => push(spans, s, e),
+            // Boundaries are checked here rather than with `\b`, which would miss values
+            // glued to `_` or letters (`key_AKIA...`, `id123-45-6789`, `host10.0.0.1`).
+            Finder::AwsKeyId => {
+                if !upper_or_digit_at(hay, s.wrapping_sub(1)) && !upper_or_digit_at(hay, e) {
+                    push(spans, s, e);
+                }
+            }
             Finder::PhoneIntl => {
-                let digits = hay[s..e].iter().filter(|b| b.is_ascii_digit()).count();
-                if (8..=15).contains(&digits) && !digit_at(hay, e) {
-                    push(s, e);
+                // The greedy match may run into a following number: back off to the last
+                // digit-group end that leaves a plausible length.
+                let mut digits = 0;
+                let mut best = None;
+                for i in s..e {
+                    if hay[i].is_ascii_digit() {
+                        digits += 1;
+                        if !digit_at(hay, i + 1) && (8..=15).contains(&digits) {
+                            best = Some(i + 1);
+                        }
+                    }
+                }
+                if let Some(end) = best {
+                    push(spans, s, end);
                 }
             }
             Finder::PhoneNanp => {
-                let before_ok = s == 0 || !hay[s - 1].is_ascii_alphanumeric();
+                let before_ok = !digit_at(hay, s.wrapping_sub(1));
                 if before_ok && !digit_at(hay, e) {
-                    push(s, e);
+                    push(spans, s, e);
                 }
             }
             Finder::Ssn => {
-                if ssn_valid(&hay[s..e]) {
-                    push(s, e);
+                let glued = |i: usize| digit_at(hay, i) || hay.get(i) == Some(&b'-');
+                if !glued(s.wrapping_sub(1)) && !glued(e) && ssn_valid(&hay[s..e]) {
+                    push(spans, s, e);
                 }
             }
             Finder::Iban => {
-                if let Some(end) = iban_window(hay, s, e) {
-                    push(s, end);
+                if !upper_or_digit_at(hay, s.wrapping_sub(1))
+                    && let Some(end) = iban_window(hay, s, e)
+                {
+                    push(spans, s, end);
                 }
             }
             Finder::Ipv4 => {
-                let dotted_before = s > 0 && hay[s - 1] == b'.';
-                let dotted_after = hay.get(e) == Some(&b'.') && digit_at(hay, e + 1);
-                if !dotted_before && !dotted_after {
-                    push(s, e);
+                let before = s > 0 && (hay[s - 1] == b'.' || hay[s - 1].is_ascii_digit());
+                let after = digit_at(hay, e) || (hay.get(e) == Some(&b'.') && digit_at(hay, e + 1));
+                if !before && !after {
+                    push(spans, s, e);
                 }
             }
             Finder::Ipv6 => {
                 if ipv6_valid(hay, s, e) {
-                    push(s, e);
+                    push(spans, s, e);
                 }
             }
-            Finder::PemBlock => push(s, pem_end(hay, e)),
+            Finder::PemBlock => push(spans, s, pem_end(hay, e)),
             Finder::Group1 => {}
         }
+        pos = match spans.last() {
+            Some(last) if spans.len() > found_before => last.end.max(s + 1),
+            _ => s + 1,
+        };
     }
 }
 
+/// `i` may be `usize::MAX` (before the start): then false.
 fn digit_at(hay: &[u8], i: usize) -> bool {
     hay.get(i).is_some_and(u8::is_ascii_digit)
 }
 
-/// The candidate `s..e` is digits with optional single separators. Cards are searched among
-/// windows that start and end on digit-group boundaries (so `CVV 123 4111 1111 1111 1111` and a
-/// trailing `... 1111 123` still yield the card), never splitting a run of digits.
+fn upper_or_digit_at(hay: &[u8], i: usize) -> bool {
+    hay.get(i)
+        .is_some_and(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+}
+
+/// End of the run of digit groups (joined by single spaces or dashes) starting at `s`.
+fn digit_run_end(hay: &[u8], s: usize) -> usize {
+    let mut i = s;
+    loop {
+        while digit_at(hay, i) {
+            i += 1;
+        }
+        if matches!(hay.get(i), Some(b' ' | b'-')) && digit_at(hay, i + 1) {
+            i += 1;
+        } else {
+            return i;
+        }
+    }
+}
+
+/// `s..e` is a run of digit groups. Cards are searched among windows that start and end on
+/// group boundaries (so `cvv 123 4111 1111 1111 1111` and `4111 1111 1111 1111 12/29` still
+/// yield the card), never splitting a group of digits.
 fn card_windows(hay: &[u8], s: usize, e: usize, push: &mut impl FnMut(usize, usize)) {
-    // Digit groups: (start, end, digit count).
     let mut groups: Vec<(usize, usize)> = Vec::new();
     let mut i = s;
     while i < e {
@@ -383,7 +452,7 @@ fn card_windows(hay: &[u8], s: usize, e: usize, push: &mut impl FnMut(usize, usi
             i += 1;
         }
     }
-    // A group cut by the match bounds belongs to a longer number: not a card boundary.
+    // A group cut by the bounds belongs to a longer number: not a card boundary.
     let first = usize::from(s > 0 && hay[s - 1].is_ascii_digit());
     let last = if digit_at(hay, e) {
         groups.len().saturating_sub(1)
@@ -393,18 +462,26 @@ fn card_windows(hay: &[u8], s: usize, e: usize, push: &mut impl FnMut(usize, usi
     let mut g = first;
     let mut digits: Vec<u8> = Vec::with_capacity(19);
     while g < last {
-        let mut found = None;
-        for end in (g..last).rev() {
+        // Window ends with 13-19 digits, longest first.
+        let mut ends: Vec<usize> = Vec::new();
+        let mut count = 0;
+        for (end, &(a, b)) in groups.iter().enumerate().take(last).skip(g) {
+            count += b - a;
+            if count > 19 {
+                break;
+            }
+            if count >= 13 {
+                ends.push(end);
+            }
+        }
+        let found = ends.into_iter().rev().find(|&end| {
             digits.clear();
             for &(a, b) in &groups[g..=end] {
                 digits.extend(hay[a..b].iter().map(|d| d - b'0'));
             }
             let network = digits.first().is_some_and(|d| (2..=6).contains(d));
-            if network && (13..=19).contains(&digits.len()) && luhn_valid(&digits) {
-                found = Some(end);
-                break;
-            }
-        }
+            network && luhn_valid(&digits)
+        });
         match found {
             Some(end) => {
                 push(groups[g].0, groups[end].1);
@@ -426,7 +503,7 @@ fn iban_window(hay: &[u8], s: usize, e: usize) -> Option<usize> {
     let mut compact: Vec<u8> = positions.iter().map(|&i| hay[i]).collect();
     while compact.len() >= 15 {
         let end = positions[compact.len() - 1] + 1;
-        let boundary = hay.get(end).is_none_or(|b| !b.is_ascii_alphanumeric());
+        let boundary = !upper_or_digit_at(hay, end);
         if compact.len() <= 34 && boundary && iban_remainder(&compact) == 1 {
             return Some(end);
         }
@@ -436,11 +513,13 @@ fn iban_window(hay: &[u8], s: usize, e: usize) -> Option<usize> {
 }
 
 fn ipv6_valid(hay: &[u8], s: usize, e: usize) -> bool {
-    let before_ok = s == 0
-        || !matches!(hay[s - 1], b'0'..=b'9' | b'A'..=b'Z' | b'a'..=b'z' | b'_' | b':' | b'.');
-    let after_ok = hay
-        .get(e)
-        .is_none_or(|b| !matches!(b, b'0'..=b'9' | b'A'..=b'Z' | b'a'..=b'z' | b'_' | b':'));
+    let hex_at = |i: usize| hay.get(i).is_some_and(u8::is_ascii_hexdigit);
+    // The candidate must not be cut out of a longer hex token; a colon next to it is
+    // punctuation unless more hex groups follow it.
+    let colon_group = |colon: usize, beyond: usize| hay.get(colon) == Some(&b':') && hex_at(beyond);
+    let before_ok =
+        s == 0 || !(hex_at(s - 1) || hay[s - 1] == b'.' || colon_group(s - 1, s.wrapping_sub(2)));
+    let after_ok = !(hex_at(e) || colon_group(e, e + 1));
     let text = &hay[s..e];
     let groups = text.split(|b| *b == b':').filter(|g| !g.is_empty()).count();
     before_ok

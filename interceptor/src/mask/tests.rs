@@ -1354,3 +1354,85 @@ fn engine_types_can_cross_threads() {
     assert_send_sync::<CopyMasker>();
     assert_send_sync::<MaskSummary>();
 }
+
+#[test]
+fn sensitive_values_never_survive_in_random_text() {
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+    let r = rules("[mask]\n[[mask.detector]]\nall = true\nstrategy = \"redact\"\n");
+    let secrets = [
+        "4111111111111111",
+        "4111 1111 1111 1111",
+        "5500-0000-0000-0004",
+        "378282246310005",
+        "alice.smith@example.com",
+        "+44 20 7946 0958",
+        "(415) 555-0132",
+        "123-45-6789",
+        "DE89370400440532013000",
+        "GB82 WEST 1234 5698 7654 32",
+        "192.168.17.42",
+        "2001:db8:85a3::8a2e:370:7334",
+        "AKIAIOSFODNN7EXAMPLE",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl",
+    ];
+    let glue = [
+        // (no empty glue: two numbers glued together are one number)
+        " ",
+        ",",
+        ";",
+        ":",
+        "=",
+        "_",
+        "(",
+        ")",
+        "\"",
+        "'",
+        "\n",
+        "\t",
+        "/",
+        "<",
+        ">",
+        "x",
+        "key_",
+        "[",
+        "]",
+        "{\"v\":\"",
+        "\"}",
+    ];
+    let words = [
+        "order", "shipped", "note", "ref", "ok", "la", "zz", "id", "value",
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    for _ in 0..3000 {
+        let mut text = String::new();
+        let mut planted = Vec::new();
+        for _ in 0..rng.gen_range(1..6) {
+            if rng.gen_bool(0.5) {
+                text.push_str(words.choose(&mut rng).expect("word"));
+                text.push(' ');
+            }
+            let secret = secrets.choose(&mut rng).expect("secret");
+            text.push_str(glue.choose(&mut rng).expect("glue"));
+            text.push_str(secret);
+            text.push_str(glue.choose(&mut rng).expect("glue"));
+            planted.push(*secret);
+        }
+        let masked = mask_text(&r, &text).unwrap_or_else(|| text.clone());
+        for secret in planted {
+            // The distinctive core of each value must be gone (a kept separator is fine).
+            let core: String = secret
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric())
+                .collect();
+            let core_masked: String = masked
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric())
+                .collect();
+            assert!(
+                !masked.contains(secret) && !core_masked.contains(&core),
+                "{secret} survived in {masked:?} (from {text:?})"
+            );
+        }
+    }
+}
