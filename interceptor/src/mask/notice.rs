@@ -172,6 +172,14 @@ impl MaskRules {
             summary.record(&target, super::StrategyKind::Redact, 1);
             return Some(format!("Key ({cols})=({COLUMN_TOKEN}{suffix}").into_bytes());
         }
+        // JSON and array parse errors quote the offending token of the input.
+        if self.needs_origins()
+            && let Some(rest) = d.strip_prefix("Token \"")
+            && let Some(close) = rest.rfind("\" is invalid.")
+        {
+            summary.record(&target, super::StrategyKind::Redact, 1);
+            return Some(format!("Token \"{COLUMN_TOKEN}{}", &rest[close..]).into_bytes());
+        }
         if d.starts_with("Failing row contains (") && self.table_sensitive(schema, table) {
             summary.record(&target, super::StrategyKind::Redact, 1);
             return Some(format!("Failing row contains ({COLUMN_TOKEN}).").into_bytes());
@@ -180,28 +188,28 @@ impl MaskRules {
     }
 
     /// Cast and range errors quote the offending input, which came from a value the client
-    /// may not see. Their column is unknown, so with column rules they are always redacted.
+    /// may not see. Their column is unknown, so with column rules they are always redacted:
+    /// PostgreSQL's `<what>: "<input>"` shape (invalid input syntax/value, malformed array or
+    /// record literal, date/time field out of range, ...) and `[value ]"<input>" is out of
+    /// range for type ...`. Redacting an identifier quoted the same way costs nothing.
     fn mask_message(&self, message: &[u8], summary: &mut MaskSummary) -> Option<Vec<u8>> {
         if !self.needs_origins() {
             return None;
         }
         let m = std::str::from_utf8(message).ok()?;
         let target = super::MaskTarget::Column(std::sync::Arc::from("error message"));
-        let quoted_input =
-            m.starts_with("invalid input syntax for ") || m.starts_with("invalid input value for ");
-        if quoted_input
-            && m.ends_with('"')
+        if m.ends_with('"')
             && let Some(open) = m.find(": \"")
         {
             summary.record(&target, super::StrategyKind::Redact, 1);
             return Some(format!("{}: \"{COLUMN_TOKEN}\"", &m[..open]).into_bytes());
         }
-        if let Some(rest) = m.strip_prefix("value \"")
-            && let Some(close) = rest.rfind("\" is out of range for type ")
-        {
-            summary.record(&target, super::StrategyKind::Redact, 1);
-            return Some(format!("value \"{COLUMN_TOKEN}{}", &rest[close..]).into_bytes());
-        }
-        None
+        let (prefix, rest) = match m.strip_prefix("value \"") {
+            Some(rest) => ("value \"", rest),
+            None => ("\"", m.strip_prefix('"')?),
+        };
+        let close = rest.rfind("\" is out of range for type ")?;
+        summary.record(&target, super::StrategyKind::Redact, 1);
+        Some(format!("{prefix}{COLUMN_TOKEN}{}", &rest[close..]).into_bytes())
     }
 }

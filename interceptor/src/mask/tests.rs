@@ -1436,3 +1436,46 @@ fn sensitive_values_never_survive_in_random_text() {
         }
     }
 }
+
+#[test]
+fn more_postgres_messages_quoting_input() {
+    let r = rules(EXAMPLE_RULES);
+    let mut s = MaskSummary::new();
+    let cases = [
+        (
+            (b'M', "malformed array literal: \"{alice,bob\""),
+            "malformed array literal: \"[REDACTED]\"",
+        ),
+        (
+            (b'M', "date/time field value out of range: \"2024-13-45\""),
+            "date/time field value out of range: \"[REDACTED]\"",
+        ),
+        (
+            (b'M', "\"1e999\" is out of range for type double precision"),
+            "\"[REDACTED]\" is out of range for type double precision",
+        ),
+        (
+            (b'D', "Token \"secretword\" is invalid."),
+            "Token \"[REDACTED]\" is invalid.",
+        ),
+    ];
+    for ((code, input), expected) in cases {
+        let body = error_body(&[(b'S', "ERROR"), (code, input)]);
+        let out = r
+            .mask_error_fields(&body, &mut s)
+            .expect("ok")
+            .unwrap_or_else(|| panic!("{input} unchanged"));
+        assert!(
+            error_fields(&out).contains(&(code, expected.to_string())),
+            "{input} -> {:?}",
+            error_fields(&out)
+        );
+    }
+    // Messages that quote identifiers without a `: "..."` tail stay as they are.
+    let body = error_body(&[(b'M', "column \"email\" does not exist")]);
+    assert!(r.mask_error_fields(&body, &mut s).expect("ok").is_none());
+    // Without column rules only detectors apply.
+    let d = detector("ssn", "redact");
+    let body = error_body(&[(b'M', "invalid input syntax for type integer: \"abc\"")]);
+    assert!(d.mask_error_fields(&body, &mut s).expect("ok").is_none());
+}
