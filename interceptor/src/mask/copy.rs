@@ -90,6 +90,8 @@ pub struct CopyMasker {
     columns: Option<Vec<ColumnPlan>>,
     options: CopyOptions,
     pending: Vec<u8>,
+    /// Reused buffer for decoding escaped or quoted fields (no allocation per field).
+    scratch: Vec<u8>,
     header_pending: bool,
     binary_header_done: bool,
     binary_done: bool,
@@ -174,6 +176,7 @@ impl MaskRules {
             header_pending: options.header && options.format != CopyFormat::Binary,
             options,
             pending: Vec::new(),
+            scratch: Vec::new(),
             binary_header_done: false,
             binary_done: false,
         }))
@@ -254,10 +257,15 @@ impl CopyMasker {
                     let masked = if self.header_pending {
                         self.header_pending = false;
                         None
-                    } else if self.options.format == CopyFormat::Text {
-                        self.mask_text_row(row, summary)?
                     } else {
-                        self.mask_csv_row(row, summary)?
+                        let mut scratch = std::mem::take(&mut self.scratch);
+                        let masked = if self.options.format == CopyFormat::Text {
+                            self.mask_text_row(row, &mut scratch, summary)
+                        } else {
+                            self.mask_csv_row(row, &mut scratch, summary)
+                        };
+                        self.scratch = scratch;
+                        masked?
                     };
                     match masked {
                         Some(new) => {
@@ -348,20 +356,22 @@ impl CopyMasker {
     fn mask_text_row(
         &self,
         row: &[u8],
+        scratch: &mut Vec<u8>,
         summary: &mut MaskSummary,
     ) -> Result<Option<Vec<u8>>, MaskError> {
         let fields = DelimitedFields::new(row, self.options.delimiter, None);
-        self.mask_delimited_row(row, fields, summary)
+        self.mask_delimited_row(row, fields, scratch, summary)
     }
 
     fn mask_csv_row(
         &self,
         row: &[u8],
+        scratch: &mut Vec<u8>,
         summary: &mut MaskSummary,
     ) -> Result<Option<Vec<u8>>, MaskError> {
         let quoting = Some((self.options.quote, self.options.escape));
         let fields = DelimitedFields::new(row, self.options.delimiter, quoting);
-        self.mask_delimited_row(row, fields, summary)
+        self.mask_delimited_row(row, fields, scratch, summary)
     }
 
     /// Mask the fields of one text or CSV row; `None` (and no allocation) when unchanged.
@@ -369,6 +379,7 @@ impl CopyMasker {
         &self,
         row: &[u8],
         fields: DelimitedFields<'_>,
+        scratch: &mut Vec<u8>,
         summary: &mut MaskSummary,
     ) -> Result<Option<Vec<u8>>, MaskError> {
         let csv = self.options.format == CopyFormat::Csv;
@@ -387,11 +398,11 @@ impl CopyMasker {
             let outcome = if !quoted && raw == self.options.null.as_slice() {
                 Outcome::Unchanged
             } else if quoted {
-                let decoded = csv_unquote(raw, quote, escape);
-                self.mask_field(idx, &decoded, Repr::Text, summary)?
+                csv_unquote(raw, quote, escape, scratch);
+                self.mask_field(idx, scratch, Repr::Text, summary)?
             } else if !csv && raw.contains(&b'\\') {
-                let decoded = text_unescape(raw);
-                self.mask_field(idx, &decoded, Repr::Text, summary)?
+                text_unescape(raw, scratch);
+                self.mask_field(idx, scratch, Repr::Text, summary)?
             } else {
                 self.mask_field(idx, raw, Repr::Text, summary)?
             };
@@ -549,8 +560,8 @@ impl CopyMasker {
 }
 
 /// Decode COPY text escapes.
-fn text_unescape(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len());
+fn text_unescape(raw: &[u8], out: &mut Vec<u8>) {
+    out.clear();
     let mut i = 0;
     while i < raw.len() {
         let b = raw[i];
@@ -591,7 +602,6 @@ fn text_unescape(raw: &[u8]) -> Vec<u8> {
             other => out.push(other),
         }
     }
-    out
 }
 
 fn text_escape_into(value: &[u8], delim: u8, out: &mut Vec<u8>) {
@@ -613,8 +623,8 @@ fn text_escape_into(value: &[u8], delim: u8, out: &mut Vec<u8>) {
     }
 }
 
-fn csv_unquote(raw: &[u8], quote: u8, escape: u8) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len());
+fn csv_unquote(raw: &[u8], quote: u8, escape: u8, out: &mut Vec<u8>) {
+    out.clear();
     let mut in_quotes = false;
     let mut i = 0;
     while i < raw.len() {
@@ -640,7 +650,6 @@ fn csv_unquote(raw: &[u8], quote: u8, escape: u8) -> Vec<u8> {
         }
         i += 1;
     }
-    out
 }
 
 /// The fields of a text row (`quoting: None`, backslash escapes) or CSV row (quote and
