@@ -466,6 +466,10 @@ fn card_windows(hay: &[u8], s: usize, e: usize, push: &mut impl FnMut(usize, usi
         let mut ends: Vec<usize> = Vec::new();
         let mut count = 0;
         for (end, &(a, b)) in groups.iter().enumerate().take(last).skip(g) {
+            // Printed cards group digits by 3-6; runs of 1-2 digit groups are lists, not cards.
+            if b - a < 3 {
+                break;
+            }
             count += b - a;
             if count > 19 {
                 break;

@@ -506,6 +506,10 @@ fn card_detector() {
     assert_eq!(m("order 1234567890123456"), None);
     assert_eq!(m("411111111111"), None);
     assert_eq!(m("41111111111111110000000"), None);
+    // A list of small numbers is not a card, even when the digits pass Luhn.
+    assert!(luhn_valid(&[4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]));
+    assert_eq!(m("4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1"), None);
+    assert_eq!(m("41 11 11 11 11 11 11 11"), None);
     // Luhn-valid, but no card network starts with 1: an epoch-millisecond timestamp.
     assert!(luhn_valid(&[1, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4]));
     assert_eq!(m("{\"ts\":1700000000004}"), None);
