@@ -507,7 +507,9 @@ fn card_detector() {
     assert_eq!(m("411111111111"), None);
     assert_eq!(m("41111111111111110000000"), None);
     // A list of small numbers is not a card, even when the digits pass Luhn.
-    assert!(luhn_valid(&[4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]));
+    assert!(luhn_valid(&[
+        4, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1
+    ]));
     assert_eq!(m("4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1"), None);
     assert_eq!(m("41 11 11 11 11 11 11 11"), None);
     // Luhn-valid, but no card network starts with 1: an epoch-millisecond timestamp.
@@ -1446,4 +1448,58 @@ fn more_postgres_messages_quoting_input() {
     let d = detector("ssn", "redact");
     let body = error_body(&[(b'M', "invalid input syntax for type integer: \"abc\"")]);
     assert!(d.mask_error_fields(&body, &mut s).expect("ok").is_none());
+}
+
+#[test]
+fn copy_custom_delimiters_and_escapes() {
+    let r = detector("email", "redact");
+    // Text format with DELIMITER ',': a comma inside a value is escaped as `\,`.
+    let mut opts = CopyOptions::text();
+    opts.delimiter = b',';
+    let mut m = r
+        .copy_plan(&copy_out_response(0, 2), None, opts)
+        .expect("plan")
+        .expect("some");
+    let mut s = MaskSummary::new();
+    let out = run_copy(&mut m, &[b"a\\, b@c.io,x\n"], &mut s);
+    assert_eq!(out, b"a\\, [REDACTED:email],x\n");
+    // CSV with ESCAPE '\': quotes inside quoted values are `\"`.
+    let mut opts = CopyOptions::csv();
+    opts.escape = b'\\';
+    let mut m = r
+        .copy_plan(&copy_out_response(0, 2), None, opts)
+        .expect("plan")
+        .expect("some");
+    let out = run_copy(&mut m, &[b"\"say \\\"hi\\\" to d@e.io\",2\n"], &mut s);
+    assert_eq!(out, b"\"say \\\"hi\\\" to [REDACTED:email]\",2\n");
+    // An unterminated quote at the end of the stream is an error.
+    let mut m = r
+        .copy_plan(&copy_out_response(0, 2), None, CopyOptions::csv())
+        .expect("plan")
+        .expect("some");
+    assert_eq!(
+        m.feed(b"1,\"open", &mut s).expect("buffered"),
+        Some(Vec::new())
+    );
+    assert!(m.finish(&mut s).is_err());
+}
+
+#[test]
+fn per_column_result_formats() {
+    let r = detector("email", "redact");
+    let rd = row_description(&[f("a", 0, 0, TEXT, 0), f("b", 0, 0, INT4, 0)]);
+    let mut plan = r.plan(&rd, &no_origins).expect("plan").expect("some");
+    plan.set_result_formats(&[0, 1]).expect("formats");
+    let mut s = MaskSummary::new();
+    let out = plan
+        .mask_data_row(
+            &data_row(&[Some(b"x@y.io"), Some(&7i32.to_be_bytes())]),
+            &mut s,
+        )
+        .expect("ok")
+        .expect("changed");
+    let v = decode_row(&out);
+    assert_eq!(text(&v[0]), "[REDACTED:email]");
+    assert_eq!(v[1].as_deref(), Some(&7i32.to_be_bytes()[..]));
+    assert_eq!(plan.column_count(), 2);
 }
