@@ -399,7 +399,13 @@ fn masking_real_postgres_messages() {
     // COPY in three formats; the masked data must load back into PostgreSQL.
     let described = conn.query("SELECT * FROM accounts");
     let rd = one(&described, b'T');
-    let columns = copy_columns(&rd, &cache);
+    let columns = CopyColumn::from_row_description(&rd, &|t, a| cache_origin(&cache, t, a))
+        .expect("copy columns");
+    assert_eq!(columns.len(), 6);
+    assert_eq!(
+        columns[1].origin,
+        Some(ColumnOrigin::new("public", "accounts", "card_number"))
+    );
     for (options, with) in [
         (CopyOptions::text(), ""),
         (CopyOptions::csv(), " WITH (FORMAT csv)"),
@@ -467,27 +473,4 @@ fn masking_real_postgres_messages() {
 fn cache_origin(cache: &OriginCache, t: u32, a: i16) -> Option<ColumnOrigin> {
     use interceptor::mask::CatalogResolver;
     cache.origin(t, a)
-}
-
-/// COPY columns from a RowDescription of `SELECT *` (name, type OID) plus resolved origins.
-fn copy_columns(rd: &[u8], cache: &OriginCache) -> Vec<CopyColumn> {
-    use interceptor::mask::CatalogResolver;
-    let n = i16::from_be_bytes([rd[0], rd[1]]) as usize;
-    let mut pos = 2;
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let nul = rd[pos..].iter().position(|b| *b == 0).expect("name") + pos;
-        let name = String::from_utf8_lossy(&rd[pos..nul]).into_owned();
-        pos = nul + 1;
-        let table = u32::from_be_bytes([rd[pos], rd[pos + 1], rd[pos + 2], rd[pos + 3]]);
-        let attnum = i16::from_be_bytes([rd[pos + 4], rd[pos + 5]]);
-        let type_oid = u32::from_be_bytes([rd[pos + 6], rd[pos + 7], rd[pos + 8], rd[pos + 9]]);
-        pos += 18;
-        out.push(CopyColumn {
-            name,
-            origin: cache.origin(table, attnum),
-            type_oid,
-        });
-    }
-    out
 }

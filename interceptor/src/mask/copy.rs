@@ -81,6 +81,27 @@ pub struct CopyColumn {
     pub type_oid: u32,
 }
 
+impl CopyColumn {
+    /// The columns of a COPY from the RowDescription of the same columns (e.g. the relay
+    /// describes `SELECT a, b FROM t` on its own connection for `COPY t (a, b) TO STDOUT`),
+    /// with origins resolved as for [`MaskRules::plan`].
+    pub fn from_row_description(
+        row_description: &[u8],
+        origins: &dyn Fn(u32, i16) -> Option<ColumnOrigin>,
+    ) -> Result<Vec<CopyColumn>, MaskError> {
+        Ok(super::wire::parse_row_description(row_description)?
+            .into_iter()
+            .map(|f| CopyColumn {
+                origin: (f.table_oid != 0 && f.attnum > 0)
+                    .then(|| origins(f.table_oid, f.attnum))
+                    .flatten(),
+                name: f.name,
+                type_oid: f.type_oid,
+            })
+            .collect())
+    }
+}
+
 /// Masks one COPY OUT stream. Feed every CopyData payload, then call [`CopyMasker::finish`] at
 /// CopyDone.
 #[derive(Debug)]
