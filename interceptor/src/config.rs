@@ -41,6 +41,12 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     #[serde(default)]
     pub limits: Limits,
+    /// OIDC: clients present a JWT as their password (over TLS only).
+    #[serde(default)]
+    pub oidc: Option<crate::identity::oidc::OidcConfig>,
+    /// mTLS: client certificates chained to a CA become identities.
+    #[serde(default)]
+    pub mtls: Option<crate::identity::mtls::MtlsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -98,9 +104,6 @@ pub struct UpstreamConfig {
     pub ca: Option<PathBuf>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
-    /// Upstream role used for identities that name none.
-    #[serde(default)]
-    pub default_role: Option<String>,
 }
 
 impl UpstreamConfig {
@@ -129,9 +132,6 @@ pub struct StaticIdentity {
     pub display_name: Option<String>,
     #[serde(default)]
     pub groups: Vec<String>,
-    /// The upstream role interceptor logs in as for this identity (until policy maps it).
-    #[serde(default)]
-    pub upstream_role: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -240,6 +240,12 @@ impl Config {
                 "[limits] max_message_bytes must be at least 1024".into(),
             ));
         }
+        if (self.oidc.is_some() || self.mtls.is_some()) && self.tls.is_none() {
+            return Err(ConfigError::Invalid(
+                "[oidc] and [mtls] need [tls]: tokens and certificates are only accepted over TLS"
+                    .into(),
+            ));
+        }
         if self.upstream.tls == UpstreamTls::VerifyFull && self.upstream.ca.is_none() {
             return Err(ConfigError::Invalid(
                 "[upstream] tls = \"verify-full\" needs `ca`".into(),
@@ -291,5 +297,47 @@ impl Config {
         if let Some(d) = &mut self.listen.unix_socket_dir {
             fix(d);
         }
+        if let Some(o) = &mut self.oidc {
+            if let Some(f) = &mut o.jwks_file {
+                fix(f);
+            }
+            if let Some(f) = &mut o.ca_file {
+                fix(f);
+            }
+        }
+        if let Some(m) = &mut self.mtls {
+            fix(&mut m.ca_file);
+            for f in &mut m.crl_files {
+                fix(f);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../interceptor.example.toml");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.listen.tcp.len(), 2);
+        assert!(config.identities.contains_key("reporting-bot"));
+    }
+
+    #[test]
+    fn clear_passwords_and_unknown_keys_are_refused() {
+        let base = "[listen]\ntcp=[\"127.0.0.1:1\"]\n[upstream]\nhost=\"/tmp\"\n";
+        let clear = format!("{base}[identity.a]\nsecret=\"hunter2\"\n");
+        assert!(
+            Config::parse(&clear)
+                .unwrap_err()
+                .to_string()
+                .contains("hash-password")
+        );
+        let typo = format!("{base}[limitz]\n");
+        assert!(Config::parse(&typo).is_err());
+        assert!(Config::parse("[listen]\n[upstream]\nhost=\"/tmp\"\n").is_err());
     }
 }

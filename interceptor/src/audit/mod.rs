@@ -1,1 +1,268 @@
 //! The audit trail: durable, hash-chained, sled-backed records (issue 3).
+//!
+//! * **Write-ahead**: the relay calls [`AuditLog::append_durable`] before forwarding a statement;
+//!   it returns only once the record is on disk (sled flush + fdatasync, see [`store`]).
+//! * **Group commit**: one writer thread takes every record queued since its last commit and
+//!   makes them durable with a single flush + sync, so concurrent sessions share the wait.
+//! * **Tamper evidence**: each record is chained with SHA-256 to its predecessor ([`chain`]);
+//!   every commit writes an Ed25519-signed head, and checkpoints are kept periodically
+//!   ([`signing`]). [`verify::verify`] names the first record that does not fit.
+//! * **Fail closed**: once a write or sync fails, every later append fails.
+
+pub mod admin;
+pub mod chain;
+pub mod cli;
+pub mod export;
+pub mod query;
+pub mod record;
+pub mod redact;
+pub mod retention;
+pub mod signing;
+pub mod store;
+pub mod verify;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ed25519_dalek::VerifyingKey;
+
+pub use record::{
+    Approval, ApprovalAction, AuditEvent, KernelEvent, MaskedColumn, MaskingSummary, Peer,
+    PolicyReload, QueryProtocol, Record, RecordId, ResultRows, SessionEnd, SessionId, SessionStart,
+    StatementOutcome, StatementRecord, Timestamp, TlsInfo,
+};
+pub use retention::RetentionReport;
+pub use signing::{Mark, MarkKind};
+pub use store::{SessionSummary, Space, Store};
+pub use verify::{Problem, VerifyReport};
+
+use crate::config::AuditConfig;
+use writer::{Shared, Writer};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit store error: {0}")]
+    Store(String),
+    #[error("audit I/O error on {path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("audit record could not be encoded: {0}")]
+    Encode(String),
+    #[error("audit store is corrupt: {0}")]
+    Corrupt(String),
+    #[error(
+        "audit store is inconsistent, refusing to continue the chain: {0} (run `interceptor audit verify`)"
+    )]
+    Inconsistent(String),
+    #[error("audit key {path}: {message}")]
+    Key { path: PathBuf, message: String },
+    /// A previous write failed: the log refuses all appends (fail closed).
+    #[error("audit log unavailable after a write failure: {0}")]
+    Failed(String),
+    #[error("audit log is shutting down")]
+    Closed,
+    #[error("audit queue is full ({0} records pending)")]
+    Overloaded(usize),
+    #[error("{0}")]
+    Request(String),
+}
+
+impl AuditError {
+    pub(crate) fn io(path: &Path, e: std::io::Error) -> AuditError {
+        AuditError::Io {
+            path: path.to_owned(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<sled::Error> for AuditError {
+    fn from(e: sled::Error) -> Self {
+        AuditError::Store(e.to_string())
+    }
+}
+
+/// Records queued but not yet committed beyond which appends fail instead of using more memory.
+const MAX_PENDING: usize = 200_000;
+/// Recorded result data per statement is also capped in bytes, which keeps records small
+/// enough for sled's log (large values go to separate blob files).
+pub const MAX_RECORDED_BYTES: usize = 256 * 1024;
+
+/// The audit log. Cheap to clone; the writer thread stops when the last clone is dropped.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    store: Store,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    next_session: AtomicU64,
+    record_rows: usize,
+    verifying_key: Option<VerifyingKey>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.shared.shutdown();
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(h) = handle
+            && h.join().is_err()
+        {
+            tracing::error!("audit writer thread panicked");
+        }
+    }
+}
+
+impl AuditLog {
+    /// Opens the store, checks that its tail matches the signed head, and starts the
+    /// group-commit thread.
+    pub fn open(cfg: &AuditConfig) -> Result<AuditLog, AuditError> {
+        let key = cfg
+            .signing_key
+            .as_deref()
+            .map(signing::load_signing_key)
+            .transpose()?;
+        if key.is_none() {
+            tracing::warn!(
+                "audit: no signing_key configured; checkpoints are unsigned and only the hash \
+                 chain protects the log"
+            );
+        }
+        let store = Store::open(&cfg.dir)?;
+        let verifying_key = key.as_ref().map(|k| k.verifying_key());
+        let writer = Writer::resume(store.clone(), key, cfg)?;
+        store.reindex()?;
+        store.sync_dirs()?;
+        let next_session = store.session_hwm()?.saturating_add(1);
+        let shared = Arc::new(Shared::new(writer.next_seq(), writer.head()));
+        let thread_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(thread_shared))
+            .map_err(|e| AuditError::Store(format!("cannot start audit writer: {e}")))?;
+        Ok(AuditLog {
+            inner: Arc::new(Inner {
+                shared,
+                store,
+                thread: Mutex::new(Some(thread)),
+                next_session: AtomicU64::new(next_session),
+                record_rows: cfg.record_rows,
+                verifying_key,
+            }),
+        })
+    }
+
+    /// Queues a record and waits until it is durable (group commit). Used before forwarding
+    /// a statement: an error means the statement must be refused.
+    pub async fn append_durable(&self, event: AuditEvent) -> Result<RecordId, AuditError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let seq = self.enqueue(event, Some(tx))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(seq),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(AuditError::Closed),
+        }
+    }
+
+    /// Queues a record; durable at the next group commit. Used for outcomes and session end.
+    pub fn append(&self, event: AuditEvent) -> Result<RecordId, AuditError> {
+        self.enqueue(event, None)
+    }
+
+    /// A session id never handed out before in this store.
+    pub fn new_session_id(&self) -> SessionId {
+        SessionId(self.inner.next_session.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Result rows recorded per statement (`[audit] record_rows`); the relay need not collect more.
+    pub fn record_rows_cap(&self) -> usize {
+        self.inner.record_rows
+    }
+
+    /// The store, for queries (shared with the writer; sled is safe for concurrent readers).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn verifying_key(&self) -> Option<&VerifyingKey> {
+        self.inner.verifying_key.as_ref()
+    }
+
+    /// Number of flush+sync rounds done so far (each covers a whole batch).
+    pub fn sync_count(&self) -> u64 {
+        self.inner.shared.syncs.load(Ordering::Relaxed)
+    }
+
+    /// The head as of the last completed commit.
+    pub fn committed_head(&self) -> Option<Mark> {
+        self.inner.shared.committed_head()
+    }
+
+    /// Applies retention now (the writer also does so hourly). Blocks until done.
+    pub fn run_retention(&self) -> Result<RetentionReport, AuditError> {
+        self.inner.shared.request_retention()
+    }
+
+    /// Waits until everything queued so far is durable.
+    pub async fn sync(&self) -> Result<(), AuditError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner.shared.push_barrier(tx)?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
+    fn enqueue(
+        &self,
+        event: AuditEvent,
+        waiter: Option<writer::Waiter>,
+    ) -> Result<RecordId, AuditError> {
+        let event = match cap_rows(event, self.inner.record_rows) {
+            AuditEvent::Statement(mut st) => {
+                redact::redact_statement(&mut st);
+                AuditEvent::Statement(st)
+            }
+            other => other,
+        };
+        self.inner.shared.push(event, waiter)
+    }
+}
+
+// The relay shares one log across tasks and threads.
+const _: fn() = || {
+    fn assert_shareable<T: Send + Sync + Clone + 'static>() {}
+    assert_shareable::<AuditLog>();
+};
+
+/// Enforces the per-statement row cap and [`MAX_RECORDED_BYTES`] on recorded results.
+fn cap_rows(event: AuditEvent, max_rows: usize) -> AuditEvent {
+    let AuditEvent::ResultRows(mut r) = event else {
+        return event;
+    };
+    if r.rows.len() > max_rows {
+        r.rows.truncate(max_rows);
+        r.truncated = true;
+    }
+    let mut bytes = 0usize;
+    let mut keep = r.rows.len();
+    for (i, row) in r.rows.iter().enumerate() {
+        bytes += row
+            .iter()
+            .map(|v| v.as_ref().map_or(4, |s| s.len() + 3))
+            .sum::<usize>();
+        if bytes > MAX_RECORDED_BYTES {
+            keep = i;
+            break;
+        }
+    }
+    if keep < r.rows.len() {
+        r.rows.truncate(keep);
+        r.truncated = true;
+    }
+    AuditEvent::ResultRows(r)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,7 +1,13 @@
 //! Who is on the other end of a session. Every provider (static secrets, OIDC, mTLS, kernel
 //! attestation) produces the same [`Identity`], so policy and audit never care how it was proven.
 
+pub mod error;
+pub mod mtls;
+pub mod oidc;
+pub mod process;
 pub mod scram;
+
+pub use error::IdentityError;
 
 use serde::{Deserialize, Serialize};
 

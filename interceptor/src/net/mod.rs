@@ -1,1 +1,6 @@
 //! Listeners, TLS and PostgreSQL wire framing.
+
+pub mod frame;
+pub mod message;
+pub mod stream;
+pub mod tls;

@@ -1,1 +1,44 @@
-//! Policy files, statement classification and decisions (issue 4).
+//! Policy files, statement classification and decisions.
+//!
+//! * [`lexer`]: PostgreSQL-faithful splitting of query text (the anti-bypass layer).
+//! * [`mod@classify`]: what each statement does (kind, risks, tables, functions), with
+//!   [`walk`] (the AST walk), [`names`] (name resolution), [`functions`] (side effects) and
+//!   [`fallback`] (statements sqlparser cannot parse).
+//! * [`model`]: the TOML policy file format; [`load`]: validation with `file:line:col`.
+//! * [`set`]: the API the proxy calls (`PolicySet`: route, decide); [`decide`]: rule matching
+//!   and combining verdicts; [`window`], [`glob`]: rule building blocks.
+//! * [`reload`]: hot reload with audit events; [`session`]: SQL-level PREPARE/EXECUTE.
+//! * [`cli`]: `interceptor policy check|explain|test`; [`testcases`]: `*.tests.toml`.
+//!
+//! The evaluation order is documented in `docs/policy.md`.
+
+pub mod classify;
+pub mod cli;
+pub mod decide;
+pub mod error;
+pub mod fallback;
+pub mod functions;
+pub mod glob;
+pub mod lexer;
+pub mod load;
+pub mod model;
+pub mod names;
+pub mod reload;
+pub mod session;
+pub mod set;
+pub mod testcases;
+pub mod walk;
+pub mod window;
+
+pub use classify::{Classified, Risk, StatementKind, Unclassifiable, classify};
+pub use error::PolicyError;
+pub use lexer::LexSettings;
+pub use model::Limits;
+pub use reload::{PolicyEvent, PolicyHandle};
+pub use session::SessionStatements;
+pub use set::{Decision, Policy, PolicySet, Refusal, Route, Rule, Verdict};
+
+#[cfg(test)]
+mod classify_tests;
+#[cfg(test)]
+mod decide_tests;

@@ -1,0 +1,462 @@
+//! The sled store: the hash-chained `log` tree plus derived indexes, and real durability.
+//!
+//! Durability: sled's `flush()` writes with `sync_file_range` on Linux, which does not flush the
+//! disk cache or file metadata (sled issue #1452), and it never syncs its `blobs/` files. After
+//! every flush [`Store::sync`] therefore calls `fdatasync` on sled's log file `db`, `fsync` on
+//! every blob file not yet synced, and `fsync` on the directories whose entries changed.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::AuditError;
+use super::chain::{self, BASE_KEY, CHECKPOINT_PREFIX, HEAD_KEY, RECORD_PREFIX};
+use super::record::{AuditEvent, Peer, Record, RecordId, SessionId, Timestamp};
+use super::signing::Mark;
+
+/// Trees: `log` (records + marks, the tamper-evident part), `sessions` (session summaries),
+/// `session_records` (session id ++ seq), `meta` (index bookkeeping).
+#[derive(Clone)]
+pub struct Store {
+    dir: PathBuf,
+    db: sled::Db,
+    pub(crate) log: sled::Tree,
+    pub(crate) sessions: sled::Tree,
+    pub(crate) session_records: sled::Tree,
+    pub(crate) meta: sled::Tree,
+}
+
+const INDEXED_UPTO: &[u8] = b"indexed_upto";
+const SESSION_HWM: &[u8] = b"session_hwm";
+const MAX_CACHED_SESSIONS: usize = 100_000;
+
+/// What the index knows about a session (derived from its records; rebuilt if lost).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSummary {
+    pub session: SessionId,
+    pub subject: Option<String>,
+    pub display_name: Option<String>,
+    /// How the identity was proven (`scram_sha256`, `oidc`, `client_certificate`, ...).
+    pub proof: Option<String>,
+    pub database: Option<String>,
+    pub upstream_role: Option<String>,
+    pub peer: Option<Peer>,
+    pub started_at: Option<Timestamp>,
+    pub start_seq: Option<RecordId>,
+    pub ended_at: Option<Timestamp>,
+    pub end_seq: Option<RecordId>,
+    pub end_reason: Option<String>,
+    pub statements: u64,
+    pub denied: u64,
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
+    pub first_seq: RecordId,
+    /// Last record applied to this summary (makes re-indexing idempotent).
+    pub last_seq: Option<RecordId>,
+    pub last_at: Option<Timestamp>,
+}
+
+impl SessionSummary {
+    fn new(session: SessionId, seq: RecordId) -> SessionSummary {
+        SessionSummary {
+            session,
+            subject: None,
+            display_name: None,
+            proof: None,
+            database: None,
+            upstream_role: None,
+            peer: None,
+            started_at: None,
+            start_seq: None,
+            ended_at: None,
+            end_seq: None,
+            end_reason: None,
+            statements: 0,
+            denied: 0,
+            bytes_from_client: 0,
+            bytes_to_client: 0,
+            first_seq: seq,
+            last_seq: None,
+            last_at: None,
+        }
+    }
+
+    /// Folds one record in; records at or before `last_seq` were already applied.
+    pub(crate) fn apply(&mut self, rec: &Record) {
+        if self.last_seq.is_some_and(|l| rec.seq <= l) {
+            return;
+        }
+        self.last_seq = Some(rec.seq);
+        self.last_at = Some(rec.at);
+        match &rec.event {
+            AuditEvent::SessionStart(s) => {
+                self.subject = Some(s.identity.subject.clone());
+                self.display_name = Some(s.identity.display_name.clone());
+                self.proof = serde_json::to_value(&s.identity.proof)
+                    .ok()
+                    .and_then(|v| v.get("method").and_then(|m| m.as_str()).map(str::to_owned));
+                self.database = Some(s.database.clone());
+                self.upstream_role = Some(s.upstream_role.clone());
+                self.peer = Some(s.peer.clone());
+                self.started_at = Some(rec.at);
+                self.start_seq = Some(rec.seq);
+            }
+            AuditEvent::Statement(s) => {
+                self.statements += 1;
+                if s.decision.eq_ignore_ascii_case("deny") {
+                    self.denied += 1;
+                }
+            }
+            AuditEvent::SessionEnd(e) => {
+                self.ended_at = Some(rec.at);
+                self.end_seq = Some(rec.seq);
+                self.end_reason = Some(e.reason.clone());
+                self.bytes_from_client = e.bytes_from_client;
+                self.bytes_to_client = e.bytes_to_client;
+            }
+            _ => {}
+        }
+    }
+}
+
+pub(crate) fn session_record_key(session: SessionId, seq: RecordId) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&session.0.to_be_bytes());
+    k[8..].copy_from_slice(&seq.0.to_be_bytes());
+    k
+}
+
+fn u64_value(v: Option<sled::IVec>) -> Option<u64> {
+    let arr: [u8; 8] = v?.as_ref().try_into().ok()?;
+    Some(u64::from_be_bytes(arr))
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`. Fails if another process holds it.
+    pub fn open(dir: &Path) -> Result<Store, AuditError> {
+        std::fs::create_dir_all(dir).map_err(|e| AuditError::io(dir, e))?;
+        let db = open_db(dir)?;
+        let tree = |name: &str| db.open_tree(name).map_err(AuditError::from);
+        let store = Store {
+            dir: dir.to_owned(),
+            log: tree("log")?,
+            sessions: tree("sessions")?,
+            session_records: tree("session_records")?,
+            meta: tree("meta")?,
+            db,
+        };
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes everything written so far durable (see the module docs for why sled's flush is
+    /// not enough). `synced_blobs` remembers blob files already fsynced.
+    pub(crate) fn sync(&self, synced_blobs: &mut HashSet<PathBuf>) -> Result<(), AuditError> {
+        self.db.flush()?;
+        let db_file = self.dir.join("db");
+        File::open(&db_file)
+            .and_then(|f| f.sync_data())
+            .map_err(|e| AuditError::io(&db_file, e))?;
+        let blobs = self.dir.join("blobs");
+        let mut new_blob = false;
+        if let Ok(entries) = std::fs::read_dir(&blobs) {
+            let mut present = HashSet::new();
+            for entry in entries {
+                let path = entry.map_err(|e| AuditError::io(&blobs, e))?.path();
+                if !synced_blobs.contains(&path) {
+                    File::open(&path)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|e| AuditError::io(&path, e))?;
+                    new_blob = true;
+                }
+                present.insert(path);
+            }
+            *synced_blobs = present;
+        }
+        if new_blob {
+            sync_dir(&blobs)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the directory entries of sled's files durable (once, at open).
+    pub(crate) fn sync_dirs(&self) -> Result<(), AuditError> {
+        sync_dir(&self.dir)?;
+        let blobs = self.dir.join("blobs");
+        if blobs.is_dir() {
+            sync_dir(&blobs)?;
+        }
+        Ok(())
+    }
+
+    pub fn head(&self) -> Result<Option<Mark>, AuditError> {
+        self.mark(HEAD_KEY)
+    }
+
+    pub fn base(&self) -> Result<Option<Mark>, AuditError> {
+        self.mark(BASE_KEY)
+    }
+
+    fn mark(&self, key: &[u8]) -> Result<Option<Mark>, AuditError> {
+        match self.log.get(key)? {
+            None => Ok(None),
+            Some(v) => Mark::decode(&v).map(Some).ok_or_else(|| {
+                AuditError::Corrupt(format!("undecodable mark {}", String::from_utf8_lossy(key)))
+            }),
+        }
+    }
+
+    pub fn checkpoints(&self) -> Result<Vec<Mark>, AuditError> {
+        let mut out = Vec::new();
+        for item in self.log.scan_prefix([CHECKPOINT_PREFIX]) {
+            let (k, v) = item?;
+            let m = Mark::decode(&v).ok_or_else(|| {
+                AuditError::Corrupt(format!("undecodable checkpoint at key {}", hex::encode(&k)))
+            })?;
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    pub fn record(&self, seq: RecordId) -> Result<Option<Record>, AuditError> {
+        match self.log.get(chain::record_key(seq))? {
+            None => Ok(None),
+            Some(v) => chain::decode_record(&v)
+                .map(|(_, r)| Some(r))
+                .ok_or_else(|| AuditError::Corrupt(format!("undecodable record {seq}"))),
+        }
+    }
+
+    /// Records with `seq > after` (all if `None`), in order, at most `limit`.
+    pub fn records_after(
+        &self,
+        after: Option<RecordId>,
+        limit: usize,
+    ) -> Result<Vec<(chain::ChainHash, Record)>, AuditError> {
+        let start = match after {
+            None => vec![RECORD_PREFIX],
+            Some(s) => match s.0.checked_add(1) {
+                Some(n) => chain::record_key(RecordId(n)).to_vec(),
+                None => return Ok(Vec::new()),
+            },
+        };
+        let end = [RECORD_PREFIX + 1];
+        let mut out = Vec::new();
+        for item in self.log.range(start..end[..].to_vec()) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            let rec = chain::decode_record(&v).ok_or_else(|| {
+                AuditError::Corrupt(format!("undecodable record at key {}", hex::encode(&k)))
+            })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    /// The last record in the log (by key).
+    pub fn last_record(&self) -> Result<Option<(chain::ChainHash, Record)>, AuditError> {
+        let last = self
+            .log
+            .range(vec![RECORD_PREFIX]..vec![RECORD_PREFIX + 1])
+            .next_back()
+            .transpose()?;
+        match last {
+            None => Ok(None),
+            Some((k, v)) => chain::decode_record(&v).map(Some).ok_or_else(|| {
+                AuditError::Corrupt(format!("undecodable record at key {}", hex::encode(&k)))
+            }),
+        }
+    }
+
+    pub fn session_summary(
+        &self,
+        session: SessionId,
+    ) -> Result<Option<SessionSummary>, AuditError> {
+        match self.sessions.get(session.0.to_be_bytes())? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| AuditError::Corrupt(format!("session index {session}: {e}"))),
+        }
+    }
+
+    pub fn all_sessions(&self) -> Result<Vec<SessionSummary>, AuditError> {
+        let mut out = Vec::new();
+        for item in self.sessions.iter() {
+            let (_, v) = item?;
+            let s: SessionSummary = serde_json::from_slice(&v)
+                .map_err(|e| AuditError::Corrupt(format!("session index: {e}")))?;
+            out.push(s);
+        }
+        Ok(out)
+    }
+
+    /// Sequence numbers of a session's records, in order.
+    pub fn session_seqs(&self, session: SessionId) -> Result<Vec<RecordId>, AuditError> {
+        let mut out = Vec::new();
+        for item in self.session_records.scan_prefix(session.0.to_be_bytes()) {
+            let (k, _) = item?;
+            if let Some(seq) = k.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+                out.push(RecordId(u64::from_be_bytes(seq)));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn indexed_upto(&self) -> Result<Option<RecordId>, AuditError> {
+        Ok(u64_value(self.meta.get(INDEXED_UPTO)?).map(RecordId))
+    }
+
+    pub(crate) fn session_hwm(&self) -> Result<u64, AuditError> {
+        Ok(u64_value(self.meta.get(SESSION_HWM)?).unwrap_or(0))
+    }
+
+    /// Applies a batch of committed records to the indexes (idempotent). `cache` holds the
+    /// summaries of open sessions so the writer need not read them back for every batch.
+    pub(crate) fn index(
+        &self,
+        records: &[Record],
+        cache: &mut HashMap<SessionId, SessionSummary>,
+    ) -> Result<(), AuditError> {
+        let Some(last) = records.last() else {
+            return Ok(());
+        };
+        let mut touched: BTreeSet<SessionId> = BTreeSet::new();
+        let mut refs = sled::Batch::default();
+        let mut hwm = self.session_hwm()?;
+        for rec in records {
+            let Some(sid) = rec.event.session() else {
+                continue;
+            };
+            hwm = hwm.max(sid.0);
+            refs.insert(&session_record_key(sid, rec.seq), &[] as &[u8]);
+            let summary = match cache.entry(sid) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(
+                    self.session_summary(sid)?
+                        .unwrap_or_else(|| SessionSummary::new(sid, rec.seq)),
+                ),
+            };
+            summary.apply(rec);
+            touched.insert(sid);
+        }
+        self.session_records.apply_batch(refs)?;
+        let mut sums = sled::Batch::default();
+        for sid in &touched {
+            if let Some(s) = cache.get(sid) {
+                let v = serde_json::to_vec(s).map_err(|e| AuditError::Encode(e.to_string()))?;
+                sums.insert(&sid.0.to_be_bytes(), v);
+                if s.ended_at.is_some() {
+                    cache.remove(sid);
+                }
+            }
+        }
+        self.sessions.apply_batch(sums)?;
+        // Sessions that never end (crashed clients) must not grow the cache without bound.
+        if cache.len() > MAX_CACHED_SESSIONS {
+            cache.clear();
+        }
+        let mut meta = sled::Batch::default();
+        meta.insert(INDEXED_UPTO, &last.seq.0.to_be_bytes());
+        meta.insert(SESSION_HWM, &hwm.to_be_bytes());
+        self.meta.apply_batch(meta)?;
+        Ok(())
+    }
+
+    /// Re-applies records the index may have missed (after a crash between the log write and
+    /// the index write).
+    pub(crate) fn reindex(&self) -> Result<(), AuditError> {
+        let mut after = self.indexed_upto()?;
+        loop {
+            let page = self.records_after(after, 1024)?;
+            let Some((_, last)) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.seq);
+            let recs: Vec<Record> = page.into_iter().map(|(_, r)| r).collect();
+            self.index(&recs, &mut HashMap::new())?;
+        }
+    }
+
+    /// Bytes of record data in the log (what the size bound limits) and bytes on disk.
+    pub fn space(&self) -> Result<Space, AuditError> {
+        let mut record_bytes = 0u64;
+        let mut records = 0u64;
+        for item in self.log.scan_prefix([RECORD_PREFIX]) {
+            let (k, v) = item?;
+            record_bytes += (k.len() + v.len()) as u64;
+            records += 1;
+        }
+        Ok(Space {
+            records,
+            record_bytes,
+            disk_bytes: dir_size(&self.dir),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Space {
+    pub records: u64,
+    /// Logical size of the records (keys + values), the quantity `max_size_mib` bounds.
+    pub record_bytes: u64,
+    /// Size of the store directory on disk (sled reclaims space lazily, so this lags).
+    pub disk_bytes: u64,
+}
+
+/// Opens sled, waiting briefly for the directory lock: after a store is dropped, sled's
+/// background I/O threads may hold it for a moment longer.
+pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, AuditError> {
+    const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+    let started = std::time::Instant::now();
+    loop {
+        let r = sled::Config::new()
+            .path(dir)
+            // Durability comes from our explicit flush + fsync at each group commit, not
+            // from sled's background flusher.
+            .flush_every_ms(None)
+            .open();
+        match r {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock && started.elapsed() < LOCK_WAIT =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(AuditError::Store(format!(
+                    "cannot open audit store {}: {e}",
+                    dir.display()
+                )));
+            }
+        }
+    }
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_size(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+fn sync_dir(dir: &Path) -> Result<(), AuditError> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| AuditError::io(dir, e))
+}

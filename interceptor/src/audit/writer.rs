@@ -1,0 +1,487 @@
+//! The group-commit writer: one thread owns the chain tip. Callers queue records (their
+//! sequence number is assigned at enqueue, under the queue lock, so queue order = chain order);
+//! the thread takes everything queued since its last commit and makes it durable with a single
+//! flush + sync, then wakes all waiters of that batch.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+
+use super::chain::{self, ChainHash, HEAD_KEY};
+use super::record::{AuditEvent, Record, RecordId, SessionId, Timestamp};
+use super::retention::{self, RetentionPolicy, RetentionReport};
+use super::signing::{Mark, MarkKind};
+use super::store::{SessionSummary, Store};
+use super::{AuditError, MAX_PENDING};
+use crate::config::AuditConfig;
+
+pub(crate) type Waiter = tokio::sync::oneshot::Sender<Result<(), AuditError>>;
+
+/// A periodic checkpoint is kept after this many records or this much time.
+const CHECKPOINT_EVERY_RECORDS: u64 = 1000;
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
+const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+
+struct Pending {
+    seq: RecordId,
+    at: Timestamp,
+    event: AuditEvent,
+    waiter: Option<Waiter>,
+}
+
+enum Job {
+    Barrier(Waiter),
+    Retention(std::sync::mpsc::Sender<Result<RetentionReport, AuditError>>),
+}
+
+struct Queue {
+    next_seq: u64,
+    pending: Vec<Pending>,
+    jobs: Vec<Job>,
+    failed: Option<String>,
+    shutdown: bool,
+}
+
+pub(crate) struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    pub(crate) syncs: AtomicU64,
+    committed: Mutex<Option<Mark>>,
+}
+
+fn poisoned() -> AuditError {
+    AuditError::Failed("audit writer state poisoned".into())
+}
+
+impl Shared {
+    pub(crate) fn new(next_seq: RecordId, head: Option<Mark>) -> Shared {
+        Shared {
+            queue: Mutex::new(Queue {
+                next_seq: next_seq.0,
+                pending: Vec::new(),
+                jobs: Vec::new(),
+                failed: None,
+                shutdown: false,
+            }),
+            wake: Condvar::new(),
+            syncs: AtomicU64::new(0),
+            committed: Mutex::new(head),
+        }
+    }
+
+    pub(crate) fn push(
+        &self,
+        event: AuditEvent,
+        waiter: Option<Waiter>,
+    ) -> Result<RecordId, AuditError> {
+        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        if let Some(f) = &q.failed {
+            return Err(AuditError::Failed(f.clone()));
+        }
+        if q.shutdown {
+            return Err(AuditError::Closed);
+        }
+        if q.pending.len() >= MAX_PENDING {
+            return Err(AuditError::Overloaded(q.pending.len()));
+        }
+        let seq = RecordId(q.next_seq);
+        q.next_seq += 1;
+        q.pending.push(Pending {
+            seq,
+            at: Timestamp::now(),
+            event,
+            waiter,
+        });
+        drop(q);
+        self.wake.notify_one();
+        Ok(seq)
+    }
+
+    pub(crate) fn push_barrier(&self, waiter: Waiter) -> Result<(), AuditError> {
+        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        if let Some(f) = &q.failed {
+            return Err(AuditError::Failed(f.clone()));
+        }
+        if q.shutdown {
+            return Err(AuditError::Closed);
+        }
+        q.jobs.push(Job::Barrier(waiter));
+        drop(q);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    pub(crate) fn request_retention(&self) -> Result<RetentionReport, AuditError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut q = self.queue.lock().map_err(|_| poisoned())?;
+            if let Some(f) = &q.failed {
+                return Err(AuditError::Failed(f.clone()));
+            }
+            if q.shutdown {
+                return Err(AuditError::Closed);
+            }
+            q.jobs.push(Job::Retention(tx));
+        }
+        self.wake.notify_one();
+        rx.recv().map_err(|_| AuditError::Closed)?
+    }
+
+    pub(crate) fn shutdown(&self) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.shutdown = true;
+        }
+        self.wake.notify_all();
+    }
+
+    pub(crate) fn committed_head(&self) -> Option<Mark> {
+        self.committed.lock().ok().and_then(|h| h.clone())
+    }
+
+    fn fail(&self, message: &str) {
+        if let Ok(mut q) = self.queue.lock()
+            && q.failed.is_none()
+        {
+            q.failed = Some(message.to_string());
+        }
+    }
+}
+
+/// The chain tip and everything needed to extend it.
+pub(crate) struct Writer {
+    store: Store,
+    key: Option<SigningKey>,
+    next_seq: RecordId,
+    prev: ChainHash,
+    head: Option<Mark>,
+    since_checkpoint: u64,
+    /// `None` until the first commit of this run, which always leaves a checkpoint.
+    last_checkpoint: Option<Instant>,
+    last_retention: Option<Instant>,
+    synced_blobs: HashSet<PathBuf>,
+    retention: RetentionPolicy,
+    /// Summaries of open sessions (see [`Store::index`]).
+    summaries: HashMap<SessionId, SessionSummary>,
+    /// The last index update failed: re-index from the log before the next one.
+    index_stale: bool,
+}
+
+impl Writer {
+    /// Picks up the chain where the signed head left it. A tail that does not match the head
+    /// (records after it, or missing records) means someone edited the store: refuse to extend
+    /// the chain over it (fail closed) until an operator has looked at `audit verify`.
+    pub(crate) fn resume(
+        store: Store,
+        key: Option<SigningKey>,
+        cfg: &AuditConfig,
+    ) -> Result<Writer, AuditError> {
+        let head = store.head()?;
+        let base = store.base()?;
+        let last = store.last_record()?;
+        let (next_seq, prev) = match (&head, &last) {
+            (None, None) => match &base {
+                None => (RecordId(0), ChainHash::GENESIS),
+                Some(b) => (
+                    b.seq,
+                    b.chain_hash()
+                        .ok_or_else(|| AuditError::Inconsistent("malformed base mark".into()))?,
+                ),
+            },
+            (None, Some((_, r))) => {
+                return Err(AuditError::Inconsistent(format!(
+                    "records up to {} but no head mark",
+                    r.seq
+                )));
+            }
+            (Some(h), last) => {
+                let hh = h
+                    .chain_hash()
+                    .ok_or_else(|| AuditError::Inconsistent("malformed head mark".into()))?;
+                match last {
+                    Some((lh, r)) if r.seq == h.seq && *lh == hh => {}
+                    None if base
+                        .as_ref()
+                        .is_some_and(|b| b.seq.0 == h.seq.0 + 1 && b.hash == h.hash) => {}
+                    Some((_, r)) => {
+                        return Err(AuditError::Inconsistent(format!(
+                            "signed head covers record {} but the last record is {}",
+                            h.seq, r.seq
+                        )));
+                    }
+                    None => {
+                        return Err(AuditError::Inconsistent(format!(
+                            "signed head covers record {} but the log is empty",
+                            h.seq
+                        )));
+                    }
+                }
+                if let Some(k) = &key
+                    && h.signature.is_some()
+                    && let Err(e) = h.verify(&k.verifying_key())
+                {
+                    return Err(AuditError::Inconsistent(format!("head mark: {e}")));
+                }
+                (RecordId(h.seq.0 + 1), hh)
+            }
+        };
+        Ok(Writer {
+            store,
+            key,
+            next_seq,
+            prev,
+            head,
+            since_checkpoint: 0,
+            last_checkpoint: None,
+            last_retention: None,
+            synced_blobs: HashSet::new(),
+            retention: RetentionPolicy::from_config(cfg),
+            summaries: HashMap::new(),
+            index_stale: false,
+        })
+    }
+
+    pub(crate) fn next_seq(&self) -> RecordId {
+        self.next_seq
+    }
+
+    pub(crate) fn head(&self) -> Option<Mark> {
+        self.head.clone()
+    }
+
+    pub(crate) fn run(mut self, shared: std::sync::Arc<Shared>) {
+        let _stopped = StopGuard(shared.clone());
+        loop {
+            let (batch, jobs, shutdown) = {
+                let Ok(mut q) = shared.queue.lock() else {
+                    tracing::error!("audit writer: queue lock poisoned, stopping");
+                    return;
+                };
+                while q.pending.is_empty() && q.jobs.is_empty() && !q.shutdown {
+                    match shared.wake.wait_timeout(q, Duration::from_secs(30)) {
+                        Ok((guard, timeout)) => {
+                            q = guard;
+                            if timeout.timed_out() {
+                                break;
+                            }
+                        }
+                        Err(_) => {
+                            tracing::error!("audit writer: queue lock poisoned, stopping");
+                            return;
+                        }
+                    }
+                }
+                (
+                    std::mem::take(&mut q.pending),
+                    std::mem::take(&mut q.jobs),
+                    q.shutdown,
+                )
+            };
+            let failed = shared.queue.lock().ok().and_then(|q| q.failed.clone());
+            if !batch.is_empty() {
+                self.commit_batch(&shared, batch, failed.clone());
+            }
+            let failed = shared.queue.lock().ok().and_then(|q| q.failed.clone());
+            for job in jobs {
+                match job {
+                    Job::Barrier(w) => {
+                        let r = match &failed {
+                            Some(f) => Err(AuditError::Failed(f.clone())),
+                            None => Ok(()),
+                        };
+                        let _ = w.send(r);
+                    }
+                    Job::Retention(tx) => {
+                        let r = match &failed {
+                            Some(f) => Err(AuditError::Failed(f.clone())),
+                            None => self.retain(),
+                        };
+                        let _ = tx.send(r);
+                    }
+                }
+            }
+            if failed.is_none() && self.retention.is_active() && !shutdown {
+                let due = self
+                    .last_retention
+                    .is_none_or(|t| t.elapsed() >= RETENTION_INTERVAL);
+                if due {
+                    match self.retain() {
+                        Ok(r) if r.removed_records > 0 => tracing::info!(
+                            removed_records = r.removed_records,
+                            removed_sessions = r.removed_sessions,
+                            "audit retention applied"
+                        ),
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "audit retention failed"),
+                    }
+                }
+            }
+            if shutdown {
+                let empty = shared
+                    .queue
+                    .lock()
+                    .map(|q| q.pending.is_empty() && q.jobs.is_empty())
+                    .unwrap_or(true);
+                if empty {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn commit_batch(&mut self, shared: &Shared, batch: Vec<Pending>, failed: Option<String>) {
+        let mut waiters = Vec::with_capacity(batch.len());
+        let mut records = Vec::with_capacity(batch.len());
+        for p in batch {
+            if let Some(w) = p.waiter {
+                waiters.push(w);
+            }
+            records.push(Record {
+                seq: p.seq,
+                at: p.at,
+                event: p.event,
+            });
+        }
+        let result = match failed {
+            Some(f) => Err(AuditError::Failed(f)),
+            None => self.commit(&records),
+        };
+        match &result {
+            Ok(()) => {
+                shared.syncs.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut h) = shared.committed.lock() {
+                    *h = self.head.clone();
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "audit commit failed; refusing further appends");
+                shared.fail(&e.to_string());
+            }
+        }
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+        // The indexes are derived from the log, so they are updated after the waiters are
+        // released; their writes become durable with the next commit (or are rebuilt from
+        // the log at open).
+        if result.is_ok() {
+            self.update_index(&records);
+        }
+    }
+
+    fn update_index(&mut self, records: &[Record]) {
+        let r = if self.index_stale {
+            self.summaries.clear();
+            self.store.reindex()
+        } else {
+            self.store.index(records, &mut self.summaries)
+        };
+        match r {
+            Ok(()) => self.index_stale = false,
+            Err(e) => {
+                tracing::error!(error = %e, "audit index update failed; will re-index");
+                self.index_stale = true;
+            }
+        }
+    }
+
+    fn commit(&mut self, records: &[Record]) -> Result<(), AuditError> {
+        let Some(last) = records.last().map(|r| r.seq) else {
+            return Ok(());
+        };
+        let mut batch = sled::Batch::default();
+        let mut prev = self.prev;
+        let mut expected = self.next_seq;
+        for rec in records {
+            if rec.seq != expected {
+                return Err(AuditError::Inconsistent(format!(
+                    "writer expected record {expected}, got {}",
+                    rec.seq
+                )));
+            }
+            let (stored, hash) =
+                chain::seal(&prev, rec).map_err(|e| AuditError::Encode(e.to_string()))?;
+            batch.insert(&chain::record_key(rec.seq), stored);
+            prev = hash;
+            expected = RecordId(expected.0 + 1);
+        }
+        let head = Mark::new(MarkKind::Head, last, prev, self.key.as_ref());
+        batch.insert(HEAD_KEY, head.encode()?);
+        let n = records.len() as u64;
+        let checkpoint = self.since_checkpoint + n >= CHECKPOINT_EVERY_RECORDS
+            || self
+                .last_checkpoint
+                .is_none_or(|t| t.elapsed() >= CHECKPOINT_INTERVAL);
+        if checkpoint {
+            let cp = Mark::new(MarkKind::Checkpoint, last, prev, self.key.as_ref());
+            batch.insert(&chain::checkpoint_key(last), cp.encode()?);
+        }
+        // One atomic batch: records, head and checkpoint appear together or not at all.
+        self.store.log.apply_batch(batch)?;
+        self.store.sync(&mut self.synced_blobs)?;
+        self.prev = prev;
+        self.next_seq = expected;
+        self.head = Some(head);
+        if checkpoint {
+            self.since_checkpoint = 0;
+            self.last_checkpoint = Some(Instant::now());
+        } else {
+            self.since_checkpoint += n;
+        }
+        Ok(())
+    }
+
+    fn retain(&mut self) -> Result<RetentionReport, AuditError> {
+        self.last_retention = Some(Instant::now());
+        // Retention rewrites summaries; read them back from the store afterwards.
+        self.summaries.clear();
+        let last = self.head.as_ref().map(|h| h.seq);
+        retention::apply(
+            &self.store,
+            self.key.as_ref(),
+            &self.retention,
+            last,
+            Timestamp::now(),
+            &mut self.synced_blobs,
+        )
+    }
+}
+
+/// Runs when the writer thread ends for any reason (including a panic inside sled): from then
+/// on appends fail instead of queueing records nobody will write, and queued waiters get an
+/// error instead of waiting forever.
+struct StopGuard(std::sync::Arc<Shared>);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let mut q = match self.0.queue.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if q.failed.is_none() && !q.shutdown {
+            q.failed = Some("the audit writer stopped".into());
+        }
+        let reason = q
+            .failed
+            .clone()
+            .unwrap_or_else(|| "the audit log was closed".into());
+        for p in q.pending.drain(..) {
+            if let Some(w) = p.waiter {
+                let _ = w.send(Err(AuditError::Failed(reason.clone())));
+            }
+        }
+        for job in q.jobs.drain(..) {
+            match job {
+                Job::Barrier(w) => {
+                    let _ = w.send(Err(AuditError::Failed(reason.clone())));
+                }
+                Job::Retention(tx) => {
+                    let _ = tx.send(Err(AuditError::Failed(reason.clone())));
+                }
+            }
+        }
+    }
+}

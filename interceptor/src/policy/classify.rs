@@ -1,0 +1,425 @@
+//! Statement classification: what each statement of a query does, in terms policy rules match
+//! on (kind, risks, tables, functions).
+//!
+//! The text is split by our PostgreSQL-faithful lexer ([`super::lexer`]); each piece is then
+//! parsed by sqlparser, and the query is refused when the two disagree about the tokens. The few
+//! statements sqlparser cannot parse (DO, ALTER SYSTEM, VACUUM (…), …) are classified by their
+//! leading keywords, conservatively and without table information.
+
+use serde::{Deserialize, Serialize};
+use sqlparser::ast::{self, ObjectType, Statement, Visit};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use sqlparser::tokenizer::{Token, Tokenizer};
+
+use super::fallback::keyword_fallback;
+use super::lexer::{self, LexSettings, StatementText, TokKind};
+use super::names::{ident_name, name_parts, table_name};
+use super::walk::{Facts, Walk, shallow};
+
+/// What a statement does, from least to most powerful (the order is used when a statement does
+/// several things, e.g. a SELECT calling `nextval` is a write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatementKind {
+    /// SELECT, SHOW, EXPLAIN (without ANALYZE), FETCH, …
+    Read,
+    /// BEGIN, COMMIT, ROLLBACK, SAVEPOINT, SET TRANSACTION.
+    Transaction,
+    /// SET, RESET, DISCARD, DEALLOCATE, LISTEN.
+    Session,
+    /// COPY … TO STDOUT.
+    CopyTo,
+    /// INSERT, UPDATE, DELETE, MERGE, SELECT … FOR UPDATE, LOCK.
+    Write,
+    /// COPY … FROM STDIN.
+    CopyFrom,
+    /// VACUUM, ANALYZE, CHECKPOINT, REINDEX, NOTIFY, admin functions.
+    Utility,
+    /// DO, CALL, EXECUTE of a prepared statement that is unknown.
+    Procedural,
+    /// CREATE, ALTER, DROP, TRUNCATE, COMMENT.
+    Ddl,
+    /// GRANT, REVOKE, CREATE/ALTER/DROP ROLE.
+    Dcl,
+}
+
+impl StatementKind {
+    pub const ALL: [StatementKind; 10] = [
+        StatementKind::Read,
+        StatementKind::Transaction,
+        StatementKind::Session,
+        StatementKind::CopyTo,
+        StatementKind::Write,
+        StatementKind::CopyFrom,
+        StatementKind::Utility,
+        StatementKind::Procedural,
+        StatementKind::Ddl,
+        StatementKind::Dcl,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementKind::Read => "read",
+            StatementKind::Transaction => "transaction",
+            StatementKind::Session => "session",
+            StatementKind::CopyTo => "copy_to",
+            StatementKind::Write => "write",
+            StatementKind::CopyFrom => "copy_from",
+            StatementKind::Utility => "utility",
+            StatementKind::Procedural => "procedural",
+            StatementKind::Ddl => "ddl",
+            StatementKind::Dcl => "dcl",
+        }
+    }
+}
+
+/// Risk patterns a rule can match (or, for `allow` rules, must explicitly accept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Risk {
+    DeleteWithoutWhere,
+    UpdateWithoutWhere,
+    Drop,
+    Truncate,
+    AlterRole,
+    AlterSystem,
+    CopyProgram,
+    CopyFile,
+    /// EXECUTE in a DO block or function body, functions in untrusted languages, query_to_xml…
+    DynamicSql,
+    /// A DO block: code that runs without being a named, reviewable object.
+    AnonymousCode,
+    /// Server file access: pg_read_file, pg_ls_dir, lo_import/lo_export, LOAD.
+    ServerFile,
+    LargeObject,
+    Dblink,
+    /// SET ROLE, RESET ROLE, set_config('role', …).
+    SetRole,
+    /// SET SESSION AUTHORIZATION, RESET SESSION AUTHORIZATION.
+    SessionAuthorization,
+    /// Changing search_path changes what unqualified names mean.
+    SearchPath,
+    /// nextval, setval, advisory locks, pg_notify, …
+    SideEffectFunction,
+    /// pg_terminate_backend, pg_reload_conf, replication slots, …
+    AdminFunction,
+    /// A function that is not a PostgreSQL built-in: it may do anything.
+    UserFunction,
+}
+
+/// One classified statement (recorded in the audit trail).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Classified {
+    /// Leading keywords, e.g. `SELECT`, `INSERT`, `ALTER SYSTEM`.
+    pub command: String,
+    pub kind: StatementKind,
+    pub risks: Vec<Risk>,
+    /// `schema.table`, lower-case unless quoted. Unqualified names are shown as
+    /// `public.name` (`pg_catalog.name` for `pg_*`).
+    pub tables: Vec<String>,
+    /// `schema.function`; unqualified built-ins as `pg_catalog.name`, others as `public.name`.
+    pub functions: Vec<String>,
+    /// False when the tables and functions the statement touches are unknown: it was
+    /// classified by keywords (sqlparser could not parse it), or it is a DDL/DCL/utility
+    /// statement in which no table was found.
+    pub names_known: bool,
+    /// `PREPARE name AS …`: the name (the rest describes the prepared statement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prepares: Option<String>,
+    /// `EXECUTE name`: decided by what `name` was prepared as (see [`super::SessionStatements`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub executes: Option<String>,
+    /// `DEALLOCATE name` (`Some("")` for DEALLOCATE ALL / DISCARD ALL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deallocates: Option<String>,
+    /// Byte range of the statement in the query text.
+    pub span: (usize, usize),
+}
+
+/// Why a query cannot be classified (it is then refused, or sent for approval if the policy
+/// says so).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unclassifiable {
+    #[error("cannot read the query text: {0}")]
+    Lex(#[from] lexer::LexError),
+    #[error("cannot parse statement {index}: {message}")]
+    Parse { index: usize, message: String },
+    #[error(
+        "statement {index}: the SQL parser and PostgreSQL's lexer disagree about this text; \
+         refusing rather than guessing"
+    )]
+    Differential { index: usize },
+    #[error("statement {index} ({command}) is not supported by the policy engine")]
+    Unsupported { index: usize, command: String },
+    #[error("empty query")]
+    Empty,
+}
+
+impl Unclassifiable {
+    /// The SQLSTATE a refusal for this reason carries.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            Unclassifiable::Lex(_) | Unclassifiable::Parse { .. } => "42601",
+            _ => "42501",
+        }
+    }
+}
+
+/// Classifies every statement of a simple-query or Parse text.
+pub fn classify(sql: &str, lex: LexSettings) -> Result<Vec<Classified>, Unclassifiable> {
+    let pieces = lexer::split_statements(sql, lex)?;
+    if pieces.is_empty() {
+        return Err(Unclassifiable::Empty);
+    }
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(index, piece)| classify_piece(sql, piece, index + 1))
+        .collect()
+}
+
+fn classify_piece(
+    sql: &str,
+    piece: &StatementText,
+    index: usize,
+) -> Result<Classified, Unclassifiable> {
+    let text = parser_text(sql, piece);
+    let dialect = PostgreSqlDialect {};
+    let parsed = Parser::new(&dialect)
+        .try_with_sql(&text)
+        .and_then(|mut p| p.parse_statements());
+    let statements = match parsed {
+        Ok(s) => s,
+        Err(e) => {
+            return keyword_fallback(piece, index).ok_or_else(|| Unclassifiable::Parse {
+                index,
+                message: e.to_string(),
+            });
+        }
+    };
+    check_tokens_agree(&text, piece, index)?;
+    let [statement] = statements.as_slice() else {
+        return Err(Unclassifiable::Differential { index });
+    };
+    classify_statement(statement, piece, index)
+}
+
+/// The piece of text handed to sqlparser. With `standard_conforming_strings` off the server
+/// reads a plain `'a\'b'` like `E'a\'b'`; sqlparser does not know the setting, so such strings
+/// get an explicit ` E` prefix (the space keeps it from gluing onto a preceding identifier).
+fn parser_text(sql: &str, piece: &StatementText) -> String {
+    let mut out = String::with_capacity(piece.span.len() + 8);
+    let mut at = piece.span.start;
+    for tok in &piece.tokens {
+        if let TokKind::Str {
+            needs_e_prefix: true,
+            ..
+        } = tok.kind
+        {
+            out.push_str(sql.get(at..tok.span.start).unwrap_or(""));
+            out.push_str(" E");
+            at = tok.span.start;
+        }
+    }
+    out.push_str(sql.get(at..piece.span.end).unwrap_or(""));
+    out
+}
+
+/// What both lexers must agree on: every word (keyword or identifier), every string constant
+/// and every `;`, in order. Hidden code needs words, so a comment or string that one side ends
+/// earlier than the other shows up here.
+#[derive(Debug, PartialEq, Eq)]
+enum Anchor {
+    Word(String),
+    Str,
+    Semicolon,
+}
+
+fn check_tokens_agree(
+    text: &str,
+    piece: &StatementText,
+    index: usize,
+) -> Result<(), Unclassifiable> {
+    let dialect = PostgreSqlDialect {};
+    let theirs = Tokenizer::new(&dialect, text)
+        .tokenize()
+        .map_err(|_| Unclassifiable::Differential { index })?;
+    let theirs: Vec<Anchor> = theirs
+        .into_iter()
+        .filter_map(|t| match t {
+            Token::Word(w) => Some(Anchor::Word(match w.quote_style {
+                None => w.value.to_ascii_lowercase(),
+                Some(_) => w.value,
+            })),
+            Token::SingleQuotedString(_)
+            | Token::DoubleQuotedString(_)
+            | Token::DollarQuotedString(_)
+            | Token::SingleQuotedByteStringLiteral(_)
+            | Token::DoubleQuotedByteStringLiteral(_)
+            | Token::NationalStringLiteral(_)
+            | Token::EscapedStringLiteral(_)
+            | Token::UnicodeStringLiteral(_)
+            | Token::HexStringLiteral(_) => Some(Anchor::Str),
+            Token::SemiColon => Some(Anchor::Semicolon),
+            _ => None,
+        })
+        .collect();
+    let ours: Vec<Anchor> = piece
+        .tokens
+        .iter()
+        .filter_map(|t| match &t.kind {
+            TokKind::Word { value, .. } => Some(Anchor::Word(value.clone())),
+            TokKind::Str { .. } => Some(Anchor::Str),
+            TokKind::Punct(b';') => Some(Anchor::Semicolon),
+            _ => None,
+        })
+        .collect();
+    if theirs == ours {
+        Ok(())
+    } else {
+        tracing::debug!(index, "lexer differential: sqlparser tokens differ");
+        Err(Unclassifiable::Differential { index })
+    }
+}
+
+/// Leading words of the statement, upper-case, for `command`.
+pub(crate) fn leading_words(piece: &StatementText, n: usize) -> Vec<&str> {
+    piece
+        .tokens
+        .iter()
+        .take(n)
+        .map_while(|t| match &t.kind {
+            TokKind::Word {
+                value,
+                quoted: false,
+            } => Some(value.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+pub(crate) fn command_of(piece: &StatementText, n: usize) -> String {
+    leading_words(piece, n).join(" ").to_ascii_uppercase()
+}
+
+/// Does any string constant in the statement mention EXECUTE (dynamic SQL in PL/pgSQL)?
+pub(crate) fn bodies_execute(piece: &StatementText) -> bool {
+    piece.tokens.iter().any(|t| match &t.kind {
+        TokKind::Str { body, .. } => body.to_ascii_lowercase().contains("execute"),
+        _ => false,
+    })
+}
+
+fn classify_statement(
+    statement: &Statement,
+    piece: &StatementText,
+    index: usize,
+) -> Result<Classified, Unclassifiable> {
+    let mut facts = Facts::default();
+    if !shallow(statement, &mut facts) {
+        return Err(Unclassifiable::Unsupported {
+            index,
+            command: command_of(piece, 2),
+        });
+    }
+    let mut walk = Walk {
+        facts: &mut facts,
+        depth: 0,
+        not_executed: 0,
+        explain_stack: Vec::new(),
+        table_functions: Vec::new(),
+        misread: false,
+    };
+    let _ = statement.visit(&mut walk);
+    if walk.misread {
+        return Err(Unclassifiable::Differential { index });
+    }
+    // Function bodies and DO blocks are strings to the parser: look for EXECUTE in them.
+    if matches!(statement, Statement::CreateFunction(_)) && bodies_execute(piece) {
+        facts.risks.insert(Risk::DynamicSql);
+    }
+    if let Statement::Call(f) = statement {
+        facts.record_function(&f.name, None, true);
+    }
+    let mut prepares = None;
+    let mut executes = None;
+    let mut deallocates = None;
+    match statement {
+        Statement::Prepare { name, .. } => prepares = Some(ident_name(name)),
+        Statement::Execute { name, .. } => {
+            executes = Some(
+                name.as_ref()
+                    .map(|n| name_parts(n).join("."))
+                    .unwrap_or_default(),
+            )
+        }
+        Statement::Deallocate { name, .. } => deallocates = Some(ident_name(name)),
+        Statement::Discard { object_type } => {
+            if matches!(
+                object_type,
+                ast::DiscardObject::ALL | ast::DiscardObject::PLANS
+            ) {
+                deallocates = Some(String::new());
+            }
+        }
+        _ => {}
+    }
+    if let Statement::Drop {
+        object_type, names, ..
+    } = statement
+        && !matches!(object_type, ObjectType::Role | ObjectType::User)
+    {
+        facts.tables.extend(names.iter().map(table_name));
+    }
+    if let Statement::Comment {
+        object_type: ast::CommentObject::Table | ast::CommentObject::View,
+        object_name,
+        ..
+    } = statement
+    {
+        facts.tables.insert(table_name(object_name));
+    }
+    let command = command_of(piece, command_words(statement));
+    let kind = facts.kind.unwrap_or(StatementKind::Procedural);
+    // sqlparser's visitor does not report the objects of every DDL/DCL/utility statement: when
+    // it found none, say the names are unknown rather than "none".
+    let names_known = !(facts.tables.is_empty()
+        && matches!(
+            kind,
+            StatementKind::Ddl | StatementKind::Dcl | StatementKind::Utility
+        ));
+    Ok(Classified {
+        command,
+        kind,
+        risks: facts.risks.into_iter().collect(),
+        tables: facts.tables.into_iter().collect(),
+        functions: facts.functions.into_iter().collect(),
+        names_known,
+        prepares,
+        executes,
+        deallocates,
+        span: (piece.span.start, piece.span.end),
+    })
+}
+
+/// How many leading keywords name the command (`SELECT` vs `ALTER TABLE`).
+fn command_words(statement: &Statement) -> usize {
+    match statement {
+        Statement::Query(_)
+        | Statement::Insert(_)
+        | Statement::Update(_)
+        | Statement::Delete(_)
+        | Statement::Merge(_)
+        | Statement::Copy { .. }
+        | Statement::Prepare { .. }
+        | Statement::Execute { .. }
+        | Statement::Truncate(_)
+        | Statement::Grant(_)
+        | Statement::Revoke(_)
+        | Statement::StartTransaction { .. }
+        | Statement::Commit { .. }
+        | Statement::Rollback { .. } => 1,
+        _ => 2,
+    }
+}

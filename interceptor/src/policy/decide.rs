@@ -1,0 +1,275 @@
+//! Matching rules against classified statements and combining per-statement verdicts into
+//! one decision for the query. The order is documented in docs/policy.md.
+
+use std::time::SystemTime;
+
+use super::classify::{Classified, Unclassifiable};
+use super::glob::Glob;
+use super::model::{DecisionKind, IdentityMatch};
+use super::session::SessionStatements;
+use super::set::{Decision, Policy, Rule, Verdict};
+use crate::identity::Identity;
+
+/// Does the identity section select `who`?
+pub fn identity_matches(m: &IdentityMatch, who: &Identity) -> bool {
+    let named = m.subjects.is_empty() && m.groups.is_empty()
+        || m.subjects.iter().any(|g| g.matches(&who.subject))
+        || m.groups
+            .iter()
+            .any(|g| who.groups.iter().any(|wg| g.matches(wg)));
+    if !named {
+        return false;
+    }
+    let Some(pm) = &m.process else {
+        return true;
+    };
+    // Kernel attributes are required when named: no attested process, no match.
+    let Some(p) = &who.process else {
+        return false;
+    };
+    (pm.uids.is_empty() || pm.uids.contains(&p.uid))
+        && (pm.exes.is_empty()
+            || p.exe
+                .as_deref()
+                .is_some_and(|e| pm.exes.iter().any(|g| g.matches(e))))
+        && (pm.cgroups.is_empty()
+            || p.cgroup_path
+                .as_deref()
+                .is_some_and(|c| pm.cgroups.iter().any(|g| g.matches(c))))
+}
+
+impl Rule {
+    /// Does this rule apply to the statement? `allow` rules are narrow (everything the
+    /// statement touches must be covered), `deny`/`approve` rules broad (one hit is enough).
+    pub fn matches(&self, s: &Classified, now: SystemTime) -> bool {
+        if let Some((_, w)) = &self.window
+            && !w.contains(now)
+        {
+            return false;
+        }
+        if let Some(kinds) = &self.kinds
+            && !kinds.iter().any(|k| k.matches(s.kind))
+        {
+            return false;
+        }
+        let table_hit = |t: &String, pats: &Vec<Glob>| pats.iter().any(|p| p.matches(t));
+        match self.decision {
+            DecisionKind::Allow => {
+                let accepted = self.risks.as_deref().unwrap_or(&[]);
+                if !s.risks.iter().all(|r| accepted.contains(r)) {
+                    return false;
+                }
+                if let Some(pats) = &self.tables
+                    && (!s.names_known || !s.tables.iter().all(|t| table_hit(t, pats)))
+                {
+                    return false;
+                }
+                if let Some(pats) = &self.functions
+                    && (!s.names_known || !s.functions.iter().all(|f| table_hit(f, pats)))
+                {
+                    return false;
+                }
+                true
+            }
+            DecisionKind::Deny | DecisionKind::Approve => {
+                if let Some(risks) = &self.risks
+                    && !s.risks.iter().any(|r| risks.contains(r))
+                {
+                    return false;
+                }
+                // Unknown tables/functions (`names_known` false) count as a hit: fail closed.
+                if let Some(pats) = &self.tables
+                    && s.names_known
+                    && !s.tables.iter().any(|t| table_hit(t, pats))
+                {
+                    return false;
+                }
+                if let Some(pats) = &self.functions
+                    && s.names_known
+                    && !s.functions.iter().any(|f| table_hit(f, pats))
+                {
+                    return false;
+                }
+                true
+            }
+        }
+    }
+
+    fn verdict(&self, policy: &Policy, s: &Classified) -> Verdict {
+        match self.decision {
+            DecisionKind::Allow => Verdict::Allow,
+            DecisionKind::Deny => Verdict::Deny {
+                sqlstate: self.sqlstate.clone(),
+                message: format!(
+                    "interceptor: {} refused by rule {:?} of policy {:?}{}{}",
+                    s.command,
+                    self.name,
+                    policy.name,
+                    self.message
+                        .as_deref()
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default(),
+                    if self.message.is_none() {
+                        "; ask the security team if you need this"
+                    } else {
+                        ""
+                    }
+                ),
+            },
+            DecisionKind::Approve => Verdict::Approve {
+                rule: self.name.clone(),
+                approver_groups: self.approvers.clone(),
+                approvals_required: self.approvals,
+                timeout_secs: self.timeout_secs,
+            },
+        }
+    }
+}
+
+pub(crate) fn unparseable_decision(policy: &Policy, e: &Unclassifiable) -> Decision {
+    let verdict = match &policy.unparseable {
+        Verdict::Approve { .. } => policy.unparseable.clone(),
+        _ => Verdict::Deny {
+            sqlstate: e.sqlstate().to_owned(),
+            message: format!(
+                "interceptor: query refused: {e}. Statements the policy engine cannot \
+                 classify are never run; rewrite the query or ask for approval"
+            ),
+        },
+    };
+    let rule = match &verdict {
+        Verdict::Approve { .. } => Some("unparseable".to_owned()),
+        _ => None,
+    };
+    Decision {
+        verdict,
+        rule,
+        policy: Some(policy.name.clone()),
+        statements: Vec::new(),
+        statement_rules: Vec::new(),
+    }
+}
+
+pub(crate) fn decide_statements(
+    policy: &Policy,
+    classified: &[Classified],
+    session: &SessionStatements,
+    now: SystemTime,
+) -> Decision {
+    // PREPAREs earlier in the same query are visible to its later EXECUTEs.
+    let mut local = SessionStatements::new();
+    let mut statements = Vec::with_capacity(classified.len());
+    let mut rules = Vec::with_capacity(classified.len());
+    let mut deny: Option<(Verdict, Option<String>)> = None;
+    let mut approve: Option<Verdict> = None;
+    let mut allow_rules: Vec<String> = Vec::new();
+    for s in classified {
+        let resolved = match &s.executes {
+            Some(name) => match local.get(name).or_else(|| session.get(name)) {
+                Some(p) => {
+                    let mut r = p.clone();
+                    r.command = "EXECUTE".to_owned();
+                    r.executes = Some(name.clone());
+                    r.span = s.span;
+                    r
+                }
+                None => {
+                    deny.get_or_insert((
+                        Verdict::Deny {
+                            sqlstate: "26000".to_owned(),
+                            message: format!(
+                                "interceptor: EXECUTE {name}: prepared statement is unknown to the \
+                                 policy engine; PREPARE it in this session first"
+                            ),
+                        },
+                        None,
+                    ));
+                    statements.push(s.clone());
+                    rules.push(None);
+                    continue;
+                }
+            },
+            None => s.clone(),
+        };
+        local.apply(&resolved);
+        match policy.rules.iter().find(|r| r.matches(&resolved, now)) {
+            Some(rule) => {
+                let v = rule.verdict(policy, &resolved);
+                match &v {
+                    Verdict::Allow => {
+                        if !allow_rules.contains(&rule.name) {
+                            allow_rules.push(rule.name.clone());
+                        }
+                    }
+                    Verdict::Deny { .. } => {
+                        deny.get_or_insert((v, Some(rule.name.clone())));
+                    }
+                    Verdict::Approve { .. } => merge_approval(&mut approve, v),
+                }
+                rules.push(Some(rule.name.clone()));
+            }
+            None => {
+                deny.get_or_insert((
+                    Verdict::Deny {
+                        sqlstate: "42501".to_owned(),
+                        message: format!(
+                            "interceptor: {} ({}) is not allowed by policy {:?} (no rule matched; \
+                             the default is deny); ask the security team for a rule",
+                            resolved.command,
+                            resolved.kind.as_str(),
+                            policy.name
+                        ),
+                    },
+                    None,
+                ));
+                rules.push(None);
+            }
+        }
+        statements.push(resolved);
+    }
+    let (verdict, rule) = if let Some((v, r)) = deny {
+        (v, r)
+    } else if let Some(v) = approve {
+        let r = match &v {
+            Verdict::Approve { rule, .. } => Some(rule.clone()),
+            _ => None,
+        };
+        (v, r)
+    } else {
+        (
+            Verdict::Allow,
+            Some(allow_rules.join(",")).filter(|s| !s.is_empty()),
+        )
+    };
+    Decision {
+        verdict,
+        rule,
+        policy: Some(policy.name.clone()),
+        statements,
+        statement_rules: rules,
+    }
+}
+
+/// Several statements needing approval: the first rule names the request, the strictest
+/// settings of all apply (most approvals, shortest timeout, approver groups of the first).
+pub(crate) fn merge_approval(acc: &mut Option<Verdict>, next: Verdict) {
+    match (acc.as_mut(), next) {
+        (None, v) => *acc = Some(v),
+        (
+            Some(Verdict::Approve {
+                approvals_required,
+                timeout_secs,
+                ..
+            }),
+            Verdict::Approve {
+                approvals_required: n,
+                timeout_secs: t,
+                ..
+            },
+        ) => {
+            *approvals_required = (*approvals_required).max(n);
+            *timeout_secs = (*timeout_secs).min(t);
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,305 @@
+//! A loaded, validated set of policies: the API the proxy calls (route at login, decide per
+//! query), with a per-set classification cache.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::classify::{Classified, Unclassifiable, classify};
+use super::decide::{decide_statements, identity_matches, unparseable_decision};
+use super::error::PolicyError;
+use super::glob::Glob;
+use super::lexer::LexSettings;
+use super::load::{parse_policy, policy_files};
+use super::model::{DecisionKind, IdentityMatch, KindSpec, Limits};
+use super::session::SessionStatements;
+use super::window::Window;
+use crate::identity::Identity;
+
+/// Policy files end in `.toml`; policy tests in `.tests.toml` are not policies.
+pub const TESTS_SUFFIX: &str = ".tests.toml";
+
+static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
+
+/// Classification results kept per policy set (bounded; cleared when full).
+const CACHE_ENTRIES: usize = 4096;
+/// Longer texts are classified every time rather than kept (bounds the cache's memory).
+const CACHE_MAX_SQL_BYTES: usize = 16 * 1024;
+
+type CacheKey = (String, bool);
+type Cached = Arc<Result<Vec<Classified>, Unclassifiable>>;
+
+/// A validated rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    pub decision: DecisionKind,
+    pub kinds: Option<Vec<KindSpec>>,
+    pub risks: Option<Vec<super::classify::Risk>>,
+    pub tables: Option<Vec<Glob>>,
+    pub functions: Option<Vec<Glob>>,
+    pub window: Option<(String, Window)>,
+    pub message: Option<String>,
+    pub sqlstate: String,
+    pub approvers: Vec<String>,
+    pub approvals: u32,
+    pub timeout_secs: u64,
+    /// Where it was written: `file:line:col`.
+    pub location: String,
+}
+
+/// One policy (one file).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub description: String,
+    pub priority: i64,
+    pub path: PathBuf,
+    pub identities: IdentityMatch,
+    pub upstream_role: String,
+    pub databases: Vec<Glob>,
+    pub limits: Limits,
+    pub unparseable: Verdict,
+    pub rules: Vec<Rule>,
+    pub mask: Option<toml::Value>,
+}
+
+/// All policies of a directory, in evaluation order.
+#[derive(Debug)]
+pub struct PolicySet {
+    policies: Vec<Policy>,
+    version: u64,
+    dir: PathBuf,
+    cache: Mutex<HashMap<CacheKey, Cached>>,
+}
+
+/// Where a session logs in upstream, and the limits that apply to it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Route {
+    pub policy: String,
+    pub upstream_role: String,
+    pub limits: Limits,
+    /// The policy's raw `[mask]` rules (for the masking module).
+    pub mask: Vec<toml::Value>,
+}
+
+/// A login refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub sqlstate: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny {
+        sqlstate: String,
+        message: String,
+    },
+    Approve {
+        rule: String,
+        approver_groups: Vec<String>,
+        approvals_required: u32,
+        timeout_secs: u64,
+    },
+}
+
+impl Verdict {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny { .. } => "deny",
+            Verdict::Approve { .. } => "approve",
+        }
+    }
+}
+
+/// The decision for one query (all its statements).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// The rule that made the decision (`None`: default deny, or no policy).
+    pub rule: Option<String>,
+    /// The policy that was applied.
+    pub policy: Option<String>,
+    pub statements: Vec<Classified>,
+    /// Rule of each statement, in order (`None` where the default deny applied).
+    pub statement_rules: Vec<Option<String>>,
+}
+
+impl PolicySet {
+    /// Loads every `*.toml` (except `*.tests.toml`) in `dir`. Any error fails the whole load.
+    pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
+        let mut policies = Vec::new();
+        let mut names: HashMap<String, String> = HashMap::new();
+        for path in policy_files(dir)? {
+            let text = std::fs::read_to_string(&path).map_err(|e| PolicyError::io(&path, e))?;
+            let policy = parse_policy(&path, &text)?;
+            if let Some(other) = names.insert(policy.name.clone(), path.display().to_string()) {
+                return Err(PolicyError::Invalid {
+                    path: path.clone(),
+                    line: 1,
+                    column: 1,
+                    message: format!("policy name {:?} is also used by {other}", policy.name),
+                });
+            }
+            policies.push(policy);
+        }
+        policies.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
+        Ok(PolicySet {
+            policies,
+            version: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
+            dir: dir.to_owned(),
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A set without policies: every login is refused and every statement denied (for a
+    /// daemon started without a policy directory: fail closed).
+    pub fn empty() -> PolicySet {
+        PolicySet {
+            policies: Vec::new(),
+            version: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
+            dir: PathBuf::new(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Changes on each successful load (a cache key for the proxy).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// The policy that applies to `who` on `database`: the first (by priority, then name)
+    /// whose identity match and database list both fit.
+    pub fn policy_for(&self, who: &Identity, database: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| {
+            identity_matches(&p.identities, who) && p.databases.iter().any(|d| d.matches(database))
+        })
+    }
+
+    /// At login: which upstream role to use, or a refusal.
+    pub fn route(&self, who: &Identity, database: &str) -> Result<Route, Refusal> {
+        match self.policy_for(who, database) {
+            Some(p) => Ok(Route {
+                policy: p.name.clone(),
+                upstream_role: p.upstream_role.clone(),
+                limits: p.limits.clone(),
+                mask: mask_values(p.mask.as_ref()),
+            }),
+            None => Err(Refusal {
+                sqlstate: "28000".to_owned(),
+                message: format!(
+                    "no policy allows identity {:?} to connect to database {database:?}; \
+                     ask the security team to add it to a policy in {}",
+                    who.subject,
+                    self.dir.display()
+                ),
+            }),
+        }
+    }
+
+    /// The raw `[mask]` rules of the policy that applies to `who` on `database`.
+    pub fn mask_rules_for(&self, who: &Identity, database: &str) -> Vec<toml::Value> {
+        self.policy_for(who, database)
+            .map(|p| mask_values(p.mask.as_ref()))
+            .unwrap_or_default()
+    }
+
+    /// Decides every statement of one Query / Parse text (no prepared statements known).
+    pub fn decide(&self, who: &Identity, database: &str, sql: &str, lex: &LexSettings) -> Decision {
+        self.decide_in_session(who, database, sql, lex, &SessionStatements::new())
+    }
+
+    /// As [`PolicySet::decide`], resolving `EXECUTE name` through the session's prepared
+    /// statements (feed it with [`SessionStatements::observe`]).
+    pub fn decide_in_session(
+        &self,
+        who: &Identity,
+        database: &str,
+        sql: &str,
+        lex: &LexSettings,
+        session: &SessionStatements,
+    ) -> Decision {
+        self.decide_at(who, database, sql, lex, session, SystemTime::now())
+    }
+
+    /// As [`PolicySet::decide_in_session`] at a given time (for rules with windows).
+    pub fn decide_at(
+        &self,
+        who: &Identity,
+        database: &str,
+        sql: &str,
+        lex: &LexSettings,
+        session: &SessionStatements,
+        now: SystemTime,
+    ) -> Decision {
+        let classified = self.classify_cached(sql, lex);
+        let Some(policy) = self.policy_for(who, database) else {
+            return Decision {
+                verdict: Verdict::Deny {
+                    sqlstate: "42501".to_owned(),
+                    message: format!(
+                        "interceptor: no policy covers identity {:?} on database {database:?}",
+                        who.subject
+                    ),
+                },
+                rule: None,
+                policy: None,
+                statements: classified.as_ref().clone().unwrap_or_default(),
+                statement_rules: Vec::new(),
+            };
+        };
+        let statements = match classified.as_ref() {
+            Ok(s) => s,
+            Err(e) => return unparseable_decision(policy, e),
+        };
+        decide_statements(policy, statements, session, now)
+    }
+
+    fn classify_cached(&self, sql: &str, lex: &LexSettings) -> Cached {
+        if sql.len() > CACHE_MAX_SQL_BYTES {
+            return Arc::new(classify(sql, *lex));
+        }
+        let key = (sql.to_owned(), lex.standard_conforming_strings);
+        // A poisoned lock only means another thread panicked mid-insert; the map is still sound.
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return hit.clone();
+        }
+        let result: Cached = Arc::new(classify(sql, *lex));
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, result.clone());
+        result
+    }
+}
+
+fn mask_values(mask: Option<&toml::Value>) -> Vec<toml::Value> {
+    match mask {
+        None => Vec::new(),
+        Some(toml::Value::Array(items)) => items.clone(),
+        Some(v) => vec![v.clone()],
+    }
+}
