@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MaskSection {
     /// Identities in any of these groups are not masked by this section.
@@ -23,6 +23,8 @@ pub(crate) struct MaskSection {
 pub(crate) enum StrategyName {
     Redact,
     Partial,
+    /// `hash` is accepted as a name: a keyed hash is what a pseudonym is.
+    #[serde(alias = "hash")]
     Pseudonym,
     Null,
     FormatPreserving,
@@ -59,6 +61,35 @@ pub(crate) struct DetectorConfig {
     pub name: Option<String>,
     pub regex: Option<String>,
     pub strategy: StrategyName,
+    pub replacement: Option<String>,
+    pub keep_first: Option<usize>,
+    pub keep_last: Option<usize>,
+    pub keep_domain: Option<bool>,
+    #[serde(default)]
+    pub exempt_groups: Vec<String>,
+    #[serde(default)]
+    pub exempt_subjects: Vec<String>,
+}
+
+/// One rule on its own, as an item of a policy's `[[mask]]` array:
+/// `{ table = "public.customers", column = "email", method = "partial" }`, or any column or
+/// detector rule with its `strategy` (`method` is a synonym).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RuleItem {
+    /// `schema.table` or `table` (any schema).
+    pub table: Option<String>,
+    /// A column name (with `table`, or alone for that column in any table).
+    pub column: Option<String>,
+    #[serde(rename = "match")]
+    pub origin: Option<String>,
+    pub name_pattern: Option<String>,
+    pub kind: Option<String>,
+    pub all: Option<bool>,
+    pub name: Option<String>,
+    pub regex: Option<String>,
+    pub strategy: Option<StrategyName>,
+    pub method: Option<StrategyName>,
     pub replacement: Option<String>,
     pub keep_first: Option<usize>,
     pub keep_last: Option<usize>,

@@ -8,7 +8,7 @@ use regex::Regex;
 
 use super::MaskError;
 use super::catalog::ColumnOrigin;
-use super::config::{ColumnRuleConfig, DetectorConfig, MaskSection, StrategyName};
+use super::config::{ColumnRuleConfig, DetectorConfig, MaskSection, RuleItem, StrategyName};
 use super::detect::{Detector, DetectorKind, Scanner};
 use super::strategy::{MaskKey, Strategy};
 use super::summary::MaskTarget;
@@ -217,10 +217,7 @@ impl MaskRules {
         let mut columns = Vec::new();
         let mut detectors = Vec::new();
         for value in values {
-            let section: MaskSection = value
-                .clone()
-                .try_into()
-                .map_err(|e: toml::de::Error| MaskError::Config(e.message().to_string()))?;
+            let section = section_of(value)?;
             for c in &section.column {
                 columns.push(column_rule(&section, c)?);
             }
@@ -330,6 +327,79 @@ fn build(
             key,
         }),
     })
+}
+
+/// A value is either a whole `[mask]` section or one rule (an item of `[[mask]]`, recognised
+/// by its `strategy`/`method`), which becomes a section of one rule.
+fn section_of(value: &toml::Value) -> Result<MaskSection, MaskError> {
+    let config_err = |e: toml::de::Error| MaskError::Config(e.message().to_string());
+    let Some(table) = value.as_table() else {
+        return Err(MaskError::Config("a mask rule must be a table".into()));
+    };
+    if !(table.contains_key("strategy") || table.contains_key("method")) {
+        return value.clone().try_into().map_err(config_err);
+    }
+    let item: RuleItem = value.clone().try_into().map_err(config_err)?;
+    let strategy = match (item.strategy, item.method) {
+        (Some(s), None) | (None, Some(s)) => s,
+        _ => {
+            return Err(MaskError::Config(
+                "a mask rule needs exactly one of `strategy` or `method`".into(),
+            ));
+        }
+    };
+    let detector = item.kind.is_some() || item.all.is_some() || item.regex.is_some();
+    let mut section = MaskSection::default();
+    if detector {
+        if item.table.is_some() || item.column.is_some() || item.origin.is_some() {
+            return Err(MaskError::Config(
+                "a detector rule cannot name a table or column".into(),
+            ));
+        }
+        section.detector.push(DetectorConfig {
+            kind: item.kind,
+            all: item.all,
+            name: item.name,
+            regex: item.regex,
+            strategy,
+            replacement: item.replacement,
+            keep_first: item.keep_first,
+            keep_last: item.keep_last,
+            keep_domain: item.keep_domain,
+            exempt_groups: item.exempt_groups,
+            exempt_subjects: item.exempt_subjects,
+        });
+        return Ok(section);
+    }
+    let origin = match (item.origin, item.table, item.column) {
+        (Some(m), None, None) => Some(m),
+        (None, Some(t), Some(c)) if t.contains('.') => Some(format!("{t}.{c}")),
+        (None, Some(t), Some(c)) => Some(format!("*.{t}.{c}")),
+        (None, None, Some(c)) => Some(format!("*.*.{c}")),
+        (None, None, None) => None,
+        _ => {
+            return Err(MaskError::Config(
+                "a column rule takes `match`, or `column` with an optional `table`".into(),
+            ));
+        }
+    };
+    if item.name.is_some() {
+        return Err(MaskError::Config(
+            "`name` belongs to a custom detector (with `regex`)".into(),
+        ));
+    }
+    section.column.push(ColumnRuleConfig {
+        origin,
+        name_pattern: item.name_pattern,
+        strategy,
+        replacement: item.replacement,
+        keep_first: item.keep_first,
+        keep_last: item.keep_last,
+        keep_domain: item.keep_domain,
+        exempt_groups: item.exempt_groups,
+        exempt_subjects: item.exempt_subjects,
+    });
+    Ok(section)
 }
 
 fn column_rule(section: &MaskSection, c: &ColumnRuleConfig) -> Result<ColumnRule, MaskError> {
@@ -451,6 +521,12 @@ fn strategy(
                 Some(r) => Some(Arc::from(valid_replacement(r)?)),
                 None => None,
             },
+        },
+        // Without parameters: the domain of an email, the last 4 characters of anything else.
+        StrategyName::Partial if !partial_params => Strategy::Partial {
+            keep_first: 0,
+            keep_last: 4,
+            keep_domain: true,
         },
         StrategyName::Partial => Strategy::Partial {
             keep_first: keep_first.unwrap_or(0),

@@ -23,6 +23,17 @@ pub enum StrategyKind {
 }
 
 impl StrategyKind {
+    /// The configured name (`redact`, `partial`, `pseudonym`, `null`, `format_preserving`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StrategyKind::Redact => "redact",
+            StrategyKind::Partial => "partial",
+            StrategyKind::Pseudonym => "pseudonym",
+            StrategyKind::Null => "null",
+            StrategyKind::FormatPreserving => "format_preserving",
+        }
+    }
+
     /// How little of the original survives; when several rules hit one value, the strongest
     /// wins so that adding a rule never reveals more.
     pub(crate) fn strength(self) -> u8 {

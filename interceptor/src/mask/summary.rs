@@ -22,6 +22,17 @@ fn arc_str<S: Serializer>(s: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error
     serializer.serialize_str(s)
 }
 
+impl MaskTarget {
+    /// `schema.table.column` (or the result column's label) for columns, `detector:<name>`
+    /// for detectors: the `column` of the audit record's masked-column list.
+    pub fn label(&self) -> String {
+        match self {
+            MaskTarget::Column(c) => c.to_string(),
+            MaskTarget::Detector(d) => format!("detector:{d}"),
+        }
+    }
+}
+
 /// One line of a [`MaskSummary`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MaskCount {

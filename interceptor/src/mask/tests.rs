@@ -375,6 +375,13 @@ fn column_rules_by_origin_and_name_pattern() {
         1
     );
     assert_eq!(summary.total(), 4);
+    // What the audit record's masked-column list is built from.
+    let lines: Vec<(String, &str, u64)> = summary
+        .entries()
+        .map(|c| (c.target.label(), c.strategy.as_str(), c.values))
+        .collect();
+    assert!(lines.contains(&("public.accounts.card_number".into(), "partial", 1)));
+    assert!(lines.contains(&("detector:card".into(), "redact", 1)));
     // The audit summary names columns and detectors, never values.
     let json = serde_json::to_string(&summary).expect("json");
     assert!(json.contains("public.accounts.card_number") && !json.contains("4111"));
@@ -1502,4 +1509,101 @@ fn per_column_result_formats() {
     assert_eq!(text(&v[0]), "[REDACTED:email]");
     assert_eq!(v[1].as_deref(), Some(&7i32.to_be_bytes()[..]));
     assert_eq!(plan.column_count(), 2);
+}
+
+#[test]
+fn policy_mask_items_and_the_example_policies_load() {
+    // The policy module hands over each `[[mask]]` item on its own.
+    let doc: toml::Value = toml::from_str(
+        r#"
+[[mask]]
+table = "public.customers"
+column = "email"
+method = "partial"
+[[mask]]
+table = "customers"
+column = "phone"
+method = "redact"
+[[mask]]
+column = "ssn"
+method = "hash"
+[[mask]]
+kind = "card"
+strategy = "format_preserving"
+"#,
+    )
+    .expect("toml");
+    let items = doc["mask"].as_array().expect("array").clone();
+    let r = MaskRules::from_toml(&items, Some(KEY)).expect("rules");
+    let origin = |_: u32, a: i16| {
+        let col = ["", "email", "phone", "ssn", "note"][a as usize];
+        let schema = if a == 2 { "sales" } else { "public" };
+        Some(ColumnOrigin::new(schema, "customers", col))
+    };
+    let rd = row_description(&[
+        f("email", 16500, 1, TEXT, 0),
+        f("phone", 16500, 2, TEXT, 0),
+        f("ssn", 16500, 3, TEXT, 0),
+        f("note", 16500, 4, TEXT, 0),
+    ]);
+    let plan = r.plan(&rd, &origin).expect("plan").expect("some");
+    let mut s = MaskSummary::new();
+    let out = plan
+        .mask_data_row(
+            &data_row(&[
+                Some(b"bob@corp.example"),
+                Some(b"+1 415 555 0132"),
+                Some(b"123-45-6789"),
+                Some(b"card 4111111111111111"),
+            ]),
+            &mut s,
+        )
+        .expect("ok")
+        .expect("changed");
+    let v = decode_row(&out);
+    assert_eq!(
+        text(&v[0]),
+        "***@corp.example",
+        "partial without parameters keeps the domain"
+    );
+    assert_eq!(
+        text(&v[1]),
+        "[REDACTED]",
+        "table without schema matches any schema"
+    );
+    assert!(text(&v[2]).starts_with("p_"), "hash is a keyed pseudonym");
+    assert!(text(&v[3]).starts_with("card 4") && !text(&v[3]).contains("4111111111111111"));
+
+    // Shorthand mistakes are refused.
+    for bad in [
+        "strategy = \"redact\"\nmethod = \"redact\"\ncolumn = \"x\"",
+        "strategy = \"redact\"\nkind = \"card\"\ncolumn = \"x\"",
+        "strategy = \"redact\"\nmatch = \"a.b.c\"\ncolumn = \"x\"",
+        "method = \"shred\"\ncolumn = \"x\"",
+        "method = \"redact\"\ncolumn = \"x\"\ncolour = 1",
+    ] {
+        let v: toml::Value = toml::from_str(bad).expect("toml");
+        assert!(
+            MaskRules::from_toml(&[v], Some(KEY)).is_err(),
+            "accepted {bad}"
+        );
+    }
+
+    // The example policies in policies/ load as the policy module hands them over.
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies");
+    let mut loaded = 0;
+    for entry in std::fs::read_dir(dir).expect("policies dir") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("read");
+        let doc: toml::Value = toml::from_str(&text).expect("policy toml");
+        let items = match doc.get("mask") {
+            Some(toml::Value::Array(items)) => items.clone(),
+            Some(v) => vec![v.clone()],
+            None => continue,
+        };
+        MaskRules::from_toml(&items, Some(KEY))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        loaded += 1;
+    }
+    assert!(loaded >= 2, "example policies with masks: {loaded}");
 }
