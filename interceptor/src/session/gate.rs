@@ -83,6 +83,8 @@ pub struct Outcome {
     pub columns: Vec<String>,
     pub recorded: Vec<Vec<Option<String>>>,
     pub truncated: bool,
+    /// What masking replaced in this statement's answer (targets and counts, never values).
+    pub masked: crate::mask::MaskSummary,
 }
 
 /// Decisions are cached per SQL text for the policy version they were made under; drivers send
@@ -547,6 +549,20 @@ fn audit_unavailable(e: AuditError) -> Verdict {
     )
 }
 
+/// The audit record's view of a statement's masking summary.
+fn masking_summary(s: &crate::mask::MaskSummary) -> crate::audit::MaskingSummary {
+    crate::audit::MaskingSummary {
+        columns: s
+            .entries()
+            .map(|c| crate::audit::MaskedColumn {
+                column: c.target.label(),
+                rule: c.strategy.as_str().to_owned(),
+            })
+            .collect(),
+        values_masked: s.total(),
+    }
+}
+
 /// Records what forwarded statements did; used by the upstream → client direction.
 pub struct Recorder {
     facts: Arc<SessionFacts>,
@@ -595,7 +611,7 @@ impl Recorder {
             sqlstate: outcome.sqlstate,
             error_message: outcome.error,
             duration_us: outcome.duration_us,
-            masking: Default::default(),
+            masking: masking_summary(&outcome.masked),
         }));
         if let Err(e) = result {
             tracing::error!(error = %e, "AUDIT TRAIL UNAVAILABLE: cannot record a statement outcome");
