@@ -290,9 +290,13 @@ fn audit_records_the_summary_and_masked_rows_only() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("admin.sock");
     let m = start_with(&format!("[admin]\nsocket = \"{}\"\n", socket.display()));
-    psql(&m, AGENT, "SELECT id, email, card FROM customers ORDER BY id")
-        .ok()
-        .unwrap();
+    psql(
+        &m,
+        AGENT,
+        "SELECT id, email, card FROM customers ORDER BY id",
+    )
+    .ok()
+    .unwrap();
     let bin = interceptor_tests::proxy::interceptor_bin().unwrap();
     let mut export = String::new();
     // Outcomes are appended after the answer went out: wait until the record is there.
@@ -304,7 +308,11 @@ fn audit_records_the_summary_and_masked_rows_only() {
             .arg("export")
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         export = String::from_utf8_lossy(&out.stdout).into_owned();
         if export.contains("values_masked\":4") {
             break;
@@ -316,4 +324,24 @@ fn audit_records_the_summary_and_masked_rows_only() {
     assert!(export.contains("detector:card"), "{export}");
     // Recorded rows (if any) are the masked ones; the statement text holds no value here.
     assert_clean("audit export", &export);
+}
+
+#[test]
+fn invalid_mask_rules_refuse_the_session() {
+    let pg = PgCluster::start().unwrap();
+    let agent = IdentitySpec::new(AGENT, AGENT_PASSWORD, &["ai-agents"], Some("app_rw"));
+    // A misspelt key must not quietly mask nothing: the session is refused.
+    let broken =
+        "\n[mask]\n[[mask.column]]\nmatchh = \"public.customers.email\"\nstrategy = \"redact\"\n";
+    let setup = InterceptorSetup::new(&pg)
+        .with_audit()
+        .identity_spec(agent.clone())
+        .policy_file("agent", &format!("{}{broken}", allow_all_policy(&agent)));
+    let proxy = Interceptor::start(setup).unwrap();
+    let out = PgCommand::psql(&proxy.params(AGENT))
+        .args(["-A", "-t", "-c", "SELECT 1"])
+        .run()
+        .unwrap();
+    assert!(!out.success(), "{}", out.stdout);
+    assert!(out.stderr.contains("masking rules"), "{}", out.stderr);
 }

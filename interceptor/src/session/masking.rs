@@ -44,9 +44,10 @@ pub struct SideLogin {
     pub database: String,
 }
 
+/// The side connection (opened on first use). Resolved origins live apart from it, behind a
+/// plain mutex, so the upstream → client side can plan without waiting for a query.
 struct Side {
     conn: Option<Upstream>,
-    origins: OriginCache,
 }
 
 /// One COPY TO STDOUT as the statement declares it.
@@ -90,6 +91,7 @@ impl Expect {
 pub struct SessionMask {
     rules: MaskRules,
     side: tokio::sync::Mutex<Side>,
+    origins: Mutex<OriginCache>,
     login: SideLogin,
     expect: Mutex<VecDeque<Expect>>,
     /// Client side only: statement name → SQL, portal → (statement, result formats).
@@ -114,10 +116,8 @@ impl SessionMask {
         }
         Some(Arc::new(SessionMask {
             rules,
-            side: tokio::sync::Mutex::new(Side {
-                conn: None,
-                origins: OriginCache::default(),
-            }),
+            side: tokio::sync::Mutex::new(Side { conn: None }),
+            origins: Mutex::new(OriginCache::default()),
             login,
             expect: Mutex::new(VecDeque::new()),
             client: Mutex::new(ClientView::default()),
@@ -256,10 +256,10 @@ impl SessionMask {
         let Some(rd) = side.describe(&self.login, &select).await? else {
             return Ok(None);
         };
-        side.resolve(&self.login, &rd).await?;
-        let origins = &side.origins;
+        side.resolve(&self.login, &self.origins, &rd).await?;
+        let origins = lock(&self.origins);
         CopyColumn::from_row_description(&rd, &|t, a| {
-            crate::mask::CatalogResolver::origin(origins, t, a)
+            crate::mask::CatalogResolver::origin(&*origins, t, a)
         })
         .map(Some)
         .map_err(|e| SideError::Refused(e.to_string()))
@@ -274,7 +274,7 @@ impl SessionMask {
         for f in crate::net::frame::frames(chunk) {
             if f.tag == b'T' {
                 let mut side = self.side.lock().await;
-                side.resolve(&self.login, f.body).await?;
+                side.resolve(&self.login, &self.origins, f.body).await?;
             }
         }
         Ok(())
@@ -332,27 +332,34 @@ impl Side {
     }
 
     /// Looks up the tables of a RowDescription that are not cached yet.
-    async fn resolve(&mut self, login: &SideLogin, rd: &[u8]) -> Result<(), SideError> {
+    async fn resolve(
+        &mut self,
+        login: &SideLogin,
+        origins: &Mutex<OriginCache>,
+        rd: &[u8],
+    ) -> Result<(), SideError> {
         let oids = table_oids(rd).map_err(|e| SideError::Refused(e.to_string()))?;
-        let missing = self.origins.missing(&oids);
+        let missing = lock(origins).missing(&oids);
         if missing.is_empty() {
             return Ok(());
         }
         let answer = self
             .exchange(login, &message::query(&catalog_query(&missing)))
             .await?;
+        let mut rows = Vec::new();
         for (tag, body) in &answer {
             match *tag {
-                b'D' => {
-                    let (oid, attnum, origin) = catalog_row(body).ok_or(SideError::Malformed)?;
-                    self.origins.insert(oid, attnum, origin);
-                }
+                b'D' => rows.push(catalog_row(body).ok_or(SideError::Malformed)?),
                 b'E' => return Err(SideError::Refused(error_text(body))),
                 _ => {}
             }
         }
+        let mut origins = lock(origins);
+        for (oid, attnum, origin) in rows {
+            origins.insert(oid, attnum, origin);
+        }
         for oid in missing {
-            self.origins.insert_table(oid);
+            origins.insert_table(oid);
         }
         Ok(())
     }
@@ -705,16 +712,11 @@ impl MaskStream {
     }
 
     fn plan(&self, rd: &[u8]) -> Result<Option<MaskPlan>, MaskError> {
-        let side = self.mask.side.try_lock();
-        // `prepare` resolved this chunk's tables; the side lock is free unless the client side
-        // is describing a COPY, and then origins are looked up again on the next chunk.
-        match side {
-            Ok(side) => self.mask.rules.plan(rd, &|t, a| {
-                crate::mask::CatalogResolver::origin(&side.origins, t, a)
-            }),
-            Err(_) if !self.mask.rules.needs_origins() => self.mask.rules.plan(rd, &|_, _| None),
-            Err(_) => Err(MaskError::ColumnsUnknown),
-        }
+        // `prepare` resolved this chunk's tables; a table it could not resolve fails the plan.
+        let origins = lock(&self.mask.origins);
+        self.mask.rules.plan(rd, &|t, a| {
+            crate::mask::CatalogResolver::origin(&*origins, t, a)
+        })
     }
 
     /// The plan of rows that arrive without a RowDescription: the portal's or statement's
@@ -814,4 +816,74 @@ fn withheld(e: &MaskError) -> Bytes {
     )
     .with_detail(e.to_string())
     .encode()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy_opts(sql: &str) -> Result<CopyOptions, String> {
+        let d = sqlparser::dialect::PostgreSqlDialect {};
+        let st = sqlparser::parser::Parser::parse_sql(&d, sql).map_err(|e| e.to_string())?;
+        match st.into_iter().next() {
+            Some(Statement::Copy {
+                options,
+                legacy_options,
+                ..
+            }) => copy_options(&options, &legacy_options),
+            _ => Err("not a COPY".into()),
+        }
+    }
+
+    #[test]
+    fn copy_options_follow_the_statement() {
+        let t = copy_opts("COPY t TO STDOUT").unwrap();
+        assert_eq!(t.format, crate::mask::CopyFormat::Text);
+        assert_eq!(t.delimiter, b'\t');
+        let c = copy_opts("COPY t TO STDOUT WITH (FORMAT csv, HEADER, DELIMITER ';', QUOTE '''')")
+            .unwrap();
+        assert_eq!(c.format, crate::mask::CopyFormat::Csv);
+        assert!(c.header);
+        assert_eq!((c.delimiter, c.quote, c.escape), (b';', b'\'', b'\''));
+        let b = copy_opts("COPY t TO STDOUT (FORMAT binary)").unwrap();
+        assert_eq!(b.format, crate::mask::CopyFormat::Binary);
+        let legacy = copy_opts("COPY t TO STDOUT CSV HEADER").unwrap();
+        assert_eq!(legacy.format, crate::mask::CopyFormat::Csv);
+        assert!(legacy.header);
+        assert!(copy_opts("COPY t TO STDOUT (FORMAT parquet)").is_err());
+    }
+
+    #[test]
+    fn bind_result_formats_are_read_after_the_parameters() {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"portal\0stmt\0");
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&2i16.to_be_bytes());
+        b.extend_from_slice(&3i32.to_be_bytes());
+        b.extend_from_slice(b"abc");
+        b.extend_from_slice(&(-1i32).to_be_bytes());
+        b.extend_from_slice(&2i16.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+        assert_eq!(bind_result_formats(&b), Some(vec![0, 1]));
+        assert_eq!(bind_result_formats(&b[..b.len() - 1]), None);
+    }
+
+    #[test]
+    fn catalog_rows_parse_and_reject_garbage() {
+        let mut row = Vec::new();
+        row.extend_from_slice(&5i16.to_be_bytes());
+        for v in ["16384", "2", "public", "customers", "email"] {
+            row.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            row.extend_from_slice(v.as_bytes());
+        }
+        let (oid, attnum, origin) = catalog_row(&row).unwrap();
+        assert_eq!((oid, attnum), (16384, 2));
+        assert_eq!(origin.label(), "public.customers.email");
+        assert!(catalog_row(&row[..row.len() - 2]).is_none());
+        let mut null = row.clone();
+        null[2..6].copy_from_slice(&(-1i32).to_be_bytes());
+        assert!(catalog_row(&null).is_none());
+    }
 }
