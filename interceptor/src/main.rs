@@ -83,7 +83,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
-            interceptor::server::ServerState::new(c, None)?;
+            interceptor::server::Loaded::load(&c)?;
             println!("{}: ok", config.display());
             Ok(())
         }

@@ -74,9 +74,20 @@ impl Drop for SessionSlot<'_> {
     }
 }
 
-impl ServerState {
-    pub fn new(config: Config, steering: Option<Arc<Steering>>) -> anyhow::Result<ServerState> {
-        let identities = StaticIdentities::new(&config.identities).map_err(anyhow::Error::msg)?;
+/// Everything loaded from the configuration that needs no exclusive store: what
+/// `interceptor check-config` validates, also while the daemon runs.
+pub struct Loaded {
+    identities: Authenticators,
+    secrets: Secrets,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls_config: Option<Arc<rustls::ServerConfig>>,
+    upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    policy: PolicyHandle,
+}
+
+impl Loaded {
+    pub fn load(config: &Config) -> anyhow::Result<Loaded> {
+        let statics = StaticIdentities::new(&config.identities).map_err(anyhow::Error::msg)?;
         let secrets = Secrets::load(config.secrets.file.as_deref())?;
         let mtls = config.mtls.clone().or_else(|| {
             config
@@ -94,11 +105,6 @@ impl ServerState {
             Some(o) => Some(Arc::new(crate::identity::oidc::OidcVerifier::new(o)?)),
             None => None,
         };
-        let identities = Authenticators {
-            statics: identities,
-            oidc,
-            mtls,
-        };
         let upstream_tls = match config.upstream.tls {
             UpstreamTls::Disable => None,
             UpstreamTls::Prefer | UpstreamTls::Require => Some(tls::client_config(None, false)?),
@@ -106,50 +112,66 @@ impl ServerState {
                 Some(tls::client_config(config.upstream.ca.as_deref(), true)?)
             }
         };
-        let upstream = UpstreamTarget::new(
-            &config.upstream,
-            upstream_tls,
-            config.limits.max_message_bytes,
-            steering.clone(),
-        );
         // Default deny: without a policy directory every login is refused.
         let policy = match &config.policy {
             Some(p) => PolicyHandle::load(&p.dir)
                 .with_context(|| format!("cannot load policies from {}", p.dir.display()))?,
             None => PolicyHandle::new(PolicySet::empty()),
         };
-        let audit_for_approvals =
-            |audit: &AuditLog| crate::approval::audit_sink::to_audit(audit.clone());
+        Ok(Loaded {
+            identities: Authenticators {
+                statics,
+                oidc,
+                mtls,
+            },
+            secrets,
+            tls,
+            tls_config,
+            upstream_tls,
+            policy,
+        })
+    }
+}
+
+impl ServerState {
+    /// Loads the configuration and opens the stores (audit, approvals).
+    pub fn new(config: Config, steering: Option<Arc<Steering>>) -> anyhow::Result<ServerState> {
+        let loaded = Loaded::load(&config)?;
+        let upstream = UpstreamTarget::new(
+            &config.upstream,
+            loaded.upstream_tls,
+            config.limits.max_message_bytes,
+            steering.clone(),
+        );
         let audit = AuditLog::open(&config.audit).with_context(|| {
             format!(
                 "cannot open the audit trail in {}",
                 config.audit.dir.display()
             )
         })?;
-        let config_approvals = config.approvals.clone();
-        let audit_clone = audit.clone();
+        let approvals = match &config.approvals {
+            Some(cfg) => Some(
+                crate::approval::ApprovalService::open(
+                    cfg.clone(),
+                    crate::approval::audit_sink::to_audit(audit.clone()),
+                )
+                .context("cannot open the approvals store")?,
+            ),
+            None => None,
+        };
         Ok(ServerState {
             config,
-            identities,
-            secrets,
+            identities: loaded.identities,
+            secrets: loaded.secrets,
             upstream,
-            tls,
+            tls: loaded.tls,
             cancel: CancelRegistry::default(),
-            policy,
+            policy: loaded.policy,
             audit,
             steering,
             sessions: SessionCounts::default(),
-            approvals: match &config_approvals {
-                Some(cfg) => Some(
-                    crate::approval::ApprovalService::open(
-                        cfg.clone(),
-                        audit_for_approvals(&audit_clone),
-                    )
-                    .context("cannot open the approvals store")?,
-                ),
-                None => None,
-            },
-            tls_config,
+            approvals,
+            tls_config: loaded.tls_config,
         })
     }
 }
@@ -163,6 +185,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {addr}"))?;
         tracing::info!(%addr, "listening");
         listeners.push(listener);
+    }
+    // Every listener is bound before anything slow (opening the audit store) so that clients
+    // that connect early wait in the backlog instead of finding no socket.
+    let mut socket_path: Option<PathBuf> = None;
+    let mut unix_listener = None;
+    if let Some(dir) = &config.listen.unix_socket_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
+        let path = dir.join(format!(".s.PGSQL.{}", config.listen.unix_port));
+        // A stale socket from a crashed run would make bind fail.
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(&path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        // Any local user may connect, as with PostgreSQL's own socket: authentication decides.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
+        tracing::info!(path = %path.display(), "listening");
+        unix_listener = Some(listener);
+        socket_path = Some(path);
     }
     let steering = if config.ebpf.enabled {
         use std::os::fd::AsFd;
@@ -185,6 +229,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
         tasks.spawn(accept_tcp(listener, state.clone()));
+    }
+    if let Some(listener) = unix_listener {
+        tasks.spawn(accept_unix(listener, state.clone()));
     }
     if let Some(svc) = &state.approvals {
         let _sweeper = svc.spawn_sweeper(std::time::Duration::from_secs(1));
@@ -241,25 +288,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             });
         }
         None => tracing::warn!("no [policy] configured: every login is refused (default deny)"),
-    }
-    let mut socket_path: Option<PathBuf> = None;
-    if let Some(dir) = &state.config.listen.unix_socket_dir {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
-        let path = dir.join(format!(".s.PGSQL.{}", state.config.listen.unix_port));
-        // A stale socket from a crashed run would make bind fail.
-        if path.exists() {
-            std::fs::remove_file(&path)
-                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-        }
-        let listener = UnixListener::bind(&path)
-            .with_context(|| format!("cannot listen on {}", path.display()))?;
-        // Any local user may connect, as with PostgreSQL's own socket: authentication decides.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
-        tracing::info!(path = %path.display(), "listening");
-        tasks.spawn(accept_unix(listener, state.clone()));
-        socket_path = Some(path);
     }
     tracing::info!(upstream = state.upstream.describe(), "interceptor ready");
 

@@ -84,7 +84,7 @@ impl InterceptorSetup {
             ca_cert: None,
             require_tls: false,
             client_ca: None,
-            audit_dir: None,
+            audit_dir: Some(AuditDir::InTemp),
             policy_dir: None,
             policy_files: Vec::new(),
             pseudonym_key: None,
@@ -153,7 +153,7 @@ impl InterceptorSetup {
         self
     }
 
-    /// Enable the audit store in `<tempdir>/audit`.
+    /// Keep the audit store in `<tempdir>/audit` (the default: interceptor requires an audit trail).
     pub fn with_audit(mut self) -> Self {
         self.audit_dir = Some(AuditDir::InTemp);
         self

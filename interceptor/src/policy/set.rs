@@ -267,6 +267,17 @@ impl PolicySet {
         };
         let statements = match classified.as_ref() {
             Ok(s) => s,
+            // Nothing but whitespace, `;` and comments: PostgreSQL runs nothing and answers
+            // EmptyQueryResponse. Drivers and pools send these as pings.
+            Err(crate::policy::Unclassifiable::Empty) => {
+                return Decision {
+                    verdict: Verdict::Allow,
+                    rule: Some("empty query".to_owned()),
+                    policy: Some(policy.name.clone()),
+                    statements: Vec::new(),
+                    statement_rules: Vec::new(),
+                };
+            }
             Err(e) => return unparseable_decision(policy, e),
         };
         decide_statements(policy, statements, session, now)
