@@ -164,6 +164,21 @@ fn copy_to_stdout_text_and_csv_is_masked() {
 }
 
 #[test]
+fn binary_copy_is_masked() {
+    let m = start();
+    let out = psql(
+        &m,
+        AGENT,
+        "COPY customers (id, email, card) TO STDOUT (FORMAT binary)",
+    )
+    .ok()
+    .unwrap();
+    assert_clean("binary COPY", &both(&out));
+    assert!(out.stdout.starts_with("PGCOPY"), "{:?}", out.stdout);
+    assert!(out.stdout.contains("p_"), "{:?}", out.stdout);
+}
+
+#[test]
 fn errors_and_returning_are_masked() {
     let m = start();
     // Unique violation: DETAIL "Key (email)=(...) already exists."
@@ -204,7 +219,7 @@ fn errors_and_returning_are_masked() {
 #[tokio::test]
 async fn tokio_postgres_binary_and_prepared_results_are_masked() {
     let m = start();
-    let c = m.proxy.params(AGENT).connect().await.unwrap();
+    let mut c = m.proxy.params(AGENT).connect().await.unwrap();
     // Prepared statements: Describe(statement), then Bind/Execute with binary results.
     let stmt = c
         .prepare("SELECT id, email, card, note FROM customers WHERE id = $1")
@@ -234,6 +249,29 @@ async fn tokio_postgres_binary_and_prepared_results_are_masked() {
             assert_clean("simple", &seen);
         }
     }
+    // A portal read a few rows at a time (Execute with a row limit, PortalSuspended).
+    let tx = c.transaction().await.unwrap();
+    let stmt2 = tx
+        .prepare("SELECT email, card FROM customers ORDER BY id")
+        .await
+        .unwrap();
+    let portal = tx.bind(&stmt2, &[]).await.unwrap();
+    let mut seen = 0;
+    loop {
+        let rows = tx.query_portal(&portal, 1).await.unwrap();
+        if rows.is_empty() {
+            break;
+        }
+        for r in rows {
+            let email: String = r.get(0);
+            let card: Option<String> = r.get(1);
+            assert_clean("portal", &format!("{email} {card:?}"));
+            assert!(email.starts_with("p_"), "{email}");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 2);
+    tx.commit().await.unwrap();
     // Derived expressions in binary format.
     let row = c
         .query_one(
