@@ -335,6 +335,19 @@ fn audit_records_the_summary_and_masked_rows_only() {
     )
     .ok()
     .unwrap();
+    // A bound parameter holding a card number is recorded masked.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = m.proxy.params(AGENT).connect().await.unwrap();
+        let n = c
+            .query_one(
+                "SELECT count(*) FROM customers WHERE card = $1",
+                &[&CARDS[0]],
+            )
+            .await
+            .unwrap();
+        assert_eq!(n.get::<_, i64>(0), 1);
+    });
     let bin = interceptor_tests::proxy::interceptor_bin().unwrap();
     let mut export = String::new();
     // Outcomes are appended after the answer went out: wait until the record is there.
@@ -346,12 +359,12 @@ fn audit_records_the_summary_and_masked_rows_only() {
             .arg("export")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        export = String::from_utf8_lossy(&out.stdout).into_owned();
+        // The CLI reaches the daemon over its admin socket; retry while it comes up.
+        export = if out.status.success() {
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        } else {
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        };
         if export.contains("values_masked\":4") {
             break;
         }
@@ -360,6 +373,14 @@ fn audit_records_the_summary_and_masked_rows_only() {
     assert!(export.contains("values_masked\":4"), "{export}");
     assert!(export.contains("public.customers.email"), "{export}");
     assert!(export.contains("detector:card"), "{export}");
+    assert!(
+        export.contains("card = $1"),
+        "the parameterised statement is recorded: {export}"
+    );
+    assert!(
+        export.contains("[MASKED]"),
+        "the card parameter is recorded masked: {export}"
+    );
     // Recorded rows (if any) are the masked ones; the statement text holds no value here.
     assert_clean("audit export", &export);
 }

@@ -124,6 +124,11 @@ impl SessionMask {
         }))
     }
 
+    /// The session's rules (after exemptions).
+    pub fn rules(&self) -> &MaskRules {
+        &self.rules
+    }
+
     fn push(&self, e: Expect) {
         lock(&self.expect).push_back(e);
     }

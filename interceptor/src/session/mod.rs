@@ -373,13 +373,16 @@ async fn run(stream: Stream, peer: &Peer, server: &Arc<ServerState>) -> Result<(
             database: facts.database.clone(),
         },
     );
-    let shared = relay::Shared::new(&upstream.params).with_mask(mask);
+    let shared = relay::Shared::new(&upstream.params).with_mask(mask.clone());
     let mut gate = Gate::new(
         facts.clone(),
         server.policy.clone(),
         server.audit.clone(),
         server.approvals.clone(),
     );
+    if let Some(m) = &mask {
+        gate.mask_parameters(m.rules().clone());
+    }
     let recorder = Recorder::new(facts.clone(), server.audit.clone());
     let (client_rd, client_wr) = stream.into_split();
     let (up_rd, up_wr) = upstream.stream.into_split();
