@@ -119,13 +119,18 @@ kinds = ["read", "session", "transaction"]
     // ON_ERROR_STOP off: psql goes on after the refusal, on the same connection.
     let out = PgCommand::new("psql", &proxy.params(ALICE))
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=0"])
-        .stdin(
-            "SELECT 1;\nDELETE FROM accounts;\nSELECT 2;\nSELECT 1; DROP TABLE accounts;\nSELECT 3;\n",
-        )
+        .stdin("SELECT 1;\nDELETE FROM accounts;\nSELECT 2;\nSELECT 3;\n")
         .run()
         .unwrap();
     assert_eq!(out.stdout, "1\n2\n3\n", "{out:?}");
     assert!(out.stderr.contains("not allowed by policy"), "{out:?}");
+    // One Query message with two statements: one refusal refuses all of it, nothing runs.
+    let out = PgCommand::new("psql", &proxy.params(ALICE))
+        .args(["-X", "-A", "-t", "-c", "SELECT 1; DROP TABLE accounts"])
+        .run()
+        .unwrap();
+    assert!(!out.success(), "{out:?}");
+    assert_eq!(out.stdout, "", "part of a refused query ran: {out:?}");
     assert_eq!(
         pg.psql_db(APP_DB, "SELECT count(*) FROM accounts").unwrap(),
         before,
@@ -135,7 +140,7 @@ kinds = ["read", "session", "transaction"]
     let denied = statements(&records, "deny");
     assert_eq!(denied.get("DELETE FROM accounts;"), Some(&1), "{denied:?}");
     assert_eq!(
-        denied.get("SELECT 1; DROP TABLE accounts;"),
+        denied.get("SELECT 1; DROP TABLE accounts"),
         Some(&1),
         "{denied:?}"
     );

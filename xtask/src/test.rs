@@ -83,7 +83,9 @@ pub fn run() -> Result<()> {
     // interceptor's build script embeds the eBPF object, so it must exist before the build.
     // Without it the binary works but its eBPF tests skip, which is only acceptable when they
     // are not required.
-    if let Err(e) = build_ebpf::build(false) {
+    // Release: the kernel verifier rejects the unoptimised object ("last insn is not an exit
+    // or jmp"), and interceptor's build script prefers the release object anyway.
+    if let Err(e) = build_ebpf::build(true) {
         eprintln!("error: {e:#}");
         if bpf_required() {
             failed.push("cargo xtask build-ebpf");
