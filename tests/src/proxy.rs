@@ -48,6 +48,7 @@ pub struct InterceptorSetup {
     upstream_port: u16,
     upstream_via: UpstreamVia,
     role_passwords: Vec<(String, String)>,
+    pseudonym_key: Option<String>,
     identities: Vec<IdentitySpec>,
     tls: Option<(PathBuf, PathBuf)>,
     ca_cert: Option<PathBuf>,
@@ -86,6 +87,7 @@ impl InterceptorSetup {
             audit_dir: Some(AuditDir::InTemp),
             policy_dir: None,
             policy_files: Vec::new(),
+            pseudonym_key: None,
             allow_all_policies: false,
             unix_listener: true,
             extra_toml: String::new(),
@@ -134,6 +136,12 @@ impl InterceptorSetup {
     /// Reach PostgreSQL over TCP 127.0.0.1 instead of its unix socket.
     pub fn upstream_tcp(mut self) -> Self {
         self.upstream_via = UpstreamVia::Tcp;
+        self
+    }
+
+    /// The masking pseudonym key in the secrets file.
+    pub fn pseudonym_key(mut self, key: &str) -> Self {
+        self.pseudonym_key = Some(key.to_owned());
         self
     }
 
@@ -324,6 +332,9 @@ impl InterceptorSetup {
         }
         let mut root = Table::new();
         root.insert("roles".into(), Value::Table(roles));
+        if let Some(k) = &self.pseudonym_key {
+            root.insert("pseudonym_key".into(), Value::String(k.clone()));
+        }
         toml::to_string(&root).context("serialize secrets")
     }
 }
@@ -351,7 +362,9 @@ const ALL_RISKS: [&str; 19] = [
     "user_function",
 ];
 
-fn allow_all_policy(id: &IdentitySpec) -> String {
+/// The policy [`InterceptorSetup::allow_all_policies`] writes for one identity (tests append
+/// sections such as `[mask]` to it).
+pub fn allow_all_policy(id: &IdentitySpec) -> String {
     let role = id.upstream_role.as_deref().unwrap_or(crate::pg::APP_RO);
     let quote = |s: &str| Value::String(s.to_owned()).to_string();
     let risks: Vec<String> = ALL_RISKS.iter().map(|r| quote(r)).collect();

@@ -83,6 +83,8 @@ pub struct Outcome {
     pub columns: Vec<String>,
     pub recorded: Vec<Vec<Option<String>>>,
     pub truncated: bool,
+    /// What masking replaced in this statement's answer (targets and counts, never values).
+    pub masked: crate::mask::MaskSummary,
 }
 
 /// Decisions are cached per SQL text for the policy version they were made under; drivers send
@@ -117,6 +119,8 @@ pub struct Gate {
     /// The identity with its active time-bound grants, refreshed at most every second (a grant
     /// ends by itself at expiry, to within that second).
     elevated: Option<(std::time::Instant, Identity)>,
+    /// The session's masking rules: bound parameters are recorded with detected values masked.
+    param_mask: Option<crate::mask::MaskRules>,
 }
 
 impl Gate {
@@ -137,7 +141,14 @@ impl Gate {
             portals: HashMap::new(),
             audit,
             unsynced: false,
+            param_mask: None,
         }
+    }
+
+    /// Records bound parameters through the session's content detectors (a parameter cannot
+    /// be tied to a column, so column rules do not apply to it).
+    pub fn mask_parameters(&mut self, rules: crate::mask::MaskRules) {
+        self.param_mask = (!rules.is_empty()).then_some(rules);
     }
 
     /// Waits until every record appended so far is durable. The relay calls this before it
@@ -467,10 +478,16 @@ impl Gate {
                                 1 => formats[0] == 1,
                                 _ => formats.get(i) == Some(&1),
                             };
-                            if binary {
-                                format!("\\x{}", hex::encode(v))
-                            } else {
-                                String::from_utf8_lossy(v).into_owned()
+                            let text = String::from_utf8_lossy(v);
+                            let masked = self
+                                .param_mask
+                                .as_ref()
+                                .and_then(|r| r.mask_notification(&text));
+                            match (masked, binary) {
+                                (Some(_), true) => "[MASKED]".to_owned(),
+                                (Some(m), false) => m,
+                                (None, true) => format!("\\x{}", hex::encode(v)),
+                                (None, false) => text.into_owned(),
                             }
                         })
                     })
@@ -547,6 +564,20 @@ fn audit_unavailable(e: AuditError) -> Verdict {
     )
 }
 
+/// The audit record's view of a statement's masking summary.
+fn masking_summary(s: &crate::mask::MaskSummary) -> crate::audit::MaskingSummary {
+    crate::audit::MaskingSummary {
+        columns: s
+            .entries()
+            .map(|c| crate::audit::MaskedColumn {
+                column: c.target.label(),
+                rule: c.strategy.as_str().to_owned(),
+            })
+            .collect(),
+        values_masked: s.total(),
+    }
+}
+
 /// Records what forwarded statements did; used by the upstream → client direction.
 pub struct Recorder {
     facts: Arc<SessionFacts>,
@@ -595,7 +626,7 @@ impl Recorder {
             sqlstate: outcome.sqlstate,
             error_message: outcome.error,
             duration_us: outcome.duration_us,
-            masking: Default::default(),
+            masking: masking_summary(&outcome.masked),
         }));
         if let Err(e) = result {
             tracing::error!(error = %e, "AUDIT TRAIL UNAVAILABLE: cannot record a statement outcome");

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod cancel;
 pub mod gate;
+pub mod masking;
 pub mod relay;
 pub mod startup;
 pub mod upstream;
@@ -119,7 +120,7 @@ enum SessionError {
     Io(#[from] std::io::Error),
 }
 
-async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), SessionError> {
+async fn run(stream: Stream, peer: &Peer, server: &Arc<ServerState>) -> Result<(), SessionError> {
     let limits = &server.config.limits;
     let auth_deadline = Duration::from_millis(limits.auth_timeout_ms);
     let opening = tokio::time::timeout(
@@ -251,6 +252,22 @@ async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), Se
         },
         None => None,
     };
+    // Masking is decided before anything reaches PostgreSQL: rules that cannot be built end
+    // the session (fail closed), never an unmasked one.
+    let rules = match mask_rules(server, &route.mask, &identity) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, policy = route.policy, "masking rules unusable: refusing the session");
+            return fatal(
+                &mut stream,
+                PgError::fatal(
+                    sqlstate::INTERNAL_ERROR,
+                    "interceptor: the masking rules for this session are invalid, so it cannot start",
+                ),
+            )
+            .await;
+        }
+    };
     let password = server.secrets.password_for(&role);
     let mut passthrough: Vec<(String, String)> = params
         .iter()
@@ -347,13 +364,25 @@ async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), Se
         role = facts.upstream_role,
         "session started"
     );
-    let shared = relay::Shared::new(&upstream.params);
+    let mask = masking::SessionMask::new(
+        rules,
+        masking::SideLogin {
+            server: server.clone(),
+            role: facts.upstream_role.clone(),
+            password: password.clone(),
+            database: facts.database.clone(),
+        },
+    );
+    let shared = relay::Shared::new(&upstream.params).with_mask(mask.clone());
     let mut gate = Gate::new(
         facts.clone(),
         server.policy.clone(),
         server.audit.clone(),
         server.approvals.clone(),
     );
+    if let Some(m) = &mask {
+        gate.mask_parameters(m.rules().clone());
+    }
     let recorder = Recorder::new(facts.clone(), server.audit.clone());
     let (client_rd, client_wr) = stream.into_split();
     let (up_rd, up_wr) = upstream.stream.into_split();
@@ -400,6 +429,23 @@ async fn run(stream: Stream, peer: &Peer, server: &ServerState) -> Result<(), Se
     ));
     end?;
     Ok(())
+}
+
+/// The masking rules of the policy that routed this session, minus the identity's exemptions.
+fn mask_rules(
+    server: &ServerState,
+    sections: &[toml::Value],
+    identity: &crate::identity::Identity,
+) -> Result<crate::mask::MaskRules, crate::mask::MaskError> {
+    if sections.is_empty() {
+        return Ok(crate::mask::MaskRules::none());
+    }
+    // The secrets file gives the key as hex or as text.
+    let key: Option<Vec<u8>> = server.secrets.pseudonym_key().map(|k| {
+        let k = k.expose().trim();
+        hex::decode(k).unwrap_or_else(|_| k.as_bytes().to_vec())
+    });
+    crate::mask::MaskRules::from_toml(sections, key.as_deref())?.for_identity(identity)
 }
 
 fn tls_info(stream: &Stream) -> Option<crate::audit::TlsInfo> {

@@ -8,8 +8,8 @@
 //! error for interceptor's own. No reordering, no waiting and no second writer on the client socket.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -17,6 +17,7 @@ use rand::RngCore;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::gate::{Gate, LexState, Outcome, Recorder, Verdict};
+use super::masking::{Action, MaskStream, SessionMask};
 use crate::net::frame::{FrameError, FrameReader, frames};
 use crate::net::message::{self, Cursor, PgError, sqlstate};
 use crate::net::stream::{BoxedRead, BoxedWrite};
@@ -107,6 +108,8 @@ pub struct Shared {
     standard_conforming_strings: AtomicBool,
     client_encoding_utf8: AtomicBool,
     pub counters: Counters,
+    /// Masking for this session; `None` when no rule applies (no per-message work at all).
+    mask: Option<Arc<SessionMask>>,
 }
 
 impl Shared {
@@ -117,11 +120,18 @@ impl Shared {
             standard_conforming_strings: AtomicBool::new(true),
             client_encoding_utf8: AtomicBool::new(true),
             counters: Counters::default(),
+            mask: None,
         };
         for (k, v) in params {
             s.parameter(k, v);
         }
         s
+    }
+
+    /// Masks this session's results with `mask`.
+    pub fn with_mask(mut self, mask: Option<Arc<SessionMask>>) -> Self {
+        self.mask = mask;
+        self
     }
 
     fn parameter(&self, name: &str, value: &str) {
@@ -231,6 +241,9 @@ async fn client_to_upstream(
         for f in frames(&chunk) {
             let start = offset;
             offset += f.raw.len();
+            if let Some(m) = &shared.mask {
+                m.frontend(f.tag, f.body).await;
+            }
             let substitute = match f.tag {
                 b'Q' => {
                     let sql = message::decode_query(f.body)
@@ -461,6 +474,8 @@ async fn upstream_to_client(
 ) -> Result<End, RelayError> {
     let mut ready_seen: u64 = 0;
     let mut finished: Vec<InFlight> = Vec::new();
+    let mut mask = shared.mask.clone().map(MaskStream::new);
+    let mut scratch = crate::mask::MaskSummary::new();
     loop {
         // read_chunk is cancel-safe: bytes read stay in the reader's buffer.
         let chunk = tokio::select! {
@@ -475,6 +490,12 @@ async fn upstream_to_client(
         let Some(chunk) = chunk.map_err(RelayError::Upstream)? else {
             return Ok(End::UpstreamGone);
         };
+        if let Some(m) = &mask
+            && let Err(e) = m.session().prepare(&chunk).await
+        {
+            // Unresolved origins make the plans fail closed; the session itself goes on.
+            tracing::warn!(error = %e, "column origins could not be resolved");
+        }
         let mut out: Option<BytesMut> = None;
         let mut copied_to = 0;
         let mut offset = 0;
@@ -483,84 +504,63 @@ async fn upstream_to_client(
             for f in frames(&chunk) {
                 let start = offset;
                 offset += f.raw.len();
-                match f.tag {
-                    b'D' => {
-                        if let Some(front) = inflight.front_mut() {
-                            front.outcome.rows += 1;
-                            if front.record.is_some() && !front.outcome.columns.is_empty() {
-                                if front.outcome.recorded.len() < recorder.rows_cap {
-                                    front.outcome.recorded.push(text_fields(f.body));
-                                } else {
-                                    front.outcome.truncated = true;
-                                }
+                let action = match mask.as_mut() {
+                    None => Action::Pass,
+                    Some(m) => {
+                        let summary = match inflight.front_mut() {
+                            Some(front) => &mut front.outcome.masked,
+                            None => {
+                                scratch.clear();
+                                &mut scratch
                             }
-                        }
-                    }
-                    b'T' => {
-                        if let Some(front) = inflight.front_mut()
-                            && front.record.is_some()
-                            && recorder.rows_cap > 0
-                        {
-                            front.outcome.columns = column_names(f.body);
-                        }
-                    }
-                    b'C' | b'I' | b's' => {
-                        let tag = match f.tag {
-                            b'C' => Cursor::new(f.body, "CommandComplete")
-                                .utf8()
-                                .unwrap_or("")
-                                .to_owned(),
-                            b'I' => "EMPTY".to_owned(),
-                            _ => "SUSPENDED".to_owned(),
                         };
-                        if let Some(front) = inflight.front_mut() {
-                            front.outcome.command_tags.push(tag);
-                            if front.kind == Kind::Execute
-                                && let Some(done) = inflight.pop_front()
-                            {
-                                finished.push(done);
-                            }
-                        }
+                        m.message(f.tag, f.body, summary)
                     }
-                    b'E' => {
-                        if let Some(sub) = swap_refusal(shared, ready_seen, f.body) {
-                            let o = out
-                                .get_or_insert_with(|| BytesMut::with_capacity(chunk.len() + 64));
-                            o.extend_from_slice(&chunk[copied_to..start]);
-                            o.extend_from_slice(&sub);
-                            copied_to = offset;
-                        } else if let Some(front) = inflight.front_mut() {
-                            let (code, msg) = message::error_code_and_message(f.body)
-                                .unwrap_or_else(|| {
-                                    (sqlstate::INTERNAL_ERROR.into(), String::new())
-                                });
-                            front.outcome.sqlstate = Some(code);
-                            front.outcome.error = Some(msg);
-                            if front.kind == Kind::Execute
-                                && let Some(done) = inflight.pop_front()
-                            {
-                                finished.push(done);
-                            }
-                        }
+                };
+                let sub = match action {
+                    Action::Pass => None,
+                    Action::Drop => Some(Bytes::new()),
+                    Action::Replace(b) => Some(b),
+                };
+                let sub = if sub.as_ref().is_some_and(|b| b.first() == Some(&b'E')) && f.tag != b'E'
+                {
+                    // A result that could not be masked: the client gets the error instead.
+                    if let Some(front) = inflight.front_mut() {
+                        front.outcome.sqlstate = Some(sqlstate::INTERNAL_ERROR.into());
+                        front.outcome.error =
+                            Some("interceptor: result withheld (masking failed)".into());
                     }
-                    b'Z' => {
-                        while inflight.front().is_some_and(|i| i.batch <= ready_seen) {
-                            if let Some(mut done) = inflight.pop_front() {
-                                if done.kind == Kind::Execute {
-                                    done.outcome.skipped = true;
-                                }
-                                finished.push(done);
-                            }
+                    sub
+                } else {
+                    let dropped = sub.as_ref().is_some_and(|b| b.is_empty());
+                    let body = match &sub {
+                        Some(b) if b.len() >= 5 && b[0] == f.tag => &b[5..],
+                        _ => f.body,
+                    };
+                    if dropped && f.tag == b'D' {
+                        sub
+                    } else {
+                        let swapped = account(
+                            &mut inflight,
+                            &mut finished,
+                            recorder,
+                            shared,
+                            ready_seen,
+                            f.tag,
+                            f.body,
+                            body,
+                        );
+                        if f.tag == b'Z' {
+                            ready_seen += 1;
                         }
-                        ready_seen += 1;
+                        swapped.or(sub)
                     }
-                    b'S' => {
-                        let mut c = Cursor::new(f.body, "ParameterStatus");
-                        if let (Ok(k), Ok(v)) = (c.utf8(), c.utf8()) {
-                            shared.parameter(k, v);
-                        }
-                    }
-                    _ => {}
+                };
+                if let Some(sub) = sub {
+                    let o = out.get_or_insert_with(|| BytesMut::with_capacity(chunk.len() + 64));
+                    o.extend_from_slice(&chunk[copied_to..start]);
+                    o.extend_from_slice(&sub);
+                    copied_to = offset;
                 }
             }
         }
@@ -581,6 +581,96 @@ async fn upstream_to_client(
             .bytes_to_client
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
     }
+}
+
+/// Bookkeeping of one backend message for the audit trail (`body` is what the client gets,
+/// masked; `raw` is PostgreSQL's original). Returns interceptor's error for a refusal's stand-in.
+#[allow(clippy::too_many_arguments)]
+fn account(
+    inflight: &mut VecDeque<InFlight>,
+    finished: &mut Vec<InFlight>,
+    recorder: &Recorder,
+    shared: &Shared,
+    ready_seen: u64,
+    tag: u8,
+    raw: &[u8],
+    body: &[u8],
+) -> Option<Bytes> {
+    match tag {
+        b'D' => {
+            if let Some(front) = inflight.front_mut() {
+                front.outcome.rows += 1;
+                if front.record.is_some() && !front.outcome.columns.is_empty() {
+                    if front.outcome.recorded.len() < recorder.rows_cap {
+                        front.outcome.recorded.push(text_fields(body));
+                    } else {
+                        front.outcome.truncated = true;
+                    }
+                }
+            }
+        }
+        b'T' => {
+            if let Some(front) = inflight.front_mut()
+                && front.record.is_some()
+                && recorder.rows_cap > 0
+            {
+                front.outcome.columns = column_names(body);
+            }
+        }
+        b'C' | b'I' | b's' => {
+            let tag = match tag {
+                b'C' => Cursor::new(body, "CommandComplete")
+                    .utf8()
+                    .unwrap_or("")
+                    .to_owned(),
+                b'I' => "EMPTY".to_owned(),
+                _ => "SUSPENDED".to_owned(),
+            };
+            if let Some(front) = inflight.front_mut() {
+                front.outcome.command_tags.push(tag);
+                if front.kind == Kind::Execute
+                    && let Some(done) = inflight.pop_front()
+                {
+                    finished.push(done);
+                }
+            }
+        }
+        b'E' => {
+            // The refusal's stand-in is recognised on PostgreSQL's own text.
+            if let Some(sub) = swap_refusal(shared, ready_seen, raw) {
+                return Some(sub);
+            }
+            if let Some(front) = inflight.front_mut() {
+                let (code, msg) = message::error_code_and_message(body)
+                    .unwrap_or_else(|| (sqlstate::INTERNAL_ERROR.into(), String::new()));
+                front.outcome.sqlstate = Some(code);
+                front.outcome.error = Some(msg);
+                if front.kind == Kind::Execute
+                    && let Some(done) = inflight.pop_front()
+                {
+                    finished.push(done);
+                }
+            }
+        }
+        b'Z' => {
+            while inflight.front().is_some_and(|i| i.batch <= ready_seen) {
+                if let Some(mut done) = inflight.pop_front() {
+                    if done.kind == Kind::Execute {
+                        done.outcome.skipped = true;
+                    }
+                    finished.push(done);
+                }
+            }
+        }
+        b'S' => {
+            let mut c = Cursor::new(body, "ParameterStatus");
+            if let (Ok(k), Ok(v)) = (c.utf8(), c.utf8()) {
+                shared.parameter(k, v);
+            }
+        }
+        _ => {}
+    }
+    None
 }
 
 /// The fields of a DataRow as text, for the session recording (binary values as hex).

@@ -1,0 +1,894 @@
+//! Masking in the data path: which rules apply to a session, which result each backend message
+//! belongs to, and the side connection that resolves column origins and COPY columns.
+//!
+//! The client → upstream side announces, in order, every request whose answer matters for
+//! masking ([`Expect`]); the upstream → client side ([`MaskStream`]) consumes those entries as
+//! the answers arrive, so a RowDescription that answers Describe(statement) is kept for that
+//! statement and later Executes of its portals find their plan even without a RowDescription.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, Statement};
+
+use super::upstream::Upstream;
+use crate::mask::{
+    CopyColumn, CopyMasker, CopyOptions, MaskError, MaskPlan, MaskRules, MaskSummary, OriginCache,
+    catalog_query, table_oids,
+};
+use crate::net::message::{self, Cursor, PgError, sqlstate};
+use crate::secrets::Secret;
+use crate::server::ServerState;
+
+/// Why the side connection could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SideError {
+    #[error("masking side connection: {0}")]
+    Upstream(#[from] super::upstream::UpstreamError),
+    #[error("masking side connection: {0}")]
+    Frame(#[from] crate::net::frame::FrameError),
+    #[error("masking side connection: PostgreSQL closed it")]
+    Closed,
+    #[error("masking side connection: {0}")]
+    Refused(String),
+    #[error("masking side connection: malformed catalog row")]
+    Malformed,
+}
+
+/// How to open the side connection: the same upstream, role and database as the session.
+pub struct SideLogin {
+    pub server: Arc<ServerState>,
+    pub role: String,
+    pub password: Option<Secret>,
+    pub database: String,
+}
+
+/// The side connection (opened on first use). Resolved origins live apart from it, behind a
+/// plain mutex, so the upstream → client side can plan without waiting for a query.
+struct Side {
+    conn: Option<Upstream>,
+}
+
+/// One COPY TO STDOUT as the statement declares it.
+#[derive(Debug)]
+pub struct CopySpec {
+    options: CopyOptions,
+    columns: Option<Vec<CopyColumn>>,
+}
+
+/// A request whose answer the upstream → client side must attribute.
+#[derive(Debug)]
+enum Expect {
+    Parse(String),
+    Bind(String),
+    DescribeStatement(String),
+    DescribePortal(String),
+    Execute {
+        portal: String,
+        statement: String,
+        formats: Vec<i16>,
+        copies: VecDeque<Result<CopySpec, String>>,
+    },
+    Query {
+        copies: VecDeque<Result<CopySpec, String>>,
+    },
+    Sync,
+    FunctionCall,
+}
+
+impl Expect {
+    /// Answered by a ReadyForQuery.
+    fn ends_batch(&self) -> bool {
+        matches!(
+            self,
+            Expect::Query { .. } | Expect::Sync | Expect::FunctionCall
+        )
+    }
+}
+
+/// The masking of one session, shared by both directions.
+pub struct SessionMask {
+    rules: MaskRules,
+    side: tokio::sync::Mutex<Side>,
+    origins: Mutex<OriginCache>,
+    login: SideLogin,
+    expect: Mutex<VecDeque<Expect>>,
+    /// Client side only: statement name → SQL, portal → (statement, result formats).
+    client: Mutex<ClientView>,
+}
+
+#[derive(Default)]
+struct ClientView {
+    statements: HashMap<String, Arc<str>>,
+    portals: HashMap<String, (String, Vec<i16>)>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SessionMask {
+    /// `None` when no rule applies to this identity: the relay then does no masking work.
+    pub fn new(rules: MaskRules, login: SideLogin) -> Option<Arc<SessionMask>> {
+        if rules.is_empty() {
+            return None;
+        }
+        Some(Arc::new(SessionMask {
+            rules,
+            side: tokio::sync::Mutex::new(Side { conn: None }),
+            origins: Mutex::new(OriginCache::default()),
+            login,
+            expect: Mutex::new(VecDeque::new()),
+            client: Mutex::new(ClientView::default()),
+        }))
+    }
+
+    /// The session's rules (after exemptions).
+    pub fn rules(&self) -> &MaskRules {
+        &self.rules
+    }
+
+    fn push(&self, e: Expect) {
+        lock(&self.expect).push_back(e);
+    }
+
+    /// A frontend message is about to be forwarded (refused ones too: their stand-in answers
+    /// in the same shape).
+    pub async fn frontend(&self, tag: u8, body: &[u8]) {
+        match tag {
+            b'Q' => {
+                let sql = message::decode_query(body).unwrap_or("");
+                let copies = self.copy_specs(sql).await;
+                self.push(Expect::Query { copies });
+            }
+            b'P' => {
+                if let Ok(p) = message::decode_parse(body) {
+                    lock(&self.client)
+                        .statements
+                        .insert(p.statement.to_owned(), Arc::from(p.sql));
+                    self.push(Expect::Parse(p.statement.to_owned()));
+                }
+            }
+            b'B' => {
+                if let Ok(b) = message::decode_bind(body) {
+                    let formats = bind_result_formats(body).unwrap_or_default();
+                    lock(&self.client)
+                        .portals
+                        .insert(b.portal.to_owned(), (b.statement.to_owned(), formats));
+                    self.push(Expect::Bind(b.portal.to_owned()));
+                }
+            }
+            b'D' => {
+                if let Ok((kind, name)) = message::decode_target(body, "Describe") {
+                    self.push(if kind == b'S' {
+                        Expect::DescribeStatement(name.to_owned())
+                    } else {
+                        Expect::DescribePortal(name.to_owned())
+                    });
+                }
+            }
+            b'E' => {
+                if let Ok((portal, _)) = message::decode_execute(body) {
+                    let (statement, formats, sql) = {
+                        let c = lock(&self.client);
+                        let (statement, formats) =
+                            c.portals.get(portal).cloned().unwrap_or_default();
+                        let sql = c.statements.get(&statement).cloned();
+                        (statement, formats, sql)
+                    };
+                    let copies = match sql {
+                        Some(sql) => self.copy_specs(&sql).await,
+                        None => VecDeque::new(),
+                    };
+                    self.push(Expect::Execute {
+                        portal: portal.to_owned(),
+                        statement,
+                        formats,
+                        copies,
+                    });
+                }
+            }
+            b'S' => self.push(Expect::Sync),
+            b'F' => self.push(Expect::FunctionCall),
+            _ => {}
+        }
+    }
+
+    /// The COPY TO STDOUT statements of `sql`, in order, with their options and columns.
+    async fn copy_specs(&self, sql: &str) -> VecDeque<Result<CopySpec, String>> {
+        let mut out = VecDeque::new();
+        // Cheap prefilter: almost no statement is a COPY.
+        if !sql
+            .as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"copy"))
+        {
+            return out;
+        }
+        let dialect = sqlparser::dialect::PostgreSqlDialect {};
+        let Ok(statements) = sqlparser::parser::Parser::parse_sql(&dialect, sql) else {
+            // The gate refuses what it cannot parse; a COPY here would find no spec and fail.
+            return out;
+        };
+        for st in statements {
+            let Statement::Copy {
+                source,
+                to: true,
+                options,
+                legacy_options,
+                ..
+            } = st
+            else {
+                continue;
+            };
+            let spec = match copy_options(&options, &legacy_options) {
+                Ok(opts) => self
+                    .copy_columns(&source)
+                    .await
+                    .map(|columns| CopySpec {
+                        options: opts,
+                        columns,
+                    })
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            out.push_back(spec);
+        }
+        out
+    }
+
+    /// The columns a COPY produces, described (not executed) on the side connection.
+    async fn copy_columns(
+        &self,
+        source: &CopySource,
+    ) -> Result<Option<Vec<CopyColumn>>, SideError> {
+        let select = match source {
+            CopySource::Table {
+                table_name,
+                columns,
+            } if columns.is_empty() => format!("SELECT * FROM {table_name}"),
+            CopySource::Table {
+                table_name,
+                columns,
+            } => {
+                let cols: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+                format!("SELECT {} FROM {table_name}", cols.join(", "))
+            }
+            CopySource::Query(q) => q.to_string(),
+        };
+        let mut side = self.side.lock().await;
+        let Some(rd) = side.describe(&self.login, &select).await? else {
+            return Ok(None);
+        };
+        side.resolve(&self.login, &self.origins, &rd).await?;
+        let origins = lock(&self.origins);
+        CopyColumn::from_row_description(&rd, &|t, a| {
+            crate::mask::CatalogResolver::origin(&*origins, t, a)
+        })
+        .map(Some)
+        .map_err(|e| SideError::Refused(e.to_string()))
+    }
+
+    /// Resolves the origins of every RowDescription in a backend chunk (before the chunk is
+    /// processed, so that processing needs no await).
+    pub async fn prepare(&self, chunk: &[u8]) -> Result<(), SideError> {
+        if !self.rules.needs_origins() {
+            return Ok(());
+        }
+        for f in crate::net::frame::frames(chunk) {
+            if f.tag == b'T' {
+                let mut side = self.side.lock().await;
+                side.resolve(&self.login, &self.origins, f.body).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Side {
+    async fn conn(&mut self, login: &SideLogin) -> Result<&mut Upstream, SideError> {
+        if self.conn.is_none() {
+            let conn = login
+                .server
+                .upstream
+                .login(&login.role, login.password.as_ref(), &login.database, &[])
+                .await?;
+            self.conn = Some(conn);
+        }
+        self.conn.as_mut().ok_or(SideError::Closed)
+    }
+
+    /// Sends `request` and collects the answer up to ReadyForQuery. A broken connection is
+    /// dropped so the next request opens a new one.
+    async fn exchange(
+        &mut self,
+        login: &SideLogin,
+        request: &[u8],
+    ) -> Result<Vec<(u8, Bytes)>, SideError> {
+        let result = self.exchange_once(login, request).await;
+        if matches!(result, Err(SideError::Frame(_) | SideError::Closed)) {
+            self.conn = None;
+        }
+        result
+    }
+
+    async fn exchange_once(
+        &mut self,
+        login: &SideLogin,
+        request: &[u8],
+    ) -> Result<Vec<(u8, Bytes)>, SideError> {
+        use tokio::io::AsyncWriteExt;
+        let conn = self.conn(login).await?;
+        conn.stream
+            .write_all(request)
+            .await
+            .map_err(|e| SideError::Frame(crate::net::frame::FrameError::Io(e)))?;
+        let mut out = Vec::new();
+        loop {
+            let Some((tag, body)) = conn.reader.read_message(&mut conn.stream).await? else {
+                return Err(SideError::Closed);
+            };
+            if tag == b'Z' {
+                return Ok(out);
+            }
+            out.push((tag, body));
+        }
+    }
+
+    /// Looks up the tables of a RowDescription that are not cached yet.
+    async fn resolve(
+        &mut self,
+        login: &SideLogin,
+        origins: &Mutex<OriginCache>,
+        rd: &[u8],
+    ) -> Result<(), SideError> {
+        let oids = table_oids(rd).map_err(|e| SideError::Refused(e.to_string()))?;
+        let missing = lock(origins).missing(&oids);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let answer = self
+            .exchange(login, &message::query(&catalog_query(&missing)))
+            .await?;
+        let mut rows = Vec::new();
+        for (tag, body) in &answer {
+            match *tag {
+                b'D' => rows.push(catalog_row(body).ok_or(SideError::Malformed)?),
+                b'E' => return Err(SideError::Refused(error_text(body))),
+                _ => {}
+            }
+        }
+        let mut origins = lock(origins);
+        for (oid, attnum, origin) in rows {
+            origins.insert(oid, attnum, origin);
+        }
+        for oid in missing {
+            origins.insert_table(oid);
+        }
+        Ok(())
+    }
+
+    /// The RowDescription of `sql` (Parse + Describe, nothing executed); `None` for NoData.
+    async fn describe(&mut self, login: &SideLogin, sql: &str) -> Result<Option<Bytes>, SideError> {
+        let mut req = Vec::new();
+        req.extend_from_slice(&message::parse_unnamed(sql));
+        req.extend_from_slice(&message::message(b'D', b"S\0"));
+        req.extend_from_slice(&message::message(b'S', &[]));
+        let answer = self.exchange(login, &req).await?;
+        for (tag, body) in answer {
+            match tag {
+                b'T' => return Ok(Some(body)),
+                b'E' => return Err(SideError::Refused(error_text(&body))),
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn error_text(body: &[u8]) -> String {
+    message::error_code_and_message(body)
+        .map(|(c, m)| format!("{c}: {m}"))
+        .unwrap_or_else(|| "error".into())
+}
+
+/// One row of [`catalog_query`]: oid, attnum, schema, table, column (text format).
+fn catalog_row(body: &[u8]) -> Option<(u32, i16, crate::mask::ColumnOrigin)> {
+    let mut c = Cursor::new(body, "DataRow");
+    if c.i16().ok()? != 5 {
+        return None;
+    }
+    let mut field = || -> Option<&str> {
+        let len = c.i32().ok()?;
+        let v = c.take(usize::try_from(len).ok()?).ok()?;
+        std::str::from_utf8(v).ok()
+    };
+    let oid: u32 = field()?.parse().ok()?;
+    let attnum: i16 = field()?.parse().ok()?;
+    let (s, t, col) = (field()?, field()?, field()?);
+    Some((oid, attnum, crate::mask::ColumnOrigin::new(s, t, col)))
+}
+
+/// The result format codes at the end of a Bind.
+fn bind_result_formats(body: &[u8]) -> Option<Vec<i16>> {
+    let mut c = Cursor::new(body, "Bind");
+    c.cstr().ok()?;
+    c.cstr().ok()?;
+    let nf = c.i16().ok()?;
+    for _ in 0..nf {
+        c.i16().ok()?;
+    }
+    let np = c.i16().ok()?;
+    for _ in 0..np {
+        let len = c.i32().ok()?;
+        if len > 0 {
+            c.take(len as usize).ok()?;
+        }
+    }
+    let nr = c.i16().ok()?;
+    let mut out = Vec::with_capacity(usize::try_from(nr).ok()?);
+    for _ in 0..nr {
+        out.push(c.i16().ok()?);
+    }
+    Some(out)
+}
+
+/// COPY options as the masker needs them.
+fn copy_options(
+    options: &[CopyOption],
+    legacy: &[CopyLegacyOption],
+) -> Result<CopyOptions, String> {
+    let mut format = "text".to_owned();
+    for o in options {
+        if let CopyOption::Format(f) = o {
+            format = f.value.to_ascii_lowercase();
+        }
+    }
+    for o in legacy {
+        match o {
+            CopyLegacyOption::Binary => format = "binary".into(),
+            CopyLegacyOption::Csv(_) => format = "csv".into(),
+            _ => {}
+        }
+    }
+    let mut opts = match format.as_str() {
+        "text" => CopyOptions::text(),
+        "csv" => CopyOptions::csv(),
+        "binary" => CopyOptions::binary(),
+        other => return Err(format!("unknown COPY format {other}")),
+    };
+    let byte = |c: char| -> Result<u8, String> {
+        u8::try_from(u32::from(c))
+            .ok()
+            .filter(u8::is_ascii)
+            .ok_or_else(|| "non-ASCII COPY option".to_owned())
+    };
+    for o in options {
+        match o {
+            CopyOption::Delimiter(c) => opts.delimiter = byte(*c)?,
+            CopyOption::Null(s) => opts.null = s.as_bytes().to_vec(),
+            CopyOption::Header(h) => opts.header = *h,
+            CopyOption::Quote(c) => opts.quote = byte(*c)?,
+            CopyOption::Escape(c) => opts.escape = byte(*c)?,
+            _ => {}
+        }
+    }
+    for o in legacy {
+        match o {
+            CopyLegacyOption::Delimiter(c) => opts.delimiter = byte(*c)?,
+            CopyLegacyOption::Null(s) => opts.null = s.as_bytes().to_vec(),
+            CopyLegacyOption::Csv(csv) => {
+                for c in csv {
+                    match c {
+                        CopyLegacyCsvOption::Header => opts.header = true,
+                        CopyLegacyCsvOption::Quote(q) => opts.quote = byte(*q)?,
+                        CopyLegacyCsvOption::Escape(e) => opts.escape = byte(*e)?,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if opts.format == crate::mask::CopyFormat::Csv && !options_set_escape(options, legacy) {
+        // CSV's escape defaults to its quote.
+        opts.escape = opts.quote;
+    }
+    Ok(opts)
+}
+
+fn options_set_escape(options: &[CopyOption], legacy: &[CopyLegacyOption]) -> bool {
+    options.iter().any(|o| matches!(o, CopyOption::Escape(_)))
+        || legacy.iter().any(|o| {
+            matches!(o, CopyLegacyOption::Csv(c) if c.iter().any(|x| matches!(x, CopyLegacyCsvOption::Escape(_))))
+        })
+}
+
+/// What the relay does with one backend message.
+pub enum Action {
+    /// Forward it unchanged.
+    Pass,
+    /// Forward this message (complete, with header) instead.
+    Replace(Bytes),
+    /// Forward nothing.
+    Drop,
+}
+
+/// The upstream → client side's masking state.
+pub struct MaskStream {
+    mask: Arc<SessionMask>,
+    /// The plan of the rows now arriving (`Some(None)`: decided, nothing to mask).
+    active: Option<Option<MaskPlan>>,
+    describing: Option<String>,
+    statements: HashMap<String, Result<Option<MaskPlan>, String>>,
+    portals: HashMap<String, Result<Option<MaskPlan>, String>>,
+    copy: Option<CopyMasker>,
+    /// A masking failure withheld the rest of this result.
+    discard: bool,
+}
+
+impl MaskStream {
+    pub fn new(mask: Arc<SessionMask>) -> Self {
+        MaskStream {
+            mask,
+            active: None,
+            describing: None,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            copy: None,
+            discard: false,
+        }
+    }
+
+    pub fn session(&self) -> &Arc<SessionMask> {
+        &self.mask
+    }
+
+    /// Decides one backend message; `summary` collects what was masked.
+    pub fn message(&mut self, tag: u8, body: &[u8], summary: &mut MaskSummary) -> Action {
+        match self.step(tag, body, summary) {
+            Ok(a) => a,
+            Err(e) => self.fail(tag, e),
+        }
+    }
+
+    /// A masking error: the client gets an ErrorResponse in place of the message and the rest
+    /// of the result is withheld (fail closed).
+    fn fail(&mut self, tag: u8, e: MaskError) -> Action {
+        tracing::warn!(error = %e, "masking failed: result withheld");
+        self.copy = None;
+        self.active = None;
+        // An ErrorResponse that cannot be masked ends its result itself; anything else starts
+        // discarding up to the result's end.
+        self.discard = !matches!(tag, b'E' | b'Z' | b'C' | b'I' | b's');
+        if matches!(tag, b'C' | b'I' | b's') {
+            self.pop_execute();
+        }
+        Action::Replace(withheld(&e))
+    }
+
+    fn step(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        summary: &mut MaskSummary,
+    ) -> Result<Action, MaskError> {
+        match tag {
+            b'D' => {
+                if self.discard {
+                    return Ok(Action::Drop);
+                }
+                if self.active.is_none() {
+                    self.active = Some(self.plan_for_execute()?);
+                }
+                let Some(Some(plan)) = &self.active else {
+                    return Ok(Action::Pass);
+                };
+                Ok(replace(b'D', plan.mask_data_row(body, summary)?))
+            }
+            b'T' => {
+                let plan = self.plan(body);
+                if let Some(name) = self.describing.take() {
+                    self.statements
+                        .insert(name, plan.map_err(|e| e.to_string()));
+                    return Ok(Action::Pass);
+                }
+                // Describe(portal) + Execute in one batch: the rows follow directly, and a
+                // later Execute of the same portal finds the plan.
+                if let Some(Expect::DescribePortal(p)) =
+                    self.pop_if(|e| matches!(e, Expect::DescribePortal(_)))
+                {
+                    self.portals.insert(
+                        p,
+                        plan.as_ref().map(Clone::clone).map_err(|e| e.to_string()),
+                    );
+                }
+                self.active = Some(plan?);
+                Ok(Action::Pass)
+            }
+            b'n' => {
+                if let Some(name) = self.describing.take() {
+                    self.statements.insert(name, Ok(None));
+                } else if let Some(Expect::DescribePortal(p)) =
+                    self.pop_if(|e| matches!(e, Expect::DescribePortal(_)))
+                {
+                    self.portals.insert(p, Ok(None));
+                }
+                Ok(Action::Pass)
+            }
+            b't' => {
+                if let Some(Expect::DescribeStatement(name)) =
+                    self.pop_if(|e| matches!(e, Expect::DescribeStatement(_)))
+                {
+                    self.describing = Some(name);
+                }
+                Ok(Action::Pass)
+            }
+            b'1' => {
+                if let Some(Expect::Parse(name)) = self.pop_if(|e| matches!(e, Expect::Parse(_))) {
+                    self.statements.remove(&name);
+                }
+                Ok(Action::Pass)
+            }
+            b'2' => {
+                if let Some(Expect::Bind(portal)) = self.pop_if(|e| matches!(e, Expect::Bind(_))) {
+                    self.portals.remove(&portal);
+                }
+                Ok(Action::Pass)
+            }
+            b'C' | b'I' | b's' => {
+                let discarded = std::mem::take(&mut self.discard);
+                self.active = None;
+                self.copy = None;
+                self.pop_execute();
+                Ok(if discarded {
+                    Action::Drop
+                } else {
+                    Action::Pass
+                })
+            }
+            b'H' => {
+                if self.discard {
+                    return Ok(Action::Drop);
+                }
+                let spec = self.next_copy_spec()?;
+                self.copy =
+                    self.mask
+                        .rules
+                        .copy_plan(body, spec.columns.as_deref(), spec.options)?;
+                Ok(Action::Pass)
+            }
+            b'd' => {
+                if self.discard {
+                    return Ok(Action::Drop);
+                }
+                let Some(copy) = self.copy.as_mut() else {
+                    return Ok(Action::Pass);
+                };
+                Ok(match copy.feed(body, summary)? {
+                    None => Action::Pass,
+                    Some(b) if b.is_empty() => Action::Drop,
+                    Some(b) => Action::Replace(message::message(b'd', &b)),
+                })
+            }
+            b'c' => {
+                if self.discard {
+                    return Ok(Action::Drop);
+                }
+                let Some(copy) = self.copy.as_mut() else {
+                    return Ok(Action::Pass);
+                };
+                Ok(match copy.finish(summary)? {
+                    None => Action::Pass,
+                    Some(rest) => {
+                        let mut both = bytes::BytesMut::new();
+                        both.extend_from_slice(&message::message(b'd', &rest));
+                        both.extend_from_slice(&message::message(b'c', &[]));
+                        Action::Replace(both.freeze())
+                    }
+                })
+            }
+            b'E' => {
+                self.end_error();
+                Ok(replace(
+                    b'E',
+                    self.mask.rules.mask_error_fields(body, summary)?,
+                ))
+            }
+            b'N' => Ok(replace(
+                b'N',
+                self.mask.rules.mask_error_fields(body, summary)?,
+            )),
+            b'A' => Ok(replace(
+                b'A',
+                self.mask.rules.mask_notification_body(body, summary)?,
+            )),
+            b'V' => Ok(replace(
+                b'V',
+                self.mask.rules.mask_function_result(body, summary)?,
+            )),
+            b'Z' => {
+                self.end_batch();
+                Ok(Action::Pass)
+            }
+            _ => Ok(Action::Pass),
+        }
+    }
+
+    fn plan(&self, rd: &[u8]) -> Result<Option<MaskPlan>, MaskError> {
+        // `prepare` resolved this chunk's tables; a table it could not resolve fails the plan.
+        let origins = lock(&self.mask.origins);
+        self.mask.rules.plan(rd, &|t, a| {
+            crate::mask::CatalogResolver::origin(&*origins, t, a)
+        })
+    }
+
+    /// The plan of rows that arrive without a RowDescription: the portal's or statement's
+    /// described plan, else a blind scan (an error with column rules).
+    fn plan_for_execute(&self) -> Result<Option<MaskPlan>, MaskError> {
+        let expect = lock(&self.mask.expect);
+        if let Some(Expect::Execute {
+            portal,
+            statement,
+            formats,
+            ..
+        }) = expect.front()
+        {
+            if let Some(p) = self.portals.get(portal) {
+                return p.clone().map_err(|_| MaskError::ColumnsUnknown);
+            }
+            if let Some(p) = self.statements.get(statement) {
+                let mut plan = p.clone().map_err(|_| MaskError::ColumnsUnknown)?;
+                if let Some(plan) = plan.as_mut() {
+                    plan.set_result_formats(formats)?;
+                }
+                return Ok(plan);
+            }
+        }
+        self.mask.rules.plan_without_description()
+    }
+
+    fn next_copy_spec(&self) -> Result<CopySpec, MaskError> {
+        let mut expect = lock(&self.mask.expect);
+        let copies = match expect.front_mut() {
+            Some(Expect::Query { copies } | Expect::Execute { copies, .. }) => copies,
+            _ => return Err(MaskError::CopyFormat("COPY of an unknown statement")),
+        };
+        match copies.pop_front() {
+            Some(Ok(spec)) => Ok(spec),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "COPY columns could not be described");
+                Err(MaskError::ColumnsUnknown)
+            }
+            None => Err(MaskError::CopyFormat("COPY options unknown")),
+        }
+    }
+
+    fn pop_if(&self, want: impl Fn(&Expect) -> bool) -> Option<Expect> {
+        let mut expect = lock(&self.mask.expect);
+        if expect.front().is_some_and(want) {
+            expect.pop_front()
+        } else {
+            None
+        }
+    }
+
+    fn pop_execute(&self) {
+        let _ = self.pop_if(|e| matches!(e, Expect::Execute { .. }));
+    }
+
+    /// An ErrorResponse: PostgreSQL skips the rest of an extended batch up to Sync.
+    fn end_error(&mut self) {
+        self.active = None;
+        self.copy = None;
+        self.discard = false;
+        self.describing = None;
+        let mut expect = lock(&self.mask.expect);
+        while expect.front().is_some_and(|e| !e.ends_batch()) {
+            if let Some(Expect::Parse(name)) = expect.pop_front() {
+                self.statements.remove(&name);
+            }
+        }
+    }
+
+    fn end_batch(&mut self) {
+        self.active = None;
+        self.copy = None;
+        self.discard = false;
+        self.describing = None;
+        let mut expect = lock(&self.mask.expect);
+        while let Some(e) = expect.pop_front() {
+            if e.ends_batch() {
+                break;
+            }
+        }
+    }
+}
+
+fn replace(tag: u8, body: Option<Vec<u8>>) -> Action {
+    match body {
+        None => Action::Pass,
+        Some(b) => Action::Replace(message::message(tag, &b)),
+    }
+}
+
+/// The error a client gets instead of a result that could not be masked safely.
+fn withheld(e: &MaskError) -> Bytes {
+    PgError::error(
+        sqlstate::INTERNAL_ERROR,
+        "interceptor: result withheld because it could not be masked safely",
+    )
+    .with_detail(e.to_string())
+    .encode()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy_opts(sql: &str) -> Result<CopyOptions, String> {
+        let d = sqlparser::dialect::PostgreSqlDialect {};
+        let st = sqlparser::parser::Parser::parse_sql(&d, sql).map_err(|e| e.to_string())?;
+        match st.into_iter().next() {
+            Some(Statement::Copy {
+                options,
+                legacy_options,
+                ..
+            }) => copy_options(&options, &legacy_options),
+            _ => Err("not a COPY".into()),
+        }
+    }
+
+    #[test]
+    fn copy_options_follow_the_statement() {
+        let t = copy_opts("COPY t TO STDOUT").unwrap();
+        assert_eq!(t.format, crate::mask::CopyFormat::Text);
+        assert_eq!(t.delimiter, b'\t');
+        let c = copy_opts("COPY t TO STDOUT WITH (FORMAT csv, HEADER, DELIMITER ';', QUOTE '''')")
+            .unwrap();
+        assert_eq!(c.format, crate::mask::CopyFormat::Csv);
+        assert!(c.header);
+        assert_eq!((c.delimiter, c.quote, c.escape), (b';', b'\'', b'\''));
+        let b = copy_opts("COPY t TO STDOUT (FORMAT binary)").unwrap();
+        assert_eq!(b.format, crate::mask::CopyFormat::Binary);
+        let legacy = copy_opts("COPY t TO STDOUT CSV HEADER").unwrap();
+        assert_eq!(legacy.format, crate::mask::CopyFormat::Csv);
+        assert!(legacy.header);
+        assert!(copy_opts("COPY t TO STDOUT (FORMAT parquet)").is_err());
+    }
+
+    #[test]
+    fn bind_result_formats_are_read_after_the_parameters() {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"portal\0stmt\0");
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&2i16.to_be_bytes());
+        b.extend_from_slice(&3i32.to_be_bytes());
+        b.extend_from_slice(b"abc");
+        b.extend_from_slice(&(-1i32).to_be_bytes());
+        b.extend_from_slice(&2i16.to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b.extend_from_slice(&1i16.to_be_bytes());
+        assert_eq!(bind_result_formats(&b), Some(vec![0, 1]));
+        assert_eq!(bind_result_formats(&b[..b.len() - 1]), None);
+    }
+
+    #[test]
+    fn catalog_rows_parse_and_reject_garbage() {
+        let mut row = Vec::new();
+        row.extend_from_slice(&5i16.to_be_bytes());
+        for v in ["16384", "2", "public", "customers", "email"] {
+            row.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            row.extend_from_slice(v.as_bytes());
+        }
+        let (oid, attnum, origin) = catalog_row(&row).unwrap();
+        assert_eq!((oid, attnum), (16384, 2));
+        assert_eq!(origin.label(), "public.customers.email");
+        assert!(catalog_row(&row[..row.len() - 2]).is_none());
+        let mut null = row.clone();
+        null[2..6].copy_from_slice(&(-1i32).to_be_bytes());
+        assert!(catalog_row(&null).is_none());
+    }
+}
