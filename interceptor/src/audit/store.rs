@@ -415,7 +415,10 @@ pub struct Space {
 /// Opens sled, waiting briefly for the directory lock: after a store is dropped, sled's
 /// background I/O threads may hold it for a moment longer.
 pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, AuditError> {
-    const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+    // sled releases its directory lock only when its background I/O threads drop their last
+    // handle, which can take long on a loaded machine (seen: > 10 s with a parallel test run).
+    // Only a reopen inside one process waits here; a restarted daemon finds the lock free.
+    const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
     let started = std::time::Instant::now();
     loop {
         let r = sled::Config::new()
@@ -426,8 +429,11 @@ pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, AuditError> {
             .open();
         match r {
             Ok(db) => return Ok(db),
+            // sled reports a held lock as ErrorKind::Other with this text (sled 0.34 config.rs).
             Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock && started.elapsed() < LOCK_WAIT =>
+                if (e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock"))
+                    && started.elapsed() < LOCK_WAIT =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
