@@ -123,3 +123,57 @@ fn client_certificate_from_a_foreign_ca_is_refused() {
     assert_eq!(out.code(), Some(2), "{out:?}");
     assert!(!proxy.logs().contains("panicked"));
 }
+
+/// A client certificate chained to the configured CA is an identity of its own (mTLS): no
+/// password, the policy for its subject applies, and the user name must be that subject.
+#[test]
+fn client_certificate_is_an_identity_without_a_password() {
+    if interceptor_tests::direct_mode() {
+        eprintln!("direct mode: client CA not configured in PostgreSQL; skipped");
+        return;
+    }
+    let pg = interceptor_tests::PgCluster::start().unwrap();
+    let certs = TestCerts::generate().unwrap();
+    let setup = interceptor_tests::InterceptorSetup::new(&pg)
+        .identity(
+            ALICE,
+            interceptor_tests::ALICE_PASSWORD,
+            &["dev"],
+            Some("app_rw"),
+        )
+        .policy_file(
+            "carol",
+            "[policy]\nname = \"carol\"\n[identities]\nsubjects = [\"carol\"]\n\
+             [login]\nupstream_role = \"app_ro\"\ndatabases = [\"*\"]\n\
+             [[rule]]\nname = \"reads\"\ndecision = \"allow\"\nkinds = [\"read\"]\n",
+        )
+        .tls(&certs)
+        .client_ca(&certs.ca_cert);
+    let proxy = interceptor_tests::Interceptor::start(setup).unwrap();
+    let carol = certs.client("carol").unwrap();
+    let base = proxy
+        .params(ALICE)
+        .user("carol")
+        .password(None)
+        .host("localhost")
+        .sslmode(SslMode::VerifyFull)
+        .sslrootcert(&certs.ca_cert)
+        .client_cert(&carol.cert, &carol.key);
+    let out = PgCommand::psql(&base)
+        .args(["-A", "-t", "-c", "SELECT current_user"])
+        .run()
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+    assert_eq!(
+        out.stdout, "app_ro\n",
+        "carol's policy chose the upstream role"
+    );
+
+    // The certificate proves carol, not alice.
+    let out = PgCommand::psql(&base.user(ALICE))
+        .args(["-c", "SELECT 1"])
+        .run()
+        .unwrap();
+    assert!(!out.success(), "{out:?}");
+    assert!(out.stderr.contains("does not match"), "{out:?}");
+}
