@@ -21,6 +21,20 @@ pub fn cargo() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root());
+    // interceptor's build script embeds the eBPF object, but cargo reruns it only when
+    // something it watches changes; an object built after an earlier interceptor build (e.g.
+    // `cargo xtask demo`, then `cargo xtask test`) would otherwise never be embedded. Naming the
+    // object in the environment makes its appearance such a change.
+    if std::env::var_os("INTERCEPTOR_EBPF_OBJ").is_none() {
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) if !dir.is_empty() => std::path::PathBuf::from(dir),
+            _ => workspace_root().join("target"),
+        };
+        let object = target.join("ebpf/bpfel-unknown-none/release/interceptor-ebpf");
+        if object.is_file() {
+            cmd.env("INTERCEPTOR_EBPF_OBJ", object);
+        }
+    }
     cmd
 }
 
