@@ -80,6 +80,13 @@ pub fn run() -> Result<()> {
     let root = cmd::workspace_root();
     let mut failed: Vec<&str> = Vec::new();
 
+    // On a fresh machine `cargo xtask test` is enough: setup installs only what is missing and
+    // returns at once when everything is there.
+    if let Err(e) = crate::setup::run() {
+        eprintln!("error: cargo xtask setup: {e:#}");
+        failed.push("cargo xtask setup");
+    }
+
     // interceptor's build script embeds the eBPF object, so it must exist before the build.
     // Without it the binary works but its eBPF tests skip, which is only acceptable when they
     // are not required.
