@@ -426,6 +426,9 @@ pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, AuditError> {
             // Durability comes from our explicit flush + fsync at each group commit, not
             // from sled's background flusher.
             .flush_every_ms(None)
+            // The trail is written far more than read: sled's default 1 GiB page cache would
+            // grow the daemon's memory with every record it ever wrote.
+            .cache_capacity(16 * 1024 * 1024)
             .open();
         match r {
             Ok(db) => return Ok(db),
