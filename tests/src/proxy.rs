@@ -59,6 +59,10 @@ pub struct InterceptorSetup {
     policy_files: Vec<(String, String)>,
     allow_all_policies: bool,
     unix_listener: bool,
+    /// `(dir, port)` of the unix socket instead of `<tempdir>/sock` and the proxy's port.
+    unix_socket_at: Option<(PathBuf, u16)>,
+    /// Also listen on `[::1]` (same port as 127.0.0.1).
+    listen_v6: bool,
     extra_toml: String,
     env: Vec<(String, String)>,
     startup_timeout: Duration,
@@ -90,6 +94,8 @@ impl InterceptorSetup {
             pseudonym_key: None,
             allow_all_policies: false,
             unix_listener: true,
+            unix_socket_at: None,
+            listen_v6: false,
             extra_toml: String::new(),
             env: Vec::new(),
             startup_timeout: Duration::from_secs(20),
@@ -214,6 +220,20 @@ impl InterceptorSetup {
         self
     }
 
+    /// Serve the unix socket `<dir>/.s.PGSQL.<port>` (e.g. a stand-in for /var/run/postgresql
+    /// and PostgreSQL's port) instead of one in the temp dir.
+    pub fn unix_socket_at(mut self, dir: impl Into<PathBuf>, port: u16) -> Self {
+        self.unix_listener = true;
+        self.unix_socket_at = Some((dir.into(), port));
+        self
+    }
+
+    /// Also listen on `[::1]`, on the same port as on 127.0.0.1.
+    pub fn listen_v6(mut self, on: bool) -> Self {
+        self.listen_v6 = on;
+        self
+    }
+
     /// TOML appended verbatim to the generated config (e.g. `[limits]` or `[admin]`).
     pub fn extra_toml(mut self, toml: &str) -> Self {
         self.extra_toml.push_str(toml);
@@ -242,13 +262,18 @@ impl InterceptorSetup {
         let path = |p: &Path| Value::String(p.to_string_lossy().into_owned());
 
         let mut listen = Table::new();
-        listen.insert(
-            "tcp".into(),
-            Value::Array(vec![Value::String(format!("127.0.0.1:{port}"))]),
-        );
+        let mut tcp = vec![Value::String(format!("127.0.0.1:{port}"))];
+        if self.listen_v6 {
+            tcp.push(Value::String(format!("[::1]:{port}")));
+        }
+        listen.insert("tcp".into(), Value::Array(tcp));
         if self.unix_listener {
-            listen.insert("unix_socket_dir".into(), path(&dir.join("sock")));
-            listen.insert("unix_port".into(), Value::Integer(i64::from(port)));
+            let (sock_dir, unix_port) = match &self.unix_socket_at {
+                Some((d, p)) => (d.clone(), *p),
+                None => (dir.join("sock"), port),
+            };
+            listen.insert("unix_socket_dir".into(), path(&sock_dir));
+            listen.insert("unix_port".into(), Value::Integer(i64::from(unix_port)));
         }
         root.insert("listen".into(), Value::Table(listen));
 
@@ -451,7 +476,7 @@ impl Interceptor {
             .context("interceptor temp dir")?;
         crate::reaper::reap_orphans_once();
         crate::reaper::claim(dir.path()).context("write owner file")?;
-        if setup.unix_listener {
+        if setup.unix_listener && setup.unix_socket_at.is_none() {
             std::fs::create_dir(dir.path().join("sock")).context("create socket dir")?;
         }
         if let Some(policy_dir) = setup.effective_policy_dir(dir.path()) {
@@ -549,7 +574,10 @@ impl Interceptor {
 
     /// Directory of the unix listener socket `.s.PGSQL.<port>`, when enabled.
     pub fn unix_socket_dir(&self) -> Option<PathBuf> {
-        self.unix_listener.then(|| self.dir.path().join("sock"))
+        match &self.setup.unix_socket_at {
+            Some((d, _)) => Some(d.clone()),
+            None => self.unix_listener.then(|| self.dir.path().join("sock")),
+        }
     }
 
     pub fn config_path(&self) -> &Path {
@@ -608,7 +636,11 @@ impl Interceptor {
     /// Unix-socket parameters for an identity (requires the unix listener).
     pub fn unix_params(&self, identity: &str) -> Option<ConnParams> {
         let dir = self.unix_socket_dir()?;
-        Some(self.params(identity).host(dir.to_string_lossy()))
+        let mut params = self.params(identity).host(dir.to_string_lossy());
+        if let Some((_, port)) = &self.setup.unix_socket_at {
+            params.port = *port;
+        }
+        Some(params)
     }
 
     /// SIGKILL, no chance to clean up (crash simulation).

@@ -1,0 +1,748 @@
+//! The bypass battery: a real PostgreSQL (listening on every address, `log_connections = on`), the
+//! real interceptor binary with `[ebpf] enabled = true` in front of it, and real clients (psql,
+//! tokio-postgres over TCP Fast Open) aimed at PostgreSQL's own port on every address a local or
+//! remote client could use, plus the unix socket paths. Each attempt must either land in
+//! interceptor (its audit record shows who connected) or be refused; PostgreSQL's own log must show
+//! no connection that did not come from interceptor (whose upstream is PostgreSQL's unix socket,
+//! logged as `[local]`). Then kill -9 interceptor: every attempt is refused; restart: they land
+//! again.
+//!
+//! Everything runs in a private network namespace (PostgreSQL, interceptor and the clients inherit
+//! the test thread's namespace), a second namespace over a veth pair plays the remote host, and the
+//! kernel programs are attached to a test cgroup and pinned in a test pin dir.
+//!
+//! Negative control: `IC_BYPASS_STEERING=off` starts interceptor with `[ebpf] enabled = false`;
+//! the battery must then fail (PostgreSQL serves the attempts itself).
+
+mod ebpf_common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ebpf_common::*;
+use interceptor_tests::os::{pg_bin_dir, wait_with_deadline};
+use interceptor_tests::pg::{APP_DB, APP_RO};
+use interceptor_tests::proxy::interceptor_bin;
+use interceptor_tests::{
+    ALICE, ALICE_PASSWORD, Interceptor, InterceptorSetup, PgCluster, PgOptions,
+};
+use serde_json::Value;
+
+const NOBODY: (u32, u32) = (65534, 65534);
+const DAEMON: (u32, u32) = (1, 1);
+const HOST_ADDR: &str = "10.78.0.1";
+const REMOTE_ADDR: &str = "10.78.0.2";
+const HELPER: &str = "helper_tfo_client";
+
+/// The host namespace, the remote one joined to it by a veth pair, the cgroup and the pin dir.
+struct Net {
+    host: NetNs,
+    remote: NetNs,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Net {
+    fn new() -> Net {
+        let host = NetNs::new();
+        let remote = NetNs::new();
+        let (a, b) = (unique("vh"), unique("vr"));
+        ip(&[
+            "link",
+            "add",
+            &a,
+            "netns",
+            &host.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
+            &remote.name,
+        ]);
+        ip(&[
+            "-n",
+            &host.name,
+            "addr",
+            "add",
+            &format!("{HOST_ADDR}/24"),
+            "dev",
+            &a,
+        ]);
+        ip(&[
+            "-n",
+            &remote.name,
+            "addr",
+            "add",
+            &format!("{REMOTE_ADDR}/24"),
+            "dev",
+            &b,
+        ]);
+        ip(&["-n", &host.name, "link", "set", &a, "up"]);
+        ip(&["-n", &remote.name, "link", "set", &b, "up"]);
+        // TCP Fast Open for every listener and without cookies, so that the first SYN already
+        // carries the startup packet and the server accepts the connection at the SYN.
+        let out = Command::new("ip")
+            .args(["netns", "exec", &host.name, "sysctl", "-q", "-w"])
+            .arg(format!(
+                "net.ipv4.tcp_fastopen={}",
+                0x1 | 0x2 | 0x4 | 0x200 | 0x400
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        Net { host, remote }
+    }
+}
+
+/// Where and as whom one psql attempt runs.
+struct Attempt<'a> {
+    label: String,
+    netns: &'a NetNs,
+    uid: (u32, u32),
+    /// An address, or a unix socket directory.
+    host: String,
+    port: u16,
+}
+
+#[derive(Debug)]
+struct PsqlRun {
+    pid: u32,
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs psql as `attempt` says, inside `cgroup`: a query that reports PostgreSQL's backend pid and
+/// the client address PostgreSQL sees.
+fn psql(attempt: &Attempt<'_>, cgroup: &Cgroup) -> PsqlRun {
+    let ns_fd = attempt.netns.file.as_raw_fd();
+    let procs_fd = cgroup.procs.as_raw_fd();
+    let (uid, gid) = attempt.uid;
+    let mut cmd = Command::new(pg_bin_dir().join("psql"));
+    cmd.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("PGHOST", &attempt.host)
+        .env("PGPORT", attempt.port.to_string())
+        .env("PGUSER", ALICE)
+        .env("PGPASSWORD", ALICE_PASSWORD)
+        .env("PGDATABASE", APP_DB)
+        .env("PGAPPNAME", &attempt.label)
+        .env("PGSSLMODE", "disable")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "SELECT pg_backend_pid() || ' ' || coalesce(host(inet_client_addr()), 'local')",
+        ])
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // Only raw system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0
+                || libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1
+                || libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let out = wait_output(child, &attempt.label);
+    PsqlRun {
+        pid,
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+    }
+}
+
+fn wait_output(mut child: std::process::Child, what: &str) -> std::process::Output {
+    // Pipes are small and the outputs tiny: waiting first cannot deadlock.
+    let status = wait_with_deadline(&mut child, Duration::from_secs(30)).unwrap();
+    assert!(status.is_some(), "{what}: client hangs");
+    child.wait_with_output().unwrap()
+}
+
+/// Waits for interceptor's `n`th "ready" log line: the harness only waits for its TCP port, which
+/// accepts (into the backlog) before the kernel programs are attached.
+fn wait_until_ready(proxy: &Interceptor, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while proxy.logs().matches("interceptor ready").count() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "interceptor not ready:\n{}",
+            proxy.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `(backend pid, host)` of every connection PostgreSQL received (`log_connections`).
+fn pg_connections(pg: &PgCluster) -> Vec<(u32, String)> {
+    const MARK: &str = "connection received: host=";
+    pg.server_log()
+        .lines()
+        .filter_map(|line| {
+            let host = line[line.find(MARK)? + MARK.len()..]
+                .split_whitespace()
+                .next()?
+                .to_owned();
+            let pid = line[line.find('[')? + 1..line.find(']')?].parse().ok()?;
+            Some((pid, host))
+        })
+        .collect()
+}
+
+/// Every `session_start` record of the audit trail, by application name.
+fn audit_sessions(proxy: &Interceptor) -> BTreeMap<String, Value> {
+    let out = Command::new(interceptor_bin().unwrap())
+        .args(["audit", "-c"])
+        .arg(proxy.config_path())
+        .args(["export", "--format", "jsonl"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "audit export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["event"]["type"] == "session_start")
+        .filter_map(|r| {
+            let app = r["event"]["application_name"].as_str()?.to_owned();
+            Some((app, r["event"].clone()))
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerKind {
+    Unix,
+    LocalTcp,
+    /// From the other namespace: `peer.addr` must be the remote host's address.
+    Remote,
+}
+
+/// What an attempt that landed in interceptor must show.
+struct Landed {
+    label: String,
+    /// The client process as the kernel must have attested it; `None` for the remote host.
+    process: Option<(u32, u32)>,
+    peer: PeerKind,
+    backend_pid: u32,
+}
+
+/// psql got a session whose backend PostgreSQL reached over its unix socket: interceptor's.
+fn assert_served_via_interceptor(run: &PsqlRun, label: &str) -> u32 {
+    assert!(run.ok, "{label}: psql failed: {}", run.stderr);
+    let (bpid, client) = run
+        .stdout
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("{label}: unexpected output {:?}", run.stdout));
+    assert_eq!(
+        client, "local",
+        "{label}: PostgreSQL saw the client at {client}: it bypassed interceptor"
+    );
+    bpid.parse().unwrap()
+}
+
+fn assert_refused(run: &PsqlRun, label: &str) {
+    assert!(
+        !run.ok && run.stdout.is_empty(),
+        "{label}: must be refused while interceptor is down, got {run:?}"
+    );
+}
+
+/// Not a test: a tokio-postgres client that opens its TCP connection with TCP Fast Open
+/// (`TCP_FASTOPEN_CONNECT`: the startup packet rides on the SYN) and reports
+/// `TFO <syn data acked 0|1> <backend pid> <client address PostgreSQL sees>`.
+#[test]
+#[ignore = "helper process started by bypass_battery"]
+fn helper_tfo_client() {
+    let (Ok(addr), Ok(app)) = (std::env::var("IC_TFO_ADDR"), std::env::var("IC_TFO_APP")) else {
+        panic!("helper started without its environment");
+    };
+    let addr: SocketAddr = addr.parse().unwrap();
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN_CONNECT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "TCP_FASTOPEN_CONNECT: {}",
+        std::io::Error::last_os_error()
+    );
+    let rc = match addr {
+        SocketAddr::V4(a) => {
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            unsafe {
+                libc::connect(
+                    fd,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of_val(&sa) as libc::socklen_t,
+                )
+            }
+        }
+        SocketAddr::V6(a) => {
+            let sa = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            unsafe {
+                libc::connect(
+                    fd,
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of_val(&sa) as libc::socklen_t,
+                )
+            }
+        }
+    };
+    // With TCP_FASTOPEN_CONNECT, connect() returns at once; the SYN leaves with the first write.
+    assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+    let stream = std::net::TcpStream::from(sock);
+    stream.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (bpid, client) = rt.block_on(async {
+        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.user(ALICE)
+            .password(ALICE_PASSWORD)
+            .dbname(APP_DB)
+            .application_name(&app);
+        let (client, conn) = cfg
+            .connect_raw(stream, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let rows = client
+            .simple_query(
+                "SELECT pg_backend_pid()::text, coalesce(host(inet_client_addr()), 'local')",
+            )
+            .await
+            .unwrap();
+        let row = rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            })
+            .unwrap();
+        (
+            row.get(0).unwrap().to_owned(),
+            row.get(1).unwrap().to_owned(),
+        )
+    });
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // The fd is still open: the runtime (and the connection task in it) is alive until here.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    const TCPI_OPT_SYN_DATA: u8 = 32;
+    let syn_data = u8::from(info.tcpi_options & TCPI_OPT_SYN_DATA != 0);
+    println!("TFO {syn_data} {bpid} {client}");
+    drop(rt);
+}
+
+/// Runs [`helper_tfo_client`] as root inside `cgroup`; returns its pid and report.
+fn tfo_client(addr: SocketAddr, label: &str, cgroup: &Cgroup) -> (u32, Vec<String>) {
+    let procs_fd = cgroup.procs.as_raw_fd();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--ignored",
+        "--exact",
+        HELPER,
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("IC_TFO_ADDR", addr.to_string())
+    .env("IC_TFO_APP", label)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let out = wait_output(child, label);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = stdout
+        .lines()
+        // libtest prints the test's name on the same line first.
+        .find_map(|l| Some(&l[l.find("TFO ")? + 4..]))
+        .unwrap_or_else(|| {
+            panic!(
+                "{label}: no report from the TFO client:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    (pid, report.split_whitespace().map(str::to_owned).collect())
+}
+
+#[test]
+fn bypass_battery() {
+    if !bpf_available("bypass_battery") {
+        return;
+    }
+    let steering_on = std::env::var("IC_BYPASS_STEERING").as_deref() != Ok("off");
+    let net = Net::new();
+    // From here on this thread, and every process it starts (PostgreSQL, interceptor, clients),
+    // lives in the private "host" namespace.
+    let _in_host = InNetNs::enter(&net.host);
+    let cgroup = Cgroup::new();
+    let pin = PinDir::new();
+
+    let pg = PgCluster::start_with(
+        PgOptions::default()
+            .log_connections(true)
+            .extra_conf("listen_addresses = '*'"),
+    )
+    .unwrap();
+    let pg_port = pg.port();
+    // Everyone may log in over TCP from anywhere, and a role with alice's name and password
+    // exists: a connection that slipped past interceptor would be served, not just logged.
+    {
+        use std::io::Write;
+        let mut hba = std::fs::OpenOptions::new()
+            .append(true)
+            .open(pg.data_dir().join("pg_hba.conf"))
+            .unwrap();
+        writeln!(hba, "host all all 0.0.0.0/0 scram-sha-256").unwrap();
+        writeln!(hba, "host all all ::/0 scram-sha-256").unwrap();
+    }
+    pg.psql_db(
+        "postgres",
+        &format!(
+            "CREATE ROLE {ALICE} LOGIN PASSWORD '{ALICE_PASSWORD}' IN ROLE {APP_RO}; \
+             SELECT pg_reload_conf();"
+        ),
+    )
+    .unwrap();
+
+    // PostgreSQL's real socket directory (the harness's cluster dir, owned by the postgres
+    // account). The harness leaves it open to everyone: doctor must call that a bypass.
+    let pg_sock_dir = pg.socket_dir().to_path_buf();
+    let socket_dir_fails = || {
+        interceptor::ebpf::check_unix_socket_dir(&pg_sock_dir, None)
+            .into_iter()
+            .filter(|f| f.severity == interceptor::ebpf::Severity::Fail)
+            .map(|f| f.message)
+            .collect::<Vec<_>>()
+    };
+    std::fs::set_permissions(&pg_sock_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let fails = socket_dir_fails();
+    assert!(
+        fails.iter().any(|m| m.contains("every local user")),
+        "doctor must flag a world-reachable socket dir: {fails:?}"
+    );
+    // Guarded: only the postgres account (and root) may enter. interceptor runs as root here and
+    // reaches the socket only because root bypasses permission checks; in production it runs as
+    // its own account in the directory's group (mode 0750 or 0710).
+    std::fs::set_permissions(&pg_sock_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let fails = socket_dir_fails();
+    assert!(fails.is_empty(), "{fails:?}");
+
+    // The stand-in for /var/run/postgresql: where libpq looks by default, served by interceptor.
+    let run_dir = tempfile::Builder::new()
+        .prefix("ic-varrun-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(run_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let setup = InterceptorSetup::new(&pg)
+        .identity(ALICE, ALICE_PASSWORD, &["dev"], Some(APP_RO))
+        .allow_all_policies()
+        .listen_v6(true)
+        .unix_socket_at(run_dir.path(), pg_port)
+        .extra_toml(&format!(
+            "[ebpf]\nenabled = {steering_on}\nports = [{pg_port}]\ncgroup = {cg:?}\npin_dir = {pin:?}\n",
+            cg = cgroup.path.display().to_string(),
+            pin = pin.0.display().to_string(),
+        ));
+    let mut proxy = Interceptor::start(setup).unwrap();
+    wait_until_ready(&proxy, 1);
+    let connections_before = pg_connections(&pg);
+    assert!(
+        connections_before.iter().all(|(_, h)| h == "[local]"),
+        "{connections_before:?}"
+    );
+
+    let tcp_targets = [
+        "127.0.0.1",
+        "127.0.0.2",
+        "::1",
+        "::ffff:127.0.0.1",
+        HOST_ADDR,
+    ];
+    let mut landed: Vec<Landed> = Vec::new();
+    let round = |round: &str, landed: &mut Vec<Landed>| {
+        // Local clients under two uids on every address of the host.
+        for (i, host) in tcp_targets.iter().enumerate() {
+            let uid = if i % 2 == 0 { NOBODY } else { DAEMON };
+            let attempt = Attempt {
+                label: format!("{round}-local-{host}"),
+                netns: &net.host,
+                uid,
+                host: host.to_string(),
+                port: pg_port,
+            };
+            let run = psql(&attempt, &cgroup);
+            let backend_pid = assert_served_via_interceptor(&run, &attempt.label);
+            landed.push(Landed {
+                label: attempt.label,
+                process: Some((run.pid, uid.0)),
+                peer: PeerKind::LocalTcp,
+                backend_pid,
+            });
+        }
+        // A remote host (the other namespace) dialling the host's address: steered, no
+        // kernel identity (even though the client sits in the identified cgroup).
+        let attempt = Attempt {
+            label: format!("{round}-remote"),
+            netns: &net.remote,
+            uid: NOBODY,
+            host: HOST_ADDR.into(),
+            port: pg_port,
+        };
+        let run = psql(&attempt, &cgroup);
+        let backend_pid = assert_served_via_interceptor(&run, &attempt.label);
+        landed.push(Landed {
+            label: attempt.label,
+            process: None,
+            peer: PeerKind::Remote,
+            backend_pid,
+        });
+        // The default unix socket path: interceptor's socket, the kernel names the peer.
+        let attempt = Attempt {
+            label: format!("{round}-unix-default"),
+            netns: &net.host,
+            uid: NOBODY,
+            host: run_dir.path().display().to_string(),
+            port: pg_port,
+        };
+        let run = psql(&attempt, &cgroup);
+        let backend_pid = assert_served_via_interceptor(&run, &attempt.label);
+        landed.push(Landed {
+            label: attempt.label,
+            process: Some((run.pid, NOBODY.0)),
+            peer: PeerKind::Unix,
+            backend_pid,
+        });
+    };
+
+    round("first", &mut landed);
+
+    // TCP Fast Open: the startup packet rides on the SYN and the server accepts at the SYN.
+    for addr in [
+        SocketAddr::from(([127, 0, 0, 1], pg_port)),
+        SocketAddr::new("::1".parse().unwrap(), pg_port),
+    ] {
+        let label = format!("tfo-{}", addr.ip());
+        let (pid, report) = tfo_client(addr, &label, &cgroup);
+        assert_eq!(
+            report[0], "1",
+            "{label}: the SYN's data was not accepted: {report:?}"
+        );
+        assert_eq!(
+            report[2], "local",
+            "{label}: bypassed interceptor: {report:?}"
+        );
+        landed.push(Landed {
+            label,
+            process: Some((pid, 0)),
+            peer: PeerKind::LocalTcp,
+            backend_pid: report[1].parse().unwrap(),
+        });
+    }
+
+    // PostgreSQL's real socket, straight: the directory's permissions refuse another uid.
+    let direct = Attempt {
+        label: "direct-unix".into(),
+        netns: &net.host,
+        uid: NOBODY,
+        host: pg_sock_dir.display().to_string(),
+        port: pg_port,
+    };
+    let run = psql(&direct, &cgroup);
+    assert!(
+        !run.ok && run.stderr.contains("Permission denied"),
+        "PostgreSQL's own socket must be out of reach: {run:?}"
+    );
+
+    // kill -9: the pinned programs stay and refuse every attempt; PostgreSQL, listening on all
+    // these addresses, receives none of them.
+    proxy.kill9();
+    let dropped_before = interceptor::ebpf::status(&pin.0).unwrap().counters.dropped;
+    for host in tcp_targets {
+        let run = psql(
+            &Attempt {
+                label: format!("down-{host}"),
+                netns: &net.host,
+                uid: NOBODY,
+                host: host.into(),
+                port: pg_port,
+            },
+            &cgroup,
+        );
+        assert_refused(&run, host);
+    }
+    let run = psql(
+        &Attempt {
+            label: "down-remote".into(),
+            netns: &net.remote,
+            uid: NOBODY,
+            host: HOST_ADDR.into(),
+            port: pg_port,
+        },
+        &cgroup,
+    );
+    assert_refused(&run, "remote");
+    let run = psql(
+        &Attempt {
+            label: "down-unix".into(),
+            netns: &net.host,
+            uid: NOBODY,
+            host: run_dir.path().display().to_string(),
+            port: pg_port,
+        },
+        &cgroup,
+    );
+    assert_refused(&run, "default unix socket");
+    let run = psql(&direct, &cgroup);
+    assert!(
+        !run.ok && run.stderr.contains("Permission denied"),
+        "{run:?}"
+    );
+    let st = interceptor::ebpf::status(&pin.0).unwrap();
+    assert!(st.attached(), "pins must survive kill -9: {st:?}");
+    assert_eq!(
+        st.counters.dropped - dropped_before,
+        tcp_targets.len() as u64 + 1,
+        "every TCP attempt must have been dropped by the steering program: {st:?}"
+    );
+
+    // Restart with the same pin dir: service is back on every path.
+    proxy.restart().unwrap();
+    wait_until_ready(&proxy, 2);
+    round("restarted", &mut landed);
+
+    // What PostgreSQL saw: only unix-socket connections (interceptor's upstream and the
+    // harness's own superuser sessions); every attempt's backend among them.
+    let connections = pg_connections(&pg);
+    let bypassed: Vec<_> = connections.iter().filter(|(_, h)| h != "[local]").collect();
+    assert!(
+        bypassed.is_empty(),
+        "PostgreSQL received connections that did not come from interceptor: {bypassed:?}"
+    );
+    let backends: BTreeMap<u32, &str> = connections.iter().map(|(p, h)| (*p, h.as_str())).collect();
+
+    // What interceptor recorded: every attempt, with the kernel's word on who made it.
+    let sessions = audit_sessions(&proxy);
+    let mut identities = BTreeMap::new();
+    for l in &landed {
+        assert_eq!(
+            backends.get(&l.backend_pid).copied(),
+            Some("[local]"),
+            "{}: backend {} not in PostgreSQL's connection log",
+            l.label,
+            l.backend_pid
+        );
+        let s = sessions
+            .get(&l.label)
+            .unwrap_or_else(|| panic!("{}: no session in the audit trail", l.label));
+        assert_eq!(s["identity"]["subject"], ALICE, "{}", l.label);
+        let process = &s["identity"]["process"];
+        match l.process {
+            Some((pid, uid)) => {
+                assert_eq!(process["pid"], pid, "{}: {s}", l.label);
+                assert_eq!(process["uid"], uid, "{}: {s}", l.label);
+                identities.insert(uid, l.label.clone());
+            }
+            None => assert!(process.is_null(), "{}: remote with identity: {s}", l.label),
+        }
+        let transport = s["peer"]["transport"].as_str();
+        match l.peer {
+            PeerKind::Unix => assert_eq!(transport, Some("unix"), "{}: {s}", l.label),
+            PeerKind::LocalTcp => assert_eq!(transport, Some("tcp"), "{}: {s}", l.label),
+            PeerKind::Remote => {
+                let addr: SocketAddr = s["peer"]["addr"].as_str().unwrap().parse().unwrap();
+                assert_eq!(addr.ip().to_string(), REMOTE_ADDR, "{}: {s}", l.label);
+            }
+        }
+    }
+    // nobody, daemon and root (the TFO client) each came out as themselves.
+    let uids: BTreeSet<u32> = identities.keys().copied().collect();
+    assert_eq!(
+        uids,
+        BTreeSet::from([0, DAEMON.0, NOBODY.0]),
+        "{identities:?}"
+    );
+}
