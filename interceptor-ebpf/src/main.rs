@@ -5,8 +5,10 @@
 //!   the connection is dropped (the client sees a refusal): steering fails closed.
 //! * `ic_connect4` / `ic_connect6` (cgroup sock_addr): record who connects (pid, uid, gid, comm,
 //!   cgroup, netns) under the socket cookie.
-//! * `ic_sock_ops` (cgroup sock_ops): once the client side is established, re-key that record by
-//!   the connection's 4-tuple so the accepting side can find it; remove it when the socket closes.
+//! * `ic_sock_ops` (cgroup sock_ops): when the client sends its SYN, re-key that record by the
+//!   connection's 4-tuple so the accepting side can find it; remove it when the socket closes.
+//!   (Not later, at ESTABLISHED: with TCP Fast Open the server may accept the connection as soon
+//!   as the SYN arrives, before the client has processed the SYN-ACK.)
 //!   It also turns interceptor's own upstream sockets (cookies user space put in `IC_EXEMPT_CK`)
 //!   into 4-tuple exemptions for `ic_steer`.
 //!
@@ -37,7 +39,6 @@ const SK_PASS: u32 = 1;
 const LOOPBACK_IFINDEX: u32 = 1;
 
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
-const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 1 << 2;
 const TCP_CLOSE: u32 = 7;
@@ -269,7 +270,6 @@ fn record_connect(ctx: &SockAddrContext, v6: bool) {
 pub fn ic_sock_ops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx),
         BPF_SOCK_OPS_STATE_CB => {
             if ctx.arg(1) == TCP_CLOSE {
                 on_close(&ctx);
@@ -302,33 +302,29 @@ fn client_tuple(ctx: &SockOpsContext, netns: u64) -> FlowKey {
     }
 }
 
+/// Runs in tcp_connect(), just before the SYN leaves: the source address and port are chosen by
+/// now (tcp_connect runs after inet_hash_connect), so the 4-tuple is final.
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let exempt = unsafe { IC_EXEMPT_CK.get(&cookie) }.is_some();
-    let recorded = unsafe { IC_CONNECTS.get(&cookie) }.is_some();
-    if !exempt && !recorded {
+    let recorded = unsafe { IC_CONNECTS.get(&cookie) }.copied();
+    if !exempt && recorded.is_none() {
         return;
     }
     if exempt {
-        // The source port is chosen by now (tcp_connect runs after inet_hash_connect).
         let key = client_tuple(ctx, 0);
         let _ = IC_EXEMPT_FL.insert(&key, &cookie, 0);
     }
+    if let Some(info) = recorded {
+        // Before the SYN is sent, so the record is there whenever the server accepts.
+        let key = client_tuple(ctx, info.netns_cookie);
+        if IC_FLOWS.insert(&key, &info, 0).is_ok() {
+            count(CNT_IDENTIFIED);
+        }
+    }
     // Ask for state callbacks so the entries go away with the socket.
     let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
-}
-
-#[inline(always)]
-fn on_established(ctx: &SockOpsContext) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(info) = (unsafe { IC_CONNECTS.get(&cookie) }).copied() else {
-        return;
-    };
-    let key = client_tuple(ctx, info.netns_cookie);
-    if IC_FLOWS.insert(&key, &info, 0).is_ok() {
-        count(CNT_IDENTIFIED);
-    }
 }
 
 #[inline(always)]

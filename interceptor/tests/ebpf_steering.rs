@@ -4,6 +4,8 @@
 mod ebpf_common;
 
 use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use ebpf_common::*;
@@ -283,4 +285,95 @@ fn listeners_of_another_namespace_are_refused() {
     );
     let st = ebpf::status(&pin.0).unwrap();
     assert!(st.links.iter().all(|l| !l.pinned), "{st:?}");
+}
+
+/// With server-side TCP Fast Open the listener may accept a connection as soon as its SYN (with
+/// data) arrives, before the client has processed the SYN-ACK. The identity must already be there.
+#[test]
+fn tfo_accepted_at_the_syn_has_its_identity() {
+    if !bpf_available("tfo_accepted_at_the_syn_has_its_identity") {
+        return;
+    }
+    const ROUNDS: usize = 300;
+    let f = fixture();
+    // Client and server TFO, no cookie needed: every SYN carries data and is accepted at once.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &f.ns.name, "sysctl", "-q", "-w"])
+        .arg(format!(
+            "net.ipv4.tcp_fastopen={}",
+            0x1 | 0x2 | 0x4 | 0x200 | 0x400
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    const LOOP: &str = r#"
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+syn_data = 0
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.sendto(b'hello\n', socket.MSG_FASTOPEN, (host, port))
+    s.settimeout(10)
+    s.recv(100)
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    syn_data += 1 if info[5] & 32 else 0
+    s.close()
+print('SYN_DATA %d' % syn_data, flush=True)
+"#;
+    let ns_fd = f.ns.file.as_raw_fd();
+    let procs_fd = f.cgroup.procs.as_raw_fd();
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-I", "-c", LOOP, "127.0.0.1", &PROTECTED.to_string()])
+        .arg(ROUNDS.to_string())
+        .stdout(std::process::Stdio::piped())
+        .current_dir("/");
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0
+                || libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1
+                || libc::setuid(NOBODY.0) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let child = cmd.spawn().unwrap();
+    let client_pid = child.id();
+    // Accept as fast as possible (spinning) to give the race every chance.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut missing = 0;
+    for _ in 0..ROUNDS {
+        let (stream, peer) = loop {
+            match f.v4.accept() {
+                Ok(c) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(std::time::Instant::now() < deadline, "client stalled");
+                    std::hint::spin_loop();
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        };
+        let local = stream.local_addr().unwrap();
+        match f.steering.identity_for(peer, local) {
+            Some(id) => assert_eq!((id.pid, id.uid), (client_pid, NOBODY.0)),
+            None => missing += 1,
+        }
+        stream.set_nonblocking(false).unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut line).unwrap();
+        std::io::Write::write_all(&mut &stream, b"ok\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        report.trim(),
+        format!("SYN_DATA {ROUNDS}"),
+        "TFO was not used"
+    );
+    assert_eq!(
+        missing, 0,
+        "{missing} of {ROUNDS} TFO connections had no identity at accept"
+    );
+    f.assert_decoy_untouched();
 }
