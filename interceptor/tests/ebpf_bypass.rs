@@ -706,6 +706,11 @@ fn bypass_battery() {
 
     // What interceptor recorded: every attempt, with the kernel's word on who made it.
     let sessions = audit_sessions(&proxy);
+    let while_down: Vec<_> = sessions.keys().filter(|k| k.starts_with("down-")).collect();
+    assert!(
+        while_down.is_empty(),
+        "served while interceptor was dead: {while_down:?}"
+    );
     let mut identities = BTreeMap::new();
     for l in &landed {
         assert_eq!(
