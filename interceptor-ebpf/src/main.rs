@@ -12,8 +12,7 @@
 //!   It also turns interceptor's own upstream sockets (cookies user space put in `IC_EXEMPT_CK`)
 //!   into 4-tuple exemptions for `ic_steer`.
 //!
-//! The `#[repr(C)]` layouts below are mirrored in `interceptor/src/ebpf/maps.rs`; both sides assert
-//! their sizes.
+//! The map layouts and constants come from `interceptor-common`, which user space uses too.
 #![no_std]
 #![no_main]
 
@@ -29,6 +28,10 @@ use aya_ebpf::{
     programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::warn;
+use interceptor_common::{
+    CNT_DROPPED, CNT_EXEMPTED, CNT_IDENTIFIED, CNT_RECORDED, CNT_SLOTS, CNT_STEERED, ConnInfo,
+    FlowKey, PORT_IDENTIFY, PORT_STEER, SLOT_V4, SLOT_V6,
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -43,54 +46,7 @@ const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 1 << 2;
 const TCP_CLOSE: u32 = 7;
 
-/// `IC_PORTS` value bits.
-const PORT_STEER: u8 = 1;
-const PORT_IDENTIFY: u8 = 2;
-
-/// `IC_COUNTERS` indexes.
-const CNT_STEERED: u32 = 0;
-const CNT_DROPPED: u32 = 1;
-const CNT_EXEMPTED: u32 = 2;
-const CNT_RECORDED: u32 = 3;
-const CNT_IDENTIFIED: u32 = 4;
-const CNT_SLOTS: u32 = 8;
-
-/// A TCP connection seen from the client: addresses are IPv6 or IPv4-mapped IPv6, in network byte
-/// order; ports in host byte order. `netns` is the client's network namespace cookie (0 in
-/// exemption keys).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct FlowKey {
-    pub netns: u64,
-    pub src: [u32; 4],
-    pub dst: [u32; 4],
-    pub sport: u16,
-    pub dport: u16,
-    pub pad: u32,
-}
-
-/// What the kernel knew about the connecting task at connect() time.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct ConnInfo {
-    pub pid: u32,
-    pub tid: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub cgroup_id: u64,
-    pub netns_cookie: u64,
-    /// CLOCK_BOOTTIME of the connect(), to detect pid reuse against /proc/<pid>/stat.
-    pub boot_ns: u64,
-    pub dst: [u32; 4],
-    pub dport: u16,
-    pub family: u16,
-    pub pad: u32,
-    pub comm: [u8; 16],
-}
-
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
-const _: () = assert!(core::mem::size_of::<ConnInfo>() == 80);
-
+// Map names must match `interceptor_common::names` (user space opens them by name).
 #[map(name = "IC_SOCKETS")]
 static IC_SOCKETS: SockMap = SockMap::pinned(2, 0);
 
@@ -187,7 +143,7 @@ fn steer(ctx: &SkLookupContext) -> u32 {
         count(CNT_EXEMPTED);
         return SK_PASS;
     }
-    let index = if family == AF_INET6 { 1 } else { 0 };
+    let index = if family == AF_INET6 { SLOT_V6 } else { SLOT_V4 };
     match IC_SOCKETS.redirect_sk_lookup(ctx, index, 0) {
         Ok(()) => {
             count(CNT_STEERED);
