@@ -39,7 +39,7 @@ const HOST_ADDR: &str = "10.78.0.1";
 const REMOTE_ADDR: &str = "10.78.0.2";
 const HELPER: &str = "helper_tfo_client";
 
-/// The host namespace, the remote one joined to it by a veth pair, the cgroup and the pin dir.
+/// The private "host" namespace and a "remote host" namespace joined to it by a veth pair.
 struct Net {
     host: NetNs,
     remote: NetNs,
@@ -179,6 +179,13 @@ fn psql(attempt: &Attempt<'_>, cgroup: &Cgroup) -> PsqlRun {
     }
 }
 
+fn psql_exe() -> String {
+    std::fs::canonicalize(pg_bin_dir().join("psql"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
 fn wait_output(mut child: std::process::Child, what: &str) -> std::process::Output {
     // Pipes are small and the outputs tiny: waiting first cannot deadlock.
     let status = wait_with_deadline(&mut child, Duration::from_secs(30)).unwrap();
@@ -253,6 +260,8 @@ struct Landed {
     label: String,
     /// The client process as the kernel must have attested it; `None` for the remote host.
     process: Option<(u32, u32)>,
+    /// The executable interceptor must have read for it (psql clients).
+    exe: Option<String>,
     peer: PeerKind,
     backend_pid: u32,
 }
@@ -559,6 +568,7 @@ fn bypass_battery() {
             landed.push(Landed {
                 label: attempt.label,
                 process: Some((run.pid, uid.0)),
+                exe: Some(psql_exe()),
                 peer: PeerKind::LocalTcp,
                 backend_pid,
             });
@@ -577,6 +587,7 @@ fn bypass_battery() {
         landed.push(Landed {
             label: attempt.label,
             process: None,
+            exe: None,
             peer: PeerKind::Remote,
             backend_pid,
         });
@@ -593,6 +604,7 @@ fn bypass_battery() {
         landed.push(Landed {
             label: attempt.label,
             process: Some((run.pid, NOBODY.0)),
+            exe: Some(psql_exe()),
             peer: PeerKind::Unix,
             backend_pid,
         });
@@ -618,6 +630,8 @@ fn bypass_battery() {
         landed.push(Landed {
             label,
             process: Some((pid, 0)),
+            // Not checked: the client is this test binary re-run as a helper.
+            exe: None,
             peer: PeerKind::LocalTcp,
             backend_pid: report[1].parse().unwrap(),
         });
@@ -729,6 +743,9 @@ fn bypass_battery() {
             Some((pid, uid)) => {
                 assert_eq!(process["pid"], pid, "{}: {s}", l.label);
                 assert_eq!(process["uid"], uid, "{}: {s}", l.label);
+                if let Some(exe) = &l.exe {
+                    assert_eq!(process["exe"], exe.as_str(), "{}: {s}", l.label);
+                }
                 identities.insert(uid, l.label.clone());
             }
             None => assert!(process.is_null(), "{}: remote with identity: {s}", l.label),
