@@ -37,6 +37,10 @@ const NOBODY: (u32, u32) = (65534, 65534);
 const DAEMON: (u32, u32) = (1, 1);
 const HOST_ADDR: &str = "10.78.0.1";
 const REMOTE_ADDR: &str = "10.78.0.2";
+const HOST_ADDR6: &str = "fd78::1";
+const REMOTE_ADDR6: &str = "fd78::2";
+/// The host's NIC addresses as the remote host dials them, with the remote host's own address.
+const REMOTE_PATHS: [(&str, &str); 2] = [(HOST_ADDR, REMOTE_ADDR), (HOST_ADDR6, REMOTE_ADDR6)];
 const HELPER: &str = "helper_tfo_client";
 
 /// The private "host" namespace and a "remote host" namespace joined to it by a veth pair.
@@ -91,6 +95,19 @@ impl Net {
             "dev",
             &b,
         ]);
+        // nodad: the addresses are usable at once, no duplicate address detection to wait for.
+        for (ns, addr, dev) in [(&host, HOST_ADDR6, &a), (&remote, REMOTE_ADDR6, &b)] {
+            ip(&[
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+        }
         ip(&["-n", &host.name, "link", "set", &a, "up"]);
         ip(&["-n", &remote.name, "link", "set", &b, "up"]);
         // TCP Fast Open for every listener and without cookies, so that the first SYN already
@@ -252,7 +269,7 @@ enum PeerKind {
     Unix,
     LocalTcp,
     /// From the other namespace: `peer.addr` must be the remote host's address.
-    Remote,
+    Remote(&'static str),
 }
 
 /// What an attempt that landed in interceptor must show.
@@ -550,6 +567,7 @@ fn bypass_battery() {
         "::1",
         "::ffff:127.0.0.1",
         HOST_ADDR,
+        HOST_ADDR6,
     ];
     let mut landed: Vec<Landed> = Vec::new();
     let round = |round: &str, landed: &mut Vec<Landed>| {
@@ -573,24 +591,26 @@ fn bypass_battery() {
                 backend_pid,
             });
         }
-        // A remote host (the other namespace) dialling the host's address: steered, no
+        // A remote host (the other namespace) dialling the host's addresses: steered, no
         // kernel identity (even though the client sits in the identified cgroup).
-        let attempt = Attempt {
-            label: format!("{round}-remote"),
-            netns: &net.remote,
-            uid: NOBODY,
-            host: HOST_ADDR.into(),
-            port: pg_port,
-        };
-        let run = psql(&attempt, &cgroup);
-        let backend_pid = assert_served_via_interceptor(&run, &attempt.label);
-        landed.push(Landed {
-            label: attempt.label,
-            process: None,
-            exe: None,
-            peer: PeerKind::Remote,
-            backend_pid,
-        });
+        for (host_addr, remote_addr) in REMOTE_PATHS {
+            let attempt = Attempt {
+                label: format!("{round}-remote-{host_addr}"),
+                netns: &net.remote,
+                uid: NOBODY,
+                host: host_addr.into(),
+                port: pg_port,
+            };
+            let run = psql(&attempt, &cgroup);
+            let backend_pid = assert_served_via_interceptor(&run, &attempt.label);
+            landed.push(Landed {
+                label: attempt.label,
+                process: None,
+                exe: None,
+                peer: PeerKind::Remote(remote_addr),
+                backend_pid,
+            });
+        }
         // The default unix socket path: interceptor's socket, the kernel names the peer.
         let attempt = Attempt {
             label: format!("{round}-unix-default"),
@@ -668,17 +688,19 @@ fn bypass_battery() {
         );
         assert_refused(&run, host);
     }
-    let run = psql(
-        &Attempt {
-            label: "down-remote".into(),
-            netns: &net.remote,
-            uid: NOBODY,
-            host: HOST_ADDR.into(),
-            port: pg_port,
-        },
-        &cgroup,
-    );
-    assert_refused(&run, "remote");
+    for (host_addr, _) in REMOTE_PATHS {
+        let run = psql(
+            &Attempt {
+                label: format!("down-remote-{host_addr}"),
+                netns: &net.remote,
+                uid: NOBODY,
+                host: host_addr.into(),
+                port: pg_port,
+            },
+            &cgroup,
+        );
+        assert_refused(&run, &format!("remote to {host_addr}"));
+    }
     let run = psql(
         &Attempt {
             label: "down-unix".into(),
@@ -699,7 +721,7 @@ fn bypass_battery() {
     assert!(st.attached(), "pins must survive kill -9: {st:?}");
     assert_eq!(
         st.counters.dropped - dropped_before,
-        tcp_targets.len() as u64 + 1,
+        (tcp_targets.len() + REMOTE_PATHS.len()) as u64,
         "every TCP attempt must have been dropped by the steering program: {st:?}"
     );
 
@@ -754,9 +776,9 @@ fn bypass_battery() {
         match l.peer {
             PeerKind::Unix => assert_eq!(transport, Some("unix"), "{}: {s}", l.label),
             PeerKind::LocalTcp => assert_eq!(transport, Some("tcp"), "{}: {s}", l.label),
-            PeerKind::Remote => {
+            PeerKind::Remote(remote_addr) => {
                 let addr: SocketAddr = s["peer"]["addr"].as_str().unwrap().parse().unwrap();
-                assert_eq!(addr.ip().to_string(), REMOTE_ADDR, "{}: {s}", l.label);
+                assert_eq!(addr.ip().to_string(), remote_addr, "{}: {s}", l.label);
             }
         }
     }
