@@ -361,7 +361,7 @@ pub struct Counters {
     pub exempted: u64,
     /// connect() calls recorded.
     pub recorded: u64,
-    /// Established connections keyed for identity lookup.
+    /// Connections (SYNs sent) keyed by 4-tuple for identity lookup.
     pub identified: u64,
 }
 
