@@ -278,10 +278,12 @@ pub enum ApprovalEvent {
         id: RequestId,
         reason: String,
     },
+    /// The approved statement was forwarded; its outcome is the audit outcome record of
+    /// `statement` (the statement record made when it was held).
     Executed {
         id: RequestId,
         session_id: u64,
-        error: Option<String>,
+        statement: Option<u64>,
     },
     GrantActive {
         grant: super::Grant,
