@@ -13,7 +13,7 @@ use interceptor_tests::{
 
 mod approval_support;
 
-use approval_support::{ApprovalStack, Setup, alice_session, request_id_in};
+use approval_support::{ApprovalStack, Setup, WebhookSink, alice_session, request_id_in};
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, SimpleQueryMessage};
@@ -446,4 +446,43 @@ fn statements_pipelined_before_a_held_one_run_exactly_once() {
         "an earlier statement was answered again: {third:?}"
     );
     assert_eq!(s.count(8), "0");
+}
+
+/// Approvers are notified through the webhook (without the SQL, which only the authenticated
+/// API shows), and the notification is a step of the request's audit trail.
+#[test]
+fn approvers_are_notified_by_webhook_and_the_notification_is_audited() {
+    let hook = WebhookSink::start();
+    let s = ApprovalStack::start_with_webhook(Setup::held_writes(60), &hook.url());
+    let params = s.proxy.params(ALICE);
+    let held = std::thread::spawn(move || {
+        PgCommand::psql(&params)
+            .args(["-c", "DELETE FROM accounts WHERE id = 19"])
+            .run()
+    });
+    let id = s.wait_pending("statement");
+    let requested = hook.wait_for("requested", |v| v["event"] == "requested" && v["id"] == id);
+    assert_eq!(requested["requester"], "alice");
+    assert_eq!(requested["approver_groups"], serde_json::json!(["dba"]));
+    assert!(
+        !requested.to_string().contains("DELETE"),
+        "the webhook must not carry SQL: {requested}"
+    );
+    // The "notified" record follows the request once the delivery is known.
+    let notified = s.poll("a notified record", || {
+        s.approval_records(id)
+            .into_iter()
+            .find(|r| r["action"] == "notified")
+    });
+    assert_eq!(notified["reason"], "webhook: delivered");
+    s.cli_ok("approvals", &["approve", &id.to_string(), "--reason", "ok"]);
+    hook.wait_for("approved", |v| v["event"] == "approved" && v["id"] == id);
+    let out = held.join().unwrap().unwrap();
+    assert!(out.success(), "{out:?}");
+    let records = s.approval_records(id);
+    assert_eq!(
+        actions(&records),
+        ["requested", "notified", "voted", "granted", "executed"],
+        "{records:?}"
+    );
 }

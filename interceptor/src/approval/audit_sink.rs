@@ -42,6 +42,14 @@ fn approval_record(event: ApprovalEvent) -> Approval {
             ));
             a
         }
+        ApprovalEvent::Notified {
+            id,
+            channel,
+            outcome,
+        } => Approval {
+            reason: Some(format!("{channel}: {outcome}")),
+            ..base(id, ApprovalAction::Notified)
+        },
         ApprovalEvent::Voted {
             id,
             by,

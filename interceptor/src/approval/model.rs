@@ -254,6 +254,13 @@ pub enum ApprovalEvent {
     Requested {
         request: Box<Request>,
     },
+    /// Approvers were told about request `id` through `channel` (the webhook); `outcome`:
+    /// `delivered` or why not (never the URL, which may hold a secret).
+    Notified {
+        id: RequestId,
+        channel: String,
+        outcome: String,
+    },
     Voted {
         id: RequestId,
         by: String,

@@ -134,10 +134,26 @@ impl ApprovalService {
     }
 
     fn emit(&self, event: ApprovalEvent) {
+        // The audit record first, so a "notified" record always follows what it notified of.
+        (self.inner.events)(event.clone());
         if let Some(w) = &self.inner.webhook {
-            w.send(&event);
+            // Approvers learn of a new request through the webhook: whether that worked is
+            // part of the request's trail.
+            let notified = match &event {
+                ApprovalEvent::Requested { request } => Some(request.id),
+                _ => None,
+            };
+            let events = self.inner.events.clone();
+            w.send(&event, move |outcome| {
+                if let Some(id) = notified {
+                    events(ApprovalEvent::Notified {
+                        id,
+                        channel: "webhook".into(),
+                        outcome,
+                    });
+                }
+            });
         }
-        (self.inner.events)(event);
     }
 
     /// Records a held statement durably and returns the handle the gate waits on. A statement

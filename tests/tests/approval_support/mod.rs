@@ -116,6 +116,15 @@ pub struct ApprovalStack {
 
 impl ApprovalStack {
     pub fn start(setup: Setup) -> ApprovalStack {
+        Self::start_inner(setup, None)
+    }
+
+    /// With `webhook_url` set (plain http is accepted to loopback).
+    pub fn start_with_webhook(setup: Setup, url: &str) -> ApprovalStack {
+        Self::start_inner(setup, Some(url))
+    }
+
+    fn start_inner(setup: Setup, webhook: Option<&str>) -> ApprovalStack {
         let pg = PgCluster::start().unwrap();
         let certs = TestCerts::generate().unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -142,7 +151,7 @@ impl ApprovalStack {
              [mtls]\nca_file = \"{ca}\"\n\
              [mtls.groups]\n\"{CERT_APPROVER}\" = [\"dba\", \"security\"]\n\"{CERT_OUTSIDER}\" = [\"agents\"]\n\
              [approvals]\ndir = \"{d}/approvals\"\nsocket = \"{d}/approvals.sock\"\n\
-             http_listen = \"127.0.0.1:{api_port}\"\ndefault_timeout_secs = 120\n\
+             http_listen = \"127.0.0.1:{api_port}\"\ndefault_timeout_secs = 120\n{hook}\
              grant_approvers = [\"security\"]\n\
              [approvals.local_approvers.{uid}]\nsubject = \"{subject}\"\ngroups = [{groups}]\n",
             jwks = jwks_file.display(),
@@ -150,6 +159,9 @@ impl ApprovalStack {
             d = dir.path().display(),
             subject = setup.local_subject,
             groups = groups.join(", "),
+            hook = webhook
+                .map(|u| format!("webhook_url = \"{u}\"\n"))
+                .unwrap_or_default(),
         );
         let proxy = Interceptor::start(
             InterceptorSetup::new(&pg)
@@ -488,5 +500,81 @@ impl NoticedClient {
             .expect("connection closed before the notice");
         assert!(notice.contains("held for approval"), "{notice}");
         request_id_in(&notice)
+    }
+}
+
+/// A loopback HTTP endpoint that records the JSON bodies POSTed to it (the approvals webhook's
+/// receiver, e.g. a chat relay).
+pub struct WebhookSink {
+    port: u16,
+    bodies: Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl WebhookSink {
+    pub fn start() -> WebhookSink {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = bodies.clone();
+        // Ends with the test process.
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                if let Some(body) = read_post(&mut stream) {
+                    sink.lock().unwrap().push(body);
+                }
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        WebhookSink { port, bodies }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hooks/approvals", self.port)
+    }
+
+    /// Polls until a received body matches.
+    pub fn wait_for(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = self.bodies.lock().unwrap().iter().find(|v| f(v)) {
+                return v.clone();
+            }
+            assert!(Instant::now() < deadline, "the webhook never got {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// One HTTP request's JSON body (by Content-Length).
+fn read_post(stream: &mut TcpStream) -> Option<Value> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        if body.len() >= length {
+            return serde_json::from_str(&body[..length]).ok();
+        }
     }
 }
