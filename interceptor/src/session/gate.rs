@@ -303,6 +303,9 @@ impl Gate {
         if let Some(svc) = &self.approvals {
             svc.executed(id, self.facts.session_id.0, Some(held.record.0));
         }
+        // The approval's audit records (vote, granted, executed) are appended by the approvals
+        // service; the relay's flush before forwarding must make them durable too.
+        self.unsynced = true;
         self.sql_prepared.observe(&held.decision.statements);
         Verdict::Forward {
             record: Some(held.record),
