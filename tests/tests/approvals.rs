@@ -11,6 +11,13 @@ use interceptor_tests::{
     ALICE, ALICE_PASSWORD, Interceptor, InterceptorSetup, PgCluster, PgCommand,
 };
 
+mod approval_support;
+
+use approval_support::{ApprovalStack, Setup, WebhookSink, alice_session, request_id_in};
+use serde_json::Value;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, SimpleQueryMessage};
+
 const POLICY: &str = r#"
 [policy]
 name = "agents"
@@ -142,4 +149,340 @@ fn a_held_delete_runs_once_approved_and_not_when_denied() {
     assert!(!out.success(), "{out:?}");
     assert!(out.stderr.contains("not during the freeze"), "{out:?}");
     assert_eq!(count(&pg, 2), "1", "a denied statement ran");
+}
+
+// The rest runs on the shared approvals stack (tests/tests/approval_support): tokio-postgres
+// sessions that see the "held" notice, the CLI as approver `dana` (group dba).
+
+/// The first column of the first row of a simple query, as text.
+async fn scalar(client: &tokio_postgres::Client, sql: &str) -> String {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn actions(records: &[Value]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| r["action"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn start_stack(setup: Setup) -> ApprovalStack {
+    tokio::task::block_in_place(|| ApprovalStack::start(setup))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_statement_times_out_with_42501_and_the_session_stays_usable() {
+    let s = start_stack(Setup::held_writes(2));
+    let mut c = alice_session(&s).await;
+    let err = c
+        .client
+        .simple_query("DELETE FROM accounts WHERE id = 3")
+        .await
+        .unwrap_err();
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code(), &SqlState::INSUFFICIENT_PRIVILEGE, "{db:?}");
+    assert!(db.message().contains("timed out"), "{db:?}");
+    let id = request_id_in(db.message());
+    assert_eq!(c.held_notice().await, id, "the client was told it waits");
+
+    // The same session goes on, and the statement never ran.
+    assert_eq!(
+        scalar(&c.client, "SELECT count(*) FROM accounts WHERE id = 3").await,
+        "1"
+    );
+    tokio::task::block_in_place(|| {
+        assert_eq!(s.count(3), "1");
+        let r = s.request(id);
+        assert_eq!(r["status"], "timed_out", "{r}");
+        // Too late to approve.
+        let out = s.cli("approvals", &["approve", &id.to_string()]);
+        assert!(!out.status.success(), "a timed-out request was approved");
+        assert_eq!(s.count(3), "1");
+        let records = s.approval_records(id);
+        assert_eq!(actions(&records), ["requested", "expired"], "{records:?}");
+        assert_eq!(records[1]["reason"], "timed out");
+        assert_eq!(records[0]["by"], "alice");
+        s.verify_audit();
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_while_held_gives_57014_aborts_the_request_and_nothing_runs() {
+    let s = start_stack(Setup::held_writes(60));
+    let mut c = alice_session(&s).await;
+    let cancel = c.client.cancel_token();
+    let client = c.client;
+    let held = tokio::spawn(async move {
+        let res = client
+            .simple_query("DELETE FROM accounts WHERE id = 4")
+            .await;
+        (res, client)
+    });
+    let id = c.notices.recv().await.map(|n| request_id_in(&n)).unwrap();
+    tokio::task::block_in_place(|| assert_eq!(s.request(id)["status"], "pending"));
+    cancel.cancel_query(NoTls).await.unwrap();
+    let (res, client) = tokio::time::timeout(std::time::Duration::from_secs(10), held)
+        .await
+        .expect("the cancel must end the wait")
+        .unwrap();
+    let err = res.unwrap_err();
+    let db = err.as_db_error().expect("an ErrorResponse");
+    // What PostgreSQL itself sends for a cancelled statement.
+    assert_eq!(db.code(), &SqlState::QUERY_CANCELED, "{db:?}");
+    assert!(
+        db.message()
+            .starts_with("canceling statement due to user request"),
+        "{db:?}"
+    );
+    // The session is usable.
+    assert_eq!(scalar(&client, "SELECT 41 + 1").await, "42");
+    tokio::task::block_in_place(|| {
+        let r = s.wait_status(id, "aborted");
+        assert!(
+            r["closed_note"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("cancel"),
+            "{r}"
+        );
+        // An approval that comes too late must not run it.
+        let out = s.cli("approvals", &["approve", &id.to_string()]);
+        assert!(!out.status.success(), "an aborted request was approved");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("aborted"),
+            "{out:?}"
+        );
+        assert_eq!(s.count(4), "1", "a cancelled statement ran");
+        let records = s.approval_records(id);
+        assert_eq!(actions(&records), ["requested", "aborted"], "{records:?}");
+    });
+    // Still nothing ran after the late approval attempt, from the session's view too.
+    assert_eq!(
+        scalar(&client, "SELECT count(*) FROM accounts WHERE id = 4").await,
+        "1"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_while_held_leaves_an_aborted_request() {
+    let s = start_stack(Setup::held_writes(60));
+    let mut c = alice_session(&s).await;
+    let client = c.client;
+    let held = tokio::spawn(async move {
+        let _ = client
+            .simple_query("DELETE FROM accounts WHERE id = 5")
+            .await;
+    });
+    let id = c.notices.recv().await.map(|n| request_id_in(&n)).unwrap();
+    // The client process dies: its socket closes without a Terminate.
+    c.driver.abort();
+    held.abort();
+    tokio::task::block_in_place(|| {
+        let r = s.wait_status(id, "aborted");
+        assert!(
+            r["closed_note"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("disconnected"),
+            "{r}"
+        );
+        assert!(
+            !s.cli("approvals", &["approve", &id.to_string()])
+                .status
+                .success()
+        );
+        assert_eq!(s.count(5), "1");
+        let records = s.approval_records(id);
+        assert_eq!(actions(&records), ["requested", "aborted"], "{records:?}");
+        assert!(
+            records[1]["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("disconnected"),
+            "{records:?}"
+        );
+    });
+}
+
+/// Extended protocol (what drivers use): the statement is held at Execute, runs with its
+/// parameters once approved, and the audit trail links requested → approved (by whom, why)
+/// → executed → the statement's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_extended_statement_runs_and_its_trail_links_approval_and_outcome() {
+    let s = start_stack(Setup::held_writes(60));
+    let mut c = alice_session(&s).await;
+    let client = c.client;
+    let held = tokio::spawn(async move {
+        let res = client
+            .execute(
+                "UPDATE accounts SET name = $1 WHERE id = $2",
+                &[&"Renamed", &6i32],
+            )
+            .await;
+        (res, client)
+    });
+    let id = c.notices.recv().await.map(|n| request_id_in(&n)).unwrap();
+    tokio::task::block_in_place(|| {
+        let r = s.request(id);
+        assert_eq!(r["status"], "pending");
+        assert_eq!(r["kind"], "statement");
+        assert!(
+            r["sql"].as_str().unwrap().starts_with("UPDATE accounts"),
+            "{r}"
+        );
+        s.cli_ok(
+            "approvals",
+            &["approve", &id.to_string(), "--reason", "INC-7 balance fix"],
+        );
+    });
+    let (res, client) = tokio::time::timeout(std::time::Duration::from_secs(20), held)
+        .await
+        .unwrap()
+        .unwrap();
+    let n = res.unwrap_or_else(|e| panic!("{e:?}; log:\n{}", s.proxy.logs()));
+    assert_eq!(n, 1, "the approved UPDATE ran once");
+    assert_eq!(scalar(&client, "SELECT 1").await, "1");
+
+    tokio::task::block_in_place(|| {
+        assert_eq!(
+            s.pg.psql_db(APP_DB, "SELECT name FROM accounts WHERE id = 6")
+                .unwrap()
+                .trim(),
+            "Renamed"
+        );
+        let export = s.audit_export();
+        let key = id.to_string();
+        let events: Vec<(u64, &Value)> = export
+            .iter()
+            .map(|r| (r["seq"].as_u64().unwrap(), &r["event"]))
+            .collect();
+        let mine: Vec<&Value> = events
+            .iter()
+            .filter(|(_, e)| {
+                e["type"] == "approval" && e["approval_id"].as_str() == Some(key.as_str())
+            })
+            .map(|(_, e)| *e)
+            .collect();
+        assert_eq!(
+            actions(&mine.iter().map(|v| (*v).clone()).collect::<Vec<_>>()),
+            ["requested", "voted", "granted", "executed"],
+            "{mine:?}"
+        );
+        assert_eq!(mine[1]["by"], "dana");
+        assert_eq!(mine[1]["reason"], "approve: INC-7 balance fix");
+        assert_eq!(mine[2]["by"], "dana");
+        // The executed step names the statement record; that record is the held statement
+        // (its SQL, its parameters, the request) and its outcome says what it did.
+        let statement = mine[3]["statement"]
+            .as_u64()
+            .expect("executed names its statement");
+        let record = events
+            .iter()
+            .find(|(seq, _)| *seq == statement)
+            .map(|(_, e)| *e)
+            .unwrap();
+        assert_eq!(record["type"], "statement");
+        assert_eq!(record["approval"], id.to_string());
+        assert_eq!(record["decision"], "approve");
+        // tokio-postgres binds in binary: recorded as hex ("Renamed", int4 6).
+        assert_eq!(
+            record["parameters"],
+            serde_json::json!(["\\x52656e616d6564", "\\x00000006"])
+        );
+        let outcome = events
+            .iter()
+            .map(|(_, e)| *e)
+            .find(|e| e["type"] == "outcome" && e["statement"] == statement)
+            .expect("an outcome for the approved statement");
+        assert_eq!(outcome["command_tags"], serde_json::json!(["UPDATE 1"]));
+        assert!(outcome["sqlstate"].is_null(), "{outcome}");
+        s.verify_audit();
+    });
+}
+
+/// Messages a client pipelined ahead of a held statement (one TCP write) are forwarded exactly
+/// once: the hold sends them ahead, and the rest of the chunk must not send them again.
+#[test]
+fn statements_pipelined_before_a_held_one_run_exactly_once() {
+    use interceptor_tests::raw::{RawClient, RawMessage};
+    let s = ApprovalStack::start(Setup::held_writes(60));
+    let params = s.proxy.params(ALICE);
+    let client = std::thread::spawn(move || {
+        let mut c = RawClient::login(&params).unwrap();
+        let mut buf = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::query("SELECT 'first'", &mut buf).unwrap();
+        postgres_protocol::message::frontend::query("DELETE FROM accounts WHERE id = 8", &mut buf)
+            .unwrap();
+        c.send(&buf).unwrap();
+        let first = c.read_until_ready().unwrap().0;
+        let second = c.read_until_ready().unwrap().0;
+        // Whatever comes next must be the answer to this query, not a repeated one.
+        let third = c.simple_query("SELECT 'marker'").unwrap().0;
+        (first, second, third)
+    });
+    let id = s.wait_pending("statement");
+    s.cli_ok("approvals", &["approve", &id.to_string()]);
+    let (first, second, third) = client.join().unwrap();
+    let text = |msgs: &[RawMessage]| -> String {
+        msgs.iter()
+            .filter(|m| m.tag == b'D' || m.tag == b'C')
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect::<Vec<_>>()
+            .join("|")
+    };
+    assert!(text(&first).contains("first"), "{first:?}");
+    assert!(text(&second).contains("DELETE 1"), "{second:?}");
+    assert!(
+        text(&third).contains("marker") && !text(&third).contains("first"),
+        "an earlier statement was answered again: {third:?}"
+    );
+    assert_eq!(s.count(8), "0");
+}
+
+/// Approvers are notified through the webhook (without the SQL, which only the authenticated
+/// API shows), and the notification is a step of the request's audit trail.
+#[test]
+fn approvers_are_notified_by_webhook_and_the_notification_is_audited() {
+    let hook = WebhookSink::start();
+    let s = ApprovalStack::start_with_webhook(Setup::held_writes(60), &hook.url());
+    let params = s.proxy.params(ALICE);
+    let held = std::thread::spawn(move || {
+        PgCommand::psql(&params)
+            .args(["-c", "DELETE FROM accounts WHERE id = 19"])
+            .run()
+    });
+    let id = s.wait_pending("statement");
+    let requested = hook.wait_for("requested", |v| v["event"] == "requested" && v["id"] == id);
+    assert_eq!(requested["requester"], "alice");
+    assert_eq!(requested["approver_groups"], serde_json::json!(["dba"]));
+    assert!(
+        !requested.to_string().contains("DELETE"),
+        "the webhook must not carry SQL: {requested}"
+    );
+    // The "notified" record follows the request once the delivery is known.
+    let notified = s.poll("a notified record", || {
+        s.approval_records(id)
+            .into_iter()
+            .find(|r| r["action"] == "notified")
+    });
+    assert_eq!(notified["reason"], "webhook: delivered");
+    s.cli_ok("approvals", &["approve", &id.to_string(), "--reason", "ok"]);
+    hook.wait_for("approved", |v| v["event"] == "approved" && v["id"] == id);
+    let out = held.join().unwrap().unwrap();
+    assert!(out.success(), "{out:?}");
+    let records = s.approval_records(id);
+    assert_eq!(
+        actions(&records),
+        ["requested", "notified", "voted", "granted", "executed"],
+        "{records:?}"
+    );
 }

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use super::{ApprovalEvent, EventSink};
-use crate::audit::{Approval, ApprovalAction, AuditEvent, AuditLog, SessionId, Timestamp};
+use crate::audit::{
+    Approval, ApprovalAction, AuditEvent, AuditLog, RecordId, SessionId, Timestamp,
+};
 
 /// An [`EventSink`] that appends each approval event to the audit trail.
 pub fn to_audit(log: AuditLog) -> EventSink {
@@ -40,6 +42,14 @@ fn approval_record(event: ApprovalEvent) -> Approval {
             ));
             a
         }
+        ApprovalEvent::Notified {
+            id,
+            channel,
+            outcome,
+        } => Approval {
+            reason: Some(format!("{channel}: {outcome}")),
+            ..base(id, ApprovalAction::Notified)
+        },
         ApprovalEvent::Voted {
             id,
             by,
@@ -75,10 +85,10 @@ fn approval_record(event: ApprovalEvent) -> Approval {
         ApprovalEvent::Executed {
             id,
             session_id,
-            error,
+            statement,
         } => Approval {
             session: Some(SessionId(session_id)),
-            reason: error,
+            statement: statement.map(RecordId),
             ..base(id, ApprovalAction::Executed)
         },
         ApprovalEvent::GrantActive { grant } => Approval {

@@ -30,7 +30,7 @@ pub use grant::{Grant, GrantRequest, elevate, parse_duration};
 pub use model::{
     ApprovalEvent, NewRequest, Request, RequestId, RequestKind, Resolution, Scope, Status, Vote,
 };
-pub use service::{ApprovalService, EventSink, HeldRequest};
+pub use service::{ApprovalService, Elevation, EventSink, HeldRequest};
 
 /// `[approvals]` in the gateway config.
 #[derive(Debug, Clone, Deserialize)]
@@ -171,7 +171,7 @@ impl ApprovalError {
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -254,6 +254,13 @@ pub enum ApprovalEvent {
     Requested {
         request: Box<Request>,
     },
+    /// Approvers were told about request `id` through `channel` (the webhook); `outcome`:
+    /// `delivered` or why not (never the URL, which may hold a secret).
+    Notified {
+        id: RequestId,
+        channel: String,
+        outcome: String,
+    },
     Voted {
         id: RequestId,
         by: String,
@@ -278,10 +285,12 @@ pub enum ApprovalEvent {
         id: RequestId,
         reason: String,
     },
+    /// The approved statement was forwarded; its outcome is the audit outcome record of
+    /// `statement` (the statement record made when it was held).
     Executed {
         id: RequestId,
         session_id: u64,
-        error: Option<String>,
+        statement: Option<u64>,
     },
     GrantActive {
         grant: super::Grant,

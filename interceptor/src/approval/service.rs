@@ -50,6 +50,26 @@ struct State {
     session_approvals: HashMap<(u64, String), (RequestId, Vec<String>)>,
     /// Grants not revoked and whose expiry was not yet reported.
     grants: HashMap<u64, Grant>,
+    /// Bumped whenever `grants` changes, so sessions know when to recompute their identity.
+    grants_generation: u64,
+}
+
+/// An identity with its active grants, and until when that holds (see
+/// [`ApprovalService::elevation`]).
+#[derive(Debug, Clone)]
+pub struct Elevation {
+    pub identity: Identity,
+    /// [`ApprovalService::grants_generation`] when this was computed.
+    pub generation: u64,
+    /// Epoch ms at which the first of its grants expires (`u64::MAX`: none).
+    pub valid_until_ms: u64,
+}
+
+impl Elevation {
+    /// Still exact: no grant was added or revoked since, and none of its grants expired.
+    pub fn is_current(&self, generation: u64, now_ms: u64) -> bool {
+        self.generation == generation && now_ms < self.valid_until_ms
+    }
 }
 
 impl ApprovalService {
@@ -114,10 +134,26 @@ impl ApprovalService {
     }
 
     fn emit(&self, event: ApprovalEvent) {
+        // The audit record first, so a "notified" record always follows what it notified of.
+        (self.inner.events)(event.clone());
         if let Some(w) = &self.inner.webhook {
-            w.send(&event);
+            // Approvers learn of a new request through the webhook: whether that worked is
+            // part of the request's trail.
+            let notified = match &event {
+                ApprovalEvent::Requested { request } => Some(request.id),
+                _ => None,
+            };
+            let events = self.inner.events.clone();
+            w.send(&event, move |outcome| {
+                if let Some(id) = notified {
+                    events(ApprovalEvent::Notified {
+                        id,
+                        channel: "webhook".into(),
+                        outcome,
+                    });
+                }
+            });
         }
-        (self.inner.events)(event);
     }
 
     /// Records a held statement durably and returns the handle the gate waits on. A statement
@@ -348,6 +384,7 @@ impl ApprovalService {
                     };
                     self.inner.store.put_grant(&grant)?;
                     st.grants.insert(grant.id, grant.clone());
+                    st.grants_generation += 1;
                     r.grant_id = Some(grant.id);
                     new_grant = Some(grant);
                 }
@@ -422,12 +459,13 @@ impl ApprovalService {
             .resolution())
     }
 
-    /// The gate ran an approved statement (`error`: its failure, if any), for the audit trail.
-    pub fn executed(&self, id: RequestId, session_id: u64, error: Option<String>) {
+    /// The gate forwarded an approved statement; `statement` is its audit record, which the
+    /// statement's outcome is attached to.
+    pub fn executed(&self, id: RequestId, session_id: u64, statement: Option<u64>) {
         self.emit(ApprovalEvent::Executed {
             id,
             session_id,
-            error,
+            statement,
         });
     }
 
@@ -553,6 +591,33 @@ impl ApprovalService {
         elevate(who, &self.active_grants_for(who), now_ms())
     }
 
+    /// Changes whenever a grant is approved, revoked or reported expired; cheap to read on
+    /// every statement.
+    pub fn grants_generation(&self) -> u64 {
+        self.state().grants_generation
+    }
+
+    /// [`Self::elevated`], with what a session needs to cache it exactly: a grant takes effect
+    /// at the next statement after its approval and ends at its expiry or revocation, with
+    /// no lag.
+    pub fn elevation(&self, who: &Identity) -> Elevation {
+        // The generation is read first: a change racing this computation makes the result
+        // look stale at the next statement rather than current.
+        let generation = self.grants_generation();
+        let now = now_ms();
+        let grants = self.active_grants_for(who);
+        let valid_until_ms = grants
+            .iter()
+            .map(|g| g.expires_at_ms)
+            .min()
+            .unwrap_or(u64::MAX);
+        Elevation {
+            identity: elevate(who, &grants, now),
+            generation,
+            valid_until_ms,
+        }
+    }
+
     /// Grants `caller` may see: their own, or all for grant approvers; active only unless `all`.
     pub fn grants(
         &self,
@@ -604,6 +669,7 @@ impl ApprovalService {
             g.revoked_at_ms = Some(now_ms());
             self.inner.store.put_grant(&g)?;
             st.grants.remove(&id);
+            st.grants_generation += 1;
             g
         };
         self.inner.store.flush().await?;
@@ -648,6 +714,7 @@ impl ApprovalService {
             let mut out = Vec::new();
             for id in ids {
                 if let Some(mut g) = st.grants.remove(&id) {
+                    st.grants_generation += 1;
                     g.expired_reported = true;
                     self.inner.store.put_grant(&g)?;
                     out.push(g);

@@ -47,12 +47,14 @@ impl Webhook {
         })
     }
 
-    /// Sends the event if it is one the webhook reports, without waiting for the answer.
-    pub fn send(&self, event: &ApprovalEvent) {
+    /// Sends the event if it is one the webhook reports, without waiting for the answer;
+    /// `done` gets `delivered` or why not, once known (not called for events not reported).
+    pub fn send(&self, event: &ApprovalEvent, done: impl FnOnce(String) + Send + 'static) {
         let Some(body) = payload(event) else {
             return;
         };
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            done("not sent (no runtime)".into());
             return;
         };
         let agent = self.agent.clone();
@@ -62,10 +64,25 @@ impl Webhook {
                 .post(&url)
                 .header("content-type", "application/json")
                 .send(body.to_string());
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "approvals webhook failed");
-            }
+            done(match result {
+                Ok(_) => "delivered".into(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "approvals webhook failed");
+                    failure(&e)
+                }
+            });
         });
+    }
+}
+
+/// Why a delivery failed, for the audit trail: coarse on purpose, since ureq's messages may
+/// name the URL and a webhook URL often carries a secret.
+fn failure(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::StatusCode(code) => format!("failed: HTTP {code}"),
+        ureq::Error::Timeout(_) => "failed: timed out".into(),
+        ureq::Error::Io(io) => format!("failed: {}", io.kind()),
+        _ => "failed".into(),
     }
 }
 

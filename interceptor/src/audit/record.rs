@@ -263,6 +263,9 @@ pub enum ApprovalAction {
     Aborted,
     /// The approved statement was forwarded.
     Executed,
+    /// Approvers were notified of a new request (e.g. by the webhook); `reason` says how and
+    /// whether it was delivered.
+    Notified,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -35,9 +35,8 @@ pub struct Held {
 pub struct HeldStatement {
     id: crate::approval::RequestId,
     decision: Arc<Decision>,
-    sql: Arc<str>,
-    protocol: QueryProtocol,
-    parameters: Vec<Option<String>>,
+    /// The statement's audit record, made when it was held; its outcome attaches to it.
+    record: RecordId,
 }
 
 impl std::fmt::Debug for Held {
@@ -116,9 +115,9 @@ pub struct Gate {
     /// Records appended since the last [`Gate::flush`].
     unsynced: bool,
     approvals: Option<crate::approval::ApprovalService>,
-    /// The identity with its active time-bound grants, refreshed at most every second (a grant
-    /// ends by itself at expiry, to within that second).
-    elevated: Option<(std::time::Instant, Identity)>,
+    /// The identity with its active time-bound grants; recomputed when a grant changes or one
+    /// of its grants reaches its expiry, so grants start and end exactly.
+    elevated: Option<crate::approval::Elevation>,
     /// The session's masking rules: bound parameters are recorded with detected values masked.
     param_mask: Option<crate::mask::MaskRules>,
 }
@@ -168,19 +167,32 @@ impl Gate {
         parameters: Vec<Option<String>>,
         decision: &Decision,
     ) -> Result<RecordId, AuditError> {
+        self.record_as(protocol, sql, parameters, decision, None)
+    }
+
+    /// Appends the record of a statement held as approval request `held` (or, with `None`,
+    /// of a statement decided right away).
+    fn record_as(
+        &mut self,
+        protocol: QueryProtocol,
+        sql: &str,
+        parameters: Vec<Option<String>>,
+        decision: &Decision,
+        held: Option<crate::approval::RequestId>,
+    ) -> Result<RecordId, AuditError> {
         use crate::policy::Verdict as P;
-        let (verdict, deny_sqlstate, reason, approval) = match &decision.verdict {
-            P::Allow => ("allow", None, None, None),
-            P::Deny { sqlstate, message } => {
-                ("deny", Some(sqlstate.clone()), Some(message.clone()), None)
-            }
-            P::Approve { rule, .. } => (
+        let (verdict, deny_sqlstate, reason, approval) = match (&decision.verdict, held) {
+            (P::Approve { .. }, Some(id)) => (
                 "approve",
-                Some(sqlstate::INSUFFICIENT_PRIVILEGE.to_owned()),
-                Some("approval required; refused (no approval workflow in this session)".into()),
-                Some(rule.clone()),
+                None,
+                Some(format!(
+                    "held for approval request {id}; it runs only once approved"
+                )),
+                Some(id.to_string()),
             ),
+            (verdict, _) => Self::plain_verdict(verdict),
         };
+
         let mut tables: Vec<String> = Vec::new();
         for st in &decision.statements {
             for t in &st.tables {
@@ -210,6 +222,26 @@ impl Gate {
         Ok(id)
     }
 
+    /// The record fields of a decision taken without a hold: decision, SQLSTATE, reason and
+    /// the approval rule that was not followed.
+    fn plain_verdict(
+        verdict: &crate::policy::Verdict,
+    ) -> (&'static str, Option<String>, Option<String>, Option<String>) {
+        use crate::policy::Verdict as P;
+        match verdict {
+            P::Allow => ("allow", None, None, None),
+            P::Deny { sqlstate, message } => {
+                ("deny", Some(sqlstate.clone()), Some(message.clone()), None)
+            }
+            P::Approve { rule, .. } => (
+                "approve",
+                Some(sqlstate::INSUFFICIENT_PRIVILEGE.to_owned()),
+                Some("approval required; refused (no approval workflow in this session)".into()),
+                Some(rule.clone()),
+            ),
+        }
+    }
+
     /// Puts a statement that needs approval on hold, when approvals are configured.
     async fn hold(
         &mut self,
@@ -228,16 +260,23 @@ impl Gate {
             decision,
         )?;
         Some(match svc.hold(request).await {
-            Ok(request) => Verdict::Hold(Held {
-                meta: HeldStatement {
-                    id: request.id(),
-                    decision: decision.clone(),
-                    sql: Arc::from(sql),
-                    protocol,
-                    parameters,
-                },
-                request,
-            }),
+            Ok(request) => {
+                // The attempt is evidence whatever the approvers decide: its record (SQL,
+                // parameters, the request id) is durable before the client is told it waits.
+                // On failure the request is dropped, which closes it as aborted.
+                let id = request.id();
+                match self.record_as(protocol, sql, parameters, decision, Some(id)) {
+                    Ok(record) => Verdict::Hold(Held {
+                        meta: HeldStatement {
+                            id,
+                            decision: decision.clone(),
+                            record,
+                        },
+                        request,
+                    }),
+                    Err(e) => audit_unavailable(e),
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot record an approval request");
                 Verdict::Refuse(PgError::error(
@@ -261,19 +300,15 @@ impl Gate {
         if let Some(err) = resolution.refusal(id) {
             return Verdict::Refuse(err);
         }
-        let mut allowed = (*held.decision).clone();
-        allowed.verdict = crate::policy::Verdict::Allow;
-        match self.record(held.protocol, &held.sql, held.parameters, &allowed) {
-            Ok(record) => {
-                if let Some(svc) = &self.approvals {
-                    svc.executed(id, self.facts.session_id.0, None);
-                }
-                self.sql_prepared.observe(&allowed.statements);
-                Verdict::Forward {
-                    record: Some(record),
-                }
-            }
-            Err(e) => audit_unavailable(e),
+        if let Some(svc) = &self.approvals {
+            svc.executed(id, self.facts.session_id.0, Some(held.record.0));
+        }
+        // The approval's audit records (vote, granted, executed) are appended by the approvals
+        // service; the relay's flush before forwarding must make them durable too.
+        self.unsynced = true;
+        self.sql_prepared.observe(&held.decision.statements);
+        Verdict::Forward {
+            record: Some(held.record),
         }
     }
 
@@ -304,24 +339,26 @@ impl Gate {
         let Some(svc) = &self.approvals else {
             return self.facts.identity.clone();
         };
-        if let Some((at, who)) = &self.elevated
-            && at.elapsed() < std::time::Duration::from_secs(1)
+        let generation = svc.grants_generation();
+        if let Some(e) = &self.elevated
+            && e.is_current(generation, crate::approval::now_ms())
         {
-            return who.clone();
+            return e.identity.clone();
         }
-        let who = svc.elevated(&self.facts.identity);
+        let fresh = svc.elevation(&self.facts.identity);
         let changed = self
             .elevated
             .as_ref()
-            .is_none_or(|(_, old)| old.groups != who.groups);
+            .is_none_or(|old| old.identity.groups != fresh.identity.groups);
         if changed {
             // Cached decisions were made for other groups.
             self.cache.clear();
-            if who.groups != self.facts.identity.groups {
-                tracing::info!(groups = ?who.groups, "time-bound grant in effect");
+            if fresh.identity.groups != self.facts.identity.groups {
+                tracing::info!(groups = ?fresh.identity.groups, "time-bound grant in effect");
             }
         }
-        self.elevated = Some((std::time::Instant::now(), who.clone()));
+        let who = fresh.identity.clone();
+        self.elevated = Some(fresh);
         who
     }
 
@@ -532,6 +569,18 @@ impl Gate {
         } else {
             prepared.decision.clone()
         };
+        // Parse let a statement that needs approval through: it is held here, where it runs.
+        if let Some(v) = self
+            .hold(
+                QueryProtocol::Extended,
+                &prepared.sql,
+                parameters.clone(),
+                &decision,
+            )
+            .await
+        {
+            return v;
+        }
         self.recorded_verdict(
             QueryProtocol::Extended,
             &prepared.sql,

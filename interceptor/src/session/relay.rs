@@ -356,7 +356,8 @@ async fn client_to_upstream(
         // Write-ahead: every record of this chunk is durable before any of it is forwarded.
         gate.flush().await.map_err(RelayError::Audit)?;
         let result = match out {
-            None => wr.write_all(&chunk[..offset]).await,
+            // `copied_to` is past what a hold already forwarded (0 otherwise): never twice.
+            None => wr.write_all(&chunk[copied_to..offset]).await,
             Some(mut o) => {
                 o.extend_from_slice(&chunk[copied_to..offset]);
                 wr.write_all(&o).await
