@@ -25,10 +25,11 @@ const REASON: &str = "demo: checked with the account owner";
 /// How long to wait for the NOTICE, and for psql to finish once approved.
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The `[approvals]` section: its store and socket under `dir`, and `uid` as the approver.
-pub fn config_toml(dir: &Path, uid: u32) -> Result<String> {
+/// The `[approvals]` section: `uid` is the approver. Its store and socket sit beside the config
+/// (relative paths are resolved against the config file's directory), in interceptor's own temp
+/// dir, which the harness removes, even after a demo that was killed.
+pub fn config_toml(uid: u32) -> Result<String> {
     use toml::{Table, Value};
-    let path = |p: &Path| Value::String(p.to_string_lossy().into_owned());
     let mut approver = Table::new();
     approver.insert("subject".into(), APPROVER.into());
     approver.insert(
@@ -38,8 +39,8 @@ pub fn config_toml(dir: &Path, uid: u32) -> Result<String> {
     let mut local = Table::new();
     local.insert(uid.to_string(), Value::Table(approver));
     let mut approvals = Table::new();
-    approvals.insert("dir".into(), path(&dir.join("approvals")));
-    approvals.insert("socket".into(), path(&dir.join("approvals.sock")));
+    approvals.insert("dir".into(), "approvals".into());
+    approvals.insert("socket".into(), "approvals.sock".into());
     approvals.insert("local_approvers".into(), Value::Table(local));
     let mut root = Table::new();
     root.insert("approvals".into(), Value::Table(approvals));
@@ -219,11 +220,11 @@ mod tests {
 
     #[test]
     fn approvals_section_maps_the_uid_to_the_approver() {
-        let text = config_toml(Path::new("/tmp/demo \"x\""), 1234).unwrap();
+        let text = config_toml(1234).unwrap();
         let value: toml::Value = toml::from_str(&text).unwrap();
         let a = &value["approvals"];
-        assert_eq!(a["dir"].as_str(), Some("/tmp/demo \"x\"/approvals"));
-        assert_eq!(a["socket"].as_str(), Some("/tmp/demo \"x\"/approvals.sock"));
+        assert_eq!(a["dir"].as_str(), Some("approvals"));
+        assert_eq!(a["socket"].as_str(), Some("approvals.sock"));
         let who = &a["local_approvers"]["1234"];
         assert_eq!(who["subject"].as_str(), Some(APPROVER));
         assert_eq!(who["groups"][0].as_str(), Some(APPROVER_GROUP));

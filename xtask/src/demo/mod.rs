@@ -58,32 +58,26 @@ pub fn run(no_wait: bool) -> Result<()> {
 
     let password = random_password()?;
     let auditor_password = random_password()?;
-    // Policies and the approvals store and socket.
-    let state = tempfile::Builder::new()
-        .prefix("demo-")
-        .tempdir()
-        .context("create the demo's state dir")?;
-    let policies = state.path().join("policies");
-    std::fs::create_dir(&policies).context("create policy dir")?;
-    std::fs::write(policies.join("demo.toml"), DEMO_POLICY).context("write policy")?;
     println!("== starting interceptor in front of it");
     let proxy = Interceptor::start(
         InterceptorSetup::new(&pg)
             .identity(AGENT, &password, &["demo"], None)
             .identity(EXEMPT, &auditor_password, &[EXEMPT_GROUP], None)
-            .policy_dir(&policies)
+            .policy_file("demo", DEMO_POLICY)
             .with_audit()
-            .extra_toml(&approval::config_toml(state.path(), current_uid())?),
+            .extra_toml(&approval::config_toml(current_uid())?),
     )?;
     println!(
         "   interceptor listens on 127.0.0.1:{}; its config: {}",
         proxy.port(),
         proxy.config_path().display()
     );
-    println!(
-        "   policy: {} (from xtask/src/demo/policy.toml)",
-        policies.join("demo.toml").display()
-    );
+    if let Some(dir) = proxy.policy_dir() {
+        println!(
+            "   policy: {} (from xtask/src/demo/policy.toml)",
+            dir.join("demo.toml").display()
+        );
+    }
     println!(
         "   identities: `{AGENT}` (the agent, group demo) and `{EXEMPT}` (group {EXEMPT_GROUP})"
     );
@@ -147,7 +141,6 @@ pub fn run(no_wait: bool) -> Result<()> {
     drop(kernel);
     drop(proxy);
     drop(pg);
-    drop(state);
     println!("   stopped");
     Ok(())
 }
