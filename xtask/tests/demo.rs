@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use interceptor_tests::fixtures;
 
-/// The demos run one after the other: the unprivileged run uses the binary the first one built.
+/// The demos run one after the other: each may build interceptor and starts two clusters' worth
+/// of processes, and the kernel step must not meet another demo's.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// The account the unprivileged run uses.
@@ -222,7 +223,7 @@ fn demo_as_an_unprivileged_user_skips_only_the_kernel_step() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // The binary the demo uses (it may build one first: let a demo run pick it).
+    // `nobody` cannot run cargo in this checkout: hand it the binary the e2e tests use.
     let bin: PathBuf = match interceptor_tests::proxy::interceptor_bin() {
         Ok(b) => b,
         Err(e) => {
