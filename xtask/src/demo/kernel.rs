@@ -65,24 +65,10 @@ fn skip_reason(cli: &InterceptorCli) -> Result<Option<String>> {
     // cluster's TCP port is, until this step steers it); only the capabilities decide here.
     println!("$ {}   (its capability checks)", cli.line("doctor", &[]));
     let out = cli.output("doctor", &[])?;
-    let capabilities: Vec<&str> = out
-        .stdout
-        .lines()
-        .filter(|l| {
-            CAPABILITY_CHECKS.iter().any(|c| {
-                l.split_once("] ")
-                    .is_some_and(|(_, rest)| rest.starts_with(&format!("{c}:")))
-            })
-        })
-        .collect();
+    let capabilities = capability_lines(&out.stdout);
     for line in &capabilities {
         println!("{line}");
     }
-    let failed: Vec<&str> = capabilities
-        .iter()
-        .copied()
-        .filter(|l| !l.starts_with("[ok]"))
-        .collect();
     if capabilities.len() != CAPABILITY_CHECKS.len() {
         bail!(
             "interceptor doctor did not report {CAPABILITY_CHECKS:?}:\n{}{}",
@@ -90,6 +76,10 @@ fn skip_reason(cli: &InterceptorCli) -> Result<Option<String>> {
             out.stderr
         );
     }
+    let failed: Vec<&str> = capabilities
+        .into_iter()
+        .filter(|l| !l.starts_with("[ok]"))
+        .collect();
     if !failed.is_empty() {
         return Ok(Some(format!(
             "needs root and an interceptor binary with its eBPF object embedded on a kernel \
@@ -99,6 +89,20 @@ fn skip_reason(cli: &InterceptorCli) -> Result<Option<String>> {
         )));
     }
     Ok(None)
+}
+
+/// The lines of `interceptor doctor`'s output (`[severity] check: message`) for the checks in
+/// [`CAPABILITY_CHECKS`].
+fn capability_lines(doctor: &str) -> Vec<&str> {
+    doctor
+        .lines()
+        .filter(|l| {
+            l.split_once("] ").is_some_and(|(_, rest)| {
+                rest.split_once(": ")
+                    .is_some_and(|(check, _)| CAPABILITY_CHECKS.contains(&check))
+            })
+        })
+        .collect()
 }
 
 /// What `interceptor doctor` must report `[ok]` for before the step can run.
@@ -466,6 +470,21 @@ mod tests {
             &serde_json::json!({"links": [], "steered_ports": [5432]}),
             5432
         ));
+    }
+
+    #[test]
+    fn only_capability_checks_decide() {
+        let doctor = "[FAIL] ebpf object: eBPF support was not compiled in (cargo xtask build-ebpf before cargo build)\n\
+                      [ok] btf: /sys/kernel/btf/vmlinux present\n\
+                      [ok] sk_lookup: supported by the kernel\n\
+                      [ok] cgroup sock_addr: supported by the kernel\n\
+                      [FAIL] sock_ops: cannot probe: Operation not permitted\n\
+                      [FAIL] postgresql tcp: bypass: listens on 127.0.0.1:5432, which is not steered\n";
+        let lines = capability_lines(doctor);
+        assert_eq!(lines.len(), CAPABILITY_CHECKS.len(), "{lines:?}");
+        let failed: Vec<_> = lines.iter().filter(|l| !l.starts_with("[ok]")).collect();
+        assert_eq!(failed.len(), 2, "{failed:?}");
+        assert!(failed[0].contains("ebpf object") && failed[1].contains("sock_ops"));
     }
 
     #[test]

@@ -82,22 +82,20 @@ pub fn run(no_wait: bool) -> Result<()> {
         "   identities: `{AGENT}` (the agent, group demo) and `{EXEMPT}` (group {EXEMPT_GROUP})"
     );
     let params = proxy.params(AGENT).dbname(APP_DB);
-    let with_log = |n: usize, logs: String| {
-        move || format!("demo step {n} failed; interceptor's log:\n{logs}")
-    };
+    let failed = |n: usize| format!("demo step {n} failed; interceptor's log:\n{}", proxy.logs());
 
     let mut n = 0;
     for step in STEPS {
         n += 1;
         interrupted(&stop)?;
-        run_step(n, step, &params).with_context(|| with_log(n, proxy.logs())())?;
+        run_step(n, step, &params).with_context(|| failed(n))?;
     }
     n += 1;
     interrupted(&stop)?;
-    masking::run(n, &proxy).with_context(|| with_log(n, proxy.logs())())?;
+    masking::run(n, &proxy).with_context(|| failed(n))?;
     n += 1;
     interrupted(&stop)?;
-    approval::run(n, &bin, &proxy, &stop).with_context(|| with_log(n, proxy.logs())())?;
+    approval::run(n, &bin, &proxy, &stop).with_context(|| failed(n))?;
 
     show_audit(&InterceptorCli::new(&bin).with_config(proxy.config_path()))?;
 
