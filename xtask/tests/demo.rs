@@ -198,7 +198,7 @@ fn demo_runs_its_script_through_interceptor_and_cleans_up() {
             "{pins} still exists after the demo"
         );
         assert!(
-            stdout.contains("removed: the host is as it was"),
+            stdout.contains("removed: none of the demo's programs stays attached"),
             "{stdout}"
         );
     }

@@ -42,7 +42,7 @@ impl Drop for PinGuard {
                 "error: {dir} still exists; remove it with `interceptor ebpf detach --pin-dir {dir}`"
             );
         } else {
-            println!("   {dir} removed: the host is as it was before the demo");
+            println!("   {dir} removed: none of the demo's programs stays attached");
         }
     }
 }
