@@ -65,6 +65,14 @@ pub fn install_toolchain() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether everything [`build`] needs is installed, so a caller can build the object without
+/// installing anything (the demo does).
+pub fn toolchain_present() -> bool {
+    APT_PACKAGES.iter().all(|p| deb_installed(p))
+        && toolchain_linked().unwrap_or(false)
+        && bpf_linker_present()
+}
+
 /// Compiles `interceptor-ebpf` and returns the path of the eBPF object (an ELF file).
 ///
 /// The object lands in `<target>/ebpf/bpfel-unknown-none/<profile>/interceptor-ebpf`, where

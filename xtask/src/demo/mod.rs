@@ -1,7 +1,14 @@
 //! `cargo xtask demo`: a throwaway PostgreSQL with sample data, interceptor in front of it, a
-//! short scripted psql session through the proxy, then connection instructions and a wait for
-//! Ctrl-C. Everything is torn down on the way out, also after an error.
+//! short scripted psql session through the proxy (policy decisions, masking, a held statement
+//! approved from "a second terminal", kernel interception where the host allows it), the audit
+//! trail, then connection instructions and a wait for Ctrl-C. Everything is torn down on the way
+//! out, also after an error.
 
+mod approval;
+mod cli;
+mod kernel;
+mod masking;
+mod psql;
 mod steps;
 
 use std::sync::Arc;
@@ -10,28 +17,34 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use interceptor_tests::pg::APP_DB;
-use interceptor_tests::{
-    ConnParams, Interceptor, InterceptorSetup, PgCluster, PgCommand, PgOptions,
-};
+use interceptor_tests::{ConnParams, Interceptor, InterceptorSetup, PgCluster, PgOptions};
 
 use crate::setup::{self, Requirement};
 use crate::{cmd, harness_env, test};
+use cli::InterceptorCli;
+use masking::{AGENT, EXEMPT, EXEMPT_GROUP};
 use steps::{Expect, STEPS, Step};
 
-const DEMO_IDENTITY: &str = "demo";
 /// The policy the demo runs with (shown to the user by path).
 const DEMO_POLICY: &str = include_str!("policy.toml");
 
 pub fn run(no_wait: bool) -> Result<()> {
-    // Ctrl-C only raises a flag, so every resource below is released by its Drop.
+    // A signal only raises a flag, so every resource below is released by its Drop (the kernel
+    // step's programs included). SIGHUP: the terminal running the demo was closed.
     let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    for signal in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("install signal handler")?;
     }
 
     setup::ensure(&[Requirement::PostgresServer, Requirement::Psql])?;
+    kernel::prepare_object();
     let bin = test::interceptor_bin()?;
     harness_env::point_at(Some(&bin));
+    println!("   `interceptor` below is {}", bin.display());
     interrupted(&stop)?;
 
     println!("\n== starting a throwaway PostgreSQL with sample data (table `accounts`)");
@@ -44,51 +57,72 @@ pub fn run(no_wait: bool) -> Result<()> {
     interrupted(&stop)?;
 
     let password = random_password()?;
-    let policies = tempfile::Builder::new()
-        .prefix("demo-policies-")
-        .tempdir()
-        .context("create policy dir")?;
-    std::fs::write(policies.path().join("demo.toml"), DEMO_POLICY).context("write policy")?;
-    println!("== starting interceptor ({}) in front of it", bin.display());
+    let auditor_password = random_password()?;
+    println!("== starting interceptor in front of it");
     let proxy = Interceptor::start(
         InterceptorSetup::new(&pg)
-            .identity(DEMO_IDENTITY, &password, &["demo"], None)
-            .policy_dir(policies.path())
-            .with_audit(),
+            .identity(AGENT, &password, &["demo"], None)
+            .identity(EXEMPT, &auditor_password, &[EXEMPT_GROUP], None)
+            .policy_file("demo", DEMO_POLICY)
+            .with_audit()
+            .extra_toml(&approval::config_toml(current_uid())?),
     )?;
     println!(
         "   interceptor listens on 127.0.0.1:{}; its config: {}",
         proxy.port(),
         proxy.config_path().display()
     );
-    println!(
-        "   policy: {} (from xtask/src/demo/policy.toml)",
-        policies.path().join("demo.toml").display()
-    );
-    let params = proxy.params(DEMO_IDENTITY).dbname(APP_DB);
-
-    for (n, step) in STEPS.iter().enumerate() {
-        interrupted(&stop)?;
-        run_step(n + 1, step, &params, proxy.port()).with_context(|| {
-            format!(
-                "demo step {} failed; interceptor's log:\n{}",
-                n + 1,
-                proxy.logs()
-            )
-        })?;
+    if let Some(dir) = proxy.policy_dir() {
+        println!(
+            "   policy: {} (from xtask/src/demo/policy.toml)",
+            dir.join("demo.toml").display()
+        );
     }
-
-    show_audit(&bin, proxy.config_path())?;
-
-    println!("\n== connect by hand (password of the demo identity `{DEMO_IDENTITY}` included):");
     println!(
-        "   PGPASSWORD={} psql {}",
-        cmd::quote(&password),
-        cmd::quote(&format!(
-            "host=127.0.0.1 port={} user={DEMO_IDENTITY} dbname={APP_DB} sslmode=disable",
-            proxy.port()
-        ))
+        "   identities: `{AGENT}` (the agent, group demo) and `{EXEMPT}` (group {EXEMPT_GROUP})"
     );
+    let params = proxy.params(AGENT).dbname(APP_DB);
+    let failed = |n: usize| format!("demo step {n} failed; interceptor's log:\n{}", proxy.logs());
+
+    let mut n = 0;
+    for step in STEPS {
+        n += 1;
+        interrupted(&stop)?;
+        run_step(n, step, &params).with_context(|| failed(n))?;
+    }
+    n += 1;
+    interrupted(&stop)?;
+    masking::run(n, &proxy).with_context(|| failed(n))?;
+    n += 1;
+    interrupted(&stop)?;
+    approval::run(n, &bin, &proxy, &stop).with_context(|| failed(n))?;
+
+    show_audit(&InterceptorCli::new(&bin).with_config(proxy.config_path()))?;
+
+    n += 1;
+    interrupted(&stop)?;
+    let kernel = kernel::run(n, &bin, &pg, &password, &stop)
+        .with_context(|| format!("demo step {n} (kernel interception) failed"))?;
+
+    println!("\n== connect by hand (passwords included):");
+    for (who, pw) in [(AGENT, &password), (EXEMPT, &auditor_password)] {
+        println!(
+            "   PGPASSWORD={} psql {}",
+            cmd::quote(pw),
+            cmd::quote(&format!(
+                "host=127.0.0.1 port={} user={who} dbname={APP_DB} sslmode=disable",
+                proxy.port()
+            ))
+        );
+    }
+    if let Some(k) = &kernel {
+        println!(
+            "   PostgreSQL's own port, steered into the second interceptor by the kernel \
+             (programs pinned under {}):",
+            k.pin_dir().display()
+        );
+        println!("   {}", k.connect_line());
+    }
     println!(
         "   interceptor's log: {}",
         proxy.dir().join("interceptor.log").display()
@@ -102,51 +136,29 @@ pub fn run(no_wait: bool) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("\n== stopping interceptor and PostgreSQL");
+    drop(kernel);
     drop(proxy);
     drop(pg);
-    drop(policies);
     println!("   stopped");
     Ok(())
 }
 
 /// The audit trail of the steps above, as an auditor reads it: the sessions, the replay of the
 /// session whose statement was refused, and the tamper check.
-fn show_audit(bin: &std::path::Path, config: &std::path::Path) -> Result<()> {
-    let audit = |args: &[&str]| -> Result<String> {
-        println!(
-            "$ interceptor audit -c {} {}",
-            config.display(),
-            args.join(" ")
-        );
-        let out = std::process::Command::new(bin)
-            .arg("audit")
-            .arg("-c")
-            .arg(config)
-            .args(args)
-            .output()
-            .context("run interceptor audit")?;
-        if !out.status.success() {
-            bail!(
-                "interceptor audit {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+fn show_audit(audit: &InterceptorCli) -> Result<()> {
     println!("\n== the audit trail of this demo (every statement was on disk before it ran)");
-    print!("{}", audit(&["sessions"])?);
-    let sessions: Vec<serde_json::Value> =
-        serde_json::from_str(&audit(&["sessions", "--json"])?).context("parse sessions")?;
+    audit.shown("audit", &["sessions"])?;
+    let sessions = audit.json("audit", &["sessions", "--json"])?;
     if let Some(refused) = sessions
-        .iter()
+        .as_array()
+        .into_iter()
+        .flatten()
         .find(|s| s["denied"].as_u64().unwrap_or(0) > 0)
         .and_then(|s| s["session"].as_u64())
     {
-        print!("{}", audit(&["replay", &refused.to_string()])?);
+        audit.shown("audit", &["replay", &refused.to_string()])?;
     }
-    let verify = audit(&["verify"])?;
-    print!("{verify}");
+    let verify = audit.shown("audit", &["verify"])?;
     if !verify.starts_with("OK") {
         bail!("audit verify did not report OK");
     }
@@ -154,22 +166,10 @@ fn show_audit(bin: &std::path::Path, config: &std::path::Path) -> Result<()> {
 }
 
 /// Shows one step (title, explanation, the command and its output) and checks its expectation.
-fn run_step(n: usize, step: &Step, params: &ConnParams, port: u16) -> Result<()> {
+fn run_step(n: usize, step: &Step, params: &ConnParams) -> Result<()> {
     println!("\n-- {n}. {}", step.title);
     println!("   {}", step.explain);
-    println!(
-        "$ psql -h 127.0.0.1 -p {} -U {} -d {} -c {}",
-        port,
-        DEMO_IDENTITY,
-        APP_DB,
-        cmd::quote(step.sql)
-    );
-    let out = PgCommand::psql(params)
-        .args(["-v", "VERBOSITY=verbose", "-c", step.sql])
-        .timeout(Duration::from_secs(30))
-        .run()?;
-    print!("{}", out.stdout);
-    eprint!("{}", out.stderr);
+    let out = psql::run_shown(params, step.sql)?;
     match step.expect {
         Expect::Output(text) => {
             if !out.success() {
@@ -192,6 +192,7 @@ fn run_step(n: usize, step: &Step, params: &ConnParams, port: u16) -> Result<()>
     Ok(())
 }
 
+/// Fails once Ctrl-C (or SIGTERM/SIGHUP) arrived, so the demo unwinds and cleans up.
 fn interrupted(stop: &AtomicBool) -> Result<()> {
     if stop.load(Ordering::SeqCst) {
         bail!("interrupted");
@@ -199,7 +200,12 @@ fn interrupted(stop: &AtomicBool) -> Result<()> {
     Ok(())
 }
 
-/// A fresh password for the demo identity (hex of 12 bytes from the kernel's CSPRNG).
+fn current_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// A fresh password for a demo identity (hex of 12 bytes from the kernel's CSPRNG).
 fn random_password() -> Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 12];
@@ -225,7 +231,7 @@ mod tests {
             .iter()
             .filter(|s| matches!(s.expect, Expect::Output(_)));
         for (n, step) in allowed.enumerate() {
-            run_step(n + 1, step, &params, pg.port())
+            run_step(n + 1, step, &params)
                 .unwrap_or_else(|e| panic!("step {} ({}): {e:#}", n + 1, step.title));
         }
     }
@@ -241,18 +247,18 @@ mod tests {
             sql: "SELECT 1 AS one",
             expect: Expect::Output("two"),
         };
-        assert!(run_step(1, &wrong_output, &params, pg.port()).is_err());
+        assert!(run_step(1, &wrong_output, &params).is_err());
         let succeeded_instead = Step {
             expect: Expect::Rejected { sqlstate: "42501" },
             ..wrong_output
         };
-        assert!(run_step(1, &succeeded_instead, &params, pg.port()).is_err());
+        assert!(run_step(1, &succeeded_instead, &params).is_err());
         let other_sqlstate = Step {
             sql: "SELECT * FROM no_such_table",
             expect: Expect::Rejected { sqlstate: "42501" },
             ..wrong_output
         };
-        let err = run_step(1, &other_sqlstate, &params, pg.port()).unwrap_err();
+        let err = run_step(1, &other_sqlstate, &params).unwrap_err();
         assert!(format!("{err:#}").contains("42P01"), "{err:#}");
     }
 }
