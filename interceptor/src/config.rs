@@ -157,6 +157,29 @@ pub struct AuditConfig {
     /// Size bound of the store in MiB (0 = unbounded).
     #[serde(default)]
     pub max_size_mib: u64,
+    /// What "durable" means before a statement is forwarded (see [`Durability`]).
+    #[serde(default)]
+    pub durability: Durability,
+    /// With `durability = "write"`: the longest a written record waits for its `fdatasync`.
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval_ms: u64,
+}
+
+/// When a statement's audit record counts as written, i.e. may the statement go upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// On disk (`fdatasync`ed): survives a crash of interceptor, of the kernel and a power loss.
+    #[default]
+    Fsync,
+    /// Handed to the kernel (`write`) and synced within `sync_interval_ms`: survives a crash or
+    /// kill of interceptor, but a kernel crash or power loss can lose the records of the last
+    /// interval. Like PostgreSQL's `synchronous_commit = off`, for hosts that accept that.
+    Write,
+}
+
+fn default_sync_interval() -> u64 {
+    200
 }
 
 #[derive(Debug, Clone, Deserialize)]

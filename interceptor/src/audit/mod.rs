@@ -20,6 +20,7 @@ pub mod retention;
 pub mod signing;
 pub mod store;
 pub mod verify;
+mod wal;
 mod writer;
 
 use std::path::{Path, PathBuf};

@@ -148,7 +148,50 @@ impl Store {
             meta: tree("meta")?,
             db,
         };
+        store.replay_wal()?;
         Ok(store)
+    }
+
+    /// Applies group commits that reached the write-ahead segments but not sled's files (the
+    /// process stopped before the background store sync), makes them durable in sled and
+    /// deletes the segments. Frames sled already holds are skipped: re-applying an older frame
+    /// would move the head mark back.
+    fn replay_wal(&self) -> Result<(), AuditError> {
+        let segments = super::wal::segments(&self.dir)?;
+        let Some(&(last, _)) = segments.last() else {
+            return Ok(());
+        };
+        let recovered = super::wal::recover(&self.dir)?;
+        if recovered.discarded_bytes > 0 {
+            tracing::warn!(
+                bytes = recovered.discarded_bytes,
+                "audit: ignored the torn or damaged tail of the write-ahead file (a commit \
+                 interrupted before it was acknowledged)"
+            );
+        }
+        let mut applied_upto = self.head()?.map(|h| h.seq.0);
+        let mut applied = 0usize;
+        for frame in recovered.frames {
+            if applied_upto.is_some_and(|h| frame.first_seq <= h) {
+                continue;
+            }
+            let mut batch = sled::Batch::default();
+            for (k, v) in frame.pairs {
+                batch.insert(k, v);
+            }
+            self.log.apply_batch(batch)?;
+            applied += 1;
+            applied_upto = self.head()?.map(|h| h.seq.0);
+        }
+        self.sync(&mut HashSet::new())?;
+        super::wal::remove_upto(&self.dir, last)?;
+        if applied > 0 {
+            tracing::info!(
+                commits = applied,
+                "audit: recovered group commits from the write-ahead file"
+            );
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {

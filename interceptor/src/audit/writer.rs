@@ -1,12 +1,15 @@
 //! The group-commit writer: one thread owns the chain tip. Callers queue records (their
 //! sequence number is assigned at enqueue, under the queue lock, so queue order = chain order);
-//! the thread takes everything queued since its last commit and makes it durable with a single
-//! flush + sync, then wakes all waiters of that batch.
+//! the thread takes everything queued since its last commit, appends it to the write-ahead
+//! file as one frame (synced per `[audit] durability`), applies it to sled's in-memory tree and
+//! wakes all waiters of that batch. sled's own files are flushed and synced by a second thread
+//! (see [`super::wal`]); the session indexes are updated when the queue runs dry or every
+//! [`INDEX_INTERVAL`], so under load one index update covers many commits.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
@@ -16,8 +19,9 @@ use super::record::{AuditEvent, Record, RecordId, SessionId, Timestamp};
 use super::retention::{self, RetentionPolicy, RetentionReport};
 use super::signing::{Mark, MarkKind};
 use super::store::{SessionSummary, Store};
+use super::wal::{self, Wal};
 use super::{AuditError, MAX_PENDING};
-use crate::config::AuditConfig;
+use crate::config::{AuditConfig, Durability};
 
 pub(crate) type Waiter = tokio::sync::oneshot::Sender<Result<(), AuditError>>;
 
@@ -25,6 +29,13 @@ pub(crate) type Waiter = tokio::sync::oneshot::Sender<Result<(), AuditError>>;
 const CHECKPOINT_EVERY_RECORDS: u64 = 1000;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+/// sled's files are brought up to date (and the write-ahead file emptied) this often, or when
+/// the write-ahead file grows past [`STORE_SYNC_BYTES`].
+const STORE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+const STORE_SYNC_BYTES: u64 = 64 * 1024 * 1024;
+/// Longest the session indexes lag the log while commits keep coming.
+const INDEX_INTERVAL: Duration = Duration::from_millis(50);
+const INDEX_BATCH: usize = 4096;
 
 struct Pending {
     seq: RecordId,
@@ -168,6 +179,101 @@ pub(crate) struct Writer {
     summaries: HashMap<SessionId, SessionSummary>,
     /// The last index update failed: re-index from the log before the next one.
     index_stale: bool,
+    wal: Wal,
+    durability: Durability,
+    sync_interval: Duration,
+    /// When the write-ahead file was last `fdatasync`ed (with `durability = "write"`).
+    last_wal_sync: Instant,
+    /// When sled's files were last brought up to date.
+    last_store_sync: Instant,
+    syncer: Syncer,
+    /// Committed records not yet in the session indexes.
+    pending_index: Vec<Record>,
+    last_index: Instant,
+}
+
+/// The thread that flushes and syncs sled's files, then deletes the write-ahead segments they
+/// now cover. One request at a time.
+struct Syncer {
+    tx: Option<mpsc::Sender<u64>>,
+    done: mpsc::Receiver<Result<(), AuditError>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    in_flight: bool,
+}
+
+impl Syncer {
+    fn start(store: Store) -> Result<Syncer, AuditError> {
+        let (tx, rx) = mpsc::channel::<u64>();
+        let (done_tx, done) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("audit-sync".into())
+            .spawn(move || {
+                let mut synced_blobs = HashSet::new();
+                for upto in rx {
+                    let r = store
+                        .sync(&mut synced_blobs)
+                        .and_then(|()| wal::remove_upto(store.dir(), upto));
+                    let failed = r.is_err();
+                    if done_tx.send(r).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| AuditError::Store(format!("cannot start audit sync thread: {e}")))?;
+        Ok(Syncer {
+            tx: Some(tx),
+            done,
+            thread: Some(thread),
+            in_flight: false,
+        })
+    }
+
+    fn request(&mut self, upto: u64) -> Result<(), AuditError> {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(upto).ok())
+            .ok_or_else(|| AuditError::Failed("the audit sync thread stopped".into()))?;
+        self.in_flight = true;
+        Ok(())
+    }
+
+    /// The result of a finished request, if one finished.
+    fn poll(&mut self) -> Result<(), AuditError> {
+        if !self.in_flight {
+            return Ok(());
+        }
+        match self.done.try_recv() {
+            Ok(r) => {
+                self.in_flight = false;
+                r
+            }
+            Err(mpsc::TryRecvError::Empty) => Ok(()),
+            Err(mpsc::TryRecvError::Disconnected) => {
+                Err(AuditError::Failed("the audit sync thread stopped".into()))
+            }
+        }
+    }
+
+    fn wait(&mut self) -> Result<(), AuditError> {
+        if !self.in_flight {
+            return Ok(());
+        }
+        self.in_flight = false;
+        self.done
+            .recv()
+            .map_err(|_| AuditError::Failed("the audit sync thread stopped".into()))?
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("audit sync thread panicked");
+        }
+    }
 }
 
 impl Writer {
@@ -228,7 +334,17 @@ impl Writer {
                 (RecordId(h.seq.0 + 1), hh)
             }
         };
+        let wal = Wal::open(store.dir())?;
+        let syncer = Syncer::start(store.clone())?;
         Ok(Writer {
+            wal,
+            syncer,
+            pending_index: Vec::new(),
+            last_index: Instant::now(),
+            durability: cfg.durability,
+            sync_interval: Duration::from_millis(cfg.sync_interval_ms.max(1)),
+            last_wal_sync: Instant::now(),
+            last_store_sync: Instant::now(),
             store,
             key,
             next_seq,
@@ -261,7 +377,7 @@ impl Writer {
                     return;
                 };
                 while q.pending.is_empty() && q.jobs.is_empty() && !q.shutdown {
-                    match shared.wake.wait_timeout(q, Duration::from_secs(30)) {
+                    match shared.wake.wait_timeout(q, self.idle_wait()) {
                         Ok((guard, timeout)) => {
                             q = guard;
                             if timeout.timed_out() {
@@ -284,6 +400,20 @@ impl Writer {
             if !batch.is_empty() {
                 self.commit_batch(&shared, batch, failed.clone());
             }
+            let queue_empty = shared
+                .queue
+                .lock()
+                .map(|q| q.pending.is_empty())
+                .unwrap_or(true);
+            if !jobs.is_empty()
+                || shutdown
+                || queue_empty
+                || self.pending_index.len() >= INDEX_BATCH
+                || self.last_index.elapsed() >= INDEX_INTERVAL
+            {
+                self.flush_index();
+            }
+            self.background_sync(&shared, shutdown);
             let failed = shared.queue.lock().ok().and_then(|q| q.failed.clone());
             for job in jobs {
                 match job {
@@ -332,6 +462,79 @@ impl Writer {
         }
     }
 
+    /// How long the thread may sleep with nothing queued: until the next background step is
+    /// due, if one is.
+    fn idle_wait(&self) -> Duration {
+        let mut wait = Duration::from_secs(30);
+        if self.wal.has_unsynced() {
+            wait = wait.min(
+                self.sync_interval
+                    .saturating_sub(self.last_wal_sync.elapsed()),
+            );
+        }
+        if self.wal.len() > 0 {
+            wait = wait.min(STORE_SYNC_INTERVAL.saturating_sub(self.last_store_sync.elapsed()));
+        }
+        if self.syncer.in_flight {
+            // To notice a failed store sync soon.
+            wait = wait.min(Duration::from_millis(20));
+        }
+        wait.max(Duration::from_millis(1))
+    }
+
+    /// The deferred work: the write-ahead file's `fdatasync` (durability `write`) and sled's
+    /// sync (handed to the sync thread). A failure stops all further appends, as a failed
+    /// commit does. At shutdown everything is made durable in sled before returning.
+    fn background_sync(&mut self, shared: &Shared, shutdown: bool) {
+        let r = self.background_step(shutdown);
+        if let Err(e) = r {
+            tracing::error!(error = %e, "audit sync failed; refusing further appends");
+            shared.fail(&e.to_string());
+        }
+    }
+
+    fn background_step(&mut self, shutdown: bool) -> Result<(), AuditError> {
+        self.syncer.poll()?;
+        if self.wal.has_unsynced()
+            && (shutdown || self.last_wal_sync.elapsed() >= self.sync_interval)
+        {
+            self.wal.sync()?;
+            self.last_wal_sync = Instant::now();
+        }
+        if shutdown {
+            return self.sync_store_now();
+        }
+        if !self.syncer.in_flight
+            && self.wal.len() > 0
+            && (self.wal.len() >= STORE_SYNC_BYTES
+                || self.last_store_sync.elapsed() >= STORE_SYNC_INTERVAL)
+        {
+            // Later commits go to a new segment while the sync thread catches sled up.
+            let sealed = self.wal.rotate()?;
+            self.last_store_sync = Instant::now();
+            self.syncer.request(sealed)?;
+        }
+        Ok(())
+    }
+
+    /// Makes sled's files hold everything committed and deletes every sealed segment.
+    fn sync_store_now(&mut self) -> Result<(), AuditError> {
+        self.syncer.wait()?;
+        self.store.sync(&mut self.synced_blobs)?;
+        let sealed = self.wal.rotate()?;
+        wal::remove_upto(self.store.dir(), sealed)?;
+        self.last_store_sync = Instant::now();
+        Ok(())
+    }
+
+    fn flush_index(&mut self) {
+        if !self.pending_index.is_empty() {
+            let records = std::mem::take(&mut self.pending_index);
+            self.update_index(&records);
+        }
+        self.last_index = Instant::now();
+    }
+
     fn commit_batch(&mut self, shared: &Shared, batch: Vec<Pending>, failed: Option<String>) {
         let mut waiters = Vec::with_capacity(batch.len());
         let mut records = Vec::with_capacity(batch.len());
@@ -365,10 +568,10 @@ impl Writer {
             let _ = w.send(result.clone());
         }
         // The indexes are derived from the log, so they are updated after the waiters are
-        // released; their writes become durable with the next commit (or are rebuilt from
-        // the log at open).
+        // released, batched (see the run loop); their writes become durable with the next
+        // store sync (or are rebuilt from the log at open).
         if result.is_ok() {
-            self.update_index(&records);
+            self.pending_index.extend(records);
         }
     }
 
@@ -392,7 +595,7 @@ impl Writer {
         let Some(last) = records.last().map(|r| r.seq) else {
             return Ok(());
         };
-        let mut batch = sled::Batch::default();
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(records.len() + 2);
         let mut prev = self.prev;
         let mut expected = self.next_seq;
         for rec in records {
@@ -404,12 +607,12 @@ impl Writer {
             }
             let (stored, hash) =
                 chain::seal(&prev, rec).map_err(|e| AuditError::Encode(e.to_string()))?;
-            batch.insert(&chain::record_key(rec.seq), stored);
+            pairs.push((chain::record_key(rec.seq).to_vec(), stored));
             prev = hash;
             expected = RecordId(expected.0 + 1);
         }
         let head = Mark::new(MarkKind::Head, last, prev, self.key.as_ref());
-        batch.insert(HEAD_KEY, head.encode()?);
+        pairs.push((HEAD_KEY.to_vec(), head.encode()?));
         let n = records.len() as u64;
         let checkpoint = self.since_checkpoint + n >= CHECKPOINT_EVERY_RECORDS
             || self
@@ -417,11 +620,21 @@ impl Writer {
                 .is_none_or(|t| t.elapsed() >= CHECKPOINT_INTERVAL);
         if checkpoint {
             let cp = Mark::new(MarkKind::Checkpoint, last, prev, self.key.as_ref());
-            batch.insert(&chain::checkpoint_key(last), cp.encode()?);
+            pairs.push((chain::checkpoint_key(last).to_vec(), cp.encode()?));
         }
-        // One atomic batch: records, head and checkpoint appear together or not at all.
+        // The write-ahead frame is the commit; sled's files catch up in the background.
+        self.wal.append(self.next_seq.0, &pairs)?;
+        match self.durability {
+            Durability::Fsync => self.wal.sync()?,
+            Durability::Write => {}
+        }
+        // One atomic batch: records, head and checkpoint appear together or not at all (for
+        // readers now, and in sled's files at the next store sync).
+        let mut batch = sled::Batch::default();
+        for (k, v) in pairs {
+            batch.insert(k, v);
+        }
         self.store.log.apply_batch(batch)?;
-        self.store.sync(&mut self.synced_blobs)?;
         self.prev = prev;
         self.next_seq = expected;
         self.head = Some(head);
@@ -436,6 +649,9 @@ impl Writer {
 
     fn retain(&mut self) -> Result<RetentionReport, AuditError> {
         self.last_retention = Some(Instant::now());
+        // Retention removes records from sled: no frame that re-inserts them may stay behind.
+        self.flush_index();
+        self.sync_store_now()?;
         // Retention rewrites summaries; read them back from the store afterwards.
         self.summaries.clear();
         let last = self.head.as_ref().map(|h| h.seq);
