@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: direct PostgreSQL, interceptor and pgbouncer (session mode) measured in
 //! one run with the targets interleaved, each case repeated; medians printed and written to
-//! `target/bench/latest.json`.
+//! `target/bench/latest.json`. Masking cases run through interceptor only, as identities whose
+//! policies differ from the unmasked one by their `[mask]` section alone.
 
 mod measure;
 mod pgbench;
@@ -17,14 +18,21 @@ use interceptor_tests::{ConnParams, Interceptor, InterceptorSetup, PgCluster, Pg
 
 use crate::setup::{self, Requirement};
 use crate::{cmd, harness_env, test};
-use measure::Endpoints;
+use measure::{Endpoints, ProxyEndpoint};
 use report::Measurements;
-use scenario::{Scenario, Target};
+use scenario::{Masking, Scenario, Target};
 
 /// The identity the benchmark's clients present to interceptor.
 const BENCH_IDENTITY: &str = "bench";
+/// The identities of the masking cases (same policy rules, one `[mask]` section each).
+const MASK_COLUMN_IDENTITY: &str = "bench-mask-column";
+const MASK_DETECTORS_IDENTITY: &str = "bench-mask-detectors";
 /// The policy interceptor decides the benchmark's statements with.
 const BENCH_POLICY: &str = include_str!("policy.toml");
+const MASK_COLUMN: &str = include_str!("mask_column.toml");
+const MASK_DETECTORS: &str = include_str!("mask_detectors.toml");
+/// The pseudonym key of this throwaway benchmark (a secret only in a real deployment).
+const BENCH_PSEUDONYM_KEY: &str = "bench-pseudonym-key-not-a-secret";
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -91,6 +99,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .tempdir()
         .context("create policy dir")?;
     std::fs::write(policies.path().join("bench.toml"), BENCH_POLICY).context("write policy")?;
+    for (identity, mask) in [
+        (MASK_COLUMN_IDENTITY, MASK_COLUMN),
+        (MASK_DETECTORS_IDENTITY, MASK_DETECTORS),
+    ] {
+        std::fs::write(
+            policies.path().join(format!("{identity}.toml")),
+            masked_policy(identity, mask)?,
+        )
+        .context("write masking policy")?;
+    }
+    let rows100_script = policies.path().join("rows100.sql");
+    std::fs::write(&rows100_script, measure::rows100_script(args.scale))
+        .context("write pgbench script")?;
     let proxy = match &bin {
         Some(bin) => {
             println!(
@@ -100,6 +121,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             Some(Interceptor::start(
                 InterceptorSetup::new(&pg)
                     .identity(BENCH_IDENTITY, password, &["bench"], None)
+                    .identity(
+                        MASK_COLUMN_IDENTITY,
+                        password,
+                        &[MASK_COLUMN_IDENTITY],
+                        None,
+                    )
+                    .identity(
+                        MASK_DETECTORS_IDENTITY,
+                        password,
+                        &[MASK_DETECTORS_IDENTITY],
+                        None,
+                    )
+                    .pseudonym_key(BENCH_PSEUDONYM_KEY)
                     .policy_dir(policies.path())
                     .with_audit()
                     .env("RUST_LOG", "warn")
@@ -126,28 +160,35 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let endpoints = Endpoints {
         direct: pg.tcp_params(APP_RW, Some(password)).dbname(APP_DB),
         interceptor: match &proxy {
-            Some(p) => Some((
-                p.params(BENCH_IDENTITY).dbname(APP_DB),
-                p.pid().context("interceptor is not running")?,
-            )),
+            Some(p) => Some(ProxyEndpoint {
+                unmasked: p.params(BENCH_IDENTITY).dbname(APP_DB),
+                mask_column: p.params(MASK_COLUMN_IDENTITY).dbname(APP_DB),
+                mask_detectors: p.params(MASK_DETECTORS_IDENTITY).dbname(APP_DB),
+                pid: p.pid().context("interceptor is not running")?,
+            }),
             None => None,
         },
         pgbouncer: bouncer
             .as_ref()
             .map(|b| ConnParams::new("127.0.0.1", b.port(), APP_RW, Some(password)).dbname(APP_DB)),
+        rows100_script,
     };
 
-    // Warm the caches once so the first measured target is not the one paying for cold pages.
-    measure::stream(&endpoints.direct).context("warm-up stream")?;
+    // Warm the caches once so the first measured target is not the one paying for cold pages;
+    // the same pass counts the bytes of text a stream carries.
+    let stream_bytes = measure::stream_bytes(&endpoints.direct).context("warm-up stream")?;
+    let mut results = Measurements::new(Some(stream_bytes));
+    if let Some(p) = &endpoints.interceptor {
+        check_masking(p)?;
+    }
 
     let reps = args.reps();
-    let mut results = Measurements::default();
     for rep in 0..reps {
         for scenario in Scenario::ALL {
             // Rotate the target order each repetition so no target always runs first.
             let mut targets = Target::ALL;
             targets.rotate_left(rep as usize % Target::ALL.len());
-            for target in targets.into_iter().filter(|t| endpoints.has(*t)) {
+            for target in targets.into_iter().filter(|t| endpoints.has(scenario, *t)) {
                 let value =
                     measure::one(scenario, target, &endpoints, args.duration(), &mut results)
                         .with_context(|| {
@@ -191,6 +232,56 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// `policy.toml` for another identity, with a `[mask]` section appended.
+fn masked_policy(identity: &str, mask: &str) -> Result<String> {
+    let replace_once = |text: &str, from: &str, to: &str| -> Result<String> {
+        anyhow::ensure!(
+            text.matches(from).count() == 1,
+            "bench policy.toml must hold `{from}` exactly once"
+        );
+        Ok(text.replacen(from, to, 1))
+    };
+    let policy = replace_once(
+        BENCH_POLICY,
+        "name = \"bench\"",
+        &format!("name = \"{identity}\""),
+    )?;
+    let policy = replace_once(
+        &policy,
+        "groups = [\"bench\"]",
+        &format!("groups = [\"{identity}\"]"),
+    )?;
+    Ok(format!("{policy}\n{mask}"))
+}
+
+/// Fails unless each masking identity really masks: a value its rule covers (column) or a
+/// card number (detectors) must not come back in clear, and the unmasked identity must see
+/// it in clear. Otherwise the masking rows would time an unmasked stream.
+fn check_masking(p: &ProxyEndpoint) -> Result<()> {
+    const FILLER: &str = "SELECT filler FROM pgbench_accounts WHERE aid = 1";
+    const CARD: &str = "SELECT '4111 1111 1111 1111'::text";
+    let unmasked = p.params(Masking::None);
+    let filler = measure::psql_output(unmasked, FILLER)?;
+    anyhow::ensure!(
+        filler.trim_end_matches('\n').len() == 84,
+        "unmasked filler is not 84 characters: {filler:?}"
+    );
+    let masked = measure::psql_output(p.params(Masking::Column), FILLER)?;
+    anyhow::ensure!(
+        masked.starts_with("p_") && masked != filler,
+        "the column rule did not pseudonymise filler: {masked:?}"
+    );
+    let card = measure::psql_output(unmasked, CARD)?;
+    anyhow::ensure!(card.contains("4111 1111"), "unmasked card: {card:?}");
+    let redacted = measure::psql_output(p.params(Masking::Detectors), CARD)?;
+    anyhow::ensure!(
+        redacted.contains("[REDACTED:card]"),
+        "the detectors did not redact a card number: {redacted:?}"
+    );
+    println!("== masking identities checked: filler pseudonymised, card numbers redacted");
+    Ok(())
+}
+
 /// `INTERCEPTOR_BIN` if set, else a release build: a debug proxy would measure the compiler.
 fn release_interceptor() -> Result<std::path::PathBuf> {
     if let Some(bin) = std::env::var_os("INTERCEPTOR_BIN").map(std::path::PathBuf::from)
@@ -200,4 +291,36 @@ fn release_interceptor() -> Result<std::path::PathBuf> {
         return Ok(bin);
     }
     test::build_interceptor_profile(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masked_policies_differ_from_the_bench_policy_only_by_name_group_and_mask() {
+        let p = masked_policy(MASK_COLUMN_IDENTITY, MASK_COLUMN).unwrap();
+        assert!(p.contains("name = \"bench-mask-column\""));
+        assert!(p.contains("groups = [\"bench-mask-column\"]"));
+        assert!(!p.contains("groups = [\"bench\"]"));
+        assert!(p.ends_with(MASK_COLUMN));
+        assert_eq!(
+            p.replace("bench-mask-column", "bench")
+                .strip_suffix(MASK_COLUMN)
+                .map(|base| base.trim_end().to_string()),
+            Some(BENCH_POLICY.trim_end().to_string())
+        );
+        let d = masked_policy(MASK_DETECTORS_IDENTITY, MASK_DETECTORS).unwrap();
+        assert!(d.contains("all = true"));
+    }
+
+    #[test]
+    fn rows100_script_stays_inside_the_table() {
+        let script = measure::rows100_script(10);
+        assert!(
+            script.starts_with("\\set aid random(1, 999901)\n"),
+            "{script}"
+        );
+        assert!(script.contains("BETWEEN :aid AND :aid + 99;"));
+    }
 }
