@@ -16,6 +16,8 @@ pub struct Endpoints {
     pub direct: ConnParams,
     /// Unless skipped.
     pub interceptor: Option<ProxyEndpoint>,
+    /// The interceptor with its audit store on tmpfs (100-row cases), unless skipped.
+    pub interceptor_tmpfs: Option<ProxyEndpoint>,
     pub pgbouncer: Option<ConnParams>,
     /// The pgbench script of the 100-row cases.
     pub rows100_script: PathBuf,
@@ -43,6 +45,7 @@ impl Endpoints {
     fn params(&self, target: Target, masking: Masking) -> Option<&ConnParams> {
         match (target, masking) {
             (Target::Interceptor, m) => self.interceptor.as_ref().map(|p| p.params(m)),
+            (Target::InterceptorTmpfs, m) => self.interceptor_tmpfs.as_ref().map(|p| p.params(m)),
             // Only interceptor masks: a masked case has no other target.
             (_, Masking::Column | Masking::Detectors) => None,
             (Target::Direct, Masking::None) => Some(&self.direct),
@@ -100,9 +103,10 @@ pub fn one(
         });
     }
     // The only non-pgbench scenarios: the streams.
-    let pid = match (target, &endpoints.interceptor) {
-        (Target::Interceptor, Some(p)) => Some(p.pid),
-        _ => None,
+    let pid = match target {
+        Target::Interceptor => endpoints.interceptor.as_ref().map(|p| p.pid),
+        Target::InterceptorTmpfs => endpoints.interceptor_tmpfs.as_ref().map(|p| p.pid),
+        Target::Direct | Target::Pgbouncer => None,
     };
     if let Some(pid) = pid {
         reset_peak_rss(pid)?;

@@ -112,14 +112,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let rows100_script = policies.path().join("rows100.sql");
     std::fs::write(&rows100_script, measure::rows100_script(args.scale))
         .context("write pgbench script")?;
-    let proxy = match &bin {
+    // fsync on tmpfs returns at once (see `Target::InterceptorTmpfs`).
+    let shm_audit = tempfile::Builder::new()
+        .prefix("bench-audit-")
+        .tempdir_in("/dev/shm")
+        .context("create an audit dir on /dev/shm")?;
+    let proxies = match &bin {
         Some(bin) => {
             println!(
-                "== interceptor {} (audit on, log level warn)",
+                "== interceptor {} (audit on, log level warn), and a second one with its audit store \
+                 on tmpfs for the 100-row latency cases",
                 bin.display()
             );
-            Some(Interceptor::start(
-                InterceptorSetup::new(&pg)
+            let start = |audit_on_tmpfs: Option<&std::path::Path>| {
+                let setup = InterceptorSetup::new(&pg)
                     .identity(BENCH_IDENTITY, password, &["bench"], None)
                     .identity(
                         MASK_COLUMN_IDENTITY,
@@ -135,10 +141,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     )
                     .pseudonym_key(BENCH_PSEUDONYM_KEY)
                     .policy_dir(policies.path())
-                    .with_audit()
                     .env("RUST_LOG", "warn")
-                    .env("INTERCEPTOR_LOG", "warn"),
-            )?)
+                    .env("INTERCEPTOR_LOG", "warn");
+                Interceptor::start(match audit_on_tmpfs {
+                    Some(dir) => setup.audit_dir(dir.join("audit")),
+                    None => setup.with_audit(),
+                })
+            };
+            Some((start(None)?, start(Some(shm_audit.path()))?))
         }
         None => None,
     };
@@ -159,13 +169,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     let endpoints = Endpoints {
         direct: pg.tcp_params(APP_RW, Some(password)).dbname(APP_DB),
-        interceptor: match &proxy {
-            Some(p) => Some(ProxyEndpoint {
-                unmasked: p.params(BENCH_IDENTITY).dbname(APP_DB),
-                mask_column: p.params(MASK_COLUMN_IDENTITY).dbname(APP_DB),
-                mask_detectors: p.params(MASK_DETECTORS_IDENTITY).dbname(APP_DB),
-                pid: p.pid().context("interceptor is not running")?,
-            }),
+        interceptor: match &proxies {
+            Some((p, _)) => Some(proxy_endpoint(p)?),
+            None => None,
+        },
+        interceptor_tmpfs: match &proxies {
+            Some((_, p)) => Some(proxy_endpoint(p)?),
             None => None,
         },
         pgbouncer: bouncer
@@ -178,13 +187,22 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // the same pass counts the bytes of text a stream carries.
     let stream_bytes = measure::stream_bytes(&endpoints.direct).context("warm-up stream")?;
     let mut results = Measurements::new(Some(stream_bytes));
-    if let Some(p) = &endpoints.interceptor {
+    for p in [&endpoints.interceptor, &endpoints.interceptor_tmpfs]
+        .into_iter()
+        .flatten()
+    {
         check_masking(p)?;
     }
 
     let reps = args.reps();
     for rep in 0..reps {
-        for scenario in Scenario::ALL {
+        // Every other repetition runs the scenarios backwards, so a masked case does not
+        // always follow its unmasked baseline (load on this machine drifts).
+        let mut scenarios = Scenario::ALL;
+        if rep % 2 == 1 {
+            scenarios.reverse();
+        }
+        for scenario in scenarios {
             // Rotate the target order each repetition so no target always runs first.
             let mut targets = Target::ALL;
             targets.rotate_left(rep as usize % Target::ALL.len());
@@ -221,15 +239,25 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let json = cmd::workspace_root().join("target/bench/latest.json");
     report::write_json(&rows, &json)?;
     println!("written: {}", json.display());
-    if let Some(p) = &proxy
-        && !p.logs().is_empty()
-    {
-        println!(
-            "interceptor logged: {}",
-            p.dir().join("interceptor.log").display()
-        );
+    for p in proxies.iter().flat_map(|(a, b)| [a, b]) {
+        if !p.logs().is_empty() {
+            println!(
+                "interceptor logged: {}",
+                p.dir().join("interceptor.log").display()
+            );
+        }
     }
     Ok(())
+}
+
+/// The identities of one interceptor instance.
+fn proxy_endpoint(p: &Interceptor) -> Result<ProxyEndpoint> {
+    Ok(ProxyEndpoint {
+        unmasked: p.params(BENCH_IDENTITY).dbname(APP_DB),
+        mask_column: p.params(MASK_COLUMN_IDENTITY).dbname(APP_DB),
+        mask_detectors: p.params(MASK_DETECTORS_IDENTITY).dbname(APP_DB),
+        pid: p.pid().context("interceptor is not running")?,
+    })
 }
 
 /// `policy.toml` for another identity, with a `[mask]` section appended.

@@ -80,7 +80,7 @@ impl Row {
 
 /// The name of the row a masked scenario is compared with.
 fn baseline_name(unmasked: Scenario) -> String {
-    format!("{}/{}", unmasked.name(), Target::Interceptor.name())
+    format!("{}/{}", unmasked.name(), unmasked.proxy().name())
 }
 
 /// Medians and ratios per scenario and target, then derived rows: the latency interceptor and
@@ -101,7 +101,7 @@ pub fn summarize(m: &Measurements) -> Vec<Row> {
             if let Some(base) = unmasked {
                 row.baseline = Some(baseline_name(base));
                 row.ratio_to_baseline = m
-                    .median_of(base, Target::Interceptor)
+                    .median_of(base, base.proxy())
                     .filter(|b| *b > 0.0)
                     .map(|b| value / b);
             }
@@ -118,7 +118,7 @@ pub fn summarize(m: &Measurements) -> Vec<Row> {
         let Some(direct) = m.median_of(latency, Target::Direct) else {
             continue;
         };
-        for target in [Target::Interceptor, Target::Pgbouncer] {
+        for target in [latency.proxy(), Target::Pgbouncer] {
             if let Some(value) = m.median_of(latency, target) {
                 rows.push(Row::new(name, target, Unit::Ms.name(), value - direct));
             }
@@ -136,10 +136,10 @@ pub fn summarize(m: &Measurements) -> Vec<Row> {
     ] {
         let base = Scenario::Rows100OneClient;
         if let (Some(value), Some(unmasked)) = (
-            m.median_of(masked, Target::Interceptor),
-            m.median_of(base, Target::Interceptor),
+            m.median_of(masked, masked.proxy()),
+            m.median_of(base, base.proxy()),
         ) {
-            let mut row = Row::new(name, Target::Interceptor, Unit::Ms.name(), value - unmasked);
+            let mut row = Row::new(name, masked.proxy(), Unit::Ms.name(), value - unmasked);
             row.baseline = Some(baseline_name(base));
             rows.push(row);
         }
@@ -265,13 +265,13 @@ mod tests {
             1.6,
         );
         m.record(Scenario::Rows100OneClient, Target::Direct, 0.3);
-        m.record(Scenario::Rows100OneClient, Target::Interceptor, 2.0);
-        m.record(Scenario::Rows100MaskColumn, Target::Interceptor, 2.25);
+        m.record(Scenario::Rows100OneClient, Target::InterceptorTmpfs, 2.0);
+        m.record(Scenario::Rows100MaskColumn, Target::InterceptorTmpfs, 2.25);
 
         let rows = summarize(&m);
         let find = |s: &str| {
             rows.iter()
-                .find(|r| r.scenario == s && r.target == "interceptor")
+                .find(|r| r.scenario == s && r.target.starts_with("interceptor"))
                 .unwrap_or_else(|| panic!("no row {s}"))
         };
         let column = find("stream_pgbench_accounts_mask_column");
@@ -292,6 +292,11 @@ mod tests {
         let added = find("rows100_c1_mask_column_added_latency");
         assert!((added.median - 0.25).abs() < 1e-12);
         assert_eq!(added.unit, "ms");
+        assert_eq!(added.target, "interceptor_tmpfs");
+        assert_eq!(
+            find("rows100_c1_latency_mask_column").baseline.as_deref(),
+            Some("rows100_c1_latency/interceptor_tmpfs")
+        );
         assert!((find("rows100_c1_added_latency").median - 1.7).abs() < 1e-12);
         // No detectors measurement for 100 rows: no derived row either.
         assert!(
@@ -303,7 +308,7 @@ mod tests {
         assert!(
             rows.iter()
                 .filter(|r| r.scenario.contains("mask"))
-                .all(|r| r.target == "interceptor")
+                .all(|r| r.target.starts_with("interceptor"))
         );
     }
 
