@@ -65,6 +65,11 @@ impl BenchArgs {
         self.reps.unwrap_or(if self.quick { 1 } else { 3 }).max(1)
     }
 
+    /// Rounds of the stream family per repetition (3, or 1 with --quick).
+    fn stream_rounds(&self) -> u32 {
+        if self.quick { 1 } else { 3 }
+    }
+
     fn duration(&self) -> Duration {
         Duration::from_secs(
             self.duration
@@ -196,36 +201,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     let reps = args.reps();
     for rep in 0..reps {
-        // Every other repetition runs the scenarios backwards, so a masked case does not
-        // always follow its unmasked baseline (load on this machine drifts).
-        let mut scenarios = Scenario::ALL;
-        if rep % 2 == 1 {
-            scenarios.reverse();
-        }
-        for scenario in scenarios {
-            // Rotate the target order each repetition so no target always runs first.
-            let mut targets = Target::ALL;
-            targets.rotate_left(rep as usize % Target::ALL.len());
-            for target in targets.into_iter().filter(|t| endpoints.has(scenario, *t)) {
-                let value =
-                    measure::one(scenario, target, &endpoints, args.duration(), &mut results)
-                        .with_context(|| {
-                            format!(
-                                "{} against {} (rep {})",
-                                scenario.name(),
-                                target.name(),
-                                rep + 1
-                            )
-                        })?;
-                println!(
-                    "   rep {}/{reps} {:<26} {:<12} {value:>12.3} {}",
-                    rep + 1,
+        for (scenario, target) in schedule(rep, args.stream_rounds(), &|s, t| endpoints.has(s, t)) {
+            let value = measure::one(scenario, target, &endpoints, args.duration(), &mut results)
+                .with_context(|| {
+                format!(
+                    "{} against {} (rep {})",
                     scenario.name(),
                     target.name(),
-                    scenario.unit().name()
-                );
-                results.record(scenario, target, value);
-            }
+                    rep + 1
+                )
+            })?;
+            println!(
+                "   rep {}/{reps} {:<40} {:<18} {value:>10.3} {}",
+                rep + 1,
+                scenario.name(),
+                target.name(),
+                scenario.unit().name()
+            );
+            results.record(scenario, target, value);
         }
     }
 
@@ -248,6 +241,55 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The measurements of repetition `rep`, in order. Targets rotate each repetition so none
+/// always runs first; every other repetition runs the scenarios backwards, so a masked case
+/// does not always follow its baseline (load on a shared machine drifts). The streams, short
+/// and the most sensitive to drift, run as one family: `stream_rounds` rounds of every stream
+/// against every target, each round rotated.
+fn schedule(
+    rep: u32,
+    stream_rounds: u32,
+    runs: &dyn Fn(Scenario, Target) -> bool,
+) -> Vec<(Scenario, Target)> {
+    let mut scenarios = Scenario::ALL;
+    if rep % 2 == 1 {
+        scenarios.reverse();
+    }
+    let mut targets = Target::ALL;
+    targets.rotate_left(rep as usize % Target::ALL.len());
+    let cases = |s: Scenario| {
+        targets
+            .into_iter()
+            .filter(move |t| runs(s, *t))
+            .map(move |t| (s, t))
+    };
+    let mut steps = Vec::new();
+    let mut streams_scheduled = false;
+    for scenario in scenarios {
+        if !scenario.is_stream() {
+            steps.extend(cases(scenario));
+            continue;
+        }
+        if std::mem::replace(&mut streams_scheduled, true) {
+            continue;
+        }
+        let family: Vec<(Scenario, Target)> = scenarios
+            .into_iter()
+            .filter(|s| s.is_stream())
+            .flat_map(cases)
+            .collect();
+        for round in 0..stream_rounds as usize {
+            let mut order = family.clone();
+            let n = order.len();
+            if n > 0 {
+                order.rotate_left(round % n);
+            }
+            steps.extend(order);
+        }
+    }
+    steps
 }
 
 /// The identities of one interceptor instance.
@@ -340,6 +382,36 @@ mod tests {
         );
         let d = masked_policy(MASK_DETECTORS_IDENTITY, MASK_DETECTORS).unwrap();
         assert!(d.contains("all = true"));
+    }
+
+    #[test]
+    fn schedule_interleaves_stream_rounds_and_runs_every_case() {
+        let all = |_: Scenario, _: Target| true;
+        let proxy_only = |s: Scenario, t: Target| s.runs_on(t);
+        let steps = schedule(0, 3, &proxy_only);
+        let streams: Vec<_> = steps.iter().filter(|(s, _)| s.is_stream()).collect();
+        // direct, interceptor, pgbouncer for the plain stream; interceptor for each masked one.
+        assert_eq!(streams.len(), 3 * 5);
+        // Consecutive streams: each round starts at a different case.
+        assert_ne!(streams[0], streams[5]);
+        assert_ne!(streams[5], streams[10]);
+        for rep in 0..4 {
+            let steps = schedule(rep, 1, &proxy_only);
+            for scenario in Scenario::ALL {
+                let n = steps.iter().filter(|(s, _)| *s == scenario).count();
+                let expected = Target::ALL.iter().filter(|t| scenario.runs_on(**t)).count();
+                assert_eq!(n, expected, "{scenario:?} in rep {rep}");
+            }
+            assert!(steps.iter().all(|(s, t)| s.runs_on(*t)));
+        }
+        // Odd repetitions run backwards: the masked 100-row case before its baseline.
+        let pos = |steps: &[(Scenario, Target)], s: Scenario| {
+            steps.iter().position(|(x, _)| *x == s).unwrap()
+        };
+        let even = schedule(0, 1, &all);
+        let odd = schedule(1, 1, &all);
+        assert!(pos(&even, Scenario::Rows100OneClient) < pos(&even, Scenario::Rows100MaskColumn));
+        assert!(pos(&odd, Scenario::Rows100OneClient) > pos(&odd, Scenario::Rows100MaskColumn));
     }
 
     #[test]
