@@ -178,7 +178,7 @@ pub fn summarize(m: &Measurements) -> Vec<Row> {
 /// A fixed-width table of the rows, one line per row.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<44} {:<12} {:>5} {:>12} {:>9} {:>11}\n",
+        "{:<48} {:<18} {:>5} {:>12} {:>9} {:>11}\n",
         "scenario", "target", "unit", "median", "vs direct", "vs unmasked"
     );
     let ratio = |r: Option<f64>| {
@@ -187,7 +187,7 @@ pub fn table(rows: &[Row]) -> String {
     };
     for r in rows {
         out.push_str(&format!(
-            "{:<44} {:<12} {:>5} {:>12.3} {:>9} {:>11}\n",
+            "{:<48} {:<18} {:>5} {:>12.3} {:>9} {:>11}\n",
             r.scenario,
             r.target,
             r.unit,
