@@ -96,6 +96,10 @@ fn unchanged_data_rows_allocate_nothing() {
     let (out, n) = allocations(|| plan4.mask_data_row(&row, &mut summary));
     assert!(out.expect("ok").is_none());
     assert_eq!(n, 0, "an unchanged DataRow allocated {n} times");
+    // The relay's framed variant neither.
+    let (out, n) = allocations(|| plan4.mask_data_row_message(&row, &mut summary));
+    assert!(out.expect("ok").is_none());
+    assert_eq!(n, 0, "an unchanged DataRow (framed) allocated {n} times");
     drop(plan);
 
     // A row that is masked does allocate (the counter works).
@@ -142,4 +146,41 @@ fn unchanged_copy_rows_allocate_nothing() {
         assert!(out.expect("ok").is_none());
         assert_eq!(n, 0, "unchanged COPY data allocated {n} times (csv: {csv})");
     }
+}
+
+#[test]
+fn a_pseudonymised_cell_costs_two_allocations_per_row() {
+    // The per-cell cost of a column rule (issue 6): the pseudonym and the new row, no
+    // formatting temporaries, whatever the row's other columns hold.
+    let section: toml::Value = toml::from_str(
+        "[[column]]\nmatch = \"public.pgbench_accounts.filler\"\nstrategy = \"pseudonym\"\n",
+    )
+    .expect("toml");
+    let rules =
+        MaskRules::from_toml(&[section], Some(b"0123456789abcdef0123456789abcdef")).expect("rules");
+    let mut rd = 4i16.to_be_bytes().to_vec();
+    for (i, (name, type_oid)) in [("aid", 23), ("bid", 23), ("abalance", 23), ("filler", 1042)]
+        .into_iter()
+        .enumerate()
+    {
+        rd.extend(text_column(name, 16500, i as i16 + 1, type_oid));
+    }
+    let origin = |t: u32, a: i16| -> Option<ColumnOrigin> {
+        let column = ["aid", "bid", "abalance", "filler"].get(usize::try_from(a - 1).ok()?)?;
+        (t == 16500).then(|| ColumnOrigin::new("public", "pgbench_accounts", *column))
+    };
+    let plan = rules.plan(&rd, &origin).expect("plan").expect("rule plans");
+    let filler = [b' '; 84];
+    let mut row = 4i16.to_be_bytes().to_vec();
+    for v in [&b"123456"[..], b"2", b"0", &filler] {
+        row.extend_from_slice(&(v.len() as i32).to_be_bytes());
+        row.extend_from_slice(v);
+    }
+    let mut summary = MaskSummary::new();
+    let _ = plan.mask_data_row_message(&row, &mut summary);
+    let (out, n) = allocations(|| plan.mask_data_row_message(&row, &mut summary));
+    let out = out.expect("ok").expect("masked");
+    assert_eq!(&out[..1], b"D");
+    assert!(!out.windows(84).any(|w| w == filler), "filler survived");
+    assert!(n <= 2, "one masked row allocated {n} times");
 }

@@ -191,6 +191,29 @@ impl MaskPlan {
         body: &[u8],
         summary: &mut MaskSummary,
     ) -> Result<Option<Vec<u8>>, MaskError> {
+        self.rewrite_row(body, summary, false)
+    }
+
+    /// As [`MaskPlan::mask_data_row`], but a changed row comes back as a whole DataRow
+    /// message (tag and length included), so the relay forwards it without framing it again.
+    pub fn mask_data_row_message(
+        &self,
+        body: &[u8],
+        summary: &mut MaskSummary,
+    ) -> Result<Option<Vec<u8>>, MaskError> {
+        self.rewrite_row(body, summary, true)
+    }
+
+    /// The DataRow header that [`MaskPlan::mask_data_row_message`] writes before the body; its
+    /// length is filled in once the body is complete.
+    const HEADER: [u8; 5] = [b'D', 0, 0, 0, 0];
+
+    fn rewrite_row(
+        &self,
+        body: &[u8],
+        summary: &mut MaskSummary,
+        framed: bool,
+    ) -> Result<Option<Vec<u8>>, MaskError> {
         let mut r = Reader::new(body, "DataRow");
         let count = r.i16()?;
         if count < 0 {
@@ -225,7 +248,10 @@ impl MaskPlan {
                 }
                 changed => {
                     let o = out.get_or_insert_with(|| {
-                        let mut o = Vec::with_capacity(body.len() + 64);
+                        let mut o = Vec::with_capacity(Self::HEADER.len() + body.len() + 64);
+                        if framed {
+                            o.extend_from_slice(&Self::HEADER);
+                        }
                         o.extend_from_slice(&body[..start]);
                         o
                     });
@@ -237,6 +263,11 @@ impl MaskPlan {
             }
         }
         r.finish()?;
+        if framed && let Some(o) = out.as_mut() {
+            let len = i32::try_from(o.len() - 1)
+                .map_err(|_| MaskError::malformed("DataRow", "masked row too long"))?;
+            o[1..5].copy_from_slice(&len.to_be_bytes());
+        }
         Ok(out)
     }
 

@@ -67,6 +67,11 @@ pub(crate) enum Strategy {
 }
 
 impl Strategy {
+    /// Whether [`Strategy::render`] looks at the value's [`Shape`] (others need not infer it).
+    pub(crate) fn uses_shape(&self) -> bool {
+        matches!(self, Strategy::Pseudonym | Strategy::FormatPreserving)
+    }
+
     pub(crate) fn kind(&self) -> StrategyKind {
         match self {
             Strategy::Redact { .. } => StrategyKind::Redact,
@@ -140,17 +145,25 @@ impl Shape {
     }
 }
 
+// Both checks run on every cell of a column rule that uses shapes: each starts with the
+// test that rejects most values cheaply (memchr for `@`, the first byte for cards).
 fn looks_like_email(v: &[u8]) -> bool {
-    match v.iter().rposition(|b| *b == b'@') {
-        Some(at) => at > 0 && v[at + 1..].contains(&b'.') && !v.contains(&b' '),
+    match memchr::memrchr(b'@', v) {
+        Some(at) => {
+            at > 0
+                && memchr::memchr(b'.', &v[at + 1..]).is_some()
+                && memchr::memchr(b' ', v).is_none()
+        }
         None => false,
     }
 }
 
 fn looks_like_card(v: &[u8]) -> bool {
+    if v.len() < 13 || !v.first().is_some_and(u8::is_ascii_digit) {
+        return false;
+    }
     let digits = v.iter().filter(|b| b.is_ascii_digit()).count();
     (13..=19).contains(&digits)
-        && v.first().is_some_and(u8::is_ascii_digit)
         && v.iter()
             .all(|b| b.is_ascii_digit() || *b == b' ' || *b == b'-')
 }
@@ -226,13 +239,22 @@ pub(crate) fn partial(value: &[u8], keep_first: usize, keep_last: usize, domain:
     out.into_bytes()
 }
 
+const EMAIL_PSEUDONYM_DOMAIN: &[u8] = b"@pseudonym.invalid";
+
 fn pseudonym(key: &MaskKey, value: &[u8], shape: Shape) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let tag = key.tag(b"pseudonym", 0, value);
-    let mut out = format!("p_{}", hex::encode(&tag[..8]));
-    if shape == Shape::Email {
-        out.push_str("@pseudonym.invalid");
+    // Built in place: this runs once per masked cell.
+    let mut out = Vec::with_capacity(2 + 16 + EMAIL_PSEUDONYM_DOMAIN.len());
+    out.extend_from_slice(b"p_");
+    for b in &tag[..8] {
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 0x0f)]);
     }
-    out.into_bytes()
+    if shape == Shape::Email {
+        out.extend_from_slice(EMAIL_PSEUDONYM_DOMAIN);
+    }
+    out
 }
 
 /// Pseudo-random bytes derived from the key and the value (all zero without a key, so unkeyed

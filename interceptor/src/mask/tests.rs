@@ -484,6 +484,72 @@ fn pseudonyms_are_stable_across_instances_and_differ_across_keys() {
     assert!(!p(&a1, "carol").contains("carol"));
 }
 
+#[test]
+fn pseudonym_output_is_the_documented_hmac() {
+    // p_ + the first 8 bytes, in lower-case hex, of HMAC-SHA256(key, be32(len(domain)) ||
+    // domain || be32(0) || value): pseudonyms must not change across versions, or joins on
+    // them break after an upgrade.
+    use hmac::{Hmac, Mac};
+    let expected = |value: &[u8]| {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(KEY).expect("key");
+        mac.update(&9u32.to_be_bytes());
+        mac.update(b"pseudonym");
+        mac.update(&0u32.to_be_bytes());
+        mac.update(value);
+        format!("p_{}", hex::encode(&mac.finalize().into_bytes()[..8]))
+    };
+    let toml = "[mask]\n[[mask.column]]\nname_pattern = \"^v$\"\nstrategy = \"pseudonym\"\n";
+    let r = rules_with_key(toml, Some(KEY));
+    assert_eq!(
+        mask_text(&r, "carol").as_deref(),
+        Some(expected(b"carol").as_str())
+    );
+    let filler = " ".repeat(84);
+    assert_eq!(mask_text(&r, &filler), Some(expected(filler.as_bytes())));
+    assert_eq!(
+        mask_text(&r, "alice@example.com"),
+        Some(format!(
+            "{}@pseudonym.invalid",
+            expected(b"alice@example.com")
+        ))
+    );
+}
+
+#[test]
+fn framed_rows_are_the_masked_body_with_a_data_row_header() {
+    let r = rules_with_key(EXAMPLE_RULES, Some(KEY));
+    let rd = row_description(&[
+        f("id", ACCOUNTS, 1, INT4, 0),
+        f("card_number", ACCOUNTS, 2, TEXT, 0),
+        f("notes", ACCOUNTS, 4, TEXT, 0),
+    ]);
+    let plan = r.plan(&rd, &accounts_origin).expect("plan").expect("some");
+    let mut s = MaskSummary::new();
+    let row = data_row(&[Some(b"7"), Some(b"4111 1111 1111 1111"), None]);
+    let body = plan
+        .mask_data_row(&row, &mut s)
+        .expect("mask")
+        .expect("changed");
+    let message = plan
+        .mask_data_row_message(&row, &mut s)
+        .expect("mask")
+        .expect("changed");
+    assert_eq!(message[0], b'D');
+    assert_eq!(
+        i32::from_be_bytes([message[1], message[2], message[3], message[4]]) as usize,
+        body.len() + 4
+    );
+    assert_eq!(&message[5..], &body[..]);
+    // Both calls were counted.
+    assert_eq!(s.total(), 2);
+    // An untouched row stays unframed and unallocated.
+    let clean = data_row(&[Some(b"7"), None, Some(b"nothing here")]);
+    assert_eq!(
+        plan.mask_data_row_message(&clean, &mut s).expect("mask"),
+        None
+    );
+}
+
 // ---------------------------------------------------------------- detectors
 
 #[test]

@@ -68,6 +68,15 @@ pub(crate) enum Outcome {
 
 const JSONB_VERSION: u8 = 1;
 
+/// The shape of a whole value, inferred only for strategies that use it (per masked cell).
+fn shape_for(strategy: &Strategy, value: &[u8]) -> Shape {
+    if strategy.uses_shape() {
+        Shape::infer(value)
+    } else {
+        Shape::Generic
+    }
+}
+
 impl Inner {
     /// Apply a column rule's strategy to a whole value.
     pub(crate) fn mask_whole(
@@ -81,7 +90,7 @@ impl Inner {
         let key = self.key.as_ref();
         let (outcome, applied) = match repr {
             Repr::Text => {
-                let r = strategy.render(value, Shape::infer(value), key, COLUMN_TOKEN, true);
+                let r = strategy.render(value, shape_for(strategy, value), key, COLUMN_TOKEN, true);
                 (rendered(r), strategy.kind())
             }
             Repr::Json => (self.whole_json(strategy, value), strategy.kind()),
@@ -119,7 +128,7 @@ impl Inner {
             [b'"', inner @ .., b'"'] if !inner.contains(&b'\\') => inner,
             _ => json,
         };
-        match strategy.render(inner, Shape::infer(inner), key, COLUMN_TOKEN, true) {
+        match strategy.render(inner, shape_for(strategy, inner), key, COLUMN_TOKEN, true) {
             Rendered::Null => Outcome::Null,
             Rendered::Bytes(b) => {
                 let mut out = Vec::with_capacity(b.len() + 2);

@@ -585,7 +585,11 @@ impl MaskStream {
                 let Some(Some(plan)) = &self.active else {
                     return Ok(Action::Pass);
                 };
-                Ok(replace(b'D', plan.mask_data_row(body, summary)?))
+                // The masked row comes framed: one allocation per changed row, none otherwise.
+                Ok(match plan.mask_data_row_message(body, summary)? {
+                    None => Action::Pass,
+                    Some(message) => Action::Replace(Bytes::from(message)),
+                })
             }
             b'T' => {
                 let plan = self.plan(body);

@@ -1,5 +1,6 @@
 //! Taking one measurement: a pgbench run or a timed 1M-row stream through psql.
 
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -8,33 +9,58 @@ use interceptor_tests::{ConnParams, PgCommand};
 
 use super::pgbench;
 use super::report::Measurements;
-use super::scenario::{Scenario, Target};
+use super::scenario::{Masking, Scenario, Script, Target};
 
-/// How clients reach each target.
+/// How clients reach each target, and the files their workloads need.
 pub struct Endpoints {
     pub direct: ConnParams,
-    /// Connection parameters and process id, unless skipped.
-    pub interceptor: Option<(ConnParams, u32)>,
+    /// Unless skipped.
+    pub interceptor: Option<ProxyEndpoint>,
+    /// The interceptor with its audit store on tmpfs (100-row cases), unless skipped.
+    pub interceptor_tmpfs: Option<ProxyEndpoint>,
     pub pgbouncer: Option<ConnParams>,
+    /// The pgbench script of the 100-row cases.
+    pub rows100_script: PathBuf,
+}
+
+/// interceptor's identities (one per [`Masking`]) and its process id.
+pub struct ProxyEndpoint {
+    pub unmasked: ConnParams,
+    pub mask_column: ConnParams,
+    pub mask_detectors: ConnParams,
+    pub pid: u32,
+}
+
+impl ProxyEndpoint {
+    pub fn params(&self, masking: Masking) -> &ConnParams {
+        match masking {
+            Masking::None => &self.unmasked,
+            Masking::Column => &self.mask_column,
+            Masking::Detectors => &self.mask_detectors,
+        }
+    }
 }
 
 impl Endpoints {
-    fn params(&self, target: Target) -> Option<&ConnParams> {
-        match target {
-            Target::Direct => Some(&self.direct),
-            Target::Interceptor => self.interceptor.as_ref().map(|(p, _)| p),
-            Target::Pgbouncer => self.pgbouncer.as_ref(),
+    fn params(&self, target: Target, masking: Masking) -> Option<&ConnParams> {
+        match (target, masking) {
+            (Target::Interceptor, m) => self.interceptor.as_ref().map(|p| p.params(m)),
+            (Target::InterceptorTmpfs, m) => self.interceptor_tmpfs.as_ref().map(|p| p.params(m)),
+            // Only interceptor masks: a masked case has no other target.
+            (_, Masking::Column | Masking::Detectors) => None,
+            (Target::Direct, Masking::None) => Some(&self.direct),
+            (Target::Pgbouncer, Masking::None) => self.pgbouncer.as_ref(),
         }
     }
 
-    /// Whether this run measures `target`.
-    pub fn has(&self, target: Target) -> bool {
-        self.params(target).is_some()
+    /// Whether this run measures `scenario` against `target`.
+    pub fn has(&self, scenario: Scenario, target: Target) -> bool {
+        scenario.runs_on(target) && self.params(target, scenario.masking()).is_some()
     }
 }
 
 /// Runs `scenario` against `target` once and returns its figure in the scenario's unit.
-/// The stream through interceptor also records interceptor's peak RSS in `m`.
+/// A stream through interceptor also records interceptor's peak RSS in `m`.
 pub fn one(
     scenario: Scenario,
     target: Target,
@@ -43,7 +69,7 @@ pub fn one(
     m: &mut Measurements,
 ) -> Result<f64> {
     let params = endpoints
-        .params(target)
+        .params(target, scenario.masking())
         .with_context(|| format!("{} is not part of this run", target.name()))?;
     if let Some(case) = scenario.pgbench() {
         let mut args = vec![
@@ -57,8 +83,13 @@ pub fn one(
             "-M".to_string(),
             case.mode.to_string(),
         ];
-        if case.select_only {
-            args.push("-S".to_string());
+        match case.script {
+            Script::TpcB => {}
+            Script::SelectOnly => args.push("-S".to_string()),
+            Script::Rows100 => {
+                args.push("-f".to_string());
+                args.push(endpoints.rows100_script.display().to_string());
+            }
         }
         let out = PgCommand::pgbench(params)
             .args(args)
@@ -71,19 +102,68 @@ pub fn one(
             _ => summary.tps,
         });
     }
-    // The only non-pgbench scenario: the stream.
-    let pid = match (target, &endpoints.interceptor) {
-        (Target::Interceptor, Some((_, pid))) => Some(*pid),
-        _ => None,
+    // The only non-pgbench scenarios: the streams.
+    let pid = match target {
+        Target::Interceptor => endpoints.interceptor.as_ref().map(|p| p.pid),
+        Target::InterceptorTmpfs => endpoints.interceptor_tmpfs.as_ref().map(|p| p.pid),
+        Target::Direct | Target::Pgbouncer => None,
     };
     if let Some(pid) = pid {
         reset_peak_rss(pid)?;
     }
     let seconds = stream(params)?.as_secs_f64();
     if let Some(pid) = pid {
-        m.interceptor_stream_peak_rss_kib.push(peak_rss_kib(pid)?);
+        m.record_peak_rss(scenario, peak_rss_kib(pid)?);
     }
     Ok(seconds)
+}
+
+/// The pgbench script of the 100-row cases: a random window of 100 consecutive accounts
+/// (`aid` is the primary key, so PostgreSQL's own cost stays small and constant).
+pub fn rows100_script(scale: u32) -> String {
+    let rows = u64::from(scale.max(1)) * 100_000;
+    format!(
+        "\\set aid random(1, {})\nSELECT * FROM pgbench_accounts WHERE aid BETWEEN :aid AND :aid + 99;\n",
+        rows - 99
+    )
+}
+
+/// The bytes `psql -At` prints for the whole stream: every field's text plus one separator
+/// or newline per field. Divided by a stream's seconds this gives the MB/s of streamed text.
+pub fn stream_bytes(params: &ConnParams) -> Result<u64> {
+    let mut psql = Command::new("psql");
+    psql.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(params.libpq_env())
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-At",
+            "-c",
+            "SELECT * FROM pgbench_accounts",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = psql.spawn().context("run psql")?;
+    let mut stdout = child.stdout.take().context("psql stdout")?;
+    let bytes = std::io::copy(&mut stdout, &mut std::io::sink()).context("read psql output")?;
+    let status = child.wait().context("wait for psql")?;
+    if !status.success() {
+        bail!("psql stream failed ({status})");
+    }
+    Ok(bytes)
+}
+
+/// Runs `sql` through `psql -At` and returns its output: the benchmark's check that an
+/// identity's masking rules are really in force before their cost is measured.
+pub fn psql_output(params: &ConnParams, sql: &str) -> Result<String> {
+    let out = PgCommand::psql(params)
+        .args(["-X", "-At", "-c", sql])
+        .run()?
+        .ok()?;
+    Ok(out.stdout)
 }
 
 /// `psql -At -c 'SELECT * FROM pgbench_accounts' > /dev/null`, timed.

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: direct PostgreSQL, interceptor and pgbouncer (session mode) measured in
 //! one run with the targets interleaved, each case repeated; medians printed and written to
-//! `target/bench/latest.json`.
+//! `target/bench/latest.json`. Masking cases run through interceptor only, as identities whose
+//! policies differ from the unmasked one by their `[mask]` section alone.
 
 mod measure;
 mod pgbench;
@@ -17,14 +18,21 @@ use interceptor_tests::{ConnParams, Interceptor, InterceptorSetup, PgCluster, Pg
 
 use crate::setup::{self, Requirement};
 use crate::{cmd, harness_env, test};
-use measure::Endpoints;
+use measure::{Endpoints, ProxyEndpoint};
 use report::Measurements;
-use scenario::{Scenario, Target};
+use scenario::{Masking, Scenario, Target};
 
 /// The identity the benchmark's clients present to interceptor.
 const BENCH_IDENTITY: &str = "bench";
+/// The identities of the masking cases (same policy rules, one `[mask]` section each).
+const MASK_COLUMN_IDENTITY: &str = "bench-mask-column";
+const MASK_DETECTORS_IDENTITY: &str = "bench-mask-detectors";
 /// The policy interceptor decides the benchmark's statements with.
 const BENCH_POLICY: &str = include_str!("policy.toml");
+const MASK_COLUMN: &str = include_str!("mask_column.toml");
+const MASK_DETECTORS: &str = include_str!("mask_detectors.toml");
+/// The pseudonym key of this throwaway benchmark (a secret only in a real deployment).
+const BENCH_PSEUDONYM_KEY: &str = "bench-pseudonym-key-not-a-secret";
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -55,6 +63,11 @@ pub enum Skip {
 impl BenchArgs {
     fn reps(&self) -> u32 {
         self.reps.unwrap_or(if self.quick { 1 } else { 3 }).max(1)
+    }
+
+    /// Rounds of the stream family per repetition (3, or 1 with --quick).
+    fn stream_rounds(&self) -> u32 {
+        if self.quick { 1 } else { 3 }
     }
 
     fn duration(&self) -> Duration {
@@ -91,20 +104,56 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .tempdir()
         .context("create policy dir")?;
     std::fs::write(policies.path().join("bench.toml"), BENCH_POLICY).context("write policy")?;
-    let proxy = match &bin {
+    for (identity, mask) in [
+        (MASK_COLUMN_IDENTITY, MASK_COLUMN),
+        (MASK_DETECTORS_IDENTITY, MASK_DETECTORS),
+    ] {
+        std::fs::write(
+            policies.path().join(format!("{identity}.toml")),
+            masked_policy(identity, mask)?,
+        )
+        .context("write masking policy")?;
+    }
+    let rows100_script = policies.path().join("rows100.sql");
+    std::fs::write(&rows100_script, measure::rows100_script(args.scale))
+        .context("write pgbench script")?;
+    // fsync on tmpfs returns at once (see `Target::InterceptorTmpfs`).
+    let shm_audit = tempfile::Builder::new()
+        .prefix("bench-audit-")
+        .tempdir_in("/dev/shm")
+        .context("create an audit dir on /dev/shm")?;
+    let proxies = match &bin {
         Some(bin) => {
             println!(
-                "== interceptor {} (audit on, log level warn)",
+                "== interceptor {} (audit on, log level warn), and a second one with its audit store \
+                 on tmpfs for the 100-row latency cases",
                 bin.display()
             );
-            Some(Interceptor::start(
-                InterceptorSetup::new(&pg)
+            let start = |audit_on_tmpfs: Option<&std::path::Path>| {
+                let setup = InterceptorSetup::new(&pg)
                     .identity(BENCH_IDENTITY, password, &["bench"], None)
+                    .identity(
+                        MASK_COLUMN_IDENTITY,
+                        password,
+                        &[MASK_COLUMN_IDENTITY],
+                        None,
+                    )
+                    .identity(
+                        MASK_DETECTORS_IDENTITY,
+                        password,
+                        &[MASK_DETECTORS_IDENTITY],
+                        None,
+                    )
+                    .pseudonym_key(BENCH_PSEUDONYM_KEY)
                     .policy_dir(policies.path())
-                    .with_audit()
                     .env("RUST_LOG", "warn")
-                    .env("INTERCEPTOR_LOG", "warn"),
-            )?)
+                    .env("INTERCEPTOR_LOG", "warn");
+                Interceptor::start(match audit_on_tmpfs {
+                    Some(dir) => setup.audit_dir(dir.join("audit")),
+                    None => setup.with_audit(),
+                })
+            };
+            Some((start(None)?, start(Some(shm_audit.path()))?))
         }
         None => None,
     };
@@ -125,48 +174,51 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     let endpoints = Endpoints {
         direct: pg.tcp_params(APP_RW, Some(password)).dbname(APP_DB),
-        interceptor: match &proxy {
-            Some(p) => Some((
-                p.params(BENCH_IDENTITY).dbname(APP_DB),
-                p.pid().context("interceptor is not running")?,
-            )),
+        interceptor: match &proxies {
+            Some((p, _)) => Some(proxy_endpoint(p)?),
+            None => None,
+        },
+        interceptor_tmpfs: match &proxies {
+            Some((_, p)) => Some(proxy_endpoint(p)?),
             None => None,
         },
         pgbouncer: bouncer
             .as_ref()
             .map(|b| ConnParams::new("127.0.0.1", b.port(), APP_RW, Some(password)).dbname(APP_DB)),
+        rows100_script,
     };
 
-    // Warm the caches once so the first measured target is not the one paying for cold pages.
-    measure::stream(&endpoints.direct).context("warm-up stream")?;
+    // Warm the caches once so the first measured target is not the one paying for cold pages;
+    // the same pass counts the bytes of text a stream carries.
+    let stream_bytes = measure::stream_bytes(&endpoints.direct).context("warm-up stream")?;
+    let mut results = Measurements::new(Some(stream_bytes));
+    for p in [&endpoints.interceptor, &endpoints.interceptor_tmpfs]
+        .into_iter()
+        .flatten()
+    {
+        check_masking(p)?;
+    }
 
     let reps = args.reps();
-    let mut results = Measurements::default();
     for rep in 0..reps {
-        for scenario in Scenario::ALL {
-            // Rotate the target order each repetition so no target always runs first.
-            let mut targets = Target::ALL;
-            targets.rotate_left(rep as usize % Target::ALL.len());
-            for target in targets.into_iter().filter(|t| endpoints.has(*t)) {
-                let value =
-                    measure::one(scenario, target, &endpoints, args.duration(), &mut results)
-                        .with_context(|| {
-                            format!(
-                                "{} against {} (rep {})",
-                                scenario.name(),
-                                target.name(),
-                                rep + 1
-                            )
-                        })?;
-                println!(
-                    "   rep {}/{reps} {:<26} {:<12} {value:>12.3} {}",
-                    rep + 1,
+        for (scenario, target) in schedule(rep, args.stream_rounds(), &|s, t| endpoints.has(s, t)) {
+            let value = measure::one(scenario, target, &endpoints, args.duration(), &mut results)
+                .with_context(|| {
+                format!(
+                    "{} against {} (rep {})",
                     scenario.name(),
                     target.name(),
-                    scenario.unit().name()
-                );
-                results.record(scenario, target, value);
-            }
+                    rep + 1
+                )
+            })?;
+            println!(
+                "   rep {}/{reps} {:<40} {:<18} {value:>10.3} {}",
+                rep + 1,
+                scenario.name(),
+                target.name(),
+                scenario.unit().name()
+            );
+            results.record(scenario, target, value);
         }
     }
 
@@ -180,14 +232,123 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let json = cmd::workspace_root().join("target/bench/latest.json");
     report::write_json(&rows, &json)?;
     println!("written: {}", json.display());
-    if let Some(p) = &proxy
-        && !p.logs().is_empty()
-    {
-        println!(
-            "interceptor logged: {}",
-            p.dir().join("interceptor.log").display()
-        );
+    for p in proxies.iter().flat_map(|(a, b)| [a, b]) {
+        if !p.logs().is_empty() {
+            println!(
+                "interceptor logged: {}",
+                p.dir().join("interceptor.log").display()
+            );
+        }
     }
+    Ok(())
+}
+
+/// The measurements of repetition `rep`, in order. Targets rotate each repetition so none
+/// always runs first; every other repetition runs the scenarios backwards, so a masked case
+/// does not always follow its baseline (load on a shared machine drifts). The streams, short
+/// and the most sensitive to drift, run as one family: `stream_rounds` rounds of every stream
+/// against every target, each round rotated.
+fn schedule(
+    rep: u32,
+    stream_rounds: u32,
+    runs: &dyn Fn(Scenario, Target) -> bool,
+) -> Vec<(Scenario, Target)> {
+    let mut scenarios = Scenario::ALL;
+    if rep % 2 == 1 {
+        scenarios.reverse();
+    }
+    let mut targets = Target::ALL;
+    targets.rotate_left(rep as usize % Target::ALL.len());
+    let cases = |s: Scenario| {
+        targets
+            .into_iter()
+            .filter(move |t| runs(s, *t))
+            .map(move |t| (s, t))
+    };
+    let mut steps = Vec::new();
+    let mut streams_scheduled = false;
+    for scenario in scenarios {
+        if !scenario.is_stream() {
+            steps.extend(cases(scenario));
+            continue;
+        }
+        if std::mem::replace(&mut streams_scheduled, true) {
+            continue;
+        }
+        let family: Vec<(Scenario, Target)> = scenarios
+            .into_iter()
+            .filter(|s| s.is_stream())
+            .flat_map(cases)
+            .collect();
+        for round in 0..stream_rounds as usize {
+            let mut order = family.clone();
+            let n = order.len();
+            if n > 0 {
+                order.rotate_left(round % n);
+            }
+            steps.extend(order);
+        }
+    }
+    steps
+}
+
+/// The identities of one interceptor instance.
+fn proxy_endpoint(p: &Interceptor) -> Result<ProxyEndpoint> {
+    Ok(ProxyEndpoint {
+        unmasked: p.params(BENCH_IDENTITY).dbname(APP_DB),
+        mask_column: p.params(MASK_COLUMN_IDENTITY).dbname(APP_DB),
+        mask_detectors: p.params(MASK_DETECTORS_IDENTITY).dbname(APP_DB),
+        pid: p.pid().context("interceptor is not running")?,
+    })
+}
+
+/// `policy.toml` for another identity, with a `[mask]` section appended.
+fn masked_policy(identity: &str, mask: &str) -> Result<String> {
+    let replace_once = |text: &str, from: &str, to: &str| -> Result<String> {
+        anyhow::ensure!(
+            text.matches(from).count() == 1,
+            "bench policy.toml must hold `{from}` exactly once"
+        );
+        Ok(text.replacen(from, to, 1))
+    };
+    let policy = replace_once(
+        BENCH_POLICY,
+        "name = \"bench\"",
+        &format!("name = \"{identity}\""),
+    )?;
+    let policy = replace_once(
+        &policy,
+        "groups = [\"bench\"]",
+        &format!("groups = [\"{identity}\"]"),
+    )?;
+    Ok(format!("{policy}\n{mask}"))
+}
+
+/// Fails unless each masking identity really masks: a value its rule covers (column) or a
+/// card number (detectors) must not come back in clear, and the unmasked identity must see
+/// it in clear. Otherwise the masking rows would time an unmasked stream.
+fn check_masking(p: &ProxyEndpoint) -> Result<()> {
+    const FILLER: &str = "SELECT filler FROM pgbench_accounts WHERE aid = 1";
+    const CARD: &str = "SELECT '4111 1111 1111 1111'::text";
+    let unmasked = p.params(Masking::None);
+    let filler = measure::psql_output(unmasked, FILLER)?;
+    anyhow::ensure!(
+        filler.trim_end_matches('\n').len() == 84,
+        "unmasked filler is not 84 characters: {filler:?}"
+    );
+    let masked = measure::psql_output(p.params(Masking::Column), FILLER)?;
+    anyhow::ensure!(
+        masked.starts_with("p_") && masked != filler,
+        "the column rule did not pseudonymise filler: {masked:?}"
+    );
+    let card = measure::psql_output(unmasked, CARD)?;
+    anyhow::ensure!(card.contains("4111 1111"), "unmasked card: {card:?}");
+    let redacted = measure::psql_output(p.params(Masking::Detectors), CARD)?;
+    anyhow::ensure!(
+        redacted.contains("[REDACTED:card]"),
+        "the detectors did not redact a card number: {redacted:?}"
+    );
+    println!("== masking identities checked: filler pseudonymised, card numbers redacted");
     Ok(())
 }
 
@@ -200,4 +361,66 @@ fn release_interceptor() -> Result<std::path::PathBuf> {
         return Ok(bin);
     }
     test::build_interceptor_profile(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masked_policies_differ_from_the_bench_policy_only_by_name_group_and_mask() {
+        let p = masked_policy(MASK_COLUMN_IDENTITY, MASK_COLUMN).unwrap();
+        assert!(p.contains("name = \"bench-mask-column\""));
+        assert!(p.contains("groups = [\"bench-mask-column\"]"));
+        assert!(!p.contains("groups = [\"bench\"]"));
+        assert!(p.ends_with(MASK_COLUMN));
+        assert_eq!(
+            p.replace("bench-mask-column", "bench")
+                .strip_suffix(MASK_COLUMN)
+                .map(|base| base.trim_end().to_string()),
+            Some(BENCH_POLICY.trim_end().to_string())
+        );
+        let d = masked_policy(MASK_DETECTORS_IDENTITY, MASK_DETECTORS).unwrap();
+        assert!(d.contains("all = true"));
+    }
+
+    #[test]
+    fn schedule_interleaves_stream_rounds_and_runs_every_case() {
+        let all = |_: Scenario, _: Target| true;
+        let proxy_only = |s: Scenario, t: Target| s.runs_on(t);
+        let steps = schedule(0, 3, &proxy_only);
+        let streams: Vec<_> = steps.iter().filter(|(s, _)| s.is_stream()).collect();
+        // direct, interceptor, pgbouncer for the plain stream; interceptor for each masked one.
+        assert_eq!(streams.len(), 3 * 5);
+        // Consecutive streams: each round starts at a different case.
+        assert_ne!(streams[0], streams[5]);
+        assert_ne!(streams[5], streams[10]);
+        for rep in 0..4 {
+            let steps = schedule(rep, 1, &proxy_only);
+            for scenario in Scenario::ALL {
+                let n = steps.iter().filter(|(s, _)| *s == scenario).count();
+                let expected = Target::ALL.iter().filter(|t| scenario.runs_on(**t)).count();
+                assert_eq!(n, expected, "{scenario:?} in rep {rep}");
+            }
+            assert!(steps.iter().all(|(s, t)| s.runs_on(*t)));
+        }
+        // Odd repetitions run backwards: the masked 100-row case before its baseline.
+        let pos = |steps: &[(Scenario, Target)], s: Scenario| {
+            steps.iter().position(|(x, _)| *x == s).unwrap()
+        };
+        let even = schedule(0, 1, &all);
+        let odd = schedule(1, 1, &all);
+        assert!(pos(&even, Scenario::Rows100OneClient) < pos(&even, Scenario::Rows100MaskColumn));
+        assert!(pos(&odd, Scenario::Rows100OneClient) > pos(&odd, Scenario::Rows100MaskColumn));
+    }
+
+    #[test]
+    fn rows100_script_stays_inside_the_table() {
+        let script = measure::rows100_script(10);
+        assert!(
+            script.starts_with("\\set aid random(1, 999901)\n"),
+            "{script}"
+        );
+        assert!(script.contains("BETWEEN :aid AND :aid + 99;"));
+    }
 }

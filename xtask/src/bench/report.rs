@@ -14,16 +14,31 @@ use super::stats::median;
 #[derive(Debug, Default)]
 pub struct Measurements {
     values: BTreeMap<(Scenario, Target), Vec<f64>>,
-    /// Interceptor's peak RSS (VmHWM) in KiB during each 1M-row stream.
-    pub interceptor_stream_peak_rss_kib: Vec<u64>,
+    /// Interceptor's peak RSS (VmHWM) in KiB during each stream through it.
+    peak_rss_kib: BTreeMap<Scenario, Vec<u64>>,
+    /// Bytes of text one whole stream carries (see `measure::stream_bytes`).
+    stream_bytes: Option<u64>,
 }
 
 impl Measurements {
+    /// `stream_bytes`: the bytes of text one whole stream carries, for MB/s.
+    pub fn new(stream_bytes: Option<u64>) -> Measurements {
+        Measurements {
+            stream_bytes,
+            ..Measurements::default()
+        }
+    }
+
     pub fn record(&mut self, scenario: Scenario, target: Target, value: f64) {
         self.values
             .entry((scenario, target))
             .or_default()
             .push(value);
+    }
+
+    /// Interceptor's peak RSS during one run of the stream `scenario`.
+    pub fn record_peak_rss(&mut self, scenario: Scenario, kib: u64) {
+        self.peak_rss_kib.entry(scenario).or_default().push(kib);
     }
 
     fn median_of(&self, scenario: Scenario, target: Target) -> Option<f64> {
@@ -40,54 +55,122 @@ pub struct Row {
     pub median: f64,
     /// `median / direct median`; `null` for direct-less rows (added latency, memory).
     pub ratio_to_direct: Option<f64>,
+    /// Masking rows only: the row the next field compares with (`scenario/target`, the same
+    /// case through interceptor without masking).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
+    /// Masking rows only: `median / baseline median`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_to_baseline: Option<f64>,
+}
+
+impl Row {
+    fn new(scenario: &str, target: Target, unit: &str, median: f64) -> Row {
+        Row {
+            scenario: scenario.to_string(),
+            target: target.name().to_string(),
+            unit: unit.to_string(),
+            median,
+            ratio_to_direct: None,
+            baseline: None,
+            ratio_to_baseline: None,
+        }
+    }
+}
+
+/// The name of the row a masked scenario is compared with.
+fn baseline_name(unmasked: Scenario) -> String {
+    format!("{}/{}", unmasked.name(), unmasked.proxy().name())
 }
 
 /// Medians and ratios per scenario and target, then derived rows: the latency interceptor and
-/// pgbouncer add to a single-client query, and interceptor's peak RSS during the stream.
+/// pgbouncer add to single-client queries, the latency masking adds to a 100-row result, the
+/// MB/s of text each stream through interceptor carries, and interceptor's peak RSS during the
+/// streams.
 pub fn summarize(m: &Measurements) -> Vec<Row> {
     let mut rows = Vec::new();
     for scenario in Scenario::ALL {
-        let direct = m.median_of(scenario, Target::Direct);
+        let unmasked = scenario.unmasked();
+        let direct = m.median_of(unmasked.unwrap_or(scenario), Target::Direct);
         for target in Target::ALL {
             let Some(value) = m.median_of(scenario, target) else {
                 continue;
             };
-            rows.push(Row {
-                scenario: scenario.name().to_string(),
-                target: target.name().to_string(),
-                unit: scenario.unit().name().to_string(),
-                median: value,
-                ratio_to_direct: direct.filter(|d| *d > 0.0).map(|d| value / d),
-            });
+            let mut row = Row::new(scenario.name(), target, scenario.unit().name(), value);
+            row.ratio_to_direct = direct.filter(|d| *d > 0.0).map(|d| value / d);
+            if let Some(base) = unmasked {
+                row.baseline = Some(baseline_name(base));
+                row.ratio_to_baseline = m
+                    .median_of(base, base.proxy())
+                    .filter(|b| *b > 0.0)
+                    .map(|b| value / b);
+            }
+            rows.push(row);
         }
     }
-    let latency = Scenario::SelectOnlyOneClient;
-    if let Some(direct) = m.median_of(latency, Target::Direct) {
-        for target in [Target::Interceptor, Target::Pgbouncer] {
+    for (latency, name) in [
+        (
+            Scenario::SelectOnlyOneClient,
+            "select_only_c1_added_latency",
+        ),
+        (Scenario::Rows100OneClient, "rows100_c1_added_latency"),
+    ] {
+        let Some(direct) = m.median_of(latency, Target::Direct) else {
+            continue;
+        };
+        for target in [latency.proxy(), Target::Pgbouncer] {
             if let Some(value) = m.median_of(latency, target) {
-                rows.push(Row {
-                    scenario: "select_only_c1_added_latency".to_string(),
-                    target: target.name().to_string(),
-                    unit: Unit::Ms.name().to_string(),
-                    median: value - direct,
-                    ratio_to_direct: None,
-                });
+                rows.push(Row::new(name, target, Unit::Ms.name(), value - direct));
             }
         }
     }
-    let peaks: Vec<f64> = m
-        .interceptor_stream_peak_rss_kib
-        .iter()
-        .map(|kib| *kib as f64 / 1024.0)
-        .collect();
-    if let Some(peak) = median(&peaks) {
-        rows.push(Row {
-            scenario: "stream_pgbench_accounts_peak_rss".to_string(),
-            target: Target::Interceptor.name().to_string(),
-            unit: "MiB".to_string(),
-            median: peak,
-            ratio_to_direct: None,
-        });
+    for (masked, name) in [
+        (
+            Scenario::Rows100MaskColumn,
+            "rows100_c1_mask_column_added_latency",
+        ),
+        (
+            Scenario::Rows100MaskDetectors,
+            "rows100_c1_mask_detectors_added_latency",
+        ),
+    ] {
+        let base = Scenario::Rows100OneClient;
+        if let (Some(value), Some(unmasked)) = (
+            m.median_of(masked, masked.proxy()),
+            m.median_of(base, base.proxy()),
+        ) {
+            let mut row = Row::new(name, masked.proxy(), Unit::Ms.name(), value - unmasked);
+            row.baseline = Some(baseline_name(base));
+            rows.push(row);
+        }
+    }
+    for scenario in Scenario::ALL.into_iter().filter(|s| s.is_stream()) {
+        if let (Some(bytes), Some(seconds)) = (
+            m.stream_bytes,
+            m.median_of(scenario, Target::Interceptor)
+                .filter(|s| *s > 0.0),
+        ) {
+            let name = format!("{}_text_rate", scenario.name());
+            rows.push(Row::new(
+                &name,
+                Target::Interceptor,
+                "MB/s",
+                bytes as f64 / 1e6 / seconds,
+            ));
+        }
+    }
+    for scenario in Scenario::ALL {
+        let peaks: Vec<f64> = m
+            .peak_rss_kib
+            .get(&scenario)
+            .into_iter()
+            .flatten()
+            .map(|kib| *kib as f64 / 1024.0)
+            .collect();
+        if let Some(peak) = median(&peaks) {
+            let name = format!("{}_peak_rss", scenario.name());
+            rows.push(Row::new(&name, Target::Interceptor, "MiB", peak));
+        }
     }
     rows
 }
@@ -95,17 +178,22 @@ pub fn summarize(m: &Measurements) -> Vec<Row> {
 /// A fixed-width table of the rows, one line per row.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<36} {:<12} {:>5} {:>12} {:>9}\n",
-        "scenario", "target", "unit", "median", "vs direct"
+        "{:<48} {:<18} {:>5} {:>12} {:>9} {:>11}\n",
+        "scenario", "target", "unit", "median", "vs direct", "vs unmasked"
     );
+    let ratio = |r: Option<f64>| {
+        r.map(|x| format!("{x:.3}"))
+            .unwrap_or_else(|| "-".to_string())
+    };
     for r in rows {
-        let ratio = r
-            .ratio_to_direct
-            .map(|x| format!("{x:.3}"))
-            .unwrap_or_else(|| "-".to_string());
         out.push_str(&format!(
-            "{:<36} {:<12} {:>5} {:>12.3} {:>9}\n",
-            r.scenario, r.target, r.unit, r.median, ratio
+            "{:<48} {:<18} {:>5} {:>12.3} {:>9} {:>11}\n",
+            r.scenario,
+            r.target,
+            r.unit,
+            r.median,
+            ratio(r.ratio_to_direct),
+            ratio(r.ratio_to_baseline)
         ));
     }
     out
@@ -139,7 +227,9 @@ mod tests {
         }
         m.record(Scenario::SelectOnlyOneClient, Target::Direct, 0.10);
         m.record(Scenario::SelectOnlyOneClient, Target::Interceptor, 0.16);
-        m.interceptor_stream_peak_rss_kib = vec![20480, 10240, 30720];
+        for kib in [20480, 10240, 30720] {
+            m.record_peak_rss(Scenario::StreamAccounts, kib);
+        }
 
         let rows = summarize(&m);
         let find = |s: &str, t: &str| rows.iter().find(|r| r.scenario == s && r.target == t);
@@ -158,6 +248,68 @@ mod tests {
         assert_eq!(added.ratio_to_direct, None);
         let rss = find("stream_pgbench_accounts_peak_rss", "interceptor").unwrap();
         assert_eq!((rss.median, rss.unit.as_str()), (20.0, "MiB"));
+        // Unmasked rows carry no baseline.
+        assert_eq!(proxied.baseline, None);
+        assert_eq!(proxied.ratio_to_baseline, None);
+    }
+
+    #[test]
+    fn masked_rows_compare_with_the_unmasked_case_through_interceptor() {
+        let mut m = Measurements::new(Some(100_000_000));
+        m.record(Scenario::StreamAccounts, Target::Direct, 0.5);
+        m.record(Scenario::StreamAccounts, Target::Interceptor, 0.8);
+        m.record(Scenario::StreamAccountsMaskColumn, Target::Interceptor, 1.0);
+        m.record(
+            Scenario::StreamAccountsMaskDetectors,
+            Target::Interceptor,
+            1.6,
+        );
+        m.record(Scenario::Rows100OneClient, Target::Direct, 0.3);
+        m.record(Scenario::Rows100OneClient, Target::InterceptorTmpfs, 2.0);
+        m.record(Scenario::Rows100MaskColumn, Target::InterceptorTmpfs, 2.25);
+
+        let rows = summarize(&m);
+        let find = |s: &str| {
+            rows.iter()
+                .find(|r| r.scenario == s && r.target.starts_with("interceptor"))
+                .unwrap_or_else(|| panic!("no row {s}"))
+        };
+        let column = find("stream_pgbench_accounts_mask_column");
+        assert_eq!(
+            column.baseline.as_deref(),
+            Some("stream_pgbench_accounts/interceptor")
+        );
+        assert!((column.ratio_to_baseline.unwrap() - 1.25).abs() < 1e-12);
+        assert!((column.ratio_to_direct.unwrap() - 2.0).abs() < 1e-12);
+        let detectors = find("stream_pgbench_accounts_mask_detectors");
+        assert!((detectors.ratio_to_baseline.unwrap() - 2.0).abs() < 1e-12);
+
+        let rate = find("stream_pgbench_accounts_mask_column_text_rate");
+        assert_eq!((rate.median, rate.unit.as_str()), (100.0, "MB/s"));
+        let rate = find("stream_pgbench_accounts_text_rate");
+        assert!((rate.median - 125.0).abs() < 1e-9);
+
+        let added = find("rows100_c1_mask_column_added_latency");
+        assert!((added.median - 0.25).abs() < 1e-12);
+        assert_eq!(added.unit, "ms");
+        assert_eq!(added.target, "interceptor_tmpfs");
+        assert_eq!(
+            find("rows100_c1_latency_mask_column").baseline.as_deref(),
+            Some("rows100_c1_latency/interceptor_tmpfs")
+        );
+        assert!((find("rows100_c1_added_latency").median - 1.7).abs() < 1e-12);
+        // No detectors measurement for 100 rows: no derived row either.
+        assert!(
+            !rows
+                .iter()
+                .any(|r| r.scenario == "rows100_c1_mask_detectors_added_latency")
+        );
+        // A masked scenario never runs against direct PostgreSQL or pgbouncer.
+        assert!(
+            rows.iter()
+                .filter(|r| r.scenario.contains("mask"))
+                .all(|r| r.target.starts_with("interceptor"))
+        );
     }
 
     #[test]
@@ -170,6 +322,8 @@ mod tests {
             unit: "tps".into(),
             median: 412.5,
             ratio_to_direct: Some(0.97),
+            baseline: None,
+            ratio_to_baseline: None,
         }];
         write_json(&rows, &path).unwrap();
         let back: serde_json::Value =

@@ -9,18 +9,42 @@ pub enum Target {
     Interceptor,
     /// pgbouncer in session mode over TCP, upstream over the unix socket: a reference proxy.
     Pgbouncer,
+    /// A second interceptor, the same but for its audit store on tmpfs (`/dev/shm`), where
+    /// fsync returns at once: for the 100-row latency cases only. The disk's group-commit wait
+    /// (milliseconds, varying by milliseconds between runs on this shared machine) would drown
+    /// the sub-millisecond cost of masking; every statement is still audited before it is
+    /// forwarded.
+    InterceptorTmpfs,
 }
 
 impl Target {
-    pub const ALL: [Target; 3] = [Target::Direct, Target::Interceptor, Target::Pgbouncer];
+    pub const ALL: [Target; 4] = [
+        Target::Direct,
+        Target::Interceptor,
+        Target::Pgbouncer,
+        Target::InterceptorTmpfs,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
             Target::Interceptor => "interceptor",
             Target::Pgbouncer => "pgbouncer",
+            Target::InterceptorTmpfs => "interceptor_tmpfs",
         }
     }
+}
+
+/// Which masking rules the identity a scenario connects as is under (interceptor only; direct
+/// PostgreSQL and pgbouncer cannot mask).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Masking {
+    /// No `[mask]` section: the baseline of the masking ratios.
+    None,
+    /// One column rule: `pgbench_accounts.filler` pseudonymised.
+    Column,
+    /// Every built-in content detector, no column rule.
+    Detectors,
 }
 
 /// One benchmark case.
@@ -33,6 +57,16 @@ pub enum Scenario {
     SelectOnlyOneClient,
     /// `SELECT * FROM pgbench_accounts` through psql, output discarded.
     StreamAccounts,
+    /// The stream as an identity with one column rule.
+    StreamAccountsMaskColumn,
+    /// The stream as an identity with every content detector on.
+    StreamAccountsMaskDetectors,
+    /// A 100-row `SELECT` from `pgbench_accounts`, 1 client: latency per query.
+    Rows100OneClient,
+    /// The 100-row query as the column-rule identity.
+    Rows100MaskColumn,
+    /// The 100-row query as the all-detectors identity.
+    Rows100MaskDetectors,
 }
 
 /// How a scenario's figure reads.
@@ -63,18 +97,33 @@ pub struct PgbenchCase {
     pub threads: u32,
     /// `-M` query mode.
     pub mode: &'static str,
-    /// `-S` (built-in select-only) instead of the TPC-B-like default.
-    pub select_only: bool,
+    pub script: Script,
+}
+
+/// What a pgbench client runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Script {
+    /// Built-in TPC-B-like.
+    TpcB,
+    /// Built-in select-only (`-S`).
+    SelectOnly,
+    /// A custom script (`-f`): one `SELECT *` of 100 consecutive `pgbench_accounts` rows.
+    Rows100,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::SelectOnlySimple,
         Scenario::SelectOnlyExtended,
         Scenario::SelectOnlyPrepared,
         Scenario::TpcB,
         Scenario::SelectOnlyOneClient,
         Scenario::StreamAccounts,
+        Scenario::StreamAccountsMaskColumn,
+        Scenario::StreamAccountsMaskDetectors,
+        Scenario::Rows100OneClient,
+        Scenario::Rows100MaskColumn,
+        Scenario::Rows100MaskDetectors,
     ];
 
     pub fn name(self) -> &'static str {
@@ -85,37 +134,103 @@ impl Scenario {
             Scenario::TpcB => "tpcb_c8",
             Scenario::SelectOnlyOneClient => "select_only_c1_latency",
             Scenario::StreamAccounts => "stream_pgbench_accounts",
+            Scenario::StreamAccountsMaskColumn => "stream_pgbench_accounts_mask_column",
+            Scenario::StreamAccountsMaskDetectors => "stream_pgbench_accounts_mask_detectors",
+            Scenario::Rows100OneClient => "rows100_c1_latency",
+            Scenario::Rows100MaskColumn => "rows100_c1_latency_mask_column",
+            Scenario::Rows100MaskDetectors => "rows100_c1_latency_mask_detectors",
         }
     }
 
     pub fn unit(self) -> Unit {
         match self {
-            Scenario::SelectOnlyOneClient => Unit::Ms,
-            Scenario::StreamAccounts => Unit::Seconds,
+            Scenario::SelectOnlyOneClient
+            | Scenario::Rows100OneClient
+            | Scenario::Rows100MaskColumn
+            | Scenario::Rows100MaskDetectors => Unit::Ms,
+            Scenario::StreamAccounts
+            | Scenario::StreamAccountsMaskColumn
+            | Scenario::StreamAccountsMaskDetectors => Unit::Seconds,
             _ => Unit::Tps,
+        }
+    }
+
+    /// The masking rules of the identity this scenario connects as.
+    pub fn masking(self) -> Masking {
+        match self {
+            Scenario::StreamAccountsMaskColumn | Scenario::Rows100MaskColumn => Masking::Column,
+            Scenario::StreamAccountsMaskDetectors | Scenario::Rows100MaskDetectors => {
+                Masking::Detectors
+            }
+            _ => Masking::None,
+        }
+    }
+
+    /// Whether the scenario is the psql stream of all of `pgbench_accounts`.
+    pub fn is_stream(self) -> bool {
+        self.pgbench().is_none()
+    }
+
+    /// The interceptor this scenario goes through: the one with its audit store on disk,
+    /// except for the 100-row latency cases.
+    pub fn proxy(self) -> Target {
+        match self {
+            Scenario::Rows100OneClient
+            | Scenario::Rows100MaskColumn
+            | Scenario::Rows100MaskDetectors => Target::InterceptorTmpfs,
+            _ => Target::Interceptor,
+        }
+    }
+
+    /// Whether `target` runs this scenario: masked scenarios only run through interceptor,
+    /// every scenario through one of the two interceptors.
+    pub fn runs_on(self, target: Target) -> bool {
+        match target {
+            Target::Interceptor | Target::InterceptorTmpfs => target == self.proxy(),
+            Target::Direct | Target::Pgbouncer => self.masking() == Masking::None,
+        }
+    }
+
+    /// For a masked scenario, the same case without masking through interceptor: the
+    /// baseline of its ratio.
+    pub fn unmasked(self) -> Option<Scenario> {
+        match self {
+            Scenario::StreamAccountsMaskColumn | Scenario::StreamAccountsMaskDetectors => {
+                Some(Scenario::StreamAccounts)
+            }
+            Scenario::Rows100MaskColumn | Scenario::Rows100MaskDetectors => {
+                Some(Scenario::Rows100OneClient)
+            }
+            _ => None,
         }
     }
 
     /// The pgbench settings, or `None` for the psql stream.
     pub fn pgbench(self) -> Option<PgbenchCase> {
-        let c8 = |mode, select_only| PgbenchCase {
+        let c8 = |mode, script| PgbenchCase {
             clients: 8,
             threads: 2,
             mode,
-            select_only,
+            script,
+        };
+        let c1 = |script| PgbenchCase {
+            clients: 1,
+            threads: 1,
+            mode: "simple",
+            script,
         };
         match self {
-            Scenario::SelectOnlySimple => Some(c8("simple", true)),
-            Scenario::SelectOnlyExtended => Some(c8("extended", true)),
-            Scenario::SelectOnlyPrepared => Some(c8("prepared", true)),
-            Scenario::TpcB => Some(c8("simple", false)),
-            Scenario::SelectOnlyOneClient => Some(PgbenchCase {
-                clients: 1,
-                threads: 1,
-                mode: "simple",
-                select_only: true,
-            }),
-            Scenario::StreamAccounts => None,
+            Scenario::SelectOnlySimple => Some(c8("simple", Script::SelectOnly)),
+            Scenario::SelectOnlyExtended => Some(c8("extended", Script::SelectOnly)),
+            Scenario::SelectOnlyPrepared => Some(c8("prepared", Script::SelectOnly)),
+            Scenario::TpcB => Some(c8("simple", Script::TpcB)),
+            Scenario::SelectOnlyOneClient => Some(c1(Script::SelectOnly)),
+            Scenario::Rows100OneClient
+            | Scenario::Rows100MaskColumn
+            | Scenario::Rows100MaskDetectors => Some(c1(Script::Rows100)),
+            Scenario::StreamAccounts
+            | Scenario::StreamAccountsMaskColumn
+            | Scenario::StreamAccountsMaskDetectors => None,
         }
     }
 }
