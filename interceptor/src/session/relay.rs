@@ -172,7 +172,7 @@ pub async fn run(
     gate: &mut Gate,
     recorder: &Recorder,
     shared: &Shared,
-    cancel: &tokio::sync::Notify,
+    cancel: &super::cancel::CancelSignal,
 ) -> Result<End, RelayError> {
     // Messages interceptor itself sends the client mid-session (approval notices) go through
     // the upstream → client side, the only writer of the client socket.
@@ -213,7 +213,7 @@ pub async fn run(
 /// What the client → upstream side needs besides the sockets.
 struct Side<'a> {
     notice_tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
-    cancel: &'a tokio::sync::Notify,
+    cancel: &'a super::cancel::CancelSignal,
 }
 
 async fn client_to_upstream(
@@ -226,7 +226,17 @@ async fn client_to_upstream(
 ) -> Result<End, RelayError> {
     // Messages forwarded so far that each produce one ReadyForQuery (Query, Sync, FunctionCall).
     let mut batch: u64 = 0;
+    let mut first_chunk = true;
     loop {
+        // Cancels counted from here on answer the statements of this chunk: a client sends its
+        // CancelRequest after the statement, possibly before interceptor starts to hold it.
+        // For the first chunk that is every cancel since the client got its key (the session
+        // start record is written after the client was told it may send).
+        let cancel_mark = if std::mem::take(&mut first_chunk) {
+            0
+        } else {
+            side.cancel.seen()
+        };
         let Some(chunk) = reader.read_chunk(rd).await.map_err(RelayError::Client)? else {
             return Ok(End::ClientGone);
         };
@@ -253,7 +263,8 @@ async fn client_to_upstream(
                     if let Verdict::Hold(held) = verdict {
                         // Everything before the held statement goes out first.
                         emit(wr, gate, &chunk, &mut out, &mut copied_to, start).await?;
-                        let Some(v) = wait_for_approval(rd, reader, gate, held, &side).await?
+                        let Some(v) =
+                            wait_for_approval(rd, reader, gate, held, &side, cancel_mark).await?
                         else {
                             return Ok(End::ClientGone);
                         };
@@ -297,7 +308,8 @@ async fn client_to_upstream(
                         wr.write_all(&message::message(b'H', &[]))
                             .await
                             .map_err(|e| RelayError::Upstream(FrameError::Io(e)))?;
-                        let Some(v) = wait_for_approval(rd, reader, gate, held, &side).await?
+                        let Some(v) =
+                            wait_for_approval(rd, reader, gate, held, &side, cancel_mark).await?
                         else {
                             return Ok(End::ClientGone);
                         };
@@ -400,6 +412,7 @@ async fn wait_for_approval(
     gate: &mut Gate,
     held: super::gate::Held,
     side: &Side<'_>,
+    cancel_mark: u64,
 ) -> Result<Option<Verdict>, RelayError> {
     if let Some(notice) = held.request.notice() {
         let _ = side.notice_tx.send(notice.encode());
@@ -411,7 +424,7 @@ async fn wait_for_approval(
     loop {
         tokio::select! {
             resolution = &mut wait => return Ok(Some(gate.after_hold(held, resolution))),
-            _ = side.cancel.notified() => {
+            _ = side.cancel.after(cancel_mark) => {
                 tracing::info!(approval = id, "client cancelled a held statement");
                 return Ok(Some(Verdict::Refuse(PgError::error(
                     sqlstate::QUERY_CANCELED,
