@@ -454,6 +454,9 @@ pub fn interceptor_bin() -> Result<PathBuf> {
     )
 }
 
+/// What the daemon logs once it serves (server.rs).
+const READY_LINE: &str = "interceptor ready";
+
 /// A running interceptor. Dropping it kills the process and removes its temp dir.
 #[derive(Debug)]
 pub struct Interceptor {
@@ -522,6 +525,9 @@ impl Interceptor {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        // Readiness is the daemon's own "interceptor ready" line, counted per start (the log
+        // is appended to across restarts).
+        let ready_before = self.logs().matches(READY_LINE).count();
         let log = File::options()
             .create(true)
             .append(true)
@@ -536,7 +542,8 @@ impl Interceptor {
             .stdout(log.try_clone().context("dup log")?)
             .stderr(log);
         // The daemon reads its log filter from INTERCEPTOR_LOG.
-        if std::env::var_os("INTERCEPTOR_LOG").is_none() {
+        let wait_ready_line = std::env::var_os("INTERCEPTOR_LOG").is_none();
+        if wait_ready_line {
             cmd.env("INTERCEPTOR_LOG", "info,interceptor=debug");
         }
         cmd.env("RUST_BACKTRACE", "1");
@@ -565,7 +572,31 @@ impl Interceptor {
             }
             Ok(())
         })
-        .with_context(|| format!("interceptor log:\n{}", self.logs()))
+        .with_context(|| format!("interceptor log:\n{}", self.logs()))?;
+        // The port accepts (kernel backlog) before the daemon has finished starting, e.g.
+        // attaching the eBPF programs or opening the admin socket: wait for its ready line
+        // too, unless the caller chose a log filter that may hide it.
+        if wait_ready_line {
+            let deadline = std::time::Instant::now() + timeout;
+            while self.logs().matches(READY_LINE).count() <= ready_before {
+                if let Some(c) = self.child.as_mut()
+                    && let Some(status) = c.try_wait()?
+                {
+                    bail!(
+                        "interceptor exited during startup ({status}); its log:\n{}",
+                        self.logs()
+                    );
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "interceptor did not report ready within {timeout:?}; its log:\n{}",
+                        self.logs()
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {

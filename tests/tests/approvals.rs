@@ -272,6 +272,34 @@ async fn a_cancel_while_held_gives_57014_aborts_the_request_and_nothing_runs() {
     );
 }
 
+/// A driver that cancels on a timer may send its CancelRequest before interceptor has started
+/// to hold the statement (before the client saw the notice): the cancel must still end the
+/// hold, not be lost while the statement waits for its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_before_the_hold_notice_still_ends_the_wait() {
+    let s = start_stack(Setup::held_writes(120));
+    let c = alice_session(&s).await;
+    let cancel = c.client.cancel_token();
+    let client = c.client;
+    let held = tokio::spawn(async move {
+        let res = client
+            .simple_query("DELETE FROM accounts WHERE id = 5")
+            .await;
+        (res, client)
+    });
+    // No wait for the notice: the cancel races the hold.
+    cancel.cancel_query(NoTls).await.unwrap();
+    let (res, client) = tokio::time::timeout(std::time::Duration::from_secs(20), held)
+        .await
+        .expect("a cancel sent before the hold must end it (not the 120 s timeout)")
+        .unwrap();
+    let err = res.unwrap_err();
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code(), &SqlState::QUERY_CANCELED, "{db:?}");
+    assert_eq!(scalar(&client, "SELECT 41 + 1").await, "42");
+    tokio::task::block_in_place(|| assert_eq!(s.count(5), "1", "a cancelled statement ran"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_while_held_leaves_an_aborted_request() {
     let s = start_stack(Setup::held_writes(60));

@@ -343,21 +343,23 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
 fn print_sessions(out: &mut dyn Write, sessions: &[SessionSummary]) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:>8}  {:<20}  {:<16}  {:<12}  {:<27}  {:<27}  {:>6}  {:>6}",
+        "{:>8}  {:<20}  {:<16}  {:<12}  {:<27}  {:<27}  {:>6}  {:>6}  PROCESS",
         "SESSION", "IDENTITY", "PROOF", "DATABASE", "STARTED", "ENDED", "STMTS", "DENIED"
     )?;
     for s in sessions {
+        // Padding applies to strings; the id's own Display ignores width.
         writeln!(
             out,
-            "{:>8}  {:<20}  {:<16}  {:<12}  {:<27}  {:<27}  {:>6}  {:>6}",
-            s.session,
+            "{:>8}  {:<20}  {:<16}  {:<12}  {:<27}  {:<27}  {:>6}  {:>6}  {}",
+            s.session.to_string(),
             opt(&s.subject),
             opt(&s.proof),
             opt(&s.database),
             opt(&s.started_at),
             opt(&s.ended_at),
             s.statements,
-            s.denied
+            s.denied,
+            opt(&s.process)
         )?;
     }
     Ok(())
@@ -540,4 +542,52 @@ fn print_stats(out: &mut dyn Write, s: &Stats) -> std::io::Result<()> {
         writeln!(out, "commits      {n} since start")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::record::{RecordId, SessionId};
+
+    #[test]
+    fn the_sessions_table_lines_up_and_shows_the_process() {
+        let mut s = SessionSummary {
+            session: SessionId(7),
+            subject: Some("alice".into()),
+            display_name: None,
+            proof: Some("scram_sha256".into()),
+            database: Some("app".into()),
+            upstream_role: None,
+            peer: None,
+            process: Some("uid 1000 pid 42 /usr/bin/psql".into()),
+            started_at: None,
+            start_seq: None,
+            ended_at: None,
+            end_seq: None,
+            end_reason: None,
+            statements: 3,
+            denied: 1,
+            bytes_from_client: 0,
+            bytes_to_client: 0,
+            first_seq: RecordId(0),
+            last_seq: None,
+            last_at: None,
+        };
+        let mut out = Vec::new();
+        print_sessions(&mut out, &[s.clone()]).unwrap();
+        s.session = SessionId(12345);
+        s.process = None;
+        print_sessions(&mut out, &[s]).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // The id column is right-aligned under its header.
+        assert_eq!(lines[0].find("SESSION"), Some(1));
+        assert!(lines[1].starts_with("       7  alice"), "{text}");
+        assert!(lines[3].starts_with("   12345  alice"), "{text}");
+        assert!(
+            lines[1].ends_with("uid 1000 pid 42 /usr/bin/psql"),
+            "{text}"
+        );
+        assert!(lines[3].ends_with("  -"), "{text}");
+    }
 }

@@ -44,6 +44,9 @@ pub struct SessionSummary {
     pub database: Option<String>,
     pub upstream_role: Option<String>,
     pub peer: Option<Peer>,
+    /// The kernel-attested local process (`uid U pid P EXE`), when there was one.
+    #[serde(default)]
+    pub process: Option<String>,
     pub started_at: Option<Timestamp>,
     pub start_seq: Option<RecordId>,
     pub ended_at: Option<Timestamp>,
@@ -69,6 +72,7 @@ impl SessionSummary {
             database: None,
             upstream_role: None,
             peer: None,
+            process: None,
             started_at: None,
             start_seq: None,
             ended_at: None,
@@ -101,6 +105,14 @@ impl SessionSummary {
                 self.database = Some(s.database.clone());
                 self.upstream_role = Some(s.upstream_role.clone());
                 self.peer = Some(s.peer.clone());
+                self.process = s.identity.process.as_ref().map(|p| {
+                    format!(
+                        "uid {} pid {} {}",
+                        p.uid,
+                        p.pid,
+                        p.exe.as_deref().unwrap_or(p.comm.as_str())
+                    )
+                });
                 self.started_at = Some(rec.at);
                 self.start_seq = Some(rec.seq);
             }

@@ -601,6 +601,11 @@ fn queries_list_show_replay() {
     let store = log.store();
     let all = query::list_sessions(store, &SessionFilter::default()).expect("list");
     assert_eq!(all.len(), 3);
+    // The kernel-attested process is part of the summary the sessions list prints.
+    assert_eq!(
+        all[0].process.as_deref(),
+        Some("uid 1000 pid 4242 /usr/bin/psql")
+    );
     let user1 = query::list_sessions(
         store,
         &SessionFilter {

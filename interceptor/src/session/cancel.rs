@@ -2,6 +2,7 @@
 //! to the upstream backend that runs the client's query. Upstream keys never leave interceptor.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -22,7 +23,42 @@ pub struct CancelRegistry {
 }
 
 /// Client-facing secret, the upstream key, and the session's own cancel signal.
-type Entry = (i32, UpstreamKey, Arc<Notify>);
+type Entry = (i32, UpstreamKey, Arc<CancelSignal>);
+
+/// The client's cancels as seen by the session's own waits (approval holds). Counted, not only
+/// notified: a cancel that arrives after the client sent its statement but before interceptor
+/// started to wait on it must still end that wait.
+#[derive(Default)]
+pub struct CancelSignal {
+    count: AtomicU64,
+    notify: Notify,
+}
+
+impl CancelSignal {
+    pub fn raise(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// How many cancels were raised so far (a mark for [`CancelSignal::after`]).
+    pub fn seen(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Completes once a cancel later than `mark` was raised (at once if one already was).
+    pub async fn after(&self, mark: u64) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a raise in between is not missed.
+            notified.as_mut().enable();
+            if self.seen() > mark {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
 
 /// Removes the session's key when the session ends.
 pub struct CancelKey<'a> {
@@ -30,7 +66,7 @@ pub struct CancelKey<'a> {
     pub pid: i32,
     pub secret: i32,
     /// Woken by a genuine CancelRequest: ends a wait that is interceptor's own (approval holds).
-    pub cancelled: Arc<Notify>,
+    pub cancelled: Arc<CancelSignal>,
 }
 
 impl Drop for CancelKey<'_> {
@@ -55,7 +91,7 @@ impl CancelRegistry {
                 break pid;
             }
         };
-        let cancelled = Arc::new(Notify::new());
+        let cancelled = Arc::new(CancelSignal::default());
         m.insert(pid, (secret, upstream, cancelled.clone()));
         CancelKey {
             registry: self,
@@ -73,7 +109,7 @@ impl CancelRegistry {
         if !constant_time_eq(&s.to_be_bytes(), &secret.to_be_bytes()) {
             return None;
         }
-        cancelled.notify_waiters();
+        cancelled.raise();
         Some(*up)
     }
 }
@@ -92,5 +128,32 @@ mod tests {
         let secret = key.secret;
         drop(key);
         assert!(reg.resolve(pid, secret).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_cancel_raised_before_the_wait_still_ends_it() {
+        let signal = CancelSignal::default();
+        let mark = signal.seen();
+        signal.raise();
+        tokio::time::timeout(std::time::Duration::from_secs(5), signal.after(mark))
+            .await
+            .expect("the earlier cancel ends the wait");
+        // A wait that starts after the cancel it would answer does not end by itself.
+        let later = signal.seen();
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), signal.after(later))
+                .await
+                .is_err()
+        );
+        let waiter = async { signal.after(later).await };
+        let raiser = async {
+            tokio::task::yield_now().await;
+            signal.raise();
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            tokio::join!(waiter, raiser)
+        })
+        .await
+        .expect("a cancel during the wait ends it");
     }
 }

@@ -373,7 +373,25 @@ async fn run(stream: Stream, peer: &Peer, server: &Arc<ServerState>) -> Result<(
             database: facts.database.clone(),
         },
     );
-    let shared = relay::Shared::new(&upstream.params).with_mask(mask.clone());
+    let row_limit = route.limits.max_rows.map(|max_rows| {
+        let server = server.clone();
+        let (pid, secret) = (upstream.backend_pid, upstream.backend_secret);
+        relay::RowLimit {
+            max_rows,
+            policy: route.policy.clone(),
+            cancel: Box::new(move || {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = server.upstream.cancel(pid, secret).await {
+                        tracing::warn!(error = %e, "could not cancel a statement past max_rows");
+                    }
+                });
+            }),
+        }
+    });
+    let shared = relay::Shared::new(&upstream.params)
+        .with_mask(mask.clone())
+        .with_row_limit(row_limit);
     let mut gate = Gate::new(
         facts.clone(),
         server.policy.clone(),

@@ -99,6 +99,27 @@ struct InFlight {
     record: Option<crate::audit::RecordId>,
     started: Instant,
     outcome: Outcome,
+    cut: Cut,
+}
+
+/// Where a statement stands with the session's `max_rows` limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    Within,
+    /// Past the limit: rows are dropped and PostgreSQL was asked to cancel; the statement's
+    /// end (its CommandComplete or the cancel's error) becomes interceptor's error.
+    Cutting,
+    /// The client has its error; the rest of this query message is dropped up to
+    /// ReadyForQuery, as after any error of a simple query.
+    Reported,
+}
+
+/// The policy's row limit for this session and how to stop a statement that passes it.
+pub struct RowLimit {
+    pub max_rows: u64,
+    pub policy: String,
+    /// Asks PostgreSQL to cancel the session's running statement (fire and forget).
+    pub cancel: Box<dyn Fn() + Send + Sync>,
 }
 
 /// State both directions share.
@@ -110,6 +131,7 @@ pub struct Shared {
     pub counters: Counters,
     /// Masking for this session; `None` when no rule applies (no per-message work at all).
     mask: Option<Arc<SessionMask>>,
+    row_limit: Option<RowLimit>,
 }
 
 impl Shared {
@@ -121,6 +143,7 @@ impl Shared {
             client_encoding_utf8: AtomicBool::new(true),
             counters: Counters::default(),
             mask: None,
+            row_limit: None,
         };
         for (k, v) in params {
             s.parameter(k, v);
@@ -131,6 +154,12 @@ impl Shared {
     /// Masks this session's results with `mask`.
     pub fn with_mask(mut self, mask: Option<Arc<SessionMask>>) -> Self {
         self.mask = mask;
+        self
+    }
+
+    /// Cuts off results longer than the policy's `max_rows`.
+    pub fn with_row_limit(mut self, limit: Option<RowLimit>) -> Self {
+        self.row_limit = limit;
         self
     }
 
@@ -172,7 +201,7 @@ pub async fn run(
     gate: &mut Gate,
     recorder: &Recorder,
     shared: &Shared,
-    cancel: &tokio::sync::Notify,
+    cancel: &super::cancel::CancelSignal,
 ) -> Result<End, RelayError> {
     // Messages interceptor itself sends the client mid-session (approval notices) go through
     // the upstream → client side, the only writer of the client socket.
@@ -213,7 +242,7 @@ pub async fn run(
 /// What the client → upstream side needs besides the sockets.
 struct Side<'a> {
     notice_tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
-    cancel: &'a tokio::sync::Notify,
+    cancel: &'a super::cancel::CancelSignal,
 }
 
 async fn client_to_upstream(
@@ -226,7 +255,17 @@ async fn client_to_upstream(
 ) -> Result<End, RelayError> {
     // Messages forwarded so far that each produce one ReadyForQuery (Query, Sync, FunctionCall).
     let mut batch: u64 = 0;
+    let mut first_chunk = true;
     loop {
+        // Cancels counted from here on answer the statements of this chunk: a client sends its
+        // CancelRequest after the statement, possibly before interceptor starts to hold it.
+        // For the first chunk that is every cancel since the client got its key (the session
+        // start record is written after the client was told it may send).
+        let cancel_mark = if std::mem::take(&mut first_chunk) {
+            0
+        } else {
+            side.cancel.seen()
+        };
         let Some(chunk) = reader.read_chunk(rd).await.map_err(RelayError::Client)? else {
             return Ok(End::ClientGone);
         };
@@ -253,7 +292,8 @@ async fn client_to_upstream(
                     if let Verdict::Hold(held) = verdict {
                         // Everything before the held statement goes out first.
                         emit(wr, gate, &chunk, &mut out, &mut copied_to, start).await?;
-                        let Some(v) = wait_for_approval(rd, reader, gate, held, &side).await?
+                        let Some(v) =
+                            wait_for_approval(rd, reader, gate, held, &side, cancel_mark).await?
                         else {
                             return Ok(End::ClientGone);
                         };
@@ -297,7 +337,8 @@ async fn client_to_upstream(
                         wr.write_all(&message::message(b'H', &[]))
                             .await
                             .map_err(|e| RelayError::Upstream(FrameError::Io(e)))?;
-                        let Some(v) = wait_for_approval(rd, reader, gate, held, &side).await?
+                        let Some(v) =
+                            wait_for_approval(rd, reader, gate, held, &side, cancel_mark).await?
                         else {
                             return Ok(End::ClientGone);
                         };
@@ -400,6 +441,7 @@ async fn wait_for_approval(
     gate: &mut Gate,
     held: super::gate::Held,
     side: &Side<'_>,
+    cancel_mark: u64,
 ) -> Result<Option<Verdict>, RelayError> {
     if let Some(notice) = held.request.notice() {
         let _ = side.notice_tx.send(notice.encode());
@@ -411,7 +453,7 @@ async fn wait_for_approval(
     loop {
         tokio::select! {
             resolution = &mut wait => return Ok(Some(gate.after_hold(held, resolution))),
-            _ = side.cancel.notified() => {
+            _ = side.cancel.after(cancel_mark) => {
                 tracing::info!(approval = id, "client cancelled a held statement");
                 return Ok(Some(Verdict::Refuse(PgError::error(
                     sqlstate::QUERY_CANCELED,
@@ -444,6 +486,7 @@ fn track(shared: &Shared, batch: u64, kind: Kind, record: Option<crate::audit::R
         record,
         started: Instant::now(),
         outcome: Outcome::default(),
+        cut: Cut::Within,
     });
 }
 
@@ -597,6 +640,11 @@ fn account(
     raw: &[u8],
     body: &[u8],
 ) -> Option<Bytes> {
+    if let Some(limit) = &shared.row_limit
+        && let Some(sub) = cut_off(inflight, finished, limit, tag)
+    {
+        return Some(sub);
+    }
     match tag {
         b'D' => {
             if let Some(front) = inflight.front_mut() {
@@ -672,6 +720,51 @@ fn account(
         _ => {}
     }
     None
+}
+
+/// Enforces `max_rows` on the statement at the front: `Some` replaces the message (empty:
+/// dropped), `None` lets the normal bookkeeping see it. Rows past the limit never reach the
+/// client; PostgreSQL is asked to stop producing them.
+fn cut_off(
+    inflight: &mut VecDeque<InFlight>,
+    finished: &mut Vec<InFlight>,
+    limit: &RowLimit,
+    tag: u8,
+) -> Option<Bytes> {
+    let front = inflight.front_mut()?;
+    match (front.cut, tag) {
+        // Session state and asynchronous messages still reach the client; so does a COPY FROM
+        // STDIN start, which PostgreSQL would otherwise wait on forever.
+        (_, b'Z' | b'S' | b'A' | b'N' | b'G' | b'W') => None,
+        (Cut::Within, b'D') if front.outcome.rows >= limit.max_rows => {
+            front.cut = Cut::Cutting;
+            front.outcome.truncated = true;
+            (limit.cancel)();
+            Some(Bytes::new())
+        }
+        (Cut::Within, _) => None,
+        (Cut::Cutting, b'C' | b'E' | b's' | b'I') => {
+            let message = format!(
+                "interceptor: the result has more than {} rows, the most policy \"{}\" allows per statement",
+                limit.max_rows, limit.policy
+            );
+            front.outcome.sqlstate = Some(sqlstate::PROGRAM_LIMIT_EXCEEDED.into());
+            front.outcome.error = Some(message.clone());
+            front.cut = Cut::Reported;
+            let err = PgError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED, message)
+                .with_hint("narrow the query (WHERE, LIMIT) or page through it with a cursor")
+                .encode();
+            if front.kind == Kind::Execute
+                && let Some(done) = inflight.pop_front()
+            {
+                finished.push(done);
+            }
+            Some(err)
+        }
+        (Cut::Cutting, _) => Some(Bytes::new()),
+        // After the error, the rest of the query message goes nowhere (as PostgreSQL skips it).
+        (Cut::Reported, _) => Some(Bytes::new()),
+    }
 }
 
 /// The fields of a DataRow as text, for the session recording (binary values as hex).
