@@ -55,6 +55,8 @@ pub struct InterceptorSetup {
     require_tls: bool,
     client_ca: Option<PathBuf>,
     audit_dir: Option<AuditDir>,
+    /// `[audit] durability` (`None`: the daemon's default, fsync).
+    audit_durability: Option<String>,
     policy_dir: Option<PathBuf>,
     policy_files: Vec<(String, String)>,
     allow_all_policies: bool,
@@ -89,6 +91,7 @@ impl InterceptorSetup {
             require_tls: false,
             client_ca: None,
             audit_dir: Some(AuditDir::InTemp),
+            audit_durability: None,
             policy_dir: None,
             policy_files: Vec::new(),
             pseudonym_key: None,
@@ -171,6 +174,12 @@ impl InterceptorSetup {
 
     pub fn audit_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.audit_dir = Some(AuditDir::At(dir.into()));
+        self
+    }
+
+    /// `[audit] durability = "fsync" | "write"`.
+    pub fn audit_durability(mut self, durability: &str) -> Self {
+        self.audit_durability = Some(durability.to_owned());
         self
     }
 
@@ -330,6 +339,9 @@ impl InterceptorSetup {
             };
             let mut t = Table::new();
             t.insert("dir".into(), path(&dir));
+            if let Some(d) = &self.audit_durability {
+                t.insert("durability".into(), Value::String(d.clone()));
+            }
             root.insert("audit".into(), Value::Table(t));
             // The auditor's CLI reaches the running daemon's store through the admin socket.
             let mut admin = Table::new();

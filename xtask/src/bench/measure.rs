@@ -18,6 +18,8 @@ pub struct Endpoints {
     pub interceptor: Option<ProxyEndpoint>,
     /// The interceptor with its audit store on tmpfs (100-row cases), unless skipped.
     pub interceptor_tmpfs: Option<ProxyEndpoint>,
+    /// The interceptor with `[audit] durability = "write"` (pgbench cases), unless skipped.
+    pub interceptor_write: Option<ProxyEndpoint>,
     pub pgbouncer: Option<ConnParams>,
     /// The pgbench script of the 100-row cases.
     pub rows100_script: PathBuf,
@@ -46,6 +48,7 @@ impl Endpoints {
         match (target, masking) {
             (Target::Interceptor, m) => self.interceptor.as_ref().map(|p| p.params(m)),
             (Target::InterceptorTmpfs, m) => self.interceptor_tmpfs.as_ref().map(|p| p.params(m)),
+            (Target::InterceptorWrite, m) => self.interceptor_write.as_ref().map(|p| p.params(m)),
             // Only interceptor masks: a masked case has no other target.
             (_, Masking::Column | Masking::Detectors) => None,
             (Target::Direct, Masking::None) => Some(&self.direct),
@@ -106,6 +109,7 @@ pub fn one(
     let pid = match target {
         Target::Interceptor => endpoints.interceptor.as_ref().map(|p| p.pid),
         Target::InterceptorTmpfs => endpoints.interceptor_tmpfs.as_ref().map(|p| p.pid),
+        Target::InterceptorWrite => endpoints.interceptor_write.as_ref().map(|p| p.pid),
         Target::Direct | Target::Pgbouncer => None,
     };
     if let Some(pid) = pid {

@@ -125,11 +125,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let proxies = match &bin {
         Some(bin) => {
             println!(
-                "== interceptor {} (audit on, log level warn), and a second one with its audit store \
-                 on tmpfs for the 100-row latency cases",
+                "== interceptor {} (audit on, log level warn), a second one with its audit store \
+                 on tmpfs for the 100-row latency cases, a third with [audit] durability = \"write\"",
                 bin.display()
             );
-            let start = |audit_on_tmpfs: Option<&std::path::Path>| {
+            let start = |audit_on_tmpfs: Option<&std::path::Path>, durability: &str| {
                 let setup = InterceptorSetup::new(&pg)
                     .identity(BENCH_IDENTITY, password, &["bench"], None)
                     .identity(
@@ -147,13 +147,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     .pseudonym_key(BENCH_PSEUDONYM_KEY)
                     .policy_dir(policies.path())
                     .env("RUST_LOG", "warn")
-                    .env("INTERCEPTOR_LOG", "warn");
+                    .env("INTERCEPTOR_LOG", "warn")
+                    .audit_durability(durability);
                 Interceptor::start(match audit_on_tmpfs {
                     Some(dir) => setup.audit_dir(dir.join("audit")),
                     None => setup.with_audit(),
                 })
             };
-            Some((start(None)?, start(Some(shm_audit.path()))?))
+            Some((
+                start(None, "fsync")?,
+                start(Some(shm_audit.path()), "fsync")?,
+                start(None, "write")?,
+            ))
         }
         None => None,
     };
@@ -175,11 +180,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let endpoints = Endpoints {
         direct: pg.tcp_params(APP_RW, Some(password)).dbname(APP_DB),
         interceptor: match &proxies {
-            Some((p, _)) => Some(proxy_endpoint(p)?),
+            Some((p, _, _)) => Some(proxy_endpoint(p)?),
             None => None,
         },
         interceptor_tmpfs: match &proxies {
-            Some((_, p)) => Some(proxy_endpoint(p)?),
+            Some((_, p, _)) => Some(proxy_endpoint(p)?),
+            None => None,
+        },
+        interceptor_write: match &proxies {
+            Some((_, _, p)) => Some(proxy_endpoint(p)?),
             None => None,
         },
         pgbouncer: bouncer
@@ -232,7 +241,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let json = cmd::workspace_root().join("target/bench/latest.json");
     report::write_json(&rows, &json)?;
     println!("written: {}", json.display());
-    for p in proxies.iter().flat_map(|(a, b)| [a, b]) {
+    for p in proxies.iter().flat_map(|(a, b, c)| [a, b, c]) {
         if !p.logs().is_empty() {
             println!(
                 "interceptor logged: {}",

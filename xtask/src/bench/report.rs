@@ -118,7 +118,7 @@ pub fn summarize(m: &Measurements) -> Vec<Row> {
         let Some(direct) = m.median_of(latency, Target::Direct) else {
             continue;
         };
-        for target in [latency.proxy(), Target::Pgbouncer] {
+        for target in [latency.proxy(), Target::InterceptorWrite, Target::Pgbouncer] {
             if let Some(value) = m.median_of(latency, target) {
                 rows.push(Row::new(name, target, Unit::Ms.name(), value - direct));
             }
@@ -227,6 +227,7 @@ mod tests {
         }
         m.record(Scenario::SelectOnlyOneClient, Target::Direct, 0.10);
         m.record(Scenario::SelectOnlyOneClient, Target::Interceptor, 0.16);
+        m.record(Scenario::SelectOnlyOneClient, Target::InterceptorWrite, 0.13);
         for kib in [20480, 10240, 30720] {
             m.record_peak_rss(Scenario::StreamAccounts, kib);
         }
@@ -246,6 +247,8 @@ mod tests {
         let added = find("select_only_c1_added_latency", "interceptor").unwrap();
         assert!((added.median - 0.06).abs() < 1e-12);
         assert_eq!(added.ratio_to_direct, None);
+        let added_write = find("select_only_c1_added_latency", "interceptor_write").unwrap();
+        assert!((added_write.median - 0.03).abs() < 1e-12);
         let rss = find("stream_pgbench_accounts_peak_rss", "interceptor").unwrap();
         assert_eq!((rss.median, rss.unit.as_str()), (20.0, "MiB"));
         // Unmasked rows carry no baseline.

@@ -15,14 +15,20 @@ pub enum Target {
     /// the sub-millisecond cost of masking; every statement is still audited before it is
     /// forwarded.
     InterceptorTmpfs,
+    /// A third interceptor with `[audit] durability = "write"`: each record is written to the
+    /// kernel before its statement is forwarded and fdatasync'ed within 200 ms (survives a
+    /// crash of interceptor, not a power loss). For the pgbench cases: what the proxy costs
+    /// when the disk's sync latency is not paid per statement.
+    InterceptorWrite,
 }
 
 impl Target {
-    pub const ALL: [Target; 4] = [
+    pub const ALL: [Target; 5] = [
         Target::Direct,
         Target::Interceptor,
         Target::Pgbouncer,
         Target::InterceptorTmpfs,
+        Target::InterceptorWrite,
     ];
 
     pub fn name(self) -> &'static str {
@@ -31,6 +37,7 @@ impl Target {
             Target::Interceptor => "interceptor",
             Target::Pgbouncer => "pgbouncer",
             Target::InterceptorTmpfs => "interceptor_tmpfs",
+            Target::InterceptorWrite => "interceptor_write",
         }
     }
 }
@@ -187,6 +194,11 @@ impl Scenario {
     pub fn runs_on(self, target: Target) -> bool {
         match target {
             Target::Interceptor | Target::InterceptorTmpfs => target == self.proxy(),
+            Target::InterceptorWrite => {
+                self.masking() == Masking::None
+                    && !self.is_stream()
+                    && self.proxy() == Target::Interceptor
+            }
             Target::Direct | Target::Pgbouncer => self.masking() == Masking::None,
         }
     }
