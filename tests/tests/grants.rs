@@ -102,6 +102,13 @@ async fn a_grant_lifts_a_live_session_until_it_expires_or_is_revoked() {
     // A long grant, revoked by its holder: the next statement is refused.
     let (_, long) = tokio::task::block_in_place(|| grant(&s, "10m", "INC-10 cleanup"));
     assert_eq!(update(&c.client, 14).await.unwrap(), 1);
+    // A statement prepared under the grant (Parse allowed then) ...
+    let prepared = c
+        .client
+        .prepare("UPDATE accounts SET name = 'granted' WHERE id = $1")
+        .await
+        .unwrap();
+    assert_eq!(c.client.execute(&prepared, &[&17i32]).await.unwrap(), 1);
     tokio::task::block_in_place(|| {
         let g = s.cli_ok(
             "access",
@@ -110,6 +117,8 @@ async fn a_grant_lifts_a_live_session_until_it_expires_or_is_revoked() {
         assert_eq!(g["revoked_by"], "alice", "{g}");
     });
     assert_refused(update(&c.client, 15).await);
+    // ... is decided again at every Execute: the revoked grant no longer lets it run.
+    assert_refused(c.client.execute(&prepared, &[&18i32]).await);
 
     tokio::task::block_in_place(|| {
         // Request, vote, approval and activation (with its end) under the request id …

@@ -86,14 +86,12 @@ pub struct Outcome {
     pub masked: crate::mask::MaskSummary,
 }
 
-/// Decisions are cached per SQL text for the policy version they were made under; drivers send
-/// the same few texts over and over (pgbench `-M extended` parses every statement anew).
-const DECISION_CACHE_LIMIT: usize = 1024;
-
+/// A protocol-level prepared statement the gate let through at Parse. Its decision is not
+/// kept: every Execute is decided anew, because what allowed it can end between the two (a
+/// policy reload, a rule's time window, a time-bound grant's expiry or revocation). The policy
+/// set caches the parse of each statement shape, so deciding again costs rule matching only.
 struct Prepared {
     sql: Arc<str>,
-    decision: Arc<Decision>,
-    version: u64,
 }
 
 struct Portal {
@@ -104,7 +102,6 @@ struct Portal {
 pub struct Gate {
     facts: Arc<SessionFacts>,
     policy: PolicyHandle,
-    cache: HashMap<Arc<str>, (u64, Arc<Decision>)>,
     /// SQL-level PREPARE names, for EXECUTE.
     sql_prepared: SessionStatements,
     /// Protocol-level prepared statements by name.
@@ -134,7 +131,6 @@ impl Gate {
             elevated: None,
             facts,
             policy,
-            cache: HashMap::new(),
             sql_prepared: SessionStatements::new(),
             statements: HashMap::new(),
             portals: HashMap::new(),
@@ -350,45 +346,23 @@ impl Gate {
             .elevated
             .as_ref()
             .is_none_or(|old| old.identity.groups != fresh.identity.groups);
-        if changed {
-            // Cached decisions were made for other groups.
-            self.cache.clear();
-            if fresh.identity.groups != self.facts.identity.groups {
-                tracing::info!(groups = ?fresh.identity.groups, "time-bound grant in effect");
-            }
+        if changed && fresh.identity.groups != self.facts.identity.groups {
+            tracing::info!(groups = ?fresh.identity.groups, "time-bound grant in effect");
         }
         let who = fresh.identity.clone();
         self.elevated = Some(fresh);
         who
     }
 
+    /// Decides `sql` now, for the identity as it is now (with its grants). Nothing is cached
+    /// per session: a decision can depend on the time (rule windows, grant expiry).
     fn decide(&mut self, policy: &PolicySet, sql: &str, lex: LexState) -> Arc<Decision> {
         let who = self.current_identity();
-        let version = policy.version();
-        if let Some((v, d)) = self.cache.get(sql)
-            && *v == version
-        {
-            return d.clone();
-        }
         let lex = LexSettings {
             standard_conforming_strings: lex.standard_conforming_strings,
         };
         let f = &self.facts;
-        let decision =
-            Arc::new(policy.decide_in_session(&who, &f.database, sql, &lex, &self.sql_prepared));
-        // EXECUTE depends on session state (what was PREPAREd), so its decision is not cached.
-        let stateful = decision
-            .statements
-            .iter()
-            .any(|s| s.executes.is_some() || s.prepares.is_some() || s.deallocates.is_some());
-        if !stateful {
-            if self.cache.len() >= DECISION_CACHE_LIMIT {
-                self.cache.clear();
-            }
-            self.cache
-                .insert(Arc::from(sql), (version, decision.clone()));
-        }
-        decision
+        Arc::new(policy.decide_in_session(&who, &f.database, sql, &lex, &self.sql_prepared))
     }
 
     /// Turns a decision into what the relay does.
@@ -485,8 +459,6 @@ impl Gate {
                 statement.to_owned(),
                 Arc::new(Prepared {
                     sql: Arc::from(sql),
-                    decision,
-                    version: policy.version(),
                 }),
             );
         } else {
@@ -563,12 +535,8 @@ impl Gate {
         let prepared = p.statement.clone();
         let parameters = p.parameters.clone();
         let policy = self.policy.current();
-        let decision = if prepared.version != policy.version() {
-            // The policy changed since Parse: enforce the current one.
-            self.decide(&policy, &prepared.sql, lex)
-        } else {
-            prepared.decision.clone()
-        };
+        // Decided again: a reload, a rule's window or a grant may have ended since Parse.
+        let decision = self.decide(&policy, &prepared.sql, lex);
         // Parse let a statement that needs approval through: it is held here, where it runs.
         if let Some(v) = self
             .hold(

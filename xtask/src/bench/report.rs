@@ -227,7 +227,11 @@ mod tests {
         }
         m.record(Scenario::SelectOnlyOneClient, Target::Direct, 0.10);
         m.record(Scenario::SelectOnlyOneClient, Target::Interceptor, 0.16);
-        m.record(Scenario::SelectOnlyOneClient, Target::InterceptorWrite, 0.13);
+        m.record(
+            Scenario::SelectOnlyOneClient,
+            Target::InterceptorWrite,
+            0.13,
+        );
         for kib in [20480, 10240, 30720] {
             m.record_peak_rss(Scenario::StreamAccounts, kib);
         }
