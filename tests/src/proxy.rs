@@ -554,7 +554,8 @@ impl Interceptor {
             .stdout(log.try_clone().context("dup log")?)
             .stderr(log);
         // The daemon reads its log filter from INTERCEPTOR_LOG.
-        let wait_ready_line = std::env::var_os("INTERCEPTOR_LOG").is_none();
+        let wait_ready_line = std::env::var_os("INTERCEPTOR_LOG").is_none()
+            && !self.setup.env.iter().any(|(k, _)| k == "INTERCEPTOR_LOG");
         if wait_ready_line {
             cmd.env("INTERCEPTOR_LOG", "info,interceptor=debug");
         }
