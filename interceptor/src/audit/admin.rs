@@ -281,6 +281,9 @@ async fn dispatch(
         .ok_or_else(|| bad("missing \"op\"".into()))?;
     if AUDIT_OPS.contains(&op) {
         let req: AdminRequest = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        // Under load the writer updates the session indexes in batches: bring them up to date
+        // with everything committed before answering.
+        log.sync_index().await?;
         let log = log.clone();
         return tokio::task::spawn_blocking(move || handle(&Target::Live(&log), req))
             .await

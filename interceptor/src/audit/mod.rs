@@ -208,6 +208,14 @@ impl AuditLog {
         self.inner.shared.request_retention()
     }
 
+    /// Waits until the session indexes cover everything queued so far (they lag the log by up
+    /// to [`writer`]'s index interval under load).
+    pub async fn sync_index(&self) -> Result<(), AuditError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner.shared.push_index_barrier(tx)?;
+        rx.await.map_err(|_| AuditError::Closed)?
+    }
+
     /// Waits until everything queued so far is durable.
     pub async fn sync(&self) -> Result<(), AuditError> {
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -147,7 +147,7 @@ fn populate(log: &AuditLog, sessions: usize) -> Vec<SessionId> {
             log.append(outcome(sid, st)).expect("outcome");
             log.append(end(sid)).expect("end");
         }
-        log.sync().await.expect("sync");
+        log.sync_index().await.expect("sync");
         ids
     })
 }

@@ -3,11 +3,11 @@
 //! A group commit is one frame appended with a single `write(2)` (and, with
 //! `durability = "fsync"`, one `fdatasync`); the same key/value pairs then go into sled's
 //! in-memory tree. Why: a sled flush plus the syncs its files need cost 1.6–3.7 ms per commit
-//! here and hundreds of milliseconds once a second's worth of records is dirty; a frame write
+//! here and hundreds of milliseconds for a few seconds' worth of dirty records; a frame write
 //! plus `fdatasync` costs the disk's sync latency alone, and a frame write without sync
 //! microseconds.
 //!
-//! Frames go to numbered segments (`wal.<n>`). About once a second the writer starts a new
+//! Frames go to numbered segments (`wal.<n>`). Every few seconds the writer starts a new
 //! segment and a background thread flushes and syncs sled, then deletes the older segments:
 //! their frames are in sled's files by then. So sled's slow flush never holds up a commit.
 //!

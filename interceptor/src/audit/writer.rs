@@ -31,7 +31,7 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 /// sled's files are brought up to date (and the write-ahead file emptied) this often, or when
 /// the write-ahead file grows past [`STORE_SYNC_BYTES`].
-const STORE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+const STORE_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 const STORE_SYNC_BYTES: u64 = 64 * 1024 * 1024;
 /// Longest the session indexes lag the log while commits keep coming.
 const INDEX_INTERVAL: Duration = Duration::from_millis(50);
@@ -46,6 +46,8 @@ struct Pending {
 
 enum Job {
     Barrier(Waiter),
+    /// As a barrier, and the session indexes are brought up to date first.
+    IndexBarrier(Waiter),
     Retention(std::sync::mpsc::Sender<Result<RetentionReport, AuditError>>),
 }
 
@@ -121,6 +123,20 @@ impl Shared {
             return Err(AuditError::Closed);
         }
         q.jobs.push(Job::Barrier(waiter));
+        drop(q);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    pub(crate) fn push_index_barrier(&self, waiter: Waiter) -> Result<(), AuditError> {
+        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        if let Some(f) = &q.failed {
+            return Err(AuditError::Failed(f.clone()));
+        }
+        if q.shutdown {
+            return Err(AuditError::Closed);
+        }
+        q.jobs.push(Job::IndexBarrier(waiter));
         drop(q);
         self.wake.notify_one();
         Ok(())
@@ -400,14 +416,13 @@ impl Writer {
             if !batch.is_empty() {
                 self.commit_batch(&shared, batch, failed.clone());
             }
-            let queue_empty = shared
-                .queue
-                .lock()
-                .map(|q| q.pending.is_empty())
-                .unwrap_or(true);
-            if !jobs.is_empty()
+            // Statement barriers (every forwarded chunk) do not force an index update; readers
+            // that need it fresh ask with an index barrier.
+            let index_wanted = jobs
+                .iter()
+                .any(|j| matches!(j, Job::IndexBarrier(_) | Job::Retention(_)));
+            if index_wanted
                 || shutdown
-                || queue_empty
                 || self.pending_index.len() >= INDEX_BATCH
                 || self.last_index.elapsed() >= INDEX_INTERVAL
             {
@@ -417,7 +432,7 @@ impl Writer {
             let failed = shared.queue.lock().ok().and_then(|q| q.failed.clone());
             for job in jobs {
                 match job {
-                    Job::Barrier(w) => {
+                    Job::Barrier(w) | Job::IndexBarrier(w) => {
                         let r = match &failed {
                             Some(f) => Err(AuditError::Failed(f.clone())),
                             None => Ok(()),
@@ -478,6 +493,9 @@ impl Writer {
         if self.syncer.in_flight {
             // To notice a failed store sync soon.
             wait = wait.min(Duration::from_millis(20));
+        }
+        if !self.pending_index.is_empty() {
+            wait = wait.min(INDEX_INTERVAL.saturating_sub(self.last_index.elapsed()));
         }
         wait.max(Duration::from_millis(1))
     }
@@ -691,7 +709,7 @@ impl Drop for StopGuard {
         }
         for job in q.jobs.drain(..) {
             match job {
-                Job::Barrier(w) => {
+                Job::Barrier(w) | Job::IndexBarrier(w) => {
                     let _ = w.send(Err(AuditError::Failed(reason.clone())));
                 }
                 Job::Retention(tx) => {
