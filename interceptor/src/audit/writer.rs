@@ -114,7 +114,8 @@ impl Shared {
         Ok(seq)
     }
 
-    pub(crate) fn push_barrier(&self, waiter: Waiter) -> Result<(), AuditError> {
+    /// Queues a job for the writer, unless the log failed or is closing.
+    fn push_job(&self, job: Job) -> Result<(), AuditError> {
         let mut q = self.queue.lock().map_err(|_| poisoned())?;
         if let Some(f) = &q.failed {
             return Err(AuditError::Failed(f.clone()));
@@ -122,39 +123,23 @@ impl Shared {
         if q.shutdown {
             return Err(AuditError::Closed);
         }
-        q.jobs.push(Job::Barrier(waiter));
+        q.jobs.push(job);
         drop(q);
         self.wake.notify_one();
         Ok(())
     }
 
+    pub(crate) fn push_barrier(&self, waiter: Waiter) -> Result<(), AuditError> {
+        self.push_job(Job::Barrier(waiter))
+    }
+
     pub(crate) fn push_index_barrier(&self, waiter: Waiter) -> Result<(), AuditError> {
-        let mut q = self.queue.lock().map_err(|_| poisoned())?;
-        if let Some(f) = &q.failed {
-            return Err(AuditError::Failed(f.clone()));
-        }
-        if q.shutdown {
-            return Err(AuditError::Closed);
-        }
-        q.jobs.push(Job::IndexBarrier(waiter));
-        drop(q);
-        self.wake.notify_one();
-        Ok(())
+        self.push_job(Job::IndexBarrier(waiter))
     }
 
     pub(crate) fn request_retention(&self) -> Result<RetentionReport, AuditError> {
         let (tx, rx) = std::sync::mpsc::channel();
-        {
-            let mut q = self.queue.lock().map_err(|_| poisoned())?;
-            if let Some(f) = &q.failed {
-                return Err(AuditError::Failed(f.clone()));
-            }
-            if q.shutdown {
-                return Err(AuditError::Closed);
-            }
-            q.jobs.push(Job::Retention(tx));
-        }
-        self.wake.notify_one();
+        self.push_job(Job::Retention(tx))?;
         rx.recv().map_err(|_| AuditError::Closed)?
     }
 

@@ -132,9 +132,9 @@ pub fn rows100_script(scale: u32) -> String {
     )
 }
 
-/// The bytes `psql -At` prints for the whole stream: every field's text plus one separator
-/// or newline per field. Divided by a stream's seconds this gives the MB/s of streamed text.
-pub fn stream_bytes(params: &ConnParams) -> Result<u64> {
+/// `psql -At -c 'SELECT * FROM pgbench_accounts'` for `params`, with nothing from the
+/// caller's environment but PATH.
+fn stream_command(params: &ConnParams) -> Command {
     let mut psql = Command::new("psql");
     psql.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -146,8 +146,15 @@ pub fn stream_bytes(params: &ConnParams) -> Result<u64> {
             "-At",
             "-c",
             "SELECT * FROM pgbench_accounts",
-        ])
-        .stdin(Stdio::null())
+        ]);
+    psql
+}
+
+/// The bytes `psql -At` prints for the whole stream: every field's text plus one separator
+/// or newline per field. Divided by a stream's seconds this gives the MB/s of streamed text.
+pub fn stream_bytes(params: &ConnParams) -> Result<u64> {
+    let mut psql = stream_command(params);
+    psql.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut child = psql.spawn().context("run psql")?;
@@ -172,19 +179,8 @@ pub fn psql_output(params: &ConnParams, sql: &str) -> Result<String> {
 
 /// `psql -At -c 'SELECT * FROM pgbench_accounts' > /dev/null`, timed.
 pub fn stream(params: &ConnParams) -> Result<Duration> {
-    let mut psql = Command::new("psql");
-    psql.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(params.libpq_env())
-        .args([
-            "-X",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-At",
-            "-c",
-            "SELECT * FROM pgbench_accounts",
-        ])
-        .stdin(Stdio::null())
+    let mut psql = stream_command(params);
+    psql.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let started = Instant::now();
