@@ -27,7 +27,6 @@ use std::time::Duration;
 use ebpf_common::*;
 use interceptor_tests::os::{pg_bin_dir, wait_with_deadline};
 use interceptor_tests::pg::{APP_DB, APP_RO};
-use interceptor_tests::proxy::interceptor_bin;
 use interceptor_tests::{
     ALICE, ALICE_PASSWORD, Interceptor, InterceptorSetup, PgCluster, PgOptions,
 };
@@ -242,20 +241,10 @@ fn pg_connections(pg: &PgCluster) -> Vec<(u32, String)> {
 
 /// Every `session_start` record of the audit trail, by application name.
 fn audit_sessions(proxy: &Interceptor) -> BTreeMap<String, Value> {
-    let out = Command::new(interceptor_bin().unwrap())
-        .args(["audit", "-c"])
-        .arg(proxy.config_path())
-        .args(["export", "--format", "jsonl"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "audit export: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    proxy
+        .audit_records()
+        .unwrap()
+        .into_iter()
         .filter(|r| r["event"]["type"] == "session_start")
         .filter_map(|r| {
             let app = r["event"]["application_name"].as_str()?.to_owned();

@@ -628,6 +628,26 @@ impl Interceptor {
         &self.config_path
     }
 
+    /// Every audit record, as the auditor's CLI exports it (`audit export --format jsonl`).
+    pub fn audit_records(&self) -> Result<Vec<serde_json::Value>> {
+        let out = Command::new(&self.bin)
+            .args(["audit", "-c"])
+            .arg(&self.config_path)
+            .args(["export", "--format", "jsonl"])
+            .output()
+            .context("run interceptor audit export")?;
+        if !out.status.success() {
+            bail!(
+                "audit export failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).context("parse an exported record"))
+            .collect()
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

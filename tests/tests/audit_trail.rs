@@ -13,21 +13,7 @@ use interceptor_tests::{
 
 /// Every audit record, as the auditor's CLI exports it (JSON Lines).
 fn export(proxy: &Interceptor) -> Vec<serde_json::Value> {
-    let out = Command::new(interceptor_bin().unwrap())
-        .args(["audit", "-c"])
-        .arg(proxy.config_path())
-        .args(["export", "--format", "jsonl"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "audit export failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    proxy.audit_records().unwrap()
 }
 
 /// SQL texts of statement records with the given decision, with their counts.

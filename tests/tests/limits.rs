@@ -2,9 +2,6 @@
 //! stops PostgreSQL producing it), `statement_timeout_ms` is the session's starting timeout,
 //! `max_sessions` refuses one session too many with 53300.
 
-use std::process::Command;
-
-use interceptor_tests::proxy::interceptor_bin;
 use interceptor_tests::{ALICE, ALICE_PASSWORD, Interceptor, InterceptorSetup, PgCluster};
 use tokio_postgres::SimpleQueryMessage;
 
@@ -56,16 +53,10 @@ fn code(e: &tokio_postgres::Error) -> String {
 
 /// Every outcome record, as the auditor's CLI exports it.
 fn outcomes(proxy: &Interceptor) -> Vec<serde_json::Value> {
-    let out = Command::new(interceptor_bin().unwrap())
-        .args(["audit", "-c"])
-        .arg(proxy.config_path())
-        .args(["export", "--format", "jsonl"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    proxy
+        .audit_records()
+        .unwrap()
+        .into_iter()
         .map(|r| r.get("event").cloned().unwrap_or(r))
         .filter(|e| e["type"] == "outcome")
         .collect()
