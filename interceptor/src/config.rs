@@ -110,6 +110,40 @@ pub struct UpstreamConfig {
     pub ca: Option<PathBuf>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
+    /// The password methods PostgreSQL may ask interceptor for, like libpq's `require_auth`.
+    /// MD5 and cleartext are refused over unencrypted TCP even when listed.
+    #[serde(default = "default_upstream_auth")]
+    pub auth: Vec<UpstreamAuth>,
+}
+
+/// How PostgreSQL may authenticate interceptor's upstream login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum UpstreamAuth {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    /// Cleartext password.
+    #[serde(rename = "password")]
+    Password,
+    /// PostgreSQL asks for nothing (trust, peer): no credential is sent.
+    #[serde(rename = "none")]
+    None,
+}
+
+impl UpstreamAuth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamAuth::ScramSha256 => "scram-sha-256",
+            UpstreamAuth::Md5 => "md5",
+            UpstreamAuth::Password => "password",
+            UpstreamAuth::None => "none",
+        }
+    }
+}
+
+fn default_upstream_auth() -> Vec<UpstreamAuth> {
+    vec![UpstreamAuth::ScramSha256, UpstreamAuth::None]
 }
 
 impl UpstreamConfig {

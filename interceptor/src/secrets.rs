@@ -6,20 +6,39 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-/// A secret value whose `Debug`/`Display` never print it.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
+/// A secret value whose `Debug` never prints it and whose memory is wiped when it is dropped
+/// (`secrecy`), compared in constant time.
+#[derive(Clone)]
+pub struct Secret(SecretString);
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
+        Secret(SecretString::from(s.into()))
     }
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 }
+
+impl Default for Secret {
+    fn default() -> Self {
+        Secret::new(String::new())
+    }
+}
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        crate::identity::scram::constant_time_eq(
+            self.expose().as_bytes(),
+            other.expose().as_bytes(),
+        )
+    }
+}
+
+impl Eq for Secret {}
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

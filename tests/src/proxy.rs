@@ -47,6 +47,8 @@ pub struct InterceptorSetup {
     upstream_socket_dir: PathBuf,
     upstream_port: u16,
     upstream_via: UpstreamVia,
+    /// `[upstream] auth` (`None`: the daemon's default).
+    upstream_auth: Option<Vec<String>>,
     role_passwords: Vec<(String, String)>,
     pseudonym_key: Option<String>,
     identities: Vec<IdentitySpec>,
@@ -84,6 +86,7 @@ impl InterceptorSetup {
             upstream_socket_dir: pg.socket_dir().to_path_buf(),
             upstream_port: pg.port(),
             upstream_via: UpstreamVia::UnixSocket,
+            upstream_auth: None,
             role_passwords: pg.role_passwords().into_iter().collect(),
             identities: Vec::new(),
             tls: None,
@@ -145,6 +148,12 @@ impl InterceptorSetup {
     /// Reach PostgreSQL over TCP 127.0.0.1 instead of its unix socket.
     pub fn upstream_tcp(mut self) -> Self {
         self.upstream_via = UpstreamVia::Tcp;
+        self
+    }
+
+    /// The password methods PostgreSQL may ask for (`[upstream] auth`).
+    pub fn upstream_auth(mut self, methods: &[&str]) -> Self {
+        self.upstream_auth = Some(methods.iter().map(|m| (*m).to_owned()).collect());
         self
     }
 
@@ -309,6 +318,10 @@ impl InterceptorSetup {
             }
         }
         upstream.insert("port".into(), Value::Integer(i64::from(self.upstream_port)));
+        if let Some(methods) = &self.upstream_auth {
+            let list = methods.iter().map(|m| Value::String(m.clone())).collect();
+            upstream.insert("auth".into(), Value::Array(list));
+        }
         root.insert("upstream".into(), Value::Table(upstream));
 
         let mut secrets = Table::new();

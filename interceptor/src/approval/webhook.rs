@@ -13,25 +13,12 @@ pub struct Webhook {
     agent: ureq::Agent,
 }
 
-/// https anywhere; plain http only to loopback (tests, a local relay).
+/// The shared rule for URLs interceptor dials (see `outbound`): https anywhere, plain http only
+/// to loopback, no credentials, a host.
 pub fn check_url(url: &str) -> Result<(), ApprovalError> {
-    let lower = url.to_ascii_lowercase();
-    if lower.starts_with("https://") {
-        return Ok(());
-    }
-    if let Some(rest) = lower.strip_prefix("http://") {
-        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-        let host = match authority.strip_prefix('[') {
-            Some(v6) => v6.split(']').next().unwrap_or(""),
-            None => authority.split(':').next().unwrap_or(""),
-        };
-        if matches!(host, "127.0.0.1" | "localhost" | "::1") && !authority.contains('@') {
-            return Ok(());
-        }
-    }
-    Err(ApprovalError::Config(
-        "webhook_url must be https (plain http only to loopback)".into(),
-    ))
+    crate::outbound::check(url)
+        .map(|_| ())
+        .map_err(|e| ApprovalError::Config(format!("webhook_url {e}")))
 }
 
 impl Webhook {
@@ -131,5 +118,8 @@ mod tests {
         assert!(check_url("http://127.0.0.1.evil.com/").is_err());
         assert!(check_url("http://user@127.0.0.1/").is_err());
         assert!(check_url("ftp://127.0.0.1/").is_err());
+        // Before the shared rule, an https webhook URL could carry credentials or no host.
+        assert!(check_url("https://user:pw@hooks.example.com/").is_err());
+        assert!(check_url("https:///x").is_err());
     }
 }

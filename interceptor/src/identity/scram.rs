@@ -187,11 +187,11 @@ impl ServerExchange {
     }
 }
 
+/// Equality whose time does not depend on where the inputs differ (only on their lengths):
+/// `subtle` keeps the optimiser from turning the comparison back into an early exit.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! Time windows during which a rule applies (e.g. business hours), at a fixed UTC offset.
+//! Time windows during which a rule applies (e.g. business hours), in a named time zone (so the
+//! window follows daylight saving) or at a fixed UTC offset.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -65,9 +66,42 @@ impl<'de> Deserialize<'de> for UtcOffset {
     }
 }
 
+/// An IANA time zone (`"Europe/Berlin"`), resolved from the host's time zone database when the
+/// policy is loaded: an unknown name is a load error, never a window that silently uses UTC.
+#[derive(Debug, Clone)]
+pub struct TimeZoneName {
+    name: String,
+    zone: jiff::tz::TimeZone,
+}
+
+impl PartialEq for TimeZoneName {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for TimeZoneName {}
+
+impl Serialize for TimeZoneName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name)
+    }
+}
+
+impl<'de> Deserialize<'de> for TimeZoneName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        let zone = jiff::tz::TimeZone::get(&name).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "unknown time zone {name:?} ({e}); use an IANA name such as \"Europe/Berlin\""
+            ))
+        })?;
+        Ok(TimeZoneName { name, zone })
+    }
+}
+
 /// `[windows.NAME]` in a policy file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Window {
     /// Days on which the window opens (default: every day).
     #[serde(default)]
@@ -76,8 +110,41 @@ pub struct Window {
     pub from: TimeOfDay,
     /// End, exclusive. An end before the start spans midnight (the day is the start's).
     pub to: TimeOfDay,
-    #[serde(default)]
+    /// A fixed offset (`"+02:00"`), used when no `time_zone` is given.
     pub utc_offset: UtcOffset,
+    /// A named zone; exclusive with `utc_offset`.
+    pub time_zone: Option<TimeZoneName>,
+}
+
+/// What a policy file may write; `Window` is built from it so that the offset and the zone
+/// cannot both be given.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WindowFile {
+    #[serde(default)]
+    days: Vec<Day>,
+    from: TimeOfDay,
+    to: TimeOfDay,
+    utc_offset: Option<UtcOffset>,
+    time_zone: Option<TimeZoneName>,
+}
+
+impl<'de> Deserialize<'de> for Window {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let f = WindowFile::deserialize(d)?;
+        if f.utc_offset.is_some() && f.time_zone.is_some() {
+            return Err(serde::de::Error::custom(
+                "give either `time_zone` or `utc_offset`, not both",
+            ));
+        }
+        Ok(Window {
+            days: f.days,
+            from: f.from,
+            to: f.to,
+            utc_offset: f.utc_offset.unwrap_or_default(),
+            time_zone: f.time_zone,
+        })
+    }
 }
 
 impl Window {
@@ -87,7 +154,16 @@ impl Window {
         let Ok(since) = at.duration_since(UNIX_EPOCH) else {
             return false;
         };
-        let local = since.as_secs() as i64 + self.utc_offset.0;
+        let offset = match &self.time_zone {
+            Some(tz) => {
+                let Ok(ts) = jiff::Timestamp::try_from(at) else {
+                    return false;
+                };
+                i64::from(tz.zone.to_offset(ts).seconds())
+            }
+            None => self.utc_offset.0,
+        };
+        let local = since.as_secs() as i64 + offset;
         if local < 0 {
             return false;
         }
@@ -148,6 +224,35 @@ mod tests {
         assert!(w.contains(at(monday + 21 * 3600)));
         // 01:00 UTC = 03:00 local: outside.
         assert!(!w.contains(at(monday + 3600)));
+    }
+
+    #[test]
+    fn named_zone_follows_daylight_saving() {
+        let w = window("from = \"09:00\"\nto = \"17:00\"\ntime_zone = \"Europe/Berlin\"");
+        // 2026-07-01 (summer, UTC+2) and 2026-12-01 (winter, UTC+1), both 00:00 UTC.
+        let summer = 1_782_864_000;
+        let winter = 1_796_083_200;
+        // 07:30 UTC is 09:30 in summer (open) but 08:30 in winter (closed).
+        assert!(w.contains(at(summer + 7 * 3600 + 1800)));
+        assert!(!w.contains(at(winter + 7 * 3600 + 1800)));
+        // 15:30 UTC is 17:30 in summer (closed) but 16:30 in winter (open).
+        assert!(!w.contains(at(summer + 15 * 3600 + 1800)));
+        assert!(w.contains(at(winter + 15 * 3600 + 1800)));
+    }
+
+    #[test]
+    fn unknown_zone_or_both_forms_are_rejected() {
+        let e = toml::from_str::<Window>(
+            "from = \"09:00\"\nto = \"17:00\"\ntime_zone = \"Mars/Olympus\"",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown time zone"), "{e}");
+        assert!(
+            toml::from_str::<Window>(
+                "from = \"09:00\"\nto = \"17:00\"\ntime_zone = \"UTC\"\nutc_offset = \"+01:00\""
+            )
+            .is_err()
+        );
     }
 
     #[test]

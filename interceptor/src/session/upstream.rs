@@ -10,7 +10,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::config::{UpstreamConfig, UpstreamTls};
+use crate::config::{UpstreamAuth, UpstreamConfig, UpstreamTls};
 use crate::net::frame::{FrameError, FrameReader};
 use crate::net::message::{Cursor, error_code_and_message};
 use crate::net::stream::Stream;
@@ -25,6 +25,7 @@ pub struct UpstreamTarget {
     connector: Option<tokio_rustls::TlsConnector>,
     timeout: Duration,
     max_message: usize,
+    auth: Vec<UpstreamAuth>,
     /// With kernel steering on, TCP connections to PostgreSQL are exempted socket by socket.
     steering: Option<Arc<crate::ebpf::Steering>>,
 }
@@ -41,6 +42,8 @@ pub enum UpstreamError {
     Tls(std::io::Error),
     #[error("PostgreSQL refused the login: {code} {message}")]
     Refused { code: String, message: String },
+    #[error("{0}")]
+    AuthMethod(String),
     #[error("no password is configured for upstream role \"{0}\"")]
     NoPassword(String),
     #[error("upstream protocol error: {0}")]
@@ -76,8 +79,39 @@ impl UpstreamTarget {
             connector: connector.map(tokio_rustls::TlsConnector::from),
             timeout: Duration::from_millis(cfg.connect_timeout_ms),
             max_message,
+            auth: cfg.auth.clone(),
             steering,
         }
+    }
+
+    /// Refuses a password method the configuration does not allow, and MD5 or cleartext over
+    /// an unencrypted TCP connection, before any credential is sent.
+    fn allow_method(&self, method: UpstreamAuth, stream: &Stream) -> Result<(), UpstreamError> {
+        let allowed = || {
+            self.auth
+                .iter()
+                .map(|a| a.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !self.auth.contains(&method) {
+            return Err(UpstreamError::AuthMethod(format!(
+                "PostgreSQL asked for {} authentication, which [upstream] auth does not allow \
+                 (allowed: {}); add \"{}\" to [upstream] auth or give the role a SCRAM-SHA-256 password",
+                method.as_str(),
+                allowed(),
+                method.as_str()
+            )));
+        }
+        let weak = matches!(method, UpstreamAuth::Md5 | UpstreamAuth::Password);
+        if weak && matches!(stream, Stream::Tcp(_)) {
+            return Err(UpstreamError::AuthMethod(format!(
+                "PostgreSQL asked for {} authentication over unencrypted TCP; interceptor never \
+                 sends a password that way: use its unix socket or [upstream] tls",
+                method.as_str()
+            )));
+        }
+        Ok(())
     }
 
     pub fn describe(&self) -> String {
@@ -199,6 +233,8 @@ impl UpstreamTarget {
 
         let mut reader = FrameReader::new(self.max_message);
         let mut scram: Option<ScramSha256> = None;
+        // Whether PostgreSQL asked for any credential before AuthenticationOk.
+        let mut challenged = false;
         let mut out = Upstream {
             stream,
             reader: FrameReader::new(self.max_message),
@@ -223,14 +259,23 @@ impl UpstreamTarget {
                             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
                         let mut reply = BytesMut::new();
                         match code {
-                            0 => continue,
+                            0 => {
+                                if !challenged {
+                                    self.allow_method(UpstreamAuth::None, &out.stream)?;
+                                }
+                                continue;
+                            }
                             3 => {
+                                challenged = true;
+                                self.allow_method(UpstreamAuth::Password, &out.stream)?;
                                 let pw = password
                                     .ok_or_else(|| UpstreamError::NoPassword(role.into()))?;
                                 frontend::password_message(pw.expose().as_bytes(), &mut reply)
                                     .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
                             }
                             5 => {
+                                challenged = true;
+                                self.allow_method(UpstreamAuth::Md5, &out.stream)?;
                                 let pw = password
                                     .ok_or_else(|| UpstreamError::NoPassword(role.into()))?;
                                 let salt = c
@@ -246,6 +291,8 @@ impl UpstreamTarget {
                                     .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
                             }
                             10 => {
+                                challenged = true;
+                                self.allow_method(UpstreamAuth::ScramSha256, &out.stream)?;
                                 let pw = password
                                     .ok_or_else(|| UpstreamError::NoPassword(role.into()))?;
                                 let mechanisms = c.rest();

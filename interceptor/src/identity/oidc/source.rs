@@ -160,48 +160,15 @@ fn get(agent: &ureq::Agent, url: &str) -> Result<String, IdentityError> {
         .map_err(|e| fail(&e))
 }
 
-/// Only HTTPS, except plain HTTP to this host (a local IdP in development, tests). URLs with
-/// credentials are refused so they can never end up in a log line.
-pub(crate) fn check_url(url: &str) -> Result<(), IdentityError> {
-    let lower = url.to_ascii_lowercase();
-    let (rest, https) = if let Some(r) = lower.strip_prefix("https://") {
-        (r, true)
-    } else if let Some(r) = lower.strip_prefix("http://") {
-        (r, false)
-    } else {
-        return Err(IdentityError::Config(format!(
-            "`{url}` is not an https:// URL"
-        )));
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.contains('@') {
+/// The shared rule for URLs interceptor dials (see `outbound`), as an identity config error.
+pub(crate) fn check_url(url: &str) -> Result<bool, IdentityError> {
+    crate::outbound::check(url).map_err(|e| match e {
         // Not echoed: the user-info part is a secret.
-        return Err(IdentityError::Config(
-            "IdP URLs must not contain credentials".into(),
-        ));
-    }
-    if authority.is_empty() {
-        return Err(IdentityError::Config(format!("`{url}` names no host")));
-    }
-    if !https {
-        let loopback = if let Some(v6) = authority.strip_prefix('[') {
-            let host = v6.split(']').next().unwrap_or_default();
-            host.parse::<std::net::Ipv6Addr>()
-                .is_ok_and(|ip| ip.is_loopback())
-        } else {
-            let host = authority.split(':').next().unwrap_or_default();
-            host == "localhost"
-                || host
-                    .parse::<std::net::Ipv4Addr>()
-                    .is_ok_and(|ip| ip.is_loopback())
-        };
-        if !loopback {
-            return Err(IdentityError::Config(format!(
-                "`{url}` must use https (plain http is allowed to loopback only)"
-            )));
+        crate::outbound::UrlError::Credentials => {
+            IdentityError::Config("IdP URLs must not contain credentials".into())
         }
-    }
-    Ok(())
+        e => IdentityError::Config(format!("`{url}` {e}")),
+    })
 }
 
 fn agent_for(
@@ -209,7 +176,7 @@ fn agent_for(
     ca_file: Option<&Path>,
     timeout: Duration,
 ) -> Result<ureq::Agent, IdentityError> {
-    check_url(url)?;
+    let https = check_url(url)?;
     let mut tls = ureq::tls::TlsConfig::builder();
     if let Some(path) = ca_file {
         let pem = std::fs::read(path)
@@ -235,7 +202,6 @@ fn agent_for(
         }
         tls = tls.root_certs(ureq::tls::RootCerts::Specific(Arc::new(roots)));
     }
-    let https = url.to_ascii_lowercase().starts_with("https://");
     let config = ureq::Agent::config_builder()
         .tls_config(tls.build())
         .https_only(https)
