@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
 //! The bypass battery: a real PostgreSQL (listening on every address, `log_connections = on`), the
 //! real interceptor binary with `[ebpf] enabled = true` in front of it, and real clients (psql,
 //! tokio-postgres over TCP Fast Open) aimed at PostgreSQL's own port on every address a local or

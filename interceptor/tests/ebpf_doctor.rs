@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
 //! `doctor` against a real PostgreSQL: it must find where the server listens and call out the
 //! ways around interceptor (an unsteered TCP port, a unix socket directory others can enter).
 

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
 //! interceptor's own TCP upstream connection to a steered port reaches PostgreSQL; every other
 //! connection, even from interceptor's own process, is still steered. Its own test binary,
 //! because it moves the whole test process into the test cgroup.

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
 //! Crash and restart: the pinned programs keep refusing connections while interceptor is dead
 //! (never handing them to PostgreSQL), a new instance re-adopts the pins, and detach uninstalls.
 

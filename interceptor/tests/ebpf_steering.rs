@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
 //! Bypass battery: every way to reach the protected port in the test's network namespace ends at
 //! interceptor's listener (with the right identity for local clients) or is refused.
 

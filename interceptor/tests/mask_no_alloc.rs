@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
 //! The masking engine's unchanged paths allocate nothing: a counting global allocator (in its
 //! own test binary, so no other test runs under it) watches DataRow and COPY masking of rows
 //! that no rule or detector touches.

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
 //! The masking engine against real PostgreSQL 15 messages: a throwaway cluster produces the
 //! RowDescription/DataRow (text and binary), ErrorResponse, COPY (text, CSV, binary) and
 //! NotificationResponse bytes; masked COPY data is loaded back into PostgreSQL to prove it is

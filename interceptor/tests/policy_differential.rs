@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
 //! Differential test: what the policy classifier believes about a query against what a real
 //! PostgreSQL 15 does with it (statement count and command tags from the simple-query
 //! protocol, table state after).
