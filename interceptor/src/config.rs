@@ -239,6 +239,10 @@ pub struct Limits {
     /// Time a client has to finish startup and authentication.
     #[serde(default = "default_auth_timeout")]
     pub auth_timeout_ms: u64,
+    /// Connections that have not finished authenticating yet, beyond which new ones are refused
+    /// (SQLSTATE 53300) instead of holding file descriptors until `auth_timeout_ms`.
+    #[serde(default = "default_max_unauthenticated")]
+    pub max_unauthenticated: usize,
 }
 
 impl Default for Limits {
@@ -246,6 +250,7 @@ impl Default for Limits {
         Limits {
             max_message_bytes: default_max_message(),
             auth_timeout_ms: default_auth_timeout(),
+            max_unauthenticated: default_max_unauthenticated(),
         }
     }
 }
@@ -264,6 +269,9 @@ fn default_max_message() -> usize {
 }
 fn default_auth_timeout() -> u64 {
     30_000
+}
+fn default_max_unauthenticated() -> usize {
+    256
 }
 
 impl Config {
@@ -296,6 +304,11 @@ impl Config {
         if self.listen.tcp.is_empty() && self.listen.unix_socket_dir.is_none() {
             return Err(ConfigError::Invalid(
                 "[listen] needs at least one of `tcp` or `unix_socket_dir`".into(),
+            ));
+        }
+        if self.limits.max_unauthenticated == 0 {
+            return Err(ConfigError::Invalid(
+                "[limits] max_unauthenticated must be at least 1".into(),
             ));
         }
         if self.limits.max_message_bytes < 1024 {

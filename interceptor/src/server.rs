@@ -33,6 +33,8 @@ pub struct ServerState {
     pub approvals: Option<crate::approval::ApprovalService>,
     /// The client-facing TLS configuration (shared with the approvals admin API).
     pub tls_config: Option<Arc<rustls::ServerConfig>>,
+    /// Bounds connections that have not authenticated yet.
+    pub admission: crate::net::admission::Admission,
 }
 
 /// Open sessions per identity, for the policy's `max_sessions`.
@@ -159,6 +161,7 @@ impl ServerState {
             ),
             None => None,
         };
+        let admission = crate::net::admission::Admission::new(config.limits.max_unauthenticated);
         Ok(ServerState {
             config,
             identities: loaded.identities,
@@ -172,6 +175,7 @@ impl ServerState {
             sessions: SessionCounts::default(),
             approvals,
             tls_config: loaded.tls_config,
+            admission,
         })
     }
 }

@@ -259,9 +259,23 @@ impl Backend {
                 }
             }
         }
-        let store = Store::open(&audit.dir).with_context(|| {
-            "cannot open the audit store (is the daemon running without a reachable [admin] socket?)"
-        })?;
+        let store = match Store::open(&audit.dir) {
+            Ok(s) => s,
+            // Only a held lock means another process (the daemon) has the store open; any other
+            // failure is the store's own (a corrupt or unreadable file), not the admin socket's.
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                return Err(anyhow::Error::new(e).context(
+                    "cannot open the audit store: another process (the daemon?) holds it; \
+                     configure an [admin] socket to query a running daemon",
+                ));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot open the audit store in {}",
+                    audit.dir.display()
+                )));
+            }
+        };
         let key = match &audit.signing_key {
             Some(p) => match signing::load_signing_key(p) {
                 Ok(k) => Some(k.verifying_key()),

@@ -322,7 +322,8 @@ pub fn check_unix_socket_dir(dir: &Path, proxy: Option<Account>) -> Vec<Finding>
                 ),
             ));
         }
-    } else if let Some(p) = proxy.filter(|p| p.uid != owner) {
+    } else if let Some(p) = proxy.filter(|p| p.uid != owner && p.uid != 0) {
+        // Root passes any permission check, so a 0700 directory stops only non-root accounts.
         out.push(Finding::new(
             Severity::Warn,
             CHECK,
@@ -539,5 +540,32 @@ mod tests {
 
         let f = check_unix_socket_dir(&p.join("missing"), None);
         assert_eq!(f[0].severity, Severity::Fail);
+    }
+
+    #[test]
+    fn root_is_not_told_it_cannot_enter_a_0700_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let root = Account { uid: 0, gid: 0 };
+        // Owned by another account (the PostgreSQL server's); needs root to hand it over.
+        if std::os::unix::fs::chown(p, Some(54_321), Some(54_321)).is_ok() {
+            let f = check_unix_socket_dir(p, Some(root));
+            assert!(f.iter().all(|f| f.severity == Severity::Ok), "{f:?}");
+            assert!(
+                !f.iter().any(|f| f.message.contains("cannot enter")),
+                "{f:?}"
+            );
+        }
+        // A non-root interceptor account is still told.
+        let other = Account {
+            uid: 54_322,
+            gid: 54_322,
+        };
+        let f = check_unix_socket_dir(p, Some(other));
+        assert!(
+            f.iter().any(|f| f.message.contains("cannot enter")),
+            "{f:?}"
+        );
     }
 }

@@ -241,6 +241,13 @@ impl<'a> Cursor<'a> {
         Ok(i16::from_be_bytes([b[0], b[1]]))
     }
 
+    /// A 16-bit count. PostgreSQL reads Parse/Bind counts unsigned (`pq_getmsgint(msg, 2)`), so
+    /// up to 65,535 parameters are valid.
+    pub fn u16(&mut self) -> Result<u16, Malformed> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
     pub fn i32(&mut self) -> Result<i32, Malformed> {
         let b = self.take(4)?;
         Ok(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
@@ -292,11 +299,12 @@ pub fn decode_parse(body: &[u8]) -> Result<ParseView<'_>, Malformed> {
     let mut c = Cursor::new(body, "Parse");
     let statement = c.utf8()?;
     let sql = c.utf8()?;
-    let n = c.i16()?;
-    if n < 0 {
+    let n = c.u16()?;
+    // Each type OID takes 4 bytes: a count the body cannot hold is refused before allocating.
+    if c.rest().len() < usize::from(n) * 4 {
         return Err(malformed("Parse"));
     }
-    let mut param_types = Vec::with_capacity(n as usize);
+    let mut param_types = Vec::with_capacity(usize::from(n));
     for _ in 0..n {
         param_types.push(c.i32()? as u32);
     }
@@ -321,33 +329,37 @@ pub fn decode_bind(body: &[u8]) -> Result<BindView<'_>, Malformed> {
     let mut c = Cursor::new(body, "Bind");
     let portal = c.utf8()?;
     let statement = c.utf8()?;
-    let nf = c.i16()?;
-    if nf < 0 {
+    let nf = c.u16()?;
+    if c.rest().len() < usize::from(nf) * 2 {
         return Err(malformed("Bind"));
     }
-    let mut param_formats = Vec::with_capacity(nf as usize);
+    let mut param_formats = Vec::with_capacity(usize::from(nf));
     for _ in 0..nf {
         param_formats.push(c.i16()?);
     }
-    let np = c.i16()?;
-    if np < 0 {
+    let np = c.u16()?;
+    // PostgreSQL: zero format codes, one for all, or exactly one per parameter.
+    if nf > 1 && nf != np {
         return Err(malformed("Bind"));
     }
-    let mut params = Vec::with_capacity(np as usize);
+    // Each parameter has at least its 4-byte length.
+    if c.rest().len() < usize::from(np) * 4 {
+        return Err(malformed("Bind"));
+    }
+    let mut params = Vec::with_capacity(usize::from(np));
     for _ in 0..np {
         let len = c.i32()?;
-        params.push(if len < 0 {
-            None
-        } else {
-            Some(c.take(len as usize)?)
+        params.push(match len {
+            -1 => None,
+            // PostgreSQL refuses any other negative length ("insufficient data left in
+            // message"); reading it as NULL would forward a message the gate saw differently.
+            ..-1 => return Err(malformed("Bind")),
+            _ => Some(c.take(len as usize)?),
         });
     }
     // Result format codes follow; validated for shape only.
-    let nr = c.i16()?;
-    if nr < 0 {
-        return Err(malformed("Bind"));
-    }
-    c.take(nr as usize * 2)?;
+    let nr = c.u16()?;
+    c.take(usize::from(nr) * 2)?;
     c.finish()?;
     Ok(BindView {
         portal,
@@ -400,6 +412,20 @@ pub fn error_code_and_message(body: &[u8]) -> Option<(String, String)> {
     Some((get(b'C')?, get(b'M').unwrap_or_default()))
 }
 
+/// SASLInitialResponse ('p' during SASL): the mechanism and the client's first message.
+/// As in PostgreSQL, the declared length is -1 (no data) or exactly the bytes that follow.
+pub fn decode_sasl_initial(body: &[u8]) -> Result<(&[u8], &[u8]), Malformed> {
+    let mut c = Cursor::new(body, "SASLInitialResponse");
+    let mechanism = c.cstr()?;
+    let data = match c.i32()? {
+        -1 => &[][..],
+        len if len >= 0 => c.take(len as usize)?,
+        _ => return Err(malformed("SASLInitialResponse")),
+    };
+    c.finish()?;
+    Ok((mechanism, data))
+}
+
 /// StartupMessage parameters (after the protocol version).
 pub fn decode_startup_params(body: &[u8]) -> Result<Vec<(String, String)>, Malformed> {
     let mut c = Cursor::new(body, "StartupMessage");
@@ -442,6 +468,73 @@ mod tests {
         let mut b = b"\0\0\0\0\0\x01".to_vec();
         b.extend_from_slice(&100i32.to_be_bytes());
         assert!(decode_bind(&b).is_err());
+    }
+
+    fn bind_body(formats: &[i16], lens: &[i32], results: u16) -> Vec<u8> {
+        let mut b = b"\0\0".to_vec();
+        b.extend_from_slice(&(formats.len() as u16).to_be_bytes());
+        for f in formats {
+            b.extend_from_slice(&f.to_be_bytes());
+        }
+        b.extend_from_slice(&(lens.len() as u16).to_be_bytes());
+        for &l in lens {
+            b.extend_from_slice(&l.to_be_bytes());
+            if l > 0 {
+                b.extend(std::iter::repeat_n(b'x', l as usize));
+            }
+        }
+        b.extend_from_slice(&results.to_be_bytes());
+        b.extend(std::iter::repeat_n(0u8, usize::from(results) * 2));
+        b
+    }
+
+    #[test]
+    fn counts_are_unsigned_16_bit_like_postgres() {
+        let n: u16 = 65_535;
+        let mut p = b"\0select 1\0".to_vec();
+        p.extend_from_slice(&n.to_be_bytes());
+        p.extend(std::iter::repeat_n(0u8, usize::from(n) * 4));
+        assert_eq!(decode_parse(&p).unwrap().param_types.len(), 65_535);
+        // A count the body cannot hold fails without reserving for it.
+        assert!(decode_parse(&p[..p.len() - 1]).is_err());
+
+        let lens = vec![-1i32; 40_000];
+        let b = bind_body(&[1], &lens, 40_000);
+        let v = decode_bind(&b).unwrap();
+        assert_eq!(v.params.len(), 40_000);
+        assert!(v.params.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn bind_lengths_below_minus_one_are_refused() {
+        assert!(decode_bind(&bind_body(&[], &[-1, 2], 0)).is_ok());
+        assert!(decode_bind(&bind_body(&[], &[-2], 0)).is_err());
+        assert!(decode_bind(&bind_body(&[], &[i32::MIN], 0)).is_err());
+    }
+
+    #[test]
+    fn bind_format_count_must_match_like_postgres() {
+        assert!(decode_bind(&bind_body(&[0, 1], &[1, 1], 0)).is_ok());
+        assert!(decode_bind(&bind_body(&[1], &[1, 1], 0)).is_ok());
+        assert!(decode_bind(&bind_body(&[0, 1], &[1, 1, 1], 0)).is_err());
+    }
+
+    #[test]
+    fn sasl_declared_length_must_match() {
+        let msg = |len: i32, data: &[u8]| {
+            let mut b = b"SCRAM-SHA-256\0".to_vec();
+            b.extend_from_slice(&len.to_be_bytes());
+            b.extend_from_slice(data);
+            b
+        };
+        let ok = msg(4, b"n,,x");
+        let (m, d) = decode_sasl_initial(&ok).unwrap();
+        assert_eq!((m, d), (&b"SCRAM-SHA-256"[..], &b"n,,x"[..]));
+        assert_eq!(decode_sasl_initial(&msg(-1, b"")).unwrap().1, b"");
+        assert!(decode_sasl_initial(&msg(3, b"n,,x")).is_err());
+        assert!(decode_sasl_initial(&msg(5, b"n,,x")).is_err());
+        assert!(decode_sasl_initial(&msg(-1, b"n,,x")).is_err());
+        assert!(decode_sasl_initial(&msg(-2, b"")).is_err());
     }
 
     #[test]

@@ -154,13 +154,11 @@ async fn authenticate_scram(
     send(stream, message::auth_sasl(&["SCRAM-SHA-256"])).await?;
 
     let body = expect_password_message(stream, reader).await?;
-    let mut c = Cursor::new(&body, "SASLInitialResponse");
-    let mechanism = c.cstr().map_err(|e| AuthError::Protocol(e.to_string()))?;
+    let (mechanism, data) =
+        message::decode_sasl_initial(&body).map_err(|e| AuthError::Protocol(e.to_string()))?;
     if mechanism != b"SCRAM-SHA-256" {
         return Err(AuthError::Protocol("unsupported SASL mechanism".into()));
     }
-    let len = c.i32().map_err(|e| AuthError::Protocol(e.to_string()))?;
-    let data = if len < 0 { &[][..] } else { c.rest() };
     let (exchange, server_first) =
         ServerExchange::start(verifier, data).map_err(|e| AuthError::Protocol(e.to_string()))?;
     send(stream, message::auth_sasl_continue(server_first.as_bytes())).await?;

@@ -120,8 +120,19 @@ enum SessionError {
     Io(#[from] std::io::Error),
 }
 
-async fn run(stream: Stream, peer: &Peer, server: &Arc<ServerState>) -> Result<(), SessionError> {
+async fn run(
+    mut stream: Stream,
+    peer: &Peer,
+    server: &Arc<ServerState>,
+) -> Result<(), SessionError> {
     let limits = &server.config.limits;
+    let pending = match server.admission.admit() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("refusing a connection: too many awaiting authentication");
+            return fatal(&mut stream, e).await;
+        }
+    };
     let auth_deadline = Duration::from_millis(limits.auth_timeout_ms);
     let opening = tokio::time::timeout(
         auth_deadline,
@@ -211,6 +222,7 @@ async fn run(stream: Stream, peer: &Peer, server: &Arc<ServerState>) -> Result<(
     };
 
     identity.process = peer.process();
+    drop(pending);
 
     let policy = server.policy.current();
     let route = match policy.route(&identity, &database) {

@@ -88,6 +88,22 @@ pub async fn negotiate(
                 let secret = i32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
                 return Ok(Opening::Cancel { pid, secret });
             }
+            // A known request code with the wrong length: name it (it is not a protocol version).
+            CANCEL_REQUEST | SSL_REQUEST | GSSENC_REQUEST => {
+                let (what, expected) = match code {
+                    CANCEL_REQUEST => ("CancelRequest", 16),
+                    SSL_REQUEST => ("SSLRequest", 8),
+                    _ => ("GSSENCRequest", 8),
+                };
+                return refuse(
+                    &mut stream,
+                    &format!(
+                        "malformed {what}: {} bytes, expected {expected}",
+                        packet.len() + 4
+                    ),
+                )
+                .await;
+            }
             version if version >> 16 == 3 => {
                 return startup(stream, reader, packet, version, require_tls).await;
             }
