@@ -1,15 +1,18 @@
-//! The audit trail: durable, hash-chained, sled-backed records (issue 3).
+//! The audit trail: durable, hash-chained records (issue 3).
 //!
-//! * **Write-ahead**: the relay calls [`AuditLog::append_durable`] before forwarding a statement;
-//!   it returns only once the record is on disk (sled flush + fdatasync, see [`store`]).
+//! * **Write-ahead**: the relay calls [`AuditLog::sync`] (or [`AuditLog::append_durable`])
+//!   before forwarding a statement; it returns only once the record is in the write-ahead
+//!   segment (written, and `fdatasync`ed with `durability = "fsync"`), the log of record.
 //! * **Group commit**: one writer thread takes every record queued since its last commit and
-//!   makes them durable with a single flush + sync, so concurrent sessions share the wait.
+//!   makes them durable with a single write (+ sync), so concurrent sessions share the wait.
+//!   sled, the store queries read, follows in large batches on its own thread.
 //! * **Tamper evidence**: each record is chained with SHA-256 to its predecessor ([`chain`]);
 //!   every commit writes an Ed25519-signed head, and checkpoints are kept periodically
 //!   ([`signing`]). [`verify::verify`] names the first record that does not fit.
 //! * **Fail closed**: once a write or sync fails, every later append fails.
 
 pub mod admin;
+mod applier;
 pub mod chain;
 pub mod cli;
 pub mod export;
@@ -184,7 +187,8 @@ impl AuditLog {
         self.inner.record_rows
     }
 
-    /// The store, for queries (shared with the writer; sled is safe for concurrent readers).
+    /// The store, for queries (sled is safe for concurrent readers). It lags the log of record
+    /// slightly: call [`AuditLog::sync_index`] first to see every committed record.
     pub fn store(&self) -> &Store {
         &self.inner.store
     }
@@ -208,15 +212,17 @@ impl AuditLog {
         self.inner.shared.request_retention()
     }
 
-    /// Waits until the session indexes cover everything queued so far (they lag the log by up
-    /// to [`writer`]'s index interval under load).
+    /// Waits until sled (records and session indexes) holds everything queued so far: it
+    /// follows the write-ahead segments by up to [`writer`]'s apply interval. Readers of
+    /// [`AuditLog::store`] in a running daemon call this first.
     pub async fn sync_index(&self) -> Result<(), AuditError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.inner.shared.push_index_barrier(tx)?;
         rx.await.map_err(|_| AuditError::Closed)?
     }
 
-    /// Waits until everything queued so far is durable.
+    /// Waits until everything queued so far is durable (in the write-ahead segment; sled may
+    /// not show it yet, see [`AuditLog::sync_index`]).
     pub async fn sync(&self) -> Result<(), AuditError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.inner.shared.push_barrier(tx)?;

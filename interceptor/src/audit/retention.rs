@@ -46,8 +46,8 @@ pub struct RetentionReport {
     pub record_bytes_after: u64,
 }
 
-/// Applies `policy` to the log whose last committed record is `last`. Runs on the writer
-/// thread, so it never races an append.
+/// Applies `policy` to the log whose last committed record is `last`. In the daemon it runs on
+/// the store thread, the only writer of sled, so it never races an apply.
 pub(crate) fn apply(
     store: &Store,
     key: Option<&SigningKey>,

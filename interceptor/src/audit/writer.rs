@@ -1,25 +1,29 @@
 //! The group-commit writer: one thread owns the chain tip. Callers queue records (their
 //! sequence number is assigned at enqueue, under the queue lock, so queue order = chain order);
 //! the thread takes everything queued since its last commit, appends it to the write-ahead
-//! file as one frame (synced per `[audit] durability`), applies it to sled's in-memory tree and
-//! wakes all waiters of that batch. sled's own files are flushed and synced by a second thread
-//! (see [`super::wal`]); the session indexes are updated when the queue runs dry or every
-//! [`INDEX_INTERVAL`], so under load one index update covers many commits.
+//! segment as one frame (synced per `[audit] durability`) and wakes all waiters of that batch:
+//! the segment is the log of record. sled (the `log` tree and the session indexes) is brought
+//! up to date by the store thread ([`super::applier`]), handed the committed pairs at most
+//! [`APPLY_INTERVAL`] apart, so under load one sled batch covers many commits and no statement
+//! waits for sled.
+//!
+//! Wake-ups: only a record somebody waits for (a statement about to be forwarded) or a job
+//! wakes the writer, and only when it sleeps. Records nobody waits for (outcomes, result rows,
+//! session ends) ride with the next commit, at most [`LAZY_COMMIT`] later.
 
-use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 
+use super::applier::{Applier, StoreJob};
 use super::chain::{self, ChainHash, HEAD_KEY};
-use super::record::{AuditEvent, Record, RecordId, SessionId, Timestamp};
-use super::retention::{self, RetentionPolicy, RetentionReport};
+use super::record::{AuditEvent, Record, RecordId, Timestamp};
+use super::retention::{RetentionPolicy, RetentionReport};
 use super::signing::{Mark, MarkKind};
-use super::store::{SessionSummary, Store};
-use super::wal::{self, Wal};
+use super::store::Store;
+use super::wal::Wal;
 use super::{AuditError, MAX_PENDING};
 use crate::config::{AuditConfig, Durability};
 
@@ -33,9 +37,16 @@ const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 /// the write-ahead file grows past [`STORE_SYNC_BYTES`].
 const STORE_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 const STORE_SYNC_BYTES: u64 = 64 * 1024 * 1024;
-/// Longest the session indexes lag the log while commits keep coming.
-const INDEX_INTERVAL: Duration = Duration::from_millis(50);
-const INDEX_BATCH: usize = 4096;
+/// Longest sled (records and session indexes) lags the write-ahead segments while commits
+/// keep coming, and the batch size that hands over sooner.
+const APPLY_INTERVAL: Duration = Duration::from_millis(50);
+const APPLY_BATCH: usize = 8192;
+/// Longest a record nobody waits for stays queued before the writer commits it anyway.
+const LAZY_COMMIT: Duration = Duration::from_millis(10);
+/// Queued records nobody waits for that wake the writer all the same.
+const LAZY_BATCH: usize = 1024;
+/// For this long after a commit the writer polls for such records every [`LAZY_COMMIT`].
+const ACTIVE: Duration = Duration::from_secs(1);
 
 struct Pending {
     seq: RecordId,
@@ -45,8 +56,9 @@ struct Pending {
 }
 
 enum Job {
+    /// Released once everything queued before is durable (in the write-ahead segment).
     Barrier(Waiter),
-    /// As a barrier, and the session indexes are brought up to date first.
+    /// As a barrier, and sled (records and session indexes) holds it too.
     IndexBarrier(Waiter),
     Retention(std::sync::mpsc::Sender<Result<RetentionReport, AuditError>>),
 }
@@ -55,6 +67,12 @@ struct Queue {
     next_seq: u64,
     pending: Vec<Pending>,
     jobs: Vec<Job>,
+    /// A queued record has a waiter: commit now.
+    urgent: bool,
+    /// The writer sleeps on `wake` (so a push that needs it must notify).
+    idle: bool,
+    /// ... for longer than [`LAZY_COMMIT`]: the first record nobody waits for wakes it.
+    deaf: bool,
     failed: Option<String>,
     shutdown: bool,
 }
@@ -77,6 +95,9 @@ impl Shared {
                 next_seq: next_seq.0,
                 pending: Vec::new(),
                 jobs: Vec::new(),
+                urgent: false,
+                idle: false,
+                deaf: false,
                 failed: None,
                 shutdown: false,
             }),
@@ -103,14 +124,21 @@ impl Shared {
         }
         let seq = RecordId(q.next_seq);
         q.next_seq += 1;
+        let urgent = waiter.is_some();
         q.pending.push(Pending {
             seq,
             at: Timestamp::now(),
             event,
             waiter,
         });
+        q.urgent |= urgent;
+        // A busy writer takes the record with its next batch: no wake-up (a futex call) then.
+        let wake =
+            q.idle && (urgent || (q.deaf && q.pending.len() == 1) || q.pending.len() == LAZY_BATCH);
         drop(q);
-        self.wake.notify_one();
+        if wake {
+            self.wake.notify_one();
+        }
         Ok(seq)
     }
 
@@ -124,8 +152,11 @@ impl Shared {
             return Err(AuditError::Closed);
         }
         q.jobs.push(job);
+        let wake = q.idle;
         drop(q);
-        self.wake.notify_one();
+        if wake {
+            self.wake.notify_one();
+        }
         Ok(())
     }
 
@@ -154,7 +185,7 @@ impl Shared {
         self.committed.lock().ok().and_then(|h| h.clone())
     }
 
-    fn fail(&self, message: &str) {
+    pub(crate) fn fail(&self, message: &str) {
         if let Ok(mut q) = self.queue.lock()
             && q.failed.is_none()
         {
@@ -174,12 +205,7 @@ pub(crate) struct Writer {
     /// `None` until the first commit of this run, which always leaves a checkpoint.
     last_checkpoint: Option<Instant>,
     last_retention: Option<Instant>,
-    synced_blobs: HashSet<PathBuf>,
     retention: RetentionPolicy,
-    /// Summaries of open sessions (see [`Store::index`]).
-    summaries: HashMap<SessionId, SessionSummary>,
-    /// The last index update failed: re-index from the log before the next one.
-    index_stale: bool,
     wal: Wal,
     durability: Durability,
     sync_interval: Duration,
@@ -187,94 +213,21 @@ pub(crate) struct Writer {
     last_wal_sync: Instant,
     /// When sled's files were last brought up to date.
     last_store_sync: Instant,
-    syncer: Syncer,
-    /// Committed records not yet in the session indexes.
-    pending_index: Vec<Record>,
-    last_index: Instant,
+    /// Committed pairs and records not yet handed to the store thread.
+    unapplied_pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    unapplied: Vec<Record>,
+    last_apply: Instant,
+    last_commit: Instant,
 }
 
-/// The thread that flushes and syncs sled's files, then deletes the write-ahead segments they
-/// now cover. One request at a time.
-struct Syncer {
-    tx: Option<mpsc::Sender<u64>>,
-    done: mpsc::Receiver<Result<(), AuditError>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    in_flight: bool,
-}
-
-impl Syncer {
-    fn start(store: Store) -> Result<Syncer, AuditError> {
-        let (tx, rx) = mpsc::channel::<u64>();
-        let (done_tx, done) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("audit-sync".into())
-            .spawn(move || {
-                let mut synced_blobs = HashSet::new();
-                for upto in rx {
-                    let r = store
-                        .sync(&mut synced_blobs)
-                        .and_then(|()| wal::remove_upto(store.dir(), upto));
-                    let failed = r.is_err();
-                    if done_tx.send(r).is_err() || failed {
-                        return;
-                    }
-                }
-            })
-            .map_err(|e| AuditError::Store(format!("cannot start audit sync thread: {e}")))?;
-        Ok(Syncer {
-            tx: Some(tx),
-            done,
-            thread: Some(thread),
-            in_flight: false,
-        })
-    }
-
-    fn request(&mut self, upto: u64) -> Result<(), AuditError> {
-        self.tx
-            .as_ref()
-            .and_then(|tx| tx.send(upto).ok())
-            .ok_or_else(|| AuditError::Failed("the audit sync thread stopped".into()))?;
-        self.in_flight = true;
-        Ok(())
-    }
-
-    /// The result of a finished request, if one finished.
-    fn poll(&mut self) -> Result<(), AuditError> {
-        if !self.in_flight {
-            return Ok(());
-        }
-        match self.done.try_recv() {
-            Ok(r) => {
-                self.in_flight = false;
-                r
-            }
-            Err(mpsc::TryRecvError::Empty) => Ok(()),
-            Err(mpsc::TryRecvError::Disconnected) => {
-                Err(AuditError::Failed("the audit sync thread stopped".into()))
-            }
-        }
-    }
-
-    fn wait(&mut self) -> Result<(), AuditError> {
-        if !self.in_flight {
-            return Ok(());
-        }
-        self.in_flight = false;
-        self.done
-            .recv()
-            .map_err(|_| AuditError::Failed("the audit sync thread stopped".into()))?
-    }
-}
-
-impl Drop for Syncer {
-    fn drop(&mut self) {
-        self.tx = None;
-        if let Some(t) = self.thread.take()
-            && t.join().is_err()
-        {
-            tracing::error!("audit sync thread panicked");
-        }
-    }
+/// What one commit puts in the write-ahead frame, before it is written: the sealed records,
+/// the new head and, when due, a checkpoint.
+struct Sealed {
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    head: Mark,
+    checkpoint: bool,
+    prev: ChainHash,
+    next_seq: RecordId,
 }
 
 impl Writer {
@@ -336,12 +289,12 @@ impl Writer {
             }
         };
         let wal = Wal::open(store.dir())?;
-        let syncer = Syncer::start(store.clone())?;
         Ok(Writer {
             wal,
-            syncer,
-            pending_index: Vec::new(),
-            last_index: Instant::now(),
+            unapplied_pairs: Vec::new(),
+            unapplied: Vec::new(),
+            last_apply: Instant::now(),
+            last_commit: Instant::now(),
             durability: cfg.durability,
             sync_interval: Duration::from_millis(cfg.sync_interval_ms.max(1)),
             last_wal_sync: Instant::now(),
@@ -354,10 +307,7 @@ impl Writer {
             since_checkpoint: 0,
             last_checkpoint: None,
             last_retention: None,
-            synced_blobs: HashSet::new(),
             retention: RetentionPolicy::from_config(cfg),
-            summaries: HashMap::new(),
-            index_stale: false,
         })
     }
 
@@ -369,19 +319,54 @@ impl Writer {
         self.head.clone()
     }
 
-    pub(crate) fn run(mut self, shared: std::sync::Arc<Shared>) {
+    pub(crate) fn run(mut self, shared: Arc<Shared>) {
         let _stopped = StopGuard(shared.clone());
+        let applier = match Applier::start(
+            self.store.clone(),
+            self.key.clone(),
+            self.retention,
+            shared.clone(),
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "audit writer: cannot start the store thread");
+                shared.fail(&e.to_string());
+                return;
+            }
+        };
         loop {
             let (batch, jobs, shutdown) = {
                 let Ok(mut q) = shared.queue.lock() else {
                     tracing::error!("audit writer: queue lock poisoned, stopping");
                     return;
                 };
-                while q.pending.is_empty() && q.jobs.is_empty() && !q.shutdown {
-                    match shared.wake.wait_timeout(q, self.idle_wait()) {
+                let mut lazy_deadline: Option<Instant> = None;
+                while !q.urgent && q.jobs.is_empty() && !q.shutdown {
+                    let mut wait = self.idle_wait();
+                    if q.pending.is_empty() {
+                        // Shortly after a commit more records nobody waits for are likely
+                        // (outcomes): look for them on a timer rather than be woken for each.
+                        if self.last_commit.elapsed() < ACTIVE {
+                            wait = wait.min(LAZY_COMMIT);
+                        }
+                    } else {
+                        // Records nobody waits for: commit them soon, not at once.
+                        let deadline =
+                            *lazy_deadline.get_or_insert_with(|| Instant::now() + LAZY_COMMIT);
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() || q.pending.len() >= LAZY_BATCH {
+                            break;
+                        }
+                        wait = wait.min(left);
+                    }
+                    q.idle = true;
+                    q.deaf = wait > LAZY_COMMIT;
+                    let r = shared.wake.wait_timeout(q, wait);
+                    match r {
                         Ok((guard, timeout)) => {
                             q = guard;
-                            if timeout.timed_out() {
+                            q.idle = false;
+                            if timeout.timed_out() && q.pending.is_empty() {
                                 break;
                             }
                         }
@@ -391,6 +376,7 @@ impl Writer {
                         }
                     }
                 }
+                q.urgent = false;
                 (
                     std::mem::take(&mut q.pending),
                     std::mem::take(&mut q.jobs),
@@ -401,36 +387,43 @@ impl Writer {
             if !batch.is_empty() {
                 self.commit_batch(&shared, batch, failed.clone());
             }
-            // Statement barriers (every forwarded chunk) do not force an index update; readers
-            // that need it fresh ask with an index barrier.
-            let index_wanted = jobs
+            // Statement barriers (every forwarded chunk) only need the write-ahead segment;
+            // readers that need sled current ask with an index barrier.
+            let visible_wanted = jobs
                 .iter()
                 .any(|j| matches!(j, Job::IndexBarrier(_) | Job::Retention(_)));
-            if index_wanted
+            if visible_wanted
                 || shutdown
-                || self.pending_index.len() >= INDEX_BATCH
-                || self.last_index.elapsed() >= INDEX_INTERVAL
+                || self.unapplied.len() >= APPLY_BATCH
+                || self.last_apply.elapsed() >= APPLY_INTERVAL
             {
-                self.flush_index();
+                self.hand_over(&shared, &applier);
             }
-            self.background_sync(&shared, shutdown);
+            self.background_sync(&shared, &applier, shutdown);
             let failed = shared.queue.lock().ok().and_then(|q| q.failed.clone());
+            let refused = |f: &String| AuditError::Failed(f.clone());
             for job in jobs {
                 match job {
-                    Job::Barrier(w) | Job::IndexBarrier(w) => {
-                        let r = match &failed {
-                            Some(f) => Err(AuditError::Failed(f.clone())),
-                            None => Ok(()),
-                        };
-                        let _ = w.send(r);
+                    Job::Barrier(w) => {
+                        let _ = w.send(failed.as_ref().map_or(Ok(()), |f| Err(refused(f))));
                     }
-                    Job::Retention(tx) => {
-                        let r = match &failed {
-                            Some(f) => Err(AuditError::Failed(f.clone())),
-                            None => self.retain(),
-                        };
-                        let _ = tx.send(r);
-                    }
+                    Job::IndexBarrier(w) => match &failed {
+                        Some(f) => {
+                            let _ = w.send(Err(refused(f)));
+                        }
+                        None => {
+                            // Answered by the store thread once it applied everything above.
+                            if let Err(e) = applier.send(StoreJob::Visible(w)) {
+                                shared.fail(&e.to_string());
+                            }
+                        }
+                    },
+                    Job::Retention(tx) => match &failed {
+                        Some(f) => {
+                            let _ = tx.send(Err(refused(f)));
+                        }
+                        None => self.retain(&shared, &applier, Some(tx)),
+                    },
                 }
             }
             if failed.is_none() && self.retention.is_active() && !shutdown {
@@ -438,15 +431,7 @@ impl Writer {
                     .last_retention
                     .is_none_or(|t| t.elapsed() >= RETENTION_INTERVAL);
                 if due {
-                    match self.retain() {
-                        Ok(r) if r.removed_records > 0 => tracing::info!(
-                            removed_records = r.removed_records,
-                            removed_sessions = r.removed_sessions,
-                            "audit retention applied"
-                        ),
-                        Ok(_) => {}
-                        Err(e) => tracing::error!(error = %e, "audit retention failed"),
-                    }
+                    self.retain(&shared, &applier, None);
                 }
             }
             if shutdown {
@@ -456,6 +441,9 @@ impl Writer {
                     .map(|q| q.pending.is_empty() && q.jobs.is_empty())
                     .unwrap_or(true);
                 if empty {
+                    if let Err(e) = applier.drain() {
+                        tracing::error!(error = %e, "audit store not up to date at shutdown");
+                    }
                     return;
                 }
             }
@@ -475,69 +463,75 @@ impl Writer {
         if self.wal.len() > 0 {
             wait = wait.min(STORE_SYNC_INTERVAL.saturating_sub(self.last_store_sync.elapsed()));
         }
-        if self.syncer.in_flight {
-            // To notice a failed store sync soon.
-            wait = wait.min(Duration::from_millis(20));
-        }
-        if !self.pending_index.is_empty() {
-            wait = wait.min(INDEX_INTERVAL.saturating_sub(self.last_index.elapsed()));
+        if !self.unapplied.is_empty() {
+            wait = wait.min(APPLY_INTERVAL.saturating_sub(self.last_apply.elapsed()));
         }
         wait.max(Duration::from_millis(1))
     }
 
+    /// Hands everything committed so far to the store thread (one job, one wake-up).
+    fn hand_over(&mut self, shared: &Shared, applier: &Applier) {
+        self.last_apply = Instant::now();
+        if self.unapplied.is_empty() && self.unapplied_pairs.is_empty() {
+            return;
+        }
+        let job = StoreJob::Apply {
+            pairs: std::mem::take(&mut self.unapplied_pairs),
+            records: std::mem::take(&mut self.unapplied),
+        };
+        if let Err(e) = applier.send(job) {
+            tracing::error!(error = %e, "audit store thread gone; refusing further appends");
+            shared.fail(&e.to_string());
+        }
+    }
+
     /// The deferred work: the write-ahead file's `fdatasync` (durability `write`) and sled's
-    /// sync (handed to the sync thread). A failure stops all further appends, as a failed
+    /// sync (handed to the store thread). A failure stops all further appends, as a failed
     /// commit does. At shutdown everything is made durable in sled before returning.
-    fn background_sync(&mut self, shared: &Shared, shutdown: bool) {
-        let r = self.background_step(shutdown);
+    fn background_sync(&mut self, shared: &Shared, applier: &Applier, shutdown: bool) {
+        let r = self.background_step(shared, applier, shutdown);
         if let Err(e) = r {
             tracing::error!(error = %e, "audit sync failed; refusing further appends");
             shared.fail(&e.to_string());
         }
     }
 
-    fn background_step(&mut self, shutdown: bool) -> Result<(), AuditError> {
-        self.syncer.poll()?;
+    fn background_step(
+        &mut self,
+        shared: &Shared,
+        applier: &Applier,
+        shutdown: bool,
+    ) -> Result<(), AuditError> {
         if self.wal.has_unsynced()
             && (shutdown || self.last_wal_sync.elapsed() >= self.sync_interval)
         {
             self.wal.sync()?;
             self.last_wal_sync = Instant::now();
         }
-        if shutdown {
-            return self.sync_store_now();
-        }
-        if !self.syncer.in_flight
-            && self.wal.len() > 0
-            && (self.wal.len() >= STORE_SYNC_BYTES
+        if self.wal.len() > 0
+            && (shutdown
+                || self.wal.len() >= STORE_SYNC_BYTES
                 || self.last_store_sync.elapsed() >= STORE_SYNC_INTERVAL)
         {
-            // Later commits go to a new segment while the sync thread catches sled up.
-            let sealed = self.wal.rotate()?;
-            self.last_store_sync = Instant::now();
-            self.syncer.request(sealed)?;
+            self.sync_store(shared, applier)?;
         }
         Ok(())
     }
 
-    /// Makes sled's files hold everything committed and deletes every sealed segment.
-    fn sync_store_now(&mut self) -> Result<(), AuditError> {
-        self.syncer.wait()?;
-        self.store.sync(&mut self.synced_blobs)?;
+    /// Seals the current segment (later commits go to a new one) and asks the store thread to
+    /// make sled's files hold everything in it, then delete it. Queued after every apply of
+    /// the frames it holds.
+    fn sync_store(&mut self, shared: &Shared, applier: &Applier) -> Result<(), AuditError> {
+        self.hand_over(shared, applier);
         let sealed = self.wal.rotate()?;
-        wal::remove_upto(self.store.dir(), sealed)?;
         self.last_store_sync = Instant::now();
-        Ok(())
+        applier.send(StoreJob::Sync { upto: sealed })
     }
 
-    fn flush_index(&mut self) {
-        if !self.pending_index.is_empty() {
-            let records = std::mem::take(&mut self.pending_index);
-            self.update_index(&records);
-        }
-        self.last_index = Instant::now();
-    }
-
+    /// The commit-batch step: the queued records become one sealed, durable frame, and their
+    /// waiters are released. Everything that must be in the frame (records, head mark,
+    /// checkpoint) is decided in [`Writer::seal`]; nothing after the frame's write and sync
+    /// delays a waiter.
     fn commit_batch(&mut self, shared: &Shared, batch: Vec<Pending>, failed: Option<String>) {
         let mut waiters = Vec::with_capacity(batch.len());
         let mut records = Vec::with_capacity(batch.len());
@@ -570,33 +564,22 @@ impl Writer {
         for w in waiters {
             let _ = w.send(result.clone());
         }
-        // The indexes are derived from the log, so they are updated after the waiters are
-        // released, batched (see the run loop); their writes become durable with the next
-        // store sync (or are rebuilt from the log at open).
+        // sled and the indexes follow the log: handed to the store thread in batches (see
+        // the run loop); after a crash they are rebuilt from the segments at open.
         if result.is_ok() {
-            self.pending_index.extend(records);
-        }
-    }
-
-    fn update_index(&mut self, records: &[Record]) {
-        let r = if self.index_stale {
-            self.summaries.clear();
-            self.store.reindex()
-        } else {
-            self.store.index(records, &mut self.summaries)
-        };
-        match r {
-            Ok(()) => self.index_stale = false,
-            Err(e) => {
-                tracing::error!(error = %e, "audit index update failed; will re-index");
-                self.index_stale = true;
+            if self.unapplied.is_empty() {
+                self.unapplied = records;
+            } else {
+                self.unapplied.extend(records);
             }
         }
     }
 
-    fn commit(&mut self, records: &[Record]) -> Result<(), AuditError> {
+    /// Chains and seals `records` after the current tip, with the new head and, when due, a
+    /// checkpoint. Changes nothing: the tip moves only once the frame is written.
+    fn seal(&self, records: &[Record]) -> Result<Option<Sealed>, AuditError> {
         let Some(last) = records.last().map(|r| r.seq) else {
-            return Ok(());
+            return Ok(None);
         };
         let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(records.len() + 2);
         let mut prev = self.prev;
@@ -625,47 +608,67 @@ impl Writer {
             let cp = Mark::new(MarkKind::Checkpoint, last, prev, self.key.as_ref());
             pairs.push((chain::checkpoint_key(last).to_vec(), cp.encode()?));
         }
-        // The write-ahead frame is the commit; sled's files catch up in the background.
-        self.wal.append(self.next_seq.0, &pairs)?;
+        Ok(Some(Sealed {
+            pairs,
+            head,
+            checkpoint,
+            prev,
+            next_seq: expected,
+        }))
+    }
+
+    fn commit(&mut self, records: &[Record]) -> Result<(), AuditError> {
+        let Some(sealed) = self.seal(records)? else {
+            return Ok(());
+        };
+        // The write-ahead frame is the commit: records, head and checkpoint in one CRC-framed
+        // write, so they are recovered together or not at all.
+        self.wal.append(self.next_seq.0, &sealed.pairs)?;
         match self.durability {
             Durability::Fsync => self.wal.sync()?,
             Durability::Write => {}
         }
-        // One atomic batch: records, head and checkpoint appear together or not at all (for
-        // readers now, and in sled's files at the next store sync).
-        let mut batch = sled::Batch::default();
-        for (k, v) in pairs {
-            batch.insert(k, v);
-        }
-        self.store.log.apply_batch(batch)?;
-        self.prev = prev;
-        self.next_seq = expected;
-        self.head = Some(head);
-        if checkpoint {
+        let n = records.len() as u64;
+        self.last_commit = Instant::now();
+        self.prev = sealed.prev;
+        self.next_seq = sealed.next_seq;
+        self.head = Some(sealed.head);
+        if sealed.checkpoint {
             self.since_checkpoint = 0;
             self.last_checkpoint = Some(Instant::now());
         } else {
             self.since_checkpoint += n;
         }
+        if self.unapplied_pairs.is_empty() {
+            self.unapplied_pairs = sealed.pairs;
+        } else {
+            self.unapplied_pairs.extend(sealed.pairs);
+        }
         Ok(())
     }
 
-    fn retain(&mut self) -> Result<RetentionReport, AuditError> {
+    /// Retention runs on the store thread after everything committed so far is in sled and
+    /// sled's files are synced with the segments holding it deleted (no frame that re-inserts
+    /// removed records may stay behind). Commits go on meanwhile, into a new segment.
+    fn retain(
+        &mut self,
+        shared: &Shared,
+        applier: &Applier,
+        reply: Option<super::applier::RetentionReply>,
+    ) {
         self.last_retention = Some(Instant::now());
-        // Retention removes records from sled: no frame that re-inserts them may stay behind.
-        self.flush_index();
-        self.sync_store_now()?;
-        // Retention rewrites summaries; read them back from the store afterwards.
-        self.summaries.clear();
-        let last = self.head.as_ref().map(|h| h.seq);
-        retention::apply(
-            &self.store,
-            self.key.as_ref(),
-            &self.retention,
-            last,
-            Timestamp::now(),
-            &mut self.synced_blobs,
-        )
+        let r = self.sync_store(shared, applier).and_then(|()| {
+            applier.send(StoreJob::Retain {
+                last: self.head.as_ref().map(|h| h.seq),
+                reply: reply.clone(),
+            })
+        });
+        if let Err(e) = r {
+            tracing::error!(error = %e, "audit retention could not start");
+            if let Some(tx) = reply {
+                let _ = tx.send(Err(e));
+            }
+        }
     }
 }
 

@@ -21,6 +21,8 @@ pub struct Endpoints {
     /// The interceptor with `[audit] durability = "write"` (pgbench cases), unless skipped.
     pub interceptor_write: Option<ProxyEndpoint>,
     pub pgbouncer: Option<ConnParams>,
+    /// pgbouncer's process id, for its CPU time.
+    pub pgbouncer_pid: Option<u32>,
     /// The pgbench script of the 100-row cases.
     pub rows100_script: PathBuf,
 }
@@ -62,8 +64,22 @@ impl Endpoints {
     }
 }
 
+impl Endpoints {
+    /// The process whose CPU time a run against `target` is charged to (not PostgreSQL's).
+    fn proxy_pid(&self, target: Target) -> Option<u32> {
+        match target {
+            Target::Interceptor => self.interceptor.as_ref().map(|p| p.pid),
+            Target::InterceptorTmpfs => self.interceptor_tmpfs.as_ref().map(|p| p.pid),
+            Target::InterceptorWrite => self.interceptor_write.as_ref().map(|p| p.pid),
+            Target::Pgbouncer => self.pgbouncer_pid,
+            Target::Direct => None,
+        }
+    }
+}
+
 /// Runs `scenario` against `target` once and returns its figure in the scenario's unit.
-/// A stream through interceptor also records interceptor's peak RSS in `m`.
+/// A stream through interceptor also records interceptor's peak RSS in `m`; a pgbench run
+/// through a proxy records the proxy's CPU time per transaction.
 pub fn one(
     scenario: Scenario,
     target: Target,
@@ -94,12 +110,22 @@ pub fn one(
                 args.push(endpoints.rows100_script.display().to_string());
             }
         }
+        let pid = endpoints.proxy_pid(target);
+        let cpu_before = pid.map(cpu_ticks).transpose()?;
         let out = PgCommand::pgbench(params)
             .args(args)
             .timeout(duration + Duration::from_secs(60))
             .run()?
             .ok()?;
         let summary = pgbench::parse(&out.stdout)?;
+        if let (Some(pid), Some(before)) = (pid, cpu_before) {
+            let ticks = cpu_ticks(pid)?.saturating_sub(before);
+            if summary.transactions > 0 {
+                let us =
+                    ticks as f64 * 1e6 / clock_ticks_per_second() / summary.transactions as f64;
+                m.record_cpu(scenario, target, us);
+            }
+        }
         return Ok(match scenario.unit() {
             super::scenario::Unit::Ms => summary.latency_ms,
             _ => summary.tps,
@@ -107,10 +133,8 @@ pub fn one(
     }
     // The only non-pgbench scenarios: the streams.
     let pid = match target {
-        Target::Interceptor => endpoints.interceptor.as_ref().map(|p| p.pid),
-        Target::InterceptorTmpfs => endpoints.interceptor_tmpfs.as_ref().map(|p| p.pid),
-        Target::InterceptorWrite => endpoints.interceptor_write.as_ref().map(|p| p.pid),
-        Target::Direct | Target::Pgbouncer => None,
+        Target::Pgbouncer => None,
+        t => endpoints.proxy_pid(t),
     };
     if let Some(pid) = pid {
         reset_peak_rss(pid)?;
@@ -196,6 +220,59 @@ pub fn stream(params: &ConnParams) -> Result<Duration> {
     Ok(elapsed)
 }
 
+/// User + system CPU time of a process, all its threads, in clock ticks (`/proc/PID/stat`
+/// fields 14 and 15).
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("read /proc/{pid}/stat"))?;
+    parse_cpu_ticks(&stat).with_context(|| format!("unreadable /proc/{pid}/stat"))
+}
+
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { hz as f64 } else { 100.0 }
+}
+
+/// The latency of one `fdatasync` after appending 4 KiB, as the audit writer does per group
+/// commit, on the filesystem of `dir`: the median of `rounds`. With `durability = "fsync"`
+/// and N closed-loop clients, N / this latency is the most statements per second an audit
+/// trail that syncs before every statement can allow (the fsync ceiling).
+pub fn fdatasync_latency(dir: &std::path::Path, rounds: usize) -> Result<Duration> {
+    use std::io::Write;
+    let path = dir.join(format!("bench-fdatasync-probe.{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    let block = [0x5au8; 4096];
+    let mut times = Vec::with_capacity(rounds);
+    let r = (|| -> Result<()> {
+        for _ in 0..rounds.max(1) {
+            let t = Instant::now();
+            file.write_all(&block).context("write probe")?;
+            file.sync_data().context("fdatasync probe")?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&path);
+    r?;
+    let median = super::stats::median(&times).context("no fdatasync timed")?;
+    Ok(Duration::from_secs_f64(median))
+}
+
 /// Resets the process's peak RSS (VmHWM) to its current RSS (`clear_refs` value 5).
 fn reset_peak_rss(pid: u32) -> Result<()> {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
@@ -237,6 +314,30 @@ mod tests {
             after < high,
             "reset did not lower VmHWM ({after} >= {high})"
         );
+    }
+
+    #[test]
+    fn cpu_ticks_are_utime_plus_stime_even_with_spaces_in_the_name() {
+        let stat = "4242 (tokio (w) 1) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 17 0 0 20 0 9 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(267));
+        assert_eq!(parse_cpu_ticks("garbage"), None);
+        // Our own process has spent some CPU by now, and the figure only grows.
+        let me = std::process::id();
+        let a = cpu_ticks(me).unwrap();
+        let mut x = 0u64;
+        for i in 0..30_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        assert!(cpu_ticks(me).unwrap() >= a);
+    }
+
+    #[test]
+    fn fdatasync_latency_is_measured_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = fdatasync_latency(dir.path(), 5).unwrap();
+        assert!(d > Duration::ZERO && d < Duration::from_secs(5), "{d:?}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]

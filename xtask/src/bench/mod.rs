@@ -194,6 +194,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         pgbouncer: bouncer
             .as_ref()
             .map(|b| ConnParams::new("127.0.0.1", b.port(), APP_RW, Some(password)).dbname(APP_DB)),
+        pgbouncer_pid: bouncer.as_ref().map(|b| b.pid()),
         rows100_script,
     };
 
@@ -207,6 +208,26 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     {
         check_masking(p)?;
     }
+
+    // The fsync ceiling's latency, on the filesystem of the fsync interceptor's audit store,
+    // before and after the runs (a shared disk's latency drifts).
+    let audit_fs = proxies
+        .as_ref()
+        .and_then(|(p, _, _)| p.audit_dir())
+        .filter(|d| d.is_dir());
+    let probe_fdatasync = |results: &mut Measurements| -> Result<()> {
+        if let Some(dir) = &audit_fs {
+            let latency = measure::fdatasync_latency(dir, 200)?;
+            println!(
+                "   fdatasync on the audit filesystem ({}): {:.3} ms",
+                dir.display(),
+                latency.as_secs_f64() * 1e3
+            );
+            results.record_fdatasync(latency.as_secs_f64());
+        }
+        Ok(())
+    };
+    probe_fdatasync(&mut results)?;
 
     let reps = args.reps();
     for rep in 0..reps {
@@ -231,6 +252,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
     }
 
+    probe_fdatasync(&mut results)?;
     let rows = report::summarize(&results);
     println!(
         "\n== results: median of {reps} run(s), {} s per pgbench run, scale {}",

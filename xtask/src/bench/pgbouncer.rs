@@ -68,6 +68,11 @@ impl Pgbouncer {
         Ok(bouncer)
     }
 
+    /// The pgbouncer process (its CPU time is measured).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -128,7 +133,7 @@ fn ini_text(upstream: &Upstream, port: u16, dir: &Path, userlist: &Path) -> Stri
          auth_file = {userlist}\n\
          pool_mode = session\n\
          max_client_conn = 100\n\
-         default_pool_size = 20\n\
+         default_pool_size = 40\n\
          logfile = {log}\n\
          ignore_startup_parameters = extra_float_digits\n",
         socket_dir = upstream.socket_dir.display(),

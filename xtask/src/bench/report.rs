@@ -18,6 +18,10 @@ pub struct Measurements {
     peak_rss_kib: BTreeMap<Scenario, Vec<u64>>,
     /// Bytes of text one whole stream carries (see `measure::stream_bytes`).
     stream_bytes: Option<u64>,
+    /// The proxy's CPU time (user + system) per pgbench transaction, microseconds.
+    cpu_us: BTreeMap<(Scenario, Target), Vec<f64>>,
+    /// `fdatasync` latencies measured on the audit store's filesystem, seconds.
+    fdatasync_s: Vec<f64>,
 }
 
 impl Measurements {
@@ -39,6 +43,16 @@ impl Measurements {
     /// Interceptor's peak RSS during one run of the stream `scenario`.
     pub fn record_peak_rss(&mut self, scenario: Scenario, kib: u64) {
         self.peak_rss_kib.entry(scenario).or_default().push(kib);
+    }
+
+    /// The CPU time a proxy spent per transaction during one pgbench run.
+    pub fn record_cpu(&mut self, scenario: Scenario, target: Target, us: f64) {
+        self.cpu_us.entry((scenario, target)).or_default().push(us);
+    }
+
+    /// One measurement of the audit filesystem's `fdatasync` latency.
+    pub fn record_fdatasync(&mut self, seconds: f64) {
+        self.fdatasync_s.push(seconds);
     }
 
     fn median_of(&self, scenario: Scenario, target: Target) -> Option<f64> {
@@ -159,6 +173,54 @@ pub fn summarize(m: &Measurements) -> Vec<Row> {
             ));
         }
     }
+    // CPU per transaction (one statement for select-only, seven for TPC-B-like).
+    for scenario in Scenario::ALL {
+        let pgbouncer = m
+            .cpu_us
+            .get(&(scenario, Target::Pgbouncer))
+            .and_then(|v| median(v));
+        for target in Target::ALL {
+            let Some(us) = m.cpu_us.get(&(scenario, target)).and_then(|v| median(v)) else {
+                continue;
+            };
+            let name = format!("{}_cpu_per_txn", scenario.name());
+            let mut row = Row::new(&name, target, "us", us);
+            if target != Target::Pgbouncer
+                && let Some(b) = pgbouncer.filter(|b| *b > 0.0)
+            {
+                row.baseline = Some(format!("{name}/pgbouncer"));
+                row.ratio_to_baseline = Some(us / b);
+            }
+            rows.push(row);
+        }
+    }
+    // The fsync ceiling: N closed-loop clients that each wait for one fdatasync per
+    // statement cannot exceed N / latency.
+    if let Some(latency) = median(&m.fdatasync_s).filter(|l| *l > 0.0) {
+        rows.push(Row::new(
+            "audit_fdatasync_latency",
+            Target::Interceptor,
+            Unit::Ms.name(),
+            latency * 1e3,
+        ));
+        for scenario in Scenario::ALL {
+            let Some(case) = scenario.pgbench() else {
+                continue;
+            };
+            if scenario.unit() != Unit::Tps || !scenario.runs_on(Target::Interceptor) {
+                continue;
+            }
+            let ceiling = f64::from(case.clients) / latency;
+            let name = format!("{}_fsync_ceiling", scenario.name());
+            let mut row = Row::new(&name, Target::Interceptor, Unit::Tps.name(), ceiling);
+            if let Some(tps) = m.median_of(scenario, Target::Interceptor) {
+                // Here "vs unmasked" reads: interceptor (fsync) as a fraction of the ceiling.
+                row.baseline = Some(format!("{}/interceptor", scenario.name()));
+                row.ratio_to_baseline = Some(tps / ceiling);
+            }
+            rows.push(row);
+        }
+    }
     for scenario in Scenario::ALL {
         let peaks: Vec<f64> = m
             .peak_rss_kib
@@ -179,7 +241,7 @@ pub fn summarize(m: &Measurements) -> Vec<Row> {
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
         "{:<48} {:<18} {:>5} {:>12} {:>9} {:>11}\n",
-        "scenario", "target", "unit", "median", "vs direct", "vs unmasked"
+        "scenario", "target", "unit", "median", "vs direct", "vs baseline"
     );
     let ratio = |r: Option<f64>| {
         r.map(|x| format!("{x:.3}"))
@@ -254,6 +316,7 @@ mod tests {
         let added_write = find("select_only_c1_added_latency", "interceptor_write").unwrap();
         assert!((added_write.median - 0.03).abs() < 1e-12);
         let rss = find("stream_pgbench_accounts_peak_rss", "interceptor").unwrap();
+        assert!(find("audit_fdatasync_latency", "interceptor").is_none());
         assert_eq!((rss.median, rss.unit.as_str()), (20.0, "MiB"));
         // Unmasked rows carry no baseline.
         assert_eq!(proxied.baseline, None);
@@ -316,6 +379,44 @@ mod tests {
             rows.iter()
                 .filter(|r| r.scenario.contains("mask"))
                 .all(|r| r.target.starts_with("interceptor"))
+        );
+    }
+
+    #[test]
+    fn cpu_per_transaction_and_the_fsync_ceiling() {
+        let mut m = Measurements::default();
+        m.record(Scenario::SelectOnlySimple, Target::Interceptor, 3000.0);
+        for us in [40.0, 60.0, 50.0] {
+            m.record_cpu(Scenario::SelectOnlySimple, Target::Interceptor, us);
+        }
+        m.record_cpu(Scenario::SelectOnlySimple, Target::Pgbouncer, 25.0);
+        m.record_fdatasync(0.002);
+        m.record_fdatasync(0.002);
+        let rows = summarize(&m);
+        let find = |s: &str, t: &str| {
+            rows.iter()
+                .find(|r| r.scenario == s && r.target == t)
+                .unwrap_or_else(|| panic!("no row {s}/{t}"))
+        };
+        let cpu = find("select_only_c8_simple_cpu_per_txn", "interceptor");
+        assert_eq!((cpu.median, cpu.unit.as_str()), (50.0, "us"));
+        assert_eq!(cpu.ratio_to_baseline, Some(2.0));
+        let bouncer = find("select_only_c8_simple_cpu_per_txn", "pgbouncer");
+        assert_eq!(bouncer.ratio_to_baseline, None);
+        let latency = find("audit_fdatasync_latency", "interceptor");
+        assert!((latency.median - 2.0).abs() < 1e-9);
+        // 8 clients, 2 ms per sync: at most 4000 tps; 3000 measured is 0.75 of it.
+        let ceiling = find("select_only_c8_simple_fsync_ceiling", "interceptor");
+        assert!((ceiling.median - 4000.0).abs() < 1e-6);
+        assert!((ceiling.ratio_to_baseline.unwrap() - 0.75).abs() < 1e-9);
+        let c32 = find("select_only_c32_simple_fsync_ceiling", "interceptor");
+        assert!((c32.median - 16000.0).abs() < 1e-6);
+        assert_eq!(c32.ratio_to_baseline, None);
+        // No ceiling for latency scenarios or the write-mode interceptor.
+        assert!(
+            !rows
+                .iter()
+                .any(|r| r.scenario == "select_only_c1_latency_fsync_ceiling")
         );
     }
 

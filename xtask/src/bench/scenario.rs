@@ -60,6 +60,8 @@ pub enum Scenario {
     SelectOnlySimple,
     SelectOnlyExtended,
     SelectOnlyPrepared,
+    /// Select-only with 32 clients: the fsync ceiling's second point.
+    SelectOnlyC32,
     TpcB,
     SelectOnlyOneClient,
     /// `SELECT * FROM pgbench_accounts` through psql, output discarded.
@@ -119,10 +121,11 @@ pub enum Script {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::SelectOnlySimple,
         Scenario::SelectOnlyExtended,
         Scenario::SelectOnlyPrepared,
+        Scenario::SelectOnlyC32,
         Scenario::TpcB,
         Scenario::SelectOnlyOneClient,
         Scenario::StreamAccounts,
@@ -138,6 +141,7 @@ impl Scenario {
             Scenario::SelectOnlySimple => "select_only_c8_simple",
             Scenario::SelectOnlyExtended => "select_only_c8_extended",
             Scenario::SelectOnlyPrepared => "select_only_c8_prepared",
+            Scenario::SelectOnlyC32 => "select_only_c32_simple",
             Scenario::TpcB => "tpcb_c8",
             Scenario::SelectOnlyOneClient => "select_only_c1_latency",
             Scenario::StreamAccounts => "stream_pgbench_accounts",
@@ -235,6 +239,12 @@ impl Scenario {
             Scenario::SelectOnlySimple => Some(c8("simple", Script::SelectOnly)),
             Scenario::SelectOnlyExtended => Some(c8("extended", Script::SelectOnly)),
             Scenario::SelectOnlyPrepared => Some(c8("prepared", Script::SelectOnly)),
+            Scenario::SelectOnlyC32 => Some(PgbenchCase {
+                clients: 32,
+                threads: 2,
+                mode: "simple",
+                script: Script::SelectOnly,
+            }),
             Scenario::TpcB => Some(c8("simple", Script::TpcB)),
             Scenario::SelectOnlyOneClient => Some(c1(Script::SelectOnly)),
             Scenario::Rows100OneClient
