@@ -11,6 +11,7 @@ pub mod ebpf;
 pub mod identity;
 pub mod mask;
 pub mod net;
+pub mod ops;
 pub mod policy;
 pub mod secrets;
 pub mod server;
