@@ -11,6 +11,7 @@ pub mod ebpf;
 pub mod identity;
 pub mod mask;
 pub mod net;
+pub mod ops;
 pub mod outbound;
 pub mod policy;
 pub mod secrets;

@@ -26,6 +26,9 @@ enum Command {
         /// The TOML configuration file.
         #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
         config: PathBuf,
+        /// Log lines as text or JSON; `auto` is JSON under systemd's journal, text elsewhere.
+        #[arg(long, value_enum, default_value_t, env = "INTERCEPTOR_LOG_FORMAT")]
+        log_format: interceptor::ops::logging::LogFormat,
     },
     /// Check a configuration file and exit.
     CheckConfig {
@@ -72,8 +75,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => {
-            init_tracing();
+        Command::Run { config, log_format } => {
+            interceptor::ops::logging::init(log_format);
             let config = Config::load(&config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -159,14 +162,4 @@ fn approvals_socket(config: &std::path::Path) -> anyhow::Result<PathBuf> {
         .approvals
         .and_then(|a| a.socket)
         .context("the config has no [approvals] socket: approvals are not enabled")
-}
-
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("INTERCEPTOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }

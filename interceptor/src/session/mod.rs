@@ -91,7 +91,9 @@ pub async fn handle(stream: Stream, peer: Peer, server: Arc<ServerState>) {
         "session",
         peer = %peer,
         user = tracing::field::Empty,
-        database = tracing::field::Empty
+        database = tracing::field::Empty,
+        id = tracing::field::Empty,
+        identity = tracing::field::Empty
     );
     async move {
         if let Err(e) = run(stream, &peer, &server).await {
@@ -223,6 +225,7 @@ async fn run(
 
     identity.process = peer.process();
     drop(pending);
+    tracing::Span::current().record("identity", identity.subject.as_str());
 
     let policy = server.policy.current();
     let route = match policy.route(&identity, &database) {
@@ -331,6 +334,7 @@ async fn run(
     stream.write_all(&hello).await?;
 
     let session_id = server.audit.new_session_id();
+    tracing::Span::current().record("id", session_id.0);
     let start = crate::audit::AuditEvent::SessionStart(crate::audit::SessionStart {
         session: session_id,
         identity: identity.clone(),
