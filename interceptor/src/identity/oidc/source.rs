@@ -204,7 +204,7 @@ pub(crate) fn check_url(url: &str) -> Result<(), IdentityError> {
     Ok(())
 }
 
-fn agent_for(
+pub(crate) fn agent_for(
     url: &str,
     ca_file: Option<&Path>,
     timeout: Duration,
