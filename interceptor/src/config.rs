@@ -50,6 +50,9 @@ pub struct Config {
     /// Just-in-time approvals of held statements and time-bound grants.
     #[serde(default)]
     pub approvals: Option<crate::approval::ApprovalConfig>,
+    /// The web console for approvers and auditors, on the approvals admin listener.
+    #[serde(default)]
+    pub console: Option<crate::console::ConsoleConfig>,
     /// Kernel interception: steer every connection to PostgreSQL's port(s) into interceptor.
     #[serde(default)]
     pub ebpf: crate::ebpf::SteeringConfig,
@@ -322,6 +325,9 @@ impl Config {
                     .into(),
             ));
         }
+        if let Some(c) = &self.console {
+            c.validate(self).map_err(ConfigError::Invalid)?;
+        }
         if self.upstream.tls == UpstreamTls::VerifyFull && self.upstream.ca.is_none() {
             return Err(ConfigError::Invalid(
                 "[upstream] tls = \"verify-full\" needs `ca`".into(),
@@ -384,6 +390,13 @@ impl Config {
             if let Some(s) = &mut a.socket {
                 fix(s);
             }
+        }
+        if let Some(f) = self
+            .console
+            .as_mut()
+            .and_then(|c| c.client_secret_file.as_mut())
+        {
+            fix(f);
         }
         if let Some(m) = &mut self.mtls {
             fix(&mut m.ca_file);

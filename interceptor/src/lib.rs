@@ -7,6 +7,7 @@
 pub mod approval;
 pub mod audit;
 pub mod config;
+pub mod console;
 pub mod ebpf;
 pub mod identity;
 pub mod mask;

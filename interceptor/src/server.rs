@@ -239,10 +239,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     if let Some(svc) = &state.approvals {
         let _sweeper = svc.spawn_sweeper(std::time::Duration::from_secs(1));
+        let console = match &state.config.console {
+            Some(cfg) => Some(Arc::new(
+                crate::console::Console::new(
+                    cfg.clone(),
+                    state.config.oidc.as_ref(),
+                    svc.clone(),
+                    state.audit.clone(),
+                    state.identities.oidc.clone(),
+                    state.identities.mtls.clone(),
+                    state.tls_config.is_some(),
+                )
+                .context("cannot start the web console")?,
+            )),
+            None => None,
+        };
         let auth = crate::approval::api::AdminAuth {
             oidc: state.identities.oidc.clone(),
             tls: state.tls_config.clone(),
             mtls: state.identities.mtls.clone(),
+            console,
         };
         let handles = crate::approval::api::spawn(svc.clone(), auth)
             .await

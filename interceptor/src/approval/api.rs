@@ -42,6 +42,8 @@ pub struct AdminAuth {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Maps a client certificate that passed the handshake to an identity.
     pub mtls: Option<MtlsConfig>,
+    /// The web console, served under `/console` on the TCP listener.
+    pub console: Option<Arc<crate::console::Console>>,
 }
 
 pub struct AdminApi {
@@ -197,6 +199,14 @@ impl AdminApi {
             match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await {
                 Err(_) => (400, json!({"error": "request not received in time"})),
                 Ok(Err(e)) => (e.http_status(), json!({"error": e.to_string()})),
+                Ok(Ok(req)) if crate::console::is_console_path(&req.path) => {
+                    match (&self.auth.console, &peer) {
+                        (Some(console), Peer::Tcp { cert }) => {
+                            return console.serve(&req, cert.as_deref(), &mut stream).await;
+                        }
+                        _ => (404, json!({"error": "no such endpoint"})),
+                    }
+                }
                 Ok(Ok(req)) => match self.respond(&req, peer).await {
                     Ok(ok) => ok,
                     Err(e) => (e.http_status(), json!({"error": e.to_string()})),

@@ -12,7 +12,23 @@ pub struct HttpRequest {
     pub method: String,
     pub path: String,
     pub authorization: Option<String>,
+    /// Other headers the web console reads (`cookie`, `origin`, `content-type`), names in
+    /// lower case.
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+/// Headers kept in [`HttpRequest::headers`].
+const KEPT_HEADERS: [&str; 4] = ["cookie", "origin", "content-type", "sec-fetch-site"];
+
+impl HttpRequest {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Reads one request; errors are answered with 400 by the caller.
@@ -33,9 +49,15 @@ pub async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<HttpRequest
                 let method = req.method.unwrap_or("").to_owned();
                 let path = req.path.unwrap_or("").to_owned();
                 let mut authorization = None;
+                let mut headers = Vec::new();
                 let mut length = 0usize;
                 for h in req.headers.iter() {
-                    if h.name.eq_ignore_ascii_case("authorization") {
+                    if let Some(kept) = KEPT_HEADERS.iter().find(|k| h.name.eq_ignore_ascii_case(k))
+                    {
+                        if let Ok(v) = std::str::from_utf8(h.value) {
+                            headers.push(((*kept).to_owned(), v.to_owned()));
+                        }
+                    } else if h.name.eq_ignore_ascii_case("authorization") {
                         authorization = Some(
                             std::str::from_utf8(h.value)
                                 .map_err(|_| bad("authorization is not text"))?
@@ -66,6 +88,7 @@ pub async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<HttpRequest
                     method,
                     path,
                     authorization,
+                    headers,
                     body,
                 });
             }
@@ -80,12 +103,14 @@ pub fn reason_phrase(status: u16) -> &'static str {
     match status {
         200 => "OK",
         201 => "Created",
+        303 => "See Other",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
+        502 => "Bad Gateway",
         _ => "Internal Server Error",
     }
 }
@@ -109,4 +134,40 @@ pub async fn write_response<S: AsyncWrite + Unpin>(
     s.write_all(head.as_bytes()).await?;
     s.write_all(body.as_bytes()).await?;
     s.flush().await
+}
+
+/// A response with caller-chosen headers (the web console's pages); `Content-Length` and
+/// `Connection: close` are added.
+pub async fn write_raw<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    status: u16,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> std::io::Result<()> {
+    write_head(s, status, headers, Some(body.len())).await?;
+    s.write_all(body).await?;
+    s.flush().await
+}
+
+/// Only the head: without `length` the body ends when the connection closes (streamed
+/// exports).
+pub async fn write_head<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    status: u16,
+    headers: &[(&str, String)],
+    length: Option<usize>,
+) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status));
+    for (name, value) in headers {
+        // Values are ours, but a CR or LF would split the response: drop such a header.
+        if value.contains(['\r', '\n']) {
+            continue;
+        }
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if let Some(n) = length {
+        head.push_str(&format!("Content-Length: {n}\r\n"));
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).await
 }

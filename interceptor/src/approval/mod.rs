@@ -11,7 +11,7 @@ pub mod api;
 pub mod audit_sink;
 pub mod cli;
 pub mod grant;
-mod http;
+pub(crate) mod http;
 pub mod model;
 pub mod service;
 pub mod store;

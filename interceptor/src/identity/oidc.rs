@@ -41,6 +41,7 @@ use crate::identity::{Identity, Proof};
 
 use keys::{KeySet, NoKey};
 pub use source::{FetchFuture, FileJwksSource, HttpJwksSource, JwksSource, MAX_DOCUMENT_BYTES};
+pub(crate) use source::{agent_for, check_url};
 
 /// Largest clock leeway accepted in the config: more would keep expired tokens alive.
 pub const MAX_LEEWAY_SECS: u64 = 300;

@@ -171,7 +171,7 @@ pub(crate) fn check_url(url: &str) -> Result<bool, IdentityError> {
     })
 }
 
-fn agent_for(
+pub(crate) fn agent_for(
     url: &str,
     ca_file: Option<&Path>,
     timeout: Duration,
