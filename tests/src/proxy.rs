@@ -70,6 +70,8 @@ pub struct InterceptorSetup {
     extra_toml: String,
     env: Vec<(String, String)>,
     startup_timeout: Duration,
+    /// The binary to run instead of [`interceptor_bin`].
+    binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +107,7 @@ impl InterceptorSetup {
             extra_toml: String::new(),
             env: Vec::new(),
             startup_timeout: Duration::from_secs(20),
+            binary: None,
         }
     }
 
@@ -183,6 +186,13 @@ impl InterceptorSetup {
 
     pub fn audit_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.audit_dir = Some(AuditDir::At(dir.into()));
+        self
+    }
+
+    /// Runs `bin` (same command line as interceptor's) instead of [`interceptor_bin`]: the
+    /// benchmark's allocation-counting build.
+    pub fn binary(mut self, bin: impl Into<PathBuf>) -> Self {
+        self.binary = Some(bin.into());
         self
     }
 
@@ -497,7 +507,10 @@ pub struct Interceptor {
 
 impl Interceptor {
     pub fn start(setup: InterceptorSetup) -> Result<Interceptor> {
-        let bin = interceptor_bin()?;
+        let bin = match &setup.binary {
+            Some(b) => b.clone(),
+            None => interceptor_bin()?,
+        };
         let dir = tempfile::Builder::new()
             .prefix("icpt")
             .tempdir_in("/tmp")

@@ -59,13 +59,13 @@ fn kill_9_during_pgbench_loses_no_record_of_an_executed_statement() {
             .timeout(Duration::from_secs(60))
             .run()
     });
-    // Kill once PostgreSQL has executed enough to mean something (a fixed sleep was too short on
-    // a loaded machine), but while pgbench is still running.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while executed_by(&pg, APP_RW).values().sum::<usize>() <= 200
+    // Kill once PostgreSQL has run a good number of statements: on a loaded machine pgbench's
+    // four logins alone can take seconds, and a fixed sleep would kill it before it ran.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while executed_by(&pg, APP_RW).values().sum::<usize>() < 200
         && std::time::Instant::now() < deadline
     {
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
     proxy.kill9();
     let _ = bench.join();

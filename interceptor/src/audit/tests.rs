@@ -1316,3 +1316,42 @@ fn apply_batch_cost_probe() {
     let plain = t.elapsed() / n;
     println!("apply_batch {batch:?} / two plain inserts {plain:?} per commit");
 }
+
+/// The relay's pattern: the statement's record without a waiter, then a durability barrier,
+/// then the outcome without one. Each barrier must come back at once (no lazy wait), and
+/// everything must be committed and then visible after an index barrier.
+#[test]
+fn statement_barrier_outcome_loop_never_waits_for_the_lazy_timer() {
+    let (_tmp, mut cfg, key) = setup();
+    // No disk sync per barrier: what is timed is the hand-off to the writer and back.
+    cfg.durability = crate::config::Durability::Write;
+    let log = AuditLog::open(&cfg).expect("open");
+    const N: u64 = 300;
+    let started = std::time::Instant::now();
+    rt().block_on(async {
+        for i in 0..N {
+            let st = log
+                .append(statement(SessionId(1), &format!("SELECT {i}"), "allow"))
+                .expect("append");
+            tokio::time::timeout(std::time::Duration::from_secs(5), log.sync())
+                .await
+                .expect("barrier not released")
+                .expect("sync");
+            log.append(outcome(SessionId(1), st)).expect("outcome");
+        }
+        log.sync_index().await.expect("sync index");
+    });
+    let elapsed = started.elapsed();
+    eprintln!("{N} statements in {elapsed:?}");
+    let seqs = log.store().session_seqs(SessionId(1)).expect("seqs");
+    assert_eq!(seqs.len() as u64, 2 * N);
+    drop(log);
+    let report = verify_offline(&cfg, &key);
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.records, 2 * N);
+    // Never a lazy-commit sleep (10 ms) per statement: 300 of them would be 3 s.
+    assert!(
+        elapsed < std::time::Duration::from_millis(5 * N),
+        "{N} statements took {elapsed:?}"
+    );
+}

@@ -3,6 +3,7 @@
 //! `target/bench/latest.json`. Masking cases run through interceptor only, as identities whose
 //! policies differ from the unmasked one by their `[mask]` section alone.
 
+mod allocs;
 mod measure;
 mod pgbench;
 mod pgbouncer;
@@ -58,6 +59,8 @@ pub struct BenchArgs {
 pub enum Skip {
     Interceptor,
     Pgbouncer,
+    /// The allocation count (saves building `interceptor-alloc-count`).
+    Allocations,
 }
 
 impl BenchArgs {
@@ -89,6 +92,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let with_pgbouncer = !args.skip.contains(&Skip::Pgbouncer);
     let bin = if with_interceptor {
         Some(release_interceptor()?)
+    } else {
+        None
+    };
+    let alloc_bin = if with_interceptor && !args.skip.contains(&Skip::Allocations) {
+        Some(allocs::build()?)
     } else {
         None
     };
@@ -159,6 +167,29 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 start(Some(shm_audit.path()), "fsync")?,
                 start(None, "write")?,
             ))
+        }
+        None => None,
+    };
+    // A fourth interceptor, the allocation-counting build (durability = "write": allocations
+    // do not depend on the disk), for one run per case.
+    let alloc_count_file = policies.path().join("allocations");
+    let counting = match &alloc_bin {
+        Some(bin) => {
+            println!("== {} (allocations per statement)", bin.display());
+            Some(Interceptor::start(
+                InterceptorSetup::new(&pg)
+                    .binary(bin)
+                    .identity(BENCH_IDENTITY, password, &["bench"], None)
+                    .policy_dir(policies.path())
+                    .env("RUST_LOG", "warn")
+                    .env("INTERCEPTOR_LOG", "warn")
+                    .env(
+                        allocs::COUNT_FILE_ENV,
+                        &alloc_count_file.display().to_string(),
+                    )
+                    .audit_durability("write")
+                    .with_audit(),
+            )?)
         }
         None => None,
     };
@@ -253,6 +284,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 
     probe_fdatasync(&mut results)?;
+    if let Some(p) = &counting {
+        let params = p.params(BENCH_IDENTITY).dbname(APP_DB);
+        for scenario in allocs::SCENARIOS {
+            let per_txn =
+                allocs::per_transaction(scenario, &params, &alloc_count_file, args.duration())
+                    .with_context(|| format!("allocations of {}", scenario.name()))?;
+            println!(
+                "   allocations {:<40} {per_txn:>10.1} per transaction",
+                scenario.name()
+            );
+            results.record_allocations(scenario, per_txn);
+        }
+    }
     let rows = report::summarize(&results);
     println!(
         "\n== results: median of {reps} run(s), {} s per pgbench run, scale {}",

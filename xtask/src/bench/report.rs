@@ -22,6 +22,8 @@ pub struct Measurements {
     cpu_us: BTreeMap<(Scenario, Target), Vec<f64>>,
     /// `fdatasync` latencies measured on the audit store's filesystem, seconds.
     fdatasync_s: Vec<f64>,
+    /// Allocations per transaction in interceptor's counting build.
+    allocations: BTreeMap<Scenario, Vec<f64>>,
 }
 
 impl Measurements {
@@ -48,6 +50,11 @@ impl Measurements {
     /// The CPU time a proxy spent per transaction during one pgbench run.
     pub fn record_cpu(&mut self, scenario: Scenario, target: Target, us: f64) {
         self.cpu_us.entry((scenario, target)).or_default().push(us);
+    }
+
+    /// Allocations per transaction of one run through the counting build.
+    pub fn record_allocations(&mut self, scenario: Scenario, per_txn: f64) {
+        self.allocations.entry(scenario).or_default().push(per_txn);
     }
 
     /// One measurement of the audit filesystem's `fdatasync` latency.
@@ -192,6 +199,12 @@ pub fn summarize(m: &Measurements) -> Vec<Row> {
                 row.ratio_to_baseline = Some(us / b);
             }
             rows.push(row);
+        }
+    }
+    for (scenario, values) in &m.allocations {
+        if let Some(v) = median(values) {
+            let name = format!("{}_allocs_per_txn", scenario.name());
+            rows.push(Row::new(&name, Target::Interceptor, "alloc", v));
         }
     }
     // The fsync ceiling: N closed-loop clients that each wait for one fdatasync per
@@ -392,6 +405,7 @@ mod tests {
         m.record_cpu(Scenario::SelectOnlySimple, Target::Pgbouncer, 25.0);
         m.record_fdatasync(0.002);
         m.record_fdatasync(0.002);
+        m.record_allocations(Scenario::TpcB, 70.0);
         let rows = summarize(&m);
         let find = |s: &str, t: &str| {
             rows.iter()
@@ -403,6 +417,8 @@ mod tests {
         assert_eq!(cpu.ratio_to_baseline, Some(2.0));
         let bouncer = find("select_only_c8_simple_cpu_per_txn", "pgbouncer");
         assert_eq!(bouncer.ratio_to_baseline, None);
+        let allocs = find("tpcb_c8_allocs_per_txn", "interceptor");
+        assert_eq!((allocs.median, allocs.unit.as_str()), (70.0, "alloc"));
         let latency = find("audit_fdatasync_latency", "interceptor");
         assert!((latency.median - 2.0).abs() < 1e-9);
         // 8 clients, 2 ms per sync: at most 4000 tps; 3000 measured is 0.75 of it.
