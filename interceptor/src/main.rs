@@ -26,6 +26,10 @@ enum Command {
         /// The TOML configuration file.
         #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
         config: PathBuf,
+        /// Start even though the audit store lost records or fails verification (the daemon
+        /// refuses otherwise); the accepted gap becomes an `audit_gap` record in the chain.
+        #[arg(long)]
+        accept_audit_gap: bool,
     },
     /// Check a configuration file and exit.
     CheckConfig {
@@ -72,9 +76,13 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => {
+        Command::Run {
+            config,
+            accept_audit_gap,
+        } => {
             init_tracing();
-            let config = Config::load(&config)?;
+            let mut config = Config::load(&config)?;
+            config.audit.accept_gap = accept_audit_gap;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

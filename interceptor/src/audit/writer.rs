@@ -191,6 +191,8 @@ pub(crate) struct Writer {
     /// Committed records not yet in the session indexes.
     pending_index: Vec<Record>,
     last_index: Instant,
+    /// The head kept outside the store (see [`super::headmark`]).
+    head_mark: super::headmark::HeadMarkFile,
 }
 
 /// The thread that flushes and syncs sled's files, then deletes the write-ahead segments they
@@ -358,6 +360,7 @@ impl Writer {
             retention: RetentionPolicy::from_config(cfg),
             summaries: HashMap::new(),
             index_stale: false,
+            head_mark: super::headmark::HeadMarkFile::open(&super::integrity::head_mark_path(cfg))?,
         })
     }
 
@@ -631,6 +634,9 @@ impl Writer {
             Durability::Fsync => self.wal.sync()?,
             Durability::Write => {}
         }
+        // After the frame, so the mark never claims more than the log holds.
+        self.head_mark
+            .write(&head, self.durability == Durability::Fsync)?;
         // One atomic batch: records, head and checkpoint appear together or not at all (for
         // readers now, and in sled's files at the next store sync).
         let mut batch = sled::Batch::default();
