@@ -200,6 +200,14 @@ pub struct AuditConfig {
     /// With `durability = "write"`: the longest a written record waits for its `fdatasync`.
     #[serde(default = "default_sync_interval")]
     pub sync_interval_ms: u64,
+    /// The head-mark file (expected chain head, rewritten at every commit); default
+    /// `<dir>.head`, beside the directory so that losing the directory does not lose it.
+    #[serde(default)]
+    pub head_mark: Option<PathBuf>,
+    /// Start even if the store does not match the head-mark file or fails verification,
+    /// recording an `audit_gap` record (`interceptor run --accept-audit-gap`).
+    #[serde(skip)]
+    pub accept_gap: bool,
 }
 
 /// When a statement's audit record counts as written, i.e. may the statement go upstream.

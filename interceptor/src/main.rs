@@ -29,6 +29,10 @@ enum Command {
         /// Log lines as text or JSON; `auto` is JSON under systemd's journal, text elsewhere.
         #[arg(long, value_enum, default_value_t, env = "INTERCEPTOR_LOG_FORMAT")]
         log_format: interceptor::ops::logging::LogFormat,
+        /// Start even though the audit store lost records or fails verification (the daemon
+        /// refuses otherwise); the accepted gap becomes an `audit_gap` record in the chain.
+        #[arg(long)]
+        accept_audit_gap: bool,
     },
     /// Check a configuration file and exit.
     CheckConfig {
@@ -75,9 +79,14 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config, log_format } => {
+        Command::Run {
+            config,
+            log_format,
+            accept_audit_gap,
+        } => {
             interceptor::ops::logging::init(log_format);
-            let config = Config::load(&config)?;
+            let mut config = Config::load(&config)?;
+            config.audit.accept_gap = accept_audit_gap;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -182,7 +182,20 @@ pub fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            let report: VerifyReport = backend.call(AdminRequest::Verify { public_key })?;
+            let given = public_key
+                .as_deref()
+                .and_then(|k| super::signing::parse_verifying_key(k).ok());
+            let mut report: VerifyReport = backend.call(AdminRequest::Verify { public_key })?;
+            // A running daemon checked the head-mark file when it started and keeps it current;
+            // offline, the CLI compares the log with it (a lost tail verifies otherwise).
+            if let Backend::Direct { store, key } = &backend {
+                super::integrity::compare_with_head_mark(
+                    &mut report,
+                    store,
+                    &super::integrity::head_mark_path(&config.audit),
+                    given.as_ref().or(key.as_ref()),
+                )?;
+            }
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
             } else {

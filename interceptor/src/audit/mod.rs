@@ -16,6 +16,8 @@ mod applier;
 pub mod chain;
 pub mod cli;
 pub mod export;
+pub mod headmark;
+pub mod integrity;
 pub mod query;
 pub mod record;
 pub mod redact;
@@ -138,6 +140,7 @@ impl AuditLog {
         }
         let store = Store::open(&cfg.dir)?;
         let verifying_key = key.as_ref().map(|k| k.verifying_key());
+        let gap = integrity::check_at_start(&store, cfg, verifying_key.as_ref())?;
         let writer = Writer::resume(store.clone(), key, cfg)?;
         store.reindex()?;
         store.sync_dirs()?;
@@ -148,7 +151,7 @@ impl AuditLog {
             .name("audit-writer".into())
             .spawn(move || writer.run(thread_shared))
             .map_err(|e| AuditError::Store(format!("cannot start audit writer: {e}")))?;
-        Ok(AuditLog {
+        let log = AuditLog {
             inner: Arc::new(Inner {
                 shared,
                 store,
@@ -157,7 +160,9 @@ impl AuditLog {
                 record_rows: cfg.record_rows,
                 verifying_key,
             }),
-        })
+        };
+        integrity::settle(&log, cfg, gap)?;
+        Ok(log)
     }
 
     /// Queues a record and waits until it is durable (group commit). Used before forwarding

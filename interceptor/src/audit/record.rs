@@ -312,6 +312,8 @@ pub enum AuditEvent {
     PolicyReload(PolicyReload),
     Approval(Approval),
     Kernel(KernelEvent),
+    /// The operator continued the chain over a detected loss (`--accept-audit-gap`).
+    AuditGap(super::integrity::AuditGap),
 }
 
 impl AuditEvent {
@@ -324,7 +326,7 @@ impl AuditEvent {
             AuditEvent::ResultRows(r) => Some(r.session),
             AuditEvent::SessionEnd(e) => Some(e.session),
             AuditEvent::Approval(a) => a.session,
-            AuditEvent::PolicyReload(_) | AuditEvent::Kernel(_) => None,
+            AuditEvent::PolicyReload(_) | AuditEvent::Kernel(_) | AuditEvent::AuditGap(_) => None,
         }
     }
 
@@ -338,6 +340,7 @@ impl AuditEvent {
             AuditEvent::PolicyReload(_) => "policy_reload",
             AuditEvent::Approval(_) => "approval",
             AuditEvent::Kernel(_) => "kernel",
+            AuditEvent::AuditGap(_) => "audit_gap",
         }
     }
 }

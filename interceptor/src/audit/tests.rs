@@ -19,6 +19,8 @@ fn config(dir: &Path, key: Option<PathBuf>) -> AuditConfig {
         max_size_mib: 0,
         durability: crate::config::Durability::Fsync,
         sync_interval_ms: 200,
+        head_mark: None,
+        accept_gap: false,
     }
 }
 

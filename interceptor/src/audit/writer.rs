@@ -218,6 +218,8 @@ pub(crate) struct Writer {
     unapplied: Vec<Record>,
     last_apply: Instant,
     last_commit: Instant,
+    /// The head kept outside the store (see [`super::headmark`]).
+    head_mark: super::headmark::HeadMarkFile,
 }
 
 /// What one commit puts in the write-ahead frame, before it is written: the sealed records,
@@ -308,6 +310,7 @@ impl Writer {
             last_checkpoint: None,
             last_retention: None,
             retention: RetentionPolicy::from_config(cfg),
+            head_mark: super::headmark::HeadMarkFile::open(&super::integrity::head_mark_path(cfg))?,
         })
     }
 
@@ -513,6 +516,7 @@ impl Writer {
                 || self.wal.len() >= STORE_SYNC_BYTES
                 || self.last_store_sync.elapsed() >= STORE_SYNC_INTERVAL)
         {
+            self.head_mark.sync()?;
             self.sync_store(shared, applier)?;
         }
         Ok(())
@@ -628,6 +632,11 @@ impl Writer {
             Durability::Fsync => self.wal.sync()?,
             Durability::Write => {}
         }
+        // After the frame, so the mark never claims more than the log holds. Written, not
+        // synced: a truncated or edited tail happens while the kernel is up, and the page cache
+        // already holds the mark then; a second fdatasync per commit would halve the fsync
+        // ceiling. The mark is synced with sled's files (every few seconds).
+        self.head_mark.write(&sealed.head, false)?;
         let n = records.len() as u64;
         self.last_commit = Instant::now();
         self.prev = sealed.prev;
