@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use fantoccini::{Client, ClientBuilder, Locator};
+use interceptor_tests::certs::CertFiles;
 use interceptor_tests::pg::APP_DB;
 use interceptor_tests::proxy::interceptor_bin;
 use interceptor_tests::{
@@ -373,7 +374,7 @@ kinds = ["read", "write", "session", "transaction"]
 struct Gateway {
     proxy: Interceptor,
     pg: PgCluster,
-    _certs: TestCerts,
+    certs: TestCerts,
     _dir: tempfile::TempDir,
     api_port: u16,
 }
@@ -388,6 +389,7 @@ impl Gateway {
         let uid = unsafe { libc::getuid() };
         let extra = format!(
             "[oidc]\nissuer = \"{issuer}\"\naudience = [\"{CLIENT_ID}\"]\n\
+             [mtls]\nca_file = \"{ca}\"\n[mtls.groups]\n\"dana-cert\" = [\"dba\"]\n\
              [approvals]\ndir = \"{d}/approvals\"\nsocket = \"{d}/approvals.sock\"\n\
              http_listen = \"127.0.0.1:{api_port}\"\ndefault_timeout_secs = 120\n\
              grant_approvers = [\"security\"]\n\
@@ -395,6 +397,7 @@ impl Gateway {
              [console]\npublic_url = \"https://127.0.0.1:{api_port}\"\nclient_id = \"{CLIENT_ID}\"\n\
              auditors = [\"security\"]\n",
             issuer = idp.issuer(),
+            ca = certs.ca_cert.display(),
             d = dir.path().display(),
         );
         let proxy = Interceptor::start(
@@ -411,7 +414,7 @@ impl Gateway {
         let g = Gateway {
             proxy,
             pg,
-            _certs: certs,
+            certs,
             _dir: dir,
             api_port,
         };
@@ -854,4 +857,121 @@ async fn approvers_and_auditors_work_from_a_browser() {
     b.client.goto(&g.url("/console/audit")).await.unwrap();
     b.wait_text("#message", "auditors").await;
     b.client.clone().close().await.unwrap();
+}
+
+/// One HTTP/1.1 exchange over TLS with a client certificate: status, head, body.
+fn https_with_cert(g: &Gateway, cert: &CertFiles, request: &str) -> (u16, String, String) {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&g.certs.ca_cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.cert)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&cert.key).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
+            .unwrap();
+    let sock = TcpStream::connect(("127.0.0.1", g.api_port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    tls.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    match tls.read_to_end(&mut raw) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => panic!("reading the console's answer: {e}"),
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head.to_owned(), body.to_owned())
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+        .collect()
+}
+
+#[test]
+fn a_client_certificate_signs_in_and_approves() {
+    let idp = Idp::start();
+    let g = Gateway::start(&idp);
+    let cert = g.certs.client("dana-cert").unwrap();
+    let held = g.psql(ALICE, "DELETE FROM accounts WHERE id = 5");
+    let id = pending_id(&g, ALICE);
+    let origin = g.url("");
+
+    // The certificate is the sign-in: a session cookie comes back with the page.
+    let get = "GET /console/approvals HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let (status, head, body) = https_with_cert(&g, &cert, get);
+    assert_eq!(status, 200, "{head}\n{body}");
+    assert!(body.contains("dana-cert"), "{body}");
+    assert!(body.contains(&format!("id=\"request-{id}\"")), "{body}");
+    let csp = header(&head, "content-security-policy");
+    assert_eq!(csp.len(), 1, "{head}");
+    assert!(
+        csp[0].contains("default-src 'none'") && !csp[0].contains("unsafe"),
+        "{head}"
+    );
+    let set_cookie = header(&head, "set-cookie");
+    let cookie = set_cookie
+        .iter()
+        .find(|c| c.starts_with("__Host-interceptor-console="))
+        .unwrap_or_else(|| panic!("no session cookie: {head}"));
+    for attr in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    let csrf = body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_owned();
+
+    let post = |cookie: Option<&str>, form: &str| {
+        let cookie = cookie
+            .map(|c| format!("Cookie: {c}\r\n"))
+            .unwrap_or_default();
+        format!(
+            "POST /console/approvals/{id}/decide HTTP/1.1\r\nHost: localhost\r\nOrigin: {origin}\r\n\
+             {cookie}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{form}",
+            form.len()
+        )
+    };
+    let approve = format!("csrf={csrf}&action=approve&reason=cert");
+    // The token belongs to that session: without its cookie the same token is refused.
+    let (status, _, body) = https_with_cert(&g, &cert, &post(None, &approve));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("CSRF token is wrong"), "{body}");
+    // A post from another origin is refused even with cookie and token.
+    let foreign = post(Some(&cookie), &approve).replace(&origin, "https://evil.example");
+    let (status, _, body) = https_with_cert(&g, &cert, &foreign);
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(g.request(id)["status"], "pending");
+    assert!(!held.is_finished());
+
+    let (status, head, body) = https_with_cert(&g, &cert, &post(Some(&cookie), &approve));
+    assert_eq!(status, 303, "{head}\n{body}");
+    let out = held.join().unwrap();
+    assert!(out.success() && out.stdout.contains("DELETE 1"), "{out:?}");
+    let r = g.request(id);
+    assert_eq!(r["status"], "approved");
+    assert_eq!(r["votes"][0]["by"], "dana-cert");
 }
