@@ -16,13 +16,19 @@ pub enum Requirement {
     Psql,
     /// pgbouncer, the benchmark's reference pooler.
     Pgbouncer,
+    /// Chromium, the real browser the web console's tests drive (headless).
+    Chromium,
+    /// chromedriver, the WebDriver server for that Chromium (no browser download of its own).
+    Chromedriver,
 }
 
 impl Requirement {
-    pub const ALL: [Requirement; 3] = [
+    pub const ALL: [Requirement; 5] = [
         Requirement::PostgresServer,
         Requirement::Psql,
         Requirement::Pgbouncer,
+        Requirement::Chromium,
+        Requirement::Chromedriver,
     ];
 
     fn describe(self) -> &'static str {
@@ -30,6 +36,8 @@ impl Requirement {
             Requirement::PostgresServer => "PostgreSQL server binaries (initdb, pg_ctl, pgbench)",
             Requirement::Psql => "psql",
             Requirement::Pgbouncer => "pgbouncer",
+            Requirement::Chromium => "chromium (console browser tests)",
+            Requirement::Chromedriver => "chromedriver (console browser tests)",
         }
     }
 
@@ -39,6 +47,8 @@ impl Requirement {
             Requirement::PostgresServer => "postgresql",
             Requirement::Psql => "postgresql-client",
             Requirement::Pgbouncer => "pgbouncer",
+            Requirement::Chromium => "chromium",
+            Requirement::Chromedriver => "chromium-driver",
         }
     }
 
@@ -53,6 +63,8 @@ impl Requirement {
                         .any(|d| is_executable(&d.join("psql")))
             }
             Requirement::Pgbouncer => is_executable(&root.join("usr/sbin/pgbouncer")),
+            Requirement::Chromium => is_executable(&root.join("usr/bin/chromium")),
+            Requirement::Chromedriver => is_executable(&root.join("usr/bin/chromedriver")),
         }
     }
 }
@@ -180,6 +192,8 @@ mod tests {
             );
         }
         touch(root.path(), "usr/sbin/pgbouncer", 0o755);
+        touch(root.path(), "usr/bin/chromium", 0o755);
+        touch(root.path(), "usr/bin/chromedriver", 0o755);
         assert!(missing(root.path(), &Requirement::ALL).is_empty());
     }
 
@@ -191,6 +205,8 @@ mod tests {
         touch(root.path(), "usr/lib/postgresql/15/bin/postgres", 0o755);
         touch(root.path(), "usr/lib/postgresql/15/bin/pgbench", 0o644);
         touch(root.path(), "usr/sbin/pgbouncer", 0o755);
+        touch(root.path(), "usr/bin/chromium", 0o755);
+        touch(root.path(), "usr/bin/chromedriver", 0o755);
         assert_eq!(
             missing(root.path(), &Requirement::ALL),
             vec![Requirement::PostgresServer, Requirement::Psql]

@@ -200,7 +200,13 @@ impl Console {
             );
         };
         let replay = match self
-            .with_store(move |log| query::replay(log.store(), SessionId(id)))
+            .with_store(move |log| {
+                let Some(mut r) = query::replay(log.store(), SessionId(id))? else {
+                    return Ok(None);
+                };
+                with_approvers(log, &mut r)?;
+                Ok(Some(r))
+            })
             .await
         {
             Ok(Some(r)) => r,
@@ -369,6 +375,66 @@ impl Console {
         let _ = stream.flush().await;
         let _ = stream.shutdown().await;
     }
+}
+
+/// Records scanned at most, per approval request, for the steps outside the session.
+const MAX_APPROVAL_SCAN: usize = 20_000;
+
+/// Approvers' votes and decisions are recorded outside the requester's session (they happen
+/// elsewhere): adds the records of each request this session raised, from its `requested`
+/// record up to the session's last record, in trail order.
+fn with_approvers(log: &AuditLog, replay: &mut query::Replay) -> Result<(), AuditError> {
+    let seq_of = |e: &ReplayEntry| match e {
+        ReplayEntry::Statement { seq, .. } | ReplayEntry::Event { seq, .. } => *seq,
+    };
+    let Some(last) = replay.entries.last().map(seq_of) else {
+        return Ok(());
+    };
+    let requested: Vec<(String, crate::audit::record::RecordId)> = replay
+        .entries
+        .iter()
+        .filter_map(|e| match e {
+            ReplayEntry::Event {
+                seq,
+                event: AuditEvent::Approval(a),
+                ..
+            } if matches!(a.action, crate::audit::record::ApprovalAction::Requested) => {
+                Some((a.approval_id.clone(), *seq))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut extra = Vec::new();
+    for (approval, from) in requested {
+        let mut after = Some(from);
+        let mut scanned = 0;
+        'scan: while scanned < MAX_APPROVAL_SCAN {
+            let page = log.store().records_after(after, 1000)?;
+            let Some((_, tail)) = page.last() else { break };
+            after = Some(tail.seq);
+            for (_, rec) in page {
+                scanned += 1;
+                if rec.seq > last {
+                    break 'scan;
+                }
+                if let AuditEvent::Approval(a) = &rec.event
+                    && a.approval_id == approval
+                    && a.session != Some(replay.session.session)
+                {
+                    extra.push(ReplayEntry::Event {
+                        seq: rec.seq,
+                        at: rec.at,
+                        event: rec.event,
+                    });
+                }
+            }
+        }
+    }
+    if !extra.is_empty() {
+        replay.entries.extend(extra);
+        replay.entries.sort_by_key(seq_of);
+    }
+    Ok(())
 }
 
 async fn send_reply<S: AsyncWrite + Unpin>(stream: &mut S, r: Reply) {

@@ -87,7 +87,9 @@ pub fn security_headers(content_type: &str) -> Vec<(&'static str, String)> {
         ("Content-Security-Policy", CSP.to_owned()),
         ("X-Content-Type-Options", "nosniff".into()),
         ("X-Frame-Options", "DENY".into()),
-        ("Referrer-Policy", "no-referrer".into()),
+        // `same-origin`, not `no-referrer`: with no referrer Chrome sends `Origin: null` on form
+        // posts, and the same-origin check needs the real origin.
+        ("Referrer-Policy", "same-origin".into()),
         ("Cross-Origin-Opener-Policy", "same-origin".into()),
         ("Strict-Transport-Security", "max-age=31536000".into()),
     ]
