@@ -56,6 +56,21 @@ pub struct Config {
     /// Kernel interception: steer every connection to PostgreSQL's port(s) into interceptor.
     #[serde(default)]
     pub ebpf: crate::ebpf::SteeringConfig,
+    /// Prometheus metrics and health endpoint (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint; loopback unless a scraper elsewhere must reach it.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9187))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -254,6 +269,14 @@ pub struct Limits {
     /// (SQLSTATE 53300) instead of holding file descriptors until `auth_timeout_ms`.
     #[serde(default = "default_max_unauthenticated")]
     pub max_unauthenticated: usize,
+    /// On SIGTERM: how long running statements may take to finish before their sessions end
+    /// (FATAL 57P01). Keep it below the unit's `TimeoutStopSec`.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_ms: u64,
+}
+
+fn default_shutdown_grace() -> u64 {
+    20_000
 }
 
 impl Default for Limits {
@@ -262,6 +285,7 @@ impl Default for Limits {
             max_message_bytes: default_max_message(),
             auth_timeout_ms: default_auth_timeout(),
             max_unauthenticated: default_max_unauthenticated(),
+            shutdown_grace_ms: default_shutdown_grace(),
         }
     }
 }

@@ -71,6 +71,17 @@ enum Command {
         #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Sessions open now (identity, process, role, database, state, statement, bytes), or
+    /// `kill ID` to end one. Through the running daemon's admin socket.
+    Sessions {
+        #[arg(long, short, env = "INTERCEPTOR_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        /// JSON for scripts.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: Option<interceptor::ops::cli::SessionsCommand>,
+    },
     /// Write, lint, explain and test policy files.
     #[command(subcommand)]
     Policy(interceptor::policy::cli::PolicyCommand),
@@ -85,13 +96,14 @@ fn main() -> anyhow::Result<()> {
             accept_audit_gap,
         } => {
             interceptor::ops::logging::init(log_format);
+            let path = config.clone();
             let mut config = Config::load(&config)?;
             config.audit.accept_gap = accept_audit_gap;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(interceptor::server::run(config))
+            runtime.block_on(interceptor::server::run_reloadable(config, Some(path)))
         }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
@@ -149,6 +161,15 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
             Ok(())
+        }
+        Command::Sessions {
+            config,
+            json,
+            command,
+        } => {
+            let config =
+                config.context("--config is required (the daemon's configuration file)")?;
+            interceptor::ops::cli::run(&config, command, json, &mut std::io::stdout().lock())
         }
         Command::HashPassword => {
             let mut pw = String::new();

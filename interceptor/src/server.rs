@@ -35,6 +35,8 @@ pub struct ServerState {
     pub tls_config: Option<Arc<rustls::ServerConfig>>,
     /// Bounds connections that have not authenticated yet.
     pub admission: crate::net::admission::Admission,
+    /// Sessions open now (`interceptor sessions`), and how to end them.
+    pub live: crate::ops::sessions::LiveSessions,
 }
 
 /// Open sessions per identity, for the policy's `max_sessions`.
@@ -176,12 +178,18 @@ impl ServerState {
             approvals,
             tls_config: loaded.tls_config,
             admission,
+            live: Default::default(),
         })
     }
 }
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    run_reloadable(config, None).await
+}
+
+/// [`run`]; SIGHUP reloads the policies and checks `config_path` again.
+pub async fn run_reloadable(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for addr in &config.listen.tcp {
         let listener = TcpListener::bind(addr)
@@ -229,7 +237,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    let metrics_listener = match &config.metrics {
+        Some(m) => Some(crate::ops::http::bind(m.listen).await?),
+        None => None,
+    };
     let state = Arc::new(ServerState::new(config, steering)?);
+    if let Some(l) = metrics_listener {
+        // Not in `tasks`: it keeps answering (readyz: not ready) during a graceful stop.
+        tokio::spawn(crate::ops::http::serve(l, state.clone()));
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
         tasks.spawn(accept_tcp(listener, state.clone()));
@@ -268,8 +284,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(admin) = &state.config.admin {
         let path = admin.socket.clone();
         let log = state.audit.clone();
+        let ext = crate::ops::admin::extension(state.clone());
         tasks.spawn(async move {
-            crate::audit::admin::serve(&path, log)
+            crate::audit::admin::serve_with(&path, log, Some(ext))
                 .await
                 .map_err(|e| anyhow::anyhow!("admin socket {}: {e}", path.display()))
         });
@@ -309,17 +326,58 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => tracing::warn!("no [policy] configured: every login is refused (default deny)"),
     }
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    crate::ops::health::set_listening(true);
     tracing::info!(upstream = state.upstream.describe(), "interceptor ready");
+    crate::ops::notify::ready("accepting connections");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, shutting down"),
-        _ = term.recv() => tracing::info!("terminated, shutting down"),
-        Some(r) = tasks.join_next() => {
-            if let Ok(Err(e)) = r {
-                tracing::error!(error = %e, "listener failed");
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted, shutting down");
+                break;
+            }
+            _ = term.recv() => {
+                tracing::info!("terminated, shutting down");
+                break;
+            }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                let (s, p) = (state.clone(), config_path.clone());
+                let _ = tokio::task::spawn_blocking(move || crate::ops::reload::reload(&s, p.as_deref())).await;
+            }
+            Some(r) = tasks.join_next() => {
+                if let Ok(Err(e)) = r {
+                    tracing::error!(error = %e, "listener failed");
+                }
+                break;
             }
         }
+    }
+    // Graceful stop: no new sessions; running statements may finish within the grace period;
+    // then every session ends with FATAL 57P01 (its end is audited as usual).
+    crate::ops::notify::stopping();
+    crate::ops::health::set_listening(false);
+    tasks.abort_all();
+    let grace = std::time::Duration::from_millis(state.config.limits.shutdown_grace_ms);
+    let open = state.live.len();
+    if open > 0 {
+        tracing::info!(
+            sessions = open,
+            grace_ms = grace.as_millis() as u64,
+            "ending open sessions"
+        );
+        state.live.stop_all(grace);
+        let deadline = std::time::Instant::now() + grace + std::time::Duration::from_secs(2);
+        while !state.live.is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    // Records of the sessions just ended reach the disk before the process exits.
+    if let Err(e) = state.audit.sync().await {
+        tracing::error!(error = %e, "audit sync at shutdown failed");
     }
     if let Some(p) = socket_path {
         let _ = std::fs::remove_file(p);

@@ -96,6 +96,15 @@ const MAX_PENDING: usize = 200_000;
 /// enough for sled's log (large values go to separate blob files).
 pub const MAX_RECORDED_BYTES: usize = 256 * 1024;
 
+/// What [`AuditLog::health`] reports.
+#[derive(Debug, Clone)]
+pub struct AuditHealth {
+    /// Records queued and not yet committed.
+    pub queued: usize,
+    /// Why the log refuses appends (fail closed), if it does.
+    pub failed: Option<String>,
+}
+
 /// The audit log. Cheap to clone; the writer thread stops when the last clone is dropped.
 #[derive(Clone)]
 pub struct AuditLog {
@@ -205,6 +214,12 @@ impl AuditLog {
     /// Number of flush+sync rounds done so far (each covers a whole batch).
     pub fn sync_count(&self) -> u64 {
         self.inner.shared.syncs.load(Ordering::Relaxed)
+    }
+
+    /// Queue depth and writability, for metrics and readiness.
+    pub fn health(&self) -> AuditHealth {
+        let (queued, failed) = self.inner.shared.health();
+        AuditHealth { queued, failed }
     }
 
     /// The head as of the last completed commit.

@@ -181,6 +181,14 @@ impl Shared {
         self.wake.notify_all();
     }
 
+    /// Records queued and not yet committed, and the failure that stopped the log, if any.
+    pub(crate) fn health(&self) -> (usize, Option<String>) {
+        match self.queue.lock() {
+            Ok(q) => (q.pending.len(), q.failed.clone()),
+            Err(_) => (0, Some("audit writer state poisoned".into())),
+        }
+    }
+
     pub(crate) fn committed_head(&self) -> Option<Mark> {
         self.committed.lock().ok().and_then(|h| h.clone())
     }
@@ -551,7 +559,12 @@ impl Writer {
         }
         let result = match failed {
             Some(f) => Err(AuditError::Failed(f)),
-            None => self.commit(&records),
+            None => {
+                let started = Instant::now();
+                let r = self.commit(&records);
+                crate::ops::metrics::audit_commit(started.elapsed());
+                r
+            }
         };
         match &result {
             Ok(()) => {

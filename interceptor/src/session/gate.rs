@@ -60,6 +60,8 @@ pub struct SessionFacts {
     pub database: String,
     pub upstream_role: String,
     pub policy: String,
+    /// What the session is doing now, for `interceptor sessions`.
+    pub activity: Arc<crate::ops::sessions::Activity>,
 }
 
 /// Lexer-relevant server settings, as last reported by ParameterStatus.
@@ -197,6 +199,11 @@ impl Gate {
                 }
             }
         }
+        crate::ops::metrics::statement(
+            verdict,
+            decision.statements.iter().map(|c| c.kind.as_str()),
+            deny_sqlstate.as_deref(),
+        );
         let id = self.audit.append(AuditEvent::Statement(StatementRecord {
             session: self.facts.session_id,
             protocol,
@@ -215,6 +222,9 @@ impl Gate {
             approval,
         }))?;
         self.unsynced = true;
+        if verdict == "allow" {
+            self.facts.activity.statement(sql);
+        }
         Ok(id)
     }
 
@@ -409,6 +419,9 @@ impl Gate {
     }
 
     fn lex_check(&self, lex: LexState) -> Option<PgError> {
+        if let Some(e) = self.facts.activity.refuse_if_stopping() {
+            return Some(e);
+        }
         (!lex.client_encoding_utf8).then(|| {
             PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
@@ -634,6 +647,7 @@ impl Recorder {
                 truncated: outcome.truncated,
             }));
         }
+        crate::ops::metrics::masked(&outcome.masked);
         let result = self.audit.append(AuditEvent::Outcome(StatementOutcome {
             session,
             statement,

@@ -218,7 +218,9 @@ async fn run(
     let mut identity = match identity {
         Ok(i) => i,
         Err(e) => {
-            let _ = stream.write_all(&e.to_pg().encode()).await;
+            let pg = e.to_pg();
+            crate::ops::metrics::refusal(&pg.code);
+            let _ = stream.write_all(&pg.encode()).await;
             return Err(e.into());
         }
     };
@@ -293,13 +295,18 @@ async fn run(
         // The policy's limit is the session's starting value on the server.
         passthrough.push(("statement_timeout".into(), ms.to_string()));
     }
-    let upstream = match server
+    let login_started = std::time::Instant::now();
+    let login = server
         .upstream
         .login(&role, password.as_ref(), &database, &passthrough)
-        .await
-    {
+        .await;
+    crate::ops::metrics::METRICS
+        .upstream_login_seconds
+        .observe(login_started.elapsed().as_secs_f64());
+    let upstream = match login {
         Ok(u) => u,
         Err(e) => {
+            crate::ops::metrics::METRICS.upstream_errors.inc();
             tracing::warn!(error = %e, role, "upstream login failed");
             let pg = match &e {
                 upstream::UpstreamError::Refused { code, message } if code == "3D000" => {
@@ -312,6 +319,7 @@ async fn run(
                 .with_detail(e.to_string())
                 .with_hint("the database server may be down; try again or contact the operator"),
             };
+            crate::ops::metrics::refusal(&pg.code);
             let _ = stream.write_all(&pg.encode()).await;
             return Err(e.into());
         }
@@ -373,6 +381,7 @@ async fn run(
         database,
         upstream_role: role,
         policy: route.policy.clone(),
+        activity: Default::default(),
     });
     tracing::info!(
         session = facts.session_id.0,
@@ -405,9 +414,17 @@ async fn run(
             }),
         }
     });
-    let shared = relay::Shared::new(&upstream.params)
-        .with_mask(mask.clone())
-        .with_row_limit(row_limit);
+    let shared = Arc::new(
+        relay::Shared::new(&upstream.params)
+            .with_mask(mask.clone())
+            .with_row_limit(row_limit),
+    );
+    let live = server.live.register(
+        facts.clone(),
+        peer.to_string(),
+        shared.clone(),
+        (upstream.backend_pid, upstream.backend_secret),
+    );
     let mut gate = Gate::new(
         facts.clone(),
         server.policy.clone(),
@@ -431,6 +448,7 @@ async fn run(
         &recorder,
         &shared,
         &key.cancelled,
+        live.session.stopped(),
     )
     .await;
     if let Some(svc) = &server.approvals {
@@ -450,6 +468,10 @@ async fn run(
         Ok(relay::End::ClientTerminated) => "client_terminate".to_owned(),
         Ok(relay::End::ClientGone) => "client_disconnect".to_owned(),
         Ok(relay::End::UpstreamGone) => "server_closed".to_owned(),
+        Ok(relay::End::Stopped) => live
+            .session
+            .stop_reason()
+            .unwrap_or_else(|| "stopped by interceptor".to_owned()),
         Err(e) => format!("error: {e}"),
     };
     let _ = server.audit.append(crate::audit::AuditEvent::SessionEnd(
@@ -504,6 +526,7 @@ fn tls_info(stream: &Stream) -> Option<crate::audit::TlsInfo> {
 }
 
 async fn fatal(stream: &mut Stream, err: PgError) -> Result<(), SessionError> {
+    crate::ops::metrics::refusal(&err.code);
     let _ = stream.write_all(&err.encode()).await;
     Err(SessionError::Refused(err.message))
 }

@@ -70,6 +70,8 @@ pub enum End {
     ClientTerminated,
     ClientGone,
     UpstreamGone,
+    /// Ended by interceptor (an administrator's kill, a shutdown): the client got a FATAL.
+    Stopped,
 }
 
 #[derive(Debug, Default)]
@@ -176,6 +178,11 @@ impl Shared {
         }
     }
 
+    /// Statements forwarded whose results have not all come back yet.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.inflight).len()
+    }
+
     fn lex(&self) -> LexState {
         LexState {
             standard_conforming_strings: self.standard_conforming_strings.load(Ordering::Relaxed),
@@ -202,6 +209,7 @@ pub async fn run(
     recorder: &Recorder,
     shared: &Shared,
     cancel: &super::cancel::CancelSignal,
+    stop: impl std::future::Future<Output = PgError>,
 ) -> Result<End, RelayError> {
     // Messages interceptor itself sends the client mid-session (approval notices) go through
     // the upstream → client side, the only writer of the client socket.
@@ -226,6 +234,13 @@ pub async fn run(
         tokio::select! {
             r = c2u => r,
             r = u2c => r,
+            // Resolves only between statements (or past its grace period), so no message is
+            // cut in half.
+            fatal = stop => {
+                let _ = client_wr.write_all(&fatal.encode()).await;
+                let _ = client_wr.flush().await;
+                Ok(End::Stopped)
+            }
         }
     };
     if let Err(e) = &result

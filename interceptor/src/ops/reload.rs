@@ -1,0 +1,84 @@
+//! SIGHUP: the policies are reloaded and the configuration file is read again and checked;
+//! sections that changed and only take effect at a start are named in the log.
+
+use std::path::Path;
+
+use crate::config::Config;
+use crate::server::ServerState;
+
+/// The top-level sections whose values differ between `old` and `new`.
+pub fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    macro_rules! cmp {
+        ($($field:ident => $name:literal),* $(,)?) => {
+            $(if format!("{:?}", old.$field) != format!("{:?}", new.$field) {
+                out.push($name);
+            })*
+        };
+    }
+    cmp!(
+        listen => "listen",
+        tls => "tls",
+        upstream => "upstream",
+        secrets => "secrets",
+        identities => "identity",
+        audit => "audit",
+        policy => "policy",
+        admin => "admin",
+        limits => "limits",
+        oidc => "oidc",
+        mtls => "mtls",
+        approvals => "approvals",
+        ebpf => "ebpf",
+        metrics => "metrics",
+    );
+    out
+}
+
+/// Handles one SIGHUP.
+pub fn reload(state: &ServerState, config_path: Option<&Path>) {
+    super::notify::reloading();
+    let outcome = |ok: bool| {
+        super::metrics::METRICS
+            .reloads
+            .get_or_create(&super::metrics::EventLabels {
+                event: if ok { "ok" } else { "failed" }.to_owned(),
+            })
+            .inc();
+    };
+    let mut ok = true;
+    if let Some(path) = config_path {
+        match Config::load(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| {
+                crate::server::Loaded::load(&c)?;
+                Ok(c)
+            }) {
+            Ok(new) => {
+                let changed = changed_sections(&state.config, &new);
+                if changed.is_empty() {
+                    tracing::info!(config = %path.display(), "reload: configuration unchanged");
+                } else {
+                    tracing::warn!(
+                        config = %path.display(),
+                        sections = ?changed,
+                        "reload: these configuration sections changed and take effect only after a restart (systemctl restart interceptor); the running values are kept"
+                    );
+                }
+            }
+            Err(e) => {
+                ok = false;
+                tracing::error!(config = %path.display(), error = %format!("{e:#}"), "reload: the configuration file is invalid; keeping the running configuration");
+            }
+        }
+    }
+    match &state.config.policy {
+        Some(p) => match state.policy.reload(&p.dir) {
+            crate::policy::PolicyEvent::Reloaded { .. } => {}
+            crate::policy::PolicyEvent::ReloadFailed { .. } => ok = false,
+        },
+        None => tracing::info!("reload: no [policy] configured"),
+    }
+    outcome(ok);
+    super::notify::ready("reloaded");
+}
