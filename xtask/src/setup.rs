@@ -16,13 +16,19 @@ pub enum Requirement {
     Psql,
     /// pgbouncer, the benchmark's reference pooler.
     Pgbouncer,
+    /// libclang, for the bindings of PostgreSQL's parser (the pg_query crate's build script).
+    Libclang,
+    /// sqlsmith, the query generator of the policy differential test.
+    Sqlsmith,
 }
 
 impl Requirement {
-    pub const ALL: [Requirement; 3] = [
+    pub const ALL: [Requirement; 5] = [
         Requirement::PostgresServer,
         Requirement::Psql,
         Requirement::Pgbouncer,
+        Requirement::Libclang,
+        Requirement::Sqlsmith,
     ];
 
     fn describe(self) -> &'static str {
@@ -30,6 +36,8 @@ impl Requirement {
             Requirement::PostgresServer => "PostgreSQL server binaries (initdb, pg_ctl, pgbench)",
             Requirement::Psql => "psql",
             Requirement::Pgbouncer => "pgbouncer",
+            Requirement::Libclang => "libclang (for PostgreSQL's parser bindings)",
+            Requirement::Sqlsmith => "sqlsmith",
         }
     }
 
@@ -39,6 +47,8 @@ impl Requirement {
             Requirement::PostgresServer => "postgresql",
             Requirement::Psql => "postgresql-client",
             Requirement::Pgbouncer => "pgbouncer",
+            Requirement::Libclang => "libclang-dev",
+            Requirement::Sqlsmith => "sqlsmith",
         }
     }
 
@@ -53,6 +63,14 @@ impl Requirement {
                         .any(|d| is_executable(&d.join("psql")))
             }
             Requirement::Pgbouncer => is_executable(&root.join("usr/sbin/pgbouncer")),
+            // bindgen looks for libclang.so in /usr/lib/llvm-<major>/lib.
+            Requirement::Libclang => std::fs::read_dir(root.join("usr/lib"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
+                .any(|e| e.path().join("lib/libclang.so").exists()),
+            Requirement::Sqlsmith => is_executable(&root.join("usr/bin/sqlsmith")),
         }
     }
 }
@@ -180,6 +198,8 @@ mod tests {
             );
         }
         touch(root.path(), "usr/sbin/pgbouncer", 0o755);
+        touch(root.path(), "usr/lib/llvm-14/lib/libclang.so", 0o644);
+        touch(root.path(), "usr/bin/sqlsmith", 0o755);
         assert!(missing(root.path(), &Requirement::ALL).is_empty());
     }
 
@@ -193,7 +213,12 @@ mod tests {
         touch(root.path(), "usr/sbin/pgbouncer", 0o755);
         assert_eq!(
             missing(root.path(), &Requirement::ALL),
-            vec![Requirement::PostgresServer, Requirement::Psql]
+            vec![
+                Requirement::PostgresServer,
+                Requirement::Psql,
+                Requirement::Libclang,
+                Requirement::Sqlsmith
+            ]
         );
     }
 
