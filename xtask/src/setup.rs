@@ -20,6 +20,10 @@ pub enum Requirement {
     Chromium,
     /// chromedriver, the WebDriver server for that Chromium (no browser download of its own).
     Chromedriver,
+    /// libclang, for the bindings of PostgreSQL's parser (the pg_query crate's build script).
+    Libclang,
+    /// sqlsmith, the query generator of the policy differential test.
+    Sqlsmith,
 }
 
 impl Requirement {
@@ -29,6 +33,8 @@ impl Requirement {
         Requirement::Pgbouncer,
         Requirement::Chromium,
         Requirement::Chromedriver,
+        Requirement::Libclang,
+        Requirement::Sqlsmith,
     ];
 
     fn describe(self) -> &'static str {
@@ -38,6 +44,8 @@ impl Requirement {
             Requirement::Pgbouncer => "pgbouncer",
             Requirement::Chromium => "chromium (console browser tests)",
             Requirement::Chromedriver => "chromedriver (console browser tests)",
+            Requirement::Libclang => "libclang (for PostgreSQL's parser bindings)",
+            Requirement::Sqlsmith => "sqlsmith",
         }
     }
 
@@ -49,6 +57,8 @@ impl Requirement {
             Requirement::Pgbouncer => "pgbouncer",
             Requirement::Chromium => "chromium",
             Requirement::Chromedriver => "chromium-driver",
+            Requirement::Libclang => "libclang-dev",
+            Requirement::Sqlsmith => "sqlsmith",
         }
     }
 
@@ -65,6 +75,14 @@ impl Requirement {
             Requirement::Pgbouncer => is_executable(&root.join("usr/sbin/pgbouncer")),
             Requirement::Chromium => is_executable(&root.join("usr/bin/chromium")),
             Requirement::Chromedriver => is_executable(&root.join("usr/bin/chromedriver")),
+            // bindgen looks for libclang.so in /usr/lib/llvm-<major>/lib.
+            Requirement::Libclang => std::fs::read_dir(root.join("usr/lib"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
+                .any(|e| e.path().join("lib/libclang.so").exists()),
+            Requirement::Sqlsmith => is_executable(&root.join("usr/bin/sqlsmith")),
         }
     }
 }
@@ -194,6 +212,8 @@ mod tests {
         touch(root.path(), "usr/sbin/pgbouncer", 0o755);
         touch(root.path(), "usr/bin/chromium", 0o755);
         touch(root.path(), "usr/bin/chromedriver", 0o755);
+        touch(root.path(), "usr/lib/llvm-14/lib/libclang.so", 0o644);
+        touch(root.path(), "usr/bin/sqlsmith", 0o755);
         assert!(missing(root.path(), &Requirement::ALL).is_empty());
     }
 
@@ -209,7 +229,12 @@ mod tests {
         touch(root.path(), "usr/bin/chromedriver", 0o755);
         assert_eq!(
             missing(root.path(), &Requirement::ALL),
-            vec![Requirement::PostgresServer, Requirement::Psql]
+            vec![
+                Requirement::PostgresServer,
+                Requirement::Psql,
+                Requirement::Libclang,
+                Requirement::Sqlsmith
+            ]
         );
     }
 

@@ -244,6 +244,7 @@ pub fn pending_notice(id: RequestId, timeout_secs: u64, approver_groups: &[Strin
             approver_groups.join(", ")
         )),
         hint: Some("cancel the query to stop waiting".into()),
+        position: None,
     }
 }
 

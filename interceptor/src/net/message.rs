@@ -61,6 +61,8 @@ pub struct PgError {
     pub message: String,
     pub detail: Option<String>,
     pub hint: Option<String>,
+    /// 1-based character position of a syntax error in the query text (field `P`).
+    pub position: Option<u32>,
 }
 
 impl PgError {
@@ -71,6 +73,7 @@ impl PgError {
             message: message.into(),
             detail: None,
             hint: None,
+            position: None,
         }
     }
 
@@ -83,6 +86,11 @@ impl PgError {
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn with_position(mut self, position: u32) -> Self {
+        self.position = Some(position);
         self
     }
 
@@ -108,6 +116,9 @@ impl PgError {
         }
         if let Some(h) = &self.hint {
             field(&mut body, b'H', h);
+        }
+        if let Some(p) = self.position {
+            field(&mut body, b'P', &p.to_string());
         }
         body.put_u8(0);
         message(tag, &body)

@@ -1,10 +1,11 @@
 //! Statement classification: what each statement of a query does, in terms policy rules match
 //! on (kind, risks, tables, functions).
 //!
-//! The text is split by our PostgreSQL-faithful lexer ([`super::lexer`]); each piece is then
-//! parsed by sqlparser, and the query is refused when the two disagree about the tokens. The few
-//! statements sqlparser cannot parse (DO, ALTER SYSTEM, VACUUM (…), …) are classified by their
-//! leading keywords, conservatively and without table information.
+//! PostgreSQL's own parser ([`super::pgparse`]) is the authority: its tree gives every
+//! statement's kind, relations, functions and nested statements ([`super::pgwalk`]). Two second
+//! opinions can only make the answer stricter: our PostgreSQL-faithful lexer
+//! ([`super::lexer`]) must split the text into the same statements, and where sqlparser also
+//! parses a statement and believes it writes, a statement the tree calls harmless is refused.
 
 use serde::{Deserialize, Serialize};
 use sqlparser::ast::{self, ObjectType, Statement, Visit};
@@ -12,9 +13,12 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, Tokenizer};
 
-use super::fallback::keyword_fallback;
+use pg_query::protobuf::RawStmt;
+
 use super::lexer::{self, LexSettings, StatementText, TokKind};
 use super::names::{ident_name, name_parts, table_name};
+use super::pgparse;
+use super::pgwalk::{self, TreeError, TreeFacts};
 use super::walk::{Facts, Walk, shallow};
 
 /// What a statement does, from least to most powerful (the order is used when a statement does
@@ -145,6 +149,14 @@ pub enum Unclassifiable {
     Lex(#[from] lexer::LexError),
     #[error("cannot parse statement {index}: {message}")]
     Parse { index: usize, message: String },
+    /// PostgreSQL's parser rejects the text: its own message and cursor position.
+    #[error("{message}")]
+    Syntax { message: String, position: u32 },
+    #[error(
+        "statement {index}: PostgreSQL's parser and the SQL parser disagree about whether \
+         it writes; refusing rather than guessing"
+    )]
+    WriteDisagreement { index: usize },
     #[error(
         "statement {index}: the SQL parser and PostgreSQL's lexer disagree about this text; \
          refusing rather than guessing"
@@ -160,49 +172,203 @@ impl Unclassifiable {
     /// The SQLSTATE a refusal for this reason carries.
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            Unclassifiable::Lex(_) | Unclassifiable::Parse { .. } => "42601",
+            Unclassifiable::Lex(_)
+            | Unclassifiable::Parse { .. }
+            | Unclassifiable::Syntax { .. } => "42601",
             _ => "42501",
+        }
+    }
+
+    /// The syntax error's 1-based character position in the query text, if PostgreSQL's
+    /// parser reported one.
+    pub fn position(&self) -> Option<u32> {
+        match self {
+            Unclassifiable::Syntax { position, .. } if *position > 0 => Some(*position),
+            _ => None,
         }
     }
 }
 
 /// Classifies every statement of a simple-query or Parse text.
 pub fn classify(sql: &str, lex: LexSettings) -> Result<Vec<Classified>, Unclassifiable> {
-    let pieces = lexer::split_statements(sql, lex)?;
-    if pieces.is_empty() {
+    let scs = lex.standard_conforming_strings;
+    // Our lexer runs first: it is linear, and finds the strings outside which a long run of
+    // operator characters is refused before PostgreSQL's scanner spends quadratic time on it.
+    let lexed = lexer::split_statements(sql, lex);
+    if let Some(run) = long_operator_run(sql, lexed.as_deref().unwrap_or(&[])) {
+        return Err(Unclassifiable::Parse {
+            index: 1,
+            message: format!(
+                "a run of {run} operator or comment characters outside strings; \
+                 refused (longer than {MAX_OPERATOR_RUN})"
+            ),
+        });
+    }
+    let stmts = pgparse::parse(sql, scs).map_err(|e| Unclassifiable::Syntax {
+        message: e.message,
+        position: e.position,
+    })?;
+    let pieces = lexed?;
+    if pieces.is_empty() && stmts.is_empty() {
         return Err(Unclassifiable::Empty);
+    }
+    if pieces.len() != stmts.len() {
+        tracing::debug!(
+            ours = pieces.len(),
+            postgres = stmts.len(),
+            "statement split differential"
+        );
+        return Err(Unclassifiable::Differential {
+            index: pieces.len().min(stmts.len()) + 1,
+        });
     }
     pieces
         .iter()
+        .zip(&stmts)
         .enumerate()
-        .map(|(index, piece)| classify_piece(sql, piece, index + 1))
+        .map(|(i, (piece, raw))| classify_piece(sql, piece, raw, i + 1, scs))
         .collect()
+}
+
+/// PostgreSQL's scanner rescans a run of operator characters at every `/*` in it (in and out of
+/// comments), so its time grows with the square of the run's length: 100 kB of `/*` take
+/// minutes. No real statement has such a run outside a string constant.
+const MAX_OPERATOR_RUN: usize = 1024;
+
+fn long_operator_run(sql: &str, pieces: &[StatementText]) -> Option<usize> {
+    let strings: Vec<std::ops::Range<usize>> = pieces
+        .iter()
+        .flat_map(|p| &p.tokens)
+        .filter(|t| matches!(t.kind, TokKind::Str { .. }))
+        .map(|t| t.span.clone())
+        .collect();
+    let (mut run, mut longest, mut next_string) = (0, 0, 0);
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(s) = strings.get(next_string)
+            && i >= s.start
+        {
+            i = s.end.max(i + 1);
+            next_string += 1;
+            run = 0;
+            continue;
+        }
+        if b"~!@#^&|`?+-*/%<>=".contains(&bytes[i]) {
+            run += 1;
+            longest = longest.max(run);
+        } else {
+            run = 0;
+        }
+        i += 1;
+    }
+    (longest > MAX_OPERATOR_RUN).then_some(longest)
 }
 
 fn classify_piece(
     sql: &str,
     piece: &StatementText,
+    raw: &RawStmt,
     index: usize,
+    scs: bool,
 ) -> Result<Classified, Unclassifiable> {
-    let text = parser_text(sql, piece);
-    let dialect = PostgreSqlDialect {};
-    let parsed = Parser::new(&dialect)
-        .try_with_sql(&text)
-        .and_then(|mut p| p.parse_statements());
-    let statements = match parsed {
-        Ok(s) => s,
-        Err(e) => {
-            return keyword_fallback(piece, index).ok_or_else(|| Unclassifiable::Parse {
-                index,
-                message: e.to_string(),
-            });
-        }
+    // Both splits must put the statement in the same place: PostgreSQL's statement starts at
+    // or before our first token and ends at or after our last.
+    let start = usize::try_from(raw.stmt_location).unwrap_or(usize::MAX);
+    let end = match usize::try_from(raw.stmt_len) {
+        Ok(0) | Err(_) => sql.len(),
+        Ok(n) => start.saturating_add(n),
     };
-    check_tokens_agree(&text, piece, index)?;
-    let [statement] = statements.as_slice() else {
+    let first = piece.tokens.first().map(|t| t.span.start);
+    let last = piece.tokens.last().map(|t| t.span.end);
+    if !(first.is_some_and(|f| f >= start) && last.is_some_and(|l| l <= end.max(start))) {
+        return Err(Unclassifiable::Differential { index });
+    }
+    let Some(node) = raw.stmt.as_ref().and_then(|n| n.node.as_ref()) else {
         return Err(Unclassifiable::Differential { index });
     };
-    classify_statement(statement, piece, index)
+    let tree = pgwalk::statement(node, scs).map_err(|e| match e {
+        TreeError::ExplainOption(option) => Unclassifiable::Parse {
+            index,
+            message: format!("EXPLAIN option {option} is not one PostgreSQL 15 accepts"),
+        },
+        TreeError::Empty => Unclassifiable::Differential { index },
+    })?;
+    let TreeFacts {
+        facts,
+        names_unknown,
+        prepares,
+        executes,
+        deallocates,
+        command_words,
+    } = tree;
+    let kind = facts.kind.unwrap_or(StatementKind::Procedural);
+    let names_known = !names_unknown
+        && !(facts.tables.is_empty()
+            && matches!(
+                kind,
+                StatementKind::Ddl | StatementKind::Dcl | StatementKind::Utility
+            ));
+    let classified = Classified {
+        command: command_of(piece, command_words),
+        kind,
+        risks: facts.risks.into_iter().collect(),
+        tables: facts.tables.into_iter().collect(),
+        functions: facts.functions.into_iter().collect(),
+        names_known,
+        prepares,
+        executes,
+        deallocates,
+        span: (piece.span.start, piece.span.end),
+    };
+    // Second opinion: where sqlparser reads the same text and believes it writes, a statement
+    // the tree calls harmless is refused (one of the two misreads it; fail closed).
+    if !writes(&classified)
+        && let Some(other) = sqlparser_opinion(sql, piece, index)
+        && writes(&other)
+    {
+        tracing::debug!(index, ?other.kind, "write differential with sqlparser");
+        return Err(Unclassifiable::WriteDisagreement { index });
+    }
+    Ok(classified)
+}
+
+/// Can running this statement change the database or the server (anything beyond reading
+/// and session state)?
+fn writes(c: &Classified) -> bool {
+    !matches!(
+        c.kind,
+        StatementKind::Read
+            | StatementKind::Transaction
+            | StatementKind::Session
+            | StatementKind::CopyTo
+    ) || c.risks.iter().any(|r| {
+        matches!(
+            r,
+            Risk::SideEffectFunction
+                | Risk::AdminFunction
+                | Risk::DynamicSql
+                | Risk::LargeObject
+                | Risk::Dblink
+                | Risk::ServerFile
+        )
+    })
+}
+
+/// sqlparser's reading of one statement, when it has one (it cannot parse every statement
+/// PostgreSQL accepts; then it has no opinion).
+fn sqlparser_opinion(sql: &str, piece: &StatementText, index: usize) -> Option<Classified> {
+    let text = parser_text(sql, piece);
+    let dialect = PostgreSqlDialect {};
+    let statements = Parser::new(&dialect)
+        .try_with_sql(&text)
+        .and_then(|mut p| p.parse_statements())
+        .ok()?;
+    check_tokens_agree(&text, piece, index).ok()?;
+    let [statement] = statements.as_slice() else {
+        return None;
+    };
+    classify_statement(statement, piece, index).ok()
 }
 
 /// The piece of text handed to sqlparser. With `standard_conforming_strings` off the server

@@ -128,6 +128,12 @@ impl Rule {
 
 pub(crate) fn unparseable_decision(policy: &Policy, e: &Unclassifiable) -> Decision {
     let verdict = match &policy.unparseable {
+        // A syntax error is PostgreSQL's own: the server would refuse it too, so it is
+        // reported as the server reports it and never held for approval.
+        _ if matches!(e, Unclassifiable::Syntax { .. }) => Verdict::Deny {
+            sqlstate: e.sqlstate().to_owned(),
+            message: e.to_string(),
+        },
         Verdict::Approve { .. } => policy.unparseable.clone(),
         _ => Verdict::Deny {
             sqlstate: e.sqlstate().to_owned(),
@@ -147,6 +153,7 @@ pub(crate) fn unparseable_decision(policy: &Policy, e: &Unclassifiable) -> Decis
         policy: Some(policy.name.clone()),
         statements: Vec::new(),
         statement_rules: Vec::new(),
+        syntax_position: e.position(),
     }
 }
 
@@ -247,6 +254,7 @@ pub(crate) fn decide_statements(
         policy: Some(policy.name.clone()),
         statements,
         statement_rules: rules,
+        syntax_position: None,
     }
 }
 

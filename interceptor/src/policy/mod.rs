@@ -1,9 +1,10 @@
 //! Policy files, statement classification and decisions.
 //!
 //! * [`lexer`]: PostgreSQL-faithful splitting of query text (the anti-bypass layer).
-//! * [`mod@classify`]: what each statement does (kind, risks, tables, functions), with
-//!   [`walk`] (the AST walk), [`names`] (name resolution), [`functions`] (side effects) and
-//!   [`fallback`] (statements sqlparser cannot parse).
+//! * [`mod@classify`]: what each statement does (kind, risks, tables, functions), from
+//!   PostgreSQL's own parser ([`pgparse`], tree walk in `pgwalk`), with [`functions`] (side
+//!   effects), [`relfuncs`] (functions whose arguments name relations, from pg_proc), and the
+//!   sqlparser reading ([`walk`], [`names`]) as a second opinion that can only refuse.
 //! * [`model`]: the TOML policy file format; [`load`]: validation with `file:line:col`.
 //! * [`set`]: the API the proxy calls (`PolicySet`: route, decide); [`decide`]: rule matching
 //!   and combining verdicts; [`window`], [`glob`]: rule building blocks.
@@ -16,13 +17,15 @@ pub mod classify;
 pub mod cli;
 pub mod decide;
 pub mod error;
-pub mod fallback;
 pub mod functions;
 pub mod glob;
 pub mod lexer;
 pub mod load;
 pub mod model;
 pub mod names;
+pub mod pgparse;
+pub(crate) mod pgwalk;
+pub mod relfuncs;
 pub mod reload;
 pub mod session;
 pub mod set;

@@ -132,6 +132,9 @@ pub struct Decision {
     pub statements: Vec<Classified>,
     /// Rule of each statement, in order (`None` where the default deny applied).
     pub statement_rules: Vec<Option<String>>,
+    /// A syntax error's 1-based character position in the query (PostgreSQL's cursor).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub syntax_position: Option<u32>,
 }
 
 impl PolicySet {
@@ -263,6 +266,7 @@ impl PolicySet {
                 policy: None,
                 statements: classified.as_ref().clone().unwrap_or_default(),
                 statement_rules: Vec::new(),
+                syntax_position: None,
             };
         };
         let statements = match classified.as_ref() {
@@ -276,6 +280,7 @@ impl PolicySet {
                     policy: Some(policy.name.clone()),
                     statements: Vec::new(),
                     statement_rules: Vec::new(),
+                    syntax_position: None,
                 };
             }
             Err(e) => return unparseable_decision(policy, e),

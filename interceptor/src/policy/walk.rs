@@ -36,6 +36,18 @@ impl Facts {
         executed: bool,
     ) {
         let (full, bare) = function_name(name);
+        self.record_call(full, &bare, first_arg.and_then(literal_string), executed);
+    }
+
+    /// One function call: `full` is `schema.name`, `bare` the name alone, `first_literal` the
+    /// first positional argument when it is a string constant.
+    pub(crate) fn record_call(
+        &mut self,
+        full: String,
+        bare: &str,
+        first_literal: Option<&str>,
+        executed: bool,
+    ) {
         let builtin = full.starts_with("pg_catalog.");
         self.functions.insert(full);
         if !executed {
@@ -46,14 +58,24 @@ impl Facts {
         }
         if bare == "set_config" {
             self.raise(StatementKind::Session);
-            let setting = first_arg.and_then(literal_string);
             self.risks
-                .extend(functions::set_config_risks(setting).iter().copied());
+                .extend(functions::set_config_risks(first_literal).iter().copied());
         }
-        if let Some((kind, risks)) = functions::side_effects(&bare) {
+        if let Some((kind, risks)) = functions::side_effects(bare) {
             self.raise(kind);
             self.risks.extend(risks.iter().copied());
         }
+    }
+
+    /// Adds what another statement part does (the statement EXPLAIN ANALYZE runs, a query in
+    /// a string argument).
+    pub(crate) fn merge(&mut self, other: Facts) {
+        if let Some(k) = other.kind {
+            self.raise(k);
+        }
+        self.risks.extend(other.risks);
+        self.tables.extend(other.tables);
+        self.functions.extend(other.functions);
     }
 }
 

@@ -386,8 +386,12 @@ impl Gate {
             P::Deny { sqlstate, message } => {
                 let rule = decision.rule.as_deref().unwrap_or("default deny");
                 tracing::info!(rule, "statement refused by policy");
+                let mut error = PgError::error(sqlstate.clone(), message.clone());
+                if let Some(position) = decision.syntax_position {
+                    error = error.with_position(position);
+                }
                 Verdict::Refuse(
-                    PgError::error(sqlstate.clone(), message.clone())
+                    error
                         .with_detail(format!(
                             "policy \"{}\", rule \"{rule}\"",
                             decision.policy.as_deref().unwrap_or(&self.facts.policy)
