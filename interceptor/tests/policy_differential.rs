@@ -241,6 +241,7 @@ fn tag_fits(tag: &str, c: &Classified) -> bool {
         "EXPLAIN" => matches!(k, Read | Write),
         "SET" | "RESET" | "DISCARD" | "DEALLOCATE" => matches!(k, Session | Transaction),
         "SHOW" => k == Read,
+        "DECLARE" | "FETCH" | "MOVE" | "CLOSE" => matches!(k, Read | Write),
         "BEGIN" | "COMMIT" | "ROLLBACK" | "START" | "SAVEPOINT" | "RELEASE" => k == Transaction,
         "DO" => k == Procedural,
         "CREATE" | "ALTER" | "DROP" | "TRUNCATE" | "COMMENT" => matches!(k, Ddl | Dcl),
@@ -312,16 +313,16 @@ fn corpus() -> Vec<(&'static str, &'static [bool], Expect)> {
         // U&'' strings (an error with scs off, on both sides).
         (r"SELECT U&'\0041'; DELETE FROM t WHERE id = 3", SCS_ON, Classified),
         (r"SELECT U&'d\0061t\+000061'", SCS_ON, Classified),
-        // sqlparser does not know UESCAPE: refused rather than guessed.
-        (r"SELECT U&'d!0061t!+000061' UESCAPE '!'", SCS_ON, Refused),
+        // UESCAPE, read by PostgreSQL's own scanner.
+        (r"SELECT U&'d!0061t!+000061' UESCAPE '!'", SCS_ON, Classified),
         (r"SELECT U&'\0041'; DELETE FROM t WHERE id = 3", SCS_OFF, Refused),
         // Dollar quotes, parameters and identifiers with `$`.
         ("SELECT $$ ; DELETE FROM t; $$", BOTH, Classified),
         ("SELECT $a$ $$ ; $a$; DELETE FROM t WHERE id = 1", BOTH, Classified),
         ("SELECT 1 AS a$b$; DELETE FROM t WHERE id = 1; SELECT $b$x$b$", BOTH, Classified),
         ("SELECT $x$ '; DELETE FROM t; ' $x$", BOTH, Classified),
-        // String continuation across a newline keeps E mode: sqlparser disagrees, so refused.
-        ("SELECT E'a'\n'\\'; DELETE FROM t; --'", BOTH, Refused),
+        // String continuation across a newline keeps E mode, as PostgreSQL's scanner says.
+        ("SELECT E'a'\n'\\'; DELETE FROM t; --'", BOTH, Classified),
         // Statement splitting.
         ("select 1; select 2;;; select 3", BOTH, Classified),
         ("SET standard_conforming_strings = off; SELECT '\\'; DELETE FROM t WHERE id = 1; --'", SCS_ON, Classified),
@@ -339,6 +340,13 @@ fn corpus() -> Vec<(&'static str, &'static [bool], Expect)> {
         ("SELECT id FROM t WHERE id = (SELECT nextval('s'))", BOTH, Classified),
         ("SELECT set_config('application_name', 'x', false)", BOTH, Classified),
         ("SELECT pg_catalog.lower('A'), coalesce(null, 1), now()", BOTH, Classified),
+        // Spellings a text-matching classifier did not know.
+        ("EXPLAIN (ANALYSE) DELETE FROM t WHERE id = 1", BOTH, Classified),
+        ("EXPLAIN (ANALYZE 'on') UPDATE t SET v = 'q' WHERE id = 2", BOTH, Classified),
+        ("EXPLAIN (\"analyze\" 1) DELETE FROM t WHERE id = 3", BOTH, Classified),
+        ("EXPLAIN (ANALYZE yes) DELETE FROM t WHERE id = 3", BOTH, Refused),
+        ("TABLE t; SELECT * FROM ONLY t FOR NO KEY UPDATE", BOTH, Classified),
+        ("BEGIN; DECLARE c SCROLL CURSOR FOR SELECT * FROM t; FETCH c; FETCH -1 FROM c; MOVE ABSOLUTE 2 c; FETCH ALL c; COMMIT", BOTH, Classified),
         // Writes, DDL, COPY.
         ("TRUNCATE t", BOTH, Classified),
         ("DELETE FROM t", BOTH, Classified),
@@ -557,9 +565,12 @@ fn generated_queries_agree_with_postgresql() {
         "generated: {accepted} accepted ({server_errors} server errors), {refused} refused \
          ({refused_but_ran} of which the server ran)"
     );
-    // The generator must exercise both sides, or the test proves nothing.
+    // PostgreSQL's own parser classifies: nothing the server runs is refused.
+    assert_eq!(refused_but_ran, 0, "over-blocked generated queries");
+    // The generator must exercise both sides, or the test proves nothing (most of its soup is
+    // a syntax error that the server rejects too).
     assert!(
-        accepted >= 100,
+        accepted >= 80,
         "only {accepted} generated queries were accepted"
     );
     assert!(

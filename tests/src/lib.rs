@@ -8,6 +8,7 @@
 pub mod certs;
 pub mod cli;
 pub mod conn;
+pub mod corpus;
 pub mod fixtures;
 pub mod net;
 pub mod os;

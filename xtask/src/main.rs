@@ -5,6 +5,7 @@ mod bench;
 mod build_ebpf;
 mod cmd;
 mod demo;
+mod differential;
 mod harness_env;
 mod setup;
 mod test;
@@ -20,7 +21,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: PostgreSQL, psql, pgbouncer, the eBPF toolchain (Debian, root).
+    /// Install what is missing: PostgreSQL, psql, pgbouncer, libclang, sqlsmith, the eBPF toolchain (Debian, root).
     Setup,
     /// Build interceptor, run every workspace test against it, then the policy tests.
     Test,
@@ -38,6 +39,8 @@ enum Task {
     },
     /// Compare direct PostgreSQL, interceptor and pgbouncer with pgbench and a large stream.
     Bench(bench::BenchArgs),
+    /// Check the policy classifier against PostgreSQL's planner on a generated corpus.
+    Differential(differential::DifferentialArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +51,6 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf { release } => build_ebpf::build(release).map(drop),
         Task::Demo { no_wait } => demo::run(no_wait),
         Task::Bench(args) => bench::run(&args),
+        Task::Differential(args) => differential::run(&args),
     }
 }
