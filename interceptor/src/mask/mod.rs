@@ -18,7 +18,10 @@ mod copy;
 mod detect;
 mod notice;
 mod plan;
+mod relcat;
+mod rewrite;
 mod rules;
+mod sqlmask;
 mod strategy;
 mod summary;
 mod value;
@@ -31,7 +34,9 @@ pub use catalog::{CatalogResolver, ColumnOrigin, OriginCache, catalog_query, tab
 pub use copy::{CopyColumn, CopyFormat, CopyMasker, CopyOptions};
 pub use detect::DetectorKind;
 pub use plan::MaskPlan;
-pub use rules::MaskRules;
+pub use relcat::{Lookup, RelName, RelationCache};
+pub use rewrite::{Needs, Refusal, needs, rewrite};
+pub use rules::{Allowances, MaskRules};
 pub use strategy::StrategyKind;
 pub use summary::{MaskCount, MaskSummary, MaskTarget};
 
