@@ -10,7 +10,9 @@
 //! Module map: `config` (TOML shape), `rules` (compiled rules, public entry points), `detect`
 //! (content detectors behind one RegexSet prefilter), `strategy` (what a masked value becomes),
 //! `value` (type-aware rewriting of one value), `plan` (DataRow), `copy` (COPY data),
-//! `notice` (error fields), `wire` (message parsing), `catalog` (column origins), `summary`.
+//! `notice` (error fields), `wire` (message parsing), `catalog` (column origins), `summary`,
+//! and for masking inside statements: `rewrite` (the statement rewrite on pg_query's parse
+//! tree), `sqlmask` (strategies as SQL), `relcat` (the catalog facts the rewrite needs).
 
 mod catalog;
 mod config;

@@ -157,7 +157,11 @@ impl RelationCache {
     }
 
     /// Stores the answer to `lookup` (rows of 8 text fields). Malformed rows are an error.
-    pub fn insert(&mut self, lookup: Lookup, rows: &[Vec<Option<String>>]) -> Result<(), ()> {
+    pub fn insert(
+        &mut self,
+        lookup: Lookup,
+        rows: &[Vec<Option<String>>],
+    ) -> Result<(), MalformedCatalog> {
         if self.relations.len() + lookup.relations.len() > MAX_ENTRIES
             || self.user_functions.len() + lookup.functions.len() > MAX_ENTRIES
         {
@@ -168,9 +172,16 @@ impl RelationCache {
         let mut user = HashSet::new();
         for row in rows {
             let f = |i: usize| row.get(i).and_then(|v| v.as_deref());
-            let index = || -> Result<usize, ()> {
-                let i: usize = f(1).ok_or(())?.parse().map_err(|_| ())?;
-                if i < found.len() { Ok(i) } else { Err(()) }
+            let index = || -> Result<usize, MalformedCatalog> {
+                let i: usize = f(1)
+                    .ok_or(MalformedCatalog)?
+                    .parse()
+                    .map_err(|_| MalformedCatalog)?;
+                if i < found.len() {
+                    Ok(i)
+                } else {
+                    Err(MalformedCatalog)
+                }
             };
             match f(0) {
                 Some("r") => {
@@ -195,15 +206,15 @@ impl RelationCache {
                 Some("d") => {
                     let i = index()?;
                     reads[i].push(BaseColumn {
-                        schema: f(2).ok_or(())?.to_owned(),
-                        table: f(3).ok_or(())?.to_owned(),
+                        schema: f(2).ok_or(MalformedCatalog)?.to_owned(),
+                        table: f(3).ok_or(MalformedCatalog)?.to_owned(),
                         column: f(5).map(str::to_owned),
                     });
                 }
                 Some("f") => {
-                    user.insert(f(3).ok_or(())?.to_owned());
+                    user.insert(f(3).ok_or(MalformedCatalog)?.to_owned());
                 }
-                _ => return Err(()),
+                _ => return Err(MalformedCatalog),
             }
         }
         for ((name, mut info), r) in lookup.relations.into_iter().zip(found).zip(reads) {
@@ -219,6 +230,11 @@ impl RelationCache {
         Ok(())
     }
 }
+
+/// A catalog answer that does not have the shape of the lookup query's rows.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("malformed catalog answer")]
+pub struct MalformedCatalog;
 
 /// A pending catalog lookup: run `sql` (simple protocol), hand the rows to
 /// [`RelationCache::insert`].

@@ -82,13 +82,10 @@ fn collect(v: &Value, n: &mut Needs) {
                 });
             }
             for (k, val) in o {
-                match k.as_str() {
-                    "FuncCall" => {
-                        if let Some(name) = func_name(val).1 {
-                            n.functions.push(name);
-                        }
-                    }
-                    _ => {}
+                if k == "FuncCall"
+                    && let Some(name) = func_name(val).1
+                {
+                    n.functions.push(name);
                 }
                 collect(val, n);
             }
@@ -458,7 +455,7 @@ impl<'a> Walker<'a> {
             self.walk(v, scopes)?;
         }
         for item in list(s, "from_clause") {
-            self.from_item(item, scopes)?;
+            self.range_item(item, scopes)?;
         }
         let targets = list(s, "target_list");
         let keep_bare = top
@@ -547,7 +544,7 @@ impl<'a> Walker<'a> {
         }
         if let Some(rel) = s.get("relation").filter(|r| !r.is_null()) {
             let rel = serde_json::json!({ "RangeVar": rel });
-            self.from_item(&rel, scopes)?;
+            self.range_item(&rel, scopes)?;
             if kind == "InsertStmt" {
                 // ON CONFLICT sees the proposed row as `excluded`, shaped like the target.
                 if let Some(mut e) = scopes.last().and_then(|l| l.entries.last().cloned()) {
@@ -561,11 +558,11 @@ impl<'a> Walker<'a> {
         }
         for k in ["from_clause", "using_clause"] {
             for item in list(s, k) {
-                self.from_item(item, scopes)?;
+                self.range_item(item, scopes)?;
             }
         }
         if let Some(src) = s.get("source_relation").filter(|r| !r.is_null()) {
-            self.from_item(src, scopes)?;
+            self.range_item(src, scopes)?;
         }
         if kind == "UpdateStmt" {
             // SET targets: names are the target's columns, values are expressions.
@@ -594,7 +591,7 @@ impl<'a> Walker<'a> {
         Ok(())
     }
 
-    fn from_item(&mut self, item: &Value, scopes: &mut Vec<Level>) -> Result<(), Refusal> {
+    fn range_item(&mut self, item: &Value, scopes: &mut Vec<Level>) -> Result<(), Refusal> {
         let Some((kind, f)) = kind_of(item) else {
             return Ok(());
         };
@@ -607,7 +604,7 @@ impl<'a> Walker<'a> {
                 let before = scopes.last().map_or(0, |l| l.entries.len());
                 for side in ["larg", "rarg"] {
                     if let Some(x) = f.get(side).filter(|x| !x.is_null()) {
-                        self.from_item(x, scopes)?;
+                        self.range_item(x, scopes)?;
                     }
                 }
                 let children: Vec<Entry> = scopes
@@ -657,7 +654,7 @@ impl<'a> Walker<'a> {
             }
             "RangeTableSample" => {
                 if let Some(r) = f.get("relation").filter(|r| !r.is_null()) {
-                    self.from_item(r, scopes)?;
+                    self.range_item(r, scopes)?;
                 }
                 for k in ["args", "repeatable"] {
                     if let Some(v) = f.get(k) {
@@ -892,12 +889,7 @@ impl<'a> Walker<'a> {
         Ok((start, end))
     }
 
-    fn column_ref(
-        &mut self,
-        c: &Value,
-        scopes: &mut Vec<Level>,
-        place: Place,
-    ) -> Result<(), Refusal> {
+    fn column_ref(&mut self, c: &Value, scopes: &mut [Level], place: Place) -> Result<(), Refusal> {
         let fields = list(c, "fields");
         let star = fields
             .last()

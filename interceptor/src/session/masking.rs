@@ -232,7 +232,7 @@ impl SessionMask {
                     "interceptor: statement refused: the catalog lookup that column masking                      needs failed ({e})"
                 ))
             })?;
-            cache.insert(lookup, &rows).map_err(|()| {
+            cache.insert(lookup, &rows).map_err(|_| {
                 refused("interceptor: statement refused: malformed catalog answer".into())
             })?;
         }
