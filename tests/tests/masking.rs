@@ -97,14 +97,28 @@ fn psql_results_are_masked_and_exempt_identity_sees_clear_data() {
     for sql in [
         "SELECT * FROM customers ORDER BY id",
         "SELECT email AS contact, card FROM customers ORDER BY id",
+        "SELECT lower(card), string_agg(card, ';') FROM customers GROUP BY 1",
+    ] {
+        let out = psql(&m, AGENT, sql).ok().unwrap();
+        assert_clean(sql, &both(&out));
+        assert!(!out.stdout.trim().is_empty(), "{sql}: no rows");
+    }
+    // Expressions over a pseudonymised column and whole-row forms cannot be masked inside the
+    // statement: refused before anything is sent.
+    for sql in [
         "SELECT lower(email) FROM customers",
         "SELECT row_to_json(c) FROM customers c",
         "SELECT c::text FROM customers c",
         "SELECT string_agg(email || ' ' || card, ';') FROM customers",
     ] {
-        let out = psql(&m, AGENT, sql).ok().unwrap();
+        let out = psql(&m, AGENT, sql);
+        assert!(!out.success(), "{sql}: not refused");
+        assert!(
+            out.stderr.contains("masked") || out.stderr.contains("whole-row"),
+            "{sql}: {}",
+            out.stderr
+        );
         assert_clean(sql, &both(&out));
-        assert!(!out.stdout.trim().is_empty(), "{sql}: no rows");
     }
     let out = psql(
         &m,
@@ -275,13 +289,21 @@ async fn tokio_postgres_binary_and_prepared_results_are_masked() {
     // Derived expressions in binary format.
     let row = c
         .query_one(
-            "SELECT lower(email), row_to_json(x)::text FROM customers x WHERE id = 2",
+            "SELECT lower(card), card::varchar FROM customers x WHERE id = 2",
             &[],
         )
         .await
         .unwrap();
     let seen = format!("{} {}", row.get::<_, String>(0), row.get::<_, String>(1));
     assert_clean("derived binary", &seen);
+    let err = c
+        .query_one(
+            "SELECT lower(email), row_to_json(x)::text FROM customers x WHERE id = 2",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("42501"));
 
     // The exempt identity sees the stored values.
     let admin = m.proxy.params(ADMIN).connect().await.unwrap();

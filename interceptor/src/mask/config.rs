@@ -16,6 +16,16 @@ pub(crate) struct MaskSection {
     pub column: Vec<ColumnRuleConfig>,
     #[serde(default)]
     pub detector: Vec<DetectorConfig>,
+    /// Opt-ins for what the statement rewrite otherwise refuses around this section's
+    /// column rules (docs/masking.md, "Masking inside statements").
+    #[serde(default)]
+    pub allow_whole_row: bool,
+    #[serde(default)]
+    pub allow_relation_functions: bool,
+    #[serde(default)]
+    pub allow_user_functions: bool,
+    #[serde(default)]
+    pub allow_masked_views: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -10,7 +10,9 @@
 //! Module map: `config` (TOML shape), `rules` (compiled rules, public entry points), `detect`
 //! (content detectors behind one RegexSet prefilter), `strategy` (what a masked value becomes),
 //! `value` (type-aware rewriting of one value), `plan` (DataRow), `copy` (COPY data),
-//! `notice` (error fields), `wire` (message parsing), `catalog` (column origins), `summary`.
+//! `notice` (error fields), `wire` (message parsing), `catalog` (column origins), `summary`,
+//! and for masking inside statements: `rewrite` (the statement rewrite on pg_query's parse
+//! tree), `sqlmask` (strategies as SQL), `relcat` (the catalog facts the rewrite needs).
 
 mod catalog;
 mod config;
@@ -18,7 +20,10 @@ mod copy;
 mod detect;
 mod notice;
 mod plan;
+mod relcat;
+mod rewrite;
 mod rules;
+mod sqlmask;
 mod strategy;
 mod summary;
 mod value;
@@ -31,7 +36,9 @@ pub use catalog::{CatalogResolver, ColumnOrigin, OriginCache, catalog_query, tab
 pub use copy::{CopyColumn, CopyFormat, CopyMasker, CopyOptions};
 pub use detect::DetectorKind;
 pub use plan::MaskPlan;
-pub use rules::MaskRules;
+pub use relcat::{Lookup, RelName, RelationCache};
+pub use rewrite::{Needs, Refusal, needs, rewrite};
+pub use rules::{Allowances, MaskRules};
 pub use strategy::StrategyKind;
 pub use summary::{MaskCount, MaskSummary, MaskTarget};
 

@@ -149,14 +149,57 @@ pub(crate) enum ColumnMatcher {
     Name(Regex),
 }
 
+/// What the statement rewrite may let through around a column rule (explicit opt-ins of its
+/// section). A session is allowed something only if every column rule left for it allows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allowances {
+    /// Whole-row references (`row_to_json(t)`, `t::text`, `t.*` in expressions).
+    pub whole_row: bool,
+    /// Functions that read relations or run queries named in strings (`table_to_xml`, ...).
+    pub relation_functions: bool,
+    /// Calls of functions outside pg_catalog, DO blocks, CREATE FUNCTION/PROCEDURE/TRIGGER/RULE.
+    pub user_functions: bool,
+    /// Reading and creating views and materialized views over masked columns.
+    pub masked_views: bool,
+}
+
+impl Allowances {
+    fn of(section: &MaskSection) -> Allowances {
+        Allowances {
+            whole_row: section.allow_whole_row,
+            relation_functions: section.allow_relation_functions,
+            user_functions: section.allow_user_functions,
+            masked_views: section.allow_masked_views,
+        }
+    }
+
+    fn and(self, o: Allowances) -> Allowances {
+        Allowances {
+            whole_row: self.whole_row && o.whole_row,
+            relation_functions: self.relation_functions && o.relation_functions,
+            user_functions: self.user_functions && o.user_functions,
+            masked_views: self.masked_views && o.masked_views,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct ColumnRule {
     pub matcher: ColumnMatcher,
     pub strategy: Strategy,
     exempt: Exemption,
+    allow: Allowances,
 }
 
 impl ColumnRule {
+    /// For names in SQL text: `schema` unknown (an unqualified table) matches any schema.
+    fn matches_parts(&self, schema: Option<&str>, table: Option<&str>, column: &str) -> bool {
+        match &self.matcher {
+            ColumnMatcher::Origin(p) => p.matches_parts(schema, table, column),
+            ColumnMatcher::Name(re) => re.is_match(column),
+        }
+    }
+
     fn matches(&self, output_name: &str, origin: Option<&ColumnOrigin>) -> bool {
         match &self.matcher {
             ColumnMatcher::Origin(p) => origin.is_some_and(|o| p.matches(o)),
@@ -270,6 +313,44 @@ impl MaskRules {
     /// RowDescription (table OID, attnum) before calling [`MaskRules::plan`].
     pub fn needs_origins(&self) -> bool {
         !self.inner.columns.is_empty()
+    }
+
+    /// The opt-ins every remaining column rule grants (all `false` without column rules).
+    pub fn allowances(&self) -> Allowances {
+        let mut it = self.inner.columns.iter().map(|c| c.allow);
+        match it.next() {
+            Some(first) => it.fold(first, Allowances::and),
+            None => Allowances::default(),
+        }
+    }
+
+    /// Whether a masking key is configured (keyed strategies cannot be written in SQL).
+    pub(crate) fn has_key(&self) -> bool {
+        self.inner.key.is_some()
+    }
+
+    /// The strongest column rule for a column named in SQL text (`schema`/`table` `None`
+    /// when unknown: then any schema/table matches, masking more rather than less).
+    pub(crate) fn strategy_for_parts(
+        &self,
+        schema: Option<&str>,
+        table: Option<&str>,
+        column: &str,
+    ) -> Option<&Strategy> {
+        self.inner
+            .columns
+            .iter()
+            .filter(|r| r.matches_parts(schema, table, column))
+            .map(|r| &r.strategy)
+            .max_by_key(|s| s.kind().strength())
+    }
+
+    /// Whether some column rule could cover a column of this table.
+    pub(crate) fn could_mask_table(&self, schema: Option<&str>, table: Option<&str>) -> bool {
+        self.inner.columns.iter().any(|r| match &r.matcher {
+            ColumnMatcher::Origin(p) => p.matches_table(schema, table),
+            ColumnMatcher::Name(_) => true,
+        })
     }
 
     /// Content detectors are active (every text value is scanned).
@@ -428,6 +509,7 @@ fn column_rule(section: &MaskSection, c: &ColumnRuleConfig) -> Result<ColumnRule
         matcher,
         strategy,
         exempt: Exemption::new(section, &c.exempt_groups, &c.exempt_subjects),
+        allow: Allowances::of(section),
     })
 }
 

@@ -15,7 +15,7 @@ use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySour
 use super::upstream::Upstream;
 use crate::mask::{
     CopyColumn, CopyMasker, CopyOptions, MaskError, MaskPlan, MaskRules, MaskSummary, OriginCache,
-    catalog_query, table_oids,
+    RelationCache, catalog_query, table_oids,
 };
 use crate::net::message::{self, Cursor, PgError, sqlstate};
 use crate::secrets::Secret;
@@ -96,6 +96,8 @@ pub struct SessionMask {
     expect: Mutex<VecDeque<Expect>>,
     /// Client side only: statement name → SQL, portal → (statement, result formats).
     client: Mutex<ClientView>,
+    /// Relations and functions the statement rewrite looked up (column rules only).
+    relations: tokio::sync::Mutex<RelationCache>,
 }
 
 #[derive(Default)]
@@ -121,6 +123,7 @@ impl SessionMask {
             login,
             expect: Mutex::new(VecDeque::new()),
             client: Mutex::new(ClientView::default()),
+            relations: tokio::sync::Mutex::new(RelationCache::default()),
         }))
     }
 
@@ -193,6 +196,52 @@ impl SessionMask {
             b'F' => self.push(Expect::FunctionCall),
             _ => {}
         }
+    }
+
+    /// The statement as it must go upstream under column rules: every reference to a masked
+    /// column that is not a plain output column replaced by its masking expression
+    /// (`Ok(None)`: send it unchanged), or the refusal to send it. Sessions without column
+    /// rules do no work here.
+    pub async fn rewrite(&self, sql: &str) -> Result<Option<String>, PgError> {
+        if !self.rules.needs_origins() {
+            return Ok(None);
+        }
+        // What PostgreSQL's grammar rejects, the server rejects too: send it as it is.
+        let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
+            return Ok(None);
+        };
+        self.rewrite_parsed(sql, &parsed.protobuf).await
+    }
+
+    /// [`SessionMask::rewrite`] for a statement already parsed by pg_query.
+    pub async fn rewrite_parsed(
+        &self,
+        sql: &str,
+        tree: &pg_query::protobuf::ParseResult,
+    ) -> Result<Option<String>, PgError> {
+        let refused = |m: String| PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, m);
+        let needs = crate::mask::needs(tree);
+        let mut cache = self.relations.lock().await;
+        if let Some(lookup) = cache.query(&needs.relations, &needs.functions) {
+            let rows = {
+                let mut side = self.side.lock().await;
+                side.rows(&self.login, &lookup.sql).await
+            };
+            let rows = rows.map_err(|e| {
+                refused(format!(
+                    "interceptor: statement refused: the catalog lookup that column masking                      needs failed ({e})"
+                ))
+            })?;
+            cache.insert(lookup, &rows).map_err(|_| {
+                refused("interceptor: statement refused: malformed catalog answer".into())
+            })?;
+        }
+        let result = crate::mask::rewrite(sql, tree, &self.rules, &cache)
+            .map_err(|r| refused(r.0).with_hint("column masking applies to this session"));
+        if needs.changes_catalog {
+            cache.clear();
+        }
+        result
     }
 
     /// The COPY TO STDOUT statements of `sql`, in order, with their options and columns.
@@ -369,6 +418,24 @@ impl Side {
         Ok(())
     }
 
+    /// The rows (text fields, NULL as `None`) of a simple query on the side connection.
+    async fn rows(
+        &mut self,
+        login: &SideLogin,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, SideError> {
+        let answer = self.exchange(login, &message::query(sql)).await?;
+        let mut out = Vec::new();
+        for (tag, body) in &answer {
+            match *tag {
+                b'D' => out.push(text_row(body).ok_or(SideError::Malformed)?),
+                b'E' => return Err(SideError::Refused(error_text(body))),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
     /// The RowDescription of `sql` (Parse + Describe, nothing executed); `None` for NoData.
     async fn describe(&mut self, login: &SideLogin, sql: &str) -> Result<Option<Bytes>, SideError> {
         let mut req = Vec::new();
@@ -391,6 +458,38 @@ fn error_text(body: &[u8]) -> String {
     message::error_code_and_message(body)
         .map(|(c, m)| format!("{c}: {m}"))
         .unwrap_or_else(|| "error".into())
+}
+
+/// The Parse `view` with its SQL replaced: statement name and parameter types kept.
+pub fn reparse(view: &message::ParseView<'_>, sql: &str) -> Bytes {
+    let mut body =
+        Vec::with_capacity(view.statement.len() + sql.len() + 4 + 4 * view.param_types.len());
+    body.extend_from_slice(view.statement.as_bytes());
+    body.push(0);
+    body.extend_from_slice(sql.as_bytes());
+    body.push(0);
+    body.extend_from_slice(&(view.param_types.len() as i16).to_be_bytes());
+    for t in &view.param_types {
+        body.extend_from_slice(&t.to_be_bytes());
+    }
+    message::message(b'P', &body)
+}
+
+/// A DataRow's fields as UTF-8 text.
+fn text_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let mut c = Cursor::new(body, "DataRow");
+    let n = c.i16().ok()?;
+    let mut out = Vec::with_capacity(usize::try_from(n).ok()?);
+    for _ in 0..n {
+        let len = c.i32().ok()?;
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let v = c.take(usize::try_from(len).ok()?).ok()?;
+        out.push(Some(std::str::from_utf8(v).ok()?.to_owned()));
+    }
+    Some(out)
 }
 
 /// One row of [`catalog_query`]: oid, attnum, schema, table, column (text format).

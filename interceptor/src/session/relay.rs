@@ -316,8 +316,13 @@ async fn client_to_upstream(
                     }
                     let sub = match verdict {
                         Verdict::Forward { record } => {
+                            // Tracked either way: a refused rewrite is this statement's outcome.
+                            let new = rewrite(shared, sql).await;
                             track(shared, batch, Kind::Simple, record);
-                            None
+                            match new {
+                                Ok(new) => new.map(|sql| message::query(&sql)),
+                                Err(err) => Some(refuse(shared, batch, err, false)),
+                            }
                         }
                         Verdict::Refuse(err) => Some(refuse(shared, batch, err, false)),
                         Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), false)),
@@ -329,7 +334,10 @@ async fn client_to_upstream(
                     let p = message::decode_parse(f.body)
                         .map_err(|e| RelayError::Protocol(e.to_string()))?;
                     match gate.parse(p.statement, p.sql, shared.lex()).await {
-                        Verdict::Forward { .. } => None,
+                        Verdict::Forward { .. } => match rewrite(shared, p.sql).await {
+                            Ok(new) => new.map(|sql| super::masking::reparse(&p, &sql)),
+                            Err(err) => Some(refuse(shared, batch, err, true)),
+                        },
                         Verdict::Refuse(err) => Some(refuse(shared, batch, err, true)),
                         Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), true)),
                     }
@@ -503,6 +511,14 @@ fn track(shared: &Shared, batch: u64, kind: Kind, record: Option<crate::audit::R
         outcome: Outcome::default(),
         cut: Cut::Within,
     });
+}
+
+/// The statement rewritten for column masking (`None`: forward it as it is).
+async fn rewrite(shared: &Shared, sql: &str) -> Result<Option<String>, PgError> {
+    match &shared.mask {
+        Some(m) => m.rewrite(sql).await,
+        None => Ok(None),
+    }
 }
 
 /// Registers a refusal and returns the message that makes PostgreSQL fail in its place.
