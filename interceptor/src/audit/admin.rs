@@ -130,7 +130,7 @@ pub fn handle(target: &Target<'_>, req: AdminRequest) -> Result<serde_json::Valu
                     store,
                     given.as_ref().or(log.verifying_key()),
                     VerifyMode::Live {
-                        head: log.committed_head(),
+                        head: log.visible_head(),
                     },
                 )?,
                 Target::Offline { key, .. } => {

@@ -21,6 +21,7 @@ use ed25519_dalek::SigningKey;
 use super::AuditError;
 use super::record::{Record, RecordId, SessionId, Timestamp};
 use super::retention::{self, RetentionPolicy, RetentionReport};
+use super::signing::Mark;
 use super::store::{SessionSummary, Store};
 use super::wal;
 use super::writer::{Shared, Waiter};
@@ -37,6 +38,8 @@ pub(crate) enum StoreJob {
     Apply {
         pairs: Vec<(Vec<u8>, Vec<u8>)>,
         records: Vec<Record>,
+        /// The head mark among `pairs` (of the last commit handed over).
+        head: Option<Mark>,
     },
     /// Flush and sync sled's files, then delete the write-ahead segments numbered `upto` and
     /// below (every frame in them was applied before this job).
@@ -197,12 +200,15 @@ impl Worker {
     fn run_jobs(&mut self, jobs: Vec<StoreJob>, h: &Handoff) {
         let mut pairs = Vec::new();
         let mut records = Vec::new();
+        let mut head = None;
         for job in jobs {
             match job {
                 StoreJob::Apply {
                     pairs: p,
                     records: r,
+                    head: h,
                 } => {
+                    head = h.or(head);
                     if pairs.is_empty() {
                         pairs = p;
                     } else {
@@ -215,18 +221,19 @@ impl Worker {
                     }
                 }
                 other => {
-                    self.apply(&mut pairs, &mut records, h);
+                    self.apply(&mut pairs, &mut records, head.take(), h);
                     self.other(other);
                 }
             }
         }
-        self.apply(&mut pairs, &mut records, h);
+        self.apply(&mut pairs, &mut records, head, h);
     }
 
     fn apply(
         &mut self,
         pairs: &mut Vec<(Vec<u8>, Vec<u8>)>,
         records: &mut Vec<Record>,
+        head: Option<Mark>,
         h: &Handoff,
     ) {
         if records.is_empty() && pairs.is_empty() {
@@ -240,7 +247,12 @@ impl Worker {
             }
             // Records, head and checkpoint of many commits appear together or not at all.
             match self.store.log.apply_batch(batch) {
-                Ok(()) => self.index(records),
+                Ok(()) => {
+                    if head.is_some() {
+                        self.shared.set_visible(head);
+                    }
+                    self.index(records);
+                }
                 Err(e) => self.fail(e.into()),
             }
         }

@@ -222,9 +222,15 @@ impl AuditLog {
         AuditHealth { queued, failed }
     }
 
-    /// The head as of the last completed commit.
+    /// The head as of the last completed commit (durable in the write-ahead segment).
     pub fn committed_head(&self) -> Option<Mark> {
         self.inner.shared.committed_head()
+    }
+
+    /// The head of the last commit [`AuditLog::store`] holds: what a live verify checks up to
+    /// (sled follows the segments, so this may trail [`AuditLog::committed_head`]).
+    pub fn visible_head(&self) -> Option<Mark> {
+        self.inner.shared.visible_head()
     }
 
     /// Applies retention now (the writer also does so hourly). Blocks until done.

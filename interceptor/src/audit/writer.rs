@@ -82,6 +82,8 @@ pub(crate) struct Shared {
     wake: Condvar,
     pub(crate) syncs: AtomicU64,
     committed: Mutex<Option<Mark>>,
+    /// The head of the last commit sled holds (set by the store thread).
+    visible: Mutex<Option<Mark>>,
 }
 
 fn poisoned() -> AuditError {
@@ -103,6 +105,7 @@ impl Shared {
             }),
             wake: Condvar::new(),
             syncs: AtomicU64::new(0),
+            visible: Mutex::new(head.clone()),
             committed: Mutex::new(head),
         }
     }
@@ -191,6 +194,16 @@ impl Shared {
 
     pub(crate) fn committed_head(&self) -> Option<Mark> {
         self.committed.lock().ok().and_then(|h| h.clone())
+    }
+
+    pub(crate) fn visible_head(&self) -> Option<Mark> {
+        self.visible.lock().ok().and_then(|h| h.clone())
+    }
+
+    pub(crate) fn set_visible(&self, head: Option<Mark>) {
+        if let Ok(mut v) = self.visible.lock() {
+            *v = head;
+        }
     }
 
     pub(crate) fn fail(&self, message: &str) {
@@ -489,6 +502,7 @@ impl Writer {
         let job = StoreJob::Apply {
             pairs: std::mem::take(&mut self.unapplied_pairs),
             records: std::mem::take(&mut self.unapplied),
+            head: self.head.clone(),
         };
         if let Err(e) = applier.send(job) {
             tracing::error!(error = %e, "audit store thread gone; refusing further appends");
