@@ -71,11 +71,50 @@ pub struct ConnInfo {
     pub dst: [u32; 4],
     pub dport: u16,
     pub family: u16,
-    pub pad: u32,
+    /// `CONN_*` bits.
+    pub flags: u32,
+    /// The thread group leader's command name (io_uring workers and other threads report their
+    /// process's name, not their own).
     pub comm: [u8; 16],
+    /// The executable of the connecting process (`current->mm->exe_file`): its inode number and
+    /// its filesystem's device in the kernel's internal encoding (major << 20 | minor). Only
+    /// meaningful with `CONN_EXE` set.
+    pub exe_ino: u64,
+    pub exe_dev: u32,
+    pub pad: u32,
 }
+
+/// `ConnInfo::flags`: the kernel read the executable's device and inode.
+pub const CONN_EXE: u32 = 1;
+
+/// Indexes into the `IC_TASK_OFFSETS` global of the eBPF object: byte offsets of the kernel
+/// structure members the connect programs follow from the current task to its executable. Rust
+/// eBPF programs have no CO-RE relocations, so user space reads them from the kernel's BTF
+/// (`/sys/kernel/btf/vmlinux`) and sets the global before loading; `OFF_VALID` = 0 (the default)
+/// leaves the executable unrecorded.
+pub const OFF_VALID: usize = 0;
+/// `task_struct.mm`
+pub const OFF_TASK_MM: usize = 1;
+/// `task_struct.group_leader`
+pub const OFF_TASK_GROUP_LEADER: usize = 2;
+/// `task_struct.comm`
+pub const OFF_TASK_COMM: usize = 3;
+/// `mm_struct.exe_file`
+pub const OFF_MM_EXE_FILE: usize = 4;
+/// `file.f_inode`
+pub const OFF_FILE_INODE: usize = 5;
+/// `inode.i_ino`
+pub const OFF_INODE_INO: usize = 6;
+/// `inode.i_sb`
+pub const OFF_INODE_SB: usize = 7;
+/// `super_block.s_dev`
+pub const OFF_SB_DEV: usize = 8;
+/// Length of `IC_TASK_OFFSETS`.
+pub const OFF_SLOTS: usize = 9;
+/// The global's symbol name.
+pub const TASK_OFFSETS_SYMBOL: &str = "IC_TASK_OFFSETS";
 
 // No implicit padding on either side (the `pad` fields are explicit), so every bit pattern is
 // valid and the kernel and user-space views agree.
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
-const _: () = assert!(core::mem::size_of::<ConnInfo>() == 80);
+const _: () = assert!(core::mem::size_of::<ConnInfo>() == 96);

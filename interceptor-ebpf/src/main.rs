@@ -4,7 +4,10 @@
 //!   assigned to interceptor's listener from `IC_SOCKETS` (index 0 IPv4, 1 IPv6). No listener means
 //!   the connection is dropped (the client sees a refusal): steering fails closed.
 //! * `ic_connect4` / `ic_connect6` (cgroup sock_addr): record who connects (pid, uid, gid, comm,
-//!   cgroup, netns) under the socket cookie.
+//!   cgroup, netns, and the device and inode of the process's executable) under the socket
+//!   cookie. The executable is read from `current->mm->exe_file` with member offsets user space
+//!   took from the kernel's BTF (`IC_TASK_OFFSETS`): it is the program that called connect(),
+//!   whatever the process execs or whoever holds the socket later.
 //! * `ic_sock_ops` (cgroup sock_ops): when the client sends its SYN, re-key that record by the
 //!   connection's 4-tuple so the accepting side can find it; remove it when the socket closes.
 //!   (Not later, at ESTABLISHED: with TCP Fast Open the server may accept the connection as soon
@@ -20,8 +23,11 @@ use aya_ebpf::{
     EbpfContext,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid,
-        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+        bpf_get_current_uid_gid, bpf_probe_read_kernel,
+        generated::{
+            bpf_get_current_task, bpf_get_netns_cookie, bpf_get_socket_cookie,
+            bpf_ktime_get_boot_ns,
+        },
     },
     macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockMap},
@@ -29,8 +35,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use interceptor_common::{
-    CNT_DROPPED, CNT_EXEMPTED, CNT_IDENTIFIED, CNT_RECORDED, CNT_SLOTS, CNT_STEERED, ConnInfo,
-    FlowKey, PORT_IDENTIFY, PORT_STEER, SLOT_V4, SLOT_V6,
+    CNT_DROPPED, CNT_EXEMPTED, CNT_IDENTIFIED, CNT_RECORDED, CNT_SLOTS, CNT_STEERED, CONN_EXE,
+    ConnInfo, FlowKey, OFF_FILE_INODE, OFF_INODE_INO, OFF_INODE_SB, OFF_MM_EXE_FILE, OFF_SB_DEV,
+    OFF_SLOTS, OFF_TASK_COMM, OFF_TASK_GROUP_LEADER, OFF_TASK_MM, OFF_VALID, PORT_IDENTIFY,
+    PORT_STEER, SLOT_V4, SLOT_V6,
 };
 
 const AF_INET: u32 = 2;
@@ -67,6 +75,54 @@ static IC_EXEMPT_FL: HashMap<FlowKey, u64> = HashMap::pinned(4096, 0);
 
 #[map(name = "IC_COUNTERS")]
 static IC_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(CNT_SLOTS, 0);
+
+/// Kernel structure member offsets, set by user space at load time (see `OFF_*`). All zero: the
+/// executable is not recorded.
+#[unsafe(no_mangle)]
+static IC_TASK_OFFSETS: [u32; OFF_SLOTS] = [0; OFF_SLOTS];
+
+#[inline(always)]
+fn offset(i: usize) -> usize {
+    // Volatile: the value is patched into the object after compilation.
+    unsafe { core::ptr::read_volatile(&IC_TASK_OFFSETS[i]) as usize }
+}
+
+#[inline(always)]
+unsafe fn read_at<T>(base: *const u8, off: usize) -> Option<T> {
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off).cast::<T>()) }.ok()
+}
+
+/// The current process's executable (device, inode) and its thread group leader's comm.
+#[inline(always)]
+fn current_exe() -> Option<(u32, u64, [u8; 16])> {
+    if offset(OFF_VALID) == 0 {
+        return None;
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    unsafe {
+        let leader: *const u8 = read_at(task, offset(OFF_TASK_GROUP_LEADER))?;
+        let comm: [u8; 16] = read_at(leader, offset(OFF_TASK_COMM))?;
+        let mm: *const u8 = read_at(task, offset(OFF_TASK_MM))?;
+        if mm.is_null() {
+            return None;
+        }
+        let file: *const u8 = read_at(mm, offset(OFF_MM_EXE_FILE))?;
+        if file.is_null() {
+            return None;
+        }
+        let inode: *const u8 = read_at(file, offset(OFF_FILE_INODE))?;
+        if inode.is_null() {
+            return None;
+        }
+        let ino: u64 = read_at(inode, offset(OFF_INODE_INO))?;
+        let sb: *const u8 = read_at(inode, offset(OFF_INODE_SB))?;
+        if sb.is_null() {
+            return None;
+        }
+        let dev: u32 = read_at(sb, offset(OFF_SB_DEV))?;
+        Some((dev, ino, comm))
+    }
+}
 
 #[inline(always)]
 fn count(slot: u32) {
@@ -199,6 +255,10 @@ fn record_connect(ctx: &SockAddrContext, v6: bool) {
     };
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
+    let (flags, exe_dev, exe_ino, comm) = match current_exe() {
+        Some((dev, ino, comm)) => (CONN_EXE, dev, ino, comm),
+        None => (0, 0, 0, bpf_get_current_comm().unwrap_or([0u8; 16])),
+    };
     let info = ConnInfo {
         pid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
@@ -210,8 +270,11 @@ fn record_connect(ctx: &SockAddrContext, v6: bool) {
         dst,
         dport: port,
         family: if v6 { AF_INET6 as u16 } else { AF_INET as u16 },
+        flags,
+        comm,
+        exe_ino,
+        exe_dev,
         pad: 0,
-        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
     };
     if IC_CONNECTS.insert(&cookie, &info, 0).is_ok() {
         count(CNT_RECORDED);

@@ -131,7 +131,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ebpf(cmd) => {
-            interceptor::ebpf::run_command(&cmd, &mut std::io::stdout().lock())?;
+            // A plain message and a failing exit, no backtrace: these are operator errors
+            // (permissions, a wrong pin dir), not bugs.
+            if let Err(e) = interceptor::ebpf::run_command(&cmd, &mut std::io::stdout().lock()) {
+                eprintln!("interceptor ebpf: {e}");
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Doctor { config } => {

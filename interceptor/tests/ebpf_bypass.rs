@@ -780,3 +780,320 @@ fn bypass_battery() {
         "{identities:?}"
     );
 }
+
+/// Runs this test binary's `helper` as root inside `cgroup` with `env`; returns the text after
+/// `marker` on the helper's report line.
+fn run_helper(helper: &str, env: &[(&str, String)], marker: &str, cgroup: &Cgroup) -> String {
+    let procs_fd = cgroup.procs.as_raw_fd();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--ignored",
+        "--exact",
+        helper,
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let out = wait_output(cmd.spawn().unwrap(), helper);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| Some(l[l.find(marker)? + marker.len()..].trim().to_owned()))
+        .unwrap_or_else(|| {
+            panic!(
+                "{helper}: no report:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+fn interceptor_with(pg: &PgCluster, ebpf: &str, policy: Option<String>) -> Interceptor {
+    let mut setup =
+        InterceptorSetup::new(pg).identity(ALICE, ALICE_PASSWORD, &["dev"], Some(APP_RO));
+    setup = match policy {
+        Some(p) => setup.policy_file("process.toml", &p),
+        None => setup.allow_all_policies(),
+    };
+    let proxy = Interceptor::start(setup.extra_toml(ebpf)).unwrap();
+    wait_until_ready(&proxy, 1);
+    proxy
+}
+
+fn ebpf_toml(port: u16, cgroup: &Cgroup, pin: &PinDir, on_existing: &str) -> String {
+    format!(
+        "[ebpf]\nenabled = true\nports = [{port}]\ncgroup = {cg:?}\npin_dir = {pin:?}\non_existing = \"{on_existing}\"\n",
+        cg = cgroup.path.display().to_string(),
+        pin = pin.0.display().to_string(),
+    )
+}
+
+/// A connection opened straight to PostgreSQL before interceptor attached is not steered (it
+/// predates the programs): interceptor must name it at start-up, and with
+/// `on_existing = "terminate"` close it, so that the client's next connection lands in
+/// interceptor. A unix-socket connection cannot be destroyed by the kernel: it is named with its
+/// `pg_terminate_backend` call.
+#[test]
+fn connection_held_open_across_attach() {
+    if !bpf_available("connection_held_open_across_attach") {
+        return;
+    }
+    let net = Net::new();
+    let _in_host = InNetNs::enter(&net.host);
+    let cgroup = Cgroup::new();
+    let pin = PinDir::new();
+    let pg = PgCluster::start_with(PgOptions::default().log_connections(true)).unwrap();
+    let port = pg.port();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let query = |c: &tokio_postgres::Client, sql: &str| {
+        rt.block_on(c.simple_query(sql)).map(|m| {
+            m.iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                    _ => None,
+                })
+                .unwrap_or_default()
+        })
+    };
+    const WHO: &str =
+        "SELECT pg_backend_pid() || ' ' || coalesce(host(inet_client_addr()), 'local')";
+    let direct = interceptor_tests::ConnParams::new("127.0.0.1", port, APP_RO, pg.password(APP_RO));
+    let held_tcp = rt.block_on(direct.connect()).unwrap();
+    let held_unix = rt.block_on(pg.superuser_params().connect()).unwrap();
+    let tcp_backend = query(&held_tcp, WHO).unwrap();
+    assert!(tcp_backend.ends_with(" 127.0.0.1"), "{tcp_backend}");
+    let unix_backend = query(&held_unix, WHO).unwrap();
+    let unix_backend = unix_backend.split(' ').next().unwrap().to_owned();
+    let me = format!("pid {} (", std::process::id());
+
+    // warn: named in the log, and (which is why) still served directly by PostgreSQL.
+    let mut proxy = interceptor_with(&pg, &ebpf_toml(port, &cgroup, &pin, "warn"), None);
+    let logs = proxy.logs();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("predates interceptor"))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("-> 127.0.0.1:{port}")) && l.contains(&me)),
+        "the held TCP connection must be named with its process:\n{logs}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("unix ") && l.contains(&me)),
+        "the held unix connection must be named with its process:\n{logs}"
+    );
+    assert!(
+        logs.contains(&format!("pg_terminate_backend({unix_backend})")),
+        "{logs}"
+    );
+    assert_eq!(
+        query(&held_tcp, WHO).unwrap(),
+        tcp_backend,
+        "warn must keep it"
+    );
+    proxy.kill9();
+
+    // terminate: the TCP one is closed by the kernel; its next attempt lands in interceptor.
+    let proxy = interceptor_with(&pg, &ebpf_toml(port, &cgroup, &pin, "terminate"), None);
+    let logs = proxy.logs();
+    assert!(
+        logs.lines().any(
+            |l| l.contains("closed a connection to PostgreSQL that predates")
+                && l.contains(&me)
+                && l.contains(&format!("-> 127.0.0.1:{port}"))
+        ),
+        "{logs}"
+    );
+    assert!(
+        query(&held_tcp, WHO).is_err(),
+        "the held TCP connection must be closed"
+    );
+    let run = psql(
+        &Attempt {
+            label: "reconnect-after-terminate".into(),
+            netns: &net.host,
+            uid: NOBODY,
+            host: "127.0.0.1".into(),
+            port,
+        },
+        &cgroup,
+    );
+    assert_served_via_interceptor(&run, "reconnect after terminate");
+    // The unix one is still there, named with the call that ends it.
+    assert!(query(&held_unix, "SELECT 1").is_ok());
+    assert!(
+        logs.contains(&format!("pg_terminate_backend({unix_backend})")),
+        "{logs}"
+    );
+    drop(proxy);
+}
+
+/// Not a test: opens a TCP Fast Open socket, forks; the child names itself `sleep`, calls
+/// connect() (no SYN leaves yet) and execs /usr/bin/sleep, while this process keeps the socket
+/// and logs in over it. Reports `BORROW ok <client addr PostgreSQL sees>` or
+/// `BORROW refused <error>`.
+#[test]
+#[ignore = "helper process started by exec_after_fast_open_connect"]
+fn helper_exec_borrow() {
+    let Ok(addr) = std::env::var("IC_TFO_ADDR") else {
+        panic!("helper started without its environment");
+    };
+    let addr: SocketAddr = addr.parse().unwrap();
+    let SocketAddr::V4(a) = addr else {
+        panic!("IPv4 only")
+    };
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0);
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN_CONNECT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let path = c"/usr/bin/sleep";
+    let arg1 = c"30";
+    let argv = [path.as_ptr(), arg1.as_ptr(), std::ptr::null()];
+    // Only async-signal-safe calls in the child.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, c"sleep".as_ptr());
+            let rc = libc::connect(
+                fd,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of_val(&sa) as libc::socklen_t,
+            );
+            if rc != 0 {
+                libc::_exit(3);
+            }
+            libc::execv(path.as_ptr(), argv.as_ptr());
+            libc::_exit(4);
+        }
+    }
+    assert!(child > 0);
+    // Wait for the exec: from now on /proc says the connecting pid runs /usr/bin/sleep.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_link(format!("/proc/{child}/exe"))
+        .ok()
+        .as_deref()
+        != Some(std::path::Path::new("/usr/bin/sleep"))
+    {
+        assert!(std::time::Instant::now() < deadline, "child did not exec");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stream = std::net::TcpStream::from(sock);
+    stream.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let report = rt.block_on(async {
+        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.user(ALICE)
+            .password(ALICE_PASSWORD)
+            .dbname(APP_DB)
+            .application_name("exec-borrow");
+        match cfg.connect_raw(stream, tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(conn);
+                let rows = client
+                    .simple_query("SELECT coalesce(host(inet_client_addr()), 'local')")
+                    .await;
+                format!("ok {rows:?}")
+            }
+            Err(e) => format!("refused {e}"),
+        }
+    });
+    unsafe { libc::kill(child, libc::SIGKILL) };
+    println!("BORROW {report}");
+}
+
+/// The borrowed executable: a process named like the allowed program connects with TCP Fast Open
+/// semantics (no SYN yet), execs the allowed program, and its parent speaks the protocol over the
+/// socket. Under a policy that admits only `/usr/bin/sleep` and psql by executable, psql is
+/// admitted and the borrowed socket is refused: the kernel recorded the executable that called
+/// connect(), which is not /usr/bin/sleep.
+#[test]
+fn exec_after_fast_open_connect() {
+    if !bpf_available("exec_after_fast_open_connect") {
+        return;
+    }
+    let net = Net::new();
+    let _in_host = InNetNs::enter(&net.host);
+    let cgroup = Cgroup::new();
+    let pin = PinDir::new();
+    let pg = PgCluster::start_with(PgOptions::default().log_connections(true)).unwrap();
+    let port = pg.port();
+    let policy = format!(
+        "[policy]\nname = \"by-exe\"\n\n[identities]\nsubjects = [{ALICE:?}]\n\n\
+         [identities.process]\nexes = [\"/usr/bin/sleep\", {psql:?}]\n\n\
+         [login]\nupstream_role = {APP_RO:?}\ndatabases = [\"*\"]\n\n\
+         [[rule]]\nname = \"reads\"\ndecision = \"allow\"\nkinds = [\"any\"]\n",
+        psql = psql_exe(),
+    );
+    let proxy = interceptor_with(&pg, &ebpf_toml(port, &cgroup, &pin, "warn"), Some(policy));
+
+    // Control: the allowed program itself is admitted by its executable.
+    let run = psql(
+        &Attempt {
+            label: "exe-allowed-psql".into(),
+            netns: &net.host,
+            uid: NOBODY,
+            host: "127.0.0.1".into(),
+            port,
+        },
+        &cgroup,
+    );
+    assert_served_via_interceptor(&run, "psql under an exes policy");
+
+    let report = run_helper(
+        "helper_exec_borrow",
+        &[("IC_TFO_ADDR", format!("127.0.0.1:{port}"))],
+        "BORROW ",
+        &cgroup,
+    );
+    assert!(
+        report.starts_with("refused"),
+        "a socket connected by another program was admitted as /usr/bin/sleep: {report}\n{}",
+        proxy.logs()
+    );
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("runs another program than the one that called connect()"),
+        "{logs}"
+    );
+    let bypassed: Vec<_> = pg_connections(&pg)
+        .into_iter()
+        .filter(|(_, h)| h != "[local]")
+        .collect();
+    assert!(bypassed.is_empty(), "{bypassed:?}");
+}

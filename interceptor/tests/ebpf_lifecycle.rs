@@ -38,6 +38,7 @@ fn helper_interceptor_process() {
         ports: vec![PROTECTED],
         cgroup: Some(PathBuf::from(cgroup)),
         pin_dir: PathBuf::from(pin),
+        ..SteeringConfig::default()
     };
     let steering = Steering::attach(&cfg, &fds(&[&v4, &v6])).unwrap();
     println!("READY");
@@ -155,6 +156,7 @@ fn crash_refuses_restart_readopts_detach_uninstalls() {
             ports: vec![PROTECTED],
             cgroup: Some(cgroup.path.clone()),
             pin_dir: pin.0.clone(),
+            ..SteeringConfig::default()
         };
         Steering::attach(&cfg, &fds(&[&v4, &v6])).unwrap()
     };

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use super::{DEFAULT_PIN_DIR, EbpfError, detach, status};
+use super::{DEFAULT_PIN_DIR, Detached, EbpfError, detach, status};
 
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum EbpfCommand {
@@ -19,9 +19,30 @@ pub enum EbpfCommand {
     /// Detach the kernel programs and remove their pins (uninstall). Connections to the protected
     /// ports then reach whatever listens on them.
     Detach {
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
+        /// bpffs directory holding interceptor's pins (default: the config's `[ebpf] pin_dir`,
+        /// else /sys/fs/bpf/interceptor).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// The daemon's configuration file: its `[ebpf] pin_dir` is used.
+        #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
+        config: Option<PathBuf>,
     },
+}
+
+/// The pin directory `detach` works on: `--pin-dir`, else the config's, else the default.
+fn detach_pin_dir(
+    pin_dir: &Option<PathBuf>,
+    config: &Option<PathBuf>,
+) -> Result<PathBuf, EbpfError> {
+    if let Some(p) = pin_dir {
+        return Ok(p.clone());
+    }
+    match config {
+        Some(c) => crate::config::Config::load(c)
+            .map(|c| c.ebpf.pin_dir)
+            .map_err(|e| EbpfError::Config(format!("{}: {e}", c.display()))),
+        None => Ok(PathBuf::from(DEFAULT_PIN_DIR)),
+    }
 }
 
 pub fn run_command(cmd: &EbpfCommand, out: &mut dyn Write) -> Result<(), EbpfError> {
@@ -65,9 +86,21 @@ pub fn run_command(cmd: &EbpfCommand, out: &mut dyn Write) -> Result<(), EbpfErr
             )
             .map_err(w)?;
         }
-        EbpfCommand::Detach { pin_dir } => {
-            detach(pin_dir)?;
-            writeln!(out, "detached; removed pins under {}", pin_dir.display()).map_err(w)?;
+        EbpfCommand::Detach { pin_dir, config } => {
+            let pin_dir = detach_pin_dir(pin_dir, config)?;
+            match detach(&pin_dir)? {
+                Detached::Nothing => writeln!(
+                    out,
+                    "nothing attached under {}: no pins to remove",
+                    pin_dir.display()
+                ),
+                Detached::Links(n) => writeln!(
+                    out,
+                    "detached {n} program link(s); removed the pins under {}",
+                    pin_dir.display()
+                ),
+            }
+            .map_err(w)?;
         }
     }
     Ok(())
@@ -99,10 +132,38 @@ mod tests {
         assert_eq!(
             cli.cmd,
             EbpfCommand::Detach {
-                pin_dir: PathBuf::from(DEFAULT_PIN_DIR)
+                pin_dir: None,
+                config: None
             }
         );
-        // Detaching nothing succeeds.
-        run_command(&EbpfCommand::Detach { pin_dir: pin }, &mut Vec::new()).unwrap();
+        // Detaching nothing succeeds and says so.
+        let mut out = Vec::new();
+        let cmd = EbpfCommand::Detach {
+            pin_dir: Some(pin),
+            config: None,
+        };
+        run_command(&cmd, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("nothing attached"), "{text}");
+
+        // The config's pin dir is the one used.
+        let cfg = dir.path().join("c.toml");
+        let example =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../interceptor.example.toml");
+        let text = std::fs::read_to_string(example).unwrap();
+        let text = text.replace(
+            "pin_dir = \"/sys/fs/bpf/interceptor\"",
+            "pin_dir = \"/sys/fs/bpf/elsewhere\"",
+        );
+        assert!(text.contains("/sys/fs/bpf/elsewhere"));
+        std::fs::write(&cfg, text).unwrap();
+        assert_eq!(
+            detach_pin_dir(&None, &Some(cfg.clone())).unwrap(),
+            PathBuf::from("/sys/fs/bpf/elsewhere")
+        );
+        assert_eq!(
+            detach_pin_dir(&Some(PathBuf::from("/x")), &Some(cfg)).unwrap(),
+            PathBuf::from("/x")
+        );
     }
 }

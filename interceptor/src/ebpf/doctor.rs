@@ -78,9 +78,10 @@ pub fn doctor() -> Vec<Finding> {
 pub fn doctor_with(cfg: &SteeringConfig, proxy: Option<Account>) -> Vec<Finding> {
     let mut out = Vec::new();
     kernel_support(&mut out);
-    mounts(&mut out);
+    mounts(cfg, &mut out);
     let steered = attachment(cfg, &mut out);
     postgres_listeners(&steered, proxy, &mut out);
+    existing_connections(cfg, &mut out);
     out.push(Finding::new(
         Severity::Info,
         "bypass",
@@ -150,7 +151,35 @@ fn kernel_support(out: &mut Vec<Finding>) {
     });
 }
 
-fn mounts(out: &mut Vec<Finding>) {
+/// Connections to PostgreSQL that do not go through interceptor (they predate steering).
+fn existing_connections(cfg: &SteeringConfig, out: &mut Vec<Finding>) {
+    let found = super::existing::find(&cfg.ports);
+    for c in &found {
+        out.push(Finding::new(
+            Severity::Warn,
+            "existing connection",
+            format!("bypasses interceptor until it reconnects: {c}"),
+        ));
+    }
+    if !found.is_empty() {
+        out.push(Finding::new(
+            Severity::Warn,
+            "existing connection",
+            format!(
+                "to close them: `[ebpf] on_existing = \"terminate\"` at the next start (TCP), \
+                 or as a PostgreSQL superuser: {}",
+                super::existing::terminate_sql(&found)
+            ),
+        ));
+    }
+}
+
+/// The nearest existing directory at or above `path`.
+fn existing_ancestor(path: &Path) -> Option<&Path> {
+    path.ancestors().find(|p| p.exists())
+}
+
+fn mounts(cfg: &SteeringConfig, out: &mut Vec<Finding>) {
     let cg = sys::cgroup2_mounts();
     out.push(match cg.first() {
         Some(p) => Finding::new(
@@ -164,14 +193,28 @@ fn mounts(out: &mut Vec<Finding>) {
             "not mounted; attach will mount it at /sys/fs/cgroup/unified",
         ),
     });
-    out.push(if sys::is_bpffs(Path::new("/sys/fs/bpf")) {
-        Finding::new(Severity::Ok, "bpffs", "mounted at /sys/fs/bpf")
-    } else {
-        Finding::new(
+    // The pin dir (or, before the first attach, the directory it will be created in) must be on
+    // a bpffs mount, wherever that is mounted.
+    let pin = &cfg.pin_dir;
+    out.push(match existing_ancestor(pin) {
+        Some(at) if sys::is_bpffs(at) => Finding::new(
+            Severity::Ok,
+            "bpffs",
+            format!("pin dir {} is on bpffs", pin.display()),
+        ),
+        _ if pin.starts_with("/sys/fs/bpf") => Finding::new(
             Severity::Warn,
             "bpffs",
             "not mounted at /sys/fs/bpf; attach will mount it",
-        )
+        ),
+        _ => Finding::new(
+            Severity::Fail,
+            "bpffs",
+            format!(
+                "pin dir {} is not on a bpffs mount (mount one there: mount -t bpf bpf <dir>)",
+                pin.display()
+            ),
+        ),
     });
 }
 

@@ -35,8 +35,10 @@
 //! `INTERCEPTOR_EBPF_OBJ=<path>`); otherwise [`Steering::attach`] returns
 //! [`EbpfError::NotCompiledIn`].
 
+mod btf;
 mod cli;
 mod doctor;
+pub mod existing;
 mod logger;
 pub mod maps;
 mod process;
@@ -49,7 +51,7 @@ use serde::Deserialize;
 
 pub use cli::{EbpfCommand, run_command};
 pub use doctor::{Account, Finding, Severity, check_unix_socket_dir, doctor, doctor_with};
-pub use steering::{Counters, LinkStatus, Status, Steering, detach, status};
+pub use steering::{Counters, Detached, LinkStatus, Status, Steering, detach, status};
 
 /// Where the links and maps are pinned unless configured otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/interceptor";
@@ -123,6 +125,12 @@ pub struct SteeringConfig {
     /// bpffs directory for the pinned links and maps.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
+    /// What to do at attach time with connections to PostgreSQL that predate steering (they
+    /// bypass interceptor until they reconnect): `warn` logs each one with its process,
+    /// `terminate` also closes the TCP ones (unix-socket ones are listed for
+    /// `pg_terminate_backend`).
+    #[serde(default)]
+    pub on_existing: existing::OnExisting,
 }
 
 impl Default for SteeringConfig {
@@ -132,6 +140,7 @@ impl Default for SteeringConfig {
             ports: default_ports(),
             cgroup: None,
             pin_dir: default_pin_dir(),
+            on_existing: existing::OnExisting::default(),
         }
     }
 }
@@ -183,5 +192,8 @@ mod tests {
         assert_eq!(w.ebpf.ports, vec![5432, 5433]);
         assert!(!w.ebpf.enabled);
         assert!(toml::from_str::<Wrap>("[ebpf]\nport = 1\n").is_err());
+        let w: Wrap = toml::from_str("[ebpf]\non_existing = \"terminate\"\n").unwrap();
+        assert_eq!(w.ebpf.on_existing, existing::OnExisting::Terminate);
+        assert!(toml::from_str::<Wrap>("[ebpf]\non_existing = \"kill\"\n").is_err());
     }
 }

@@ -1,15 +1,23 @@
 //! Turning a kernel connect record into a [`ProcessIdentity`].
 //!
 //! pid, uid, gid, comm and cgroup id come from the kernel at connect() time and are trusted as
-//! they are. The executable and cgroup path are read from /proc at accept time, so they are only
-//! reported when /proc still describes the same process:
+//! they are. So are the device and inode of the executable that called connect() (the connect
+//! programs read `current->mm->exe_file`). The executable's path and the cgroup path are read from
+//! /proc at accept time, and only reported when /proc still describes the same process running the
+//! same program:
 //!
 //! * pid reuse: the process start time in `/proc/<pid>/stat` (CLOCK_BOOTTIME, clock ticks) must not
 //!   be later than the connect time the kernel recorded (also CLOCK_BOOTTIME). A process that took
 //!   the pid over after the connect started later. The stat is read before and after `exe` and the
 //!   two start times must agree, so the exe belongs to the process that was checked. The check has
 //!   clock-tick resolution (10 ms): fooling it needs the pid space to wrap within one tick.
-//! * exec after connect: `/proc/<pid>/comm` must still equal the comm recorded at connect time.
+//! * exec after connect, or the socket handed to another program: `/proc/<pid>/exe` must be the
+//!   file (device and inode) the kernel recorded at connect. If not, no executable is reported
+//!   (an `exes` policy then refuses) and the comm stays the connecting program's. Kernels whose
+//!   BTF lacked the needed members leave the inode unrecorded; then the weaker check applies:
+//!   `/proc/<pid>/comm` must still equal the comm recorded at connect.
+//! * io_uring workers (`iou-wrk-*`, `iou-sqp-*`) are threads of the process that submitted the
+//!   connect: the kernel records that process's pid, its executable and its leader's comm.
 //! * cgroup path: the path from `/proc/<pid>/cgroup` is kept only if that directory's inode is the
 //!   cgroup id the kernel recorded.
 
@@ -22,10 +30,12 @@ use crate::identity::ProcessIdentity;
 pub fn process_identity(info: &ConnInfo, cgroup_root: Option<&Path>) -> ProcessIdentity {
     let comm = info.comm();
     let proc_dir = Path::new("/proc").join(info.pid.to_string());
-    let exe = same_process(info, &comm, &proc_dir, || {
-        std::fs::read_link(proc_dir.join("exe"))
-            .ok()
-            .map(|p| p.to_string_lossy().into_owned())
+    let exe = same_process(info, &proc_dir, || {
+        if info.flags & interceptor_common::CONN_EXE != 0 {
+            exe_if_recorded(info, &proc_dir)
+        } else {
+            exe_if_same_comm(info, &comm, &proc_dir)
+        }
     })
     .flatten();
     let cgroup_path = cgroup_root.and_then(|root| cgroup_path(&proc_dir, root, info.cgroup_id));
@@ -40,26 +50,53 @@ pub fn process_identity(info: &ConnInfo, cgroup_root: Option<&Path>) -> ProcessI
     }
 }
 
-/// Runs `read` if `/proc/<pid>` is (before and after) the process that connected.
-fn same_process<T>(
-    info: &ConnInfo,
-    comm: &str,
-    proc_dir: &Path,
-    read: impl FnOnce() -> T,
-) -> Option<T> {
-    let before = start_time_ns(proc_dir)?;
-    if before > info.boot_ns {
+/// The kernel's `s_dev` encoding (major << 20 | minor) as user space's `st_dev`.
+fn user_dev(kernel_dev: u32) -> u64 {
+    libc::makedev(kernel_dev >> 20, kernel_dev & 0xf_ffff)
+}
+
+/// `/proc/<pid>/exe` if it is the file the kernel recorded at connect.
+fn exe_if_recorded(info: &ConnInfo, proc_dir: &Path) -> Option<String> {
+    let link = proc_dir.join("exe");
+    // The path is read around the stat: a process exec'ing in between shows two paths.
+    let path = std::fs::read_link(&link).ok()?;
+    let meta = std::fs::metadata(&link).ok()?;
+    let again = std::fs::read_link(&link).ok()?;
+    if meta.ino() != info.exe_ino || meta.dev() != user_dev(info.exe_dev) || again != path {
         tracing::warn!(
             pid = info.pid,
-            "pid was reused after connect: not reporting its executable"
+            comm = %info.comm(),
+            now = %path.display(),
+            "the process runs another program than the one that called connect() (exec after \
+             connect, or the socket was handed over): no executable attested"
         );
         return None;
     }
+    Some(path.to_string_lossy().into_owned())
+}
+
+/// The fallback without a recorded inode: `/proc/<pid>/exe` if the comm is unchanged.
+fn exe_if_same_comm(info: &ConnInfo, comm: &str, proc_dir: &Path) -> Option<String> {
     let now_comm = std::fs::read_to_string(proc_dir.join("comm")).ok()?;
     if now_comm.trim_end_matches('\n') != comm {
         tracing::info!(
             pid = info.pid,
             "process changed its command since connect: not reporting its executable"
+        );
+        return None;
+    }
+    std::fs::read_link(proc_dir.join("exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Runs `read` if `/proc/<pid>` is (before and after) the process that connected.
+fn same_process<T>(info: &ConnInfo, proc_dir: &Path, read: impl FnOnce() -> T) -> Option<T> {
+    let before = start_time_ns(proc_dir)?;
+    if before > info.boot_ns {
+        tracing::warn!(
+            pid = info.pid,
+            "pid was reused after connect: not reporting its executable"
         );
         return None;
     }
@@ -138,6 +175,19 @@ mod tests {
         // Another command name than the one recorded: exec happened since connect.
         info.boot_ns = u64::MAX;
         info.comm = *b"not-this-comm\0\0\0";
+        assert_eq!(process_identity(&info, None).exe, None);
+
+        // With the executable recorded, the comm no longer matters but the file does.
+        let meta = std::fs::metadata("/proc/self/exe").unwrap();
+        let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+        info.flags = interceptor_common::CONN_EXE;
+        info.exe_dev = (major << 20) | minor;
+        info.exe_ino = meta.ino();
+        assert_eq!(
+            process_identity(&info, None).exe.as_deref(),
+            Some(&*exe.to_string_lossy())
+        );
+        info.exe_ino += 1;
         assert_eq!(process_identity(&info, None).exe, None);
     }
 }

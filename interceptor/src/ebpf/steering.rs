@@ -89,8 +89,21 @@ impl Steering {
             )));
         }
 
+        drop_incompatible_pins(&pin_dir.join("maps"));
+        // Without the offsets the programs still steer and identify, but cannot record the
+        // executable; process identities then carry no exe (exe-matching policies refuse).
+        let offsets = match super::btf::KernelBtf::from_sys_fs().and_then(|b| b.task_offsets()) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot record executables at connect ({e}): clients get no attested executable"
+                );
+                [0; interceptor_common::OFF_SLOTS]
+            }
+        };
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir.join("maps"))
+            .override_global(interceptor_common::TASK_OFFSETS_SYMBOL, &offsets, true)
             .load(object)
             .map_err(|source| {
                 let pinned = std::fs::read_dir(pin_dir.join("maps"))
@@ -241,6 +254,9 @@ impl Steering {
             pin_dir = %pin_dir.display(),
             "eBPF steering and process identity attached"
         );
+        // Only now: a connection closed before the programs were attached could reconnect
+        // around them.
+        super::existing::handle(&cfg.ports, cfg.on_existing);
         Ok(Steering {
             flows,
             exempt: Mutex::new(exempt),
@@ -298,6 +314,37 @@ impl Steering {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+}
+
+/// Removes pinned maps whose key or value size is not this build's (left by another version of
+/// interceptor): reusing them would silently cut records short. The programs of the older
+/// version keep their own references until their links are replaced.
+fn drop_incompatible_pins(maps_dir: &Path) {
+    let expected = [
+        (maps::CONNECTS, 8, std::mem::size_of::<ConnInfo>()),
+        (
+            maps::FLOWS,
+            std::mem::size_of::<FlowKey>(),
+            std::mem::size_of::<ConnInfo>(),
+        ),
+    ];
+    for (name, key, value) in expected {
+        let path = maps_dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+            continue;
+        };
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            tracing::info!(
+                "replacing the pinned map {} of another layout ({}+{} bytes, now {key}+{value})",
+                path.display(),
+                info.key_size(),
+                info.value_size()
+            );
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!("removing {}: {e}", path.display());
+            }
+        }
     }
 }
 
@@ -444,41 +491,78 @@ pub fn status(pin_dir: &Path) -> Result<Status, EbpfError> {
     })
 }
 
+/// What [`detach`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detached {
+    /// No pins under the directory: nothing was attached there.
+    Nothing,
+    /// This many links were detached and their pins (and the maps') removed.
+    Links(usize),
+}
+
+fn denied(pin_dir: &Path, e: &std::io::Error) -> Option<EbpfError> {
+    matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)).then(|| {
+        EbpfError::Config(format!(
+            "permission denied on {}: detaching needs root (CAP_BPF and CAP_SYS_ADMIN); run it \
+             as root",
+            pin_dir.display()
+        ))
+    })
+}
+
 /// Uninstalls: detaches every pinned link (even if a running interceptor holds it), then removes
 /// the pins. After this, connections to the protected ports reach whatever listens on them.
-pub fn detach(pin_dir: &Path) -> Result<(), EbpfError> {
-    if !pin_dir.exists() {
-        return Ok(());
+pub fn detach(pin_dir: &Path) -> Result<Detached, EbpfError> {
+    let io = |what: String, e: std::io::Error| {
+        denied(pin_dir, &e).unwrap_or_else(|| EbpfError::io(what, e))
+    };
+    // `exists()` would call an unreadable directory absent and report success.
+    match std::fs::symlink_metadata(pin_dir) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Detached::Nothing),
+        Err(e) => return Err(io(format!("inspecting {}", pin_dir.display()), e)),
     }
     let links = pin_dir.join("links");
+    let mut detached = 0;
+    let mut pins = 0;
     for name in LINKS {
         let path = links.join(name);
-        if !path.exists() {
-            continue;
+        match std::fs::symlink_metadata(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(format!("inspecting {}", path.display()), e)),
         }
         // Detach explicitly in case some process still holds the link open; a link whose
         // target is gone (deleted netns or cgroup) refuses this, and removing its pin suffices.
         match sys::obj_get(&path).and_then(|fd| sys::link_detach(fd.as_fd())) {
-            Ok(()) => {}
-            Err(e) => tracing::warn!("BPF_LINK_DETACH {}: {e}", path.display()),
+            Ok(()) => detached += 1,
+            Err(e) => {
+                if let Some(err) = denied(pin_dir, &e) {
+                    return Err(err);
+                }
+                tracing::warn!("BPF_LINK_DETACH {}: {e}", path.display())
+            }
         }
-        std::fs::remove_file(&path)
-            .map_err(|e| EbpfError::io(format!("removing {}", path.display()), e))?;
+        std::fs::remove_file(&path).map_err(|e| io(format!("removing {}", path.display()), e))?;
+        pins += 1;
     }
     for name in maps::PINNED_MAPS {
         let path = pin_dir.join("maps").join(name);
         match std::fs::remove_file(&path) {
-            Ok(()) => {}
+            Ok(()) => pins += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(EbpfError::io(format!("removing {}", path.display()), e)),
+            Err(e) => return Err(io(format!("removing {}", path.display()), e)),
         }
     }
     for dir in [links, pin_dir.join("maps"), pin_dir.to_owned()] {
         // Leave directories holding anything we did not create.
         let _ = std::fs::remove_dir(&dir);
     }
+    if pins == 0 {
+        return Ok(Detached::Nothing);
+    }
     tracing::info!("eBPF steering detached from {}", pin_dir.display());
-    Ok(())
+    Ok(Detached::Links(detached))
 }
 
 // The server shares one `Steering` between connection tasks.

@@ -225,9 +225,225 @@ pub fn listener_info(fd: BorrowedFd<'_>) -> io::Result<(std::net::SocketAddr, bo
     Ok((addr, v6only))
 }
 
+// ---------------------------------------------------------------------------------------------
+// sock_diag (netlink): destroying TCP sockets, unix socket peers
+// ---------------------------------------------------------------------------------------------
+
+const NETLINK_SOCK_DIAG: libc::c_int = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const UDIAG_SHOW_PEER: u32 = 4;
+const UNIX_DIAG_PEER: u16 = 2;
+
+fn netlink_diag() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn nl_request(msg_type: u16, flags: u16, body: &[u8]) -> Vec<u8> {
+    let len = 16 + body.len();
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&msg_type.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    m.extend_from_slice(body);
+    m
+}
+
+fn nl_send(fd: &OwnedFd, msg: &[u8]) -> io::Result<()> {
+    // SAFETY: msg is a valid buffer of the given length.
+    let rc = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn nl_recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is writable for its length.
+    let rc = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc as usize)
+}
+
+fn rd_u16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn rd_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Aborts the TCP socket of this network namespace whose local end is `local` and remote end is
+/// `remote` (SOCK_DESTROY: the peer gets a reset, the owner ECONNABORTED). Needs CAP_NET_ADMIN
+/// and CONFIG_INET_DIAG_DESTROY.
+pub fn sock_destroy(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> io::Result<()> {
+    let v6 = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(a) => a.to_ipv6_mapped(),
+        std::net::IpAddr::V6(a) => a,
+    };
+    // Both ends IPv4: an AF_INET socket, or an AF_INET6 one with mapped addresses (the kernel's
+    // IPv6 lookup handles those). Ask as AF_INET first.
+    let attempts: Vec<u8> = if local.is_ipv4() && remote.is_ipv4() {
+        vec![libc::AF_INET as u8, libc::AF_INET6 as u8]
+    } else {
+        vec![libc::AF_INET6 as u8]
+    };
+    let mut last = io::Error::from_raw_os_error(libc::ENOENT);
+    for family in attempts {
+        // struct inet_diag_req_v2 { u8 family, protocol, ext, pad; u32 states;
+        //   struct inet_diag_sockid { be16 sport, dport; be32 src[4], dst[4]; u32 if; u32 cookie[2]; } }
+        let mut body = vec![family, libc::IPPROTO_TCP as u8, 0, 0];
+        body.extend_from_slice(&u32::MAX.to_ne_bytes());
+        body.extend_from_slice(&local.port().to_be_bytes());
+        body.extend_from_slice(&remote.port().to_be_bytes());
+        for ip in [local.ip(), remote.ip()] {
+            let mut a = [0u8; 16];
+            match (family as i32, ip) {
+                (libc::AF_INET, std::net::IpAddr::V4(v4)) => a[..4].copy_from_slice(&v4.octets()),
+                (_, ip) => a = v6(ip).octets(),
+            }
+            body.extend_from_slice(&a);
+        }
+        body.extend_from_slice(&0u32.to_ne_bytes()); // interface
+        body.extend_from_slice(&u32::MAX.to_ne_bytes()); // INET_DIAG_NOCOOKIE
+        body.extend_from_slice(&u32::MAX.to_ne_bytes());
+        let fd = netlink_diag()?;
+        nl_send(
+            &fd,
+            &nl_request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &body),
+        )?;
+        let mut buf = [0u8; 4096];
+        let n = nl_recv(&fd, &mut buf)?;
+        let reply = &buf[..n];
+        if rd_u16(reply, 4) != Some(NLMSG_ERROR) {
+            return Err(io::Error::other("unexpected sock_diag reply"));
+        }
+        let errno = rd_u32(reply, 16).map(|e| e as i32).unwrap_or(-libc::EIO);
+        if errno == 0 {
+            return Ok(());
+        }
+        last = io::Error::from_raw_os_error(-errno);
+    }
+    Err(last)
+}
+
+/// Every unix socket of this network namespace with a connected peer: inode -> peer inode.
+pub fn unix_peers() -> io::Result<std::collections::BTreeMap<u64, u64>> {
+    // struct unix_diag_req { u8 family, protocol; u16 pad; u32 states, ino, show; u32 cookie[2]; }
+    let mut body = vec![libc::AF_UNIX as u8, 0, 0, 0];
+    body.extend_from_slice(&u32::MAX.to_ne_bytes());
+    body.extend_from_slice(&0u32.to_ne_bytes());
+    body.extend_from_slice(&UDIAG_SHOW_PEER.to_ne_bytes());
+    body.extend_from_slice(&[0u8; 8]);
+    let fd = netlink_diag()?;
+    nl_send(
+        &fd,
+        &nl_request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &body),
+    )?;
+    let mut peers = std::collections::BTreeMap::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = nl_recv(&fd, &mut buf)?;
+        if n == 0 {
+            return Ok(peers);
+        }
+        let mut at = 0;
+        while at + 16 <= n {
+            let len = rd_u32(&buf, at).unwrap_or(0) as usize;
+            let ty = rd_u16(&buf, at + 4).unwrap_or(0);
+            if len < 16 || at + len > n {
+                return Err(io::Error::other("malformed sock_diag reply"));
+            }
+            match ty {
+                NLMSG_DONE => return Ok(peers),
+                NLMSG_ERROR => {
+                    let errno = rd_u32(&buf, at + 16)
+                        .map(|e| e as i32)
+                        .unwrap_or(-libc::EIO);
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                _ => {}
+            }
+            // struct unix_diag_msg { u8 family, type, state, pad; u32 ino; u32 cookie[2]; }
+            let msg = &buf[at + 16..at + len];
+            if let Some(ino) = rd_u32(msg, 4) {
+                let mut a = 16;
+                while a + 4 <= msg.len() {
+                    let alen = rd_u16(msg, a).unwrap_or(0) as usize;
+                    let aty = rd_u16(msg, a + 2).unwrap_or(0);
+                    if alen < 4 {
+                        break;
+                    }
+                    if aty == UNIX_DIAG_PEER
+                        && let Some(peer) = rd_u32(msg, a + 4)
+                    {
+                        peers.insert(u64::from(ino), u64::from(peer));
+                    }
+                    a += (alen + 3) & !3;
+                }
+            }
+            at += (len + 3) & !3;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sock_destroy_resets_the_peer() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: SOCK_DESTROY skipped");
+            return;
+        }
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, peer) = l.accept().unwrap();
+        sock_destroy(server.local_addr().unwrap(), peer).unwrap();
+        let mut buf = [0u8; 1];
+        let r = client.read(&mut buf);
+        assert!(
+            matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn unix_peers_pair_up() {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let ino = |s: &std::os::unix::net::UnixStream| {
+            let fd = s.as_raw_fd();
+            std::fs::metadata(format!("/proc/self/fd/{fd}"))
+                .unwrap()
+                .ino()
+        };
+        let peers = unix_peers().unwrap();
+        assert_eq!(peers.get(&ino(&a)), Some(&ino(&b)));
+    }
 
     #[test]
     fn mountinfo_escapes() {

@@ -203,6 +203,7 @@ pub fn config(cgroup: &Cgroup, pin: &PinDir) -> SteeringConfig {
         ports: vec![PROTECTED],
         cgroup: Some(cgroup.path.clone()),
         pin_dir: pin.0.clone(),
+        ..SteeringConfig::default()
     }
 }
 
