@@ -67,3 +67,44 @@ fn sessions_expire_and_sign_ins_are_used_once() {
         "a sign-in was redeemed twice"
     );
 }
+
+#[test]
+fn the_console_config_needs_https_tls_and_a_way_to_sign_in() {
+    use crate::config::Config;
+    let base = "[listen]\ntcp=[\"127.0.0.1:1\"]\n[upstream]\nhost=\"/tmp\"\n[audit]\ndir=\"/tmp/a\"\n\
+                [tls]\ncert=\"/c\"\nkey=\"/k\"\n\
+                [oidc]\nissuer=\"https://idp.example\"\naudience=[\"console\"]\n\
+                [approvals]\ndir=\"/tmp/ap\"\nhttp_listen=\"127.0.0.1:7070\"\n";
+    let err = |extra: &str| {
+        Config::parse(&format!("{base}{extra}"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        err("[console]\npublic_url=\"https://db:7070\"\nclient_id=\"console\"\n"),
+        ""
+    );
+    assert!(
+        err("[console]\npublic_url=\"http://db:7070\"\nclient_id=\"console\"\n").contains("https")
+    );
+    assert!(
+        err("[console]\npublic_url=\"https://db:7070\"\nclient_id=\"other\"\n")
+            .contains("audience")
+    );
+    assert!(err("[console]\npublic_url=\"https://db:7070\"\n").contains("sign in"));
+    let no_tls = base
+        .replace("[tls]\ncert=\"/c\"\nkey=\"/k\"\n", "")
+        .replace(
+            "[oidc]\nissuer=\"https://idp.example\"\naudience=[\"console\"]\n",
+            "",
+        );
+    assert!(
+        Config::parse(&format!(
+            "{no_tls}[console]\npublic_url=\"https://db:7070\"\n"
+        ))
+        .unwrap_err()
+        .to_string()
+        .contains("[tls]")
+    );
+}
