@@ -6,6 +6,7 @@ mod build_ebpf;
 mod cmd;
 mod demo;
 mod harness_env;
+mod package;
 mod setup;
 mod test;
 
@@ -38,6 +39,9 @@ enum Task {
     },
     /// Compare direct PostgreSQL, interceptor and pgbouncer with pgbench and a large stream.
     Bench(bench::BenchArgs),
+    /// Build the Debian package (binary, unit, example config, policies, docs, man pages,
+    /// completions, maintainer scripts) into target/debian.
+    Package(package::PackageArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +52,6 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf { release } => build_ebpf::build(release).map(drop),
         Task::Demo { no_wait } => demo::run(no_wait),
         Task::Bench(args) => bench::run(&args),
+        Task::Package(args) => package::run(&args),
     }
 }
