@@ -29,7 +29,7 @@ if [ "$1" = configure ]; then
         addgroup --system interceptor >/dev/null
     fi
     if ! getent passwd interceptor >/dev/null; then
-        adduser --system --ingroup interceptor --no-create-home --home /var/lib/interceptor \
+        adduser --system --ingroup interceptor --no-create-home --home /nonexistent \
             --shell /usr/sbin/nologin --gecos "interceptor PostgreSQL gateway" interceptor >/dev/null
     fi
     install -d -m 0750 -o root -g interceptor /etc/interceptor
