@@ -82,6 +82,16 @@ enum Command {
         #[command(subcommand)]
         command: Option<interceptor::ops::cli::SessionsCommand>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on standard output.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on standard output, or write one page per command into DIR.
+    Man {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Write, lint, explain and test policy files.
     #[command(subcommand)]
     Policy(interceptor::policy::cli::PolicyCommand),
@@ -175,6 +185,31 @@ fn main() -> anyhow::Result<()> {
             let config =
                 config.context("--config is required (the daemon's configuration file)")?;
             interceptor::ops::cli::run(&config, command, json, &mut std::io::stdout().lock())
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            // Into a buffer: `generate` panics on a write error (e.g. a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "interceptor", &mut script);
+            use std::io::Write;
+            std::io::stdout().write_all(&script)?;
+            Ok(())
+        }
+        Command::Man { dir } => {
+            use clap::CommandFactory;
+            let cmd = Cli::command();
+            match dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    clap_mangen::generate_to(cmd, &dir).with_context(|| {
+                        format!("cannot write man pages into {}", dir.display())
+                    })?;
+                }
+                None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
+            }
+            Ok(())
         }
         Command::HashPassword => {
             let mut pw = String::new();

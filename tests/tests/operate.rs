@@ -175,7 +175,6 @@ fn readiness_metrics_reload_kill_and_graceful_stop() {
         ) > 0.0
     );
     assert_eq!(sample(&after, "interceptor_audit_unwritable"), 0.0);
-
     // Every line of a session names it: JSON lines with the session span (id, identity).
     let logs = proxy.logs();
     let started = logs
@@ -214,6 +213,30 @@ fn readiness_metrics_reload_kill_and_graceful_stop() {
             "interceptor_reloads_total{event=\"ok\"}",
         ) == 1.0
     });
+    let scrape = http_get(metrics_port, "/metrics").1;
+    // The sample dashboard only queries metrics the daemon exposes.
+    let dashboard = std::fs::read_to_string(
+        interceptor_tests::workspace_root().join("deploy/grafana-dashboard.json"),
+    )
+    .unwrap();
+    for name in dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("interceptor_"))
+    {
+        let family = ["_bucket", "_total"]
+            .iter()
+            .fold(name, |n, suffix| n.strip_suffix(suffix).unwrap_or(n));
+        // Families with no sample yet are not exposed: this workload masks nothing and runs
+        // without eBPF.
+        if ["interceptor_masked_values", "interceptor_kernel"].contains(&family) {
+            continue;
+        }
+        assert!(
+            scrape.contains(&format!("# TYPE {family} ")),
+            "the dashboard queries {name}, which the scrape lacks"
+        );
+    }
+
     let logs = proxy.logs();
     let line = logs
         .lines()

@@ -7,6 +7,7 @@ mod cmd;
 mod demo;
 mod differential;
 mod harness_env;
+mod package;
 mod setup;
 mod test;
 
@@ -41,6 +42,9 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Check the policy classifier against PostgreSQL's planner on a generated corpus.
     Differential(differential::DifferentialArgs),
+    /// Build the Debian package (binary, unit, example config, policies, docs, man pages,
+    /// completions, maintainer scripts) into target/debian.
+    Package(package::PackageArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,5 +56,6 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { no_wait } => demo::run(no_wait),
         Task::Bench(args) => bench::run(&args),
         Task::Differential(args) => differential::run(&args),
+        Task::Package(args) => package::run(&args),
     }
 }
