@@ -16,13 +16,19 @@ pub enum Requirement {
     Psql,
     /// pgbouncer, the benchmark's reference pooler.
     Pgbouncer,
+    /// python3 with venv: the client compatibility suite installs psycopg and asyncpg from PyPI.
+    PythonVenv,
+    /// node and npm: the client compatibility suite installs node-postgres from npm.
+    Node,
 }
 
 impl Requirement {
-    pub const ALL: [Requirement; 3] = [
+    pub const ALL: [Requirement; 5] = [
         Requirement::PostgresServer,
         Requirement::Psql,
         Requirement::Pgbouncer,
+        Requirement::PythonVenv,
+        Requirement::Node,
     ];
 
     fn describe(self) -> &'static str {
@@ -30,6 +36,8 @@ impl Requirement {
             Requirement::PostgresServer => "PostgreSQL server binaries (initdb, pg_ctl, pgbench)",
             Requirement::Psql => "psql",
             Requirement::Pgbouncer => "pgbouncer",
+            Requirement::PythonVenv => "python3 with venv (client compatibility suite)",
+            Requirement::Node => "node and npm (client compatibility suite)",
         }
     }
 
@@ -39,6 +47,8 @@ impl Requirement {
             Requirement::PostgresServer => "postgresql",
             Requirement::Psql => "postgresql-client",
             Requirement::Pgbouncer => "pgbouncer",
+            Requirement::PythonVenv => "python3-venv",
+            Requirement::Node => "npm",
         }
     }
 
@@ -53,6 +63,22 @@ impl Requirement {
                         .any(|d| is_executable(&d.join("psql")))
             }
             Requirement::Pgbouncer => is_executable(&root.join("usr/sbin/pgbouncer")),
+            // python3-venv ships ensurepip, which `python3 -m venv` needs.
+            Requirement::PythonVenv => {
+                is_executable(&root.join("usr/bin/python3"))
+                    && std::fs::read_dir(root.join("usr/lib"))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .any(|e| {
+                            e.file_name().to_string_lossy().starts_with("python3")
+                                && e.path().join("ensurepip").is_dir()
+                        })
+            }
+            Requirement::Node => {
+                is_executable(&root.join("usr/bin/node"))
+                    && is_executable(&root.join("usr/bin/npm"))
+            }
         }
     }
 }
@@ -180,6 +206,14 @@ mod tests {
             );
         }
         touch(root.path(), "usr/sbin/pgbouncer", 0o755);
+        for b in [
+            "usr/bin/python3",
+            "usr/lib/python3.11/ensurepip/__init__.py",
+            "usr/bin/node",
+            "usr/bin/npm",
+        ] {
+            touch(root.path(), b, 0o755);
+        }
         assert!(missing(root.path(), &Requirement::ALL).is_empty());
     }
 
@@ -193,7 +227,12 @@ mod tests {
         touch(root.path(), "usr/sbin/pgbouncer", 0o755);
         assert_eq!(
             missing(root.path(), &Requirement::ALL),
-            vec![Requirement::PostgresServer, Requirement::Psql]
+            vec![
+                Requirement::PostgresServer,
+                Requirement::Psql,
+                Requirement::PythonVenv,
+                Requirement::Node
+            ]
         );
     }
 
