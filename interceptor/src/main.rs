@@ -117,7 +117,21 @@ fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
-            interceptor::server::Loaded::load(&c)?;
+            let loaded = interceptor::server::Loaded::load(&c)?;
+            let missing = loaded.roles_without_secret();
+            if !missing.is_empty() {
+                for (policy, role) in &missing {
+                    eprintln!(
+                        "{}: policy {policy:?} logs in as upstream role {role:?}, which has no \
+                         password in the secrets file (add `[roles] {role} = \"...\"` there)",
+                        config.display()
+                    );
+                }
+                anyhow::bail!(
+                    "{} upstream role(s) without a secret; their logins would fail",
+                    missing.len()
+                );
+            }
             println!("{}: ok", config.display());
             Ok(())
         }

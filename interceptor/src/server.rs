@@ -137,6 +137,20 @@ impl Loaded {
     }
 }
 
+impl Loaded {
+    /// Policies whose upstream role has no password in the secrets file (or its environment
+    /// variable): `(policy, role)`. Logins under them fail unless PostgreSQL trusts the role.
+    pub fn roles_without_secret(&self) -> Vec<(String, String)> {
+        self.policy
+            .current()
+            .policies()
+            .iter()
+            .filter(|p| self.secrets.password_for(&p.upstream_role).is_none())
+            .map(|p| (p.name.clone(), p.upstream_role.clone()))
+            .collect()
+    }
+}
+
 impl ServerState {
     /// Loads the configuration and opens the stores (audit, approvals).
     pub fn new(config: Config, steering: Option<Arc<Steering>>) -> anyhow::Result<ServerState> {

@@ -399,35 +399,11 @@ impl InterceptorSetup {
     }
 }
 
-/// Every risk the policy engine knows (docs/policy.md), for allow-everything rules.
-const ALL_RISKS: [&str; 19] = [
-    "delete_without_where",
-    "update_without_where",
-    "drop",
-    "truncate",
-    "alter_role",
-    "alter_system",
-    "copy_program",
-    "copy_file",
-    "dynamic_sql",
-    "anonymous_code",
-    "server_file",
-    "large_object",
-    "dblink",
-    "set_role",
-    "session_authorization",
-    "search_path",
-    "side_effect_function",
-    "admin_function",
-    "user_function",
-];
-
 /// The policy [`InterceptorSetup::allow_all_policies`] writes for one identity (tests append
 /// sections such as `[mask]` to it).
 pub fn allow_all_policy(id: &IdentitySpec) -> String {
     let role = id.upstream_role.as_deref().unwrap_or(crate::pg::APP_RO);
     let quote = |s: &str| Value::String(s.to_owned()).to_string();
-    let risks: Vec<String> = ALL_RISKS.iter().map(|r| quote(r)).collect();
     format!(
         "[policy]\n\
          name = {name}\n\
@@ -444,11 +420,10 @@ pub fn allow_all_policy(id: &IdentitySpec) -> String {
          name = \"everything\"\n\
          decision = \"allow\"\n\
          kinds = [\"any\"]\n\
-         risks = [{risks}]\n",
+         risks = [\"any\"]\n",
         name = quote(&format!("e2e-allow-all-{}", id.name)),
         subject = quote(&id.name),
         role = quote(role),
-        risks = risks.join(", "),
     )
 }
 

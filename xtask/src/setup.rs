@@ -24,6 +24,10 @@ pub enum Requirement {
     Libclang,
     /// sqlsmith, the query generator of the policy differential test.
     Sqlsmith,
+    /// python3 with venv: the client compatibility suite installs psycopg and asyncpg from PyPI.
+    PythonVenv,
+    /// node and npm: the client compatibility suite installs node-postgres from npm.
+    Node,
 }
 
 impl Requirement {
@@ -35,6 +39,8 @@ impl Requirement {
         Requirement::Chromedriver,
         Requirement::Libclang,
         Requirement::Sqlsmith,
+        Requirement::PythonVenv,
+        Requirement::Node,
     ];
 
     fn describe(self) -> &'static str {
@@ -46,6 +52,8 @@ impl Requirement {
             Requirement::Chromedriver => "chromedriver (console browser tests)",
             Requirement::Libclang => "libclang (for PostgreSQL's parser bindings)",
             Requirement::Sqlsmith => "sqlsmith",
+            Requirement::PythonVenv => "python3 with venv (client compatibility suite)",
+            Requirement::Node => "node and npm (client compatibility suite)",
         }
     }
 
@@ -59,6 +67,8 @@ impl Requirement {
             Requirement::Chromedriver => "chromium-driver",
             Requirement::Libclang => "libclang-dev",
             Requirement::Sqlsmith => "sqlsmith",
+            Requirement::PythonVenv => "python3-venv",
+            Requirement::Node => "npm",
         }
     }
 
@@ -83,6 +93,22 @@ impl Requirement {
                 .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
                 .any(|e| e.path().join("lib/libclang.so").exists()),
             Requirement::Sqlsmith => is_executable(&root.join("usr/bin/sqlsmith")),
+            // python3-venv ships ensurepip, which `python3 -m venv` needs.
+            Requirement::PythonVenv => {
+                is_executable(&root.join("usr/bin/python3"))
+                    && std::fs::read_dir(root.join("usr/lib"))
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .any(|e| {
+                            e.file_name().to_string_lossy().starts_with("python3")
+                                && e.path().join("ensurepip").is_dir()
+                        })
+            }
+            Requirement::Node => {
+                is_executable(&root.join("usr/bin/node"))
+                    && is_executable(&root.join("usr/bin/npm"))
+            }
         }
     }
 }
@@ -214,6 +240,14 @@ mod tests {
         touch(root.path(), "usr/bin/chromedriver", 0o755);
         touch(root.path(), "usr/lib/llvm-14/lib/libclang.so", 0o644);
         touch(root.path(), "usr/bin/sqlsmith", 0o755);
+        for b in [
+            "usr/bin/python3",
+            "usr/lib/python3.11/ensurepip/__init__.py",
+            "usr/bin/node",
+            "usr/bin/npm",
+        ] {
+            touch(root.path(), b, 0o755);
+        }
         assert!(missing(root.path(), &Requirement::ALL).is_empty());
     }
 
@@ -233,7 +267,9 @@ mod tests {
                 Requirement::PostgresServer,
                 Requirement::Psql,
                 Requirement::Libclang,
-                Requirement::Sqlsmith
+                Requirement::Sqlsmith,
+                Requirement::PythonVenv,
+                Requirement::Node
             ]
         );
     }

@@ -25,14 +25,18 @@ pub enum AuditCommand {
         /// Identity subject or display name.
         #[arg(long)]
         identity: Option<String>,
+        /// Only sessions on this database.
         #[arg(long)]
         database: Option<String>,
-        /// RFC 3339 time (2026-11-22T00:00:00Z) or an age such as `2h`, `7d`.
+        /// Sessions started at or after: RFC 3339 time (2026-11-22T00:00:00Z) or an age such as
+        /// `2h`, `7d`.
         #[arg(long)]
         since: Option<String>,
+        /// Sessions started before: RFC 3339 time or an age, as for --since.
         #[arg(long)]
         until: Option<String>,
-        #[arg(long)]
+        /// Show only the N newest sessions (still listed oldest first).
+        #[arg(long, value_name = "N")]
         limit: Option<usize>,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -111,9 +115,14 @@ pub fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<()> {
                 database,
                 since: since.as_deref().map(parse_time).transpose()?,
                 until: until.as_deref().map(parse_time).transpose()?,
-                limit,
+                // The store counts from the oldest; the newest N are cut here.
+                limit: None,
             };
-            let sessions: Vec<SessionSummary> = backend.call(AdminRequest::Sessions { filter })?;
+            let mut sessions: Vec<SessionSummary> =
+                backend.call(AdminRequest::Sessions { filter })?;
+            if let Some(n) = limit {
+                sessions = newest(sessions, n);
+            }
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&sessions)?)?;
             } else {
@@ -360,6 +369,14 @@ pub fn parse_time(s: &str) -> anyhow::Result<Timestamp> {
     let age = humantime::parse_duration(s)
         .with_context(|| format!("`{s}` is neither an RFC 3339 time nor an age like `2h`"))?;
     Ok(Timestamp::now().saturating_sub(age))
+}
+
+/// The `n` newest sessions (by start), oldest of them first.
+fn newest(mut sessions: Vec<SessionSummary>, n: usize) -> Vec<SessionSummary> {
+    // The start record's position in the log orders sessions even across clock steps.
+    sessions.sort_by_key(|s| (s.start_seq, s.started_at, s.session));
+    let skip = sessions.len().saturating_sub(n);
+    sessions.split_off(skip)
 }
 
 fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {

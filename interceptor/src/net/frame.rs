@@ -46,6 +46,11 @@ impl FrameReader {
         }
     }
 
+    /// Changes the message size limit (once the session's policy is known).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
     /// Bytes received but not yet handed out (e.g. pipelined after the startup packet).
     pub fn buffered(&self) -> usize {
         self.buf.len()

@@ -95,16 +95,53 @@ impl Rule {
         }
     }
 
+    /// For an allow rule that would match if it accepted more risks: the risks it lacks.
+    fn missing_risks(&self, s: &Classified, now: SystemTime) -> Option<Vec<super::classify::Risk>> {
+        if self.decision != DecisionKind::Allow {
+            return None;
+        }
+        let accepted = self.risks.as_deref().unwrap_or(&[]);
+        let missing: Vec<_> = s
+            .risks
+            .iter()
+            .filter(|r| !accepted.contains(r))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return None;
+        }
+        let mut covered = s.clone();
+        covered.risks.retain(|r| accepted.contains(r));
+        self.matches(&covered, now).then_some(missing)
+    }
+
     fn verdict(&self, policy: &Policy, s: &Classified) -> Verdict {
         match self.decision {
             DecisionKind::Allow => Verdict::Allow,
             DecisionKind::Deny => Verdict::Deny {
                 sqlstate: self.sqlstate.clone(),
                 message: format!(
-                    "interceptor: {} refused by rule {:?} of policy {:?}{}{}",
+                    "interceptor: {} refused by rule {:?} of policy {:?}{}{}{}",
                     s.command,
                     self.name,
                     policy.name,
+                    // The risks this rule matched on, when it names some.
+                    match &self.risks {
+                        Some(rs) => {
+                            let hit: Vec<String> = s
+                                .risks
+                                .iter()
+                                .filter(|r| rs.contains(r))
+                                .map(|r| risk_name(*r))
+                                .collect();
+                            if hit.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (risk: {})", hit.join(", "))
+                            }
+                        }
+                        None => String::new(),
+                    },
                     self.message
                         .as_deref()
                         .map(|m| format!(": {m}"))
@@ -216,16 +253,43 @@ pub(crate) fn decide_statements(
                 rules.push(Some(rule.name.clone()));
             }
             None => {
+                // Name the risk that kept the closest allow rule from matching, if one did.
+                let near = policy
+                    .rules
+                    .iter()
+                    .find_map(|r| r.missing_risks(&resolved, now).map(|m| (r, m)));
+                let message = match near {
+                    Some((rule, missing)) => {
+                        let names: Vec<String> = missing.iter().map(|r| risk_name(*r)).collect();
+                        format!(
+                            "interceptor: {} ({}) is not allowed by policy {:?}: rule {:?} \
+                             matches it but does not accept the risk {} (no other rule matched; \
+                             the default is deny); add it to the rule's `risks` (or \
+                             risks = [\"any\"]) or ask the security team",
+                            resolved.command,
+                            resolved.kind.as_str(),
+                            policy.name,
+                            rule.name,
+                            names.join(", ")
+                        )
+                    }
+                    None => format!(
+                        "interceptor: {} ({}{}) is not allowed by policy {:?} (no rule matched; \
+                         the default is deny); ask the security team for a rule",
+                        resolved.command,
+                        resolved.kind.as_str(),
+                        resolved
+                            .risks
+                            .iter()
+                            .map(|r| format!(", risk {}", risk_name(*r)))
+                            .collect::<String>(),
+                        policy.name
+                    ),
+                };
                 deny.get_or_insert((
                     Verdict::Deny {
                         sqlstate: "42501".to_owned(),
-                        message: format!(
-                            "interceptor: {} ({}) is not allowed by policy {:?} (no rule matched; \
-                             the default is deny); ask the security team for a rule",
-                            resolved.command,
-                            resolved.kind.as_str(),
-                            policy.name
-                        ),
+                        message,
                     },
                     None,
                 ));
@@ -279,5 +343,13 @@ pub(crate) fn merge_approval(acc: &mut Option<Verdict>, next: Verdict) {
             *timeout_secs = (*timeout_secs).min(t);
         }
         _ => {}
+    }
+}
+
+/// A risk as spelled in policy files (its serde name).
+fn risk_name(r: super::classify::Risk) -> String {
+    match serde_json::to_value(r) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => format!("{r:?}"),
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use toml::Spanned;
 
 use super::classify::{Risk, StatementKind};
@@ -86,6 +86,28 @@ pub struct Limits {
     /// Concurrent sessions of one identity under this policy.
     #[serde(default)]
     pub max_sessions: Option<u32>,
+    /// Largest protocol message (one row, one parameter) in either direction for these
+    /// identities; absent: the config file's `[limits] max_message_bytes`.
+    #[serde(default)]
+    pub max_message_bytes: Option<usize>,
+    /// What the client may set at startup (startup parameters and `options=-c name=value`).
+    #[serde(default)]
+    pub startup: StartupSettings,
+}
+
+/// `[limits.startup]`: startup settings beyond what the rules decide for the equivalent `SET`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartupSettings {
+    /// Settings every session starts with; a client asking for another value is refused.
+    #[serde(default)]
+    pub pin: BTreeMap<String, String>,
+    /// Settings a client may never set at startup.
+    #[serde(default)]
+    pub forbid: Vec<String>,
+    /// Settings refused by default (they change identity or load code) that this policy allows.
+    #[serde(default)]
+    pub allow: Vec<String>,
 }
 
 /// What to do with a query that cannot be parsed or classified (default: deny).
@@ -160,7 +182,8 @@ pub struct RuleSpec {
     pub kinds: Option<Vec<KindSpec>>,
     /// allow: risks the rule accepts (a statement with any other risk does not match).
     /// deny/approve: the rule matches statements carrying any of these.
-    #[serde(default)]
+    /// `["any"]` names every risk (a deliberate allow-all, or deny on any risk).
+    #[serde(default, deserialize_with = "risks_or_any")]
     pub risks: Option<Vec<Risk>>,
     /// allow: every table touched must match; deny/approve: any one is enough.
     #[serde(default)]
@@ -194,4 +217,104 @@ fn one() -> u32 {
 
 pub(crate) fn default_timeout() -> u64 {
     900
+}
+
+/// Every risk: what `risks = ["any"]` stands for.
+pub const ALL_RISKS: [Risk; 19] = [
+    Risk::DeleteWithoutWhere,
+    Risk::UpdateWithoutWhere,
+    Risk::Drop,
+    Risk::Truncate,
+    Risk::AlterRole,
+    Risk::AlterSystem,
+    Risk::CopyProgram,
+    Risk::CopyFile,
+    Risk::DynamicSql,
+    Risk::AnonymousCode,
+    Risk::ServerFile,
+    Risk::LargeObject,
+    Risk::Dblink,
+    Risk::SetRole,
+    Risk::SessionAuthorization,
+    Risk::SearchPath,
+    Risk::SideEffectFunction,
+    Risk::AdminFunction,
+    Risk::UserFunction,
+];
+
+/// Position of a risk in [`ALL_RISKS`]; exhaustive, so a new risk cannot be left out of "any".
+#[cfg_attr(not(test), allow(dead_code))]
+fn risk_index(r: Risk) -> usize {
+    use Risk as R;
+    match r {
+        R::DeleteWithoutWhere => 0,
+        R::UpdateWithoutWhere => 1,
+        R::Drop => 2,
+        R::Truncate => 3,
+        R::AlterRole => 4,
+        R::AlterSystem => 5,
+        R::CopyProgram => 6,
+        R::CopyFile => 7,
+        R::DynamicSql => 8,
+        R::AnonymousCode => 9,
+        R::ServerFile => 10,
+        R::LargeObject => 11,
+        R::Dblink => 12,
+        R::SetRole => 13,
+        R::SessionAuthorization => 14,
+        R::SearchPath => 15,
+        R::SideEffectFunction => 16,
+        R::AdminFunction => 17,
+        R::UserFunction => 18,
+    }
+}
+
+fn risks_or_any<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Risk>>, D::Error> {
+    use serde::de::{Error, IntoDeserializer};
+    let Some(words) = Option::<Vec<String>>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    for w in words {
+        if w == "any" {
+            out.extend(ALL_RISKS);
+            continue;
+        }
+        let r = Risk::deserialize(w.as_str().into_deserializer())
+            .map_err(|e: serde::de::value::Error| D::Error::custom(format!("{e}, or \"any\"")))?;
+        out.push(r);
+    }
+    out.sort();
+    out.dedup();
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+mod any_risk_tests {
+    use super::*;
+
+    #[test]
+    fn any_lists_every_risk_once() {
+        for (i, r) in ALL_RISKS.iter().enumerate() {
+            assert_eq!(risk_index(*r), i, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn risks_any_parses_and_unknown_words_are_named() {
+        #[derive(Deserialize)]
+        struct T {
+            #[serde(deserialize_with = "risks_or_any")]
+            risks: Option<Vec<Risk>>,
+        }
+        let t: T = toml::from_str(r#"risks = ["any"]"#).unwrap();
+        assert_eq!(t.risks.unwrap().len(), ALL_RISKS.len());
+        let t: T = toml::from_str(r#"risks = ["drop", "truncate"]"#).unwrap();
+        assert_eq!(t.risks.unwrap(), vec![Risk::Drop, Risk::Truncate]);
+        let e = toml::from_str::<T>(r#"risks = ["dorp"]"#)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("dorp") && e.contains("any"), "{e}");
+    }
 }

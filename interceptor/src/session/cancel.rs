@@ -1,5 +1,6 @@
-//! Cancel keys. Clients get interceptor's own BackendKeyData; a CancelRequest carrying it is mapped
-//! to the upstream backend that runs the client's query. Upstream keys never leave interceptor.
+//! Cancel keys. Clients get the upstream backend's pid with interceptor's own secret; a
+//! CancelRequest carrying them is mapped to the upstream key of that session. Upstream secrets
+//! never leave interceptor, so knowing another session's pid is not enough to cancel its query.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,10 +86,17 @@ impl CancelRegistry {
         // A poisoned lock only means another session panicked while holding it; the map is
         // still consistent (single inserts/removes).
         let mut m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let pid = loop {
-            let pid = rng.gen_range(1..i32::MAX);
-            if !m.contains_key(&pid) {
-                break pid;
+        // The client sees the backend's real pid (what notifications and pg_stat_activity
+        // show); only the secret is interceptor's. Live backends of one server have distinct
+        // pids, so a clash means a stale entry or a second upstream: then a random pid.
+        let pid = if upstream.pid > 0 && !m.contains_key(&upstream.pid) {
+            upstream.pid
+        } else {
+            loop {
+                let pid = rng.gen_range(1..i32::MAX);
+                if !m.contains_key(&pid) {
+                    break pid;
+                }
             }
         };
         let cancelled = Arc::new(CancelSignal::default());
@@ -122,7 +130,17 @@ mod tests {
     fn keys_resolve_only_with_the_right_secret_and_expire_with_the_session() {
         let reg = CancelRegistry::default();
         let key = reg.register(UpstreamKey { pid: 42, secret: 7 });
+        assert_eq!(key.pid, 42, "the client sees the real backend pid");
+        assert_ne!(key.secret, 7, "but never the upstream secret");
         assert_eq!(reg.resolve(key.pid, key.secret).map(|k| k.pid), Some(42));
+        assert!(
+            reg.resolve(42, 7).is_none(),
+            "the upstream secret is no key"
+        );
+        // A second session that reports the same pid (another upstream) gets a distinct one.
+        let other = reg.register(UpstreamKey { pid: 42, secret: 8 });
+        assert_ne!(other.pid, 42);
+        drop(other);
         assert!(reg.resolve(key.pid, key.secret.wrapping_add(1)).is_none());
         let pid = key.pid;
         let secret = key.secret;

@@ -71,20 +71,8 @@ impl fmt::Display for Peer {
     }
 }
 
-/// Startup parameters forwarded upstream. Everything else (notably `options`, which could carry
-/// `-c role=...` or `-c session_authorization=...`) is refused or dropped: the upstream session's
-/// settings are interceptor's to choose.
-const PASSTHROUGH: &[&str] = &[
-    "application_name",
-    "client_encoding",
-    "DateStyle",
-    "datestyle",
-    "TimeZone",
-    "timezone",
-    "IntervalStyle",
-    "intervalstyle",
-    "extra_float_digits",
-];
+/// SQLSTATEs PostgreSQL answers a bad startup setting with.
+const SETTING_ERRORS: &[&str] = &["42704", "22023", "22P02", "55P02", "42501", "3F000"];
 
 pub async fn handle(stream: Stream, peer: Peer, server: Arc<ServerState>) {
     let span = tracing::info_span!(
@@ -192,17 +180,6 @@ async fn run(
         )
         .await;
     }
-    if get("options").is_some_and(|v| !v.trim().is_empty()) {
-        return fatal(
-            &mut stream,
-            PgError::fatal(
-                sqlstate::INSUFFICIENT_PRIVILEGE,
-                "startup `options` are not allowed through interceptor",
-            )
-            .with_hint("unset PGOPTIONS; session settings are chosen by interceptor's policy"),
-        )
-        .await;
-    }
     if let Some((minor, unrecognized)) = &negotiate {
         stream
             .write_all(&message::negotiate_protocol_version(*minor, unrecognized))
@@ -286,19 +263,40 @@ async fn run(
         }
     };
     let password = server.secrets.password_for(&role);
-    let mut passthrough: Vec<(String, String)> = params
-        .iter()
-        .filter(|(k, _)| PASSTHROUGH.contains(&k.as_str()))
-        .cloned()
-        .collect();
-    if let Some(ms) = route.limits.statement_timeout_ms {
-        // The policy's limit is the session's starting value on the server.
-        passthrough.push(("statement_timeout".into(), ms.to_string()));
-    }
+    // Every startup setting is forwarded or refused by name, as the policy decides.
+    let passthrough = match startup::decide_settings(
+        &params,
+        &server.policy.current(),
+        &identity,
+        &database,
+        &route,
+    ) {
+        Ok(p) => p,
+        Err(refused) => {
+            tracing::info!(reason = refused.message, "startup setting refused");
+            return fatal(
+                &mut stream,
+                PgError::fatal(refused.sqlstate, refused.message).with_hint(refused.hint),
+            )
+            .await;
+        }
+    };
+    // The policy may give these identities a larger (or smaller) message limit.
+    let max_message = route
+        .limits
+        .max_message_bytes
+        .unwrap_or(limits.max_message_bytes);
+    reader.set_max(max_message);
     let login_started = std::time::Instant::now();
     let login = server
         .upstream
-        .login(&role, password.as_ref(), &database, &passthrough)
+        .login_limited(
+            &role,
+            password.as_ref(),
+            &database,
+            &passthrough,
+            max_message,
+        )
         .await;
     crate::ops::metrics::METRICS
         .upstream_login_seconds
@@ -312,6 +310,18 @@ async fn run(
                 upstream::UpstreamError::Refused { code, message } if code == "3D000" => {
                     PgError::fatal(sqlstate::INVALID_AUTHORIZATION, message.clone())
                 }
+                // PostgreSQL's own verdict on a startup setting (unknown name, bad value, not
+                // settable by this role): the client hears it as PostgreSQL said it.
+                upstream::UpstreamError::Refused { code, message }
+                    if SETTING_ERRORS.contains(&code.as_str()) =>
+                {
+                    PgError::fatal(code.clone(), message.clone())
+                }
+                upstream::UpstreamError::NoPassword(r) => PgError::fatal(
+                    sqlstate::INVALID_AUTHORIZATION,
+                    format!("interceptor has no password for upstream role \"{r}\""),
+                )
+                .with_hint("the operator must add it to the secrets file (`interceptor check-config` finds this)"),
                 _ => PgError::fatal(
                     sqlstate::CANNOT_CONNECT_NOW,
                     "interceptor could not open a session on PostgreSQL",

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use rand::RngCore;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::gate::{Gate, LexState, Outcome, Recorder, Verdict};
 use super::masking::{Action, MaskStream, SessionMask};
@@ -34,14 +34,34 @@ pub enum RelayError {
     Audit(crate::audit::AuditError),
 }
 
+/// How to raise the message size limit, for the FATAL that reports it.
+const RAISE_LIMIT: &str = "raise max_message_bytes in the policy's [limits] for this identity, \
+    or in [limits] of interceptor's configuration for everyone";
+
 impl RelayError {
     /// The FATAL the client gets, if it can still hear one.
     pub fn to_pg(&self) -> Option<PgError> {
         match self {
-            RelayError::Client(FrameError::TooLarge { .. }) => Some(PgError::fatal(
-                sqlstate::PROGRAM_LIMIT_EXCEEDED,
-                format!("{self}"),
-            )),
+            RelayError::Client(FrameError::TooLarge { len, max }) => Some(
+                PgError::fatal(
+                    sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                    format!(
+                        "interceptor: a message of {len} bytes from the client exceeds the \
+                         limit of {max} bytes (max_message_bytes)"
+                    ),
+                )
+                .with_hint(RAISE_LIMIT),
+            ),
+            RelayError::Upstream(FrameError::TooLarge { len, max }) => Some(
+                PgError::fatal(
+                    sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                    format!(
+                        "interceptor: a message of {len} bytes from PostgreSQL (a row or a \
+                         value) exceeds the limit of {max} bytes (max_message_bytes)"
+                    ),
+                )
+                .with_hint(RAISE_LIMIT),
+            ),
             RelayError::Client(FrameError::BadLength(_)) | RelayError::Protocol(_) => Some(
                 PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("{self}")),
             ),
@@ -247,11 +267,34 @@ pub async fn run(
         && let Some(pg) = e.to_pg()
     {
         let _ = client_wr.write_all(&pg.encode()).await;
+        if let Err(RelayError::Client(FrameError::TooLarge { len, .. })) = &result {
+            // The client is still sending the oversized message: closing now would reset the
+            // connection and destroy the FATAL in flight. Read it away first (bounded).
+            let _ = client_wr.flush().await;
+            drain(&mut client_rd, *len).await;
+        }
     }
     if matches!(result, Ok(End::UpstreamGone)) {
         let _ = client_wr.flush().await;
     }
     result
+}
+
+/// Reads and discards what the client still sends of a `len`-byte message: until that much
+/// arrived, the client paused for half a second, or 30 seconds passed.
+async fn drain(rd: &mut BoxedRead, len: usize) {
+    let work = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let pause = std::time::Duration::from_millis(500);
+            match tokio::time::timeout(pause, rd.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+                _ => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), work).await;
 }
 
 /// What the client → upstream side needs besides the sockets.

@@ -223,6 +223,19 @@ impl UpstreamTarget {
         database: &str,
         passthrough: &[(String, String)],
     ) -> Result<Upstream, UpstreamError> {
+        self.login_limited(role, password, database, passthrough, self.max_message)
+            .await
+    }
+
+    /// As [`UpstreamTarget::login`], with the session's own message size limit.
+    pub async fn login_limited(
+        &self,
+        role: &str,
+        password: Option<&Secret>,
+        database: &str,
+        passthrough: &[(String, String)],
+        max_message: usize,
+    ) -> Result<Upstream, UpstreamError> {
         let mut stream = self.connect().await?;
         let mut params: Vec<(&str, &str)> = vec![("user", role), ("database", database)];
         params.extend(passthrough.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -231,7 +244,7 @@ impl UpstreamTarget {
             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         stream.write_all(&buf).await.map_err(FrameError::Io)?;
 
-        let mut reader = FrameReader::new(self.max_message);
+        let mut reader = FrameReader::new(max_message);
         let mut scram: Option<ScramSha256> = None;
         // Whether PostgreSQL asked for any credential before AuthenticationOk.
         let mut challenged = false;
