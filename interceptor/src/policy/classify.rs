@@ -303,12 +303,13 @@ fn classify_piece(
         command_words,
     } = tree;
     let kind = facts.kind.unwrap_or(StatementKind::Procedural);
-    let names_known = !names_unknown
-        && !(facts.tables.is_empty()
-            && matches!(
-                kind,
-                StatementKind::Ddl | StatementKind::Dcl | StatementKind::Utility
-            ));
+    // A DDL/DCL/utility statement in which no table was found may still act on objects.
+    let unnamed_objects = facts.tables.is_empty()
+        && matches!(
+            kind,
+            StatementKind::Ddl | StatementKind::Dcl | StatementKind::Utility
+        );
+    let names_known = !(names_unknown || unnamed_objects);
     let classified = Classified {
         command: command_of(piece, command_words),
         kind,
