@@ -5,6 +5,7 @@ mod bench;
 mod build_ebpf;
 mod cmd;
 mod demo;
+mod fuzz;
 mod harness_env;
 mod setup;
 mod test;
@@ -38,6 +39,8 @@ enum Task {
     },
     /// Compare direct PostgreSQL, interceptor and pgbouncer with pgbench and a large stream.
     Bench(bench::BenchArgs),
+    /// Run every libFuzzer target in fuzz/ (needs the nightly toolchain and cargo-fuzz).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +51,6 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf { release } => build_ebpf::build(release).map(drop),
         Task::Demo { no_wait } => demo::run(no_wait),
         Task::Bench(args) => bench::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
     }
 }
