@@ -6,6 +6,7 @@ mod build_ebpf;
 mod cmd;
 mod demo;
 mod differential;
+mod fuzz;
 mod harness_env;
 mod package;
 mod setup;
@@ -45,6 +46,8 @@ enum Task {
     /// Build the Debian package (binary, unit, example config, policies, docs, man pages,
     /// completions, maintainer scripts) into target/debian.
     Package(package::PackageArgs),
+    /// Run every libFuzzer target in fuzz/ (needs the nightly toolchain and cargo-fuzz).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,5 +60,6 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(args) => bench::run(&args),
         Task::Differential(args) => differential::run(&args),
         Task::Package(args) => package::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
     }
 }
