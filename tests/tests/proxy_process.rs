@@ -84,7 +84,8 @@ fn generated_config_is_accepted_by_check_config() {
     let proxy = Interceptor::start(
         setup(&pg)
             .extra_toml("[limits]\nmax_message_bytes = 1048576")
-            .policy_file("analyst", include_str!("../../policies/analyst.toml")),
+            .policy_file("analyst", include_str!("../../policies/analyst.toml"))
+            .role_password("analyst_ro", "analyst-ro-pass"),
     )
     .unwrap();
     let policy = proxy.policy_dir().unwrap().join("analyst.toml");
@@ -104,4 +105,24 @@ fn generated_config_is_accepted_by_check_config() {
     let config = std::fs::read_to_string(proxy.config_path()).unwrap();
     assert!(!config.contains(ALICE_PASSWORD));
     assert!(config.contains("SCRAM-SHA-256$4096:"));
+
+    // A policy whose upstream role has no secret fails the check, naming policy and role.
+    let text = std::fs::read_to_string(&secrets).unwrap();
+    let without: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("analyst_ro"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&secrets, without).unwrap();
+    let out = std::process::Command::new(interceptor_tests::proxy::interceptor_bin().unwrap())
+        .args(["check-config", "--config"])
+        .arg(proxy.config_path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains("policy \"analyst\"") && stderr.contains("\"analyst_ro\""),
+        "{stderr}"
+    );
 }
