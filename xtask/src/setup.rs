@@ -31,7 +31,7 @@ pub enum Requirement {
 }
 
 impl Requirement {
-    pub const ALL: [Requirement; 5] = [
+    pub const ALL: [Requirement; 9] = [
         Requirement::PostgresServer,
         Requirement::Psql,
         Requirement::Pgbouncer,
