@@ -1250,3 +1250,100 @@ fn statement_label(kind: &str) -> &'static str {
         _ => "CREATE AGGREGATE/OPERATOR/TYPE",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> MaskRules {
+        let v: toml::Value = toml::from_str(
+            r#"
+            [[column]]
+            match = "public.t.card"
+            strategy = "redact"
+            [[column]]
+            match = "public.t.email"
+            strategy = "pseudonym"
+            "#,
+        )
+        .unwrap();
+        MaskRules::from_toml(&[v], Some(b"0123456789abcdef0123")).unwrap()
+    }
+
+    /// A cache that knows `public.t (id int, card text, email text)`.
+    fn catalog(sql: &str) -> RelationCache {
+        let tree = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).unwrap();
+        let n = needs(&tree.protobuf);
+        let mut cache = RelationCache::default();
+        let Some(lookup) = cache.query(&n.relations, &n.functions) else {
+            return cache;
+        };
+        let mut rows = Vec::new();
+        for (i, r) in n.relations.iter().enumerate() {
+            if r.name != "t" {
+                continue;
+            }
+            for (col, ty, cat) in [
+                ("id", "integer", "N"),
+                ("card", "text", "S"),
+                ("email", "text", "S"),
+            ] {
+                rows.push(
+                    ["r", &i.to_string(), "public", "t", "r", col, ty, cat]
+                        .iter()
+                        .map(|s| Some(s.to_string()))
+                        .collect(),
+                );
+            }
+            // Only the first occurrence of a name is looked up.
+            break;
+        }
+        cache.insert(lookup, &rows).unwrap();
+        cache
+    }
+
+    fn run(sql: &str) -> Result<Option<String>, Refusal> {
+        let tree = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).unwrap();
+        rewrite(sql, &tree.protobuf, &rules(), &catalog(sql))
+    }
+
+    #[test]
+    fn plain_output_columns_stay_expressions_are_rewritten() {
+        assert_eq!(run("SELECT card, email FROM t").unwrap(), None);
+        let out = run("SELECT upper(card) FROM t WHERE card LIKE $1")
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.matches("[REDACTED]").count(), 2, "{out}");
+        assert!(out.ends_with("LIKE $1"), "{out}");
+        let out = run("SELECT s.c FROM (SELECT card AS c, x.card FROM t x) s")
+            .unwrap()
+            .unwrap();
+        assert!(out.contains("AS \"card\""), "{out}");
+    }
+
+    #[test]
+    fn keyed_strategies_and_whole_rows_are_refused() {
+        let e = run("SELECT lower(email) FROM t").unwrap_err();
+        assert!(
+            e.0.contains("public.t.email") && e.0.contains("pseudonym"),
+            "{e}"
+        );
+        assert!(
+            run("SELECT row_to_json(a) FROM t a")
+                .unwrap_err()
+                .0
+                .contains("whole-row")
+        );
+        assert!(run("SELECT t FROM t").unwrap_err().0.contains("whole-row"));
+        assert!(run("SELECT 1 FROM t a JOIN t b USING (card)").is_err());
+        assert!(run("DO $$ BEGIN NULL; END $$").is_err());
+        assert!(run("SELECT query_to_xml('select 1', true, false, '')").is_err());
+    }
+
+    #[test]
+    fn ordering_by_an_output_position_rewrites_the_plain_column() {
+        let out = run("SELECT card FROM t ORDER BY 1").unwrap().unwrap();
+        assert!(out.starts_with("SELECT ((CASE"), "{out}");
+        assert!(run("SELECT email FROM t ORDER BY 1").is_err());
+    }
+}
