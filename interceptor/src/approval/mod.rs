@@ -1,4 +1,4 @@
-//! Just-in-time approvals of held statements and time-bound grants (issue 7).
+//! Just-in-time approvals of held statements and time-bound grants.
 //!
 //! When policy says `approve`, the gate calls [`ApprovalService::hold`]: the request is stored
 //! durably, approvers decide through the HTTP admin API ([`api`]) or the CLI ([`cli`], over the

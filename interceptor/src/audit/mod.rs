@@ -1,4 +1,4 @@
-//! The audit trail: durable, hash-chained records (issue 3).
+//! The audit trail: durable, hash-chained records.
 //!
 //! * **Write-ahead**: the relay calls [`AuditLog::sync`] (or [`AuditLog::append_durable`])
 //!   before forwarding a statement; it returns only once the record is in the write-ahead

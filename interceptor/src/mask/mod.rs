@@ -1,4 +1,4 @@
-//! Inline masking of result values (issue 6).
+//! Inline masking of result values.
 //!
 //! Rules come from the `[mask]` sections of the policies that apply to an identity
 //! ([`MaskRules::from_toml`], then [`MaskRules::for_identity`]). The relay asks for a
