@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code fails loudly
 //! PostgreSQL as the oracle of the classifier.
 //!
 //! * The list of functions whose arguments name relations ([`relfuncs`]) is what its query
