@@ -76,17 +76,7 @@ pub fn per_transaction(
     let case = scenario
         .pgbench()
         .with_context(|| format!("{} is not a pgbench case", scenario.name()))?;
-    let mut args = vec![
-        "-n".to_string(),
-        "-T".to_string(),
-        duration.as_secs().to_string(),
-        "-c".to_string(),
-        case.clients.to_string(),
-        "-j".to_string(),
-        case.threads.to_string(),
-        "-M".to_string(),
-        case.mode.to_string(),
-    ];
+    let mut args = case.common_args(duration);
     match case.script {
         Script::TpcB => {}
         Script::SelectOnly => args.push("-S".to_string()),

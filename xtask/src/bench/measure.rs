@@ -91,17 +91,7 @@ pub fn one(
         .params(target, scenario.masking())
         .with_context(|| format!("{} is not part of this run", target.name()))?;
     if let Some(case) = scenario.pgbench() {
-        let mut args = vec![
-            "-n".to_string(),
-            "-T".to_string(),
-            duration.as_secs().to_string(),
-            "-c".to_string(),
-            case.clients.to_string(),
-            "-j".to_string(),
-            case.threads.to_string(),
-            "-M".to_string(),
-            case.mode.to_string(),
-        ];
+        let mut args = case.common_args(duration);
         match case.script {
             Script::TpcB => {}
             Script::SelectOnly => args.push("-S".to_string()),

@@ -109,6 +109,23 @@ pub struct PgbenchCase {
     pub script: Script,
 }
 
+impl PgbenchCase {
+    /// The arguments every run of this case shares (duration, clients, threads, query mode).
+    pub fn common_args(&self, duration: std::time::Duration) -> Vec<String> {
+        vec![
+            "-n".to_string(),
+            "-T".to_string(),
+            duration.as_secs().to_string(),
+            "-c".to_string(),
+            self.clients.to_string(),
+            "-j".to_string(),
+            self.threads.to_string(),
+            "-M".to_string(),
+            self.mode.to_string(),
+        ]
+    }
+}
+
 /// What a pgbench client runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Script {
