@@ -27,8 +27,10 @@ use super::wal;
 use super::writer::{Shared, Waiter};
 
 /// Records handed over but not yet applied beyond which the writer waits (backpressure: sled
-/// slower than the disk must not grow memory without bound).
-const MAX_BACKLOG: usize = 200_000;
+/// slower than the disk must not grow memory without bound). Each costs about two copies of
+/// its JSON (the pair for sled and the record for the indexes), so 16 Ki records hold the
+/// daemon's memory to tens of MiB when sled falls behind a burst.
+const MAX_BACKLOG: usize = 16 * 1024;
 
 pub(crate) type RetentionReply = std::sync::mpsc::Sender<Result<RetentionReport, AuditError>>;
 

@@ -103,7 +103,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     harness_env::point_at(bin.as_deref());
 
     println!("== PostgreSQL with pgbench tables at scale {}", args.scale);
-    let pg = PgCluster::start_with(PgOptions::default().accounts_fixture(false))?;
+    // pgbouncer keeps its 32 server connections of the 32-client case open while interceptor
+    // opens its own 32: more than the harness default allows.
+    let pg = PgCluster::start_with(
+        PgOptions::default()
+            .accounts_fixture(false)
+            .extra_conf("max_connections = 200"),
+    )?;
     pg.pgbench_init(args.scale)?;
     let password = APP_RW_PASSWORD;
 
