@@ -66,17 +66,15 @@ pub fn check(text: &str) -> Vec<Finding> {
             })
         };
         match kind {
-            "local" => {
-                // local DATABASE USER METHOD
-                if f.get(3) == Some(&"trust") {
-                    push(
-                        Risk::Bypass,
-                        "any process that can open the socket logs in as any role without a \
+            // local DATABASE USER METHOD
+            "local" if f.get(3) == Some(&"trust") => {
+                push(
+                    Risk::Bypass,
+                    "any process that can open the socket logs in as any role without a \
                          password"
-                            .into(),
-                        format!("local {} {} peer", f[1], f[2]),
-                    );
-                }
+                        .into(),
+                    format!("local {} {} peer", f[1], f[2]),
+                );
             }
             "host" | "hostssl" | "hostnossl" | "hostgssenc" | "hostnogssenc" => {
                 // host DATABASE USER ADDRESS [MASK] METHOD

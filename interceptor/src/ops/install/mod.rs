@@ -177,6 +177,9 @@ fn account_entry(root: &Path, file: &str, name: &str) -> Option<(u32, u32)> {
     })
 }
 
+/// Path, mode, owner, group, contents, what it is.
+type FileSpec = (&'static str, u32, Who, Who, Vec<u8>, &'static str);
+
 struct Plan {
     steps: Vec<Step>,
     kept: Vec<String>,
@@ -280,7 +283,7 @@ fn plan(args: &InstallArgs) -> anyhow::Result<Plan> {
     for (p, mode, owner, group) in dirs {
         add_dir(&mut steps, &mut kept, Path::new(p), mode, owner, group);
     }
-    let files: [(&str, u32, Who, Who, Vec<u8>, &'static str); 3] = [
+    let files: [FileSpec; 3] = [
         (
             CONFIG,
             0o640,
