@@ -95,6 +95,11 @@ enum Command {
     /// Write, lint, explain and test policy files.
     #[command(subcommand)]
     Policy(interceptor::policy::cli::PolicyCommand),
+    /// Put interceptor on this PostgreSQL host: user, directories, generated config, systemd
+    /// unit; checks pg_hba.conf and open connections. A dry run unless --apply.
+    Install(interceptor::ops::install::InstallArgs),
+    /// Undo exactly what `install --apply` did (from its manifest). A dry run unless --apply.
+    Uninstall(interceptor::ops::install::UninstallArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -224,6 +229,12 @@ fn main() -> anyhow::Result<()> {
                 None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?,
             }
             Ok(())
+        }
+        Command::Install(args) => {
+            interceptor::ops::install::install(&args, &mut std::io::stdout().lock())
+        }
+        Command::Uninstall(args) => {
+            interceptor::ops::install::uninstall(&args, &mut std::io::stdout().lock())
         }
         Command::HashPassword => {
             let mut pw = String::new();

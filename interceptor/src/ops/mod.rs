@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cli;
 pub mod health;
 pub mod http;
+pub mod install;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
