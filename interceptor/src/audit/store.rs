@@ -484,9 +484,6 @@ pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, AuditError> {
             // The trail is written far more than read: sled's default 1 GiB page cache would
             // grow the daemon's memory with every record it ever wrote.
             .cache_capacity(16 * 1024 * 1024)
-            // Records are only appended, never rewritten: LowSpace (sled's default) spends the
-            // store thread's time compacting pages that are written once.
-            .mode(sled::Mode::HighThroughput)
             .open();
         match r {
             Ok(db) => return Ok(db),
