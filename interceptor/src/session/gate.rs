@@ -2,9 +2,9 @@
 //! before anything is forwarded. Policy decides here, approvals will hold here, and the audit
 //! record is made durable here; the relay only carries out what the gate says.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::protocol::Statements;
 use crate::audit::{
     AuditError, AuditEvent, AuditLog, QueryProtocol, RecordId, ResultRows, SessionId,
     StatementOutcome, StatementRecord,
@@ -88,28 +88,17 @@ pub struct Outcome {
     pub masked: crate::mask::MaskSummary,
 }
 
-/// A protocol-level prepared statement the gate let through at Parse. Its decision is not
-/// kept: every Execute is decided anew, because what allowed it can end between the two (a
-/// policy reload, a rule's time window, a time-bound grant's expiry or revocation). The policy
-/// set caches the parse of each statement shape, so deciding again costs rule matching only.
-struct Prepared {
-    sql: Arc<str>,
-}
-
-struct Portal {
-    statement: Arc<Prepared>,
-    parameters: Vec<Option<String>>,
-}
-
 pub struct Gate {
     facts: Arc<SessionFacts>,
     policy: PolicyHandle,
     /// SQL-level PREPARE names, for EXECUTE.
     sql_prepared: SessionStatements,
-    /// Protocol-level prepared statements by name.
-    statements: HashMap<String, Arc<Prepared>>,
-    /// Portals by name → their statement and parameters.
-    portals: HashMap<String, Portal>,
+    /// Protocol-level prepared statements and portals: the session's one copy. Only the
+    /// statements the gate let through at Parse are kept; every Execute is decided anew,
+    /// because what allowed it can end between the two (a policy reload, a rule's time window,
+    /// a grant's expiry). The policy set caches each statement shape's parse, so deciding
+    /// again costs rule matching only.
+    statements: Statements,
     audit: AuditLog,
     /// Records appended since the last [`Gate::flush`].
     unsynced: bool,
@@ -134,8 +123,7 @@ impl Gate {
             facts,
             policy,
             sql_prepared: SessionStatements::new(),
-            statements: HashMap::new(),
-            portals: HashMap::new(),
+            statements: Statements::new(false),
             audit,
             unsynced: false,
             param_mask: None,
@@ -143,9 +131,16 @@ impl Gate {
     }
 
     /// Records bound parameters through the session's content detectors (a parameter cannot
-    /// be tied to a column, so column rules do not apply to it).
+    /// be tied to a column, so column rules do not apply to it), and keeps each portal's
+    /// result formats, which masking reads.
     pub fn mask_parameters(&mut self, rules: crate::mask::MaskRules) {
         self.param_mask = (!rules.is_empty()).then_some(rules);
+        self.statements = Statements::new(true);
+    }
+
+    /// The session's prepared statements and portals, as the gate let them through.
+    pub fn statements(&self) -> &Statements {
+        &self.statements
     }
 
     /// Waits until every record appended so far is durable. The relay calls this before it
@@ -472,79 +467,52 @@ impl Gate {
             }
         }
         if matches!(verdict, Verdict::Forward { .. }) {
-            self.statements.insert(
-                statement.to_owned(),
-                Arc::new(Prepared {
-                    sql: Arc::from(sql),
-                }),
-            );
+            self.statements.parsed(statement, sql);
         } else {
-            self.statements.remove(statement);
+            self.statements.refused(statement);
         }
         verdict
     }
 
-    pub fn bind(
-        &mut self,
-        portal: &str,
-        statement: &str,
-        params: &[Option<&[u8]>],
-        formats: &[i16],
-    ) {
-        match self.statements.get(statement) {
-            Some(p) => {
-                let parameters = params
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        v.map(|v| {
-                            // Format codes: none = all text, one = for all, else one each.
-                            let binary = match formats.len() {
-                                0 => false,
-                                1 => formats[0] == 1,
-                                _ => formats.get(i) == Some(&1),
-                            };
-                            let text = String::from_utf8_lossy(v);
-                            let masked = self
-                                .param_mask
-                                .as_ref()
-                                .and_then(|r| r.mask_notification(&text));
-                            match (masked, binary) {
-                                (Some(_), true) => "[MASKED]".to_owned(),
-                                (Some(m), false) => m,
-                                (None, true) => format!("\\x{}", hex::encode(v)),
-                                (None, false) => text.into_owned(),
-                            }
-                        })
+    /// A Bind: the portal keeps its statement and its parameters as recorded (`body` is the
+    /// whole message, for the result formats masking reads).
+    pub fn bind(&mut self, bind: &crate::net::message::BindView<'_>, body: &[u8]) {
+        let param_mask = self.param_mask.as_ref();
+        let record = || {
+            let formats = &bind.param_formats;
+            bind.params
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.map(|v| {
+                        // Format codes: none = all text, one = for all, else one each.
+                        let binary = match formats.len() {
+                            0 => false,
+                            1 => formats[0] == 1,
+                            _ => formats.get(i) == Some(&1),
+                        };
+                        let text = String::from_utf8_lossy(v);
+                        let masked = param_mask.and_then(|r| r.mask_notification(&text));
+                        match (masked, binary) {
+                            (Some(_), true) => "[MASKED]".to_owned(),
+                            (Some(m), false) => m,
+                            (None, true) => format!("\\x{}", hex::encode(v)),
+                            (None, false) => text.into_owned(),
+                        }
                     })
-                    .collect();
-                self.portals.insert(
-                    portal.to_owned(),
-                    Portal {
-                        statement: p.clone(),
-                        parameters,
-                    },
-                );
-            }
-            None => {
-                self.portals.remove(portal);
-            }
-        }
+                })
+                .collect()
+        };
+        self.statements
+            .bound(bind.portal, bind.statement, body, record);
     }
 
     pub fn close(&mut self, kind: u8, name: &str) {
-        match kind {
-            b'S' => {
-                self.statements.remove(name);
-            }
-            _ => {
-                self.portals.remove(name);
-            }
-        }
+        self.statements.close(kind, name);
     }
 
     pub async fn execute(&mut self, portal: &str, lex: LexState) -> Verdict {
-        let Some(p) = self.portals.get(portal) else {
+        let Some(p) = self.statements.portal(portal) else {
             // Not a portal we allowed: PostgreSQL does not know it either (its Parse was refused
             // or never sent), so it will answer with its own error.
             return Verdict::Forward { record: None };

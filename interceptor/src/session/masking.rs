@@ -2,7 +2,7 @@
 //! belongs to, and the side connection that resolves column origins and COPY columns.
 //!
 //! The client → upstream side announces, in order, every request whose answer matters for
-//! masking ([`Expect`]); the upstream → client side ([`MaskStream`]) consumes those entries as
+//! masking ([`Owed`]); the upstream → client side ([`MaskStream`]) consumes those entries as
 //! the answers arrive, so a RowDescription that answers Describe(statement) is kept for that
 //! statement and later Executes of its portals find their plan even without a RowDescription.
 
@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, Statement};
 
+use super::protocol::{Action, Frontend, Owed, OwedQueue, Statements};
 use super::upstream::Upstream;
 use crate::mask::{
     CopyColumn, CopyMasker, CopyOptions, MaskError, MaskPlan, MaskRules, MaskSummary, OriginCache,
@@ -57,35 +58,8 @@ pub struct CopySpec {
     columns: Option<Vec<CopyColumn>>,
 }
 
-/// A request whose answer the upstream → client side must attribute.
-#[derive(Debug)]
-enum Expect {
-    Parse(String),
-    Bind(String),
-    DescribeStatement(String),
-    DescribePortal(String),
-    Execute {
-        portal: String,
-        statement: String,
-        formats: Vec<i16>,
-        copies: VecDeque<Result<CopySpec, String>>,
-    },
-    Query {
-        copies: VecDeque<Result<CopySpec, String>>,
-    },
-    Sync,
-    FunctionCall,
-}
-
-impl Expect {
-    /// Answered by a ReadyForQuery.
-    fn ends_batch(&self) -> bool {
-        matches!(
-            self,
-            Expect::Query { .. } | Expect::Sync | Expect::FunctionCall
-        )
-    }
-}
+/// What masking needs of each answer PostgreSQL owes: the COPY specs of a statement.
+type Expect = Owed<Result<CopySpec, String>>;
 
 /// The masking of one session, shared by both directions.
 pub struct SessionMask {
@@ -93,17 +67,9 @@ pub struct SessionMask {
     side: tokio::sync::Mutex<Side>,
     origins: Mutex<OriginCache>,
     login: SideLogin,
-    expect: Mutex<VecDeque<Expect>>,
-    /// Client side only: statement name → SQL, portal → (statement, result formats).
-    client: Mutex<ClientView>,
+    expect: Mutex<OwedQueue<Result<CopySpec, String>>>,
     /// Relations and functions the statement rewrite looked up (column rules only).
     relations: tokio::sync::Mutex<RelationCache>,
-}
-
-#[derive(Default)]
-struct ClientView {
-    statements: HashMap<String, Arc<str>>,
-    portals: HashMap<String, (String, Vec<i16>)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -121,8 +87,7 @@ impl SessionMask {
             side: tokio::sync::Mutex::new(Side { conn: None }),
             origins: Mutex::new(OriginCache::default()),
             login,
-            expect: Mutex::new(VecDeque::new()),
-            client: Mutex::new(ClientView::default()),
+            expect: Mutex::new(OwedQueue::default()),
             relations: tokio::sync::Mutex::new(RelationCache::default()),
         }))
     }
@@ -133,68 +98,43 @@ impl SessionMask {
     }
 
     fn push(&self, e: Expect) {
-        lock(&self.expect).push_back(e);
+        lock(&self.expect).push(e);
     }
 
     /// A frontend message is about to be forwarded (refused ones too: their stand-in answers
-    /// in the same shape).
-    pub async fn frontend(&self, tag: u8, body: &[u8]) {
-        match tag {
-            b'Q' => {
-                let sql = message::decode_query(body).unwrap_or("");
+    /// in the same shape). `statements` is the session's view of what the client prepared.
+    pub async fn frontend(&self, message: &Frontend<'_>, statements: &Statements) {
+        match message {
+            Frontend::Query(sql) => {
                 let copies = self.copy_specs(sql).await;
-                self.push(Expect::Query { copies });
+                self.push(Owed::Query { copies });
             }
-            b'P' => {
-                if let Ok(p) = message::decode_parse(body) {
-                    lock(&self.client)
-                        .statements
-                        .insert(p.statement.to_owned(), Arc::from(p.sql));
-                    self.push(Expect::Parse(p.statement.to_owned()));
-                }
+            Frontend::Parse(p) => self.push(Owed::Parse(Arc::from(p.statement))),
+            Frontend::Bind { view, .. } => self.push(Owed::Bind(view.portal.to_owned())),
+            Frontend::Describe { kind, name } => self.push(if *kind == b'S' {
+                Owed::DescribeStatement((*name).to_owned())
+            } else {
+                Owed::DescribePortal((*name).to_owned())
+            }),
+            Frontend::Execute { portal } => {
+                let (statement, formats, copies) = match statements.portal(portal) {
+                    Some(p) => (
+                        p.statement.name.clone(),
+                        p.result_formats.clone(),
+                        self.copy_specs(&p.statement.sql).await,
+                    ),
+                    None => (Arc::from(""), Default::default(), VecDeque::new()),
+                };
+                self.push(Owed::Execute {
+                    portal: (*portal).to_owned(),
+                    statement,
+                    formats,
+                    copies,
+                });
             }
-            b'B' => {
-                if let Ok(b) = message::decode_bind(body) {
-                    let formats = bind_result_formats(body).unwrap_or_default();
-                    lock(&self.client)
-                        .portals
-                        .insert(b.portal.to_owned(), (b.statement.to_owned(), formats));
-                    self.push(Expect::Bind(b.portal.to_owned()));
-                }
-            }
-            b'D' => {
-                if let Ok((kind, name)) = message::decode_target(body, "Describe") {
-                    self.push(if kind == b'S' {
-                        Expect::DescribeStatement(name.to_owned())
-                    } else {
-                        Expect::DescribePortal(name.to_owned())
-                    });
-                }
-            }
-            b'E' => {
-                if let Ok((portal, _)) = message::decode_execute(body) {
-                    let (statement, formats, sql) = {
-                        let c = lock(&self.client);
-                        let (statement, formats) =
-                            c.portals.get(portal).cloned().unwrap_or_default();
-                        let sql = c.statements.get(&statement).cloned();
-                        (statement, formats, sql)
-                    };
-                    let copies = match sql {
-                        Some(sql) => self.copy_specs(&sql).await,
-                        None => VecDeque::new(),
-                    };
-                    self.push(Expect::Execute {
-                        portal: portal.to_owned(),
-                        statement,
-                        formats,
-                        copies,
-                    });
-                }
-            }
-            b'S' => self.push(Expect::Sync),
-            b'F' => self.push(Expect::FunctionCall),
-            _ => {}
+            Frontend::Sync => self.push(Owed::Sync),
+            Frontend::FunctionCall => self.push(Owed::FunctionCall),
+            Frontend::Close { .. } | Frontend::Terminate | Frontend::Passthrough => {}
         }
     }
 
@@ -509,30 +449,6 @@ fn catalog_row(body: &[u8]) -> Option<(u32, i16, crate::mask::ColumnOrigin)> {
     Some((oid, attnum, crate::mask::ColumnOrigin::new(s, t, col)))
 }
 
-/// The result format codes at the end of a Bind.
-fn bind_result_formats(body: &[u8]) -> Option<Vec<i16>> {
-    let mut c = Cursor::new(body, "Bind");
-    c.cstr().ok()?;
-    c.cstr().ok()?;
-    let nf = c.i16().ok()?;
-    for _ in 0..nf {
-        c.i16().ok()?;
-    }
-    let np = c.i16().ok()?;
-    for _ in 0..np {
-        let len = c.i32().ok()?;
-        if len > 0 {
-            c.take(len as usize).ok()?;
-        }
-    }
-    let nr = c.i16().ok()?;
-    let mut out = Vec::with_capacity(usize::try_from(nr).ok()?);
-    for _ in 0..nr {
-        out.push(c.i16().ok()?);
-    }
-    Some(out)
-}
-
 /// COPY options as the masker needs them.
 fn copy_options(
     options: &[CopyOption],
@@ -604,16 +520,6 @@ fn options_set_escape(options: &[CopyOption], legacy: &[CopyLegacyOption]) -> bo
         })
 }
 
-/// What the relay does with one backend message.
-pub enum Action {
-    /// Forward it unchanged.
-    Pass,
-    /// Forward this message (complete, with header) instead.
-    Replace(Bytes),
-    /// Forward nothing.
-    Drop,
-}
-
 /// The upstream → client side's masking state.
 pub struct MaskStream {
     mask: Arc<SessionMask>,
@@ -664,7 +570,12 @@ impl MaskStream {
         if matches!(tag, b'C' | b'I' | b's') {
             self.pop_execute();
         }
-        Action::Replace(withheld(&e))
+        if tag == b'E' {
+            // PostgreSQL's own error, unmaskable: interceptor's error answers in its place.
+            Action::Rewrite(withheld(&e))
+        } else {
+            Action::Refuse(withheld(&e))
+        }
     }
 
     fn step(
@@ -676,18 +587,18 @@ impl MaskStream {
         match tag {
             b'D' => {
                 if self.discard {
-                    return Ok(Action::Drop);
+                    return Ok(Action::Withhold);
                 }
                 if self.active.is_none() {
                     self.active = Some(self.plan_for_execute()?);
                 }
                 let Some(Some(plan)) = &self.active else {
-                    return Ok(Action::Pass);
+                    return Ok(Action::Forward);
                 };
                 // The masked row comes framed: one allocation per changed row, none otherwise.
                 Ok(match plan.mask_data_row_message(body, summary)? {
-                    None => Action::Pass,
-                    Some(message) => Action::Replace(Bytes::from(message)),
+                    None => Action::Forward,
+                    Some(message) => Action::Rewrite(Bytes::from(message)),
                 })
             }
             b'T' => {
@@ -695,12 +606,12 @@ impl MaskStream {
                 if let Some(name) = self.describing.take() {
                     self.statements
                         .insert(name, plan.map_err(|e| e.to_string()));
-                    return Ok(Action::Pass);
+                    return Ok(Action::Forward);
                 }
                 // Describe(portal) + Execute in one batch: the rows follow directly, and a
                 // later Execute of the same portal finds the plan.
-                if let Some(Expect::DescribePortal(p)) =
-                    self.pop_if(|e| matches!(e, Expect::DescribePortal(_)))
+                if let Some(Owed::DescribePortal(p)) =
+                    self.pop_if(|e| matches!(e, Owed::DescribePortal(_)))
                 {
                     self.portals.insert(
                         p,
@@ -708,37 +619,37 @@ impl MaskStream {
                     );
                 }
                 self.active = Some(plan?);
-                Ok(Action::Pass)
+                Ok(Action::Forward)
             }
             b'n' => {
                 if let Some(name) = self.describing.take() {
                     self.statements.insert(name, Ok(None));
-                } else if let Some(Expect::DescribePortal(p)) =
-                    self.pop_if(|e| matches!(e, Expect::DescribePortal(_)))
+                } else if let Some(Owed::DescribePortal(p)) =
+                    self.pop_if(|e| matches!(e, Owed::DescribePortal(_)))
                 {
                     self.portals.insert(p, Ok(None));
                 }
-                Ok(Action::Pass)
+                Ok(Action::Forward)
             }
             b't' => {
-                if let Some(Expect::DescribeStatement(name)) =
-                    self.pop_if(|e| matches!(e, Expect::DescribeStatement(_)))
+                if let Some(Owed::DescribeStatement(name)) =
+                    self.pop_if(|e| matches!(e, Owed::DescribeStatement(_)))
                 {
                     self.describing = Some(name);
                 }
-                Ok(Action::Pass)
+                Ok(Action::Forward)
             }
             b'1' => {
-                if let Some(Expect::Parse(name)) = self.pop_if(|e| matches!(e, Expect::Parse(_))) {
-                    self.statements.remove(&name);
+                if let Some(Owed::Parse(name)) = self.pop_if(|e| matches!(e, Owed::Parse(_))) {
+                    self.statements.remove(&*name);
                 }
-                Ok(Action::Pass)
+                Ok(Action::Forward)
             }
             b'2' => {
-                if let Some(Expect::Bind(portal)) = self.pop_if(|e| matches!(e, Expect::Bind(_))) {
+                if let Some(Owed::Bind(portal)) = self.pop_if(|e| matches!(e, Owed::Bind(_))) {
                     self.portals.remove(&portal);
                 }
-                Ok(Action::Pass)
+                Ok(Action::Forward)
             }
             b'C' | b'I' | b's' => {
                 let discarded = std::mem::take(&mut self.discard);
@@ -746,49 +657,49 @@ impl MaskStream {
                 self.copy = None;
                 self.pop_execute();
                 Ok(if discarded {
-                    Action::Drop
+                    Action::Withhold
                 } else {
-                    Action::Pass
+                    Action::Forward
                 })
             }
             b'H' => {
                 if self.discard {
-                    return Ok(Action::Drop);
+                    return Ok(Action::Withhold);
                 }
                 let spec = self.next_copy_spec()?;
                 self.copy =
                     self.mask
                         .rules
                         .copy_plan(body, spec.columns.as_deref(), spec.options)?;
-                Ok(Action::Pass)
+                Ok(Action::Forward)
             }
             b'd' => {
                 if self.discard {
-                    return Ok(Action::Drop);
+                    return Ok(Action::Withhold);
                 }
                 let Some(copy) = self.copy.as_mut() else {
-                    return Ok(Action::Pass);
+                    return Ok(Action::Forward);
                 };
                 Ok(match copy.feed(body, summary)? {
-                    None => Action::Pass,
-                    Some(b) if b.is_empty() => Action::Drop,
-                    Some(b) => Action::Replace(message::message(b'd', &b)),
+                    None => Action::Forward,
+                    Some(b) if b.is_empty() => Action::Withhold,
+                    Some(b) => Action::Rewrite(message::message(b'd', &b)),
                 })
             }
             b'c' => {
                 if self.discard {
-                    return Ok(Action::Drop);
+                    return Ok(Action::Withhold);
                 }
                 let Some(copy) = self.copy.as_mut() else {
-                    return Ok(Action::Pass);
+                    return Ok(Action::Forward);
                 };
                 Ok(match copy.finish(summary)? {
-                    None => Action::Pass,
+                    None => Action::Forward,
                     Some(rest) => {
                         let mut both = bytes::BytesMut::new();
                         both.extend_from_slice(&message::message(b'd', &rest));
                         both.extend_from_slice(&message::message(b'c', &[]));
-                        Action::Replace(both.freeze())
+                        Action::Rewrite(both.freeze())
                     }
                 })
             }
@@ -813,9 +724,9 @@ impl MaskStream {
             )),
             b'Z' => {
                 self.end_batch();
-                Ok(Action::Pass)
+                Ok(Action::Forward)
             }
-            _ => Ok(Action::Pass),
+            _ => Ok(Action::Forward),
         }
     }
 
@@ -831,7 +742,7 @@ impl MaskStream {
     /// described plan, else a blind scan (an error with column rules).
     fn plan_for_execute(&self) -> Result<Option<MaskPlan>, MaskError> {
         let expect = lock(&self.mask.expect);
-        if let Some(Expect::Execute {
+        if let Some(Owed::Execute {
             portal,
             statement,
             formats,
@@ -841,10 +752,10 @@ impl MaskStream {
             if let Some(p) = self.portals.get(portal) {
                 return p.clone().map_err(|_| MaskError::ColumnsUnknown);
             }
-            if let Some(p) = self.statements.get(statement) {
+            if let Some(p) = self.statements.get(&**statement) {
                 let mut plan = p.clone().map_err(|_| MaskError::ColumnsUnknown)?;
                 if let Some(plan) = plan.as_mut() {
-                    plan.set_result_formats(formats)?;
+                    plan.set_result_formats(formats.as_slice())?;
                 }
                 return Ok(plan);
             }
@@ -855,7 +766,7 @@ impl MaskStream {
     fn next_copy_spec(&self) -> Result<CopySpec, MaskError> {
         let mut expect = lock(&self.mask.expect);
         let copies = match expect.front_mut() {
-            Some(Expect::Query { copies } | Expect::Execute { copies, .. }) => copies,
+            Some(Owed::Query { copies } | Owed::Execute { copies, .. }) => copies,
             _ => return Err(MaskError::CopyFormat("COPY of an unknown statement")),
         };
         match copies.pop_front() {
@@ -869,16 +780,11 @@ impl MaskStream {
     }
 
     fn pop_if(&self, want: impl Fn(&Expect) -> bool) -> Option<Expect> {
-        let mut expect = lock(&self.mask.expect);
-        if expect.front().is_some_and(want) {
-            expect.pop_front()
-        } else {
-            None
-        }
+        lock(&self.mask.expect).pop_if(want)
     }
 
     fn pop_execute(&self) {
-        let _ = self.pop_if(|e| matches!(e, Expect::Execute { .. }));
+        let _ = self.pop_if(|e| matches!(e, Owed::Execute { .. }));
     }
 
     /// An ErrorResponse: PostgreSQL skips the rest of an extended batch up to Sync.
@@ -887,12 +793,10 @@ impl MaskStream {
         self.copy = None;
         self.discard = false;
         self.describing = None;
-        let mut expect = lock(&self.mask.expect);
-        while expect.front().is_some_and(|e| !e.ends_batch()) {
-            if let Some(Expect::Parse(name)) = expect.pop_front() {
-                self.statements.remove(&name);
-            }
-        }
+        let statements = &mut self.statements;
+        lock(&self.mask.expect).skip_to_batch_end(|name| {
+            statements.remove(name);
+        });
     }
 
     fn end_batch(&mut self) {
@@ -900,19 +804,14 @@ impl MaskStream {
         self.copy = None;
         self.discard = false;
         self.describing = None;
-        let mut expect = lock(&self.mask.expect);
-        while let Some(e) = expect.pop_front() {
-            if e.ends_batch() {
-                break;
-            }
-        }
+        lock(&self.mask.expect).end_batch();
     }
 }
 
 fn replace(tag: u8, body: Option<Vec<u8>>) -> Action {
     match body {
-        None => Action::Pass,
-        Some(b) => Action::Replace(message::message(tag, &b)),
+        None => Action::Forward,
+        Some(b) => Action::Rewrite(message::message(tag, &b)),
     }
 }
 
@@ -959,23 +858,6 @@ mod tests {
         assert_eq!(legacy.format, crate::mask::CopyFormat::Csv);
         assert!(legacy.header);
         assert!(copy_opts("COPY t TO STDOUT (FORMAT parquet)").is_err());
-    }
-
-    #[test]
-    fn bind_result_formats_are_read_after_the_parameters() {
-        let mut b = Vec::new();
-        b.extend_from_slice(b"portal\0stmt\0");
-        b.extend_from_slice(&1i16.to_be_bytes());
-        b.extend_from_slice(&1i16.to_be_bytes());
-        b.extend_from_slice(&2i16.to_be_bytes());
-        b.extend_from_slice(&3i32.to_be_bytes());
-        b.extend_from_slice(b"abc");
-        b.extend_from_slice(&(-1i32).to_be_bytes());
-        b.extend_from_slice(&2i16.to_be_bytes());
-        b.extend_from_slice(&0i16.to_be_bytes());
-        b.extend_from_slice(&1i16.to_be_bytes());
-        assert_eq!(bind_result_formats(&b), Some(vec![0, 1]));
-        assert_eq!(bind_result_formats(&b[..b.len() - 1]), None);
     }
 
     #[test]

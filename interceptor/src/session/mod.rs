@@ -4,6 +4,7 @@ pub mod auth;
 pub mod cancel;
 pub mod gate;
 pub mod masking;
+pub mod protocol;
 pub mod relay;
 pub mod startup;
 pub mod upstream;

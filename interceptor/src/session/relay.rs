@@ -17,7 +17,8 @@ use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::gate::{Gate, LexState, Outcome, Recorder, Verdict};
-use super::masking::{Action, MaskStream, SessionMask};
+use super::masking::{MaskStream, SessionMask};
+use super::protocol::{Action, Frontend};
 use crate::net::frame::{FrameError, FrameReader, frames};
 use crate::net::message::{self, Cursor, PgError, sqlstate};
 use crate::net::stream::{BoxedRead, BoxedWrite};
@@ -338,13 +339,21 @@ async fn client_to_upstream(
         for f in frames(&chunk) {
             let start = offset;
             offset += f.raw.len();
+            let msg = match Frontend::decode(f.tag, f.body) {
+                Ok(Some(msg)) => msg,
+                Ok(None) => {
+                    return Err(RelayError::Protocol(format!(
+                        "unknown message type '{}'",
+                        f.tag.escape_ascii()
+                    )));
+                }
+                Err(e) => return Err(RelayError::Protocol(e.to_string())),
+            };
             if let Some(m) = &shared.mask {
-                m.frontend(f.tag, f.body).await;
+                m.frontend(&msg, gate.statements()).await;
             }
-            let substitute = match f.tag {
-                b'Q' => {
-                    let sql = message::decode_query(f.body)
-                        .map_err(|e| RelayError::Protocol(e.to_string()))?;
+            let substitute = match msg {
+                Frontend::Query(sql) => {
                     shared.counters.statements.fetch_add(1, Ordering::Relaxed);
                     let mut verdict = gate.query(sql, shared.lex()).await;
                     if let Verdict::Hold(held) = verdict {
@@ -373,27 +382,19 @@ async fn client_to_upstream(
                     batch += 1;
                     sub
                 }
-                b'P' => {
-                    let p = message::decode_parse(f.body)
-                        .map_err(|e| RelayError::Protocol(e.to_string()))?;
-                    match gate.parse(p.statement, p.sql, shared.lex()).await {
-                        Verdict::Forward { .. } => match rewrite(shared, p.sql).await {
-                            Ok(new) => new.map(|sql| super::masking::reparse(&p, &sql)),
-                            Err(err) => Some(refuse(shared, batch, err, true)),
-                        },
-                        Verdict::Refuse(err) => Some(refuse(shared, batch, err, true)),
-                        Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), true)),
-                    }
-                }
-                b'B' => {
-                    let b = message::decode_bind(f.body)
-                        .map_err(|e| RelayError::Protocol(e.to_string()))?;
-                    gate.bind(b.portal, b.statement, &b.params, &b.param_formats);
+                Frontend::Parse(p) => match gate.parse(p.statement, p.sql, shared.lex()).await {
+                    Verdict::Forward { .. } => match rewrite(shared, p.sql).await {
+                        Ok(new) => new.map(|sql| super::masking::reparse(&p, &sql)),
+                        Err(err) => Some(refuse(shared, batch, err, true)),
+                    },
+                    Verdict::Refuse(err) => Some(refuse(shared, batch, err, true)),
+                    Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), true)),
+                },
+                Frontend::Bind { view, body } => {
+                    gate.bind(&view, body);
                     None
                 }
-                b'E' => {
-                    let (portal, _) = message::decode_execute(f.body)
-                        .map_err(|e| RelayError::Protocol(e.to_string()))?;
+                Frontend::Execute { portal } => {
                     shared.counters.statements.fetch_add(1, Ordering::Relaxed);
                     let mut verdict = gate.execute(portal, shared.lex()).await;
                     if let Verdict::Hold(held) = verdict {
@@ -419,17 +420,15 @@ async fn client_to_upstream(
                         Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), true)),
                     }
                 }
-                b'C' => {
-                    let (kind, name) = message::decode_target(f.body, "Close")
-                        .map_err(|e| RelayError::Protocol(e.to_string()))?;
+                Frontend::Close { kind, name } => {
                     gate.close(kind, name);
                     None
                 }
-                b'S' => {
+                Frontend::Sync => {
                     batch += 1;
                     None
                 }
-                b'F' => {
+                Frontend::FunctionCall => {
                     let sub = match gate.function_call().await {
                         Verdict::Forward { .. } => None,
                         Verdict::Refuse(err) => Some(refuse(shared, batch, err, false)),
@@ -438,17 +437,11 @@ async fn client_to_upstream(
                     batch += 1;
                     sub
                 }
-                b'X' => {
+                Frontend::Terminate => {
                     terminate = true;
                     None
                 }
-                b'D' | b'H' | b'd' | b'c' | b'f' => None,
-                other => {
-                    return Err(RelayError::Protocol(format!(
-                        "unknown message type '{}'",
-                        other.escape_ascii()
-                    )));
-                }
+                Frontend::Describe { .. } | Frontend::Passthrough => None,
             };
             if let Some(sub) = substitute {
                 let o = out.get_or_insert_with(|| BytesMut::with_capacity(chunk.len() + 64));
@@ -623,7 +616,7 @@ async fn upstream_to_client(
                 let start = offset;
                 offset += f.raw.len();
                 let action = match mask.as_mut() {
-                    None => Action::Pass,
+                    None => Action::Forward,
                     Some(m) => {
                         let summary = match inflight.front_mut() {
                             Some(front) => &mut front.outcome.masked,
@@ -635,22 +628,23 @@ async fn upstream_to_client(
                         m.message(f.tag, f.body, summary)
                     }
                 };
-                let sub = match action {
-                    Action::Pass => None,
-                    Action::Drop => Some(Bytes::new()),
-                    Action::Replace(b) => Some(b),
-                };
-                let sub = if sub.as_ref().is_some_and(|b| b.first() == Some(&b'E')) && f.tag != b'E'
-                {
-                    // A result that could not be masked: the client gets the error instead.
-                    if let Some(front) = inflight.front_mut() {
-                        front.outcome.sqlstate = Some(sqlstate::INTERNAL_ERROR.into());
-                        front.outcome.error =
-                            Some("interceptor: result withheld (masking failed)".into());
+                let (sub, dropped) = match action {
+                    Action::Refuse(error) => {
+                        // A result that could not be masked: the client gets the error instead.
+                        if let Some(front) = inflight.front_mut() {
+                            front.outcome.sqlstate = Some(sqlstate::INTERNAL_ERROR.into());
+                            front.outcome.error =
+                                Some("interceptor: result withheld (masking failed)".into());
+                        }
+                        (Some(error), None)
                     }
-                    sub
-                } else {
-                    let dropped = sub.as_ref().is_some_and(|b| b.is_empty());
+                    Action::Forward => (None, Some(false)),
+                    Action::Withhold => (Some(Bytes::new()), Some(true)),
+                    Action::Rewrite(b) => (Some(b), Some(false)),
+                };
+                let sub = if let Some(dropped) = dropped {
+                    // What the client gets of this message, for the audit trail: the masked
+                    // body when the rewrite is the same message, else PostgreSQL's.
                     let body = match &sub {
                         Some(b) if b.len() >= 5 && b[0] == f.tag => &b[5..],
                         _ => f.body,
@@ -673,6 +667,8 @@ async fn upstream_to_client(
                         }
                         swapped.or(sub)
                     }
+                } else {
+                    sub
                 };
                 if let Some(sub) = sub {
                     let o = out.get_or_insert_with(|| BytesMut::with_capacity(chunk.len() + 64));
