@@ -260,13 +260,8 @@ impl AuditLog {
         event: AuditEvent,
         waiter: Option<writer::Waiter>,
     ) -> Result<RecordId, AuditError> {
-        let event = match cap_rows(event, self.inner.record_rows) {
-            AuditEvent::Statement(mut st) => {
-                redact::redact_statement(&mut st);
-                AuditEvent::Statement(st)
-            }
-            other => other,
-        };
+        // Statements arrive redacted (see `redact::redact_record`, called where they are classified).
+        let event = cap_rows(event, self.inner.record_rows);
         self.inner.shared.push(event, waiter)
     }
 }

@@ -1,110 +1,79 @@
-//! Keeps passwords out of audit records: `ALTER ROLE bob PASSWORD 'secret'` is recorded as
-//! `ALTER ROLE bob PASSWORD '[redacted]'`, and a bind parameter given as `PASSWORD $1` is
-//! replaced. Statements that do not mention `password` are recorded byte for byte.
+//! Keeps secrets out of audit records. The classified statements say where their secrets are
+//! (string constants PostgreSQL's parser reads as a password or a connection string, see
+//! [`crate::policy::secrets`]); those bytes are replaced, the rest is recorded byte for byte:
+//! `ALTER ROLE bob PASSWORD 'secret'` is recorded as `ALTER ROLE bob PASSWORD '[redacted]'`.
+//! Nothing here parses SQL again.
 
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::keywords::Keyword;
-use sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer};
+use crate::policy::Classified;
 
 use super::record::StatementRecord;
 
 pub const REDACTED: &str = "[redacted]";
 
-/// Redacts secrets in place. When the text mentions a password but cannot be tokenized, the
-/// whole text is withheld (fail closed): a secret must never reach the audit trail.
-pub fn redact_statement(st: &mut StatementRecord) {
-    if !st.sql.to_ascii_lowercase().contains("password") {
+/// Words without which no statement PostgreSQL accepts can hold a secret (keywords cannot be
+/// spelled with escapes; `U&"p\0061ssword"` as an option name still needs `OPTIONS`).
+const SECRET_WORDS: [&str; 5] = ["password", "connection", "options", "scram-sha-256", "md5"];
+
+/// Redacts the secrets of `st`, whose text was classified as `statements`. Fails closed: a
+/// text that could not be classified but may hold a secret, a secret the parser could not
+/// place, or a span that does not fit the text withholds the whole text, its parameters and
+/// the refusal reason (a syntax error may quote the text).
+pub fn redact_record(st: &mut StatementRecord, statements: &[Classified]) {
+    if statements.is_empty() {
+        if may_hold_secret(&st.sql) {
+            withhold(
+                st,
+                "statement could not be classified and may hold a secret",
+            );
+        }
         return;
     }
-    let dialect = PostgreSqlDialect {};
-    let tokens = match Tokenizer::new(&dialect, &st.sql).tokenize_with_location() {
-        Ok(t) => t,
-        Err(_) => {
-            st.sql =
-                format!("{REDACTED} (statement mentions a password and could not be tokenized)");
-            st.parameters.clear();
-            return;
-        }
-    };
-    let lines = line_starts(&st.sql);
-    let mut replace: Vec<(usize, usize)> = Vec::new();
-    let mut after_password = false;
-    for t in &tokens {
-        if matches!(t.token, Token::Whitespace(_)) {
-            continue;
-        }
-        if after_password {
-            match &t.token {
-                Token::Placeholder(p) => {
-                    if let Some(i) = p
-                        .strip_prefix('$')
-                        .and_then(|n| n.parse::<usize>().ok())
-                        .and_then(|n| n.checked_sub(1))
-                        && let Some(v) = st.parameters.get_mut(i)
-                        && v.is_some()
-                    {
-                        *v = Some(REDACTED.to_string());
-                    }
-                }
-                tok if is_string_literal(tok) => match span_bytes(&st.sql, &lines, t) {
-                    Some(r) => replace.push(r),
-                    None => {
-                        st.sql = format!("{REDACTED} (statement mentions a password)");
-                        return;
-                    }
-                },
-                _ => {}
-            }
-        }
-        after_password = matches!(&t.token, Token::Word(w) if w.keyword == Keyword::PASSWORD);
+    if statements.iter().any(|c| c.secret_unplaced) {
+        withhold(st, "statement holds a secret");
+        return;
     }
-    for (start, end) in replace.into_iter().rev() {
+    let mut spans: Vec<(usize, usize)> = statements
+        .iter()
+        .flat_map(|c| c.secrets.iter().copied())
+        .collect();
+    if spans.is_empty() {
+        return;
+    }
+    spans.sort_unstable();
+    let fits = spans.windows(2).all(|w| w[0].1 <= w[1].0)
+        && spans.iter().all(|&(start, end)| {
+            start < end
+                && st.sql.get(start..end).is_some_and(|s| {
+                    s.starts_with(['\'', '$', 'E', 'e', 'U', 'u', 'N', 'n', 'B', 'b', 'X', 'x'])
+                })
+        });
+    if !fits {
+        withhold(st, "statement holds a secret");
+        return;
+    }
+    for (start, end) in spans.into_iter().rev() {
         st.sql.replace_range(start..end, &format!("'{REDACTED}'"));
     }
 }
 
-fn is_string_literal(t: &Token) -> bool {
-    matches!(
-        t,
-        Token::SingleQuotedString(_)
-            | Token::DollarQuotedString(_)
-            | Token::EscapedStringLiteral(_)
-            | Token::UnicodeStringLiteral(_)
-            | Token::NationalStringLiteral(_)
-            | Token::DoubleQuotedString(_)
-            | Token::SingleQuotedByteStringLiteral(_)
-            | Token::HexStringLiteral(_)
-    )
+fn may_hold_secret(sql: &str) -> bool {
+    let lower = sql.to_ascii_lowercase();
+    SECRET_WORDS.iter().any(|w| lower.contains(w))
 }
 
-fn line_starts(s: &str) -> Vec<usize> {
-    let mut v = vec![0];
-    v.extend(s.match_indices('\n').map(|(i, _)| i + 1));
-    v
-}
-
-/// Byte offset of a 1-based line/column (columns count characters).
-fn offset(s: &str, lines: &[usize], loc: Location) -> Option<usize> {
-    let line_start = *lines.get(usize::try_from(loc.line).ok()?.checked_sub(1)?)?;
-    let col = usize::try_from(loc.column).ok()?.checked_sub(1)?;
-    let rest = s.get(line_start..)?;
-    match rest.char_indices().nth(col) {
-        Some((i, _)) => Some(line_start + i),
-        None if rest.chars().count() == col => Some(s.len()),
-        None => None,
+fn withhold(st: &mut StatementRecord, why: &str) {
+    st.sql = format!("{REDACTED} ({why})");
+    st.parameters.clear();
+    if st.reason.is_some() {
+        st.reason = Some(format!("{REDACTED} (the reason may quote the statement)"));
     }
-}
-
-fn span_bytes(s: &str, lines: &[usize], t: &TokenWithSpan) -> Option<(usize, usize)> {
-    let start = offset(s, lines, t.span.start)?;
-    let end = offset(s, lines, t.span.end)?;
-    (start < end).then_some((start, end))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::audit::record::{QueryProtocol, SessionId};
+    use crate::policy::{LexSettings, classify};
 
     fn st(sql: &str, params: Vec<Option<String>>) -> StatementRecord {
         StatementRecord {
@@ -122,51 +91,122 @@ mod tests {
         }
     }
 
-    #[test]
-    fn password_literals_are_redacted() {
-        let mut s = st(
+    fn redacted(sql: &str, scs: bool) -> String {
+        let lex = LexSettings {
+            standard_conforming_strings: scs,
+        };
+        let statements = classify(sql, lex).unwrap_or_default();
+        let mut s = st(sql, vec![Some("p".into())]);
+        redact_record(&mut s, &statements);
+        s.sql
+    }
+
+    /// Every spelling of a password PostgreSQL accepts, with the secret each hides.
+    const PASSWORD_FORMS: &[(&str, &str)] = &[
+        (
             "ALTER ROLE bob WITH PASSWORD 's3cr''et' VALID UNTIL 'infinity'",
-            vec![],
-        );
-        redact_statement(&mut s);
+            "s3cr",
+        ),
+        ("create user \"ü\"\n  password E'x\\'hunter2';", "hunter2"),
+        ("CREATE ROLE a LOGIN PASSWORD $$dollar1$$", "dollar1"),
+        ("CREATE ROLE a PASSWORD $tag$dollar2$tag$", "dollar2"),
+        ("ALTER USER a ENCRYPTED PASSWORD 'enc1'", "enc1"),
+        (
+            "ALTER USER a ENCRYPTED /* c */ PASSWORD -- c\n 'enc2'",
+            "enc2",
+        ),
+        ("ALTER ROLE a PASSWORD /* 'not' */ E'esc\\x41pe'", "esc"),
+        ("ALTER ROLE a PASSWORD U&'uni\\0041code'", "uni"),
+        ("ALTER ROLE a PASSWORD U&'uni!0041x2' UESCAPE '!'", "uni"),
+        (
+            "ALTER USER a PASSWORD 'SCRAM-SHA-256$4096:c2FsdA==$c3RvcmVk:c2VydmVy'",
+            "c3RvcmVk",
+        ),
+        (
+            "ALTER ROLE a PASSWORD 'md5a1b2c3d4e5f60718293a4b5c6d7e8f9'",
+            "a1b2c3d4",
+        ),
+        (
+            "CREATE USER MAPPING FOR a SERVER s OPTIONS (user 'u', password 'fdw1')",
+            "fdw1",
+        ),
+        (
+            "ALTER USER MAPPING FOR a SERVER s OPTIONS (SET password 'fdw2')",
+            "fdw2",
+        ),
+        (
+            "CREATE SUBSCRIPTION sub CONNECTION 'host=h password=sub1' PUBLICATION p \
+             WITH (connect = false)",
+            "sub1",
+        ),
+        ("ALTER SUBSCRIPTION sub CONNECTION 'password=sub2'", "sub2"),
+        (
+            "SELECT 1; ALTER ROLE a PASSWORD 'second'; SELECT 2",
+            "second",
+        ),
+    ];
+
+    #[test]
+    fn every_password_form_is_redacted_from_the_tree() {
+        for (sql, secret) in PASSWORD_FORMS {
+            let out = redacted(sql, true);
+            assert!(!out.contains(secret), "{sql} -> {out}");
+            assert!(out.contains("'[redacted]'"), "{sql} -> {out}");
+        }
+        // The rest of the text is kept byte for byte.
         assert_eq!(
-            s.sql,
+            redacted(PASSWORD_FORMS[0].0, true),
             "ALTER ROLE bob WITH PASSWORD '[redacted]' VALID UNTIL 'infinity'"
         );
-
-        let mut s = st("create user \"ü\"\n  password E'x\\'y';", vec![]);
-        redact_statement(&mut s);
-        assert_eq!(s.sql, "create user \"ü\"\n  password '[redacted]';");
-
-        let mut s = st("CREATE ROLE a PASSWORD $$pw$$", vec![]);
-        redact_statement(&mut s);
-        assert!(!s.sql.contains("pw$$"), "{}", s.sql);
-
-        let mut s = st(
-            "ALTER USER x PASSWORD $2",
-            vec![Some("x".into()), Some("hunter2".into())],
-        );
-        redact_statement(&mut s);
-        assert_eq!(s.parameters, vec![Some("x".into()), Some(REDACTED.into())]);
+        // With standard_conforming_strings off, a plain string takes backslash escapes.
+        let out = redacted(r"ALTER ROLE a PASSWORD 'x\'hunter3'", false);
+        assert_eq!(out, "ALTER ROLE a PASSWORD '[redacted]'");
     }
 
     #[test]
     fn other_statements_are_untouched() {
-        let sql = "SELECT 'password' AS label, password_hash FROM users WHERE id = $1";
-        let mut s = st(sql, vec![Some("7".into())]);
-        redact_statement(&mut s);
-        assert_eq!(s.sql, sql);
-        assert_eq!(s.parameters, vec![Some("7".into())]);
+        for sql in [
+            "SELECT 'password' AS label, password_hash FROM users WHERE id = $1",
+            "ALTER ROLE a PASSWORD NULL",
+            "ALTER ROLE a VALID UNTIL 'infinity'",
+        ] {
+            assert_eq!(redacted(sql, true), sql);
+        }
     }
 
     #[test]
-    fn untokenizable_text_mentioning_a_password_is_withheld() {
+    fn unclassifiable_text_that_may_hold_a_secret_is_withheld() {
         let mut s = st(
             "ALTER ROLE bob PASSWORD 'unterminated",
             vec![Some("p".into())],
         );
-        redact_statement(&mut s);
+        s.reason = Some("syntax error at or near \"'unterminated\"".into());
+        redact_record(&mut s, &[]);
         assert!(!s.sql.contains("unterminated"));
+        assert!(!s.reason.as_deref().unwrap_or("").contains("unterminated"));
         assert!(s.parameters.is_empty());
+        for sql in [
+            "ALTER ROLE a PASSWORD 'x' 'secret9'",
+            "CREATE SUBSCRIPTION s CONNECTION 'password=secret9' BROKEN",
+        ] {
+            assert!(!redacted(sql, true).contains("secret9"), "{sql}");
+        }
+        // Without a word that could introduce a secret, a syntax error is recorded as sent.
+        assert_eq!(redacted("SELEC 'x'", true), "SELEC 'x'");
+    }
+
+    #[test]
+    fn spans_that_do_not_fit_the_text_withhold_it() {
+        let mut c =
+            classify("ALTER ROLE a PASSWORD 'pw1'", LexSettings::default()).unwrap_or_default();
+        c[0].secrets = vec![(0, 5)];
+        let mut s = st("ALTER ROLE a PASSWORD 'pw1'", vec![]);
+        redact_record(&mut s, &c);
+        assert!(!s.sql.contains("pw1"), "{}", s.sql);
+        c[0].secrets.clear();
+        c[0].secret_unplaced = true;
+        let mut s = st("ALTER ROLE a PASSWORD 'pw1'", vec![]);
+        redact_record(&mut s, &c);
+        assert!(!s.sql.contains("pw1"), "{}", s.sql);
     }
 }

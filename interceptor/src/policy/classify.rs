@@ -19,6 +19,7 @@ use super::lexer::{self, LexSettings, StatementText, TokKind};
 use super::names::{ident_name, name_parts, table_name};
 use super::pgparse;
 use super::pgwalk::{self, TreeError, TreeFacts};
+use super::secrets;
 use super::walk::{Facts, Walk, shallow};
 
 /// What a statement does, from least to most powerful (the order is used when a statement does
@@ -139,6 +140,14 @@ pub struct Classified {
     pub deallocates: Option<String>,
     /// Byte range of the statement in the query text.
     pub span: (usize, usize),
+    /// Byte ranges (in the query text) of string constants holding secrets: passwords and
+    /// connection strings, as PostgreSQL's parser reads them. The audit trail leaves them out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<(usize, usize)>,
+    /// The parser names a secret the lexer's tokens could not place: the statement is never
+    /// recorded as text (fail closed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secret_unplaced: bool,
 }
 
 /// Why a query cannot be classified (it is then refused, or sent for approval if the policy
@@ -310,6 +319,10 @@ fn classify_piece(
             StatementKind::Ddl | StatementKind::Dcl | StatementKind::Utility
         );
     let names_known = !(names_unknown || unnamed_objects);
+    let (secrets, secret_unplaced) = match secrets::secret_spans(node, &piece.tokens) {
+        Ok(spans) => (spans.into_iter().map(|r| (r.start, r.end)).collect(), false),
+        Err(secrets::Unplaced) => (Vec::new(), true),
+    };
     let classified = Classified {
         command: command_of(piece, command_words),
         kind,
@@ -321,6 +334,8 @@ fn classify_piece(
         executes,
         deallocates,
         span: (piece.span.start, piece.span.end),
+        secrets,
+        secret_unplaced,
     };
     // Second opinion: where sqlparser reads the same text and believes it writes, a statement
     // the tree calls harmless is refused (one of the two misreads it; fail closed).
@@ -567,6 +582,8 @@ fn classify_statement(
         executes,
         deallocates,
         span: (piece.span.start, piece.span.end),
+        secrets: Vec::new(),
+        secret_unplaced: false,
     })
 }
 

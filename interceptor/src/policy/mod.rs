@@ -27,6 +27,7 @@ pub mod pgparse;
 pub(crate) mod pgwalk;
 pub mod relfuncs;
 pub mod reload;
+pub mod secrets;
 pub mod session;
 pub mod set;
 pub mod testcases;

@@ -303,6 +303,15 @@ impl PolicySet {
             return hit.clone();
         }
         let result: Cached = Arc::new(classify(sql, *lex));
+        // Secret spans are byte offsets in this text; the key hides numbers, whose length may
+        // differ in a text with the same key, so such results are not shared.
+        if let Ok(statements) = result.as_ref()
+            && statements
+                .iter()
+                .any(|c| !c.secrets.is_empty() || c.secret_unplaced)
+        {
+            return result;
+        }
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= CACHE_ENTRIES {
             cache.clear();

@@ -199,7 +199,7 @@ impl Gate {
             decision.statements.iter().map(|c| c.kind.as_str()),
             deny_sqlstate.as_deref(),
         );
-        let id = self.audit.append(AuditEvent::Statement(StatementRecord {
+        let mut record = StatementRecord {
             session: self.facts.session_id,
             protocol,
             sql: sql.to_owned(),
@@ -215,10 +215,13 @@ impl Gate {
             deny_sqlstate,
             reason,
             approval,
-        }))?;
+        };
+        crate::audit::redact::redact_record(&mut record, &decision.statements);
+        let shown = (verdict == "allow").then(|| record.sql.clone());
+        let id = self.audit.append(AuditEvent::Statement(record))?;
         self.unsynced = true;
-        if verdict == "allow" {
-            self.facts.activity.statement(sql);
+        if let Some(shown) = shown {
+            self.facts.activity.statement(&shown);
         }
         Ok(id)
     }
