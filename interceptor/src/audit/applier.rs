@@ -243,10 +243,8 @@ impl Worker {
         }
         let n = records.len();
         if self.failed.is_none() {
-            let mut batch = sled::Batch::default();
-            for (k, v) in pairs.drain(..) {
-                batch.insert(k, v);
-            }
+            let batch = super::block::fold_pairs(pairs.iter());
+            pairs.clear();
             // Records, head and checkpoint of many commits appear together or not at all.
             match self.store.log.apply_batch(batch) {
                 Ok(()) => {

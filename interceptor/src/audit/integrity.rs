@@ -14,11 +14,11 @@ use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
 use super::AuditError;
-use super::chain::{self, RECORD_PREFIX};
+use super::chain;
 use super::headmark::{self, Read};
 use super::record::{AuditEvent, RecordId};
 use super::signing::Mark;
-use super::store::Store;
+use super::store::{Store, Stored};
 use super::verify::{self, Problem, VerifyMode, VerifyReport};
 use crate::config::AuditConfig;
 
@@ -123,11 +123,12 @@ fn check_against(report: &mut VerifyReport, store: &Store, mark: &Mark) -> Resul
         ));
         return Ok(());
     }
-    let stored = store.log.get(chain::record_key(mark.seq))?;
-    let hash = stored
-        .as_deref()
-        .and_then(chain::split_stored)
-        .map(|s| s.hash);
+    let hash = match store.scan(mark.seq).next().transpose()? {
+        Some(Stored::Record { seq, stored }) if seq == mark.seq => {
+            chain::split_stored(&stored).map(|s| s.hash)
+        }
+        _ => None,
+    };
     if hash.is_none() || hash != mark.chain_hash() {
         report.problems.push(problem(
             Some(mark.seq),
@@ -172,9 +173,9 @@ pub fn check_at_start(
 /// The last record an [`AuditGap`] accepted (the store's last record when it was written).
 fn accepted_upto(store: &Store) -> Result<Option<RecordId>, AuditError> {
     let mut upto = None;
-    for item in store.log.scan_prefix([RECORD_PREFIX]) {
-        let (_, v) = item?;
-        if let Some((_, rec)) = chain::decode_record(&v)
+    for item in store.scan(RecordId(0)) {
+        if let Stored::Record { stored, .. } = item?
+            && let Some((_, rec)) = chain::decode_record(&stored)
             && let AuditEvent::AuditGap(_) = rec.event
         {
             upto = Some(rec.seq);

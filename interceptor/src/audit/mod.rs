@@ -13,6 +13,7 @@
 
 pub mod admin;
 mod applier;
+mod block;
 pub mod chain;
 pub mod cli;
 pub mod export;

@@ -9,10 +9,11 @@ use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 
 use super::AuditError;
-use super::chain::{self, BASE_KEY, RECORD_PREFIX};
+use super::block::{self, BlockBuilder, block_key};
+use super::chain::{self, BASE_KEY};
 use super::record::{RecordId, Timestamp};
 use super::signing::{Mark, MarkKind};
-use super::store::Store;
+use super::store::{Store, Stored, decode};
 use crate::config::AuditConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,21 +73,21 @@ pub(crate) fn apply(
 
     // Sizes and times of the kept records, oldest first.
     let mut entries: Vec<(RecordId, Timestamp, u64)> = Vec::new();
-    for item in store
-        .log
-        .range(chain::record_key(start).to_vec()..vec![RECORD_PREFIX + 1])
-    {
-        let (k, v) = item?;
-        let Some((_, rec)) = chain::decode_record(&v) else {
-            return Err(AuditError::Corrupt(format!(
-                "undecodable record at key {}",
-                hex::encode(&k)
-            )));
+    for item in store.scan(start) {
+        let item = item?;
+        let size = match &item {
+            Stored::Record { stored, .. } => stored.len(),
+            Stored::Malformed { .. } => 0,
         };
+        let (_, rec) = decode(item)?;
         if rec.seq > last {
             break;
         }
-        entries.push((rec.seq, rec.at, (k.len() + v.len()) as u64));
+        entries.push((
+            rec.seq,
+            rec.at,
+            (chain::record_key(rec.seq).len() + size) as u64,
+        ));
     }
 
     let mut cut = start;
@@ -125,15 +126,17 @@ pub(crate) fn apply(
     // 1. The signed base first: if we crash after it, verify ignores the leftover records
     //    below it and the next run deletes them.
     let prev_hash = match cut.0.checked_sub(1) {
-        Some(p) => {
-            let v = store
-                .log
-                .get(chain::record_key(RecordId(p)))?
-                .ok_or_else(|| AuditError::Corrupt(format!("record #{p} missing")))?;
-            chain::split_stored(&v)
-                .ok_or_else(|| AuditError::Corrupt(format!("record #{p} malformed")))?
-                .hash
-        }
+        Some(p) => store
+            .scan(RecordId(p))
+            .next()
+            .transpose()?
+            .and_then(|item| match item {
+                Stored::Record { seq, stored } if seq.0 == p => {
+                    chain::split_stored(&stored).map(|s| s.hash)
+                }
+                _ => None,
+            })
+            .ok_or_else(|| AuditError::Corrupt(format!("record #{p} missing or malformed")))?,
         None => chain::ChainHash::GENESIS,
     };
     let base = Mark::new(MarkKind::Base, cut, prev_hash, key);
@@ -142,13 +145,31 @@ pub(crate) fn apply(
 
     // 2. Delete records, checkpoints and index entries below the cut.
     let mut batch = sled::Batch::default();
+    // Blocks wholly below the cut go; the block the cut falls in is rewritten with the
+    // records from the cut on, under the key of its new first record.
     for item in store
         .log
-        .range(vec![RECORD_PREFIX]..chain::record_key(cut).to_vec())
+        .range(block_key(RecordId(0)).to_vec()..block_key(cut).to_vec())
     {
-        let (k, _) = item?;
-        batch.remove(k);
-        report.removed_records += 1;
+        let (k, v) = item?;
+        let mut kept = BlockBuilder::default();
+        for entry in block::entries(&v) {
+            let Ok((seq, stored)) = entry else {
+                return Err(AuditError::Corrupt(format!(
+                    "malformed record block at key {}",
+                    hex::encode(&k)
+                )));
+            };
+            if seq < cut {
+                report.removed_records += 1;
+            } else {
+                kept.push(seq, stored);
+            }
+        }
+        batch.remove(k.clone());
+        if let Some((nk, nv)) = kept.take() {
+            batch.insert(&nk[..], nv);
+        }
     }
     for item in store
         .log
@@ -166,9 +187,15 @@ pub(crate) fn apply(
             continue;
         }
         let whole = s.last_seq.is_none_or(|l| l < cut);
-        for seq in store.session_seqs(s.session)? {
-            if seq < cut {
-                refs.remove(&super::store::session_record_key(s.session, seq));
+        for (key, seqs) in store.session_ref_entries(s.session)? {
+            let kept: Vec<RecordId> = seqs.iter().copied().filter(|q| *q >= cut).collect();
+            if kept.len() == seqs.len() {
+                continue;
+            }
+            refs.remove(key);
+            if let Some(first) = kept.first() {
+                let value: Vec<u8> = kept.iter().flat_map(|q| q.0.to_be_bytes()).collect();
+                refs.insert(&super::store::session_record_key(s.session, *first), value);
             }
         }
         if whole {

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::AuditError;
+use super::block::{self, BLOCK_PREFIX, BlockBuilder, block_key};
 use super::chain::{self, BASE_KEY, CHECKPOINT_PREFIX, HEAD_KEY, RECORD_PREFIX};
 use super::record::{AuditEvent, Peer, Record, RecordId, SessionId, Timestamp};
 use super::signing::Mark;
@@ -160,8 +161,54 @@ impl Store {
             meta: tree("meta")?,
             db,
         };
+        store.fold_record_keys()?;
         store.replay_wal()?;
         Ok(store)
+    }
+
+    /// Moves records stored under keys of their own (stores written before records were kept
+    /// in blocks) into blocks, byte for byte, so the chain verifies as before.
+    fn fold_record_keys(&self) -> Result<(), AuditError> {
+        let well_formed = |k: &sled::IVec| k.len() == 9;
+        if !self
+            .log
+            .scan_prefix([RECORD_PREFIX])
+            .keys()
+            .any(|k| k.is_ok_and(|k| well_formed(&k)))
+        {
+            return Ok(());
+        }
+        let mut moved = 0u64;
+        let mut batch = sled::Batch::default();
+        let mut block = BlockBuilder::default();
+        for item in self.log.scan_prefix([RECORD_PREFIX]) {
+            let (k, v) = item?;
+            // A malformed key stays where it is, for verification to report.
+            let Some(seq) = chain::seq_of_key(&k).filter(|_| k.len() == 9) else {
+                continue;
+            };
+            if let Some((bk, bv)) = block.push_closing(seq, &v) {
+                batch.insert(&bk[..], bv);
+            }
+            batch.remove(k);
+            moved += 1;
+            if moved.is_multiple_of(64 * 1024) {
+                if let Some((bk, bv)) = block.take() {
+                    batch.insert(&bk[..], bv);
+                }
+                self.log.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        if let Some((bk, bv)) = block.take() {
+            batch.insert(&bk[..], bv);
+        }
+        self.log.apply_batch(batch)?;
+        self.sync(&mut HashSet::new())?;
+        tracing::info!(
+            records = moved,
+            "audit: moved the store's records into blocks"
+        );
+        Ok(())
     }
 
     /// Applies group commits that reached the write-ahead segments but not sled's files (the
@@ -187,11 +234,7 @@ impl Store {
             if applied_upto.is_some_and(|h| frame.first_seq <= h) {
                 continue;
             }
-            let mut batch = sled::Batch::default();
-            for (k, v) in frame.pairs {
-                batch.insert(k, v);
-            }
-            self.log.apply_batch(batch)?;
+            self.log.apply_batch(block::fold_pairs(&frame.pairs))?;
             applied += 1;
             applied_upto = self.head()?.map(|h| h.seq.0);
         }
@@ -279,12 +322,45 @@ impl Store {
         Ok(out)
     }
 
+    /// The record `seq`, looked up in the block whose key is the last at or before it.
     pub fn record(&self, seq: RecordId) -> Result<Option<Record>, AuditError> {
-        match self.log.get(chain::record_key(seq))? {
-            None => Ok(None),
-            Some(v) => chain::decode_record(&v)
-                .map(|(_, r)| Some(r))
-                .ok_or_else(|| AuditError::Corrupt(format!("undecodable record {seq}"))),
+        let Some((k, v)) = self
+            .log
+            .range(block_key(RecordId(0))..=block_key(seq))
+            .next_back()
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        for entry in block::entries(&v) {
+            match entry {
+                Ok((s, stored)) if s == seq => {
+                    return decode(Stored::Record {
+                        seq,
+                        stored: stored.to_vec(),
+                    })
+                    .map(|(_, r)| Some(r));
+                }
+                Ok(_) => {}
+                Err(_) => return decode(Stored::Malformed { key: k.to_vec() }).map(|_| None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// The stored records with `seq >= from`, in the log's order, and the blocks that did not
+    /// parse where they lie (verification reports those; other readers fail on them).
+    pub(crate) fn scan(&self, from: RecordId) -> Scan {
+        let start = self
+            .log
+            .range(block_key(RecordId(0))..=block_key(from))
+            .next_back()
+            .and_then(|item| item.ok())
+            .map_or_else(|| block_key(from).to_vec(), |(k, _)| k.to_vec());
+        Scan {
+            blocks: self.log.range(start..vec![BLOCK_PREFIX + 1]),
+            pending: Vec::new().into_iter(),
+            from,
         }
     }
 
@@ -294,41 +370,44 @@ impl Store {
         after: Option<RecordId>,
         limit: usize,
     ) -> Result<Vec<(chain::ChainHash, Record)>, AuditError> {
-        let start = match after {
-            None => vec![RECORD_PREFIX],
+        let from = match after {
+            None => RecordId(0),
             Some(s) => match s.0.checked_add(1) {
-                Some(n) => chain::record_key(RecordId(n)).to_vec(),
+                Some(n) => RecordId(n),
                 None => return Ok(Vec::new()),
             },
         };
-        let end = [RECORD_PREFIX + 1];
-        let mut out = Vec::new();
-        for item in self.log.range(start..end[..].to_vec()) {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = item?;
-            let rec = chain::decode_record(&v).ok_or_else(|| {
-                AuditError::Corrupt(format!("undecodable record at key {}", hex::encode(&k)))
-            })?;
-            out.push(rec);
-        }
-        Ok(out)
+        self.scan(from)
+            .take(limit)
+            .map(|item| item.and_then(decode))
+            .collect()
     }
 
     /// The last record in the log (by key).
     pub fn last_record(&self) -> Result<Option<(chain::ChainHash, Record)>, AuditError> {
         let last = self
             .log
-            .range(vec![RECORD_PREFIX]..vec![RECORD_PREFIX + 1])
+            .range(vec![BLOCK_PREFIX]..vec![BLOCK_PREFIX + 1])
             .next_back()
             .transpose()?;
-        match last {
-            None => Ok(None),
-            Some((k, v)) => chain::decode_record(&v).map(Some).ok_or_else(|| {
-                AuditError::Corrupt(format!("undecodable record at key {}", hex::encode(&k)))
-            }),
+        let Some((k, v)) = last else {
+            return Ok(None);
+        };
+        let mut found = None;
+        for entry in block::entries(&v) {
+            match entry {
+                Ok((seq, stored)) => found = Some((seq, stored)),
+                Err(_) => return decode(Stored::Malformed { key: k.to_vec() }).map(Some),
+            }
         }
+        found
+            .map(|(seq, stored)| {
+                decode(Stored::Record {
+                    seq,
+                    stored: stored.to_vec(),
+                })
+            })
+            .transpose()
     }
 
     pub fn session_summary(
@@ -356,12 +435,39 @@ impl Store {
 
     /// Sequence numbers of a session's records, in order.
     pub fn session_seqs(&self, session: SessionId) -> Result<Vec<RecordId>, AuditError> {
+        let mut out: Vec<RecordId> = self
+            .session_ref_entries(session)?
+            .into_iter()
+            .flat_map(|(_, seqs)| seqs)
+            .collect();
+        // A batch re-indexed after a crash may list a record under a second key.
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The session's index entries: each key (session ++ first seq) with the sequence numbers
+    /// it lists (one entry per session per applied batch; an empty value, as older stores
+    /// wrote, lists the key's own seq).
+    pub(crate) fn session_ref_entries(
+        &self,
+        session: SessionId,
+    ) -> Result<Vec<(sled::IVec, Vec<RecordId>)>, AuditError> {
         let mut out = Vec::new();
         for item in self.session_records.scan_prefix(session.0.to_be_bytes()) {
-            let (k, _) = item?;
-            if let Some(seq) = k.get(8..16).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
-                out.push(RecordId(u64::from_be_bytes(seq)));
-            }
+            let (k, v) = item?;
+            let seqs = if v.is_empty() {
+                k.get(8..16)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(|b| vec![RecordId(u64::from_be_bytes(b))])
+                    .unwrap_or_default()
+            } else {
+                v.chunks_exact(8)
+                    .filter_map(|c| <[u8; 8]>::try_from(c).ok())
+                    .map(|b| RecordId(u64::from_be_bytes(b)))
+                    .collect()
+            };
+            out.push((k, seqs));
         }
         Ok(out)
     }
@@ -385,14 +491,19 @@ impl Store {
             return Ok(());
         };
         let mut touched: BTreeSet<SessionId> = BTreeSet::new();
-        let mut refs = sled::Batch::default();
+        // One index entry per session per batch: its key names the first record, its value
+        // lists them all.
+        let mut refs: HashMap<SessionId, (RecordId, Vec<u8>)> = HashMap::new();
         let mut hwm = self.session_hwm()?;
         for rec in records {
             let Some(sid) = rec.event.session() else {
                 continue;
             };
             hwm = hwm.max(sid.0);
-            refs.insert(&session_record_key(sid, rec.seq), &[] as &[u8]);
+            refs.entry(sid)
+                .or_insert_with(|| (rec.seq, Vec::new()))
+                .1
+                .extend_from_slice(&rec.seq.0.to_be_bytes());
             let summary = match cache.entry(sid) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => e.insert(
@@ -403,7 +514,11 @@ impl Store {
             summary.apply(rec);
             touched.insert(sid);
         }
-        self.session_records.apply_batch(refs)?;
+        let mut batch = sled::Batch::default();
+        for (sid, (first, seqs)) in refs {
+            batch.insert(&session_record_key(sid, first), seqs);
+        }
+        self.session_records.apply_batch(batch)?;
         let mut sums = sled::Batch::default();
         for sid in &touched {
             if let Some(s) = cache.get(sid) {
@@ -445,16 +560,81 @@ impl Store {
     pub fn space(&self) -> Result<Space, AuditError> {
         let mut record_bytes = 0u64;
         let mut records = 0u64;
-        for item in self.log.scan_prefix([RECORD_PREFIX]) {
-            let (k, v) = item?;
-            record_bytes += (k.len() + v.len()) as u64;
-            records += 1;
+        for item in self.scan(RecordId(0)) {
+            if let Stored::Record { stored, .. } = item? {
+                // What the record took under a key of its own (the quantity the bound has
+                // always counted), so the bound means the same whatever the block layout.
+                record_bytes += (chain::record_key(RecordId(0)).len() + stored.len()) as u64;
+                records += 1;
+            }
         }
         Ok(Space {
             records,
             record_bytes,
             disk_bytes: dir_size(&self.dir),
         })
+    }
+}
+
+/// One entry of the log as [`Store::scan`] finds it.
+pub(crate) enum Stored {
+    Record {
+        seq: RecordId,
+        stored: Vec<u8>,
+    },
+    /// A block whose bytes do not parse (from the first bad entry on).
+    Malformed {
+        key: Vec<u8>,
+    },
+}
+
+/// Decodes a scanned entry; a malformed block or record is corruption.
+pub(crate) fn decode(item: Stored) -> Result<(chain::ChainHash, Record), AuditError> {
+    match item {
+        Stored::Record { seq, stored } => chain::decode_record(&stored)
+            .ok_or_else(|| AuditError::Corrupt(format!("undecodable record {seq}"))),
+        Stored::Malformed { key } => Err(AuditError::Corrupt(format!(
+            "malformed record block at key {}",
+            hex::encode(key)
+        ))),
+    }
+}
+
+/// Iterator behind [`Store::scan`].
+pub(crate) struct Scan {
+    blocks: sled::Iter,
+    pending: std::vec::IntoIter<Stored>,
+    from: RecordId,
+}
+
+impl Iterator for Scan {
+    type Item = Result<Stored, AuditError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(s) = self.pending.next() {
+                return Some(Ok(s));
+            }
+            let (k, v) = match self.blocks.next()? {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let mut items = Vec::new();
+            for entry in block::entries(&v) {
+                match entry {
+                    Ok((seq, stored)) if seq >= self.from => items.push(Stored::Record {
+                        seq,
+                        stored: stored.to_vec(),
+                    }),
+                    Ok(_) => {}
+                    Err(_) => {
+                        items.push(Stored::Malformed { key: k.to_vec() });
+                        break;
+                    }
+                }
+            }
+            self.pending = items.into_iter();
+        }
     }
 }
 

@@ -163,10 +163,120 @@ fn verify_offline(cfg: &AuditConfig, key: &ed25519_dalek::VerifyingKey) -> Verif
     verify(&store, Some(key), VerifyMode::Offline).expect("verify runs")
 }
 
-fn raw_log(cfg: &AuditConfig) -> (sled::Db, sled::Tree) {
+fn raw_log(cfg: &AuditConfig) -> (sled::Db, RawLog) {
     let db = store::open_db(&cfg.dir).expect("sled");
     let tree = db.open_tree("log").expect("log tree");
-    (db, tree)
+    (db, RawLog(tree))
+}
+
+/// The `log` tree as an attacker holding sled's files sees it, with records addressed by
+/// their old per-record keys: reads and edits of such a key act on the record's entry inside
+/// its block (rewritten in place, entries kept in the block's order), every other key passes
+/// through. Lets the tamper tests edit single records whatever the block layout.
+struct RawLog(sled::Tree);
+
+/// A block's key and its entries `(seq, stored record)`.
+type RawBlock = (sled::IVec, Vec<(u64, Vec<u8>)>);
+
+impl RawLog {
+    fn record_seq(key: &[u8]) -> Option<u64> {
+        (key.len() == 9 && key[0] == chain::RECORD_PREFIX)
+            .then(|| chain::seq_of_key(key).map(|s| s.0))
+            .flatten()
+    }
+
+    /// All blocks, decoded.
+    fn blocks(&self) -> Vec<RawBlock> {
+        self.0
+            .range(block::block_key(RecordId(0))..=block::block_key(RecordId(u64::MAX)))
+            .map(|item| {
+                let (k, v) = item.expect("block");
+                let entries = block::entries(&v)
+                    .map(|e| e.map(|(s, b)| (s.0, b.to_vec())).expect("entry"))
+                    .collect();
+                (k, entries)
+            })
+            .collect()
+    }
+
+    fn write_block(&self, key: &[u8], entries: &[(u64, Vec<u8>)]) {
+        let mut b = block::BlockBuilder::default();
+        for (s, v) in entries {
+            b.push(RecordId(*s), v);
+        }
+        match b.take() {
+            Some((_, v)) => self.0.insert(key, v).map(drop),
+            None => self.0.remove(key).map(drop),
+        }
+        .expect("write block");
+    }
+
+    fn get(&self, key: impl AsRef<[u8]>) -> sled::Result<Option<sled::IVec>> {
+        let key = key.as_ref();
+        let Some(seq) = Self::record_seq(key) else {
+            return self.0.get(key);
+        };
+        Ok(self
+            .blocks()
+            .into_iter()
+            .flat_map(|(_, e)| e)
+            .find(|(s, _)| *s == seq)
+            .map(|(_, v)| sled::IVec::from(v)))
+    }
+
+    fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> sled::Result<()> {
+        let (key, value) = (key.as_ref(), value.as_ref().to_vec());
+        let Some(seq) = Self::record_seq(key) else {
+            return self.0.insert(key, value).map(drop);
+        };
+        let blocks = self.blocks();
+        for (k, mut entries) in blocks.clone() {
+            if let Some(e) = entries.iter_mut().find(|(s, _)| *s == seq) {
+                e.1 = value;
+                self.write_block(&k, &entries);
+                return Ok(());
+            }
+        }
+        // A new record goes into the last block starting at or before it, in seq order.
+        let (k, mut entries) = blocks
+            .into_iter()
+            .rev()
+            .find(|(k, _)| chain::seq_of_key(k).is_some_and(|f| f.0 <= seq))
+            .unwrap_or_else(|| (block::block_key(RecordId(seq)).to_vec().into(), Vec::new()));
+        let at = entries.partition_point(|(s, _)| *s < seq);
+        entries.insert(at, (seq, value));
+        self.write_block(&k, &entries);
+        Ok(())
+    }
+
+    fn remove(&self, key: impl AsRef<[u8]>) -> sled::Result<()> {
+        let key = key.as_ref();
+        let Some(seq) = Self::record_seq(key) else {
+            return self.0.remove(key).map(drop);
+        };
+        for (k, mut entries) in self.blocks() {
+            let before = entries.len();
+            entries.retain(|(s, _)| *s != seq);
+            if entries.len() != before {
+                self.write_block(&k, &entries);
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> sled::Result<usize> {
+        self.0.flush()
+    }
+
+    /// The highest record sequence number in the blocks.
+    fn last_seq(&self) -> u64 {
+        self.blocks()
+            .into_iter()
+            .flat_map(|(_, e)| e)
+            .map(|(s, _)| s)
+            .max()
+            .expect("records")
+    }
 }
 
 fn last_seq(cfg: &AuditConfig) -> RecordId {
@@ -485,13 +595,8 @@ fn tamper_truncation_is_detected() {
     );
 }
 
-fn last_seq_raw(log: &sled::Tree) -> u64 {
-    log.scan_prefix([chain::RECORD_PREFIX])
-        .keys()
-        .filter_map(|k| k.ok().and_then(|k| chain::seq_of_key(&k)))
-        .map(|s| s.0)
-        .max()
-        .expect("records")
+fn last_seq_raw(log: &RawLog) -> u64 {
+    log.last_seq()
 }
 
 #[test]
@@ -1356,4 +1461,74 @@ fn statement_barrier_outcome_loop_never_waits_for_the_lazy_timer() {
         elapsed < std::time::Duration::from_millis(5 * N),
         "{N} statements took {elapsed:?}"
     );
+}
+
+#[test]
+fn records_under_keys_of_their_own_move_into_blocks_and_still_verify() {
+    // A store written before records were kept in blocks: every record under its own key.
+    let (_tmp, cfg, key) = tamper_setup();
+    let before = open_store(&cfg)
+        .records_after(None, usize::MAX)
+        .expect("read");
+    {
+        let (_db, log) = raw_log(&cfg);
+        for (k, entries) in log.blocks() {
+            for (seq, stored) in entries {
+                log.0
+                    .insert(chain::record_key(RecordId(seq)), stored)
+                    .expect("unfold");
+            }
+            log.0.remove(k).expect("unfold");
+        }
+        log.flush().expect("flush");
+        assert!(log.blocks().is_empty());
+    }
+    let report = verify_offline(&cfg, &key);
+    assert!(report.ok, "{report:?}");
+    assert_eq!(report.records, before.len() as u64);
+    let store = open_store(&cfg);
+    let after = store.records_after(None, usize::MAX).expect("read");
+    assert_eq!(
+        after.iter().map(|(h, r)| (h.0, r.seq)).collect::<Vec<_>>(),
+        before.iter().map(|(h, r)| (h.0, r.seq)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        store.log.scan_prefix([chain::RECORD_PREFIX]).count(),
+        0,
+        "no record left under a key of its own"
+    );
+    // Fewer sled entries than records: that is the point of blocks.
+    let blocks = store.log.scan_prefix([block::BLOCK_PREFIX]).count();
+    assert!(blocks > 0 && blocks < after.len() / 4, "{blocks} blocks");
+    drop(store);
+    // The daemon continues the chain on the moved records.
+    let log = AuditLog::open(&cfg).expect("reopen");
+    populate(&log, 1);
+    drop(log);
+    assert!(verify_offline(&cfg, &key).ok);
+}
+
+#[test]
+fn a_session_index_entry_lists_a_batch_of_records() {
+    let (_tmp, cfg, _key) = setup();
+    let log = AuditLog::open(&cfg).expect("open");
+    let ids = populate(&log, 2);
+    rt().block_on(log.sync_index()).expect("visible");
+    let store = log.store();
+    for sid in ids {
+        let seqs = store.session_seqs(sid).expect("seqs");
+        let entries = store.session_ref_entries(sid).expect("entries");
+        assert!(!seqs.is_empty());
+        assert_eq!(
+            entries.iter().map(|(_, s)| s.len()).sum::<usize>(),
+            seqs.len()
+        );
+        for s in &seqs {
+            let rec = store
+                .record(*s)
+                .expect("read")
+                .expect("listed record exists");
+            assert_eq!(rec.event.session(), Some(sid));
+        }
+    }
 }

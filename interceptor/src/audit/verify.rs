@@ -10,7 +10,7 @@ use super::AuditError;
 use super::chain::{self, BASE_KEY, CHECKPOINT_PREFIX, ChainHash, HEAD_KEY, RECORD_PREFIX};
 use super::record::{Record, RecordId};
 use super::signing::Mark;
-use super::store::Store;
+use super::store::{Store, Stored};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {
@@ -147,17 +147,42 @@ pub fn verify(
     let mut hashes_at_checkpoints: BTreeMap<RecordId, ChainHash> = BTreeMap::new();
 
     if !live_empty {
+        // Records live in blocks; anything under the old per-record prefix was put there by
+        // hand (the store moves such records into blocks when it opens).
         for item in store.log.scan_prefix([RECORD_PREFIX]) {
-            let (k, v) = item?;
-            let Some(seq) = chain::seq_of_key(&k).filter(|_| k.len() == 9) else {
-                c.problem(None, &k, "malformed record key (inserted)".into());
-                continue;
+            let (k, _) = item?;
+            c.problem(
+                chain::seq_of_key(&k).filter(|_| k.len() == 9),
+                &k,
+                "record stored outside the log's blocks (inserted)".into(),
+            );
+        }
+        for item in store.scan(RecordId(0)) {
+            let (seq, v) = match item? {
+                Stored::Record { seq, stored } => (seq, stored),
+                Stored::Malformed { key } => {
+                    c.problem(None, &key, "malformed record block (modified)".into());
+                    prev = None;
+                    continue;
+                }
             };
+            let k = chain::record_key(seq);
             if limit.is_some_and(|l| seq > l) {
                 break;
             }
             if seq < start {
                 leftovers += 1;
+                continue;
+            }
+            if seq < expected {
+                // Blocks list their entries in chain order; an entry behind its predecessor
+                // was moved or copied there.
+                c.problem(
+                    Some(seq),
+                    &k,
+                    format!("record {seq} appears again or out of order (moved or inserted)"),
+                );
+                prev = None;
                 continue;
             }
             if seq > expected {
