@@ -1134,7 +1134,9 @@ fn c_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 
 /// Not a test: drops to uid/gid nobody, opens a TCP socket and connects it through io_uring
 /// (`IC_URING_MODE`: `inline` = in io_uring_enter() on this thread, `async` = IOSQE_ASYNC, run by
-/// an io-wq worker `iou-wrk-*`, `sqpoll` = issued by the ring's SQPOLL thread `iou-sqp-*`), logs
+/// an io-wq worker `iou-wrk-*`, `sqpoll` = issued by the ring's SQPOLL thread `iou-sqp-*`,
+/// `async-root-ring`, `sqpoll-root-ring` = the same with the ring set up before dropping
+/// privileges), logs
 /// in over it with tokio-postgres and reports `URING-HELD <local port> <client addr PostgreSQL
 /// sees>`; then keeps the connection (and the ring) until its stdin ends.
 #[test]
@@ -1149,8 +1151,18 @@ fn helper_io_uring_client() {
         panic!("helper started without its environment");
     };
     let addr: SocketAddr = addr.parse().unwrap();
-    // The ring, its worker threads and the socket all belong to nobody (glibc's setuid applies
-    // to every thread of the process).
+    let setup = || -> IoUring {
+        match mode.as_str() {
+            "sqpoll" | "sqpoll-root-ring" => IoUring::builder().setup_sqpoll(2000).build(8),
+            "inline" | "async" | "async-root-ring" => IoUring::new(8),
+            other => panic!("unknown mode {other}"),
+        }
+        .unwrap_or_else(|e| panic!("io_uring setup ({mode}): {e}"))
+    };
+    // *-root-ring: the ring is set up while still root.
+    let early = mode.ends_with("-root-ring").then(setup);
+    // The process (and so its ring's worker threads) and the socket belong to nobody (glibc's
+    // setuid applies to every thread of the process).
     let rc = unsafe {
         libc::setgroups(0, std::ptr::null()) | libc::setgid(NOBODY.1) | libc::setuid(NOBODY.0)
     };
@@ -1168,12 +1180,7 @@ fn helper_io_uring_client() {
     let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut ring: IoUring = match mode.as_str() {
-        "sqpoll" => IoUring::builder().setup_sqpoll(2000).build(8),
-        "inline" | "async" => IoUring::new(8),
-        other => panic!("unknown mode {other}"),
-    }
-    .unwrap_or_else(|e| panic!("io_uring setup ({mode}): {e}"));
+    let mut ring = early.unwrap_or_else(setup);
     let (sa, len) = c_sockaddr(addr);
     let mut entry = opcode::Connect::new(
         types::Fd(fd),
@@ -1182,7 +1189,7 @@ fn helper_io_uring_client() {
     )
     .build()
     .user_data(7);
-    if mode == "async" {
+    if mode.starts_with("async") {
         entry = entry.flags(squeue::Flags::ASYNC);
     }
     unsafe { ring.submission().push(&entry).unwrap() };
@@ -1252,7 +1259,8 @@ fn connecting_thread(pin: &PinDir, pid: u32, sport: u16) -> Option<u32> {
 /// io_uring connects: issued inline, by an io-wq worker (IOSQE_ASYNC) and by the SQPOLL thread.
 /// The kernel must record, and the audit trail show, the process that owns the ring (its pid,
 /// uid and executable, its leader's command name), never the worker thread; a policy that admits
-/// only that executable and uid admits all three, and refuses psql under the same uid.
+/// only that executable (and uids nobody and root) admits them all, and refuses psql as nobody.
+/// The uid is the one the connect ran with: for SQPOLL, the ring's setup's.
 #[test]
 fn io_uring_connects_are_the_owning_process() {
     if !bpf_available("io_uring_connects_are_the_owning_process") {
@@ -1270,7 +1278,7 @@ fn io_uring_connects_are_the_owning_process() {
         .into_owned();
     let policy = format!(
         "[policy]\nname = \"uring-client\"\n\n[identities]\nsubjects = [{ALICE:?}]\n\n\
-         [identities.process]\nuids = [{uid}]\nexes = [{me:?}]\n\n\
+         [identities.process]\nuids = [{uid}, 0]\nexes = [{me:?}]\n\n\
          [login]\nupstream_role = {APP_RO:?}\ndatabases = [\"*\"]\n\n\
          [[rule]]\nname = \"all\"\ndecision = \"allow\"\nkinds = [\"any\"]\n",
         uid = NOBODY.0,
@@ -1295,11 +1303,17 @@ fn io_uring_connects_are_the_owning_process() {
 
     let procs_fd = cgroup.procs.as_raw_fd();
     let mut seen = Vec::new();
-    for (mode, target, worker) in [
-        ("inline", "127.0.0.1", None),
-        ("async", "127.0.0.1", Some("iou-wrk-")),
-        ("async", "::1", Some("iou-wrk-")),
-        ("sqpoll", "127.0.0.1", Some("iou-sqp-")),
+    // (mode, address, the thread that must have called connect(), the uid/gid attested).
+    for (mode, target, worker, ids) in [
+        ("inline", "127.0.0.1", None, NOBODY),
+        ("async", "127.0.0.1", Some("iou-wrk-"), NOBODY),
+        ("async", "::1", Some("iou-wrk-"), NOBODY),
+        ("sqpoll", "127.0.0.1", Some("iou-sqp-"), NOBODY),
+        // io-wq requests run with the submitter's credentials, whoever set the ring up.
+        ("async-root-ring", "127.0.0.1", Some("iou-wrk-"), NOBODY),
+        // The SQPOLL thread runs with the credentials of the ring's setup (documented): a ring
+        // set up as root and used after dropping to nobody connects, and is attested, as root.
+        ("sqpoll-root-ring", "127.0.0.1", Some("iou-sqp-"), (0, 0)),
     ] {
         let label = format!("uring-{mode}-{target}");
         let addr = SocketAddr::new(target.parse().unwrap(), port);
@@ -1376,18 +1390,24 @@ fn io_uring_connects_are_the_owning_process() {
             "{label}: helper failed: {status:?}\n{}",
             reader.join().unwrap()
         );
-        seen.push((label, pid, leader_comm.trim_end().to_owned(), thread_comm));
+        seen.push((
+            label,
+            pid,
+            ids,
+            leader_comm.trim_end().to_owned(),
+            thread_comm,
+        ));
     }
 
     let sessions = audit_sessions(&proxy);
-    for (label, pid, leader_comm, thread_comm) in &seen {
+    for (label, pid, (uid, gid), leader_comm, thread_comm) in &seen {
         let s = sessions
             .get(label)
             .unwrap_or_else(|| panic!("{label}: no session in the audit trail"));
         let p = &s["identity"]["process"];
         assert_eq!(p["pid"], *pid, "{label}: {s}");
-        assert_eq!(p["uid"], NOBODY.0, "{label}: {s}");
-        assert_eq!(p["gid"], NOBODY.1, "{label}: {s}");
+        assert_eq!(p["uid"], *uid, "{label}: {s}");
+        assert_eq!(p["gid"], *gid, "{label}: {s}");
         assert_eq!(p["exe"], me.as_str(), "{label}: {s}");
         assert_eq!(
             p["comm"],
@@ -1483,4 +1503,118 @@ fn cgroup_policy_admits_only_the_unit() {
         .filter(|(_, h)| h != "[local]")
         .collect();
     assert!(bypassed.is_empty(), "{bypassed:?}");
+}
+
+const FORWARDER: &str = r#"
+import socket, sys, threading
+upstream = int(sys.argv[1])
+l = socket.socket()
+l.bind(('127.0.0.1', 0))
+l.listen(8)
+print('LISTENING %d' % l.getsockname()[1], flush=True)
+def pump(a, b):
+    try:
+        while True:
+            d = a.recv(65536)
+            if not d:
+                break
+            b.sendall(d)
+    except OSError:
+        pass
+    finally:
+        try:
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+while True:
+    c, _ = l.accept()
+    u = socket.create_connection(('127.0.0.1', upstream))
+    threading.Thread(target=pump, args=(c, u), daemon=True).start()
+    threading.Thread(target=pump, args=(u, c), daemon=True).start()
+"#;
+
+/// Kills the process on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A forwarder on the host (a TCP relay running as daemon) is steered like any client, and is
+/// what the kernel attests: psql as nobody behind it lands in interceptor as the forwarder's pid,
+/// uid and executable (documented in "what it cannot stop").
+#[test]
+fn a_forwarder_is_attested_as_itself() {
+    if !bpf_available("a_forwarder_is_attested_as_itself") {
+        return;
+    }
+    let net = Net::new();
+    let _in_host = InNetNs::enter(&net.host);
+    let cgroup = Cgroup::new();
+    let pin = PinDir::new();
+    let pg = PgCluster::start_with(PgOptions::default().log_connections(true)).unwrap();
+    let port = pg.port();
+    let proxy = interceptor_with(&pg, &ebpf_toml(port, &cgroup, &pin, "warn"), None);
+
+    let procs_fd = cgroup.procs.as_raw_fd();
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-I", "-c", FORWARDER, &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .current_dir("/");
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1
+                || libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(DAEMON.1) != 0
+                || libc::setuid(DAEMON.0) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let mut forwarder = KillOnDrop(cmd.spawn().unwrap());
+    let fwd_pid = forwarder.0.id();
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = forwarder.0.stdout.take().unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+    }
+    let fwd_port: u16 = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .unwrap_or_else(|| panic!("forwarder: {line:?}"))
+        .parse()
+        .unwrap();
+
+    let run = psql(
+        &Attempt {
+            label: "behind-forwarder".into(),
+            netns: &net.host,
+            uid: NOBODY,
+            host: "127.0.0.1".into(),
+            port: fwd_port,
+        },
+        &cgroup,
+    );
+    assert_served_via_interceptor(&run, "psql behind a forwarder");
+    let sessions = audit_sessions(&proxy);
+    let s = sessions
+        .get("behind-forwarder")
+        .unwrap_or_else(|| panic!("no session: {:?}", sessions.keys()));
+    let p = &s["identity"]["process"];
+    let python = std::fs::canonicalize("/usr/bin/python3").unwrap();
+    assert_eq!(p["pid"], fwd_pid, "{s}");
+    assert_eq!(p["uid"], DAEMON.0, "{s}");
+    assert_eq!(p["exe"], python.to_string_lossy().as_ref(), "{s}");
+    assert_ne!(p["pid"], run.pid, "{s}");
+    drop(forwarder);
 }
