@@ -819,8 +819,9 @@ fn run_helper(helper: &str, env: &[(&str, String)], marker: &str, cgroup: &Cgrou
 }
 
 fn interceptor_with(pg: &PgCluster, ebpf: &str, policy: Option<String>) -> Interceptor {
-    let mut setup =
-        InterceptorSetup::new(pg).identity(ALICE, ALICE_PASSWORD, &["dev"], Some(APP_RO));
+    let mut setup = InterceptorSetup::new(pg)
+        .identity(ALICE, ALICE_PASSWORD, &["dev"], Some(APP_RO))
+        .listen_v6(true);
     setup = match policy {
         Some(p) => setup.policy_file("process.toml", &p),
         None => setup.allow_all_policies(),
@@ -1096,4 +1097,524 @@ fn exec_after_fast_open_connect() {
         .filter(|(_, h)| h != "[local]")
         .collect();
     assert!(bypassed.is_empty(), "{bypassed:?}");
+}
+
+/// `(storage, length)` of `addr` as a C socket address.
+fn c_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sa) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sa = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sa) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// Not a test: drops to uid/gid nobody, opens a TCP socket and connects it through io_uring
+/// (`IC_URING_MODE`: `inline` = in io_uring_enter() on this thread, `async` = IOSQE_ASYNC, run by
+/// an io-wq worker `iou-wrk-*`, `sqpoll` = issued by the ring's SQPOLL thread `iou-sqp-*`,
+/// `async-root-ring`, `sqpoll-root-ring` = the same with the ring set up before dropping
+/// privileges), logs
+/// in over it with tokio-postgres and reports `URING-HELD <local port> <client addr PostgreSQL
+/// sees>`; then keeps the connection (and the ring) until its stdin ends.
+#[test]
+#[ignore = "helper process started by io_uring_connects_are_the_owning_process"]
+fn helper_io_uring_client() {
+    use io_uring::{IoUring, opcode, squeue, types};
+    let (Ok(addr), Ok(app), Ok(mode)) = (
+        std::env::var("IC_URING_ADDR"),
+        std::env::var("IC_URING_APP"),
+        std::env::var("IC_URING_MODE"),
+    ) else {
+        panic!("helper started without its environment");
+    };
+    let addr: SocketAddr = addr.parse().unwrap();
+    let setup = || -> IoUring {
+        match mode.as_str() {
+            "sqpoll" | "sqpoll-root-ring" => IoUring::builder().setup_sqpoll(2000).build(8),
+            "inline" | "async" | "async-root-ring" => IoUring::new(8),
+            other => panic!("unknown mode {other}"),
+        }
+        .unwrap_or_else(|e| panic!("io_uring setup ({mode}): {e}"))
+    };
+    // *-root-ring: the ring is set up while still root.
+    let early = mode.ends_with("-root-ring").then(setup);
+    // The process (and so its ring's worker threads) and the socket belong to nobody (glibc's
+    // setuid applies to every thread of the process).
+    let rc = unsafe {
+        libc::setgroups(0, std::ptr::null()) | libc::setgid(NOBODY.1) | libc::setuid(NOBODY.0)
+    };
+    assert_eq!(
+        rc,
+        0,
+        "dropping to nobody: {}",
+        std::io::Error::last_os_error()
+    );
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut ring = early.unwrap_or_else(setup);
+    let (sa, len) = c_sockaddr(addr);
+    let mut entry = opcode::Connect::new(
+        types::Fd(fd),
+        (&sa as *const libc::sockaddr_storage).cast(),
+        len,
+    )
+    .build()
+    .user_data(7);
+    if mode.starts_with("async") {
+        entry = entry.flags(squeue::Flags::ASYNC);
+    }
+    unsafe { ring.submission().push(&entry).unwrap() };
+    ring.submit_and_wait(1).unwrap();
+    let cqe = ring.completion().next().unwrap();
+    assert_eq!(
+        cqe.result(),
+        0,
+        "io_uring connect: {}",
+        std::io::Error::from_raw_os_error(-cqe.result())
+    );
+    let stream = std::net::TcpStream::from(sock);
+    let sport = stream.local_addr().unwrap().port();
+    stream.set_nonblocking(true).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (client, client_addr) = rt.block_on(async {
+        let stream = tokio::net::TcpStream::from_std(stream).unwrap();
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.user(ALICE)
+            .password(ALICE_PASSWORD)
+            .dbname(APP_DB)
+            .application_name(&app);
+        let (client, conn) = cfg
+            .connect_raw(stream, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let rows = client
+            .simple_query("SELECT coalesce(host(inet_client_addr()), 'local')")
+            .await
+            .unwrap();
+        let addr = rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap();
+        (client, addr)
+    });
+    println!("URING-HELD {sport} {client_addr}");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    drop(client);
+    drop(rt);
+    drop(ring);
+}
+
+/// The thread that called connect() for the connection from `pid`'s local port `sport`, as the
+/// kernel recorded it (the pinned flow map; the entry lives as long as the connection).
+fn connecting_thread(pin: &PinDir, pid: u32, sport: u16) -> Option<u32> {
+    use aya::maps::{HashMap, Map, MapData};
+    use interceptor::ebpf::maps::{ConnInfo, FLOWS, FlowKey};
+    let data = MapData::from_pin(pin.0.join("maps").join(FLOWS)).unwrap();
+    let flows: HashMap<MapData, FlowKey, ConnInfo> =
+        HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    flows
+        .iter()
+        .filter_map(Result::ok)
+        .find(|(k, v)| v.pid == pid && k.sport == sport)
+        .map(|(_, v)| v.tid)
+}
+
+/// io_uring connects: issued inline, by an io-wq worker (IOSQE_ASYNC) and by the SQPOLL thread.
+/// The kernel must record, and the audit trail show, the process that owns the ring (its pid,
+/// uid and executable, its leader's command name), never the worker thread; a policy that admits
+/// only that executable (and uids nobody and root) admits them all, and refuses psql as nobody.
+/// The uid is the one the connect ran with: for SQPOLL, the ring's setup's.
+#[test]
+fn io_uring_connects_are_the_owning_process() {
+    if !bpf_available("io_uring_connects_are_the_owning_process") {
+        return;
+    }
+    let net = Net::new();
+    let _in_host = InNetNs::enter(&net.host);
+    let cgroup = Cgroup::new();
+    let pin = PinDir::new();
+    let pg = PgCluster::start_with(PgOptions::default().log_connections(true)).unwrap();
+    let port = pg.port();
+    let me = std::fs::canonicalize(std::env::current_exe().unwrap())
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let policy = format!(
+        "[policy]\nname = \"uring-client\"\n\n[identities]\nsubjects = [{ALICE:?}]\n\n\
+         [identities.process]\nuids = [{uid}, 0]\nexes = [{me:?}]\n\n\
+         [login]\nupstream_role = {APP_RO:?}\ndatabases = [\"*\"]\n\n\
+         [[rule]]\nname = \"all\"\ndecision = \"allow\"\nkinds = [\"any\"]\n",
+        uid = NOBODY.0,
+    );
+    let proxy = interceptor_with(&pg, &ebpf_toml(port, &cgroup, &pin, "warn"), Some(policy));
+
+    // Control: another program under the same uid does not match the policy.
+    let run = psql(
+        &Attempt {
+            label: "uring-control-psql".into(),
+            netns: &net.host,
+            uid: NOBODY,
+            host: "127.0.0.1".into(),
+            port,
+        },
+        &cgroup,
+    );
+    assert!(
+        !run.ok && run.stderr.contains("no policy"),
+        "psql must be refused by a policy for another executable: {run:?}"
+    );
+
+    let procs_fd = cgroup.procs.as_raw_fd();
+    let mut seen = Vec::new();
+    // (mode, address, the thread that must have called connect(), the uid/gid attested).
+    for (mode, target, worker, ids) in [
+        ("inline", "127.0.0.1", None, NOBODY),
+        ("async", "127.0.0.1", Some("iou-wrk-"), NOBODY),
+        ("async", "::1", Some("iou-wrk-"), NOBODY),
+        ("sqpoll", "127.0.0.1", Some("iou-sqp-"), NOBODY),
+        // io-wq requests run with the submitter's credentials, whoever set the ring up.
+        ("async-root-ring", "127.0.0.1", Some("iou-wrk-"), NOBODY),
+        // The SQPOLL thread runs with the credentials of the ring's setup (documented): a ring
+        // set up as root and used after dropping to nobody connects, and is attested, as root.
+        ("sqpoll-root-ring", "127.0.0.1", Some("iou-sqp-"), (0, 0)),
+    ] {
+        let label = format!("uring-{mode}-{target}");
+        let addr = SocketAddr::new(target.parse().unwrap(), port);
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--ignored",
+            "--exact",
+            "helper_io_uring_client",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("IC_URING_ADDR", addr.to_string())
+        .env("IC_URING_APP", &label)
+        .env("IC_URING_MODE", mode)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        let mut child = cmd.spawn().unwrap();
+        let pid = child.id();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stdout).lines() {
+                let line = line.unwrap_or_default();
+                if let Some(i) = line.find("URING-HELD ") {
+                    let _ = tx.send(line[i + 11..].to_owned());
+                }
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let Ok(held) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{label}: no report from the io_uring client:\n{}\n{}\n{}",
+                reader.join().unwrap(),
+                String::from_utf8_lossy(&out.stderr),
+                proxy.logs()
+            );
+        };
+        let (sport, client_addr) = held.split_once(' ').unwrap();
+        assert_eq!(client_addr, "local", "{label}: bypassed interceptor");
+        // While the connection is open: which thread did the kernel see calling connect()?
+        let tid = connecting_thread(&pin, pid, sport.parse().unwrap())
+            .unwrap_or_else(|| panic!("{label}: no kernel record for pid {pid} port {sport}"));
+        let thread_comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+            .unwrap_or_else(|e| panic!("{label}: thread {tid} of {pid} gone: {e}"));
+        let thread_comm = thread_comm.trim_end().to_owned();
+        match worker {
+            Some(prefix) => assert!(
+                thread_comm.starts_with(prefix),
+                "{label}: connect() ran on thread {tid} {thread_comm:?}, not on an io_uring \
+                 thread: the test does not test what it claims"
+            ),
+            None => assert!(!thread_comm.starts_with("iou-"), "{label}: {thread_comm}"),
+        }
+        let leader_comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+        drop(child.stdin.take());
+        let status = wait_with_deadline(&mut child, Duration::from_secs(30)).unwrap();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{label}: helper failed: {status:?}\n{}",
+            reader.join().unwrap()
+        );
+        seen.push((
+            label,
+            pid,
+            ids,
+            leader_comm.trim_end().to_owned(),
+            thread_comm,
+        ));
+    }
+
+    let sessions = audit_sessions(&proxy);
+    for (label, pid, (uid, gid), leader_comm, thread_comm) in &seen {
+        let s = sessions
+            .get(label)
+            .unwrap_or_else(|| panic!("{label}: no session in the audit trail"));
+        let p = &s["identity"]["process"];
+        assert_eq!(p["pid"], *pid, "{label}: {s}");
+        assert_eq!(p["uid"], *uid, "{label}: {s}");
+        assert_eq!(p["gid"], *gid, "{label}: {s}");
+        assert_eq!(p["exe"], me.as_str(), "{label}: {s}");
+        assert_eq!(
+            p["comm"],
+            leader_comm.as_str(),
+            "{label} (connect() on {thread_comm}): {s}"
+        );
+    }
+    let bypassed: Vec<_> = pg_connections(&pg)
+        .into_iter()
+        .filter(|(_, h)| h != "[local]")
+        .collect();
+    assert!(bypassed.is_empty(), "{bypassed:?}");
+}
+
+/// A policy on the cgroup (a systemd unit's, here a child of the test cgroup named like one)
+/// admits psql started inside it, and refuses the same program, as the same uid, started in the
+/// parent cgroup: the cgroup the kernel recorded at connect is what matched, not the program or
+/// the uid.
+#[test]
+fn cgroup_policy_admits_only_the_unit() {
+    if !bpf_available("cgroup_policy_admits_only_the_unit") {
+        return;
+    }
+    let net = Net::new();
+    let _in_host = InNetNs::enter(&net.host);
+    let cgroup = Cgroup::new();
+    let unit = cgroup.child("etl.service");
+    let pin = PinDir::new();
+    let pg = PgCluster::start_with(PgOptions::default().log_connections(true)).unwrap();
+    let port = pg.port();
+    let policy = format!(
+        "[policy]\nname = \"etl-unit\"\n\n[identities]\nsubjects = [{ALICE:?}]\n\n\
+         [identities.process]\ncgroups = [{unit:?}]\n\n\
+         [login]\nupstream_role = {APP_RO:?}\ndatabases = [\"*\"]\n\n\
+         [[rule]]\nname = \"all\"\ndecision = \"allow\"\nkinds = [\"any\"]\n",
+        unit = unit.rel_path(),
+    );
+    let proxy = interceptor_with(&pg, &ebpf_toml(port, &cgroup, &pin, "warn"), Some(policy));
+    let attempt = |label: &str, host: &str| Attempt {
+        label: label.into(),
+        netns: &net.host,
+        uid: NOBODY,
+        host: host.into(),
+        port,
+    };
+
+    let mut admitted = Vec::new();
+    for host in ["127.0.0.1", "::1"] {
+        let label = format!("in-unit-{host}");
+        let run = psql(&attempt(&label, host), &unit);
+        assert_served_via_interceptor(&run, &label);
+        admitted.push((label, run.pid));
+    }
+    // The parent cgroup is attached too: the kernel identifies this client (so the refusal is
+    // the cgroup's doing, not a missing identity).
+    let identified = || {
+        interceptor::ebpf::status(&pin.0)
+            .unwrap()
+            .counters
+            .identified
+    };
+    let before = identified();
+    let outside = psql(&attempt("outside-unit", "127.0.0.1"), &cgroup);
+    assert!(
+        !outside.ok && outside.stderr.contains("no policy"),
+        "psql outside the unit's cgroup must be refused: {outside:?}"
+    );
+    assert_eq!(
+        identified(),
+        before + 1,
+        "the outside client was not identified"
+    );
+
+    let sessions = audit_sessions(&proxy);
+    for (label, pid) in &admitted {
+        let s = sessions
+            .get(label)
+            .unwrap_or_else(|| panic!("{label}: no session in the audit trail"));
+        let p = &s["identity"]["process"];
+        assert_eq!(p["pid"], *pid, "{label}: {s}");
+        assert_eq!(p["uid"], NOBODY.0, "{label}: {s}");
+        assert_eq!(p["cgroup_path"], unit.rel_path().as_str(), "{label}: {s}");
+        assert_eq!(p["cgroup_id"], unit.id(), "{label}: {s}");
+        assert_eq!(p["exe"], psql_exe().as_str(), "{label}: {s}");
+    }
+    assert!(
+        !sessions.contains_key("outside-unit"),
+        "{:?}",
+        sessions.keys()
+    );
+    let bypassed: Vec<_> = pg_connections(&pg)
+        .into_iter()
+        .filter(|(_, h)| h != "[local]")
+        .collect();
+    assert!(bypassed.is_empty(), "{bypassed:?}");
+}
+
+const FORWARDER: &str = r#"
+import socket, sys, threading
+upstream = int(sys.argv[1])
+l = socket.socket()
+l.bind(('127.0.0.1', 0))
+l.listen(8)
+print('LISTENING %d' % l.getsockname()[1], flush=True)
+def pump(a, b):
+    try:
+        while True:
+            d = a.recv(65536)
+            if not d:
+                break
+            b.sendall(d)
+    except OSError:
+        pass
+    finally:
+        try:
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+while True:
+    c, _ = l.accept()
+    u = socket.create_connection(('127.0.0.1', upstream))
+    threading.Thread(target=pump, args=(c, u), daemon=True).start()
+    threading.Thread(target=pump, args=(u, c), daemon=True).start()
+"#;
+
+/// Kills the process on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A forwarder on the host (a TCP relay running as daemon) is steered like any client, and is
+/// what the kernel attests: psql as nobody behind it lands in interceptor as the forwarder's pid,
+/// uid and executable (documented in "what it cannot stop").
+#[test]
+fn a_forwarder_is_attested_as_itself() {
+    if !bpf_available("a_forwarder_is_attested_as_itself") {
+        return;
+    }
+    let net = Net::new();
+    let _in_host = InNetNs::enter(&net.host);
+    let cgroup = Cgroup::new();
+    let pin = PinDir::new();
+    let pg = PgCluster::start_with(PgOptions::default().log_connections(true)).unwrap();
+    let port = pg.port();
+    let proxy = interceptor_with(&pg, &ebpf_toml(port, &cgroup, &pin, "warn"), None);
+
+    let procs_fd = cgroup.procs.as_raw_fd();
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-I", "-c", FORWARDER, &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .current_dir("/");
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1
+                || libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(DAEMON.1) != 0
+                || libc::setuid(DAEMON.0) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let mut forwarder = KillOnDrop(cmd.spawn().unwrap());
+    let fwd_pid = forwarder.0.id();
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        let stdout = forwarder.0.stdout.take().unwrap();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+    }
+    let fwd_port: u16 = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .unwrap_or_else(|| panic!("forwarder: {line:?}"))
+        .parse()
+        .unwrap();
+
+    let run = psql(
+        &Attempt {
+            label: "behind-forwarder".into(),
+            netns: &net.host,
+            uid: NOBODY,
+            host: "127.0.0.1".into(),
+            port: fwd_port,
+        },
+        &cgroup,
+    );
+    assert_served_via_interceptor(&run, "psql behind a forwarder");
+    let sessions = audit_sessions(&proxy);
+    let s = sessions
+        .get("behind-forwarder")
+        .unwrap_or_else(|| panic!("no session: {:?}", sessions.keys()));
+    let p = &s["identity"]["process"];
+    let python = std::fs::canonicalize("/usr/bin/python3").unwrap();
+    assert_eq!(p["pid"], fwd_pid, "{s}");
+    assert_eq!(p["uid"], DAEMON.0, "{s}");
+    assert_eq!(p["exe"], python.to_string_lossy().as_ref(), "{s}");
+    assert_ne!(p["pid"], run.pid, "{s}");
+    drop(forwarder);
 }

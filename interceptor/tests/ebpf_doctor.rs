@@ -172,3 +172,61 @@ fn doctor_finds_postgres_bypass_paths() {
     );
     drop(cluster);
 }
+
+/// Unmounts (lazily) on drop.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A pin dir on a bpffs mounted somewhere other than /sys/fs/bpf is fine (no warning about
+/// /sys/fs/bpf); a pin dir on a plain filesystem fails, naming the dir.
+#[test]
+fn doctor_accepts_a_pin_dir_on_another_bpffs_mount() {
+    if !available() {
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("ic-doctor-bpffs-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let mnt = tmp.path().join("bpf");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount -t bpf: {out:?}");
+    let _mounted = Mounted(mnt.clone());
+    let bpffs = |pin_dir: PathBuf| {
+        let cfg = SteeringConfig {
+            pin_dir,
+            ..SteeringConfig::default()
+        };
+        let found: Vec<_> = doctor_with(&cfg, None)
+            .into_iter()
+            .filter(|f| f.check == "bpffs")
+            .collect();
+        assert_eq!(found.len(), 1, "{found:?}");
+        found.into_iter().next().unwrap()
+    };
+    // Before the first attach the pin dir does not exist yet: its parent is what counts.
+    let pin = mnt.join("interceptor");
+    let f = bpffs(pin.clone());
+    assert_eq!(f.severity, Severity::Ok, "{f}");
+    assert!(f.message.contains(&pin.display().to_string()), "{f}");
+    std::fs::create_dir(&pin).unwrap();
+    assert_eq!(bpffs(pin).severity, Severity::Ok);
+
+    let plain = tmp.path().join("plain");
+    let f = bpffs(plain.clone());
+    assert_eq!(f.severity, Severity::Fail, "{f}");
+    assert!(
+        f.message.contains(&plain.display().to_string()) && f.message.contains("not on a bpffs"),
+        "{f}"
+    );
+}

@@ -194,3 +194,92 @@ fn crash_refuses_restart_readopts_detach_uninstalls() {
     drop(stream);
     child.wait().unwrap();
 }
+
+/// `interceptor ebpf detach` without the privileges (the real binary, as uids nobody and daemon): detach fails with one plain line naming the pin dir and
+/// what it needs (exit 1, no panic, no backtrace) and leaves every program attached; as root it
+/// uninstalls.
+#[test]
+fn detach_without_privileges_is_refused_plainly() {
+    if !bpf_available("detach_without_privileges_is_refused_plainly") {
+        return;
+    }
+    let ns = NetNs::new();
+    let _in = InNetNs::enter(&ns);
+    let cgroup = Cgroup::new();
+    let pin = PinDir::new();
+    let v4 = listen("127.0.0.1:6432");
+    let steering = Steering::attach(&config(&cgroup, &pin), &fds(&[&v4])).unwrap();
+    let attached = link_ids(&pin);
+    assert_eq!(attached.len(), 4, "{attached:?}");
+
+    // A hard link in a directory everyone may enter: the build's target dir may not be.
+    let bin_dir = tempfile::Builder::new()
+        .prefix("ic-bin-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    std::fs::set_permissions(
+        bin_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let bin = bin_dir.path().join("interceptor");
+    let real = interceptor_tests::proxy::interceptor_bin().unwrap();
+    if std::fs::hard_link(&real, &bin).is_err() {
+        std::fs::copy(&real, &bin).unwrap();
+    }
+    let pin_arg = pin.0.display().to_string();
+    let bin_arg = bin.display().to_string();
+    let detach = ["ebpf", "detach", "--pin-dir", &pin_arg];
+    // (Not uid 0 without capabilities: the pins are root's files, and on kernels that let
+    // BPF_OBJ_GET and BPF_LINK_DETACH through on file permissions it can detach.)
+    let unprivileged: [(&str, Vec<&str>); 2] = [
+        ("nobody", vec!["runuser", "-u", "nobody", "--", &bin_arg]),
+        ("daemon", vec!["runuser", "-u", "daemon", "--", &bin_arg]),
+    ];
+    // status neither claims "NOT attached" nor hides why it cannot tell.
+    let status = Command::new("runuser")
+        .args(["-u", "nobody", "--", &bin_arg])
+        .args(["ebpf", "status", "--pin-dir", &pin_arg])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert!(
+        status.status.code() == Some(1)
+            && status.stdout.is_empty()
+            && stderr.contains("permission denied")
+            && stderr.contains("run it as root"),
+        "status as nobody: {status:?}"
+    );
+    for (who, prefix) in &unprivileged {
+        let out = Command::new(prefix[0])
+            .args(&prefix[1..])
+            .args(detach)
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{who}: {out:?}");
+        assert!(
+            stderr.contains("permission denied")
+                && stderr.contains(&pin_arg)
+                && stderr.contains("run it as root"),
+            "{who}: {stderr}"
+        );
+        assert_eq!(stderr.trim().lines().count(), 1, "{who}: {stderr}");
+        assert!(
+            !stderr.contains("backtrace") && !stderr.contains("panicked"),
+            "{who}: {stderr}"
+        );
+        assert_eq!(link_ids(&pin), attached, "{who} detached something");
+    }
+
+    let out = Command::new(&bin).args(detach).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("detached 4 program link(s)"),
+        "{out:?}"
+    );
+    assert!(link_ids(&pin).is_empty());
+    drop(steering);
+}

@@ -16,8 +16,9 @@
 //!   (an `exes` policy then refuses) and the comm stays the connecting program's. Kernels whose
 //!   BTF lacked the needed members leave the inode unrecorded; then the weaker check applies:
 //!   `/proc/<pid>/comm` must still equal the comm recorded at connect.
-//! * io_uring workers (`iou-wrk-*`, `iou-sqp-*`) are threads of the process that submitted the
-//!   connect: the kernel records that process's pid, its executable and its leader's comm.
+//! * io_uring workers (`iou-wrk-*`, `iou-sqp-*`) are threads of the process that owns the ring:
+//!   the kernel records that process's pid, its executable and its leader's comm, and the
+//!   credentials the request ran with (the submitter's; for SQPOLL, the ring's setup's).
 //! * cgroup path: the path from `/proc/<pid>/cgroup` is kept only if that directory's inode is the
 //!   cgroup id the kernel recorded.
 

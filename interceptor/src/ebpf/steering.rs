@@ -424,8 +424,24 @@ fn open_pinned(pin_dir: &Path, name: &'static str) -> Result<Option<Map>, EbpfEr
     if !path.exists() {
         return Ok(None);
     }
-    let data = MapData::from_pin(&path).map_err(map_err(name))?;
+    let data = MapData::from_pin(&path).map_err(|source| {
+        match &source {
+            aya::maps::MapError::SyscallError(e) => denied_reading(pin_dir, &e.io_error),
+            _ => None,
+        }
+        .unwrap_or(EbpfError::Map { name, source })
+    })?;
     Map::from_map_data(data).map(Some).map_err(map_err(name))
+}
+
+fn denied_reading(pin_dir: &Path, e: &std::io::Error) -> Option<EbpfError> {
+    matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM)).then(|| {
+        EbpfError::Config(format!(
+            "permission denied on {}: reading interceptor's pinned programs needs root; run it \
+             as root",
+            pin_dir.display()
+        ))
+    })
 }
 
 /// What is attached under `pin_dir`, with the kernel counters.

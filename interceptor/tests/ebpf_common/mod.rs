@@ -146,6 +146,23 @@ impl Cgroup {
         Cgroup { path, procs }
     }
 
+    /// A child cgroup `name` of this one (drop it before its parent).
+    pub fn child(&self, name: &str) -> Cgroup {
+        let path = self.path.join(name);
+        std::fs::create_dir(&path).unwrap();
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path.join("cgroup.procs"))
+            .unwrap();
+        Cgroup { path, procs }
+    }
+
+    /// The path as /proc/<pid>/cgroup shows it (relative to the cgroup2 root).
+    pub fn rel_path(&self) -> String {
+        let rel = self.path.strip_prefix(cgroup2_root()).unwrap();
+        format!("/{}", rel.display())
+    }
+
     pub fn id(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&self.path).unwrap().ino()
