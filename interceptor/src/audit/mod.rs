@@ -38,7 +38,7 @@ use ed25519_dalek::VerifyingKey;
 
 pub use record::{
     Approval, ApprovalAction, AuditEvent, KernelEvent, MaskedColumn, MaskingSummary, Peer,
-    PolicyReload, QueryProtocol, Record, RecordId, ResultRows, SessionEnd, SessionId, SessionStart,
+    PolicyReload, QueryProtocol, Record, RecordId, RecordedRows, ResultRows, SessionEnd, SessionId, SessionStart,
     StatementOutcome, StatementRecord, Timestamp, TlsInfo,
 };
 pub use retention::RetentionReport;
@@ -275,16 +275,30 @@ const _: fn() = || {
 
 /// Enforces the per-statement row cap and [`MAX_RECORDED_BYTES`] on recorded results.
 fn cap_rows(event: AuditEvent, max_rows: usize) -> AuditEvent {
-    let AuditEvent::ResultRows(mut r) = event else {
-        return event;
-    };
-    if r.rows.len() > max_rows {
-        r.rows.truncate(max_rows);
-        r.truncated = true;
+    match event {
+        AuditEvent::Outcome(mut o) => {
+            if let Some(r) = o.result.as_mut() {
+                cap(&mut r.rows, &mut r.truncated, max_rows);
+            }
+            AuditEvent::Outcome(o)
+        }
+        AuditEvent::ResultRows(mut r) => {
+            cap(&mut r.rows, &mut r.truncated, max_rows);
+            AuditEvent::ResultRows(r)
+        }
+        event => event,
+    }
+}
+
+/// Keeps at most `max_rows` rows and [`MAX_RECORDED_BYTES`] of values; marks a cut.
+fn cap(rows: &mut Vec<Vec<Option<String>>>, truncated: &mut bool, max_rows: usize) {
+    if rows.len() > max_rows {
+        rows.truncate(max_rows);
+        *truncated = true;
     }
     let mut bytes = 0usize;
-    let mut keep = r.rows.len();
-    for (i, row) in r.rows.iter().enumerate() {
+    let mut keep = rows.len();
+    for (i, row) in rows.iter().enumerate() {
         bytes += row
             .iter()
             .map(|v| v.as_ref().map_or(4, |s| s.len() + 3))
@@ -294,11 +308,10 @@ fn cap_rows(event: AuditEvent, max_rows: usize) -> AuditEvent {
             break;
         }
     }
-    if keep < r.rows.len() {
-        r.rows.truncate(keep);
-        r.truncated = true;
+    if keep < rows.len() {
+        rows.truncate(keep);
+        *truncated = true;
     }
-    AuditEvent::ResultRows(r)
 }
 
 #[cfg(test)]

@@ -103,6 +103,7 @@ fn outcome(session: SessionId, stmt: RecordId) -> AuditEvent {
             }],
             values_masked: 1,
         },
+        result: None,
     })
 }
 
@@ -798,6 +799,60 @@ fn recorded_rows_are_capped() {
         }
         other => panic!("unexpected {other:?}"),
     }
+}
+
+#[test]
+fn rows_recorded_with_the_outcome_are_capped_and_replayed_as_the_statement_rows() {
+    let (_tmp, mut cfg, _key) = setup();
+    cfg.record_rows = 10;
+    let log = AuditLog::open(&cfg).expect("open");
+    let sid = log.new_session_id();
+    let rows: Vec<Vec<Option<String>>> = (0..50).map(|i| vec![Some(i.to_string())]).collect();
+    let seq = rt().block_on(async {
+        log.append_durable(start(sid, "alice", "shop"))
+            .await
+            .expect("start");
+        let st = log
+            .append_durable(statement(sid, "SELECT n FROM t", "allow"))
+            .await
+            .expect("statement");
+        let AuditEvent::Outcome(mut o) = outcome(sid, st) else {
+            unreachable!()
+        };
+        o.result = Some(RecordedRows {
+            columns: vec!["n".into()],
+            rows,
+            truncated: false,
+        });
+        let seq = log.append(AuditEvent::Outcome(o)).expect("outcome");
+        log.sync_index().await.expect("sync index");
+        seq
+    });
+    match log.store().record(seq).expect("read").expect("record").event {
+        AuditEvent::Outcome(o) => {
+            let r = o.result.expect("rows recorded with the outcome");
+            assert_eq!(r.rows.len(), 10);
+            assert!(r.truncated);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let replay = query::replay(log.store(), sid)
+        .expect("replay")
+        .expect("session");
+    let shown = replay
+        .entries
+        .iter()
+        .find_map(|e| match e {
+            query::ReplayEntry::Statement { rows, outcome, .. } => {
+                assert!(outcome.as_ref().is_some_and(|o| o.result.is_none()));
+                rows.clone()
+            }
+            _ => None,
+        })
+        .expect("the statement shows its rows");
+    assert_eq!(shown.columns, vec!["n".to_string()]);
+    assert_eq!(shown.rows.len(), 10);
+    assert_eq!(shown.rows[3], vec![Some("3".to_string())]);
 }
 
 #[test]
