@@ -613,7 +613,7 @@ impl Recorder {
                 .sum();
             affected.max(outcome.rows)
         });
-        let result = (!outcome.columns.is_empty()).then(|| RecordedRows {
+        let result = (!outcome.columns.is_empty()).then_some(RecordedRows {
             columns: outcome.columns,
             rows: outcome.recorded,
             truncated: outcome.truncated,
