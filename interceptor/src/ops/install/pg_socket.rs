@@ -89,11 +89,7 @@ impl Mode0600 for std::fs::OpenOptions {
 /// active one), for uninstall.
 pub fn add(file: &Path, line: &str) -> anyhow::Result<Option<String>> {
     let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
-    let previous = text
-        .lines()
-        .filter(|l| is_setting(l))
-        .next_back()
-        .map(str::to_owned);
+    let previous = text.lines().rfind(|l| is_setting(l)).map(str::to_owned);
     let mut new = text.clone();
     if !new.is_empty() && !new.ends_with('\n') {
         new.push('\n');
