@@ -20,6 +20,18 @@ pub fn render(c: &Cluster, upstream_dir: &std::path::Path, moved: bool) -> Strin
     let listen = listen_port(c.port);
     let socket_dir = toml_str(&c.socket_dir.display().to_string());
     let upstream_host = toml_str(&upstream_dir.display().to_string());
+    let unix_listener = if moved {
+        format!(
+            "# PostgreSQL's socket moves out of {socket_dir}: for local clients that use libpq's\n\
+             # default path to land here instead, uncomment (interceptor's account needs write access\n\
+             # to that directory):\n\
+             # unix_socket_dir = {socket_dir}\n\
+             # unix_port = {port}\n",
+            port = c.port
+        )
+    } else {
+        String::new()
+    };
     let upstream_note = if moved {
         "# PostgreSQL's own unix socket, moved by `interceptor install` into a directory only\n\
          # interceptor's group can enter (postgresql.auto.conf: unix_socket_directories), so that no\n\
@@ -43,7 +55,7 @@ pub fn render(c: &Cluster, upstream_dir: &std::path::Path, moved: bool) -> Strin
 [listen]
 # Clients connect here instead of PostgreSQL's port {port}.
 tcp = ["127.0.0.1:{listen}", "[::1]:{listen}"]
-
+{unix_listener}
 [upstream]
 {upstream_note}
 host = {upstream_host}
@@ -93,4 +105,41 @@ listen = "127.0.0.1:9187"
 /// A TOML basic string (paths may hold quotes or backslashes).
 fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn cluster() -> Cluster {
+        Cluster {
+            version: Some("15".into()),
+            data_dir: Some(PathBuf::from("/var/lib/postgresql/15/main")),
+            port: 5432,
+            socket_dir: PathBuf::from("/var/run/postgresql"),
+            hba: None,
+            source: "test".into(),
+            running: true,
+            postmaster: None,
+            debian: None,
+        }
+    }
+
+    #[test]
+    fn moved_socket_is_the_upstream_and_the_old_path_is_offered() {
+        let text = render(&cluster(), Path::new("/run/postgresql-private"), true);
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(
+            v["upstream"]["host"].as_str(),
+            Some("/run/postgresql-private")
+        );
+        assert!(v["listen"].get("unix_socket_dir").is_none());
+        assert!(text.contains("# unix_socket_dir = \"/var/run/postgresql\"\n# unix_port = 5432\n"));
+
+        let text = render(&cluster(), Path::new("/var/run/postgresql"), false);
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(v["upstream"]["host"].as_str(), Some("/var/run/postgresql"));
+        assert!(!text.contains("# unix_socket_dir ="));
+    }
 }
