@@ -298,6 +298,9 @@ pub(crate) struct Writer {
     last_commit: Instant,
     /// The head kept outside the store (see [`super::headmark`]).
     head_mark: super::headmark::HeadMarkFile,
+    /// Files whose periodic `fdatasync` is due; the writer thread runs them once it has
+    /// released the writer lock, so callers committing meanwhile never wait for the disk.
+    deferred: Vec<File>,
 }
 
 /// What one commit puts in the write-ahead frame, before it is written: the sealed records,
@@ -389,6 +392,7 @@ impl Writer {
             last_retention: None,
             retention: RetentionPolicy::from_config(cfg),
             head_mark: super::headmark::HeadMarkFile::open(&super::integrity::head_mark_path(cfg))?,
+            deferred: Vec::new(),
         })
     }
 
@@ -485,14 +489,13 @@ impl Writer {
             if !batch.is_empty() {
                 w.commit_batch(&shared, batch, failed);
             }
-            let deferred = w.step(&shared, &applier, jobs, shutdown);
+            w.step(&shared, &applier, jobs, shutdown);
+            let deferred = std::mem::take(&mut w.deferred);
             drop(w);
-            if let Some(file) = deferred {
-                // The periodic `fdatasync` of `durability = "write"`, off the writer lock so
-                // callers committing meanwhile do not wait for the disk.
+            for file in deferred {
                 if let Err(e) = file.sync_data() {
                     tracing::error!(error = %e, "audit sync failed; refusing further appends");
-                    shared.fail(&format!("audit write-ahead sync failed: {e}"));
+                    shared.fail(&format!("audit file sync failed: {e}"));
                 }
             }
             if shutdown {
@@ -511,15 +514,9 @@ impl Writer {
         }
     }
 
-    /// The work after a commit, under the writer lock: sled hand-over, deferred syncs, jobs,
-    /// retention. Returns the write-ahead file to `fdatasync` once the lock is released.
-    fn step(
-        &mut self,
-        shared: &Shared,
-        applier: &Applier,
-        jobs: Vec<Job>,
-        shutdown: bool,
-    ) -> Option<File> {
+    /// The work after a commit, under the writer lock: sled hand-over, periodic syncs (left
+    /// in `deferred`), jobs, retention.
+    fn step(&mut self, shared: &Shared, applier: &Applier, jobs: Vec<Job>, shutdown: bool) {
         // Statement barriers (every forwarded chunk) only need the write-ahead segment;
         // readers that need sled current ask with an index barrier.
         let visible_wanted = jobs
@@ -532,7 +529,7 @@ impl Writer {
         {
             self.hand_over(shared, applier);
         }
-        let deferred = self.background_sync(shared, applier, shutdown);
+        self.background_sync(shared, applier, shutdown);
         let failed = shared.queue.lock().ok().and_then(|q| q.failed.clone());
         let refused = |f: &String| AuditError::Failed(f.clone());
         for job in jobs {
@@ -567,7 +564,6 @@ impl Writer {
                 self.retain(shared, applier, None);
             }
         }
-        deferred
     }
 
     /// How long the thread may sleep with nothing queued: until the next background step is
@@ -609,39 +605,25 @@ impl Writer {
     /// The deferred work: the write-ahead file's `fdatasync` (durability `write`) and sled's
     /// sync (handed to the store thread). A failure stops all further appends, as a failed
     /// commit does. At shutdown everything is made durable in sled before returning.
-    fn background_sync(
-        &mut self,
-        shared: &Shared,
-        applier: &Applier,
-        shutdown: bool,
-    ) -> Option<File> {
-        match self.background_step(shared, applier, shutdown) {
-            Ok(deferred) => deferred,
-            Err(e) => {
-                tracing::error!(error = %e, "audit sync failed; refusing further appends");
-                shared.fail(&e.to_string());
-                None
-            }
+    fn background_sync(&mut self, shared: &Shared, applier: &Applier, shutdown: bool) {
+        if let Err(e) = self.background_step(shared, applier, shutdown) {
+            tracing::error!(error = %e, "audit sync failed; refusing further appends");
+            shared.fail(&e.to_string());
         }
     }
 
-    /// Returns the write-ahead file when its periodic `fdatasync` is due (the caller runs it
-    /// off the writer lock); at shutdown it is run here.
+    /// The periodic syncs go to `deferred` (run off the writer lock, also at shutdown before
+    /// the store is drained).
     fn background_step(
         &mut self,
         shared: &Shared,
         applier: &Applier,
         shutdown: bool,
-    ) -> Result<Option<File>, AuditError> {
-        let mut deferred = None;
+    ) -> Result<(), AuditError> {
         if self.wal.has_unsynced()
             && (shutdown || self.last_wal_sync.elapsed() >= self.sync_interval)
         {
-            if shutdown {
-                self.wal.sync()?;
-            } else {
-                deferred = self.wal.sync_later()?;
-            }
+            self.deferred.extend(self.wal.sync_later()?);
             self.last_wal_sync = Instant::now();
         }
         if self.wal.len() > 0
@@ -649,10 +631,10 @@ impl Writer {
                 || self.wal.len() >= STORE_SYNC_BYTES
                 || self.last_store_sync.elapsed() >= STORE_SYNC_INTERVAL)
         {
-            self.head_mark.sync()?;
+            self.deferred.push(self.head_mark.sync_later()?);
             self.sync_store(shared, applier)?;
         }
-        Ok(deferred)
+        Ok(())
     }
 
     /// Seals the current segment (later commits go to a new one) and asks the store thread to
@@ -660,7 +642,8 @@ impl Writer {
     /// the frames it holds.
     fn sync_store(&mut self, shared: &Shared, applier: &Applier) -> Result<(), AuditError> {
         self.hand_over(shared, applier);
-        let sealed = self.wal.rotate()?;
+        let (sealed, unsynced) = self.wal.rotate()?;
+        self.deferred.extend(unsynced);
         self.last_store_sync = Instant::now();
         applier.send(StoreJob::Sync { upto: sealed })
     }
