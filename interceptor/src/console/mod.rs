@@ -15,6 +15,7 @@ mod audit_pages;
 mod auth;
 mod idp;
 mod pages;
+mod reply;
 mod routes;
 mod session;
 
