@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::classify::{Risk, StatementKind};
+use super::statement::{Risk, StatementKind};
 use super::error::PolicyError;
 use super::glob::Glob;
 use super::lexer::LexSettings;

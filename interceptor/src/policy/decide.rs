@@ -96,7 +96,7 @@ impl Rule {
     }
 
     /// For an allow rule that would match if it accepted more risks: the risks it lacks.
-    fn missing_risks(&self, s: &Classified, now: SystemTime) -> Option<Vec<super::classify::Risk>> {
+    fn missing_risks(&self, s: &Classified, now: SystemTime) -> Option<Vec<super::statement::Risk>> {
         if self.decision != DecisionKind::Allow {
             return None;
         }
@@ -347,7 +347,7 @@ pub(crate) fn merge_approval(acc: &mut Option<Verdict>, next: Verdict) {
 }
 
 /// A risk as spelled in policy files (its serde name).
-fn risk_name(r: super::classify::Risk) -> String {
+fn risk_name(r: super::statement::Risk) -> String {
     match serde_json::to_value(r) {
         Ok(serde_json::Value::String(s)) => s,
         _ => format!("{r:?}"),

@@ -1,6 +1,7 @@
 //! Policy files, statement classification and decisions.
 //!
 //! * [`lexer`]: PostgreSQL-faithful splitting of query text (the anti-bypass layer).
+//! * [`statement`]: the words rules use for what a statement is (kind, risks).
 //! * [`mod@classify`]: what each statement does (kind, risks, tables, functions), from
 //!   PostgreSQL's own parser ([`pgparse`], tree walk in `pgwalk`), with [`functions`] (side
 //!   effects), [`relfuncs`] (functions whose arguments name relations, from pg_proc), and the
@@ -30,17 +31,19 @@ pub mod reload;
 pub mod secrets;
 pub mod session;
 pub mod set;
+pub mod statement;
 pub mod testcases;
 pub mod walk;
 pub mod window;
 
-pub use classify::{Classified, Risk, StatementKind, Unclassifiable, classify};
+pub use classify::{Classified, Unclassifiable, classify};
 pub use error::PolicyError;
 pub use lexer::LexSettings;
 pub use model::Limits;
 pub use reload::{PolicyEvent, PolicyHandle};
 pub use session::SessionStatements;
 pub use set::{Decision, Policy, PolicySet, Refusal, Route, Rule, Verdict};
+pub use statement::{Risk, StatementKind};
 
 #[cfg(test)]
 mod classify_tests;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, Serialize};
 use toml::Spanned;
 
-use super::classify::{Risk, StatementKind};
+use super::statement::{Risk, StatementKind};
 use super::glob::Glob;
 use super::window::Window;
 

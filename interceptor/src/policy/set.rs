@@ -39,7 +39,7 @@ pub struct Rule {
     pub name: String,
     pub decision: DecisionKind,
     pub kinds: Option<Vec<KindSpec>>,
-    pub risks: Option<Vec<super::classify::Risk>>,
+    pub risks: Option<Vec<super::statement::Risk>>,
     pub tables: Option<Vec<Glob>>,
     pub functions: Option<Vec<Glob>>,
     pub window: Option<(String, Window)>,
