@@ -10,7 +10,9 @@ use super::glob::Glob;
 use super::lexer::LexSettings;
 use super::load::{parse_policy, policy_files};
 use super::model::{DecisionKind, KindSpec};
-use super::set::{Policy, PolicySet, Rule, TESTS_SUFFIX, Verdict};
+use super::load::TESTS_SUFFIX;
+use super::rules::{Policy, Rule, Verdict};
+use super::set::PolicySet;
 use super::testcases;
 use crate::identity::{Identity, ProcessIdentity, Proof};
 

@@ -7,7 +7,7 @@ use super::classify::{Classified, Unclassifiable};
 use super::glob::Glob;
 use super::model::{DecisionKind, IdentityMatch};
 use super::session::SessionStatements;
-use super::set::{Decision, Policy, Rule, Verdict};
+use super::rules::{Decision, Policy, Rule, Verdict};
 use crate::identity::Identity;
 
 /// Does the identity section select `who`?

@@ -7,6 +7,7 @@
 //!   effects), [`relfuncs`] (functions whose arguments name relations, from pg_proc), and the
 //!   sqlparser reading ([`walk`], [`names`]) as a second opinion that can only refuse.
 //! * [`model`]: the TOML policy file format; [`load`]: validation with `file:line:col`.
+//! * [`rules`]: a validated policy, its rules, verdicts and decisions.
 //! * [`set`]: the API the proxy calls (`PolicySet`: route, decide); [`decide`]: rule matching
 //!   and combining verdicts; [`window`], [`glob`]: rule building blocks.
 //! * [`reload`]: hot reload with audit events; [`session`]: SQL-level PREPARE/EXECUTE.
@@ -28,6 +29,7 @@ pub mod pgparse;
 pub(crate) mod pgwalk;
 pub mod relfuncs;
 pub mod reload;
+pub mod rules;
 pub mod secrets;
 pub mod session;
 pub mod set;
@@ -42,7 +44,8 @@ pub use lexer::LexSettings;
 pub use model::Limits;
 pub use reload::{PolicyEvent, PolicyHandle};
 pub use session::SessionStatements;
-pub use set::{Decision, Policy, PolicySet, Refusal, Route, Rule, Verdict};
+pub use rules::{Decision, Policy, Rule, Verdict};
+pub use set::{PolicySet, Refusal, Route};
 pub use statement::{Risk, StatementKind};
 
 #[cfg(test)]

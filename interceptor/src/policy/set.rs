@@ -12,16 +12,14 @@ use serde::Serialize;
 use super::classify::{Classified, Unclassifiable, classify};
 use super::decide::{decide_statements, identity_matches, unparseable_decision};
 use super::error::PolicyError;
-use super::glob::Glob;
 use super::lexer::LexSettings;
 use super::load::{parse_policy, policy_files};
-use super::model::{DecisionKind, IdentityMatch, KindSpec, Limits};
+use super::model::Limits;
 use super::session::SessionStatements;
-use super::window::Window;
 use crate::identity::Identity;
 
-/// Policy files end in `.toml`; policy tests in `.tests.toml` are not policies.
-pub const TESTS_SUFFIX: &str = ".tests.toml";
+pub use super::load::TESTS_SUFFIX;
+pub use super::rules::{Decision, Policy, Rule, Verdict};
 
 static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
 
@@ -32,41 +30,6 @@ const CACHE_MAX_SQL_BYTES: usize = 16 * 1024;
 
 type CacheKey = (String, bool);
 type Cached = Arc<Result<Vec<Classified>, Unclassifiable>>;
-
-/// A validated rule.
-#[derive(Debug, Clone)]
-pub struct Rule {
-    pub name: String,
-    pub decision: DecisionKind,
-    pub kinds: Option<Vec<KindSpec>>,
-    pub risks: Option<Vec<super::statement::Risk>>,
-    pub tables: Option<Vec<Glob>>,
-    pub functions: Option<Vec<Glob>>,
-    pub window: Option<(String, Window)>,
-    pub message: Option<String>,
-    pub sqlstate: String,
-    pub approvers: Vec<String>,
-    pub approvals: u32,
-    pub timeout_secs: u64,
-    /// Where it was written: `file:line:col`.
-    pub location: String,
-}
-
-/// One policy (one file).
-#[derive(Debug, Clone)]
-pub struct Policy {
-    pub name: String,
-    pub description: String,
-    pub priority: i64,
-    pub path: PathBuf,
-    pub identities: IdentityMatch,
-    pub upstream_role: String,
-    pub databases: Vec<Glob>,
-    pub limits: Limits,
-    pub unparseable: Verdict,
-    pub rules: Vec<Rule>,
-    pub mask: Option<toml::Value>,
-}
 
 /// All policies of a directory, in evaluation order.
 #[derive(Debug)]
@@ -93,48 +56,6 @@ pub struct Route {
 pub struct Refusal {
     pub sqlstate: String,
     pub message: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "verdict", rename_all = "snake_case")]
-pub enum Verdict {
-    Allow,
-    Deny {
-        sqlstate: String,
-        message: String,
-    },
-    Approve {
-        rule: String,
-        approver_groups: Vec<String>,
-        approvals_required: u32,
-        timeout_secs: u64,
-    },
-}
-
-impl Verdict {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Verdict::Allow => "allow",
-            Verdict::Deny { .. } => "deny",
-            Verdict::Approve { .. } => "approve",
-        }
-    }
-}
-
-/// The decision for one query (all its statements).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Decision {
-    pub verdict: Verdict,
-    /// The rule that made the decision (`None`: default deny, or no policy).
-    pub rule: Option<String>,
-    /// The policy that was applied.
-    pub policy: Option<String>,
-    pub statements: Vec<Classified>,
-    /// Rule of each statement, in order (`None` where the default deny applied).
-    pub statement_rules: Vec<Option<String>>,
-    /// A syntax error's 1-based character position in the query (PostgreSQL's cursor).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub syntax_position: Option<u32>,
 }
 
 impl PolicySet {
