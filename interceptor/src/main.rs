@@ -147,7 +147,11 @@ fn main() -> anyhow::Result<()> {
             let config =
                 config.context("--config is required (the daemon's configuration file)")?;
             let config = Config::load(&config)?;
-            interceptor::audit::cli::run(command, &config)
+            interceptor::audit::cli::run(
+                command,
+                &config.audit,
+                config.admin.as_ref().map(|a| a.socket.as_path()),
+            )
         }
         Command::Approvals { config, command } => {
             let socket = approvals_socket(&config)?;

@@ -20,7 +20,7 @@ use super::record::{AuditEvent, RecordId};
 use super::signing::Mark;
 use super::store::{Store, Stored};
 use super::verify::{self, Problem, VerifyMode, VerifyReport};
-use crate::config::AuditConfig;
+use super::config::AuditConfig;
 
 /// A recorded decision to continue the chain over a detected loss or alteration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,7 +14,7 @@ use super::chain::{self, BASE_KEY};
 use super::record::{RecordId, Timestamp};
 use super::signing::{Mark, MarkKind};
 use super::store::{Store, Stored, decode};
-use crate::config::AuditConfig;
+use super::config::AuditConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetentionPolicy {

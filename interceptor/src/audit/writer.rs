@@ -25,7 +25,7 @@ use super::signing::{Mark, MarkKind};
 use super::store::Store;
 use super::wal::Wal;
 use super::{AuditError, MAX_PENDING};
-use crate::config::{AuditConfig, Durability};
+use super::config::{AuditConfig, Durability};
 
 pub(crate) type Waiter = tokio::sync::oneshot::Sender<Result<(), AuditError>>;
 
