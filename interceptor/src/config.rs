@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use crate::audit::config::{AuditConfig, Durability};
+use crate::console::ConsoleConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -54,7 +55,7 @@ pub struct Config {
     pub approvals: Option<crate::approval::ApprovalConfig>,
     /// The web console for approvers and auditors, on the approvals admin listener.
     #[serde(default)]
-    pub console: Option<crate::console::ConsoleConfig>,
+    pub console: Option<ConsoleConfig>,
     /// Kernel interception: steer every connection to PostgreSQL's port(s) into interceptor.
     #[serde(default)]
     pub ebpf: crate::ebpf::SteeringConfig,
@@ -307,7 +308,7 @@ impl Config {
             ));
         }
         if let Some(c) = &self.console {
-            c.validate(self).map_err(ConfigError::Invalid)?;
+            validate_console(c, self).map_err(ConfigError::Invalid)?;
         }
         if self.upstream.tls == UpstreamTls::VerifyFull && self.upstream.ca.is_none() {
             return Err(ConfigError::Invalid(
@@ -385,6 +386,37 @@ impl Config {
                 fix(f);
             }
         }
+    }
+}
+
+/// Checks what the rest of the config must provide for `[console]`.
+fn validate_console(console: &ConsoleConfig, config: &Config) -> Result<(), String> {
+    let public = console.public_url.to_ascii_lowercase();
+    if !public.starts_with("https://") {
+        return Err(format!(
+            "[console] public_url `{}` must be https: the console's cookies are Secure",
+            console.public_url
+        ));
+    }
+    let Some(approvals) = &config.approvals else {
+        return Err("[console] needs [approvals] with `http_listen`".into());
+    };
+    if approvals.http_listen.is_none() {
+        return Err("[console] needs [approvals] http_listen".into());
+    }
+    if config.tls.is_none() {
+        return Err("[console] needs [tls]: the console is served over HTTPS only".into());
+    }
+    match (&config.oidc, &console.client_id) {
+        (Some(oidc), Some(id)) if !oidc.audience.iter().any(|a| a == id) => Err(format!(
+            "[console] client_id `{id}` must be one of [oidc] audience \
+             (ID tokens are issued for the client)"
+        )),
+        (None, Some(_)) => Err("[console] client_id needs [oidc]".into()),
+        (_, None) if config.mtls.is_none() => {
+            Err("[console] needs a way to sign in: client_id with [oidc], or [mtls]".into())
+        }
+        _ => Ok(()),
     }
 }
 
