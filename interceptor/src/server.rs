@@ -288,7 +288,7 @@ pub async fn run_reloadable(config: Config, config_path: Option<PathBuf>) -> any
             oidc: state.identities.oidc.clone(),
             tls: state.tls_config.clone(),
             mtls: state.identities.mtls.clone(),
-            console,
+            pages: Some(Arc::new(ConsolePages(console))),
         };
         let handles = crate::approval::api::spawn(svc.clone(), auth)
             .await
@@ -453,5 +453,27 @@ async fn accept_unix(listener: UnixListener, state: Arc<ServerState>) -> anyhow:
             pid: cred.as_ref().and_then(|c| c.pid()),
         };
         tokio::spawn(session::handle(Stream::Unix(sock), peer, state.clone()));
+    }
+}
+
+/// The admin listener's `/console` paths: the web console when `[console]` is configured,
+/// otherwise "no such endpoint". Composed here, above both the approvals API and the console.
+struct ConsolePages(Option<Arc<crate::console::Console>>);
+
+impl crate::approval::api::Pages for ConsolePages {
+    fn owns(&self, path: &str) -> bool {
+        crate::console::is_console_path(path)
+    }
+
+    fn serve<'a>(
+        &'a self,
+        req: &'a crate::approval::http::HttpRequest,
+        cert: Option<&'a [u8]>,
+        mut stream: &'a mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>> {
+        let console = self.0.as_ref()?;
+        Some(Box::pin(async move {
+            console.serve(req, cert, &mut stream).await
+        }))
     }
 }
