@@ -11,6 +11,7 @@ pub mod console;
 pub mod ebpf;
 pub mod identity;
 pub mod mask;
+pub mod metrics;
 pub mod net;
 pub mod ops;
 pub mod outbound;

@@ -576,7 +576,7 @@ impl Writer {
             None => {
                 let started = Instant::now();
                 let r = self.commit(&records);
-                crate::ops::metrics::audit_commit(started.elapsed());
+                crate::metrics::audit_commit(started.elapsed());
                 r
             }
         };

@@ -39,9 +39,9 @@ pub fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
 pub fn reload(state: &ServerState, config_path: Option<&Path>) {
     super::notify::reloading();
     let outcome = |ok: bool| {
-        super::metrics::METRICS
+        crate::metrics::METRICS
             .reloads
-            .get_or_create(&super::metrics::EventLabels {
+            .get_or_create(&crate::metrics::EventLabels {
                 event: if ok { "ok" } else { "failed" }.to_owned(),
             })
             .inc();

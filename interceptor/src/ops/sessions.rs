@@ -213,9 +213,9 @@ impl Drop for LiveGuard<'_> {
             .fetch_add(c.bytes_to_client.load(Ordering::Relaxed), Ordering::Relaxed);
         map.remove(&self.session.facts.session_id.0);
         let f = &self.session.facts;
-        super::metrics::METRICS
+        crate::metrics::METRICS
             .sessions_open
-            .get_or_create(&super::metrics::SessionLabels {
+            .get_or_create(&crate::metrics::SessionLabels {
                 identity: f.identity.subject.clone(),
                 policy: f.policy.clone(),
             })
@@ -244,11 +244,11 @@ impl LiveSessions {
             upstream,
             stop,
         });
-        let labels = super::metrics::SessionLabels {
+        let labels = crate::metrics::SessionLabels {
             identity: facts.identity.subject.clone(),
             policy: facts.policy.clone(),
         };
-        let m = &super::metrics::METRICS;
+        let m = &crate::metrics::METRICS;
         m.sessions_open.get_or_create(&labels).inc();
         m.sessions.get_or_create(&labels).inc();
         self.lock().insert(facts.session_id.0, session.clone());

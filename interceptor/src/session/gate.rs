@@ -194,7 +194,7 @@ impl Gate {
                 }
             }
         }
-        crate::ops::metrics::statement(
+        crate::metrics::statement(
             verdict,
             decision.statements.iter().map(|c| c.kind.as_str()),
             deny_sqlstate.as_deref(),
@@ -622,7 +622,7 @@ impl Recorder {
                 truncated: outcome.truncated,
             }));
         }
-        crate::ops::metrics::masked(&outcome.masked);
+        crate::metrics::masked(&outcome.masked);
         let result = self.audit.append(AuditEvent::Outcome(StatementOutcome {
             session,
             statement,
