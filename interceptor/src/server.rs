@@ -36,7 +36,7 @@ pub struct ServerState {
     /// Bounds connections that have not authenticated yet.
     pub admission: crate::net::admission::Admission,
     /// Sessions open now (`interceptor sessions`), and how to end them.
-    pub live: crate::ops::sessions::LiveSessions,
+    pub live: crate::session::live::LiveSessions,
 }
 
 /// Open sessions per identity, for the policy's `max_sessions`.

@@ -1,5 +1,5 @@
 //! Running interceptor on a host: logging, the metrics and health endpoint, service-manager
-//! readiness, live sessions, install and uninstall.
+//! readiness, listing and killing live sessions, install and uninstall.
 
 pub mod admin;
 pub mod cli;
@@ -9,7 +9,8 @@ pub mod install;
 pub mod logging;
 pub mod notify;
 pub mod reload;
-pub mod sessions;
 
 // The registry lives below the rooms that count into it (audit, sessions); reachable here too.
 pub use crate::metrics;
+// Live sessions are the session's own registry; reachable here too.
+pub use crate::session::live as sessions;

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod cancel;
 pub mod gate;
+pub mod live;
 pub mod masking;
 pub mod protocol;
 pub mod relay;

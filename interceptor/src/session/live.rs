@@ -9,9 +9,9 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use super::gate::SessionFacts;
+use super::relay;
 use crate::net::message::PgError;
-use crate::session::gate::SessionFacts;
-use crate::session::relay;
 
 /// SQLSTATE admin_shutdown, what PostgreSQL sends for `pg_terminate_backend` and a shutdown.
 pub const ADMIN_SHUTDOWN: &str = "57P01";
