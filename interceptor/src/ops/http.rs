@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::server::ServerState;
+use crate::session::shared::ServerState;
 
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::config::Config;
-use crate::server::ServerState;
+use crate::session::shared::ServerState;
 
 /// The top-level sections whose values differ between `old` and `new`.
 pub fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
@@ -51,7 +51,7 @@ pub fn reload(state: &ServerState, config_path: Option<&Path>) {
         match Config::load(path)
             .map_err(anyhow::Error::from)
             .and_then(|c| {
-                crate::server::Loaded::load(&c)?;
+                crate::session::shared::Loaded::load(&c)?;
                 Ok(c)
             }) {
             Ok(new) => {

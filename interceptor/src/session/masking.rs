@@ -20,7 +20,7 @@ use crate::mask::{
 };
 use crate::net::message::{self, Cursor, PgError, sqlstate};
 use crate::secrets::Secret;
-use crate::server::ServerState;
+use super::shared::ServerState;
 
 /// Why the side connection could not answer.
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,7 @@ pub mod live;
 pub mod masking;
 pub mod protocol;
 pub mod relay;
+pub mod shared;
 pub mod startup;
 pub mod upstream;
 
@@ -19,7 +20,7 @@ use tracing::Instrument;
 
 use crate::net::message::{self, PgError, sqlstate};
 use crate::net::stream::Stream;
-use crate::server::ServerState;
+use self::shared::ServerState;
 use cancel::UpstreamKey;
 use gate::{Gate, Recorder, SessionFacts};
 use startup::Opening;
