@@ -61,7 +61,7 @@ pub struct SessionFacts {
     pub upstream_role: String,
     pub policy: String,
     /// What the session is doing now, for `interceptor sessions`.
-    pub activity: Arc<super::live::Activity>,
+    pub activity: Arc<super::activity::Activity>,
 }
 
 /// Lexer-relevant server settings, as last reported by ParameterStatus.

@@ -1,5 +1,6 @@
 //! One client connection: startup, authentication, upstream login and the relay loop.
 
+pub mod activity;
 pub mod auth;
 pub mod cancel;
 pub mod gate;
