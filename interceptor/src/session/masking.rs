@@ -13,14 +13,13 @@ use bytes::Bytes;
 use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, Statement};
 
 use super::protocol::{Action, Frontend, Owed, OwedQueue, Statements};
-use super::upstream::Upstream;
+use super::upstream::{Upstream, UpstreamTarget};
 use crate::mask::{
     CopyColumn, CopyMasker, CopyOptions, MaskError, MaskPlan, MaskRules, MaskSummary, OriginCache,
     RelationCache, catalog_query, table_oids,
 };
 use crate::net::message::{self, Cursor, PgError, sqlstate};
 use crate::secrets::Secret;
-use super::shared::ServerState;
 
 /// Why the side connection could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +38,7 @@ pub enum SideError {
 
 /// How to open the side connection: the same upstream, role and database as the session.
 pub struct SideLogin {
-    pub server: Arc<ServerState>,
+    pub upstream: Arc<UpstreamTarget>,
     pub role: String,
     pub password: Option<Secret>,
     pub database: String,
@@ -279,7 +278,6 @@ impl Side {
     async fn conn(&mut self, login: &SideLogin) -> Result<&mut Upstream, SideError> {
         if self.conn.is_none() {
             let conn = login
-                .server
                 .upstream
                 .login(&login.role, login.password.as_ref(), &login.database, &[])
                 .await?;

@@ -406,7 +406,7 @@ async fn run(
     let mask = masking::SessionMask::new(
         rules,
         masking::SideLogin {
-            server: server.clone(),
+            upstream: server.upstream.clone(),
             role: facts.upstream_role.clone(),
             password: password.clone(),
             database: facts.database.clone(),

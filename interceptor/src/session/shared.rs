@@ -22,7 +22,7 @@ pub struct ServerState {
     pub config: Config,
     pub identities: Authenticators,
     pub secrets: Secrets,
-    pub upstream: UpstreamTarget,
+    pub upstream: Arc<UpstreamTarget>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancel: CancelRegistry,
     pub policy: PolicyHandle,
@@ -154,12 +154,12 @@ impl ServerState {
     /// Loads the configuration and opens the stores (audit, approvals).
     pub fn new(config: Config, steering: Option<Arc<Steering>>) -> anyhow::Result<ServerState> {
         let loaded = Loaded::load(&config)?;
-        let upstream = UpstreamTarget::new(
+        let upstream = Arc::new(UpstreamTarget::new(
             &config.upstream,
             loaded.upstream_tls,
             config.limits.max_message_bytes,
             steering.clone(),
-        );
+        ));
         let audit = AuditLog::open(&config.audit).with_context(|| {
             format!(
                 "cannot open the audit trail in {}",
