@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod ebpf;
 pub mod health;
 pub mod http;
 pub mod install;
