@@ -111,6 +111,15 @@ impl Unclassifiable {
 
 /// Classifies every statement of a simple-query or Parse text.
 pub fn classify(sql: &str, lex: LexSettings) -> Result<Vec<Classified>, Unclassifiable> {
+    classify_tree(sql, lex).map(|(statements, _)| statements)
+}
+
+/// [`classify`], also handing back PostgreSQL's parse of `sql` for later stages (the masking
+/// rewrite) so that nothing parses the text again.
+pub fn classify_tree(
+    sql: &str,
+    lex: LexSettings,
+) -> Result<(Vec<Classified>, pgparse::Tree), Unclassifiable> {
     let scs = lex.standard_conforming_strings;
     // Our lexer runs first: it is linear, and finds the strings outside which a long run of
     // operator characters is refused before PostgreSQL's scanner spends quadratic time on it.
@@ -124,10 +133,11 @@ pub fn classify(sql: &str, lex: LexSettings) -> Result<Vec<Classified>, Unclassi
             ),
         });
     }
-    let stmts = pgparse::parse(sql, scs).map_err(|e| Unclassifiable::Syntax {
+    let tree = pgparse::parse_tree(sql, scs).map_err(|e| Unclassifiable::Syntax {
         message: e.message,
         position: e.position,
     })?;
+    let stmts = &tree.stmts;
     let pieces = lexed?;
     if pieces.is_empty() && stmts.is_empty() {
         return Err(Unclassifiable::Empty);
@@ -142,12 +152,13 @@ pub fn classify(sql: &str, lex: LexSettings) -> Result<Vec<Classified>, Unclassi
             index: pieces.len().min(stmts.len()) + 1,
         });
     }
-    pieces
+    let statements = pieces
         .iter()
-        .zip(&stmts)
+        .zip(stmts)
         .enumerate()
         .map(|(i, (piece, raw))| classify_piece(sql, piece, raw, i + 1, scs))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((statements, tree))
 }
 
 /// PostgreSQL's scanner rescans a run of operator characters at every `/*` in it (in and out of

@@ -191,6 +191,7 @@ pub(crate) fn unparseable_decision(policy: &Policy, e: &Unclassifiable) -> Decis
         statements: Vec::new(),
         statement_rules: Vec::new(),
         syntax_position: e.position(),
+        tree: None,
     }
 }
 
@@ -319,6 +320,7 @@ pub(crate) fn decide_statements(
         statements,
         statement_rules: rules,
         syntax_position: None,
+        tree: None,
     }
 }
 

@@ -2,12 +2,14 @@
 //! Loading builds these, deciding reads them, the policy set holds them.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::classify::Classified;
 use super::glob::Glob;
 use super::model::{DecisionKind, IdentityMatch, KindSpec, Limits};
+use super::pgparse::Tree;
 use super::statement::Risk;
 use super::window::Window;
 
@@ -86,4 +88,9 @@ pub struct Decision {
     /// A syntax error's 1-based character position in the query (PostgreSQL's cursor).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub syntax_position: Option<u32>,
+    /// PostgreSQL's parse of the query when it was parsed for this decision (not when its
+    /// classification came from the cache): the masking rewrite reads it instead of parsing
+    /// the text again. Never recorded.
+    #[serde(skip)]
+    pub tree: Option<Arc<Tree>>,
 }

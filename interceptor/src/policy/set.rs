@@ -9,12 +9,13 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::classify::{Classified, Unclassifiable, classify};
+use super::classify::{Classified, Unclassifiable, classify_tree};
 use super::decide::{decide_statements, identity_matches, unparseable_decision};
 use super::error::PolicyError;
 use super::lexer::LexSettings;
 use super::load::{parse_policy, policy_files};
 use super::model::Limits;
+use super::pgparse::Tree;
 use super::session::SessionStatements;
 use crate::identity::Identity;
 
@@ -173,7 +174,7 @@ impl PolicySet {
         session: &SessionStatements,
         now: SystemTime,
     ) -> Decision {
-        let classified = self.classify_cached(sql, lex);
+        let (classified, tree) = self.classify_cached(sql, lex);
         let Some(policy) = self.policy_for(who, database) else {
             return Decision {
                 verdict: Verdict::Deny {
@@ -188,6 +189,7 @@ impl PolicySet {
                 statements: classified.as_ref().clone().unwrap_or_default(),
                 statement_rules: Vec::new(),
                 syntax_position: None,
+                tree: None,
             };
         };
         let statements = match classified.as_ref() {
@@ -202,16 +204,22 @@ impl PolicySet {
                     statements: Vec::new(),
                     statement_rules: Vec::new(),
                     syntax_position: None,
+                    tree: None,
                 };
             }
             Err(e) => return unparseable_decision(policy, e),
         };
-        decide_statements(policy, statements, session, now)
+        Decision {
+            tree,
+            ..decide_statements(policy, statements, session, now)
+        }
     }
 
-    fn classify_cached(&self, sql: &str, lex: &LexSettings) -> Cached {
+    /// The classification of `sql`, from the cache when this shape was seen; with the parse
+    /// tree when it was parsed now (a tree is never cached: the cache key hides numbers).
+    fn classify_cached(&self, sql: &str, lex: &LexSettings) -> (Cached, Option<Arc<Tree>>) {
         if sql.len() > CACHE_MAX_SQL_BYTES {
-            return Arc::new(classify(sql, *lex));
+            return classify_now(sql, lex);
         }
         let key = (cache_key(sql, lex), lex.standard_conforming_strings);
         // A poisoned lock only means another thread panicked mid-insert; the map is still sound.
@@ -221,9 +229,9 @@ impl PolicySet {
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
         {
-            return hit.clone();
+            return (hit.clone(), None);
         }
-        let result: Cached = Arc::new(classify(sql, *lex));
+        let (result, tree) = classify_now(sql, lex);
         // Secret spans are byte offsets in this text; the key hides numbers, whose length may
         // differ in a text with the same key, so such results are not shared.
         if let Ok(statements) = result.as_ref()
@@ -231,14 +239,22 @@ impl PolicySet {
                 .iter()
                 .any(|c| !c.secrets.is_empty() || c.secret_unplaced)
         {
-            return result;
+            return (result, tree);
         }
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= CACHE_ENTRIES {
             cache.clear();
         }
         cache.insert(key, result.clone());
-        result
+        (result, tree)
+    }
+}
+
+/// Classifies `sql` (PostgreSQL's parser runs once), keeping the tree apart from the result.
+fn classify_now(sql: &str, lex: &LexSettings) -> (Cached, Option<Arc<Tree>>) {
+    match classify_tree(sql, *lex) {
+        Ok((statements, tree)) => (Arc::new(Ok(statements)), Some(Arc::new(tree))),
+        Err(e) => (Arc::new(Err(e)), None),
     }
 }
 
