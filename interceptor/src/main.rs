@@ -166,7 +166,8 @@ fn main() -> anyhow::Result<()> {
         Command::Ebpf(cmd) => {
             // A plain message and a failing exit, no backtrace: these are operator errors
             // (permissions, a wrong pin dir), not bugs.
-            if let Err(e) = interceptor::ops::ebpf::run_command(&cmd, &mut std::io::stdout().lock()) {
+            if let Err(e) = interceptor::ops::ebpf::run_command(&cmd, &mut std::io::stdout().lock())
+            {
                 eprintln!("interceptor ebpf: {e}");
                 std::process::exit(1);
             }

@@ -266,7 +266,10 @@ pub fn render(now: &Scrape) -> String {
         &m.relay_bytes.get_or_create(&dir("from_client")),
         now.from_client,
     );
-    advance(&m.relay_bytes.get_or_create(&dir("to_client")), now.to_client);
+    advance(
+        &m.relay_bytes.get_or_create(&dir("to_client")),
+        now.to_client,
+    );
     if let Some(c) = &now.kernel {
         for (event, v) in [
             ("steered", c.steered),

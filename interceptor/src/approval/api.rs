@@ -6,8 +6,8 @@
 //! (`{"reason"?, "scope"?: "once"|"session"}`), `POST /approvals/{id}/deny` (`{"reason"}`),
 //! `POST /grants` ([`GrantRequest`]), `GET /grants[?all=1]`, `DELETE /grants/{id}`.
 
-use std::os::unix::fs::PermissionsExt;
 use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;

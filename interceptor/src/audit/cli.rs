@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use serde::de::DeserializeOwned;
 
 use super::admin::{AdminClient, AdminRequest, Target};
+use super::config::AuditConfig;
 use super::export::{self, ExportFormat, ExportRecord};
 use super::query::{ExportFilter, Replay, ReplayEntry, SessionDetail, SessionFilter, Stats};
 use super::record::{RecordId, SessionId, Timestamp};
@@ -16,7 +17,6 @@ use super::retention::RetentionReport;
 use super::store::{SessionSummary, Store};
 use super::verify::VerifyReport;
 use super::{AuditLog, signing};
-use super::config::AuditConfig;
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum AuditCommand {
@@ -275,7 +275,10 @@ enum Backend {
 }
 
 impl Backend {
-    fn connect(audit: &AuditConfig, admin_socket: Option<&std::path::Path>) -> anyhow::Result<Backend> {
+    fn connect(
+        audit: &AuditConfig,
+        admin_socket: Option<&std::path::Path>,
+    ) -> anyhow::Result<Backend> {
         if let Some(socket) = admin_socket {
             match AdminClient::connect(socket) {
                 Ok(c) => return Ok(Backend::Daemon(c)),

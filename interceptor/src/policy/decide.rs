@@ -6,8 +6,8 @@ use std::time::SystemTime;
 use super::classify::{Classified, Unclassifiable};
 use super::glob::Glob;
 use super::model::{DecisionKind, IdentityMatch};
-use super::session::SessionStatements;
 use super::rules::{Decision, Policy, Rule, Verdict};
+use super::session::SessionStatements;
 use crate::identity::Identity;
 
 /// Does the identity section select `who`?
@@ -96,7 +96,11 @@ impl Rule {
     }
 
     /// For an allow rule that would match if it accepted more risks: the risks it lacks.
-    fn missing_risks(&self, s: &Classified, now: SystemTime) -> Option<Vec<super::statement::Risk>> {
+    fn missing_risks(
+        &self,
+        s: &Classified,
+        now: SystemTime,
+    ) -> Option<Vec<super::statement::Risk>> {
         if self.decision != DecisionKind::Allow {
             return None;
         }

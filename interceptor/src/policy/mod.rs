@@ -43,8 +43,8 @@ pub use error::PolicyError;
 pub use lexer::LexSettings;
 pub use model::Limits;
 pub use reload::{PolicyEvent, PolicyHandle};
-pub use session::SessionStatements;
 pub use rules::{Decision, Policy, Rule, Verdict};
+pub use session::SessionStatements;
 pub use set::{PolicySet, Refusal, Route};
 pub use statement::{Risk, StatementKind};
 

@@ -10,9 +10,9 @@ use pg_query::protobuf::{
 };
 use serde_json::{Map, Value};
 
-use super::statement::{Risk, StatementKind};
 use super::names::qualify_relation;
 use super::relfuncs::{self, ArgClass};
+use super::statement::{Risk, StatementKind};
 use super::walk::Facts;
 
 /// How deep query text inside a literal (`query_to_xml('…')`) is followed.

@@ -20,8 +20,8 @@ use toml::Spanned;
 
 use super::error::PolicyError;
 use super::lexer::LexSettings;
-use super::session::SessionStatements;
 use super::load::TESTS_SUFFIX;
+use super::session::SessionStatements;
 use super::set::PolicySet;
 use crate::identity::{Identity, ProcessIdentity, Proof};
 

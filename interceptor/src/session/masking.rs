@@ -158,11 +158,7 @@ impl SessionMask {
     }
 
     /// [`SessionMask::rewrite`] for a statement already parsed by pg_query.
-    pub async fn rewrite_parsed(
-        &self,
-        sql: &str,
-        tree: &Tree,
-    ) -> Result<Option<String>, PgError> {
+    pub async fn rewrite_parsed(&self, sql: &str, tree: &Tree) -> Result<Option<String>, PgError> {
         let refused = |m: String| PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, m);
         let needs = crate::mask::needs(tree);
         let mut cache = self.relations.lock().await;

@@ -384,10 +384,12 @@ async fn client_to_upstream(
                     sub
                 }
                 Frontend::Parse(p) => match gate.parse(p.statement, p.sql, shared.lex()).await {
-                    Verdict::Forward { tree, .. } => match rewrite(shared, p.sql, tree.as_deref()).await {
-                        Ok(new) => new.map(|sql| super::masking::reparse(&p, &sql)),
-                        Err(err) => Some(refuse(shared, batch, err, true)),
-                    },
+                    Verdict::Forward { tree, .. } => {
+                        match rewrite(shared, p.sql, tree.as_deref()).await {
+                            Ok(new) => new.map(|sql| super::masking::reparse(&p, &sql)),
+                            Err(err) => Some(refuse(shared, batch, err, true)),
+                        }
+                    }
                     Verdict::Refuse(err) => Some(refuse(shared, batch, err, true)),
                     Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), true)),
                 },
@@ -553,7 +555,11 @@ fn track(shared: &Shared, batch: u64, kind: Kind, record: Option<crate::audit::R
 /// The statement rewritten for column masking (`None`: forward it as it is). `tree` is the
 /// gate's parse of `sql`; the rewrite reads standard strings, so it is reused when the session
 /// has them on (else the rewrite parses as before).
-async fn rewrite(shared: &Shared, sql: &str, tree: Option<&Tree>) -> Result<Option<String>, PgError> {
+async fn rewrite(
+    shared: &Shared,
+    sql: &str,
+    tree: Option<&Tree>,
+) -> Result<Option<String>, PgError> {
     match &shared.mask {
         Some(m) => {
             let tree = tree.filter(|_| shared.lex().standard_conforming_strings);
