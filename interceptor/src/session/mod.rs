@@ -8,6 +8,8 @@ pub mod live;
 pub mod masking;
 pub mod protocol;
 pub mod relay;
+#[cfg(test)]
+mod relay_tests;
 pub mod shared;
 pub mod startup;
 pub mod upstream;
@@ -19,9 +21,9 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
+use self::shared::ServerState;
 use crate::net::message::{self, PgError, sqlstate};
 use crate::net::stream::Stream;
-use self::shared::ServerState;
 use cancel::UpstreamKey;
 use gate::{Gate, Recorder, SessionFacts};
 use startup::Opening;
