@@ -20,13 +20,13 @@ use ed25519_dalek::SigningKey;
 
 use super::applier::{Applier, StoreJob};
 use super::chain::{self, ChainHash, HEAD_KEY};
+use super::config::{AuditConfig, Durability};
 use super::record::{AuditEvent, Record, RecordId, Timestamp};
 use super::retention::{RetentionPolicy, RetentionReport};
 use super::signing::{Mark, MarkKind};
 use super::store::Store;
 use super::wal::Wal;
 use super::{AuditError, MAX_PENDING};
-use crate::config::{AuditConfig, Durability};
 
 pub(crate) type Waiter = tokio::sync::oneshot::Sender<Result<(), AuditError>>;
 
@@ -670,7 +670,7 @@ impl Writer {
             None => {
                 let started = Instant::now();
                 let r = self.commit(&records);
-                crate::ops::metrics::audit_commit(started.elapsed());
+                crate::metrics::audit_commit(started.elapsed());
                 r
             }
         };
