@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 
-use super::applier::{Applier, StoreJob};
+pub(crate) use super::applier::Waiter;
+use super::applier::{Applier, Progress, StoreJob};
 use super::chain::{self, ChainHash, HEAD_KEY};
 use super::config::{AuditConfig, Durability};
 use super::record::{AuditEvent, Record, RecordId, Timestamp};
@@ -27,8 +28,6 @@ use super::signing::{Mark, MarkKind};
 use super::store::Store;
 use super::wal::Wal;
 use super::{AuditError, MAX_PENDING};
-
-pub(crate) type Waiter = tokio::sync::oneshot::Sender<Result<(), AuditError>>;
 
 /// A periodic checkpoint is kept after this many records or this much time.
 const CHECKPOINT_EVERY_RECORDS: u64 = 1000;
@@ -255,12 +254,6 @@ impl Shared {
 
     pub(crate) fn visible_head(&self) -> Option<Mark> {
         self.visible.lock().ok().and_then(|h| h.clone())
-    }
-
-    pub(crate) fn set_visible(&self, head: Option<Mark>) {
-        if let Ok(mut v) = self.visible.lock() {
-            *v = head;
-        }
     }
 
     pub(crate) fn fail(&self, message: &str) {
@@ -835,5 +828,17 @@ impl Drop for StopGuard {
                 }
             }
         }
+    }
+}
+
+impl Progress for Shared {
+    fn visible(&self, head: Option<Mark>) {
+        if let Ok(mut v) = self.visible.lock() {
+            *v = head;
+        }
+    }
+
+    fn fail(&self, message: &str) {
+        Shared::fail(self, message);
     }
 }
