@@ -105,6 +105,23 @@ impl Loaded {
             None => None,
         };
         let tls = tls_config.clone().map(tokio_rustls::TlsAcceptor::from);
+        // The certificate is loaded once (TLS is not reloaded), so its channel binding data is
+        // fixed for the process's life.
+        let tls_end_point = match &config.tls {
+            Some(t) => {
+                let chain = tls::load_certs(&t.cert)?;
+                let end_point = chain.first().and_then(|leaf| tls::server_end_point(leaf));
+                if end_point.is_none() {
+                    tracing::warn!(
+                        cert = %t.cert.display(),
+                        "the TLS certificate's signature algorithm has no tls-server-end-point \
+                         hash: SCRAM-SHA-256-PLUS (channel binding) is not offered"
+                    );
+                }
+                end_point
+            }
+            None => None,
+        };
         let oidc = match &config.oidc {
             Some(o) => Some(Arc::new(crate::identity::oidc::OidcVerifier::new(o)?)),
             None => None,
@@ -127,6 +144,7 @@ impl Loaded {
                 statics,
                 oidc,
                 mtls,
+                tls_end_point,
             },
             secrets,
             tls,

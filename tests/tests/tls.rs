@@ -177,3 +177,58 @@ fn client_certificate_is_an_identity_without_a_password() {
     assert!(!out.success(), "{out:?}");
     assert!(out.stderr.contains("does not match"), "{out:?}");
 }
+
+/// SCRAM-SHA-256-PLUS: libpq with `channel_binding=require` authenticates over TLS (it fails
+/// unless the server proved the channel's end point), and refuses over plain TCP, where no
+/// binding is possible.
+#[test]
+fn channel_binding_required_by_libpq() {
+    let s = Stack::start(StackOptions::standard().tls(true)).unwrap();
+    let out = PgCommand::psql(&s.params(ALICE).sslmode(SslMode::Require))
+        .env("PGCHANNELBINDING", "require")
+        .args(["-A", "-t", "-c", "SELECT count(*) FROM accounts"])
+        .run()
+        .unwrap();
+    assert!(out.success(), "{out:?}\n{}", s.logs());
+    assert_eq!(out.stdout, "36\n", "{out:?}");
+
+    // Verified against the CA too.
+    let out = PgCommand::psql(&verify_full(&s))
+        .env("PGCHANNELBINDING", "require")
+        .args(["-c", "SELECT 1"])
+        .run()
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+
+    // The binding does not stand in for the password.
+    let out = PgCommand::psql(
+        &s.params(ALICE)
+            .sslmode(SslMode::Require)
+            .password(Some("not-alice's")),
+    )
+    .env("PGCHANNELBINDING", "require")
+    .args(["-c", "SELECT 1"])
+    .run()
+    .unwrap();
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("password authentication failed"),
+        "{out:?}"
+    );
+
+    // Plain TCP: SCRAM-SHA-256 only, which libpq will not accept under `require`.
+    let out = PgCommand::psql(&s.params(ALICE).sslmode(SslMode::Disable))
+        .env("PGCHANNELBINDING", "require")
+        .args(["-c", "SELECT 1"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("channel binding"), "{out:?}");
+    // ...and without the requirement, plain SCRAM over TCP still works.
+    let out = PgCommand::psql(&s.params(ALICE).sslmode(SslMode::Disable))
+        .env("PGCHANNELBINDING", "prefer")
+        .args(["-c", "SELECT 1"])
+        .run()
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+}
