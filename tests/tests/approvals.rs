@@ -43,6 +43,7 @@ fn cli(config: &Path, args: &[&str]) -> std::process::Output {
         .arg("approvals")
         .arg("-c")
         .arg(config)
+        .arg("--json")
         .args(args)
         .output()
         .unwrap()
