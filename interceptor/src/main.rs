@@ -306,6 +306,10 @@ mod tests {
         }
         let mut missing = Vec::new();
         walk(&super::Cli::command(), "interceptor", &mut missing);
-        assert!(missing.is_empty(), "arguments without help:\n{}", missing.join("\n"));
+        assert!(
+            missing.is_empty(),
+            "arguments without help:\n{}",
+            missing.join("\n")
+        );
     }
 }

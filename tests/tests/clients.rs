@@ -298,7 +298,14 @@ fn large_objects_through_psql_match_directly() {
         .filter(|e| e["type"] == "statement" && e["protocol"] == "function_call")
         .collect();
     let sqls: Vec<&str> = calls.iter().filter_map(|e| e["sql"].as_str()).collect();
-    for f in ["lo_creat", "lo_open", "lowrite", "loread", "lo_close", "lo_unlink"] {
+    for f in [
+        "lo_creat",
+        "lo_open",
+        "lowrite",
+        "loread",
+        "lo_close",
+        "lo_unlink",
+    ] {
         assert!(
             sqls.iter()
                 .any(|s| s.starts_with(&format!("SELECT \"pg_catalog\".\"{f}\"("))),
@@ -318,7 +325,12 @@ fn large_objects_are_refused_where_policy_does_not_allow_them() {
     );
     let proxy = interceptor_tests::Interceptor::start(
         interceptor_tests::InterceptorSetup::new(&pg)
-            .identity(ALICE, interceptor_tests::ALICE_PASSWORD, &["dev"], Some(APP_RW))
+            .identity(
+                ALICE,
+                interceptor_tests::ALICE_PASSWORD,
+                &["dev"],
+                Some(APP_RW),
+            )
             .policy_file("no-large-objects", &policy),
     )
     .unwrap();
@@ -355,7 +367,10 @@ fn large_objects_are_refused_where_policy_does_not_allow_them() {
         .find(|e| e["type"] == "statement" && e["protocol"] == "function_call")
         .unwrap_or_else(|| panic!("no function_call record: {records:?}"));
     assert_eq!(refused["decision"], "deny", "{refused}");
-    assert_eq!(refused["sql"], "SELECT \"pg_catalog\".\"lo_creat\"($1)", "{refused}");
+    assert_eq!(
+        refused["sql"], "SELECT \"pg_catalog\".\"lo_creat\"($1)",
+        "{refused}"
+    );
 }
 
 /// A plain dump without its `\\restrict` / `\\unrestrict` key lines (pg_dump makes a random key
@@ -386,9 +401,7 @@ fn pg_dump_and_pg_restore_round_trip() {
         .collect();
     PgCommand::psql(&p.direct())
         .args(["-c"])
-        .arg(format!(
-            "SELECT lo_from_bytea(0, '\\x{payload}'::bytea)"
-        ))
+        .arg(format!("SELECT lo_from_bytea(0, '\\x{payload}'::bytea)"))
         .run()
         .unwrap()
         .ok()
@@ -408,7 +421,10 @@ fn pg_dump_and_pg_restore_round_trip() {
     assert_eq!(direct, proxied, "plain dumps differ");
     assert!(proxied.contains("COPY public.accounts"), "{proxied}");
     assert!(proxied.contains("lo_create"), "{proxied}");
-    assert!(proxied.contains(&payload[..64]), "the large object's data is missing");
+    assert!(
+        proxied.contains(&payload[..64]),
+        "the large object's data is missing"
+    );
 
     // Custom-format dumps, each restored the same way it was made (directly, or through
     // interceptor) into a fresh database.
@@ -445,6 +461,12 @@ fn pg_dump_and_pg_restore_round_trip() {
         restored_direct, restored_proxied,
         "what was restored through interceptor differs from what was restored directly"
     );
-    assert!(restored_proxied.contains(&payload[..64]), "{restored_proxied}");
-    assert!(restored_proxied.contains("COPY public.accounts"), "{restored_proxied}");
+    assert!(
+        restored_proxied.contains(&payload[..64]),
+        "{restored_proxied}"
+    );
+    assert!(
+        restored_proxied.contains("COPY public.accounts"),
+        "{restored_proxied}"
+    );
 }

@@ -433,16 +433,14 @@ fn invalid_mask_rules_refuse_the_session() {
 fn large_objects_read_by_fast_path_are_masked() {
     let m = start();
     let make = |content: &str| -> String {
-        let oid = m
-            .pg
-            .psql(&format!(
+        let oid =
+            m.pg.psql(&format!(
                 "SELECT lo_from_bytea(0, convert_to('{content}', 'UTF8'))"
             ))
             .unwrap()
             .trim()
             .to_owned();
-        m.pg
-            .psql(&format!("GRANT SELECT ON LARGE OBJECT {oid} TO app_rw"))
+        m.pg.psql(&format!("GRANT SELECT ON LARGE OBJECT {oid} TO app_rw"))
             .unwrap();
         oid
     };
@@ -461,7 +459,10 @@ fn large_objects_read_by_fast_path_are_masked() {
 
     let (out, file) = export(AGENT, &secret);
     assert!(!out.success(), "{out:?}");
-    let seen = format!("{out:?}{}", String::from_utf8_lossy(&file.unwrap_or_default()));
+    let seen = format!(
+        "{out:?}{}",
+        String::from_utf8_lossy(&file.unwrap_or_default())
+    );
     assert!(!seen.contains(CARDS[0]), "{seen}");
 
     let (out, file) = export(AGENT, &clean);

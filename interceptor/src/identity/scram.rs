@@ -390,13 +390,7 @@ mod tests {
     fn downgrade_to_plain_scram_is_refused_where_plus_was_offered() {
         // "y": the client could bind but was shown an offer without SCRAM-SHA-256-PLUS.
         assert!(matches!(
-            exchange(
-                "pw",
-                "pw",
-                PLAIN,
-                Some(OURS),
-                ChannelBinding::unrequested()
-            ),
+            exchange("pw", "pw", PLAIN, Some(OURS), ChannelBinding::unrequested()),
             Err(ScramError::ChannelBindingNegotiation(_))
         ));
         // Over plain TCP nothing was offered, so "y" is honest.
@@ -457,7 +451,11 @@ mod tests {
         )
         .unwrap();
         let nonce = sf.split(',').next().unwrap().trim_start_matches("r=");
-        let fake = format!("c={},r={nonce},p={}", B64.encode("n,,"), B64.encode([0; 32]));
+        let fake = format!(
+            "c={},r={nonce},p={}",
+            B64.encode("n,,"),
+            B64.encode([0; 32])
+        );
         assert_eq!(ex.finish(fake.as_bytes()), Err(ScramError::ChannelBinding));
         let (ex, sf) = ServerExchange::start(v, PLAIN, Some(OURS), b"n,,n=,r=abc").unwrap();
         let nonce = sf.split(',').next().unwrap().trim_start_matches("r=");
@@ -501,7 +499,9 @@ mod tests {
             b"\xff\xfe",
         ] {
             assert!(ServerExchange::start(v.clone(), PLAIN, None, m).is_err());
-            assert!(ServerExchange::start(v.clone(), PLUS, Some(OURS), &m[..m.len().min(2)]).is_err());
+            assert!(
+                ServerExchange::start(v.clone(), PLUS, Some(OURS), &m[..m.len().min(2)]).is_err()
+            );
         }
         assert!(Verifier::parse("SCRAM-SHA-256$x:y$z").is_err());
     }

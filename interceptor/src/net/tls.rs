@@ -113,9 +113,7 @@ pub fn server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
         | "1.2.840.113549.1.1.11"
         | "1.2.840.10045.4.3.2"
         | "2.16.840.1.101.3.4.3.2" => Hash::Sha256,
-        "1.2.840.113549.1.1.14" | "1.2.840.10045.4.3.1" | "2.16.840.1.101.3.4.3.1" => {
-            Hash::Sha224
-        }
+        "1.2.840.113549.1.1.14" | "1.2.840.10045.4.3.1" | "2.16.840.1.101.3.4.3.1" => Hash::Sha224,
         "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => Hash::Sha384,
         "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => Hash::Sha512,
         // RSASSA-PSS names its hash in its parameters.
@@ -242,7 +240,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (key, pem) = (dir.path().join("k.pem"), dir.path().join("c.pem"));
         let ok = std::process::Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=x"])
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=x",
+            ])
             .args(["-days", "1", "-keyout"])
             .arg(&key)
             .arg("-out")

@@ -95,7 +95,10 @@ impl FunctionCatalog {
 }
 
 /// Why a call could not be decided (the client gets this error; the session goes on).
-pub fn unresolved(oid: u32, result: Result<Option<Function>, SideError>) -> Result<Function, PgError> {
+pub fn unresolved(
+    oid: u32,
+    result: Result<Option<Function>, SideError>,
+) -> Result<Function, PgError> {
     match result {
         Ok(Some(f)) => Ok(f),
         Ok(None) => Err(PgError::error(
@@ -172,7 +175,8 @@ mod tests {
             schema: "pg_catalog".into(),
             name: "lowrite".into(),
         };
-        let c = crate::policy::classify(&f.call_sql(2), crate::policy::LexSettings::default()).unwrap();
+        let c =
+            crate::policy::classify(&f.call_sql(2), crate::policy::LexSettings::default()).unwrap();
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].kind, StatementKind::Write);
         assert!(c[0].risks.contains(&Risk::LargeObject), "{c:?}");
@@ -199,7 +203,10 @@ mod tests {
         assert!(crate::net::message::decode_function_call(&body).is_err());
         let mut ok = body.clone();
         // One format code (binary) for all.
-        ok.splice(4..10, 1u16.to_be_bytes().into_iter().chain(1i16.to_be_bytes()));
+        ok.splice(
+            4..10,
+            1u16.to_be_bytes().into_iter().chain(1i16.to_be_bytes()),
+        );
         let call = crate::net::message::decode_function_call(&ok).unwrap();
         assert_eq!(call.function, 42);
         let rec = recorded_arguments(&call, |v, binary| {
@@ -211,7 +218,11 @@ mod tests {
         });
         assert_eq!(
             rec,
-            vec![Some("\\x00000007".to_owned()), Some("\\x78".to_owned()), None]
+            vec![
+                Some("\\x00000007".to_owned()),
+                Some("\\x78".to_owned()),
+                None
+            ]
         );
         // Truncated or negative lengths are errors, never panics.
         for cut in 0..ok.len() {

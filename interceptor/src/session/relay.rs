@@ -452,7 +452,9 @@ async fn client_to_upstream(
                             track(shared, batch, Kind::Simple, record);
                             match checked {
                                 Ok(None) => None,
-                                Ok(Some(_)) => Some(refuse(shared, batch, unmaskable_call(), false)),
+                                Ok(Some(_)) => {
+                                    Some(refuse(shared, batch, unmaskable_call(), false))
+                                }
                                 Err(err) => Some(refuse(shared, batch, err, false)),
                             }
                         }

@@ -24,9 +24,7 @@ pub fn interceptor() -> Result<PathBuf> {
                 release.display()
             ),
             _ => {
-                println!(
-                    "   using the existing release build (newer than every source file)"
-                );
+                println!("   using the existing release build (newer than every source file)");
                 return Ok(release);
             }
         }
