@@ -250,10 +250,15 @@ impl ServerState {
         let same =
             |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
         if same(&self.config.tls, &new.tls) && same(&self.config.mtls, &new.mtls) {
+            let mut identities = loaded.identities;
+            // Channel binding names the certificate the TLS acceptor serves, which was loaded
+            // at start: a certificate file replaced on disk must not change it until a restart
+            // loads both (else every SCRAM-SHA-256-PLUS login would fail its binding check).
+            identities.tls_end_point = self.identities().tls_end_point.clone();
             *self
                 .identities
                 .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded.identities);
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(identities);
             applied.extend(["identity", "oidc"]);
         }
         applied
