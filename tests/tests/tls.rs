@@ -231,6 +231,28 @@ fn channel_binding_required_by_libpq() {
         .run()
         .unwrap();
     assert!(out.success(), "{out:?}");
+
+    // The audit trail says which logins were channel bound.
+    if let Some(proxy) = &s.proxy {
+        let proofs: Vec<String> = proxy
+            .audit_records()
+            .unwrap()
+            .iter()
+            .map(|r| r.get("event").unwrap_or(r))
+            .filter(|e| e["type"] == "session_start")
+            .map(|e| {
+                e["identity"]["proof"]["method"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            proofs,
+            ["scram_sha256_plus", "scram_sha256_plus", "scram_sha256"],
+            "TLS logins bound, the TCP one not"
+        );
+    }
 }
 
 /// A man in the middle: terminates the client's TLS with a certificate of its own (which a

@@ -188,7 +188,10 @@ async fn authenticate_scram(
         subject: user.to_owned(),
         display_name: id.display_name.clone().unwrap_or_else(|| user.to_owned()),
         groups: id.groups.clone(),
-        proof: Proof::ScramSha256,
+        proof: match mechanism {
+            Mechanism::ScramSha256Plus => Proof::ScramSha256Plus,
+            Mechanism::ScramSha256 => Proof::ScramSha256,
+        },
         process: None,
     })
 }
