@@ -11,6 +11,7 @@ fuzz_target!(|data: &[u8]| {
             b'P' => message::decode_parse(f.body).map(|_| ()),
             b'B' => message::decode_bind(f.body).map(|_| ()),
             b'E' => message::decode_execute(f.body).map(|_| ()),
+            b'F' => message::decode_function_call(f.body).map(|_| ()),
             b'C' => message::decode_target(f.body, "Close").map(|_| ()),
             b'D' => message::decode_target(f.body, "Describe").map(|_| ()),
             b'p' => message::decode_sasl_initial(f.body).map(|_| ()),

@@ -36,6 +36,7 @@ enum Command {
     },
     /// Check a configuration file and exit.
     CheckConfig {
+        /// The configuration file to check.
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -51,15 +52,23 @@ enum Command {
     },
     /// Held statements: list, show, approve or deny them (through the running daemon).
     Approvals {
+        /// The daemon's configuration file (for the admin socket's path).
         #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
         config: PathBuf,
+        /// Print the daemon's answer as JSON (for scripts) instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         command: interceptor::approval::cli::ApprovalsCommand,
     },
     /// Time-bound grants: request, list, revoke.
     Access {
+        /// The daemon's configuration file (for the admin socket's path).
         #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
         config: PathBuf,
+        /// Print the daemon's answer as JSON (for scripts) instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         command: interceptor::approval::cli::AccessCommand,
     },
@@ -68,12 +77,14 @@ enum Command {
     Ebpf(interceptor::ops::ebpf::EbpfCommand),
     /// Check this host: kernel features, cgroup2, bpffs, where PostgreSQL listens, bypass paths.
     Doctor {
+        /// The daemon's configuration file, to check its [ebpf] settings too.
         #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
         config: Option<PathBuf>,
     },
     /// Sessions open now (identity, process, role, database, state, statement, bytes), or
     /// `kill ID` to end one. Through the running daemon's admin socket.
     Sessions {
+        /// The daemon's configuration file (for the admin socket's path).
         #[arg(long, short, env = "INTERCEPTOR_CONFIG", global = true)]
         config: Option<PathBuf>,
         /// JSON for scripts.
@@ -84,11 +95,13 @@ enum Command {
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on standard output.
     Completions {
+        /// The shell to complete for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
     /// Print the man page (roff) on standard output, or write one page per command into DIR.
     Man {
+        /// Write `interceptor.1`, `interceptor-audit.1`, ... into this directory.
         #[arg(long)]
         dir: Option<PathBuf>,
     },
@@ -153,14 +166,22 @@ fn main() -> anyhow::Result<()> {
                 config.admin.as_ref().map(|a| a.socket.as_path()),
             )
         }
-        Command::Approvals { config, command } => {
+        Command::Approvals {
+            config,
+            json,
+            command,
+        } => {
             let socket = approvals_socket(&config)?;
-            interceptor::approval::cli::run_approvals(command, &socket)?;
+            interceptor::approval::cli::run_approvals(command, &socket, json)?;
             Ok(())
         }
-        Command::Access { config, command } => {
+        Command::Access {
+            config,
+            json,
+            command,
+        } => {
             let socket = approvals_socket(&config)?;
-            interceptor::approval::cli::run_access(command, &socket)?;
+            interceptor::approval::cli::run_access(command, &socket, json)?;
             Ok(())
         }
         Command::Ebpf(cmd) => {
@@ -262,4 +283,38 @@ fn approvals_socket(config: &std::path::Path) -> anyhow::Result<PathBuf> {
         .approvals
         .and_then(|a| a.socket)
         .context("the config has no [approvals] socket: approvals are not enabled")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every option and argument of every subcommand says what it is for in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(format!("{path} {} (the subcommand)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "interceptor", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "arguments without help:\n{}",
+            missing.join("\n")
+        );
+    }
 }

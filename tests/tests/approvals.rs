@@ -43,6 +43,7 @@ fn cli(config: &Path, args: &[&str]) -> std::process::Output {
         .arg("approvals")
         .arg("-c")
         .arg(config)
+        .arg("--json")
         .args(args)
         .output()
         .unwrap()
@@ -513,4 +514,69 @@ fn approvers_are_notified_by_webhook_and_the_notification_is_audited() {
         ["requested", "notified", "voted", "granted", "executed"],
         "{records:?}"
     );
+}
+
+/// Fast-path calls are held like the SQL they stand for: psql's `\lo_import` (lo_creat,
+/// lo_open, lowrite, lo_close, each a FunctionCall by OID, all writes) waits at each call and
+/// runs once approved; a session-scoped approval covers the repeated lowrite of the same text.
+#[test]
+fn fast_path_calls_are_held_and_run_once_approved() {
+    let s = ApprovalStack::start(Setup::held_writes(60));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("in.txt");
+    let content = "approved large object ".repeat(2000);
+    std::fs::write(&file, &content).unwrap();
+    let params = s.proxy.params(ALICE);
+    let import = std::thread::spawn(move || {
+        PgCommand::psql(&params)
+            .args(["-A", "-t", "-c"])
+            .arg(format!("\\lo_import '{}'", file.display()))
+            .timeout(Duration::from_secs(90))
+            .run()
+            .unwrap()
+    });
+    let mut approved: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !import.is_finished() {
+        assert!(Instant::now() < deadline, "approved so far: {approved:?}");
+        let list = s.cli_ok("approvals", &["list"]);
+        let pending = list.as_array().and_then(|l| {
+            l.iter()
+                .find(|r| r["status"] == "pending" && r["kind"] == "statement")
+                .cloned()
+        });
+        if let Some(r) = pending {
+            let id = r["id"].as_u64().unwrap();
+            approved.push(r["sql"].as_str().unwrap_or_default().to_owned());
+            s.cli_ok(
+                "approvals",
+                &["approve", &id.to_string(), "--scope", "session"],
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = import.join().unwrap();
+    assert!(out.success(), "{out:?}\n{}", s.proxy.logs());
+    for f in ["lo_creat", "lo_open", "lowrite", "lo_close"] {
+        assert!(
+            approved
+                .iter()
+                .any(|sql| sql.starts_with(&format!("SELECT \"pg_catalog\".\"{f}\"("))),
+            "{f} was not held: {approved:?}"
+        );
+    }
+    let oid = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("lo_import "))
+        .unwrap_or_else(|| panic!("{out:?}"))
+        .trim()
+        .to_owned();
+    let stored =
+        s.pg.psql_db(
+            APP_DB,
+            &format!("SELECT convert_from(lo_get({oid}), 'UTF8')"),
+        )
+        .unwrap();
+    assert_eq!(stored.trim_end_matches('\n'), content);
 }

@@ -431,7 +431,7 @@ impl Gateway {
     /// `interceptor approvals show ID` (the CLI, not the console): the daemon's own state.
     fn request(&self, id: u64) -> Value {
         let out = Command::new(interceptor_bin().unwrap())
-            .args(["approvals", "-c"])
+            .args(["approvals", "--json", "-c"])
             .arg(self.proxy.config_path())
             .args(["show", &id.to_string()])
             .output()
@@ -619,7 +619,7 @@ fn pending_id(g: &Gateway, subject: &str) -> u64 {
     let mut found = None;
     wait_until("a pending request", || {
         let out = Command::new(interceptor_bin().unwrap())
-            .args(["approvals", "-c"])
+            .args(["approvals", "--json", "-c"])
             .arg(g.proxy.config_path())
             .arg("list")
             .output()

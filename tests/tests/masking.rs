@@ -425,3 +425,54 @@ fn invalid_mask_rules_refuse_the_session() {
     assert!(!out.success(), "{}", out.stdout);
     assert!(out.stderr.contains("masking rules"), "{}", out.stderr);
 }
+
+/// Large objects read by fast-path calls (libpq's `lo_read`, `\lo_export`): a value a detector
+/// finds never reaches the agent (the read returns NULL, so the export fails); clean objects
+/// export unchanged, also under column rules; the exempt identity reads everything.
+#[test]
+fn large_objects_read_by_fast_path_are_masked() {
+    let m = start();
+    let make = |content: &str| -> String {
+        let oid =
+            m.pg.psql(&format!(
+                "SELECT lo_from_bytea(0, convert_to('{content}', 'UTF8'))"
+            ))
+            .unwrap()
+            .trim()
+            .to_owned();
+        m.pg.psql(&format!("GRANT SELECT ON LARGE OBJECT {oid} TO app_rw"))
+            .unwrap();
+        oid
+    };
+    let secret = make(&format!("card {} on file", CARDS[0]));
+    let clean = make("nothing to see here");
+    let dir = tempfile::tempdir().unwrap();
+    let export = |who: &str, oid: &str| {
+        let file = dir.path().join(format!("{who}-{oid}"));
+        let out = PgCommand::psql(&m.proxy.params(who))
+            .args(["-c"])
+            .arg(format!("\\lo_export {oid} '{}'", file.display()))
+            .run()
+            .unwrap();
+        (out, std::fs::read(&file).ok())
+    };
+
+    let (out, file) = export(AGENT, &secret);
+    assert!(!out.success(), "{out:?}");
+    let seen = format!(
+        "{out:?}{}",
+        String::from_utf8_lossy(&file.unwrap_or_default())
+    );
+    assert!(!seen.contains(CARDS[0]), "{seen}");
+
+    let (out, file) = export(AGENT, &clean);
+    assert!(out.success(), "{out:?}\n{}", m.proxy.logs());
+    assert_eq!(file.unwrap(), b"nothing to see here");
+
+    let (out, file) = export(ADMIN, &secret);
+    assert!(out.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8(file.unwrap()).unwrap(),
+        format!("card {} on file", CARDS[0])
+    );
+}

@@ -185,3 +185,92 @@ fn connections_awaiting_authentication_are_bounded() {
     assert!(RawClient::login(&s.params(ALICE)).is_ok());
     drop(held);
 }
+
+/// FunctionCall ('F') by OID, as libpq's `PQfn` sends it; `args` in binary format.
+fn function_call(oid: u32, args: &[&[u8]]) -> Vec<u8> {
+    let mut b = oid.to_be_bytes().to_vec();
+    b.extend_from_slice(&1u16.to_be_bytes());
+    b.extend_from_slice(&1i16.to_be_bytes());
+    b.extend_from_slice(&(args.len() as u16).to_be_bytes());
+    for a in args {
+        b.extend_from_slice(&(a.len() as i32).to_be_bytes());
+        b.extend_from_slice(a);
+    }
+    b.extend_from_slice(&1i16.to_be_bytes());
+    msg(b'F', &b)
+}
+
+/// The OID of a `pg_catalog` function, asked on the session.
+fn oid_of(c: &mut RawClient, signature: &str) -> u32 {
+    let (msgs, _) = c
+        .simple_query(&format!("SELECT '{signature}'::regprocedure::oid"))
+        .unwrap();
+    let row = msgs.iter().find(|m| m.tag == b'D').expect("a DataRow");
+    std::str::from_utf8(&row.body[6..])
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The fast path as PostgreSQL answers it: a call returns its value (FunctionCallResponse), an
+/// unknown OID is 42883 and the session goes on, and a malformed message is a protocol error
+/// that ends the session.
+#[test]
+fn function_calls_by_oid_answer_as_postgres_does() {
+    let s = Stack::start(StackOptions::standard()).unwrap();
+    let mut c = RawClient::login(&s.params(ALICE)).unwrap();
+    let pid_fn = oid_of(&mut c, "pg_catalog.pg_backend_pid()");
+    let abs_fn = oid_of(&mut c, "pg_catalog.int4abs(integer)");
+    let (msgs, _) = c.simple_query("SELECT pg_backend_pid()").unwrap();
+    let row = msgs.iter().find(|m| m.tag == b'D').expect("a DataRow");
+    let pid: i32 = std::str::from_utf8(&row.body[6..])
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    c.send(&function_call(pid_fn, &[])).unwrap();
+    let (msgs, closed) = c.read_until_ready().unwrap();
+    assert!(!closed, "{msgs:?}");
+    let v = msgs
+        .iter()
+        .find(|m| m.tag == b'V')
+        .expect("a FunctionCallResponse");
+    assert_eq!(&v.body[..4], &4i32.to_be_bytes(), "{v:?}");
+    assert_eq!(&v.body[4..], &pid.to_be_bytes(), "the real backend's pid");
+
+    c.send(&function_call(abs_fn, &[&(-42i32).to_be_bytes()]))
+        .unwrap();
+    let (msgs, _) = c.read_until_ready().unwrap();
+    let v = msgs
+        .iter()
+        .find(|m| m.tag == b'V')
+        .expect("a FunctionCallResponse");
+    assert_eq!(&v.body[4..], &42i32.to_be_bytes(), "{v:?}");
+
+    // An OID no function has.
+    c.send(&function_call(4_000_000_000, &[])).unwrap();
+    let (msgs, closed) = c.read_until_ready().unwrap();
+    assert!(!closed, "{msgs:?}");
+    let err = msgs
+        .iter()
+        .find(|m| m.tag == b'E')
+        .expect("an ErrorResponse");
+    assert_eq!(err.sqlstate().as_deref(), Some("42883"), "{msgs:?}");
+    let (msgs, _) = c.simple_query("SELECT 1").unwrap();
+    assert!(msgs.iter().any(|m| m.tag == b'D'), "still usable: {msgs:?}");
+
+    // Two format codes for one argument.
+    let mut b = pid_fn.to_be_bytes().to_vec();
+    b.extend_from_slice(&2u16.to_be_bytes());
+    b.extend_from_slice(&[0, 1, 0, 1]);
+    b.extend_from_slice(&1u16.to_be_bytes());
+    b.extend_from_slice(&(-1i32).to_be_bytes());
+    b.extend_from_slice(&1i16.to_be_bytes());
+    c.send(&msg(b'F', &b)).unwrap();
+    let (msgs, _) = c.read_until_ready().unwrap();
+    let err = msgs
+        .iter()
+        .find(|m| m.tag == b'E')
+        .expect("an ErrorResponse");
+    assert_eq!(err.sqlstate().as_deref(), Some("08P01"), "{msgs:?}");
+}

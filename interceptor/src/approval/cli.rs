@@ -16,23 +16,31 @@ use super::model::Scope;
 pub enum ApprovalsCommand {
     /// Requests you may see (pending unless --all).
     List {
+        /// Also closed requests (approved, denied, timed out, aborted).
         #[arg(long)]
         all: bool,
     },
     /// One request, with its full SQL.
-    Show { id: u64 },
+    Show {
+        /// The request's id (from `approvals list`).
+        id: u64,
+    },
     /// Approve a request (statement or grant).
     Approve {
+        /// The request's id (from `approvals list`).
         id: u64,
         /// `session`: the same statement text runs without asking again in that session.
         #[arg(long, value_enum, default_value_t = Scope::Once)]
         scope: Scope,
+        /// Why, for the audit trail and the requester.
         #[arg(long)]
         reason: Option<String>,
     },
     /// Deny a request; the reason is shown to the client.
     Deny {
+        /// The request's id (from `approvals list`).
         id: u64,
+        /// Why; the client is told.
         #[arg(long)]
         reason: String,
     },
@@ -45,28 +53,50 @@ pub enum AccessCommand {
         /// A group to be added while the grant lasts (repeatable).
         #[arg(long = "role", alias = "group")]
         roles: Vec<String>,
+        /// A policy to be given by name while the grant lasts.
         #[arg(long)]
         policy: Option<String>,
         /// How long, e.g. 30m, 2h.
         #[arg(long = "for")]
         duration: String,
+        /// Why (the approvers see it; the audit trail keeps it).
         #[arg(long)]
         reason: String,
     },
     /// Grants you may see (active unless --all).
     List {
+        /// Also revoked and expired grants.
         #[arg(long)]
         all: bool,
     },
     /// End a grant now.
     Revoke {
+        /// The grant's id (from `access list`).
         id: u64,
+        /// Why, for the audit trail.
         #[arg(long)]
         reason: Option<String>,
     },
 }
 
-pub fn run_approvals(cmd: ApprovalsCommand, socket: &Path) -> Result<(), ApprovalError> {
+/// What an answer holds, for showing it to a person.
+enum Shape {
+    Requests,
+    Request,
+    Grants,
+    Grant,
+}
+
+/// Runs an `approvals` subcommand; `json` prints the daemon's answer as it is.
+pub fn run_approvals(
+    cmd: ApprovalsCommand,
+    socket: &Path,
+    json: bool,
+) -> Result<(), ApprovalError> {
+    let shape = match cmd {
+        ApprovalsCommand::List { .. } => Shape::Requests,
+        _ => Shape::Request,
+    };
     let out = match cmd {
         ApprovalsCommand::List { all } => {
             let path = if all {
@@ -90,11 +120,17 @@ pub fn run_approvals(cmd: ApprovalsCommand, socket: &Path) -> Result<(), Approva
             Some(json!({"reason": reason})),
         )?,
     };
-    print_json(&out);
+    show(&out, shape, json);
     Ok(())
 }
 
-pub fn run_access(cmd: AccessCommand, socket: &Path) -> Result<(), ApprovalError> {
+/// Runs an `access` subcommand; `json` prints the daemon's answer as it is.
+pub fn run_access(cmd: AccessCommand, socket: &Path, json: bool) -> Result<(), ApprovalError> {
+    let shape = match cmd {
+        AccessCommand::Request { .. } => Shape::Request,
+        AccessCommand::List { .. } => Shape::Grants,
+        AccessCommand::Revoke { .. } => Shape::Grant,
+    };
     let out = match cmd {
         AccessCommand::Request {
             roles,
@@ -120,8 +156,31 @@ pub fn run_access(cmd: AccessCommand, socket: &Path) -> Result<(), ApprovalError
             Some(json!({"reason": reason})),
         )?,
     };
-    print_json(&out);
+    show(&out, shape, json);
     Ok(())
+}
+
+/// Prints an answer: as a table or block, or as JSON when asked (or when it does not have the
+/// expected shape, so nothing is ever hidden).
+fn show(v: &Value, shape: Shape, json: bool) {
+    if !json {
+        let mut out = std::io::stdout().lock();
+        let now = super::now_ms();
+        let shown = match shape {
+            Shape::Requests => serde_json::from_value::<Vec<super::model::Request>>(v.clone())
+                .map(|l| super::render::requests(&mut out, &l)),
+            Shape::Request => serde_json::from_value::<super::model::Request>(v.clone())
+                .map(|r| super::render::request(&mut out, &r)),
+            Shape::Grants => serde_json::from_value::<Vec<super::grant::Grant>>(v.clone())
+                .map(|l| super::render::grants(&mut out, &l, now)),
+            Shape::Grant => serde_json::from_value::<super::grant::Grant>(v.clone())
+                .map(|g| super::render::grant(&mut out, &g, now)),
+        };
+        if shown.is_ok() {
+            return;
+        }
+    }
+    print_json(v);
 }
 
 fn print_json(v: &Value) {

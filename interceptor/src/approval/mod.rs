@@ -13,6 +13,7 @@ pub mod cli;
 pub mod grant;
 pub(crate) mod http;
 pub mod model;
+pub mod render;
 pub mod service;
 pub mod store;
 mod webhook;

@@ -811,6 +811,7 @@ async fn cli_over_unix_socket_identifies_callers_by_uid() {
                 reason: "not now".into(),
             },
             &s,
+            false,
         )
     })
     .await
@@ -839,7 +840,7 @@ async fn cli_over_unix_socket_identifies_callers_by_uid() {
         .serve_unix(listener),
     );
     let err = tokio::task::spawn_blocking(move || {
-        cli::run_access(cli::AccessCommand::List { all: true }, &socket)
+        cli::run_access(cli::AccessCommand::List { all: true }, &socket, false)
     })
     .await
     .unwrap()

@@ -44,27 +44,35 @@ pub enum AuditCommand {
     },
     /// Show one session: identity, proof, process, peer, TLS, database, role, times, bytes.
     Show {
+        /// The session's id (from `audit sessions`).
         session: u64,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Replay a session: statements, decisions, approvals, outcomes, rows and timings.
     Replay {
+        /// The session's id (from `audit sessions`).
         session: u64,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Export records (schema: docs/audit-schema.md).
     Export {
+        /// Output format.
         #[arg(long, value_enum, default_value = "jsonl")]
         format: ExportFormat,
         /// Output file (default: standard output).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Only the records of this session.
         #[arg(long)]
         session: Option<u64>,
+        /// Records at or after: RFC 3339 time or an age such as `2h`, `7d`.
         #[arg(long)]
         since: Option<String>,
+        /// Records before: RFC 3339 time or an age, as for --since.
         #[arg(long)]
         until: Option<String>,
     },
@@ -73,11 +81,13 @@ pub enum AuditCommand {
         /// The auditor's copy of the public key (default: derived from the configured key).
         #[arg(long)]
         public_key: Option<PathBuf>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Space used and log extent.
     Stats {
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -85,7 +95,8 @@ pub enum AuditCommand {
     Prune,
     /// Generate an Ed25519 checkpoint signing key (FILE, mode 0600) and FILE.pub.
     Keygen {
-        #[arg(long)]
+        /// Where to write the private key (the public key goes to FILE.pub).
+        #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
 }

@@ -141,6 +141,9 @@ pub struct SessionStart {
 pub enum QueryProtocol {
     Simple,
     Extended,
+    /// The fast path (FunctionCall message); `sql` is the call as SQL, the arguments are the
+    /// parameters.
+    FunctionCall,
 }
 
 /// A statement as the policy saw it, recorded before it is forwarded (write-ahead).

@@ -90,6 +90,7 @@ pub fn message(session: Option<&Session>, title: &str, text: &str) -> Markup {
 pub fn proof(p: &Proof) -> String {
     match p {
         Proof::ScramSha256 => "SCRAM-SHA-256".into(),
+        Proof::ScramSha256Plus => "SCRAM-SHA-256-PLUS (channel bound)".into(),
         Proof::PasswordOverTls => "password over TLS".into(),
         Proof::Oidc { issuer } => format!("OIDC {issuer}"),
         Proof::ClientCertificate { subject, .. } => format!("client certificate {subject}"),

@@ -32,6 +32,9 @@ pub struct Identity {
 pub enum Proof {
     /// A static identity from the config, proven by SCRAM-SHA-256.
     ScramSha256,
+    /// Proven by SCRAM-SHA-256-PLUS: the exchange was also bound to the TLS session's server
+    /// certificate (`tls-server-end-point`), so no man in the middle relayed it.
+    ScramSha256Plus,
     /// A static identity proven by a cleartext password over TLS.
     PasswordOverTls,
     /// An OIDC JWT presented as the password, validated against the issuer's JWKS.

@@ -380,6 +380,54 @@ pub fn decode_bind(body: &[u8]) -> Result<BindView<'_>, Malformed> {
     })
 }
 
+/// FunctionCall ('F'): a call of the function with this OID, outside SQL (libpq's `PQfn`,
+/// which its large-object API uses).
+pub struct FunctionCallView<'a> {
+    pub function: u32,
+    pub arg_formats: Vec<i16>,
+    /// Argument values, `None` for NULL.
+    pub args: Vec<Option<&'a [u8]>>,
+}
+
+pub fn decode_function_call(body: &[u8]) -> Result<FunctionCallView<'_>, Malformed> {
+    const WHAT: &str = "FunctionCall";
+    let mut c = Cursor::new(body, WHAT);
+    let function = c.i32()? as u32;
+    let nf = c.u16()?;
+    if c.rest().len() < usize::from(nf) * 2 {
+        return Err(malformed(WHAT));
+    }
+    let mut arg_formats = Vec::with_capacity(usize::from(nf));
+    for _ in 0..nf {
+        arg_formats.push(c.i16()?);
+    }
+    let na = c.u16()?;
+    // As Bind: zero format codes, one for all, or exactly one per argument.
+    if nf > 1 && nf != na {
+        return Err(malformed(WHAT));
+    }
+    if c.rest().len() < usize::from(na) * 4 {
+        return Err(malformed(WHAT));
+    }
+    let mut args = Vec::with_capacity(usize::from(na));
+    for _ in 0..na {
+        let len = c.i32()?;
+        args.push(match len {
+            -1 => None,
+            ..-1 => return Err(malformed(WHAT)),
+            _ => Some(c.take(len as usize)?),
+        });
+    }
+    // The result format code.
+    c.i16()?;
+    c.finish()?;
+    Ok(FunctionCallView {
+        function,
+        arg_formats,
+        args,
+    })
+}
+
 /// Execute ('E').
 pub fn decode_execute(body: &[u8]) -> Result<(&str, i32), Malformed> {
     let mut c = Cursor::new(body, "Execute");

@@ -12,7 +12,10 @@ use crate::session::live::SessionView;
 pub enum SessionsCommand {
     /// End a session: its running statement is cancelled, then the client gets FATAL 57P01
     /// (the end is recorded in the audit trail with the reason).
-    Kill { id: u64 },
+    Kill {
+        /// The session's id (from `interceptor sessions`).
+        id: u64,
+    },
 }
 
 fn client(config: &crate::config::Config) -> anyhow::Result<AdminClient> {

@@ -20,17 +20,25 @@ use crate::identity::{Identity, ProcessIdentity, Proof};
 pub enum PolicyCommand {
     /// Lint a policy directory: errors with file:line:col, warnings for rules that can never
     /// match or are shadowed by earlier ones.
-    Check { dir: PathBuf },
+    Check {
+        /// The policy directory (`*.toml`).
+        dir: PathBuf,
+    },
     /// Show the decision for one query, the rule that made it and the classification.
     Explain {
+        /// The policy directory (`*.toml`).
         #[arg(long)]
         dir: PathBuf,
+        /// The identity's subject, as a login would prove it.
         #[arg(long)]
         identity: String,
+        /// A group of the identity (repeatable).
         #[arg(long = "group")]
         groups: Vec<String>,
+        /// The database the session is on.
         #[arg(long, default_value = "postgres")]
         database: String,
+        /// The statement (or several, separated by `;`) to decide.
         #[arg(long)]
         sql: String,
         /// Decide as if `standard_conforming_strings` were off.
@@ -39,13 +47,18 @@ pub enum PolicyCommand {
         /// Kernel-attested attributes of the client process.
         #[arg(long)]
         uid: Option<u32>,
+        /// Kernel-attested executable path of the client process.
         #[arg(long)]
         exe: Option<String>,
+        /// Kernel-attested cgroup path of the client process.
         #[arg(long)]
         cgroup: Option<String>,
     },
     /// Run the policy tests (`*.tests.toml`) of a directory.
-    Test { dir: PathBuf },
+    Test {
+        /// The policy directory with its `*.tests.toml`.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::StaticIdentity;
-use crate::identity::scram::{ScramError, ServerExchange, Verifier};
+use crate::identity::scram::{Mechanism, ScramError, ServerExchange, Verifier};
 use crate::identity::{Identity, Proof};
 use crate::net::frame::{FrameError, FrameReader};
 use crate::net::message::{self, Cursor, PgError, sqlstate};
@@ -47,6 +47,9 @@ pub struct Authenticators {
     pub statics: StaticIdentities,
     pub oidc: Option<std::sync::Arc<crate::identity::oidc::OidcVerifier>>,
     pub mtls: Option<crate::identity::mtls::MtlsConfig>,
+    /// The `tls-server-end-point` data of the certificate clients see over TLS; with it,
+    /// SCRAM-SHA-256-PLUS is offered on TLS connections.
+    pub tls_end_point: Option<Vec<u8>>,
 }
 
 impl Authenticators {
@@ -79,7 +82,12 @@ pub async fn authenticate(
         return Ok(identity);
     }
     if auth.statics.get(user).is_some() || auth.oidc.is_none() {
-        return authenticate_scram(stream, reader, &auth.statics, user).await;
+        // Channel binding only where the client's TLS session ends here (not over plain TCP).
+        let end_point = match stream {
+            Stream::TlsServer(_) => auth.tls_end_point.as_deref(),
+            _ => None,
+        };
+        return authenticate_scram(stream, reader, &auth.statics, end_point, user).await;
     }
     let Some(oidc) = &auth.oidc else {
         return Err(AuthError::Failed(user.to_owned()));
@@ -138,12 +146,14 @@ impl AuthError {
     }
 }
 
-/// Authenticates `user` with SCRAM-SHA-256 against the static identities. Unknown users run the
+/// Authenticates `user` with SCRAM-SHA-256 (or SCRAM-SHA-256-PLUS, when `end_point` is this TLS
+/// connection's channel binding data) against the static identities. Unknown users run the
 /// same exchange against a decoy verifier and fail at the same point as a wrong password.
 async fn authenticate_scram(
     stream: &mut Stream,
     reader: &mut FrameReader,
     identities: &StaticIdentities,
+    end_point: Option<&[u8]>,
     user: &str,
 ) -> Result<Identity, AuthError> {
     let known = identities.entries.get(user);
@@ -151,16 +161,17 @@ async fn authenticate_scram(
         Some((v, _)) => v.clone(),
         None => Verifier::decoy(user, &identities.decoy_secret),
     };
-    send(stream, message::auth_sasl(&["SCRAM-SHA-256"])).await?;
+    let offered = Mechanism::offered(end_point);
+    send(stream, message::auth_sasl(offered)).await?;
 
     let body = expect_password_message(stream, reader).await?;
     let (mechanism, data) =
         message::decode_sasl_initial(&body).map_err(|e| AuthError::Protocol(e.to_string()))?;
-    if mechanism != b"SCRAM-SHA-256" {
-        return Err(AuthError::Protocol("unsupported SASL mechanism".into()));
-    }
-    let (exchange, server_first) =
-        ServerExchange::start(verifier, data).map_err(|e| AuthError::Protocol(e.to_string()))?;
+    let mechanism = Mechanism::from_name(mechanism)
+        .filter(|m| offered.contains(&m.name()))
+        .ok_or_else(|| AuthError::Protocol("unsupported SASL mechanism".into()))?;
+    let (exchange, server_first) = ServerExchange::start(verifier, mechanism, end_point, data)
+        .map_err(|e| AuthError::Protocol(e.to_string()))?;
     send(stream, message::auth_sasl_continue(server_first.as_bytes())).await?;
 
     let body = expect_password_message(stream, reader).await?;
@@ -177,7 +188,10 @@ async fn authenticate_scram(
         subject: user.to_owned(),
         display_name: id.display_name.clone().unwrap_or_else(|| user.to_owned()),
         groups: id.groups.clone(),
-        proof: Proof::ScramSha256,
+        proof: match mechanism {
+            Mechanism::ScramSha256Plus => Proof::ScramSha256Plus,
+            Mechanism::ScramSha256 => Proof::ScramSha256,
+        },
         process: None,
     })
 }

@@ -113,6 +113,8 @@ pub struct Gate {
     elevated: Option<crate::approval::Elevation>,
     /// The session's masking rules: bound parameters are recorded with detected values masked.
     param_mask: Option<crate::mask::MaskRules>,
+    /// Names the functions of fast-path calls; without it they are refused.
+    functions: Option<super::fastpath::FunctionCatalog>,
 }
 
 impl Gate {
@@ -132,7 +134,13 @@ impl Gate {
             audit,
             unsynced: false,
             param_mask: None,
+            functions: None,
         }
+    }
+
+    /// Decides fast-path calls (FunctionCall) by the function `functions` names for their OID.
+    pub fn resolve_functions_with(&mut self, functions: super::fastpath::FunctionCatalog) {
+        self.functions = Some(functions);
     }
 
     /// Records bound parameters through the session's content detectors (a parameter cannot
@@ -509,14 +517,7 @@ impl Gate {
                             1 => formats[0] == 1,
                             _ => formats.get(i) == Some(&1),
                         };
-                        let text = String::from_utf8_lossy(v);
-                        let masked = param_mask.and_then(|r| r.mask_notification(&text));
-                        match (masked, binary) {
-                            (Some(_), true) => "[MASKED]".to_owned(),
-                            (Some(m), false) => m,
-                            (None, true) => format!("\\x{}", hex::encode(v)),
-                            (None, false) => text.into_owned(),
-                        }
+                        recorded_parameter(param_mask, v, binary)
                     })
                 })
                 .collect()
@@ -563,16 +564,63 @@ impl Gate {
         )
     }
 
-    /// FunctionCall calls a function by OID, outside SQL. Nothing can be decided about it from
-    /// SQL text, so it is refused.
-    pub async fn function_call(&mut self) -> Verdict {
-        Verdict::Refuse(
-            PgError::error(
-                sqlstate::INSUFFICIENT_PRIVILEGE,
-                "the FunctionCall protocol message is not allowed through interceptor",
-            )
-            .with_hint("call the function with SELECT instead"),
-        )
+    /// FunctionCall calls a function by OID, outside SQL. It is decided, held, audited and
+    /// refused exactly as the SQL it stands for (`SELECT "schema"."function"($1, ...)`, see
+    /// [`super::fastpath`]), which is returned with the verdict for the masking check.
+    pub async fn function_call(
+        &mut self,
+        call: &crate::net::message::FunctionCallView<'_>,
+        lex: LexState,
+    ) -> (Verdict, Option<String>) {
+        if let Some(e) = self.lex_check(lex) {
+            return (Verdict::Refuse(e), None);
+        }
+        let Some(functions) = self.functions.as_mut() else {
+            return (
+                Verdict::Refuse(
+                    PgError::error(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "the FunctionCall protocol message is not available in this session",
+                    )
+                    .with_hint("call the function with SELECT instead"),
+                ),
+                None,
+            );
+        };
+        let resolved = functions.resolve(call.function).await;
+        let function = match super::fastpath::unresolved(call.function, resolved) {
+            Ok(f) => f,
+            Err(e) => return (Verdict::Refuse(e), None),
+        };
+        let sql = function.call_sql(call.args.len());
+        let param_mask = self.param_mask.as_ref();
+        let parameters = super::fastpath::recorded_arguments(call, |v, binary| {
+            recorded_parameter(param_mask, v, binary)
+        });
+        let policy = self.policy.current();
+        let decision = self.decide(&policy, &sql, lex);
+        let protocol = QueryProtocol::FunctionCall;
+        if let Some(v) = self
+            .hold(protocol, &sql, parameters.clone(), &decision)
+            .await
+        {
+            return (v, Some(sql));
+        }
+        let verdict = self.recorded_verdict(protocol, &sql, parameters, &decision);
+        (verdict, Some(sql))
+    }
+}
+
+/// A parameter as the audit trail records it: text as sent, binary as hex; a value a content
+/// detector of the session's masking rules finds is recorded masked.
+fn recorded_parameter(mask: Option<&crate::mask::MaskRules>, v: &[u8], binary: bool) -> String {
+    let text = String::from_utf8_lossy(v);
+    let masked = mask.and_then(|r| r.mask_notification(&text));
+    match (masked, binary) {
+        (Some(_), true) => "[MASKED]".to_owned(),
+        (Some(m), false) => m,
+        (None, true) => format!("\\x{}", hex::encode(v)),
+        (None, false) => text.into_owned(),
     }
 }
 

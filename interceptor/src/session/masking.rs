@@ -38,6 +38,7 @@ pub enum SideError {
 }
 
 /// How to open the side connection: the same upstream, role and database as the session.
+#[derive(Clone)]
 pub struct SideLogin {
     pub upstream: Arc<UpstreamTarget>,
     pub role: String,
@@ -47,7 +48,7 @@ pub struct SideLogin {
 
 /// The side connection (opened on first use). Resolved origins live apart from it, behind a
 /// plain mutex, so the upstream → client side can plan without waiting for a query.
-struct Side {
+pub(super) struct Side {
     conn: Option<Upstream>,
 }
 
@@ -133,7 +134,7 @@ impl SessionMask {
                 });
             }
             Frontend::Sync => self.push(Owed::Sync),
-            Frontend::FunctionCall => self.push(Owed::FunctionCall),
+            Frontend::FunctionCall(_) => self.push(Owed::FunctionCall),
             Frontend::Close { .. } | Frontend::Terminate | Frontend::Passthrough => {}
         }
     }
@@ -276,6 +277,11 @@ impl SessionMask {
 }
 
 impl Side {
+    /// Not connected yet: the first request opens the connection.
+    pub(super) fn new() -> Side {
+        Side { conn: None }
+    }
+
     async fn conn(&mut self, login: &SideLogin) -> Result<&mut Upstream, SideError> {
         if self.conn.is_none() {
             let conn = login
@@ -358,7 +364,7 @@ impl Side {
     }
 
     /// The rows (text fields, NULL as `None`) of a simple query on the side connection.
-    async fn rows(
+    pub(super) async fn rows(
         &mut self,
         login: &SideLogin,
         sql: &str,

@@ -3,6 +3,7 @@
 pub mod activity;
 pub mod auth;
 pub mod cancel;
+pub mod fastpath;
 pub mod gate;
 pub mod live;
 pub mod masking;
@@ -405,15 +406,13 @@ async fn run(
         role = facts.upstream_role,
         "session started"
     );
-    let mask = masking::SessionMask::new(
-        rules,
-        masking::SideLogin {
-            upstream: server.upstream.clone(),
-            role: facts.upstream_role.clone(),
-            password: password.clone(),
-            database: facts.database.clone(),
-        },
-    );
+    let side_login = masking::SideLogin {
+        upstream: server.upstream.clone(),
+        role: facts.upstream_role.clone(),
+        password: password.clone(),
+        database: facts.database.clone(),
+    };
+    let mask = masking::SessionMask::new(rules, side_login.clone());
     let row_limit = route.limits.max_rows.map(|max_rows| {
         let server = server.clone();
         let (pid, secret) = (upstream.backend_pid, upstream.backend_secret);
@@ -450,6 +449,7 @@ async fn run(
     if let Some(m) = &mask {
         gate.mask_parameters(m.rules().clone());
     }
+    gate.resolve_functions_with(fastpath::FunctionCatalog::new(side_login));
     let recorder = Recorder::new(facts.clone(), server.audit.clone());
     let (client_rd, client_wr) = stream.into_split();
     let (up_rd, up_wr) = upstream.stream.into_split();

@@ -33,7 +33,7 @@ pub enum Frontend<'a> {
         name: &'a str,
     },
     Sync,
-    FunctionCall,
+    FunctionCall(message::FunctionCallView<'a>),
     Terminate,
     /// Flush, COPY data/done/fail, and a Describe too malformed to name its target: forwarded
     /// as they are (PostgreSQL answers a malformed one itself).
@@ -62,7 +62,7 @@ impl<'a> Frontend<'a> {
                 Err(_) => Frontend::Passthrough,
             },
             b'S' => Frontend::Sync,
-            b'F' => Frontend::FunctionCall,
+            b'F' => Frontend::FunctionCall(message::decode_function_call(body)?),
             b'X' => Frontend::Terminate,
             b'H' | b'd' | b'c' | b'f' => Frontend::Passthrough,
             _ => return Ok(None),

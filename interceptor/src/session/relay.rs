@@ -431,9 +431,36 @@ async fn client_to_upstream(
                     batch += 1;
                     None
                 }
-                Frontend::FunctionCall => {
-                    let sub = match gate.function_call().await {
-                        Verdict::Forward { .. } => None,
+                Frontend::FunctionCall(call) => {
+                    shared.counters.statements.fetch_add(1, Ordering::Relaxed);
+                    let (mut verdict, sql) = gate.function_call(&call, shared.lex()).await;
+                    if let Verdict::Hold(held) = verdict {
+                        emit(wr, gate, &chunk, &mut out, &mut copied_to, start).await?;
+                        let Some(v) =
+                            wait_for_approval(rd, reader, gate, held, &side, cancel_mark).await?
+                        else {
+                            return Ok(End::ClientGone);
+                        };
+                        verdict = v;
+                    }
+                    let sub = match verdict {
+                        Verdict::Forward { record, tree } => {
+                            // Column masking would rewrite the call's SQL; a fast-path call
+                            // cannot be rewritten, so it runs only where the SQL would run as
+                            // it is (its result still passes the content detectors).
+                            let checked = match &sql {
+                                Some(sql) => rewrite(shared, sql, tree.as_deref()).await,
+                                None => Ok(None),
+                            };
+                            track(shared, batch, Kind::Simple, record);
+                            match checked {
+                                Ok(None) => None,
+                                Ok(Some(_)) => {
+                                    Some(refuse(shared, batch, unmaskable_call(), false))
+                                }
+                                Err(err) => Some(refuse(shared, batch, err, false)),
+                            }
+                        }
                         Verdict::Refuse(err) => Some(refuse(shared, batch, err, false)),
                         Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), false)),
                     };
@@ -532,6 +559,15 @@ async fn wait_for_approval(
             }
         }
     }
+}
+
+fn unmaskable_call() -> PgError {
+    PgError::error(
+        sqlstate::INSUFFICIENT_PRIVILEGE,
+        "interceptor: fast-path call refused: column masking applies to what this function \
+         returns, and a fast-path call cannot be rewritten to mask it",
+    )
+    .with_hint("call the function with SELECT instead")
 }
 
 fn still_held() -> PgError {

@@ -107,6 +107,23 @@ impl Loaded {
             None => None,
         };
         let tls = tls_config.clone().map(tokio_rustls::TlsAcceptor::from);
+        // The certificate is loaded once (TLS is not reloaded), so its channel binding data is
+        // fixed for the process's life.
+        let tls_end_point = match &config.tls {
+            Some(t) => {
+                let chain = tls::load_certs(&t.cert)?;
+                let end_point = chain.first().and_then(|leaf| tls::server_end_point(leaf));
+                if end_point.is_none() {
+                    tracing::warn!(
+                        cert = %t.cert.display(),
+                        "the TLS certificate's signature algorithm has no tls-server-end-point \
+                         hash: SCRAM-SHA-256-PLUS (channel binding) is not offered"
+                    );
+                }
+                end_point
+            }
+            None => None,
+        };
         let oidc = match &config.oidc {
             Some(o) => Some(Arc::new(crate::identity::oidc::OidcVerifier::new(o)?)),
             None => None,
@@ -129,6 +146,7 @@ impl Loaded {
                 statics,
                 oidc,
                 mtls,
+                tls_end_point,
             },
             secrets,
             tls,
@@ -229,10 +247,15 @@ impl ServerState {
         let same =
             |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
         if same(&self.config.tls, &new.tls) && same(&self.config.mtls, &new.mtls) {
+            let mut identities = loaded.identities;
+            // Channel binding names the certificate the TLS acceptor serves, which was loaded
+            // at start: a certificate file replaced on disk must not change it until a restart
+            // loads both (else every SCRAM-SHA-256-PLUS login would fail its binding check).
+            identities.tls_end_point = self.identities().tls_end_point.clone();
             *self
                 .identities
                 .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded.identities);
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(identities);
             applied.extend(["identity", "oidc"]);
         }
         applied

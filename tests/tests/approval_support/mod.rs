@@ -214,6 +214,8 @@ impl ApprovalStack {
             .arg(group)
             .arg("-c")
             .arg(self.config())
+            // `approvals` and `access` print tables for people; the tests read their JSON.
+            .args(matches!(group, "approvals" | "access").then_some("--json"))
             .args(rest)
             .output()
             .unwrap()

@@ -110,7 +110,7 @@ pub fn run(n: usize, bin: &Path, proxy: &Interceptor, stop: &AtomicBool) -> Resu
 
     println!("   terminal 2 (the approver):");
     cli.shown("approvals", &["list"])?;
-    let pending = cli.json("approvals", &["list"])?;
+    let pending = cli.json("approvals", &["list", "--json"])?;
     let listed = pending.as_array().is_some_and(|list| {
         list.iter()
             .any(|r| r["id"].as_u64() == Some(id) && r["status"] == "pending")

@@ -5,6 +5,7 @@
 //! out, also after an error.
 
 mod approval;
+mod binary;
 mod cli;
 mod kernel;
 mod masking;
@@ -20,7 +21,7 @@ use interceptor_tests::pg::APP_DB;
 use interceptor_tests::{ConnParams, Interceptor, InterceptorSetup, PgCluster, PgOptions};
 
 use crate::setup::{self, Requirement};
-use crate::{cmd, harness_env, test};
+use crate::{cmd, harness_env};
 use cli::InterceptorCli;
 use masking::{AGENT, EXEMPT, EXEMPT_GROUP};
 use steps::{Expect, STEPS, Step};
@@ -41,8 +42,7 @@ pub fn run(no_wait: bool) -> Result<()> {
     }
 
     setup::ensure(&[Requirement::PostgresServer, Requirement::Psql])?;
-    kernel::prepare_object();
-    let bin = test::interceptor_bin()?;
+    let bin = binary::interceptor()?;
     harness_env::point_at(Some(&bin));
     println!("   `interceptor` below is {}", bin.display());
     interrupted(&stop)?;

@@ -79,7 +79,7 @@ pub fn run(
     );
     let cli = InterceptorCli::new(bin);
     if let Some(reason) = readiness::skip_reason(&cli)? {
-        println!("   skipped: {reason}");
+        println!("   [SKIP] {reason}");
         return Ok(None);
     }
     pins::remove_stale_pins(&cli);

@@ -44,8 +44,9 @@ pub fn skip_reason(cli: &InterceptorCli) -> Result<Option<String>> {
     println!("$ {}   (its capability checks)", cli.line("doctor", &[]));
     let out = cli.output("doctor", &[])?;
     let capabilities = capability_lines(&out.stdout);
+    // A missing capability skips the step; it is no failure of the demo.
     for line in &capabilities {
-        println!("{line}");
+        println!("{}", as_skip(line));
     }
     if capabilities.len() != CAPABILITY_CHECKS.len() {
         bail!(
@@ -83,6 +84,14 @@ fn capability_lines(doctor: &str) -> Vec<&str> {
         .collect()
 }
 
+/// A capability line as the demo shows it: doctor's `[FAIL]` means the step skips here.
+fn as_skip(line: &str) -> String {
+    match line.strip_prefix("[FAIL]") {
+        Some(rest) => format!("[SKIP]{rest}"),
+        None => line.to_owned(),
+    }
+}
+
 /// What `interceptor doctor` must report `[ok]` for before the step can run.
 const CAPABILITY_CHECKS: [&str; 4] = ["ebpf object", "sk_lookup", "cgroup sock_addr", "sock_ops"];
 
@@ -103,5 +112,8 @@ mod tests {
         let failed: Vec<_> = lines.iter().filter(|l| !l.starts_with("[ok]")).collect();
         assert_eq!(failed.len(), 2, "{failed:?}");
         assert!(failed[0].contains("ebpf object") && failed[1].contains("sock_ops"));
+        let shown: Vec<String> = lines.iter().map(|l| as_skip(l)).collect();
+        assert!(shown.iter().all(|l| !l.contains("FAIL")), "{shown:?}");
+        assert!(shown[0].starts_with("[SKIP] ebpf object:"), "{shown:?}");
     }
 }
