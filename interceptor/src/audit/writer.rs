@@ -27,6 +27,8 @@ use super::wal::Wal;
 use super::{AuditError, MAX_PENDING};
 use crate::config::{AuditConfig, Durability};
 
+mod outage;
+
 pub(crate) type Waiter = tokio::sync::oneshot::Sender<Result<(), AuditError>>;
 
 /// A periodic checkpoint is kept after this many records or this much time.
@@ -74,6 +76,8 @@ struct Queue {
     /// ... for longer than [`LAZY_COMMIT`]: the first record nobody waits for wakes it.
     deaf: bool,
     failed: Option<String>,
+    /// `failed` is an outage the writer retries (see [`outage`]), not a permanent failure.
+    outage: bool,
     shutdown: bool,
 }
 
@@ -101,6 +105,7 @@ impl Shared {
                 idle: false,
                 deaf: false,
                 failed: None,
+                outage: false,
                 shutdown: false,
             }),
             wake: Condvar::new(),
@@ -116,7 +121,9 @@ impl Shared {
         waiter: Option<Waiter>,
     ) -> Result<RecordId, AuditError> {
         let mut q = self.queue.lock().map_err(|_| poisoned())?;
-        if let Some(f) = &q.failed {
+        if let Some(f) = &q.failed
+            && !outage::admits(q.outage, &event, waiter.is_some())
+        {
             return Err(AuditError::Failed(f.clone()));
         }
         if q.shutdown {
@@ -206,11 +213,13 @@ impl Shared {
         }
     }
 
+    /// Stops the log for good (fail closed): ends any outage the writer was retrying.
     pub(crate) fn fail(&self, message: &str) {
-        if let Ok(mut q) = self.queue.lock()
-            && q.failed.is_none()
-        {
-            q.failed = Some(message.to_string());
+        if let Ok(mut q) = self.queue.lock() {
+            if q.failed.is_none() || q.outage {
+                q.failed = Some(message.to_string());
+            }
+            q.outage = false;
         }
     }
 }
@@ -241,6 +250,8 @@ pub(crate) struct Writer {
     last_commit: Instant,
     /// The head kept outside the store (see [`super::headmark`]).
     head_mark: super::headmark::HeadMarkFile,
+    /// A write failure being retried, and the low-space deferral of sled's sync.
+    outage: outage::State,
 }
 
 /// What one commit puts in the write-ahead frame, before it is written: the sealed records,
@@ -332,6 +343,7 @@ impl Writer {
             last_retention: None,
             retention: RetentionPolicy::from_config(cfg),
             head_mark: super::headmark::HeadMarkFile::open(&super::integrity::head_mark_path(cfg))?,
+            outage: outage::State::default(),
         })
     }
 
@@ -359,6 +371,11 @@ impl Writer {
             }
         };
         loop {
+            if self.outage.active() {
+                // Until the trail can be written again (or the log stops for good).
+                self.ride_out(&shared, &applier);
+                continue;
+            }
             let (batch, jobs, shutdown) = {
                 let Ok(mut q) = shared.queue.lock() else {
                     tracing::error!("audit writer: queue lock poisoned, stopping");
@@ -458,7 +475,7 @@ impl Writer {
                     self.retain(&shared, &applier, None);
                 }
             }
-            if shutdown {
+            if shutdown && !self.outage.active() {
                 let empty = shared
                     .queue
                     .lock()
@@ -514,10 +531,12 @@ impl Writer {
     /// sync (handed to the store thread). A failure stops all further appends, as a failed
     /// commit does. At shutdown everything is made durable in sled before returning.
     fn background_sync(&mut self, shared: &Shared, applier: &Applier, shutdown: bool) {
+        if self.outage.active() {
+            return;
+        }
         let r = self.background_step(shared, applier, shutdown);
         if let Err(e) = r {
-            tracing::error!(error = %e, "audit sync failed; refusing further appends");
-            shared.fail(&e.to_string());
+            self.background_failed(shared, e);
         }
     }
 
@@ -530,7 +549,11 @@ impl Writer {
         if self.wal.has_unsynced()
             && (shutdown || self.last_wal_sync.elapsed() >= self.sync_interval)
         {
-            self.wal.sync()?;
+            // Not retried: after a failed fdatasync the kernel may have dropped the pages of
+            // frames already acknowledged, so whether they are on disk is unknown.
+            self.wal
+                .sync()
+                .map_err(|e| AuditError::Failed(e.to_string()))?;
             self.last_wal_sync = Instant::now();
         }
         if self.wal.len() > 0
@@ -539,6 +562,9 @@ impl Writer {
                 || self.last_store_sync.elapsed() >= STORE_SYNC_INTERVAL)
         {
             self.head_mark.sync()?;
+            if !shutdown && !self.store_sync_has_room() {
+                return Ok(());
+            }
             self.sync_store(shared, applier)?;
         }
         Ok(())
@@ -571,6 +597,8 @@ impl Writer {
                 event: p.event,
             });
         }
+        // Where a failed commit's partial frame is cut off before it is retried.
+        let good_len = self.wal.len();
         let result = match failed {
             Some(f) => Err(AuditError::Failed(f)),
             None => {
@@ -588,8 +616,8 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "audit commit failed; refusing further appends");
-                shared.fail(&e.to_string());
+                let records = std::mem::take(&mut records);
+                self.commit_failed(shared, e.clone(), records, good_len);
             }
         }
         for w in waiters {
