@@ -516,6 +516,9 @@ impl Writer {
         if self.unapplied.is_empty() && self.unapplied_pairs.is_empty() {
             return;
         }
+        if !self.store_has_room() {
+            return;
+        }
         let job = StoreJob::Apply {
             pairs: std::mem::take(&mut self.unapplied_pairs),
             records: std::mem::take(&mut self.unapplied),
@@ -562,9 +565,6 @@ impl Writer {
                 || self.last_store_sync.elapsed() >= STORE_SYNC_INTERVAL)
         {
             self.head_mark.sync()?;
-            if !shutdown && !self.store_sync_has_room() {
-                return Ok(());
-            }
             self.sync_store(shared, applier)?;
         }
         Ok(())
@@ -572,12 +572,18 @@ impl Writer {
 
     /// Seals the current segment (later commits go to a new one) and asks the store thread to
     /// make sled's files hold everything in it, then delete it. Queued after every apply of
-    /// the frames it holds.
-    fn sync_store(&mut self, shared: &Shared, applier: &Applier) -> Result<(), AuditError> {
+    /// the frames it holds. `false`: put off, the audit disk lacks room for sled's writes.
+    fn sync_store(&mut self, shared: &Shared, applier: &Applier) -> Result<bool, AuditError> {
         self.hand_over(shared, applier);
+        if !self.unapplied.is_empty() || !self.unapplied_pairs.is_empty() {
+            // sled does not hold everything in the segment, so it must not be deleted.
+            self.last_store_sync = Instant::now();
+            return Ok(false);
+        }
         let sealed = self.wal.rotate()?;
         self.last_store_sync = Instant::now();
-        applier.send(StoreJob::Sync { upto: sealed })
+        applier.send(StoreJob::Sync { upto: sealed })?;
+        Ok(true)
     }
 
     /// The commit-batch step: the queued records become one sealed, durable frame, and their
@@ -721,7 +727,12 @@ impl Writer {
         reply: Option<super::applier::RetentionReply>,
     ) {
         self.last_retention = Some(Instant::now());
-        let r = self.sync_store(shared, applier).and_then(|()| {
+        let r = self.sync_store(shared, applier).and_then(|synced| {
+            if !synced {
+                return Err(AuditError::Request(
+                    "retention put off: the audit disk is nearly full".into(),
+                ));
+            }
             applier.send(StoreJob::Retain {
                 last: self.head.as_ref().map(|h| h.seq),
                 reply: reply.clone(),

@@ -19,8 +19,9 @@
 //! until reopened, so a restart is needed; the records are in the write-ahead segments), a
 //! failed background `fdatasync` with `durability = "write"` (the kernel may have dropped
 //! acknowledged frames), a record that cannot be encoded, an inconsistent chain. So that a
-//! filling disk meets a write-ahead commit (retried) before sled's flush (not retried), sled's
-//! files are brought up to date only when the disk has room for it ([`room_for_store_sync`]).
+//! filling disk meets a write-ahead commit (retried) before sled (not retried), sled is handed
+//! records and synced only while the disk has room for it ([`Writer::store_has_room`]); a disk
+//! filled by someone else in the moment between that check and sled's write still stops it.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -303,9 +304,12 @@ impl Writer {
         Ok(())
     }
 
-    /// Whether the audit disk has room for sled's flush of what the current segment holds; if
-    /// not, the flush is put off (the segment keeps the records meanwhile).
-    pub(super) fn store_sync_has_room(&mut self) -> bool {
+    /// Whether the audit disk has room for sled to take and flush what the current segment
+    /// holds. sled latches its own I/O errors (it must be reopened, i.e. the daemon restarted),
+    /// so it is handed records and synced only while there is room; meanwhile the segments keep
+    /// them (and a full disk meets a write-ahead commit, which recovers). The records kept back
+    /// are bounded by the free space left: once it is gone, commits fail.
+    pub(super) fn store_has_room(&mut self) -> bool {
         let need = self.wal.len().saturating_mul(2).saturating_add(SYNC_MARGIN);
         match free_bytes(self.store.dir()) {
             Some(free) if free < need => {
@@ -313,17 +317,16 @@ impl Writer {
                     tracing::warn!(
                         free,
                         need,
-                        "audit disk nearly full: putting off the store's sync (the write-ahead \
-                         file keeps the records meanwhile)"
+                        "audit disk nearly full: the store (sled) is not updated until there is \
+                         room (the write-ahead segments keep the records meanwhile)"
                     );
                     self.outage.sync_deferred = true;
                 }
-                self.last_store_sync = Instant::now();
                 false
             }
             _ => {
                 if std::mem::take(&mut self.outage.sync_deferred) {
-                    tracing::info!("audit disk has room again: store sync resumed");
+                    tracing::info!("audit disk has room again: the store is updated again");
                 }
                 true
             }
