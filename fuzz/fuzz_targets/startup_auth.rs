@@ -1,10 +1,4 @@
-//! The startup phase: StartupMessage parameters and the SASL initial response.
+//! libFuzzer target: see `interceptor::fuzzing::startup_auth` for what it covers.
 #![no_main]
 
-use interceptor::net::message;
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let _ = message::decode_startup_params(data);
-    let _ = message::decode_sasl_initial(data);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| interceptor::fuzzing::startup_auth(data));

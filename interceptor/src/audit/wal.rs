@@ -275,14 +275,6 @@ impl Replay {
     }
 }
 
-/// Encodes one frame as [`Wal::append`] writes it (for the fuzz targets' seeds and checks).
-#[cfg(any(test, feature = "fuzzing"))]
-pub(crate) fn encode_frame(first_seq: u64, pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode(&mut out, first_seq, pairs);
-    out
-}
-
 /// One frame from the start of `data` and the bytes it used; `None` if torn or corrupt.
 fn decode(data: &[u8]) -> Option<(Frame, usize)> {
     let len = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;
