@@ -20,9 +20,14 @@ use crate::session::{self, Peer};
 
 /// Everything sessions share.
 pub struct ServerState {
+    /// The configuration the server started with (SIGHUP replaces only what
+    /// [`ServerState::reload_credentials`] names).
     pub config: Config,
-    pub identities: Authenticators,
-    pub secrets: Secrets,
+    /// Static identities and the OIDC/mTLS verifiers sessions authenticate with: read through
+    /// [`ServerState::identities`], replaced on SIGHUP.
+    pub identities: std::sync::RwLock<Arc<Authenticators>>,
+    /// Upstream role passwords: read through [`ServerState::secrets`], re-read on SIGHUP.
+    pub secrets: std::sync::RwLock<Arc<Secrets>>,
     pub upstream: UpstreamTarget,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cancel: CancelRegistry,
@@ -180,8 +185,8 @@ impl ServerState {
         let admission = crate::net::admission::Admission::new(config.limits.max_unauthenticated);
         Ok(ServerState {
             config,
-            identities: loaded.identities,
-            secrets: loaded.secrets,
+            identities: std::sync::RwLock::new(Arc::new(loaded.identities)),
+            secrets: std::sync::RwLock::new(Arc::new(loaded.secrets)),
             upstream,
             tls: loaded.tls,
             cancel: CancelRegistry::default(),
@@ -194,6 +199,46 @@ impl ServerState {
             admission,
             live: Default::default(),
         })
+    }
+
+    /// The authenticators new sessions use.
+    pub fn identities(&self) -> Arc<Authenticators> {
+        self.identities
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The upstream secrets new sessions use.
+    pub fn secrets(&self) -> Arc<Secrets> {
+        self.secrets
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// SIGHUP: puts what of `new` (already loaded into `loaded`) can change while running into
+    /// effect for new sessions, and returns those configuration sections. The secrets file is
+    /// always read again (a rotated upstream password needs no config change). Identities
+    /// (`[identity.*]`, `[oidc]`) are replaced unless `[tls]` or `[mtls]` changed: the TLS
+    /// acceptor checking client certificates is built at start, so the set stays whole until
+    /// a restart. Open sessions keep the identity they logged in with.
+    pub fn reload_credentials(&self, new: &Config, loaded: Loaded) -> Vec<&'static str> {
+        let mut applied = vec!["secrets"];
+        *self
+            .secrets
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded.secrets);
+        let same =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+        if same(&self.config.tls, &new.tls) && same(&self.config.mtls, &new.mtls) {
+            *self
+                .identities
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded.identities);
+            applied.extend(["identity", "oidc"]);
+        }
+        applied
     }
 }
 
@@ -276,8 +321,8 @@ pub async fn run_reloadable(config: Config, config_path: Option<PathBuf>) -> any
                     state.config.oidc.as_ref(),
                     svc.clone(),
                     state.audit.clone(),
-                    state.identities.oidc.clone(),
-                    state.identities.mtls.clone(),
+                    state.identities().oidc.clone(),
+                    state.identities().mtls.clone(),
                     state.tls_config.is_some(),
                 )
                 .context("cannot start the web console")?,
@@ -285,9 +330,9 @@ pub async fn run_reloadable(config: Config, config_path: Option<PathBuf>) -> any
             None => None,
         };
         let auth = crate::approval::api::AdminAuth {
-            oidc: state.identities.oidc.clone(),
+            oidc: state.identities().oidc.clone(),
             tls: state.tls_config.clone(),
-            mtls: state.identities.mtls.clone(),
+            mtls: state.identities().mtls.clone(),
             console,
         };
         let handles = crate::approval::api::spawn(svc.clone(), auth)

@@ -614,7 +614,8 @@ fn bypass_battery() {
         landed.push(Landed {
             label: attempt.label,
             process: Some((run.pid, NOBODY.0)),
-            exe: Some(psql_exe()),
+            // Checked below: never attested over a unix socket.
+            exe: None,
             peer: PeerKind::Unix,
             backend_pid,
         });
@@ -764,7 +765,11 @@ fn bypass_battery() {
         }
         let transport = s["peer"]["transport"].as_str();
         match l.peer {
-            PeerKind::Unix => assert_eq!(transport, Some("unix"), "{}: {s}", l.label),
+            PeerKind::Unix => {
+                assert_eq!(transport, Some("unix"), "{}: {s}", l.label);
+                // Nothing records the program that called connect() on a unix socket.
+                assert!(process["exe"].is_null(), "{}: exe attested: {s}", l.label);
+            }
             PeerKind::LocalTcp => assert_eq!(transport, Some("tcp"), "{}: {s}", l.label),
             PeerKind::Remote(remote_addr) => {
                 let addr: SocketAddr = s["peer"]["addr"].as_str().unwrap().parse().unwrap();
@@ -906,6 +911,33 @@ fn connection_held_open_across_attach() {
         tcp_backend,
         "warn must keep it"
     );
+
+    // doctor, with a session going through the running daemon: the held connections are named,
+    // the daemon's own upstream connection is not (it is no bypass).
+    let through = rt.block_on(proxy.params(ALICE).connect()).unwrap();
+    assert!(query(&through, "SELECT 1").is_ok());
+    let daemon = format!("pid {} (", proxy.pid().unwrap());
+    let doctor = Command::new(interceptor_tests::proxy::interceptor_bin().unwrap())
+        .args(["doctor", "--config"])
+        .arg(proxy.config_path())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    let existing: Vec<&str> = report
+        .lines()
+        .filter(|l| l.contains("existing connection"))
+        .collect();
+    assert!(
+        existing
+            .iter()
+            .any(|l| l.contains(&format!("-> 127.0.0.1:{port}")) && l.contains(&me)),
+        "doctor must name the held TCP connection:\n{report}"
+    );
+    assert!(
+        !existing.iter().any(|l| l.contains(&daemon)),
+        "doctor named interceptor's own upstream connection as a bypass:\n{report}"
+    );
+    drop(through);
     proxy.kill9();
 
     // terminate: the TCP one is closed by the kernel; its next attempt lands in interceptor.

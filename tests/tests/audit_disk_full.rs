@@ -114,6 +114,17 @@ fn wait_until_store_synced(audit: &Path) {
 
 #[test]
 fn a_full_audit_disk_refuses_statements_then_recovers_once_space_is_freed() {
+    full_disk_then_recovery("fsync");
+}
+
+/// With `durability = "write"` sessions commit their own records (on their own thread): the
+/// one that meets the full disk starts the outage, the writer thread rides it out.
+#[test]
+fn the_same_with_durability_write() {
+    full_disk_then_recovery("write");
+}
+
+fn full_disk_then_recovery(durability: &str) {
     let Some(fs) = SmallFs::mount("16m") else {
         eprintln!("skipped: cannot mount a tmpfs (not root?)");
         return;
@@ -127,6 +138,7 @@ fn a_full_audit_disk_refuses_statements_then_recovers_once_space_is_freed() {
         .identity(ALICE, ALICE_PASSWORD, &["dev"], Some(APP_RW))
         .allow_all_policies()
         .audit_dir(&audit)
+        .audit_durability(durability)
         .extra_toml(&format!("[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"));
     let mut proxy = Interceptor::start(setup).unwrap();
     let psql = |proxy: &Interceptor, sql: &str| {

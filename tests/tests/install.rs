@@ -91,6 +91,8 @@ fn install_dry_run_apply_and_uninstall_in_a_scratch_root() {
     let r = root.path();
     let before = snapshot(r);
     let host_user_before = host_has_user();
+    let auto_conf = pg.data_dir().join("postgresql.auto.conf");
+    let auto_before = std::fs::read(&auto_conf).unwrap();
 
     // Dry run: lists every change, makes none.
     let (ok, text) = interceptor(&["install"], r, &["--pg-data", &data]);
@@ -108,6 +110,10 @@ fn install_dry_run_apply_and_uninstall_in_a_scratch_root() {
     // Apply: what was listed, with tight modes.
     let (ok, text) = interceptor(&["install", "--apply"], r, &["--pg-data", &data]);
     assert!(ok, "{text}");
+    assert!(
+        text.contains("the socket moves when PostgreSQL restarts"),
+        "{text}"
+    );
     let passwd = std::fs::read_to_string(r.join("etc/passwd")).unwrap();
     let entry = passwd
         .lines()
@@ -115,6 +121,7 @@ fn install_dry_run_apply_and_uninstall_in_a_scratch_root() {
         .unwrap_or_else(|| panic!("no interceptor user in the tree:\n{passwd}"));
     let f: Vec<&str> = entry.split(':').collect();
     let (uid, gid): (u32, u32) = (f[2].parse().unwrap(), f[3].parse().unwrap());
+    let pg_uid = std::fs::metadata(pg.data_dir()).unwrap().uid();
     assert_eq!(f[6], "/usr/sbin/nologin");
     for (p, want_mode, want_uid, want_gid) in [
         ("etc/interceptor", 0o750, 0, gid),
@@ -127,6 +134,8 @@ fn install_dry_run_apply_and_uninstall_in_a_scratch_root() {
         ("run/interceptor", 0o755, uid, gid),
         ("etc/systemd/system/interceptor.service", 0o644, 0, 0),
         ("usr/local/bin/interceptor", 0o755, 0, 0),
+        ("run/postgresql-private", 0o750, pg_uid, gid),
+        ("etc/tmpfiles.d/interceptor-postgresql.conf", 0o644, 0, 0),
     ] {
         let m = std::fs::metadata(r.join(p)).unwrap_or_else(|e| panic!("{p}: {e}\n{text}"));
         assert_eq!(mode(&r.join(p)), want_mode, "{p}");
@@ -146,10 +155,20 @@ fn install_dry_run_apply_and_uninstall_in_a_scratch_root() {
     let config_path = r.join("etc/interceptor/interceptor.toml");
     let config = std::fs::read_to_string(&config_path).unwrap();
     let parsed: toml::Value = toml::from_str(&config).unwrap();
+    // PostgreSQL's socket is to move to the private directory (at its next start).
+    let private = r.join("run/postgresql-private");
     assert_eq!(
         parsed["upstream"]["host"].as_str(),
-        Some(pg.socket_dir().to_str().unwrap()),
+        Some(private.to_str().unwrap()),
         "{config}"
+    );
+    let auto = std::fs::read_to_string(pg.data_dir().join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.ends_with(&format!(
+            "unix_socket_directories = '{}'\n",
+            private.display()
+        )),
+        "{auto}"
     );
     assert_eq!(
         parsed["upstream"]["port"].as_integer(),
@@ -191,6 +210,11 @@ fn install_dry_run_apply_and_uninstall_in_a_scratch_root() {
         before,
         "uninstall left something behind:\n{text}"
     );
+    assert_eq!(
+        std::fs::read(&auto_conf).unwrap(),
+        auto_before,
+        "postgresql.auto.conf not restored"
+    );
     let (ok, text) = interceptor(&["uninstall", "--apply"], r, &[]);
     assert!(!ok && text.contains("nothing to undo"), "{text}");
 }
@@ -222,4 +246,106 @@ fn uninstall_keeps_an_edited_config_and_a_non_empty_audit_trail() {
     assert!(!passwd.contains("interceptor:"), "{passwd}");
     assert!(!r.join("etc/systemd/system/interceptor.service").exists());
     assert!(!r.join("etc/interceptor/secrets.toml").exists());
+}
+
+/// Runs psql as `user` against the socket in `dir`; (success, stdout + stderr).
+fn psql_as(user: &str, dir: &Path, port: u16, sql: &str) -> (bool, String) {
+    let out = Command::new("runuser")
+        .args(["-u", user, "--"])
+        .arg(interceptor_tests::os::pg_bin_dir().join("psql"))
+        .args(["-X", "-At", "-h"])
+        .arg(dir)
+        .args([
+            "-p",
+            &port.to_string(),
+            "-U",
+            interceptor_tests::pg::SUPERUSER,
+            "-d",
+        ])
+        .arg(interceptor_tests::pg::APP_DB)
+        .args(["-c", sql])
+        .env("PGPASSWORD", interceptor_tests::pg::SUPERUSER_PASSWORD)
+        .current_dir("/")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn socket(dir: &Path, port: u16) -> PathBuf {
+    dir.join(format!(".s.PGSQL.{port}"))
+}
+
+/// A real cluster's socket moved into the private directory and back: `install --apply
+/// --restart-postgres` writes the setting into the cluster's own postgresql.auto.conf and restarts
+/// it; then PostgreSQL listens only there, interceptor's config points there, and another uid
+/// cannot connect. `uninstall --apply --restart-postgres` puts the file back byte for byte, the
+/// socket returns to its old directory and the tree is as before.
+#[test]
+fn install_moves_the_postgres_socket_and_uninstall_moves_it_back() {
+    if !interceptor_tests::os::is_root() {
+        eprintln!("SKIPPED: install needs root (chown, useradd --prefix)");
+        return;
+    }
+    let pg = PgCluster::start().unwrap();
+    let port = pg.port();
+    let data = pg.data_dir().display().to_string();
+    let old = pg.socket_dir().to_path_buf();
+    let root = scratch_root();
+    let r = root.path();
+    // PostgreSQL's account must reach the private directory inside the tree.
+    std::fs::set_permissions(r, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let before = snapshot(r);
+    let auto_conf = pg.data_dir().join("postgresql.auto.conf");
+    let auto_before = std::fs::read(&auto_conf).unwrap();
+    assert!(socket(&old, port).exists());
+
+    let (ok, text) = interceptor(
+        &["install", "--apply"],
+        r,
+        &["--pg-data", &data, "--restart-postgres"],
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("restarting PostgreSQL: runuser"), "{text}");
+    let private = r.join("run/postgresql-private");
+    assert!(
+        socket(&private, port).exists(),
+        "{text}\n{}",
+        pg.server_log()
+    );
+    assert!(
+        !socket(&old, port).exists(),
+        "the old socket is still there"
+    );
+    let (ok, shown) = psql_as("postgres", &private, port, "SHOW unix_socket_directories");
+    assert!(ok, "{shown}");
+    assert_eq!(shown.trim(), private.display().to_string());
+    // Another uid cannot enter the directory.
+    let (ok, refused) = psql_as("nobody", &private, port, "SELECT 1");
+    assert!(!ok && refused.contains("Permission denied"), "{refused}");
+    let config = std::fs::read_to_string(r.join("etc/interceptor/interceptor.toml")).unwrap();
+    let parsed: toml::Value = toml::from_str(&config).unwrap();
+    assert_eq!(
+        parsed["upstream"]["host"].as_str(),
+        Some(private.to_str().unwrap())
+    );
+
+    let (ok, text) = interceptor(&["uninstall", "--apply"], r, &["--restart-postgres"]);
+    assert!(ok, "{text}");
+    assert_eq!(std::fs::read(&auto_conf).unwrap(), auto_before);
+    assert!(socket(&old, port).exists(), "{text}\n{}", pg.server_log());
+    let (ok, shown) = psql_as("postgres", &old, port, "SHOW unix_socket_directories");
+    assert!(ok, "{shown}");
+    assert_eq!(shown.trim(), old.display().to_string());
+    assert_eq!(
+        snapshot(r),
+        before,
+        "uninstall left something behind:\n{text}"
+    );
 }

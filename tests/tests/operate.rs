@@ -197,10 +197,28 @@ fn readiness_metrics_reload_kill_and_graceful_stop() {
             .count()
     };
     let reloads_before = reloads(&proxy);
+    // A new identity applies on SIGHUP (no policy admits it: refused after authenticating,
+    // 28000, instead of unknown, 28P01); a changed [limits] needs a restart.
+    let carol = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let mut p = proxy.params(ALICE);
+            p.user = "carol".into();
+            p.password = Some("carol-Pass-1".into());
+            p.connect()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.code().map(|c| c.code().to_owned()))
+        })
+    };
+    assert_eq!(carol(&rt), Err(Some("28P01".to_owned())));
     let config = std::fs::read_to_string(proxy.config_path()).unwrap();
+    let carol_secret = postgres_protocol::password::scram_sha_256(b"carol-Pass-1");
     std::fs::write(
         proxy.config_path(),
-        format!("{config}\n[limits]\nauth_timeout_ms = 12345\n"),
+        format!(
+            "{config}\n[limits]\nauth_timeout_ms = 12345\n\n\
+             [identity.carol]\nsecret = {carol_secret:?}\n"
+        ),
     )
     .unwrap();
     let pid = proxy.pid().unwrap() as i32;
@@ -243,8 +261,13 @@ fn readiness_metrics_reload_kill_and_graceful_stop() {
         .find(|l| l.contains("take effect only after a restart"))
         .unwrap_or_else(|| panic!("no restart notice:\n{logs}"));
     assert!(
-        line.contains("limits") && !line.contains("listen"),
+        line.contains("limits") && !line.contains("listen") && !line.contains("identity"),
         "{line}"
+    );
+    assert_eq!(
+        carol(&rt),
+        Err(Some("28000".to_owned())),
+        "the identity added to the config did not apply on SIGHUP"
     );
     wait_until("the reload's audit record", || {
         reloads(&proxy) > reloads_before

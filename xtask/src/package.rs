@@ -18,11 +18,15 @@ pub struct PackageArgs {
     /// Directory the .deb is written to.
     #[arg(long, default_value = "target/debian")]
     pub out: PathBuf,
+    /// dpkg-deb's compression (`xz`, `gzip`, `zstd` or `none`; tests use `none` to save time).
+    #[arg(long, default_value = "xz")]
+    pub compression: String,
 }
 
 const POSTINST: &str = r#"#!/bin/sh
-# interceptor: system user, private directories, unit known to systemd. An existing
-# /etc/interceptor/interceptor.toml is a conffile: dpkg keeps the administrator's version.
+# interceptor: system user, private directories, unit known to systemd. The configuration
+# /etc/interceptor/interceptor.toml is the administrator's: written from the example only when
+# it does not exist, never changed afterwards (not even its mode), on install or upgrade.
 set -e
 if [ "$1" = configure ]; then
     if ! getent group interceptor >/dev/null; then
@@ -32,10 +36,19 @@ if [ "$1" = configure ]; then
         adduser --system --ingroup interceptor --no-create-home --home /nonexistent \
             --shell /usr/sbin/nologin --gecos "interceptor PostgreSQL gateway" interceptor >/dev/null
     fi
-    install -d -m 0750 -o root -g interceptor /etc/interceptor
-    chgrp interceptor /etc/interceptor/interceptor.toml
-    chmod 0640 /etc/interceptor/interceptor.toml
-    install -d -m 0700 -o interceptor -g interceptor /var/lib/interceptor
+    if [ ! -e /etc/interceptor ]; then
+        install -d -m 0750 -o root -g interceptor /etc/interceptor
+    fi
+    if [ ! -e /etc/interceptor/interceptor.toml ]; then
+        install -m 0640 -o root -g interceptor /usr/share/interceptor/interceptor.example.toml \
+            /etc/interceptor/interceptor.toml
+    else
+        echo "interceptor: keeping the existing /etc/interceptor/interceptor.toml" \
+            "(the new example is /usr/share/interceptor/interceptor.example.toml)"
+    fi
+    if [ ! -e /var/lib/interceptor ]; then
+        install -d -m 0700 -o interceptor -g interceptor /var/lib/interceptor
+    fi
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload >/dev/null || true
     fi
@@ -60,14 +73,23 @@ exit 0
 "#;
 
 const POSTRM: &str = r#"#!/bin/sh
-# The audit trail in /var/lib/interceptor is evidence: it is never deleted by the package,
-# not even on purge. Remove it by hand once it is archived.
+# purge removes the configuration and the empty directories postinst made. The audit trail in
+# /var/lib/interceptor is evidence: never deleted, not even on purge (remove it by hand once it
+# is archived). The system user and group stay, as Debian packages keep theirs: files they own
+# may remain, and a reused id would inherit them.
 set -e
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || true
 fi
 if [ "$1" = purge ]; then
-    echo "interceptor purged; the audit trail in /var/lib/interceptor and the user were kept"
+    rm -f /etc/interceptor/interceptor.toml
+    rmdir /etc/interceptor 2>/dev/null || true
+    rmdir /var/lib/interceptor 2>/dev/null || true
+    for d in /etc/interceptor /var/lib/interceptor; do
+        if [ -e "$d" ]; then
+            echo "interceptor purged; kept $d (not empty)"
+        fi
+    done
 fi
 exit 0
 "#;
@@ -163,12 +185,14 @@ pub fn run(args: &PackageArgs) -> Result<()> {
         &unit,
         0o644,
     )?;
+    let share = s.join("usr/share/interceptor");
+    // Not a conffile: dpkg would stop at a prompt when the file already exists on a first
+    // install (for example after `interceptor install`); postinst writes it only where absent.
     copy(
         &root.join("interceptor.example.toml"),
-        &s.join("etc/interceptor/interceptor.toml"),
-        0o640,
+        &share.join("interceptor.example.toml"),
+        0o644,
     )?;
-    let share = s.join("usr/share/interceptor");
     for entry in std::fs::read_dir(root.join("policies"))? {
         let p = entry?.path();
         if p.extension().is_some_and(|e| e == "toml") {
@@ -228,11 +252,6 @@ pub fn run(args: &PackageArgs) -> Result<()> {
          masks sensitive values inline and writes a tamper-evident audit trail.\n"
     );
     write(&s.join("DEBIAN/control"), &control, 0o644)?;
-    write(
-        &s.join("DEBIAN/conffiles"),
-        "/etc/interceptor/interceptor.toml\n",
-        0o644,
-    )?;
     write(&s.join("DEBIAN/postinst"), POSTINST, 0o755)?;
     write(&s.join("DEBIAN/prerm"), PRERM, 0o755)?;
     write(&s.join("DEBIAN/postrm"), POSTRM, 0o755)?;
@@ -240,7 +259,11 @@ pub fn run(args: &PackageArgs) -> Result<()> {
     let deb = out_dir.join(format!("interceptor_{version}_{arch}.deb"));
     cmd::run(
         Command::new("dpkg-deb")
-            .args(["--root-owner-group", "-Zxz", "--build"])
+            .args([
+                "--root-owner-group",
+                &format!("-Z{}", args.compression),
+                "--build",
+            ])
             .arg(s)
             .arg(&deb),
     )?;

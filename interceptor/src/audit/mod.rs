@@ -38,8 +38,8 @@ use ed25519_dalek::VerifyingKey;
 
 pub use record::{
     Approval, ApprovalAction, AuditEvent, KernelEvent, MaskedColumn, MaskingSummary, Peer,
-    PolicyReload, QueryProtocol, Record, RecordId, ResultRows, SessionEnd, SessionId, SessionStart,
-    StatementOutcome, StatementRecord, Timestamp, TlsInfo,
+    PolicyReload, QueryProtocol, Record, RecordId, RecordedRows, ResultRows, SessionEnd, SessionId,
+    SessionStart, StatementOutcome, StatementRecord, Timestamp, TlsInfo,
 };
 pub use retention::RetentionReport;
 pub use signing::{Mark, MarkKind};
@@ -155,11 +155,11 @@ impl AuditLog {
         store.reindex()?;
         store.sync_dirs()?;
         let next_session = store.session_hwm()?.saturating_add(1);
-        let shared = Arc::new(Shared::new(writer.next_seq(), writer.head()));
+        let shared = Arc::new(Shared::new(writer));
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(thread_shared))
+            .spawn(move || Writer::run(thread_shared))
             .map_err(|e| AuditError::Store(format!("cannot start audit writer: {e}")))?;
         let log = AuditLog {
             inner: Arc::new(Inner {
@@ -178,6 +178,11 @@ impl AuditLog {
     /// Queues a record and waits until it is durable (group commit). Used before forwarding
     /// a statement: an error means the statement must be refused.
     pub async fn append_durable(&self, event: AuditEvent) -> Result<RecordId, AuditError> {
+        if self.inner.shared.inline() {
+            let seq = self.enqueue(event, None)?;
+            self.inner.shared.commit_here()?;
+            return Ok(seq);
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let seq = self.enqueue(event, Some(tx))?;
         match rx.await {
@@ -251,6 +256,9 @@ impl AuditLog {
     /// Waits until everything queued so far is durable (in the write-ahead segment; sled may
     /// not show it yet, see [`AuditLog::sync_index`]).
     pub async fn sync(&self) -> Result<(), AuditError> {
+        if self.inner.shared.inline() {
+            return self.inner.shared.commit_here();
+        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.inner.shared.push_barrier(tx)?;
         rx.await.map_err(|_| AuditError::Closed)?
@@ -275,16 +283,30 @@ const _: fn() = || {
 
 /// Enforces the per-statement row cap and [`MAX_RECORDED_BYTES`] on recorded results.
 fn cap_rows(event: AuditEvent, max_rows: usize) -> AuditEvent {
-    let AuditEvent::ResultRows(mut r) = event else {
-        return event;
-    };
-    if r.rows.len() > max_rows {
-        r.rows.truncate(max_rows);
-        r.truncated = true;
+    match event {
+        AuditEvent::Outcome(mut o) => {
+            if let Some(r) = o.result.as_mut() {
+                cap(&mut r.rows, &mut r.truncated, max_rows);
+            }
+            AuditEvent::Outcome(o)
+        }
+        AuditEvent::ResultRows(mut r) => {
+            cap(&mut r.rows, &mut r.truncated, max_rows);
+            AuditEvent::ResultRows(r)
+        }
+        event => event,
+    }
+}
+
+/// Keeps at most `max_rows` rows and [`MAX_RECORDED_BYTES`] of values; marks a cut.
+fn cap(rows: &mut Vec<Vec<Option<String>>>, truncated: &mut bool, max_rows: usize) {
+    if rows.len() > max_rows {
+        rows.truncate(max_rows);
+        *truncated = true;
     }
     let mut bytes = 0usize;
-    let mut keep = r.rows.len();
-    for (i, row) in r.rows.iter().enumerate() {
+    let mut keep = rows.len();
+    for (i, row) in rows.iter().enumerate() {
         bytes += row
             .iter()
             .map(|v| v.as_ref().map_or(4, |s| s.len() + 3))
@@ -294,11 +316,10 @@ fn cap_rows(event: AuditEvent, max_rows: usize) -> AuditEvent {
             break;
         }
     }
-    if keep < r.rows.len() {
-        r.rows.truncate(keep);
-        r.truncated = true;
+    if keep < rows.len() {
+        rows.truncate(keep);
+        *truncated = true;
     }
-    AuditEvent::ResultRows(r)
 }
 
 /// The write-ahead replay for [`crate::fuzzing`].

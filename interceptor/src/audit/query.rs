@@ -149,7 +149,7 @@ pub fn replay(store: &Store, id: SessionId) -> Result<Option<Replay>, AuditError
                     rows: None,
                 });
             }
-            AuditEvent::Outcome(o) => {
+            AuditEvent::Outcome(mut o) => {
                 let at = rec.at;
                 match statements
                     .get(&o.statement)
@@ -158,8 +158,20 @@ pub fn replay(store: &Store, id: SessionId) -> Result<Option<Replay>, AuditError
                     Some(ReplayEntry::Statement {
                         outcome,
                         completed_at,
+                        rows,
                         ..
                     }) => {
+                        // Rows recorded with the outcome show where rows recorded on their own
+                        // (older stores) do.
+                        if let Some(r) = o.result.take() {
+                            *rows = Some(ResultRows {
+                                session: o.session,
+                                statement: o.statement,
+                                columns: r.columns,
+                                rows: r.rows,
+                                truncated: r.truncated,
+                            });
+                        }
                         *outcome = Some(o);
                         *completed_at = Some(at);
                     }

@@ -212,9 +212,26 @@ pub struct StatementOutcome {
     pub duration_us: u64,
     #[serde(default)]
     pub masking: MaskingSummary,
+    /// The result rows the client got (already masked), recorded for replay and capped per
+    /// statement; absent when the statement returned no row description or recording is off.
+    /// Part of the outcome, so a statement costs one record after it ran, not two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<RecordedRows>,
 }
 
-/// Result rows (already masked) recorded for replay, capped per statement.
+/// Result rows (already masked) as recorded with a statement's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedRows {
+    pub columns: Vec<String>,
+    /// Text values; `None` = SQL NULL.
+    pub rows: Vec<Vec<Option<String>>>,
+    /// True when rows were dropped because of the per-statement cap.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+/// Result rows recorded as a record of their own, as stores written before outcomes carried
+/// them hold them (still read: replay and export show them as before).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResultRows {
     pub session: SessionId,

@@ -658,8 +658,9 @@ pub(crate) fn open_db(dir: &Path) -> Result<sled::Db, AuditError> {
     loop {
         let r = sled::Config::new()
             .path(dir)
-            // Durability comes from our explicit flush + fsync at each group commit, not
-            // from sled's background flusher.
+            // Durability comes from the write-ahead segments; the store thread flushes sled
+            // explicitly every few seconds (then drops the segments sled holds), so sled's
+            // own background flusher would only add writes.
             .flush_every_ms(None)
             // The trail is written far more than read: sled's default 1 GiB page cache would
             // grow the daemon's memory with every record it ever wrote.

@@ -103,6 +103,7 @@ fn outcome(session: SessionId, stmt: RecordId) -> AuditEvent {
             }],
             values_masked: 1,
         },
+        result: None,
     })
 }
 
@@ -798,6 +799,66 @@ fn recorded_rows_are_capped() {
         }
         other => panic!("unexpected {other:?}"),
     }
+}
+
+#[test]
+fn rows_recorded_with_the_outcome_are_capped_and_replayed_as_the_statement_rows() {
+    let (_tmp, mut cfg, _key) = setup();
+    cfg.record_rows = 10;
+    let log = AuditLog::open(&cfg).expect("open");
+    let sid = log.new_session_id();
+    let rows: Vec<Vec<Option<String>>> = (0..50).map(|i| vec![Some(i.to_string())]).collect();
+    let seq = rt().block_on(async {
+        log.append_durable(start(sid, "alice", "shop"))
+            .await
+            .expect("start");
+        let st = log
+            .append_durable(statement(sid, "SELECT n FROM t", "allow"))
+            .await
+            .expect("statement");
+        let AuditEvent::Outcome(mut o) = outcome(sid, st) else {
+            unreachable!()
+        };
+        o.result = Some(RecordedRows {
+            columns: vec!["n".into()],
+            rows,
+            truncated: false,
+        });
+        let seq = log.append(AuditEvent::Outcome(o)).expect("outcome");
+        log.sync_index().await.expect("sync index");
+        seq
+    });
+    match log
+        .store()
+        .record(seq)
+        .expect("read")
+        .expect("record")
+        .event
+    {
+        AuditEvent::Outcome(o) => {
+            let r = o.result.expect("rows recorded with the outcome");
+            assert_eq!(r.rows.len(), 10);
+            assert!(r.truncated);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let replay = query::replay(log.store(), sid)
+        .expect("replay")
+        .expect("session");
+    let shown = replay
+        .entries
+        .iter()
+        .find_map(|e| match e {
+            query::ReplayEntry::Statement { rows, outcome, .. } => {
+                assert!(outcome.as_ref().is_some_and(|o| o.result.is_none()));
+                rows.clone()
+            }
+            _ => None,
+        })
+        .expect("the statement shows its rows");
+    assert_eq!(shown.columns, vec!["n".to_string()]);
+    assert_eq!(shown.rows.len(), 10);
+    assert_eq!(shown.rows[3], vec![Some("3".to_string())]);
 }
 
 #[test]
@@ -1529,6 +1590,62 @@ fn a_session_index_entry_lists_a_batch_of_records() {
                 .expect("read")
                 .expect("listed record exists");
             assert_eq!(rec.event.session(), Some(sid));
+        }
+    }
+}
+
+#[test]
+fn callers_committing_their_own_records_keep_the_chain_whole_under_concurrency() {
+    // durability = "write": sessions commit on their own threads while the writer thread
+    // commits records nobody waits for; the chain must hold every record once, in order.
+    let (_tmp, mut cfg, key) = setup();
+    cfg.durability = crate::config::Durability::Write;
+    let log = AuditLog::open(&cfg).expect("open");
+    const TASKS: u64 = 8;
+    const EACH: u64 = 200;
+    let statements = rt().block_on(async {
+        let mut tasks = Vec::new();
+        for c in 0..TASKS {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for i in 0..EACH {
+                    let st = log
+                        .append(statement(
+                            SessionId(c),
+                            &format!("SELECT {c}, {i}"),
+                            "allow",
+                        ))
+                        .expect("append");
+                    log.sync().await.expect("durable");
+                    // Durable means in the write-ahead file: the head has reached it.
+                    assert!(log.committed_head().is_some_and(|h| h.seq >= st));
+                    log.append(outcome(SessionId(c), st)).expect("outcome");
+                    if i % 50 == 0 {
+                        log.sync_index().await.expect("index barrier");
+                    }
+                    mine.push(st);
+                }
+                mine
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("join"));
+        }
+        log.sync_index().await.expect("sync index");
+        all
+    });
+    assert_eq!(statements.len() as u64, TASKS * EACH);
+    drop(log);
+    let report = verify_offline(&cfg, &key);
+    assert!(report.ok, "{:?}", report.problems);
+    assert_eq!(report.records, 2 * TASKS * EACH);
+    let store = open_store(&cfg);
+    for st in statements {
+        match store.record(st).expect("read").expect("record").event {
+            AuditEvent::Statement(_) => {}
+            other => panic!("{st} is not a statement: {other:?}"),
         }
     }
 }

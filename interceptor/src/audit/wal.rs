@@ -165,6 +165,21 @@ impl Wal {
         Ok(())
     }
 
+    /// A second handle on the current segment for an `fdatasync` the caller runs later (off
+    /// the writer lock), or `None` when nothing awaits one. What is appended after this call
+    /// counts as unsynced again; what came before is durable once that sync returns.
+    pub(crate) fn sync_later(&mut self) -> Result<Option<File>, AuditError> {
+        if !self.unsynced {
+            return Ok(None);
+        }
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| AuditError::io(&self.path, e))?;
+        self.unsynced = false;
+        Ok(Some(file))
+    }
+
     pub(crate) fn has_unsynced(&self) -> bool {
         self.unsynced
     }

@@ -11,6 +11,7 @@
 //! wakes the writer, and only when it sleeps. Records nobody waits for (outcomes, result rows,
 //! session ends) ride with the next commit, at most [`LAZY_COMMIT`] later.
 
+use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -84,6 +85,11 @@ struct Queue {
 pub(crate) struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// The chain tip. Lock order: `writer`, then `queue`.
+    writer: Mutex<Writer>,
+    /// `durability = "write"`: the caller that needs a record durable commits it itself (see
+    /// [`Shared::commit_here`]) instead of waking the writer thread and waiting for it.
+    inline: bool,
     pub(crate) syncs: AtomicU64,
     committed: Mutex<Option<Mark>>,
     /// The head of the last commit sled holds (set by the store thread).
@@ -95,8 +101,13 @@ fn poisoned() -> AuditError {
 }
 
 impl Shared {
-    pub(crate) fn new(next_seq: RecordId, head: Option<Mark>) -> Shared {
+    pub(crate) fn new(writer: Writer) -> Shared {
+        let next_seq = writer.next_seq();
+        let head = writer.head();
+        let inline = writer.durability == Durability::Write;
         Shared {
+            writer: Mutex::new(writer),
+            inline,
             queue: Mutex::new(Queue {
                 next_seq: next_seq.0,
                 pending: Vec::new(),
@@ -150,6 +161,56 @@ impl Shared {
             self.wake.notify_one();
         }
         Ok(seq)
+    }
+
+    /// Whether callers commit their own records (see [`Shared::commit_here`]).
+    pub(crate) fn inline(&self) -> bool {
+        self.inline
+    }
+
+    /// Commits everything queued so far on the caller's thread. With `durability = "write"`
+    /// a commit is a `write(2)` of one frame (microseconds), cheaper than the two thread
+    /// wake-ups of handing it to the writer thread and being woken by it, which were most of
+    /// a statement's cost. Concurrent callers queue on the writer lock and each commit takes
+    /// everything queued, so they still share commits under load. The writer thread keeps the
+    /// deferred work: lazy records, syncs, sled, checkpoints.
+    pub(crate) fn commit_here(&self) -> Result<(), AuditError> {
+        let mut w = self.writer.lock().map_err(|_| poisoned())?;
+        let (batch, failed, wake) = {
+            let mut q = self.queue.lock().map_err(|_| poisoned())?;
+            if q.shutdown {
+                return Err(AuditError::Closed);
+            }
+            if let (true, Some(f)) = (q.outage, &q.failed) {
+                // The writer thread's retry writes what is queued (see `outage`).
+                return Err(AuditError::Failed(f.clone()));
+            }
+            let batch = std::mem::take(&mut q.pending);
+            // The thread hands committed records to sled; one asleep for long must hear of them.
+            let wake = !batch.is_empty() && q.idle && q.deaf;
+            (batch, q.failed.clone(), wake)
+        };
+        if let Some(f) = failed {
+            drop(w);
+            // Their waiters (if any) learn it too.
+            for p in batch {
+                if let Some(tx) = p.waiter {
+                    let _ = tx.send(Err(AuditError::Failed(f.clone())));
+                }
+            }
+            return Err(AuditError::Failed(f));
+        }
+        if !batch.is_empty() {
+            w.commit_batch(self, batch, None);
+        }
+        drop(w);
+        if wake {
+            self.wake.notify_one();
+        }
+        match self.queue.lock().map_err(|_| poisoned())?.failed.clone() {
+            Some(f) => Err(AuditError::Failed(f)),
+            None => Ok(()),
+        }
     }
 
     /// Queues a job for the writer, unless the log failed or is closing.
@@ -355,14 +416,15 @@ impl Writer {
         self.head.clone()
     }
 
-    pub(crate) fn run(mut self, shared: Arc<Shared>) {
+    /// The writer thread: commits what callers do not commit themselves, then the deferred
+    /// work (sled hand-over, syncs, jobs, retention). It holds the writer lock only while it
+    /// works, never while it sleeps or waits for a periodic `fdatasync`.
+    pub(crate) fn run(shared: Arc<Shared>) {
         let _stopped = StopGuard(shared.clone());
-        let applier = match Applier::start(
-            self.store.clone(),
-            self.key.clone(),
-            self.retention,
-            shared.clone(),
-        ) {
+        let started = shared.writer.lock().map_err(|_| poisoned()).and_then(|w| {
+            Applier::start(w.store.clone(), w.key.clone(), w.retention, shared.clone())
+        });
+        let applier = match started {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(error = %e, "audit writer: cannot start the store thread");
@@ -371,23 +433,33 @@ impl Writer {
             }
         };
         loop {
-            if self.outage.active() {
+            let Ok((idle_wait, active, outage)) = shared.writer.lock().map(|w| {
+                (
+                    w.idle_wait(),
+                    w.last_commit.elapsed() < ACTIVE,
+                    w.outage.active(),
+                )
+            }) else {
+                tracing::error!("audit writer: writer lock poisoned, stopping");
+                return;
+            };
+            if outage {
                 // Until the trail can be written again (or the log stops for good).
-                self.ride_out(&shared, &applier);
+                Writer::ride_out(&shared, &applier);
                 continue;
             }
-            let (batch, jobs, shutdown) = {
+            let (jobs, shutdown) = {
                 let Ok(mut q) = shared.queue.lock() else {
                     tracing::error!("audit writer: queue lock poisoned, stopping");
                     return;
                 };
                 let mut lazy_deadline: Option<Instant> = None;
-                while !q.urgent && q.jobs.is_empty() && !q.shutdown {
-                    let mut wait = self.idle_wait();
+                while !q.urgent && q.jobs.is_empty() && !q.shutdown && !q.outage {
+                    let mut wait = idle_wait;
                     if q.pending.is_empty() {
                         // Shortly after a commit more records nobody waits for are likely
                         // (outcomes): look for them on a timer rather than be woken for each.
-                        if self.last_commit.elapsed() < ACTIVE {
+                        if active {
                             wait = wait.min(LAZY_COMMIT);
                         }
                     } else {
@@ -418,64 +490,45 @@ impl Writer {
                     }
                 }
                 q.urgent = false;
-                (
-                    std::mem::take(&mut q.pending),
-                    std::mem::take(&mut q.jobs),
-                    q.shutdown,
-                )
+                (std::mem::take(&mut q.jobs), q.shutdown)
             };
-            let failed = shared.queue.lock().ok().and_then(|q| q.failed.clone());
+            let Ok(mut w) = shared.writer.lock() else {
+                tracing::error!("audit writer: writer lock poisoned, stopping");
+                return;
+            };
+            if w.outage.active() {
+                // Began on a caller's thread (`commit_here`) meanwhile: the jobs go back for
+                // the outage loop to answer, the queued records stay for the retry.
+                drop(w);
+                if let Ok(mut q) = shared.queue.lock() {
+                    q.jobs.extend(jobs);
+                }
+                continue;
+            }
+            // Taken under the writer lock: queue order is chain order, and a caller committing
+            // on its own thread takes the lock first too.
+            let (batch, failed) = match shared.queue.lock() {
+                Ok(mut q) => (std::mem::take(&mut q.pending), q.failed.clone()),
+                Err(_) => {
+                    tracing::error!("audit writer: queue lock poisoned, stopping");
+                    return;
+                }
+            };
             if !batch.is_empty() {
-                self.commit_batch(&shared, batch, failed.clone());
+                w.commit_batch(&shared, batch, failed);
             }
-            // Statement barriers (every forwarded chunk) only need the write-ahead segment;
-            // readers that need sled current ask with an index barrier.
-            let visible_wanted = jobs
-                .iter()
-                .any(|j| matches!(j, Job::IndexBarrier(_) | Job::Retention(_)));
-            if visible_wanted
-                || shutdown
-                || self.unapplied.len() >= APPLY_BATCH
-                || self.last_apply.elapsed() >= APPLY_INTERVAL
-            {
-                self.hand_over(&shared, &applier);
-            }
-            self.background_sync(&shared, &applier, shutdown);
-            let failed = shared.queue.lock().ok().and_then(|q| q.failed.clone());
-            let refused = |f: &String| AuditError::Failed(f.clone());
-            for job in jobs {
-                match job {
-                    Job::Barrier(w) => {
-                        let _ = w.send(failed.as_ref().map_or(Ok(()), |f| Err(refused(f))));
-                    }
-                    Job::IndexBarrier(w) => match &failed {
-                        Some(f) => {
-                            let _ = w.send(Err(refused(f)));
-                        }
-                        None => {
-                            // Answered by the store thread once it applied everything above.
-                            if let Err(e) = applier.send(StoreJob::Visible(w)) {
-                                shared.fail(&e.to_string());
-                            }
-                        }
-                    },
-                    Job::Retention(tx) => match &failed {
-                        Some(f) => {
-                            let _ = tx.send(Err(refused(f)));
-                        }
-                        None => self.retain(&shared, &applier, Some(tx)),
-                    },
+            let deferred = w.step(&shared, &applier, jobs, shutdown);
+            let outage = w.outage.active();
+            drop(w);
+            if let Some(file) = deferred {
+                // The periodic `fdatasync` of `durability = "write"`, off the writer lock so
+                // callers committing meanwhile do not wait for the disk.
+                if let Err(e) = file.sync_data() {
+                    tracing::error!(error = %e, "audit sync failed; refusing further appends");
+                    shared.fail(&format!("audit write-ahead sync failed: {e}"));
                 }
             }
-            if failed.is_none() && self.retention.is_active() && !shutdown {
-                let due = self
-                    .last_retention
-                    .is_none_or(|t| t.elapsed() >= RETENTION_INTERVAL);
-                if due {
-                    self.retain(&shared, &applier, None);
-                }
-            }
-            if shutdown && !self.outage.active() {
+            if shutdown && !outage {
                 let empty = shared
                     .queue
                     .lock()
@@ -489,6 +542,65 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// The work after a commit, under the writer lock: sled hand-over, deferred syncs, jobs,
+    /// retention. Returns the write-ahead file to `fdatasync` once the lock is released.
+    fn step(
+        &mut self,
+        shared: &Shared,
+        applier: &Applier,
+        jobs: Vec<Job>,
+        shutdown: bool,
+    ) -> Option<File> {
+        // Statement barriers (every forwarded chunk) only need the write-ahead segment;
+        // readers that need sled current ask with an index barrier.
+        let visible_wanted = jobs
+            .iter()
+            .any(|j| matches!(j, Job::IndexBarrier(_) | Job::Retention(_)));
+        if visible_wanted
+            || shutdown
+            || self.unapplied.len() >= APPLY_BATCH
+            || self.last_apply.elapsed() >= APPLY_INTERVAL
+        {
+            self.hand_over(shared, applier);
+        }
+        let deferred = self.background_sync(shared, applier, shutdown);
+        let failed = shared.queue.lock().ok().and_then(|q| q.failed.clone());
+        let refused = |f: &String| AuditError::Failed(f.clone());
+        for job in jobs {
+            match job {
+                Job::Barrier(w) => {
+                    let _ = w.send(failed.as_ref().map_or(Ok(()), |f| Err(refused(f))));
+                }
+                Job::IndexBarrier(w) => match &failed {
+                    Some(f) => {
+                        let _ = w.send(Err(refused(f)));
+                    }
+                    None => {
+                        // Answered by the store thread once it applied everything above.
+                        if let Err(e) = applier.send(StoreJob::Visible(w)) {
+                            shared.fail(&e.to_string());
+                        }
+                    }
+                },
+                Job::Retention(tx) => match &failed {
+                    Some(f) => {
+                        let _ = tx.send(Err(refused(f)));
+                    }
+                    None => self.retain(shared, applier, Some(tx)),
+                },
+            }
+        }
+        if failed.is_none() && self.retention.is_active() && !shutdown {
+            let due = self
+                .last_retention
+                .is_none_or(|t| t.elapsed() >= RETENTION_INTERVAL);
+            if due {
+                self.retain(shared, applier, None);
+            }
+        }
+        deferred
     }
 
     /// How long the thread may sleep with nothing queued: until the next background step is
@@ -533,30 +645,44 @@ impl Writer {
     /// The deferred work: the write-ahead file's `fdatasync` (durability `write`) and sled's
     /// sync (handed to the store thread). A failure stops all further appends, as a failed
     /// commit does. At shutdown everything is made durable in sled before returning.
-    fn background_sync(&mut self, shared: &Shared, applier: &Applier, shutdown: bool) {
+    fn background_sync(
+        &mut self,
+        shared: &Shared,
+        applier: &Applier,
+        shutdown: bool,
+    ) -> Option<File> {
         if self.outage.active() {
-            return;
+            return None;
         }
-        let r = self.background_step(shared, applier, shutdown);
-        if let Err(e) = r {
-            self.background_failed(shared, e);
+        match self.background_step(shared, applier, shutdown) {
+            Ok(deferred) => deferred,
+            Err(e) => {
+                self.background_failed(shared, e);
+                None
+            }
         }
     }
 
+    /// Returns the write-ahead file when its periodic `fdatasync` is due (the caller runs it
+    /// off the writer lock); at shutdown it is run here.
     fn background_step(
         &mut self,
         shared: &Shared,
         applier: &Applier,
         shutdown: bool,
-    ) -> Result<(), AuditError> {
+    ) -> Result<Option<File>, AuditError> {
+        let mut deferred = None;
         if self.wal.has_unsynced()
             && (shutdown || self.last_wal_sync.elapsed() >= self.sync_interval)
         {
             // Not retried: after a failed fdatasync the kernel may have dropped the pages of
             // frames already acknowledged, so whether they are on disk is unknown.
-            self.wal
-                .sync()
-                .map_err(|e| AuditError::Failed(e.to_string()))?;
+            let not_retried = |e: AuditError| AuditError::Failed(e.to_string());
+            if shutdown {
+                self.wal.sync().map_err(not_retried)?;
+            } else {
+                deferred = self.wal.sync_later().map_err(not_retried)?;
+            }
             self.last_wal_sync = Instant::now();
         }
         if self.wal.len() > 0
@@ -567,7 +693,7 @@ impl Writer {
             self.head_mark.sync()?;
             self.sync_store(shared, applier)?;
         }
-        Ok(())
+        Ok(deferred)
     }
 
     /// Seals the current segment (later commits go to a new one) and asks the store thread to

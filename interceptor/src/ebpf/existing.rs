@@ -8,6 +8,12 @@
 //! (sock_diag, CONFIG_INET_DIAG_DESTROY): PostgreSQL's end is aborted, the client gets a reset and
 //! its next connection is steered. Unix-socket connections cannot be destroyed that way; for
 //! those (and wherever SOCK_DESTROY fails) the exact `pg_terminate_backend` calls are printed.
+//!
+//! interceptor's own upstream connections are not listed: those of this process, and those of
+//! any process running this same executable file (the daemon, seen from `doctor` or `install`).
+//! Only root can replace that file, and it speaks to PostgreSQL only for the sessions it
+//! decides; a socket taken from it by another process of its uid is the uid boundary the README
+//! describes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -176,11 +182,40 @@ fn is_postgres(o: &Owner) -> bool {
     matches!(o.comm.as_str(), "postgres" | "postmaster")
 }
 
-/// Established connections to PostgreSQL on `ports` (TCP) or on its unix sockets that do not
-/// belong to this process (interceptor's own upstream sessions).
+/// Whose connections are interceptor's own: this process, and processes running the same
+/// executable file (device and inode).
+struct Own {
+    pid: u32,
+    exe: Option<(u64, u64)>,
+}
+
+impl Own {
+    fn this_process() -> Own {
+        Own {
+            pid: std::process::id(),
+            exe: file_id(Path::new("/proc/self/exe")),
+        }
+    }
+
+    fn is_own(&self, peer: Option<&Owner>) -> bool {
+        peer.is_some_and(|p| {
+            p.pid == self.pid
+                || self.exe.is_some()
+                    && file_id(&Path::new("/proc").join(p.pid.to_string()).join("exe")) == self.exe
+        })
+    }
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Established connections to PostgreSQL on `ports` (TCP) or on its unix sockets that are not
+/// interceptor's own upstream sessions.
 pub fn find(ports: &[u16]) -> Vec<Existing> {
     let owners = socket_owners();
-    let me = std::process::id();
+    let me = Own::this_process();
     let mut tcp = Vec::new();
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
         if let Ok(text) = std::fs::read_to_string(file) {
@@ -204,7 +239,7 @@ pub fn find(ports: &[u16]) -> Vec<Existing> {
             .get(&(l.remote, l.local))
             .and_then(|ino| owners.get(ino))
             .cloned();
-        if peer.as_ref().is_some_and(|p| p.pid == me) {
+        if me.is_own(peer.as_ref()) {
             continue;
         }
         out.push(Existing {
@@ -216,12 +251,12 @@ pub fn find(ports: &[u16]) -> Vec<Existing> {
             peer,
         });
     }
-    out.extend(unix_connections(&owners, me));
+    out.extend(unix_connections(&owners, &me));
     out
 }
 
 /// Connected unix sockets of PostgreSQL processes on a path PostgreSQL listens on.
-fn unix_connections(owners: &BTreeMap<u64, Owner>, me: u32) -> Vec<Existing> {
+fn unix_connections(owners: &BTreeMap<u64, Owner>, me: &Own) -> Vec<Existing> {
     let Ok(text) = std::fs::read_to_string("/proc/net/unix") else {
         return Vec::new();
     };
@@ -267,7 +302,7 @@ fn unix_connections(owners: &BTreeMap<u64, Owner>, me: u32) -> Vec<Existing> {
             continue;
         };
         let peer = peers.get(ino).and_then(|p| owners.get(p)).cloned();
-        if peer.as_ref().is_some_and(|p| p.pid == me) {
+        if me.is_own(peer.as_ref()) {
             continue;
         }
         out.push(Existing {

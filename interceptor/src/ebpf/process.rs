@@ -14,8 +14,9 @@
 //! * exec after connect, or the socket handed to another program: `/proc/<pid>/exe` must be the
 //!   file (device and inode) the kernel recorded at connect. If not, no executable is reported
 //!   (an `exes` policy then refuses) and the comm stays the connecting program's. Kernels whose
-//!   BTF lacked the needed members leave the inode unrecorded; then the weaker check applies:
-//!   `/proc/<pid>/comm` must still equal the comm recorded at connect.
+//!   BTF lacked the needed members leave the inode unrecorded; then no executable is reported
+//!   either: /proc alone cannot tell an exec after connect() (a process can name itself like the
+//!   allowed program before it execs it), so an `exes` policy refuses rather than trust it.
 //! * io_uring workers (`iou-wrk-*`, `iou-sqp-*`) are threads of the process that owns the ring:
 //!   the kernel records that process's pid, its executable and its leader's comm, and the
 //!   credentials the request ran with (the submitter's; for SQPOLL, the ring's setup's).
@@ -31,14 +32,12 @@ use crate::identity::ProcessIdentity;
 pub fn process_identity(info: &ConnInfo, cgroup_root: Option<&Path>) -> ProcessIdentity {
     let comm = info.comm();
     let proc_dir = Path::new("/proc").join(info.pid.to_string());
-    let exe = same_process(info, &proc_dir, || {
-        if info.flags & interceptor_common::CONN_EXE != 0 {
-            exe_if_recorded(info, &proc_dir)
-        } else {
-            exe_if_same_comm(info, &comm, &proc_dir)
-        }
-    })
-    .flatten();
+    let exe = if info.flags & interceptor_common::CONN_EXE != 0 {
+        same_process(info, &proc_dir, || exe_if_recorded(info, &proc_dir)).flatten()
+    } else {
+        // Logged once at attach ("cannot record executables at connect").
+        None
+    };
     let cgroup_path = cgroup_root.and_then(|root| cgroup_path(&proc_dir, root, info.cgroup_id));
     ProcessIdentity {
         pid: info.pid,
@@ -74,21 +73,6 @@ fn exe_if_recorded(info: &ConnInfo, proc_dir: &Path) -> Option<String> {
         return None;
     }
     Some(path.to_string_lossy().into_owned())
-}
-
-/// The fallback without a recorded inode: `/proc/<pid>/exe` if the comm is unchanged.
-fn exe_if_same_comm(info: &ConnInfo, comm: &str, proc_dir: &Path) -> Option<String> {
-    let now_comm = std::fs::read_to_string(proc_dir.join("comm")).ok()?;
-    if now_comm.trim_end_matches('\n') != comm {
-        tracing::info!(
-            pid = info.pid,
-            "process changed its command since connect: not reporting its executable"
-        );
-        return None;
-    }
-    std::fs::read_link(proc_dir.join("exe"))
-        .ok()
-        .map(|p| p.to_string_lossy().into_owned())
 }
 
 /// Runs `read` if `/proc/<pid>` is (before and after) the process that connected.
@@ -165,29 +149,35 @@ mod tests {
         unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
         info.boot_ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
 
-        let id = process_identity(&info, None);
         let exe = std::fs::read_link("/proc/self/exe").unwrap();
-        assert_eq!(id.exe.as_deref(), Some(&*exe.to_string_lossy()));
-
-        // A connect that happened before this process started: the pid must have been reused.
-        info.boot_ns = 1;
-        assert_eq!(process_identity(&info, None).exe, None);
-
-        // Another command name than the one recorded: exec happened since connect.
-        info.boot_ns = u64::MAX;
-        info.comm = *b"not-this-comm\0\0\0";
-        assert_eq!(process_identity(&info, None).exe, None);
-
-        // With the executable recorded, the comm no longer matters but the file does.
         let meta = std::fs::metadata("/proc/self/exe").unwrap();
         let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
         info.flags = interceptor_common::CONN_EXE;
         info.exe_dev = (major << 20) | minor;
         info.exe_ino = meta.ino();
+        let now = info.boot_ns;
         assert_eq!(
             process_identity(&info, None).exe.as_deref(),
             Some(&*exe.to_string_lossy())
         );
+
+        // A connect that happened before this process started: the pid must have been reused.
+        info.boot_ns = 1;
+        assert_eq!(process_identity(&info, None).exe, None);
+        info.boot_ns = now;
+
+        // The comm does not matter, the file does.
+        info.comm = *b"not-this-comm\0\0\0";
+        assert!(process_identity(&info, None).exe.is_some());
+
+        // Without a recorded executable nothing is attested, even with the same comm: a
+        // process can name itself like the program it execs after connect().
+        info.flags = 0;
+        info.comm = [0; 16];
+        info.comm[..comm.len()].copy_from_slice(comm.as_bytes());
+        assert_eq!(process_identity(&info, None).exe, None);
+
+        info.flags = interceptor_common::CONN_EXE;
         info.exe_ino += 1;
         assert_eq!(process_identity(&info, None).exe, None);
     }

@@ -4,6 +4,13 @@
 //! /proc is read right after accept; the pid could in principle have exited and been reused by
 //! then. We read the process start time before and after the other fields and discard what we read
 //! if it changed, and we never accept an identity whose uid differs from the kernel-attested one.
+//!
+//! No executable is attested for a unix-socket client: SO_PEERCRED names the process that called
+//! connect(), but nothing records which program it ran then, and `/proc/<pid>/exe` at accept
+//! shows whatever it exec'd since (connect, exec the allowed program, let the parent speak on
+//! the socket). An `exes` policy therefore never matches a unix-socket client; the uid (kept by
+//! the kernel from connect) and the cgroup (which a process cannot leave or enter on its own)
+//! can.
 
 use std::path::Path;
 
@@ -20,9 +27,6 @@ fn describe_in(proc_root: &Path, pid: u32, uid: u32, gid: u32) -> ProcessIdentit
     let comm = std::fs::read_to_string(dir.join("comm"))
         .map(|s| s.trim_end().to_owned())
         .unwrap_or_default();
-    let exe = std::fs::read_link(dir.join("exe"))
-        .ok()
-        .map(|p| p.display().to_string());
     let cgroup_path = std::fs::read_to_string(dir.join("cgroup"))
         .ok()
         .and_then(|s| cgroup_v2_path(&s));
@@ -45,7 +49,7 @@ fn describe_in(proc_root: &Path, pid: u32, uid: u32, gid: u32) -> ProcessIdentit
         uid,
         gid,
         comm,
-        exe,
+        exe: None,
         cgroup_id: 0,
         cgroup_path,
     }
@@ -86,7 +90,9 @@ mod tests {
         let id = describe(me, uid, 0);
         assert_eq!(id.pid, me);
         assert!(!id.comm.is_empty());
-        assert!(id.exe.is_some());
+        assert!(id.cgroup_path.is_some());
+        // What runs now is not what connected: never attested over a unix socket.
+        assert_eq!(id.exe, None);
     }
 
     #[test]

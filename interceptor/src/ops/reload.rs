@@ -1,5 +1,7 @@
-//! SIGHUP: the policies are reloaded and the configuration file is read again and checked;
-//! sections that changed and only take effect at a start are named in the log.
+//! SIGHUP: the policies are reloaded and the configuration file is read again and checked; the
+//! identities and the secrets file apply to new sessions at once (see
+//! `ServerState::reload_credentials`); other sections that changed only take effect at a start
+//! and are named in the log.
 
 use std::path::Path;
 
@@ -51,13 +53,18 @@ pub fn reload(state: &ServerState, config_path: Option<&Path>) {
         match Config::load(path)
             .map_err(anyhow::Error::from)
             .and_then(|c| {
-                crate::server::Loaded::load(&c)?;
-                Ok(c)
+                let loaded = crate::server::Loaded::load(&c)?;
+                Ok((c, loaded))
             }) {
-            Ok(new) => {
-                let changed = changed_sections(&state.config, &new);
+            Ok((new, loaded)) => {
+                let applied = state.reload_credentials(&new, loaded);
+                tracing::info!(config = %path.display(), sections = ?applied, "reload: applied to new sessions");
+                let changed: Vec<&str> = changed_sections(&state.config, &new)
+                    .into_iter()
+                    .filter(|s| !applied.contains(s))
+                    .collect();
                 if changed.is_empty() {
-                    tracing::info!(config = %path.display(), "reload: configuration unchanged");
+                    tracing::info!(config = %path.display(), "reload: nothing else changed");
                 } else {
                     tracing::warn!(
                         config = %path.display(),

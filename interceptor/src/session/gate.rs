@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::protocol::Statements;
 use crate::audit::{
-    AuditError, AuditEvent, AuditLog, QueryProtocol, RecordId, ResultRows, SessionId,
+    AuditError, AuditEvent, AuditLog, QueryProtocol, RecordId, RecordedRows, SessionId,
     StatementOutcome, StatementRecord,
 };
 use crate::identity::Identity;
@@ -613,15 +613,11 @@ impl Recorder {
                 .sum();
             affected.max(outcome.rows)
         });
-        if !outcome.columns.is_empty() {
-            let _ = self.audit.append(AuditEvent::ResultRows(ResultRows {
-                session,
-                statement,
-                columns: outcome.columns,
-                rows: outcome.recorded,
-                truncated: outcome.truncated,
-            }));
-        }
+        let result = (!outcome.columns.is_empty()).then_some(RecordedRows {
+            columns: outcome.columns,
+            rows: outcome.recorded,
+            truncated: outcome.truncated,
+        });
         crate::ops::metrics::masked(&outcome.masked);
         let result = self.audit.append(AuditEvent::Outcome(StatementOutcome {
             session,
@@ -633,6 +629,7 @@ impl Recorder {
             error_message: outcome.error,
             duration_us: outcome.duration_us,
             masking: masking_summary(&outcome.masked),
+            result,
         }));
         if let Err(e) = result {
             tracing::error!(error = %e, "AUDIT TRAIL UNAVAILABLE: cannot record a statement outcome");

@@ -189,7 +189,7 @@ async fn run(
 
     let identity = tokio::time::timeout(
         auth_deadline,
-        auth::authenticate(&mut stream, &mut reader, &server.identities, &user),
+        auth::authenticate(&mut stream, &mut reader, &server.identities(), &user),
     )
     .await
     .map_err(|_| SessionError::Timeout)?;
@@ -263,7 +263,7 @@ async fn run(
             .await;
         }
     };
-    let password = server.secrets.password_for(&role);
+    let password = server.secrets().password_for(&role);
     // Every startup setting is forwarded or refused by name, as the policy decides.
     let passthrough = match startup::decide_settings(
         &params,
@@ -508,7 +508,7 @@ fn mask_rules(
         return Ok(crate::mask::MaskRules::none());
     }
     // The secrets file gives the key as hex or as text.
-    let key: Option<Vec<u8>> = server.secrets.pseudonym_key().map(|k| {
+    let key: Option<Vec<u8>> = server.secrets().pseudonym_key().map(|k| {
         let k = k.expose().trim();
         hex::decode(k).unwrap_or_else(|_| k.as_bytes().to_vec())
     });

@@ -46,7 +46,7 @@ impl ProxyEndpoint {
 }
 
 impl Endpoints {
-    fn params(&self, target: Target, masking: Masking) -> Option<&ConnParams> {
+    pub fn params(&self, target: Target, masking: Masking) -> Option<&ConnParams> {
         match (target, masking) {
             (Target::Interceptor, m) => self.interceptor.as_ref().map(|p| p.params(m)),
             (Target::InterceptorTmpfs, m) => self.interceptor_tmpfs.as_ref().map(|p| p.params(m)),
@@ -66,7 +66,7 @@ impl Endpoints {
 
 impl Endpoints {
     /// The process whose CPU time a run against `target` is charged to (not PostgreSQL's).
-    fn proxy_pid(&self, target: Target) -> Option<u32> {
+    pub fn proxy_pid(&self, target: Target) -> Option<u32> {
         match target {
             Target::Interceptor => self.interceptor.as_ref().map(|p| p.pid),
             Target::InterceptorTmpfs => self.interceptor_tmpfs.as_ref().map(|p| p.pid),

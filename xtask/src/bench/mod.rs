@@ -7,6 +7,7 @@ mod allocs;
 mod measure;
 mod pgbench;
 mod pgbouncer;
+mod profile;
 mod report;
 mod scenario;
 mod stats;
@@ -52,6 +53,10 @@ pub struct BenchArgs {
     /// Leave a proxy out (repeatable); direct PostgreSQL, the baseline, always runs.
     #[arg(long, value_enum)]
     pub skip: Vec<Skip>,
+    /// After the measurements, `perf record` each proxy (interceptor fsync and write, pgbouncer)
+    /// during select-only, 8 clients, simple; summaries go to target/bench/profile-*.txt.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// A target that `--skip` can leave out.
@@ -301,6 +306,25 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 scenario.name()
             );
             results.record_allocations(scenario, per_txn);
+        }
+    }
+    if args.profile {
+        let proxies = [
+            ("interceptor-fsync", Target::Interceptor),
+            ("interceptor-write", Target::InterceptorWrite),
+            ("pgbouncer", Target::Pgbouncer),
+        ];
+        for (label, target) in proxies {
+            let (Some(pid), Some(params)) = (
+                endpoints.proxy_pid(target),
+                endpoints.params(target, Masking::None),
+            ) else {
+                continue;
+            };
+            let path = profile::run(label, pid, params, args.duration())
+                .with_context(|| format!("profile of {label}"))?;
+            println!("== profile of {label}: {}", path.display());
+            print!("{}", std::fs::read_to_string(&path).unwrap_or_default());
         }
     }
     let rows = report::summarize(&results);

@@ -143,6 +143,8 @@ impl Writer {
                 });
             }
         }
+        // The writer thread may sleep for long; the outage is its to ride out.
+        shared.wake.notify_all();
         tracing::error!(
             error = %e,
             held = held.len(),
@@ -161,80 +163,80 @@ impl Writer {
         });
     }
 
-    /// Waits and retries until the trail is writable again, the log stops for good, or it
-    /// shuts down (one last attempt then). Barriers and other jobs meanwhile are refused.
-    pub(super) fn ride_out(&mut self, shared: &Shared, applier: &Applier) {
-        // What was committed before the failure goes on to sled (in memory; no sync is
-        // started while the trail is unwritable).
-        self.hand_over(shared, applier);
-        loop {
-            let Some(o) = &self.outage.current else {
+    /// One round of an outage, on the writer thread: waits until the next attempt is due (or a
+    /// job or the shutdown arrives) without holding the writer lock, so callers committing on
+    /// their own thread are refused at once rather than blocked; refuses the jobs; then, under
+    /// the writer lock, makes the attempt. The run loop calls it until the outage is over.
+    pub(super) fn ride_out(shared: &Shared, applier: &Applier) {
+        let (next_try, message) = match shared.writer.lock() {
+            Ok(w) => match &w.outage.current {
+                Some(o) => (o.next_try, o.message.clone()),
+                None => return,
+            },
+            Err(_) => return,
+        };
+        let (jobs, shutdown, stopped) = {
+            let Ok(mut q) = shared.queue.lock() else {
                 return;
             };
-            let (next_try, message) = (o.next_try, o.message.clone());
-            let (jobs, shutdown, stopped) = {
-                let Ok(mut q) = shared.queue.lock() else {
-                    self.outage.current = None;
+            loop {
+                let left = next_try.saturating_duration_since(Instant::now());
+                if !q.jobs.is_empty() || q.shutdown || !q.outage || left.is_zero() {
+                    break;
+                }
+                q.idle = true;
+                q.deaf = false;
+                let Ok((guard, _)) = shared.wake.wait_timeout(q, left) else {
                     return;
                 };
-                loop {
-                    let left = next_try.saturating_duration_since(Instant::now());
-                    if !q.jobs.is_empty() || q.shutdown || !q.outage || left.is_zero() {
-                        break;
-                    }
-                    q.idle = true;
-                    q.deaf = false;
-                    let Ok((guard, _)) = shared.wake.wait_timeout(q, left) else {
-                        self.outage.current = None;
-                        return;
-                    };
-                    q = guard;
-                    q.idle = false;
-                }
-                (std::mem::take(&mut q.jobs), q.shutdown, !q.outage)
-            };
-            for job in jobs {
-                refuse(job, &message);
+                q = guard;
+                q.idle = false;
             }
-            if stopped {
-                let lost = self.outage.current.take().map_or(0, |o| o.held.len());
+            (std::mem::take(&mut q.jobs), q.shutdown, !q.outage)
+        };
+        for job in jobs {
+            refuse(job, &message);
+        }
+        let Ok(mut w) = shared.writer.lock() else {
+            return;
+        };
+        if stopped {
+            let lost = w.outage.current.take().map_or(0, |o| o.held.len());
+            tracing::error!(
+                lost,
+                "audit log stopped for good during an outage; the records of the failed commit \
+                 are not written"
+            );
+            return;
+        }
+        if !shutdown && Instant::now() < next_try {
+            return;
+        }
+        match w.try_recover(shared, applier) {
+            Ok(()) => {}
+            Err(e) if shutdown => {
+                let lost = w.outage.current.take().map_or(0, |o| o.held.len());
                 tracing::error!(
+                    error = %e,
                     lost,
-                    "audit log stopped for good during an outage; the records of the failed \
-                     commit are not written"
+                    "audit trail still unwritable at shutdown; records not written"
                 );
-                return;
+                shared.fail(&e.to_string());
             }
-            if !shutdown && Instant::now() < next_try {
-                continue;
-            }
-            match self.try_recover(shared, applier) {
-                Ok(()) => return,
-                Err(e) if shutdown => {
-                    let lost = self.outage.current.take().map_or(0, |o| o.held.len());
-                    tracing::error!(
-                        error = %e,
-                        lost,
-                        "audit trail still unwritable at shutdown; records not written"
-                    );
-                    shared.fail(&e.to_string());
-                    return;
-                }
-                Err(e) => {
-                    if let Some(o) = self.outage.current.as_mut() {
-                        o.attempts = o.attempts.saturating_add(1);
-                        let backoff = FIRST_RETRY
-                            .saturating_mul(1u32 << o.attempts.min(8))
-                            .min(MAX_RETRY);
-                        o.next_try = Instant::now() + backoff;
-                        if o.last_report.elapsed() >= REPORT_EVERY {
-                            o.last_report = Instant::now();
-                            tracing::error!(
-                                error = %e,
-                                unwritable_secs = o.since.elapsed().as_secs(),
-                                "audit trail still unwritable; statements are refused"
-                            );
-                        }
+            Err(e) => {
+                if let Some(o) = w.outage.current.as_mut() {
+                    o.attempts = o.attempts.saturating_add(1);
+                    let backoff = FIRST_RETRY
+                        .saturating_mul(1u32 << o.attempts.min(8))
+                        .min(MAX_RETRY);
+                    o.next_try = Instant::now() + backoff;
+                    if o.last_report.elapsed() >= REPORT_EVERY {
+                        o.last_report = Instant::now();
+                        tracing::error!(
+                            error = %e,
+                            unwritable_secs = o.since.elapsed().as_secs(),
+                            "audit trail still unwritable; statements are refused"
+                        );
                     }
                 }
             }
@@ -251,7 +253,14 @@ impl Writer {
         let held = std::mem::take(&mut o.held);
         let r = self.wal.truncate(good_len).and_then(|()| {
             if held.is_empty() {
-                self.background_step(shared, applier, false)
+                // The periodic fdatasync it may hand back runs here (the outage holds the lock
+                // anyway); its failure is not retried, as elsewhere.
+                match self.background_step(shared, applier, false)? {
+                    Some(file) => file.sync_data().map_err(|e| {
+                        AuditError::Failed(format!("audit write-ahead sync failed: {e}"))
+                    }),
+                    None => Ok(()),
+                }
             } else {
                 let started = Instant::now();
                 let r = self.commit(&held);
@@ -360,6 +369,7 @@ fn follow_up(r: &Record) -> Option<AuditEvent> {
             error_message: Some(NOT_RUN.to_owned()),
             duration_us: 0,
             masking: Default::default(),
+            result: None,
         })),
         AuditEvent::SessionStart(s) => Some(AuditEvent::SessionEnd(SessionEnd {
             session: s.session,

@@ -16,6 +16,11 @@ pub struct Cluster {
     pub source: String,
     /// Set when the cluster was running (its postmaster.pid was current).
     pub running: bool,
+    /// The running postmaster's pid.
+    pub postmaster: Option<u32>,
+    /// Debian's name of the cluster (version, name), when `pg_lsclusters` found it: it is then
+    /// restarted with `pg_ctlcluster` (which goes through systemd).
+    pub debian: Option<(String, String)>,
 }
 
 /// What the operator passed on the command line.
@@ -96,6 +101,7 @@ pub fn discover(hints: &Hints) -> Cluster {
     let mut source = Vec::new();
     let mut version = None;
     let mut debian_conf = None;
+    let mut debian = None;
     let mut data_dir = hints.data_dir.clone();
     let mut port = None;
     if data_dir.is_some() {
@@ -103,6 +109,7 @@ pub fn discover(hints: &Hints) -> Cluster {
     } else if let Some(c) = lsclusters() {
         source.push(format!("pg_lsclusters ({} {})", c.version, c.name));
         version = Some(c.version.clone());
+        debian = Some((c.version.clone(), c.name.clone()));
         port = Some(c.port);
         debian_conf = Some(
             Path::new("/etc/postgresql")
@@ -114,6 +121,7 @@ pub fn discover(hints: &Hints) -> Cluster {
     }
     let mut socket_dir = None;
     let mut running = false;
+    let mut postmaster = None;
     if let Some(dir) = &data_dir {
         version = read_version(dir).or(version);
         if let Some(pm) = std::fs::read_to_string(dir.join("postmaster.pid"))
@@ -123,6 +131,7 @@ pub fn discover(hints: &Hints) -> Cluster {
             .filter(|pm| pid_alive(pm.pid))
         {
             running = true;
+            postmaster = Some(pm.pid);
             source.push(format!("postmaster.pid (pid {})", pm.pid));
             port = Some(pm.port);
             socket_dir = pm.socket_dir;
@@ -152,6 +161,8 @@ pub fn discover(hints: &Hints) -> Cluster {
         hba,
         source: source.join(", "),
         running,
+        postmaster,
+        debian,
     }
 }
 

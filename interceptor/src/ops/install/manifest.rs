@@ -30,6 +30,14 @@ pub enum Change {
     Enabled {
         unit: String,
     },
+    /// A setting appended to PostgreSQL's `postgresql.auto.conf` (`previous`: the setting it
+    /// overrode), and how to restart that cluster.
+    PgConf {
+        file: PathBuf,
+        line: String,
+        previous: Option<String>,
+        restart: Option<Vec<String>>,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -9,6 +9,7 @@ mod config_text;
 pub mod discover;
 pub mod hba;
 mod manifest;
+pub mod pg_socket;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -54,6 +55,9 @@ pub struct InstallArgs {
     /// The pg_hba.conf to check (default: the cluster's).
     #[arg(long)]
     pub pg_hba: Option<PathBuf>,
+    /// Restart PostgreSQL so that its unix socket moves now (else the command is printed).
+    #[arg(long)]
+    pub restart_postgres: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -68,6 +72,9 @@ pub struct UninstallArgs {
     /// that are not empty, such as an audit trail, are always kept.
     #[arg(long)]
     pub force: bool,
+    /// Restart PostgreSQL so that its unix socket moves back now (else the command is printed).
+    #[arg(long)]
+    pub restart_postgres: bool,
 }
 
 /// Owner of a created path: root, or interceptor's user/group.
@@ -107,6 +114,13 @@ enum Step {
     Binary {
         from: PathBuf,
         path: PathBuf,
+    },
+    /// PostgreSQL's unix socket into `dir` (owned by the server account, group interceptor).
+    PgSocket {
+        dir: PathBuf,
+        data_dir: PathBuf,
+        server_uid: u32,
+        restart: Option<Vec<String>>,
     },
     Enable,
 }
@@ -149,6 +163,13 @@ impl Step {
                     path.display()
                 )
             }
+            Step::PgSocket { dir, data_dir, .. } => format!(
+                "move PostgreSQL's unix socket to {} (0750, group {USER}): append `{}` to {}; \
+                 it moves when PostgreSQL restarts",
+                dir.display(),
+                pg_socket::setting_line(dir),
+                pg_socket::auto_conf(data_dir).display()
+            ),
             Step::Enable => format!("systemctl daemon-reload; systemctl enable {UNIT}"),
         }
     }
@@ -195,9 +216,22 @@ fn plan(args: &InstallArgs) -> anyhow::Result<Plan> {
         socket_dir: args.pg_socket_dir.clone(),
         hba: args.pg_hba.clone(),
     });
-    let config = config_text::render(&cluster);
     let mut steps = Vec::new();
     let mut kept = Vec::new();
+    // PostgreSQL runs on this host: its settings name the directory as this host sees it.
+    let private = at(root, Path::new(pg_socket::PRIVATE_DIR));
+    let server = cluster
+        .data_dir
+        .as_ref()
+        .filter(|d| pg_socket::auto_conf(d).is_file())
+        .and_then(|d| pg_socket::server_account(d).ok().map(|a| (d.clone(), a)));
+    let moved = server.is_some() && cluster.socket_dir != private;
+    let upstream_dir = if server.is_some() {
+        private.clone()
+    } else {
+        cluster.socket_dir.clone()
+    };
+    let config = config_text::render(&cluster, &upstream_dir, server.is_some());
     if account_entry(root, "/etc/group", USER).is_some() {
         kept.push(format!("group {USER} exists"));
     } else {
@@ -329,6 +363,54 @@ fn plan(args: &InstallArgs) -> anyhow::Result<Plan> {
             });
         }
     }
+    match &server {
+        Some((data_dir, (server_uid, _))) if moved => {
+            if let Some(parent) = Path::new(pg_socket::PRIVATE_DIR).parent()
+                && !at(root, parent).exists()
+            {
+                add_dir(&mut steps, &mut kept, parent, 0o755, Who::Root, Who::Root);
+            }
+            let account = pg_socket::user_name(*server_uid).unwrap_or_else(|| "postgres".into());
+            let tmpfiles = Path::new(pg_socket::TMPFILES);
+            if let Some(parent) = tmpfiles.parent()
+                && !at(root, parent).exists()
+            {
+                add_dir(&mut steps, &mut kept, parent, 0o755, Who::Root, Who::Root);
+            }
+            if at(root, tmpfiles).exists() {
+                kept.push(format!("{} exists, kept", tmpfiles.display()));
+            } else {
+                steps.push(Step::File {
+                    path: tmpfiles.to_owned(),
+                    mode: 0o644,
+                    owner: Who::Root,
+                    group: Who::Root,
+                    contents: format!(
+                        "# PostgreSQL's unix socket directory, private to interceptor (recreated at boot).\n\
+                         d {} 0750 {account} {USER} -\n",
+                        private.display()
+                    )
+                    .into_bytes(),
+                    what: "recreates the private socket directory at boot",
+                });
+            }
+            steps.push(Step::PgSocket {
+                dir: private.clone(),
+                data_dir: data_dir.clone(),
+                server_uid: *server_uid,
+                restart: pg_socket::restart_command(&cluster),
+            });
+        }
+        Some(_) => kept.push(format!(
+            "PostgreSQL's unix socket is already in {}",
+            private.display()
+        )),
+        None => kept.push(
+            "PostgreSQL's data directory was not found: its unix socket stays where it is \
+             (pass --pg-data to move it into a directory only interceptor can enter)"
+                .to_owned(),
+        ),
+    }
     if !at(root, &bin).exists() {
         if let Some(parent) = bin.parent()
             && !at(root, parent).exists()
@@ -399,7 +481,7 @@ pub fn install(args: &InstallArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut manifest = Manifest::default();
-    let result = apply(root, &plan.steps, &mut manifest, out);
+    let result = apply(root, &plan.steps, args.restart_postgres, &mut manifest, out);
     // Written even after a failure, so that `uninstall` can undo what was done.
     if !manifest.changes.is_empty() || result.is_ok() {
         if let Some(dir) = manifest_path.parent()
@@ -546,9 +628,34 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Restarts PostgreSQL when asked to (and it is known how), else prints what to run.
+fn restart_or_say(
+    restart: Option<&[String]>,
+    now: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    match (restart, now) {
+        (Some(cmd), true) => {
+            writeln!(out, "  restarting PostgreSQL: {}", cmd.join(" "))?;
+            pg_socket::restart(cmd)?;
+        }
+        (Some(cmd), false) => writeln!(
+            out,
+            "  ! the socket moves when PostgreSQL restarts: {} (or --restart-postgres)",
+            cmd.join(" ")
+        )?,
+        (None, _) => writeln!(
+            out,
+            "  ! the socket moves when PostgreSQL restarts (restart it the way it was started)"
+        )?,
+    }
+    Ok(())
+}
+
 fn apply(
     root: &Path,
     steps: &[Step],
+    restart_postgres: bool,
     manifest: &mut Manifest,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
@@ -640,6 +747,33 @@ fn apply(
                     len,
                 });
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+            }
+            Step::PgSocket {
+                dir,
+                data_dir,
+                server_uid,
+                restart,
+            } => {
+                // An existing one (left by an uninstall before PostgreSQL restarted) is reused.
+                if !dir.exists() {
+                    std::fs::create_dir(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+                    manifest.changes.push(Change::Dir {
+                        path: PathBuf::from(pg_socket::PRIVATE_DIR),
+                    });
+                }
+                let (_, gid) = ids(root)?;
+                std::os::unix::fs::chown(dir, Some(*server_uid), Some(gid))?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))?;
+                let file = pg_socket::auto_conf(data_dir);
+                let line = pg_socket::setting_line(dir);
+                let previous = pg_socket::add(&file, &line)?;
+                manifest.changes.push(Change::PgConf {
+                    file,
+                    line,
+                    previous,
+                    restart: restart.clone(),
+                });
+                restart_or_say(restart.as_deref(), restart_postgres, out)?;
             }
             Step::Enable => {
                 run(Command::new("systemctl").arg("daemon-reload"))?;
@@ -765,6 +899,18 @@ fn undo(
             // In a dry run the files planned for removal are still there.
             let entries: Vec<PathBuf> =
                 std::fs::read_dir(&p)?.flatten().map(|e| e.path()).collect();
+            let pg_socket_only = !entries.is_empty()
+                && entries.iter().all(|e| {
+                    e.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(".s.PGSQL."))
+                });
+            if apply && pg_socket_only {
+                return Ok(Undo::Kept(format!(
+                    "{} still holds PostgreSQL's socket, kept: restart PostgreSQL (its socket \
+                     moves back), then remove the directory",
+                    path.display()
+                )));
+            }
             if apply && !entries.is_empty() {
                 return Ok(Undo::Kept(format!(
                     "{} is not empty ({} entries), kept: an audit trail is evidence, archive it \
@@ -789,6 +935,24 @@ fn undo(
                 run(account_command(root, "groupdel").arg(name))?;
             }
             Undo::Done(format!("delete group {name}"))
+        }
+        Change::PgConf {
+            file,
+            line,
+            previous,
+            restart,
+        } => {
+            if apply {
+                if pg_socket::remove(file, line, previous.as_deref())? {
+                    restart_or_say(restart.as_deref(), args.restart_postgres, out)?;
+                } else {
+                    return Ok(Undo::Done(format!(
+                        "`{line}` is no longer in {} (already undone)",
+                        file.display()
+                    )));
+                }
+            }
+            Undo::Done(format!("remove `{line}` from {}", file.display()))
         }
         Change::Scratch { path } => {
             let p = at(root, path);
