@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::audit::config::{AuditConfig, Durability};
+use crate::console::ConsoleConfig;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
@@ -52,7 +55,7 @@ pub struct Config {
     pub approvals: Option<crate::approval::ApprovalConfig>,
     /// The web console for approvers and auditors, on the approvals admin listener.
     #[serde(default)]
-    pub console: Option<crate::console::ConsoleConfig>,
+    pub console: Option<ConsoleConfig>,
     /// Kernel interception: steer every connection to PostgreSQL's port(s) into interceptor.
     #[serde(default)]
     pub ebpf: crate::ebpf::SteeringConfig,
@@ -194,56 +197,6 @@ pub struct StaticIdentity {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AuditConfig {
-    /// Directory of the sled store.
-    pub dir: PathBuf,
-    /// Ed25519 signing key (PKCS#8 PEM or 32 raw bytes hex) for checkpoints.
-    #[serde(default)]
-    pub signing_key: Option<PathBuf>,
-    /// Result rows recorded per statement for replay.
-    #[serde(default = "default_recorded_rows")]
-    pub record_rows: usize,
-    /// Sessions older than this many days are removed (0 = keep forever).
-    #[serde(default)]
-    pub retention_days: u64,
-    /// Size bound of the store in MiB (0 = unbounded).
-    #[serde(default)]
-    pub max_size_mib: u64,
-    /// What "durable" means before a statement is forwarded (see [`Durability`]).
-    #[serde(default)]
-    pub durability: Durability,
-    /// With `durability = "write"`: the longest a written record waits for its `fdatasync`.
-    #[serde(default = "default_sync_interval")]
-    pub sync_interval_ms: u64,
-    /// The head-mark file (expected chain head, rewritten at every commit); default
-    /// `<dir>.head`, beside the directory so that losing the directory does not lose it.
-    #[serde(default)]
-    pub head_mark: Option<PathBuf>,
-    /// Start even if the store does not match the head-mark file or fails verification,
-    /// recording an `audit_gap` record (`interceptor run --accept-audit-gap`).
-    #[serde(skip)]
-    pub accept_gap: bool,
-}
-
-/// When a statement's audit record counts as written, i.e. may the statement go upstream.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// On disk (`fdatasync`ed): survives a crash of interceptor, of the kernel and a power loss.
-    #[default]
-    Fsync,
-    /// Handed to the kernel (`write`) and synced within `sync_interval_ms`: survives a crash or
-    /// kill of interceptor, but a kernel crash or power loss can lose the records of the last
-    /// interval. Like PostgreSQL's `synchronous_commit = off`, for hosts that accept that.
-    Write,
-}
-
-fn default_sync_interval() -> u64 {
-    200
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Directory of policy files (`*.toml`), reloaded when they change.
     pub dir: PathBuf,
@@ -295,9 +248,6 @@ fn default_pg_port() -> u16 {
 }
 fn default_connect_timeout() -> u64 {
     5_000
-}
-fn default_recorded_rows() -> usize {
-    100
 }
 fn default_max_message() -> usize {
     64 * 1024 * 1024
@@ -358,7 +308,7 @@ impl Config {
             ));
         }
         if let Some(c) = &self.console {
-            c.validate(self).map_err(ConfigError::Invalid)?;
+            validate_console(c, self).map_err(ConfigError::Invalid)?;
         }
         if self.upstream.tls == UpstreamTls::VerifyFull && self.upstream.ca.is_none() {
             return Err(ConfigError::Invalid(
@@ -436,6 +386,37 @@ impl Config {
                 fix(f);
             }
         }
+    }
+}
+
+/// Checks what the rest of the config must provide for `[console]`.
+fn validate_console(console: &ConsoleConfig, config: &Config) -> Result<(), String> {
+    let public = console.public_url.to_ascii_lowercase();
+    if !public.starts_with("https://") {
+        return Err(format!(
+            "[console] public_url `{}` must be https: the console's cookies are Secure",
+            console.public_url
+        ));
+    }
+    let Some(approvals) = &config.approvals else {
+        return Err("[console] needs [approvals] with `http_listen`".into());
+    };
+    if approvals.http_listen.is_none() {
+        return Err("[console] needs [approvals] http_listen".into());
+    }
+    if config.tls.is_none() {
+        return Err("[console] needs [tls]: the console is served over HTTPS only".into());
+    }
+    match (&config.oidc, &console.client_id) {
+        (Some(oidc), Some(id)) if !oidc.audience.iter().any(|a| a == id) => Err(format!(
+            "[console] client_id `{id}` must be one of [oidc] audience \
+             (ID tokens are issued for the client)"
+        )),
+        (None, Some(_)) => Err("[console] client_id needs [oidc]".into()),
+        (_, None) if config.mtls.is_none() => {
+            Err("[console] needs a way to sign in: client_id with [oidc], or [mtls]".into())
+        }
+        _ => Ok(()),
     }
 }
 

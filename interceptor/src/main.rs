@@ -65,7 +65,7 @@ enum Command {
     },
     /// Kernel interception: status of the attached programs, or a clean uninstall.
     #[command(subcommand)]
-    Ebpf(interceptor::ebpf::EbpfCommand),
+    Ebpf(interceptor::ops::ebpf::EbpfCommand),
     /// Check this host: kernel features, cgroup2, bpffs, where PostgreSQL listens, bypass paths.
     Doctor {
         #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
@@ -147,7 +147,11 @@ fn main() -> anyhow::Result<()> {
             let config =
                 config.context("--config is required (the daemon's configuration file)")?;
             let config = Config::load(&config)?;
-            interceptor::audit::cli::run(command, &config)
+            interceptor::audit::cli::run(
+                command,
+                &config.audit,
+                config.admin.as_ref().map(|a| a.socket.as_path()),
+            )
         }
         Command::Approvals { config, command } => {
             let socket = approvals_socket(&config)?;
@@ -162,7 +166,8 @@ fn main() -> anyhow::Result<()> {
         Command::Ebpf(cmd) => {
             // A plain message and a failing exit, no backtrace: these are operator errors
             // (permissions, a wrong pin dir), not bugs.
-            if let Err(e) = interceptor::ebpf::run_command(&cmd, &mut std::io::stdout().lock()) {
+            if let Err(e) = interceptor::ops::ebpf::run_command(&cmd, &mut std::io::stdout().lock())
+            {
                 eprintln!("interceptor ebpf: {e}");
                 std::process::exit(1);
             }

@@ -1,4 +1,5 @@
-//! The daemon: listeners, shared state and the accept loop.
+//! The daemon: listeners, the accept loop, and the services beside the sessions (admin socket,
+//! approvals API and console, metrics endpoint, policy reloads).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -6,241 +7,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::audit::{AuditEvent, AuditLog, PolicyReload};
-use crate::config::{Config, UpstreamTls};
+use crate::audit::{AuditEvent, PolicyReload};
+use crate::config::Config;
 use crate::ebpf::Steering;
 use crate::net::stream::Stream;
-use crate::net::tls;
-use crate::policy::{PolicyEvent, PolicyHandle, PolicySet};
-use crate::secrets::Secrets;
-use crate::session::auth::{Authenticators, StaticIdentities};
-use crate::session::cancel::CancelRegistry;
-use crate::session::upstream::UpstreamTarget;
+use crate::policy::PolicyEvent;
 use crate::session::{self, Peer};
 
-/// Everything sessions share.
-pub struct ServerState {
-    /// The configuration the server started with (SIGHUP replaces only what
-    /// [`ServerState::reload_credentials`] names).
-    pub config: Config,
-    /// Static identities and the OIDC/mTLS verifiers sessions authenticate with: read through
-    /// [`ServerState::identities`], replaced on SIGHUP.
-    pub identities: std::sync::RwLock<Arc<Authenticators>>,
-    /// Upstream role passwords: read through [`ServerState::secrets`], re-read on SIGHUP.
-    pub secrets: std::sync::RwLock<Arc<Secrets>>,
-    pub upstream: UpstreamTarget,
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-    pub cancel: CancelRegistry,
-    pub policy: PolicyHandle,
-    pub audit: AuditLog,
-    pub steering: Option<Arc<Steering>>,
-    pub sessions: SessionCounts,
-    pub approvals: Option<crate::approval::ApprovalService>,
-    /// The client-facing TLS configuration (shared with the approvals admin API).
-    pub tls_config: Option<Arc<rustls::ServerConfig>>,
-    /// Bounds connections that have not authenticated yet.
-    pub admission: crate::net::admission::Admission,
-    /// Sessions open now (`interceptor sessions`), and how to end them.
-    pub live: crate::ops::sessions::LiveSessions,
-}
-
-/// Open sessions per identity, for the policy's `max_sessions`.
-#[derive(Default)]
-pub struct SessionCounts {
-    open: std::sync::Mutex<std::collections::HashMap<String, u32>>,
-}
-
-/// Holds one session slot; released on drop.
-pub struct SessionSlot<'a> {
-    counts: &'a SessionCounts,
-    subject: String,
-}
-
-impl SessionCounts {
-    pub fn acquire(&self, subject: &str, max: u32) -> Option<SessionSlot<'_>> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(subject.to_owned()).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(SessionSlot {
-            counts: self,
-            subject: subject.to_owned(),
-        })
-    }
-}
-
-impl Drop for SessionSlot<'_> {
-    fn drop(&mut self) {
-        let mut open = self.counts.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.subject) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.remove(&self.subject);
-            }
-        }
-    }
-}
-
-/// Everything loaded from the configuration that needs no exclusive store: what
-/// `interceptor check-config` validates, also while the daemon runs.
-pub struct Loaded {
-    identities: Authenticators,
-    secrets: Secrets,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    tls_config: Option<Arc<rustls::ServerConfig>>,
-    upstream_tls: Option<Arc<rustls::ClientConfig>>,
-    policy: PolicyHandle,
-}
-
-impl Loaded {
-    pub fn load(config: &Config) -> anyhow::Result<Loaded> {
-        let statics = StaticIdentities::new(&config.identities).map_err(anyhow::Error::msg)?;
-        let secrets = Secrets::load(config.secrets.file.as_deref())?;
-        let mtls = config.mtls.clone().or_else(|| {
-            config
-                .tls
-                .as_ref()
-                .and_then(|t| t.client_ca.clone())
-                .map(crate::identity::mtls::MtlsConfig::with_ca_file)
-        });
-        let tls_config = match &config.tls {
-            Some(t) => Some(tls::server_config(&t.cert, &t.key, mtls.as_ref())?),
-            None => None,
-        };
-        let tls = tls_config.clone().map(tokio_rustls::TlsAcceptor::from);
-        let oidc = match &config.oidc {
-            Some(o) => Some(Arc::new(crate::identity::oidc::OidcVerifier::new(o)?)),
-            None => None,
-        };
-        let upstream_tls = match config.upstream.tls {
-            UpstreamTls::Disable => None,
-            UpstreamTls::Prefer | UpstreamTls::Require => Some(tls::client_config(None, false)?),
-            UpstreamTls::VerifyFull => {
-                Some(tls::client_config(config.upstream.ca.as_deref(), true)?)
-            }
-        };
-        // Default deny: without a policy directory every login is refused.
-        let policy = match &config.policy {
-            Some(p) => PolicyHandle::load(&p.dir)
-                .with_context(|| format!("cannot load policies from {}", p.dir.display()))?,
-            None => PolicyHandle::new(PolicySet::empty()),
-        };
-        Ok(Loaded {
-            identities: Authenticators {
-                statics,
-                oidc,
-                mtls,
-            },
-            secrets,
-            tls,
-            tls_config,
-            upstream_tls,
-            policy,
-        })
-    }
-}
-
-impl Loaded {
-    /// Policies whose upstream role has no password in the secrets file (or its environment
-    /// variable): `(policy, role)`. Logins under them fail unless PostgreSQL trusts the role.
-    pub fn roles_without_secret(&self) -> Vec<(String, String)> {
-        self.policy
-            .current()
-            .policies()
-            .iter()
-            .filter(|p| self.secrets.password_for(&p.upstream_role).is_none())
-            .map(|p| (p.name.clone(), p.upstream_role.clone()))
-            .collect()
-    }
-}
-
-impl ServerState {
-    /// Loads the configuration and opens the stores (audit, approvals).
-    pub fn new(config: Config, steering: Option<Arc<Steering>>) -> anyhow::Result<ServerState> {
-        let loaded = Loaded::load(&config)?;
-        let upstream = UpstreamTarget::new(
-            &config.upstream,
-            loaded.upstream_tls,
-            config.limits.max_message_bytes,
-            steering.clone(),
-        );
-        let audit = AuditLog::open(&config.audit).with_context(|| {
-            format!(
-                "cannot open the audit trail in {}",
-                config.audit.dir.display()
-            )
-        })?;
-        let approvals = match &config.approvals {
-            Some(cfg) => Some(
-                crate::approval::ApprovalService::open(
-                    cfg.clone(),
-                    crate::approval::audit_sink::to_audit(audit.clone()),
-                )
-                .context("cannot open the approvals store")?,
-            ),
-            None => None,
-        };
-        let admission = crate::net::admission::Admission::new(config.limits.max_unauthenticated);
-        Ok(ServerState {
-            config,
-            identities: std::sync::RwLock::new(Arc::new(loaded.identities)),
-            secrets: std::sync::RwLock::new(Arc::new(loaded.secrets)),
-            upstream,
-            tls: loaded.tls,
-            cancel: CancelRegistry::default(),
-            policy: loaded.policy,
-            audit,
-            steering,
-            sessions: SessionCounts::default(),
-            approvals,
-            tls_config: loaded.tls_config,
-            admission,
-            live: Default::default(),
-        })
-    }
-
-    /// The authenticators new sessions use.
-    pub fn identities(&self) -> Arc<Authenticators> {
-        self.identities
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// The upstream secrets new sessions use.
-    pub fn secrets(&self) -> Arc<Secrets> {
-        self.secrets
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// SIGHUP: puts what of `new` (already loaded into `loaded`) can change while running into
-    /// effect for new sessions, and returns those configuration sections. The secrets file is
-    /// always read again (a rotated upstream password needs no config change). Identities
-    /// (`[identity.*]`, `[oidc]`) are replaced unless `[tls]` or `[mtls]` changed: the TLS
-    /// acceptor checking client certificates is built at start, so the set stays whole until
-    /// a restart. Open sessions keep the identity they logged in with.
-    pub fn reload_credentials(&self, new: &Config, loaded: Loaded) -> Vec<&'static str> {
-        let mut applied = vec!["secrets"];
-        *self
-            .secrets
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded.secrets);
-        let same =
-            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
-        if same(&self.config.tls, &new.tls) && same(&self.config.mtls, &new.mtls) {
-            *self
-                .identities
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(loaded.identities);
-            applied.extend(["identity", "oidc"]);
-        }
-        applied
-    }
-}
+pub use crate::session::shared::{Loaded, ServerState, SessionCounts, SessionSlot};
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -333,7 +107,7 @@ pub async fn run_reloadable(config: Config, config_path: Option<PathBuf>) -> any
             oidc: state.identities().oidc.clone(),
             tls: state.tls_config.clone(),
             mtls: state.identities().mtls.clone(),
-            console,
+            pages: Some(Arc::new(ConsolePages(console))),
         };
         let handles = crate::approval::api::spawn(svc.clone(), auth)
             .await
@@ -498,5 +272,27 @@ async fn accept_unix(listener: UnixListener, state: Arc<ServerState>) -> anyhow:
             pid: cred.as_ref().and_then(|c| c.pid()),
         };
         tokio::spawn(session::handle(Stream::Unix(sock), peer, state.clone()));
+    }
+}
+
+/// The admin listener's `/console` paths: the web console when `[console]` is configured,
+/// otherwise "no such endpoint". Composed here, above both the approvals API and the console.
+struct ConsolePages(Option<Arc<crate::console::Console>>);
+
+impl crate::approval::api::Pages for ConsolePages {
+    fn owns(&self, path: &str) -> bool {
+        crate::console::is_console_path(path)
+    }
+
+    fn serve<'a>(
+        &'a self,
+        req: &'a crate::approval::http::HttpRequest,
+        cert: Option<&'a [u8]>,
+        mut stream: &'a mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>> {
+        let console = self.0.as_ref()?;
+        Some(Box::pin(async move {
+            console.serve(req, cert, &mut stream).await
+        }))
     }
 }

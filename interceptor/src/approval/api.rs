@@ -6,8 +6,10 @@
 //! (`{"reason"?, "scope"?: "once"|"session"}`), `POST /approvals/{id}/deny` (`{"reason"}`),
 //! `POST /grants` ([`GrantRequest`]), `GET /grants[?all=1]`, `DELETE /grants/{id}`.
 
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,8 +44,24 @@ pub struct AdminAuth {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Maps a client certificate that passed the handshake to an identity.
     pub mtls: Option<MtlsConfig>,
-    /// The web console, served under `/console` on the TCP listener.
-    pub console: Option<Arc<crate::console::Console>>,
+    /// Paths of the TCP listener that another service answers (the web console).
+    pub pages: Option<Arc<dyn Pages>>,
+}
+
+/// Paths on the admin listener that another service answers (the web console under
+/// `/console`). Whoever runs both composes them: approvals know only that such paths exist.
+pub trait Pages: Send + Sync {
+    /// Whether `path` belongs to that service rather than to the JSON API.
+    fn owns(&self, path: &str) -> bool;
+
+    /// Answers a TCP caller's request for such a path (`cert`: the client certificate the TLS
+    /// handshake verified); `None` when that service is not running here (the caller gets 404).
+    fn serve<'a>(
+        &'a self,
+        req: &'a HttpRequest,
+        cert: Option<&'a [u8]>,
+        stream: &'a mut (dyn AsyncWrite + Unpin + Send),
+    ) -> Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>;
 }
 
 pub struct AdminApi {
@@ -194,17 +212,21 @@ impl AdminApi {
         }
     }
 
-    async fn handle<S: AsyncRead + AsyncWrite + Unpin>(&self, mut stream: S, peer: Peer) {
+    async fn handle<S: AsyncRead + AsyncWrite + Unpin + Send>(&self, mut stream: S, peer: Peer) {
         let (status, body) =
             match tokio::time::timeout(READ_TIMEOUT, read_request(&mut stream)).await {
                 Err(_) => (400, json!({"error": "request not received in time"})),
                 Ok(Err(e)) => (e.http_status(), json!({"error": e.to_string()})),
-                Ok(Ok(req)) if crate::console::is_console_path(&req.path) => {
-                    match (&self.auth.console, &peer) {
-                        (Some(console), Peer::Tcp { cert }) => {
-                            return console.serve(&req, cert.as_deref(), &mut stream).await;
+                Ok(Ok(req)) if self.auth.pages.as_ref().is_some_and(|p| p.owns(&req.path)) => {
+                    let served = match (&self.auth.pages, &peer) {
+                        (Some(pages), Peer::Tcp { cert }) => {
+                            pages.serve(&req, cert.as_deref(), &mut stream)
                         }
-                        _ => (404, json!({"error": "no such endpoint"})),
+                        _ => None,
+                    };
+                    match served {
+                        Some(answer) => return answer.await,
+                        None => (404, json!({"error": "no such endpoint"})),
                     }
                 }
                 Ok(Ok(req)) => match self.respond(&req, peer).await {

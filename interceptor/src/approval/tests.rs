@@ -1062,7 +1062,7 @@ async fn client_certificates_identify_approvers_over_tls() {
         oidc: None,
         tls: Some(tls),
         mtls: Some(mtls),
-        console: None,
+        pages: None,
     };
     let server =
         tokio::spawn(Arc::new(api::AdminApi::new(f.service.clone(), auth)).serve_tcp(listener));

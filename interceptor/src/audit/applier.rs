@@ -24,7 +24,18 @@ use super::retention::{self, RetentionPolicy, RetentionReport};
 use super::signing::Mark;
 use super::store::{SessionSummary, Store};
 use super::wal;
-use super::writer::{Shared, Waiter};
+
+/// Answered once the records before it are durable (or with why they are not).
+pub(crate) type Waiter = tokio::sync::oneshot::Sender<Result<(), AuditError>>;
+
+/// What the store thread reports back to the side that commits (the writer's shared state),
+/// so the store thread needs nothing of the writer.
+pub(crate) trait Progress: Send + Sync {
+    /// sled now holds everything up to `head`: live readers may verify up to it.
+    fn visible(&self, head: Option<Mark>);
+    /// sled cannot be written: the log refuses further appends (fail closed).
+    fn fail(&self, message: &str);
+}
 
 /// Records handed over but not yet applied beyond which the writer waits (backpressure: sled
 /// slower than the disk must not grow memory without bound). Each costs about two copies of
@@ -85,7 +96,7 @@ impl Applier {
         store: Store,
         key: Option<SigningKey>,
         retention: RetentionPolicy,
-        shared: Arc<Shared>,
+        shared: Arc<dyn Progress>,
     ) -> Result<Applier, AuditError> {
         let handoff = Arc::new(Handoff {
             queue: Mutex::new(Queue {
@@ -162,7 +173,7 @@ struct Worker {
     store: Store,
     key: Option<SigningKey>,
     retention: RetentionPolicy,
-    shared: Arc<Shared>,
+    shared: Arc<dyn Progress>,
     /// Summaries of open sessions (see [`Store::index`]).
     summaries: HashMap<SessionId, SessionSummary>,
     /// The last index update failed: re-index from the log before the next one.
@@ -249,7 +260,7 @@ impl Worker {
             match self.store.log.apply_batch(batch) {
                 Ok(()) => {
                     if head.is_some() {
-                        self.shared.set_visible(head);
+                        self.shared.visible(head);
                     }
                     self.index(records);
                 }

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use serde::de::DeserializeOwned;
 
 use super::admin::{AdminClient, AdminRequest, Target};
+use super::config::AuditConfig;
 use super::export::{self, ExportFormat, ExportRecord};
 use super::query::{ExportFilter, Replay, ReplayEntry, SessionDetail, SessionFilter, Stats};
 use super::record::{RecordId, SessionId, Timestamp};
@@ -16,7 +17,6 @@ use super::retention::RetentionReport;
 use super::store::{SessionSummary, Store};
 use super::verify::VerifyReport;
 use super::{AuditLog, signing};
-use crate::config::Config;
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum AuditCommand {
@@ -92,12 +92,16 @@ pub enum AuditCommand {
 
 /// Runs an audit command. Synchronous (no tokio runtime needed), so it may be called from
 /// `main` before or outside any runtime; inside one, call it via `spawn_blocking`.
-pub fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<()> {
+/// `admin_socket`: the running daemon's admin socket (`[admin] socket`), asked first.
+pub fn run(
+    cmd: AuditCommand,
+    audit: &AuditConfig,
+    admin_socket: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     if let AuditCommand::Keygen { out } = &cmd {
         return keygen(out);
     }
-    let audit = &config.audit;
-    let mut backend = Backend::connect(config)?;
+    let mut backend = Backend::connect(audit, admin_socket)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match cmd {
@@ -201,7 +205,7 @@ pub fn run(cmd: AuditCommand, config: &Config) -> anyhow::Result<()> {
                 super::integrity::compare_with_head_mark(
                     &mut report,
                     store,
-                    &super::integrity::head_mark_path(&config.audit),
+                    &super::integrity::head_mark_path(audit),
                     given.as_ref().or(key.as_ref()),
                 )?;
             }
@@ -271,10 +275,12 @@ enum Backend {
 }
 
 impl Backend {
-    fn connect(config: &Config) -> anyhow::Result<Backend> {
-        let audit = &config.audit;
-        if let Some(admin) = &config.admin {
-            match AdminClient::connect(&admin.socket) {
+    fn connect(
+        audit: &AuditConfig,
+        admin_socket: Option<&std::path::Path>,
+    ) -> anyhow::Result<Backend> {
+        if let Some(socket) = admin_socket {
+            match AdminClient::connect(socket) {
                 Ok(c) => return Ok(Backend::Daemon(c)),
                 Err(e) => {
                     tracing::debug!(error = %e, "admin socket not reachable; opening the store")

@@ -60,14 +60,15 @@ impl HeadMarkFile {
         })
     }
 
-    /// Writes `mark` over the older slot; with `sync`, waits until it is on disk.
-    /// Makes the last written mark durable.
-    pub(crate) fn sync(&self) -> Result<(), AuditError> {
+    /// A second handle on the file, to `fdatasync` the last written mark without holding the
+    /// writer.
+    pub(crate) fn sync_later(&self) -> Result<File, AuditError> {
         self.file
-            .sync_data()
+            .try_clone()
             .map_err(|e| AuditError::io(&self.path, e))
     }
 
+    /// Writes `mark` over the older slot; with `sync`, waits until it is on disk.
     pub(crate) fn write(&mut self, mark: &Mark, sync: bool) -> Result<(), AuditError> {
         let json = mark.encode()?;
         if json.len() > SLOT - HEADER {

@@ -11,29 +11,17 @@
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::VerifyingKey;
-use serde::{Deserialize, Serialize};
 
 use super::AuditError;
 use super::chain;
+use super::config::AuditConfig;
 use super::headmark::{self, Read};
 use super::record::{AuditEvent, RecordId};
 use super::signing::Mark;
 use super::store::{Store, Stored};
 use super::verify::{self, Problem, VerifyMode, VerifyReport};
-use crate::config::AuditConfig;
 
-/// A recorded decision to continue the chain over a detected loss or alteration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditGap {
-    /// What the start-up check found, one line each.
-    pub problems: Vec<String>,
-    /// The head the head-mark file expected, if it had one.
-    #[serde(default)]
-    pub expected_head: Option<RecordId>,
-    /// The last record the store held when the gap was accepted.
-    #[serde(default)]
-    pub found_last: Option<RecordId>,
-}
+pub use super::record::AuditGap;
 
 /// The head-mark file of `cfg`'s store.
 pub fn head_mark_path(cfg: &AuditConfig) -> PathBuf {

@@ -16,6 +16,7 @@ mod applier;
 mod block;
 pub mod chain;
 pub mod cli;
+pub mod config;
 pub mod export;
 pub mod headmark;
 pub mod integrity;
@@ -46,7 +47,7 @@ pub use signing::{Mark, MarkKind};
 pub use store::{SessionSummary, Space, Store};
 pub use verify::{Problem, VerifyReport};
 
-use crate::config::AuditConfig;
+use self::config::AuditConfig;
 use writer::{Shared, Writer};
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -330,7 +330,7 @@ pub enum AuditEvent {
     Approval(Approval),
     Kernel(KernelEvent),
     /// The operator continued the chain over a detected loss (`--accept-audit-gap`).
-    AuditGap(super::integrity::AuditGap),
+    AuditGap(AuditGap),
 }
 
 impl AuditEvent {
@@ -368,4 +368,17 @@ pub struct Record {
     pub seq: RecordId,
     pub at: Timestamp,
     pub event: AuditEvent,
+}
+
+/// A recorded decision to continue the chain over a detected loss or alteration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditGap {
+    /// What the start-up check found, one line each.
+    pub problems: Vec<String>,
+    /// The head the head-mark file expected, if it had one.
+    #[serde(default)]
+    pub expected_head: Option<RecordId>,
+    /// The last record the store held when the gap was accepted.
+    #[serde(default)]
+    pub found_last: Option<RecordId>,
 }

@@ -11,10 +11,10 @@ use serde::{Deserialize, Serialize};
 use super::AuditError;
 use super::block::{self, BlockBuilder, block_key};
 use super::chain::{self, BASE_KEY};
+use super::config::AuditConfig;
 use super::record::{RecordId, Timestamp};
 use super::signing::{Mark, MarkKind};
 use super::store::{Store, Stored, decode};
-use crate::config::AuditConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetentionPolicy {

@@ -1216,7 +1216,8 @@ fn admin_socket_serves_queries_while_the_store_is_open() {
             session: ids[0].0,
             json: true,
         },
-        &config,
+        &config.audit,
+        config.admin.as_ref().map(|a| a.socket.as_path()),
     )
     .expect("cli show via socket");
     cli::run(
@@ -1224,7 +1225,8 @@ fn admin_socket_serves_queries_while_the_store_is_open() {
             public_key: None,
             json: false,
         },
-        &config,
+        &config.audit,
+        config.admin.as_ref().map(|a| a.socket.as_path()),
     )
     .expect("cli verify via socket");
     server.abort();
@@ -1255,7 +1257,8 @@ fn cli_opens_the_store_directly_when_no_daemon_runs() {
             since: Some("1h".into()),
             until: None,
         },
-        &config,
+        &config.audit,
+        config.admin.as_ref().map(|a| a.socket.as_path()),
     )
     .expect("export");
     let text = std::fs::read_to_string(&out).expect("read export");
@@ -1265,10 +1268,16 @@ fn cli_opens_the_store_directly_when_no_daemon_runs() {
             public_key: None,
             json: true,
         },
-        &config,
+        &config.audit,
+        config.admin.as_ref().map(|a| a.socket.as_path()),
     )
     .expect("verify");
-    cli::run(cli::AuditCommand::Prune, &config).expect("prune");
+    cli::run(
+        cli::AuditCommand::Prune,
+        &config.audit,
+        config.admin.as_ref().map(|a| a.socket.as_path()),
+    )
+    .expect("prune");
 }
 
 /// A short throughput probe (run by hand: `cargo test ... throughput_probe -- --ignored

@@ -200,16 +200,17 @@ impl Wal {
         Ok(())
     }
 
-    /// Seals the current segment (synced) and starts the next; returns the sealed number.
-    pub(crate) fn rotate(&mut self) -> Result<u64, AuditError> {
-        self.sync()?;
+    /// Seals the current segment and starts the next; returns the sealed number and, when
+    /// the sealed one holds unsynced frames, a handle to `fdatasync` it with.
+    pub(crate) fn rotate(&mut self) -> Result<(u64, Option<File>), AuditError> {
+        let unsynced = self.sync_later()?;
         let sealed = self.n;
         let (path, file) = create_segment(&self.dir, sealed + 1)?;
         self.n = sealed + 1;
         self.path = path;
         self.file = file;
         self.len = 0;
-        Ok(sealed)
+        Ok((sealed, unsynced))
     }
 }
 
@@ -350,7 +351,7 @@ mod tests {
         let mut wal = Wal::open(dir.path()).unwrap();
         wal.append(0, &pairs(1, 3)).unwrap();
         wal.append(3, &pairs(2, 0)).unwrap();
-        let sealed = wal.rotate().unwrap();
+        let (sealed, _) = wal.rotate().unwrap();
         wal.append(4, &pairs(3, 5)).unwrap();
         wal.sync().unwrap();
         let r = recover(dir.path()).unwrap();

@@ -18,19 +18,18 @@ use std::time::{Duration, Instant};
 
 use ed25519_dalek::SigningKey;
 
-use super::applier::{Applier, StoreJob};
+pub(crate) use super::applier::Waiter;
+use super::applier::{Applier, Progress, StoreJob};
 use super::chain::{self, ChainHash, HEAD_KEY};
+use super::config::{AuditConfig, Durability};
 use super::record::{AuditEvent, Record, RecordId, Timestamp};
 use super::retention::{RetentionPolicy, RetentionReport};
 use super::signing::{Mark, MarkKind};
 use super::store::Store;
 use super::wal::Wal;
 use super::{AuditError, MAX_PENDING};
-use crate::config::{AuditConfig, Durability};
 
 mod outage;
-
-pub(crate) type Waiter = tokio::sync::oneshot::Sender<Result<(), AuditError>>;
 
 /// A periodic checkpoint is kept after this many records or this much time.
 const CHECKPOINT_EVERY_RECORDS: u64 = 1000;
@@ -268,12 +267,6 @@ impl Shared {
         self.visible.lock().ok().and_then(|h| h.clone())
     }
 
-    pub(crate) fn set_visible(&self, head: Option<Mark>) {
-        if let Ok(mut v) = self.visible.lock() {
-            *v = head;
-        }
-    }
-
     /// Stops the log for good (fail closed): ends any outage the writer was retrying.
     pub(crate) fn fail(&self, message: &str) {
         if let Ok(mut q) = self.queue.lock() {
@@ -311,7 +304,10 @@ pub(crate) struct Writer {
     last_commit: Instant,
     /// The head kept outside the store (see [`super::headmark`]).
     head_mark: super::headmark::HeadMarkFile,
-    /// A write failure being retried, and the low-space deferral of sled's sync.
+    /// Files whose periodic `fdatasync` is due; the writer thread runs them once it has
+    /// released the writer lock, so callers committing meanwhile never wait for the disk.
+    deferred: Vec<File>,
+    /// A write failure being retried, and the low-space deferral of sled's hand-over and sync.
     outage: outage::State,
 }
 
@@ -404,6 +400,7 @@ impl Writer {
             last_retention: None,
             retention: RetentionPolicy::from_config(cfg),
             head_mark: super::headmark::HeadMarkFile::open(&super::integrity::head_mark_path(cfg))?,
+            deferred: Vec::new(),
             outage: outage::State::default(),
         })
     }
@@ -517,15 +514,14 @@ impl Writer {
             if !batch.is_empty() {
                 w.commit_batch(&shared, batch, failed);
             }
-            let deferred = w.step(&shared, &applier, jobs, shutdown);
+            w.step(&shared, &applier, jobs, shutdown);
+            let deferred = std::mem::take(&mut w.deferred);
             let outage = w.outage.active();
             drop(w);
-            if let Some(file) = deferred {
-                // The periodic `fdatasync` of `durability = "write"`, off the writer lock so
-                // callers committing meanwhile do not wait for the disk.
+            for file in deferred {
                 if let Err(e) = file.sync_data() {
                     tracing::error!(error = %e, "audit sync failed; refusing further appends");
-                    shared.fail(&format!("audit write-ahead sync failed: {e}"));
+                    shared.fail(&format!("audit file sync failed: {e}"));
                 }
             }
             if shutdown && !outage {
@@ -544,15 +540,9 @@ impl Writer {
         }
     }
 
-    /// The work after a commit, under the writer lock: sled hand-over, deferred syncs, jobs,
-    /// retention. Returns the write-ahead file to `fdatasync` once the lock is released.
-    fn step(
-        &mut self,
-        shared: &Shared,
-        applier: &Applier,
-        jobs: Vec<Job>,
-        shutdown: bool,
-    ) -> Option<File> {
+    /// The work after a commit, under the writer lock: sled hand-over, periodic syncs (left
+    /// in `deferred`), jobs, retention.
+    fn step(&mut self, shared: &Shared, applier: &Applier, jobs: Vec<Job>, shutdown: bool) {
         // Statement barriers (every forwarded chunk) only need the write-ahead segment;
         // readers that need sled current ask with an index barrier.
         let visible_wanted = jobs
@@ -565,7 +555,7 @@ impl Writer {
         {
             self.hand_over(shared, applier);
         }
-        let deferred = self.background_sync(shared, applier, shutdown);
+        self.background_sync(shared, applier, shutdown);
         let failed = shared.queue.lock().ok().and_then(|q| q.failed.clone());
         let refused = |f: &String| AuditError::Failed(f.clone());
         for job in jobs {
@@ -600,7 +590,6 @@ impl Writer {
                 self.retain(shared, applier, None);
             }
         }
-        deferred
     }
 
     /// How long the thread may sleep with nothing queued: until the next background step is
@@ -645,44 +634,31 @@ impl Writer {
     /// The deferred work: the write-ahead file's `fdatasync` (durability `write`) and sled's
     /// sync (handed to the store thread). A failure stops all further appends, as a failed
     /// commit does. At shutdown everything is made durable in sled before returning.
-    fn background_sync(
-        &mut self,
-        shared: &Shared,
-        applier: &Applier,
-        shutdown: bool,
-    ) -> Option<File> {
+    fn background_sync(&mut self, shared: &Shared, applier: &Applier, shutdown: bool) {
         if self.outage.active() {
-            return None;
+            return;
         }
-        match self.background_step(shared, applier, shutdown) {
-            Ok(deferred) => deferred,
-            Err(e) => {
-                self.background_failed(shared, e);
-                None
-            }
+        if let Err(e) = self.background_step(shared, applier, shutdown) {
+            self.background_failed(shared, e);
         }
     }
 
-    /// Returns the write-ahead file when its periodic `fdatasync` is due (the caller runs it
-    /// off the writer lock); at shutdown it is run here.
+    /// The periodic syncs go to `deferred` (run off the writer lock, also at shutdown before
+    /// the store is drained).
     fn background_step(
         &mut self,
         shared: &Shared,
         applier: &Applier,
         shutdown: bool,
-    ) -> Result<Option<File>, AuditError> {
-        let mut deferred = None;
+    ) -> Result<(), AuditError> {
         if self.wal.has_unsynced()
             && (shutdown || self.last_wal_sync.elapsed() >= self.sync_interval)
         {
             // Not retried: after a failed fdatasync the kernel may have dropped the pages of
             // frames already acknowledged, so whether they are on disk is unknown.
             let not_retried = |e: AuditError| AuditError::Failed(e.to_string());
-            if shutdown {
-                self.wal.sync().map_err(not_retried)?;
-            } else {
-                deferred = self.wal.sync_later().map_err(not_retried)?;
-            }
+            self.deferred
+                .extend(self.wal.sync_later().map_err(not_retried)?);
             self.last_wal_sync = Instant::now();
         }
         if self.wal.len() > 0
@@ -690,10 +666,10 @@ impl Writer {
                 || self.wal.len() >= STORE_SYNC_BYTES
                 || self.last_store_sync.elapsed() >= STORE_SYNC_INTERVAL)
         {
-            self.head_mark.sync()?;
+            self.deferred.push(self.head_mark.sync_later()?);
             self.sync_store(shared, applier)?;
         }
-        Ok(deferred)
+        Ok(())
     }
 
     /// Seals the current segment (later commits go to a new one) and asks the store thread to
@@ -706,7 +682,8 @@ impl Writer {
             self.last_store_sync = Instant::now();
             return Ok(false);
         }
-        let sealed = self.wal.rotate()?;
+        let (sealed, unsynced) = self.wal.rotate()?;
+        self.deferred.extend(unsynced);
         self.last_store_sync = Instant::now();
         applier.send(StoreJob::Sync { upto: sealed })?;
         Ok(true)
@@ -736,7 +713,7 @@ impl Writer {
             None => {
                 let started = Instant::now();
                 let r = self.commit(&records);
-                crate::ops::metrics::audit_commit(started.elapsed());
+                crate::metrics::audit_commit(started.elapsed());
                 r
             }
         };
@@ -906,5 +883,17 @@ impl Drop for StopGuard {
                 }
             }
         }
+    }
+}
+
+impl Progress for Shared {
+    fn visible(&self, head: Option<Mark>) {
+        if let Ok(mut v) = self.visible.lock() {
+            *v = head;
+        }
+    }
+
+    fn fail(&self, message: &str) {
+        Shared::fail(self, message);
     }
 }

@@ -16,7 +16,7 @@ use crate::audit::{AuditError, AuditLog};
 use super::Console;
 use super::auth::Caller;
 use super::pages::{layout, message};
-use super::routes::{Form, Reply, security_headers};
+use super::reply::{Form, Reply, security_headers};
 
 /// Sessions examined at most for one search (decision / SQLSTATE filters read each replay).
 const MAX_SESSIONS: usize = 200;

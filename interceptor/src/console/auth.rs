@@ -64,7 +64,7 @@ impl Console {
         &self,
         req: &HttpRequest,
         session: &Session,
-        form: &super::routes::Form,
+        form: &super::reply::Form,
     ) -> Result<(), &'static str> {
         if let Some(origin) = req.header("origin")
             && origin.trim_end_matches('/') != self.cfg.origin()

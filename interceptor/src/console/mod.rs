@@ -15,6 +15,7 @@ mod audit_pages;
 mod auth;
 mod idp;
 mod pages;
+mod reply;
 mod routes;
 mod session;
 
@@ -72,37 +73,6 @@ fn default_session_secs() -> u64 {
 }
 
 impl ConsoleConfig {
-    /// Checks what the rest of the config must provide.
-    pub fn validate(&self, config: &crate::config::Config) -> Result<(), String> {
-        let public = self.public_url.to_ascii_lowercase();
-        if !public.starts_with("https://") {
-            return Err(format!(
-                "[console] public_url `{}` must be https: the console's cookies are Secure",
-                self.public_url
-            ));
-        }
-        let Some(approvals) = &config.approvals else {
-            return Err("[console] needs [approvals] with `http_listen`".into());
-        };
-        if approvals.http_listen.is_none() {
-            return Err("[console] needs [approvals] http_listen".into());
-        }
-        if config.tls.is_none() {
-            return Err("[console] needs [tls]: the console is served over HTTPS only".into());
-        }
-        match (&config.oidc, &self.client_id) {
-            (Some(oidc), Some(id)) if !oidc.audience.iter().any(|a| a == id) => Err(format!(
-                "[console] client_id `{id}` must be one of [oidc] audience \
-                 (ID tokens are issued for the client)"
-            )),
-            (None, Some(_)) => Err("[console] client_id needs [oidc]".into()),
-            (_, None) if config.mtls.is_none() => {
-                Err("[console] needs a way to sign in: client_id with [oidc], or [mtls]".into())
-            }
-            _ => Ok(()),
-        }
-    }
-
     pub fn origin(&self) -> &str {
         self.public_url.trim_end_matches('/')
     }

@@ -9,7 +9,7 @@ use crate::identity::{Identity, Proof};
 
 use super::Console;
 use super::auth::Caller;
-use super::routes::{Form, Reply};
+use super::reply::{Form, Reply};
 use super::session::Session;
 
 /// The frame of every page; `session` = None on pages shown before sign-in.

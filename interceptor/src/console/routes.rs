@@ -1,8 +1,5 @@
 //! Request routing and the response headers every console answer carries.
 
-use std::collections::HashMap;
-
-use maud::Markup;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::approval::ApprovalError;
@@ -12,6 +9,7 @@ use crate::approval::model::Scope;
 use super::Console;
 use super::auth::{Caller, Refusal};
 use super::pages;
+use super::reply::{Form, Reply, parse_form, security_headers};
 use super::session::{
     LOGIN_COOKIE, SESSION_COOKIE, cookie, expired_cookie, login_cookie, session_cookie,
 };
@@ -21,79 +19,8 @@ pub fn is_console_path(path: &str) -> bool {
     path == "/console" || path.starts_with("/console/") || path.starts_with("/console?")
 }
 
-/// No inline script or style, nothing from another origin, no framing, forms post only here.
-pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
-                       connect-src 'self'; form-action 'self'; frame-ancestors 'none'; \
-                       base-uri 'none'";
-
 const CSS: &str = include_str!("static/console.css");
 const JS: &str = include_str!("static/console.js");
-
-/// A form body or query string.
-pub type Form = HashMap<String, String>;
-
-fn parse_form(bytes: &[u8]) -> Form {
-    form_urlencoded::parse(bytes).into_owned().collect()
-}
-
-/// One answer.
-pub struct Reply {
-    pub status: u16,
-    pub content_type: &'static str,
-    pub headers: Vec<(&'static str, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Reply {
-    pub fn html(status: u16, page: Markup) -> Reply {
-        Reply {
-            status,
-            content_type: "text/html; charset=utf-8",
-            headers: Vec::new(),
-            body: page.into_string().into_bytes(),
-        }
-    }
-
-    pub fn redirect(to: &str) -> Reply {
-        Reply {
-            status: 303,
-            content_type: "text/plain; charset=utf-8",
-            headers: vec![("Location", to.to_owned())],
-            body: Vec::new(),
-        }
-    }
-
-    fn asset(content_type: &'static str, body: &str) -> Reply {
-        Reply {
-            status: 200,
-            content_type,
-            headers: vec![("Cache-Control", "max-age=300".into())],
-            body: body.as_bytes().to_vec(),
-        }
-    }
-
-    fn with_cookie(mut self, c: Option<String>) -> Reply {
-        if let Some(c) = c {
-            self.headers.push(("Set-Cookie", c));
-        }
-        self
-    }
-}
-
-/// Headers on every console answer.
-pub fn security_headers(content_type: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("Content-Type", content_type.to_owned()),
-        ("Content-Security-Policy", CSP.to_owned()),
-        ("X-Content-Type-Options", "nosniff".into()),
-        ("X-Frame-Options", "DENY".into()),
-        // `same-origin`, not `no-referrer`: with no referrer Chrome sends `Origin: null` on form
-        // posts, and the same-origin check needs the real origin.
-        ("Referrer-Policy", "same-origin".into()),
-        ("Cross-Origin-Opener-Policy", "same-origin".into()),
-        ("Strict-Transport-Security", "max-age=31536000".into()),
-    ]
-}
 
 impl Console {
     /// Answers one console request on `stream`.

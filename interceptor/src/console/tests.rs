@@ -1,6 +1,7 @@
 use std::time::Duration;
 
-use super::routes::{CSP, is_console_path};
+use super::reply::CSP;
+use super::routes::is_console_path;
 use super::session::{Sessions, cookie, same_token, session_cookie};
 use crate::identity::{Identity, Proof};
 

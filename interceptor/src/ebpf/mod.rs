@@ -36,7 +36,6 @@
 //! [`EbpfError::NotCompiledIn`].
 
 mod btf;
-mod cli;
 mod doctor;
 pub mod existing;
 mod logger;
@@ -49,7 +48,6 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-pub use cli::{EbpfCommand, run_command};
 pub use doctor::{Account, Finding, Severity, check_unix_socket_dir, doctor, doctor_with};
 pub use steering::{Counters, Detached, LinkStatus, Status, Steering, detach, status};
 
@@ -98,7 +96,7 @@ pub enum EbpfError {
 }
 
 impl EbpfError {
-    fn io(what: impl Into<String>, source: std::io::Error) -> EbpfError {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> EbpfError {
         EbpfError::Io {
             what: what.into(),
             source,

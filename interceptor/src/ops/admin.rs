@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::audit::admin::{Extension, ExtensionFuture};
-use crate::server::ServerState;
+use crate::session::shared::ServerState;
 
 pub fn extension(state: Arc<ServerState>) -> Extension {
     Arc::new(move |req: serde_json::Value| -> ExtensionFuture {

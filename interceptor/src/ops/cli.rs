@@ -5,8 +5,8 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use super::sessions::SessionView;
 use crate::audit::admin::AdminClient;
+use crate::session::live::SessionView;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum SessionsCommand {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::server::ServerState;
+use crate::session::shared::ServerState;
 
 /// Set once every listener accepts; cleared when a graceful stop begins.
 static LISTENING: AtomicBool = AtomicBool::new(false);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::server::ServerState;
+use crate::session::shared::ServerState;
 
 /// Largest request head read.
 const MAX_HEAD: usize = 8 * 1024;
@@ -65,7 +65,7 @@ async fn one(mut sock: TcpStream, state: &ServerState) -> std::io::Result<()> {
     let path = path.split('?').next().unwrap_or("/");
     match path {
         "/metrics" => {
-            let body = crate::ops::metrics::render(state);
+            let body = crate::metrics::render(&scrape(state));
             respond(
                 &mut sock,
                 200,
@@ -108,4 +108,26 @@ async fn respond(sock: &mut TcpStream, code: u16, ctype: &str, body: &str) -> st
     sock.write_all(head.as_bytes()).await?;
     sock.write_all(body.as_bytes()).await?;
     sock.shutdown().await
+}
+
+/// What the metrics mirror from the running daemon, read now.
+fn scrape(state: &ServerState) -> crate::metrics::Scrape {
+    let audit = state.audit.health();
+    let (from_client, to_client) = state.live.bytes();
+    crate::metrics::Scrape {
+        audit_queued: audit.queued,
+        audit_failed: audit.failed.is_some(),
+        audit_syncs: state.audit.sync_count(),
+        approvals_pending: state
+            .approvals
+            .as_ref()
+            .map(|svc| svc.list(None, false).map(|l| l.len()).unwrap_or(0)),
+        from_client,
+        to_client,
+        kernel: state
+            .steering
+            .as_ref()
+            .and_then(|st| crate::ebpf::status(st.pin_dir()).ok())
+            .map(|s| s.counters),
+    }
 }

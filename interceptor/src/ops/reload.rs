@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use crate::config::Config;
-use crate::server::ServerState;
+use crate::session::shared::ServerState;
 
 /// The top-level sections whose values differ between `old` and `new`.
 pub fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
@@ -41,9 +41,9 @@ pub fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
 pub fn reload(state: &ServerState, config_path: Option<&Path>) {
     super::notify::reloading();
     let outcome = |ok: bool| {
-        super::metrics::METRICS
+        crate::metrics::METRICS
             .reloads
-            .get_or_create(&super::metrics::EventLabels {
+            .get_or_create(&crate::metrics::EventLabels {
                 event: if ok { "ok" } else { "failed" }.to_owned(),
             })
             .inc();
@@ -53,7 +53,7 @@ pub fn reload(state: &ServerState, config_path: Option<&Path>) {
         match Config::load(path)
             .map_err(anyhow::Error::from)
             .and_then(|c| {
-                let loaded = crate::server::Loaded::load(&c)?;
+                let loaded = crate::session::shared::Loaded::load(&c)?;
                 Ok((c, loaded))
             }) {
             Ok((new, loaded)) => {

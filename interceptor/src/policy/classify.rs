@@ -22,96 +22,7 @@ use super::pgwalk::{self, TreeError, TreeFacts};
 use super::secrets;
 use super::walk::{Facts, Walk, shallow};
 
-/// What a statement does, from least to most powerful (the order is used when a statement does
-/// several things, e.g. a SELECT calling `nextval` is a write).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StatementKind {
-    /// SELECT, SHOW, EXPLAIN (without ANALYZE), FETCH, …
-    Read,
-    /// BEGIN, COMMIT, ROLLBACK, SAVEPOINT, SET TRANSACTION.
-    Transaction,
-    /// SET, RESET, DISCARD, DEALLOCATE, LISTEN.
-    Session,
-    /// COPY … TO STDOUT.
-    CopyTo,
-    /// INSERT, UPDATE, DELETE, MERGE, SELECT … FOR UPDATE, LOCK.
-    Write,
-    /// COPY … FROM STDIN.
-    CopyFrom,
-    /// VACUUM, ANALYZE, CHECKPOINT, REINDEX, NOTIFY, admin functions.
-    Utility,
-    /// DO, CALL, EXECUTE of a prepared statement that is unknown.
-    Procedural,
-    /// CREATE, ALTER, DROP, TRUNCATE, COMMENT.
-    Ddl,
-    /// GRANT, REVOKE, CREATE/ALTER/DROP ROLE.
-    Dcl,
-}
-
-impl StatementKind {
-    pub const ALL: [StatementKind; 10] = [
-        StatementKind::Read,
-        StatementKind::Transaction,
-        StatementKind::Session,
-        StatementKind::CopyTo,
-        StatementKind::Write,
-        StatementKind::CopyFrom,
-        StatementKind::Utility,
-        StatementKind::Procedural,
-        StatementKind::Ddl,
-        StatementKind::Dcl,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StatementKind::Read => "read",
-            StatementKind::Transaction => "transaction",
-            StatementKind::Session => "session",
-            StatementKind::CopyTo => "copy_to",
-            StatementKind::Write => "write",
-            StatementKind::CopyFrom => "copy_from",
-            StatementKind::Utility => "utility",
-            StatementKind::Procedural => "procedural",
-            StatementKind::Ddl => "ddl",
-            StatementKind::Dcl => "dcl",
-        }
-    }
-}
-
-/// Risk patterns a rule can match (or, for `allow` rules, must explicitly accept).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Risk {
-    DeleteWithoutWhere,
-    UpdateWithoutWhere,
-    Drop,
-    Truncate,
-    AlterRole,
-    AlterSystem,
-    CopyProgram,
-    CopyFile,
-    /// EXECUTE in a DO block or function body, functions in untrusted languages, query_to_xml…
-    DynamicSql,
-    /// A DO block: code that runs without being a named, reviewable object.
-    AnonymousCode,
-    /// Server file access: pg_read_file, pg_ls_dir, lo_import/lo_export, LOAD.
-    ServerFile,
-    LargeObject,
-    Dblink,
-    /// SET ROLE, RESET ROLE, set_config('role', …).
-    SetRole,
-    /// SET SESSION AUTHORIZATION, RESET SESSION AUTHORIZATION.
-    SessionAuthorization,
-    /// Changing search_path changes what unqualified names mean.
-    SearchPath,
-    /// nextval, setval, advisory locks, pg_notify, …
-    SideEffectFunction,
-    /// pg_terminate_backend, pg_reload_conf, replication slots, …
-    AdminFunction,
-    /// A function that is not a PostgreSQL built-in: it may do anything.
-    UserFunction,
-}
+pub use super::statement::{Risk, StatementKind};
 
 /// One classified statement (recorded in the audit trail).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +111,15 @@ impl Unclassifiable {
 
 /// Classifies every statement of a simple-query or Parse text.
 pub fn classify(sql: &str, lex: LexSettings) -> Result<Vec<Classified>, Unclassifiable> {
+    classify_tree(sql, lex).map(|(statements, _)| statements)
+}
+
+/// [`classify`], also handing back PostgreSQL's parse of `sql` for later stages (the masking
+/// rewrite) so that nothing parses the text again.
+pub fn classify_tree(
+    sql: &str,
+    lex: LexSettings,
+) -> Result<(Vec<Classified>, pgparse::Tree), Unclassifiable> {
     let scs = lex.standard_conforming_strings;
     // Our lexer runs first: it is linear, and finds the strings outside which a long run of
     // operator characters is refused before PostgreSQL's scanner spends quadratic time on it.
@@ -213,10 +133,11 @@ pub fn classify(sql: &str, lex: LexSettings) -> Result<Vec<Classified>, Unclassi
             ),
         });
     }
-    let stmts = pgparse::parse(sql, scs).map_err(|e| Unclassifiable::Syntax {
+    let tree = pgparse::parse_tree(sql, scs).map_err(|e| Unclassifiable::Syntax {
         message: e.message,
         position: e.position,
     })?;
+    let stmts = &tree.stmts;
     let pieces = lexed?;
     if pieces.is_empty() && stmts.is_empty() {
         return Err(Unclassifiable::Empty);
@@ -231,12 +152,13 @@ pub fn classify(sql: &str, lex: LexSettings) -> Result<Vec<Classified>, Unclassi
             index: pieces.len().min(stmts.len()) + 1,
         });
     }
-    pieces
+    let statements = pieces
         .iter()
-        .zip(&stmts)
+        .zip(stmts)
         .enumerate()
         .map(|(i, (piece, raw))| classify_piece(sql, piece, raw, i + 1, scs))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((statements, tree))
 }
 
 /// PostgreSQL's scanner rescans a run of operator characters at every `/*` in it (in and out of

@@ -4,13 +4,15 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::classify::{Risk, StatementKind};
 use super::error::PolicyError;
 use super::glob::Glob;
 use super::lexer::LexSettings;
+use super::load::TESTS_SUFFIX;
 use super::load::{parse_policy, policy_files};
 use super::model::{DecisionKind, KindSpec};
-use super::set::{Policy, PolicySet, Rule, TESTS_SUFFIX, Verdict};
+use super::rules::{Policy, Rule, Verdict};
+use super::set::PolicySet;
+use super::statement::{Risk, StatementKind};
 use super::testcases;
 use crate::identity::{Identity, ProcessIdentity, Proof};
 

@@ -6,8 +6,8 @@ use std::time::SystemTime;
 use super::classify::{Classified, Unclassifiable};
 use super::glob::Glob;
 use super::model::{DecisionKind, IdentityMatch};
+use super::rules::{Decision, Policy, Rule, Verdict};
 use super::session::SessionStatements;
-use super::set::{Decision, Policy, Rule, Verdict};
 use crate::identity::Identity;
 
 /// Does the identity section select `who`?
@@ -96,7 +96,11 @@ impl Rule {
     }
 
     /// For an allow rule that would match if it accepted more risks: the risks it lacks.
-    fn missing_risks(&self, s: &Classified, now: SystemTime) -> Option<Vec<super::classify::Risk>> {
+    fn missing_risks(
+        &self,
+        s: &Classified,
+        now: SystemTime,
+    ) -> Option<Vec<super::statement::Risk>> {
         if self.decision != DecisionKind::Allow {
             return None;
         }
@@ -191,6 +195,7 @@ pub(crate) fn unparseable_decision(policy: &Policy, e: &Unclassifiable) -> Decis
         statements: Vec::new(),
         statement_rules: Vec::new(),
         syntax_position: e.position(),
+        tree: None,
     }
 }
 
@@ -319,6 +324,7 @@ pub(crate) fn decide_statements(
         statements,
         statement_rules: rules,
         syntax_position: None,
+        tree: None,
     }
 }
 
@@ -347,7 +353,7 @@ pub(crate) fn merge_approval(acc: &mut Option<Verdict>, next: Verdict) {
 }
 
 /// A risk as spelled in policy files (its serde name).
-fn risk_name(r: super::classify::Risk) -> String {
+fn risk_name(r: super::statement::Risk) -> String {
     match serde_json::to_value(r) {
         Ok(serde_json::Value::String(s)) => s,
         _ => format!("{r:?}"),

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::sync::OnceLock;
 
-use super::classify::{Risk, StatementKind};
+use super::statement::{Risk, StatementKind};
 
 /// Names that sqlparser reports as function calls but PostgreSQL treats as syntax
 /// (or maps onto a differently named built-in).

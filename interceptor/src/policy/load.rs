@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 
 use super::error::PolicyError;
 use super::model::{DecisionKind, PolicyFile, RuleSpec, default_timeout};
-use super::set::{Policy, Rule, TESTS_SUFFIX, Verdict};
+use super::rules::{Policy, Rule, Verdict};
 use super::window::Window;
+
+/// Policy files end in `.toml`; policy tests in `.tests.toml` are not policies.
+pub const TESTS_SUFFIX: &str = ".tests.toml";
 
 /// The policy files of `dir`: `*.toml` except `*.tests.toml` and hidden files, sorted.
 pub(crate) fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, Serialize};
 use toml::Spanned;
 
-use super::classify::{Risk, StatementKind};
 use super::glob::Glob;
+use super::statement::{Risk, StatementKind};
 use super::window::Window;
 
 /// One policy file.

@@ -186,3 +186,13 @@ pub(crate) const PG_RESERVED: &[&str] = &[
 pub(crate) fn is_reserved_unquoted(ident: &ast::Ident) -> bool {
     ident.quote_style.is_none() && PG_RESERVED.contains(&ident.value.to_ascii_lowercase().as_str())
 }
+
+/// An unqualified relation as the default search_path resolves it for policy matching:
+/// `pg_*` names are catalogs, others `public`.
+pub(crate) fn qualify_relation(schema: &str, name: &str) -> String {
+    match (schema, name) {
+        ("", t) if t.starts_with("pg_") => format!("pg_catalog.{t}"),
+        ("", t) => format!("public.{t}"),
+        (s, t) => format!("{s}.{t}"),
+    }
+}

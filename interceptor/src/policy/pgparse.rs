@@ -16,15 +16,25 @@ pub struct SyntaxError {
     pub position: u32,
 }
 
+/// A query's whole parse tree, as the masking rewrite reads it.
+pub type Tree = pg_query::protobuf::ParseResult;
+
 /// Parses `sql` as the server would with the given `standard_conforming_strings` setting.
 pub fn parse(sql: &str, standard_conforming_strings: bool) -> Result<Vec<RawStmt>, SyntaxError> {
+    parse_tree(sql, standard_conforming_strings).map(|tree| tree.stmts)
+}
+
+/// [`parse`], keeping the whole tree.
+pub fn parse_tree(sql: &str, standard_conforming_strings: bool) -> Result<Tree, SyntaxError> {
+    #[cfg(test)]
+    PARSES.with(|n| n.set(n.get() + 1));
     let options = if standard_conforming_strings {
         pg_query::ParserOptions::DEFAULT
     } else {
         pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS
     };
     match pg_query::parse(sql, options) {
-        Ok(result) => Ok(result.protobuf.stmts),
+        Ok(result) => Ok(result.protobuf),
         Err(pg_query::Error::Parse(message)) => Err(SyntaxError {
             position: error_position(sql, options),
             message,
@@ -35,6 +45,18 @@ pub fn parse(sql: &str, standard_conforming_strings: bool) -> Result<Vec<RawStmt
             position: 0,
         }),
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Calls of the parser on this thread (tests count them per statement).
+    static PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times this thread has called PostgreSQL's parser.
+#[cfg(test)]
+pub(crate) fn parses() -> usize {
+    PARSES.with(|n| n.get())
 }
 
 #[repr(C)]

@@ -10,8 +10,9 @@ use pg_query::protobuf::{
 };
 use serde_json::{Map, Value};
 
-use super::classify::{Risk, StatementKind};
+use super::names::qualify_relation;
 use super::relfuncs::{self, ArgClass};
+use super::statement::{Risk, StatementKind};
 use super::walk::Facts;
 
 /// How deep query text inside a literal (`query_to_xml('…')`) is followed.
@@ -410,16 +411,6 @@ fn bodies_execute(options: &[protobuf::Node]) -> bool {
         }
         _ => false,
     })
-}
-
-/// An unqualified relation as the default search_path resolves it for policy matching:
-/// `pg_*` names are catalogs, others `public`.
-pub(crate) fn qualify_relation(schema: &str, name: &str) -> String {
-    match (schema, name) {
-        ("", t) if t.starts_with("pg_") => format!("pg_catalog.{t}"),
-        ("", t) => format!("public.{t}"),
-        (s, t) => format!("{s}.{t}"),
-    }
 }
 
 fn setting_risks(name: &str, f: &mut Facts) {

@@ -6,8 +6,7 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use super::names::MAX_IDENTIFIER_BYTES;
-use super::pgwalk::qualify_relation;
+use super::names::{MAX_IDENTIFIER_BYTES, qualify_relation};
 
 /// What an argument carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

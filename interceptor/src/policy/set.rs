@@ -9,19 +9,18 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::classify::{Classified, Unclassifiable, classify};
+use super::classify::{Classified, Unclassifiable, classify_tree};
 use super::decide::{decide_statements, identity_matches, unparseable_decision};
 use super::error::PolicyError;
-use super::glob::Glob;
 use super::lexer::LexSettings;
 use super::load::{parse_policy, policy_files};
-use super::model::{DecisionKind, IdentityMatch, KindSpec, Limits};
+use super::model::Limits;
+use super::pgparse::Tree;
 use super::session::SessionStatements;
-use super::window::Window;
 use crate::identity::Identity;
 
-/// Policy files end in `.toml`; policy tests in `.tests.toml` are not policies.
-pub const TESTS_SUFFIX: &str = ".tests.toml";
+pub use super::load::TESTS_SUFFIX;
+pub use super::rules::{Decision, Policy, Rule, Verdict};
 
 static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
 
@@ -32,41 +31,6 @@ const CACHE_MAX_SQL_BYTES: usize = 16 * 1024;
 
 type CacheKey = (String, bool);
 type Cached = Arc<Result<Vec<Classified>, Unclassifiable>>;
-
-/// A validated rule.
-#[derive(Debug, Clone)]
-pub struct Rule {
-    pub name: String,
-    pub decision: DecisionKind,
-    pub kinds: Option<Vec<KindSpec>>,
-    pub risks: Option<Vec<super::classify::Risk>>,
-    pub tables: Option<Vec<Glob>>,
-    pub functions: Option<Vec<Glob>>,
-    pub window: Option<(String, Window)>,
-    pub message: Option<String>,
-    pub sqlstate: String,
-    pub approvers: Vec<String>,
-    pub approvals: u32,
-    pub timeout_secs: u64,
-    /// Where it was written: `file:line:col`.
-    pub location: String,
-}
-
-/// One policy (one file).
-#[derive(Debug, Clone)]
-pub struct Policy {
-    pub name: String,
-    pub description: String,
-    pub priority: i64,
-    pub path: PathBuf,
-    pub identities: IdentityMatch,
-    pub upstream_role: String,
-    pub databases: Vec<Glob>,
-    pub limits: Limits,
-    pub unparseable: Verdict,
-    pub rules: Vec<Rule>,
-    pub mask: Option<toml::Value>,
-}
 
 /// All policies of a directory, in evaluation order.
 #[derive(Debug)]
@@ -93,48 +57,6 @@ pub struct Route {
 pub struct Refusal {
     pub sqlstate: String,
     pub message: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "verdict", rename_all = "snake_case")]
-pub enum Verdict {
-    Allow,
-    Deny {
-        sqlstate: String,
-        message: String,
-    },
-    Approve {
-        rule: String,
-        approver_groups: Vec<String>,
-        approvals_required: u32,
-        timeout_secs: u64,
-    },
-}
-
-impl Verdict {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Verdict::Allow => "allow",
-            Verdict::Deny { .. } => "deny",
-            Verdict::Approve { .. } => "approve",
-        }
-    }
-}
-
-/// The decision for one query (all its statements).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Decision {
-    pub verdict: Verdict,
-    /// The rule that made the decision (`None`: default deny, or no policy).
-    pub rule: Option<String>,
-    /// The policy that was applied.
-    pub policy: Option<String>,
-    pub statements: Vec<Classified>,
-    /// Rule of each statement, in order (`None` where the default deny applied).
-    pub statement_rules: Vec<Option<String>>,
-    /// A syntax error's 1-based character position in the query (PostgreSQL's cursor).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub syntax_position: Option<u32>,
 }
 
 impl PolicySet {
@@ -252,7 +174,7 @@ impl PolicySet {
         session: &SessionStatements,
         now: SystemTime,
     ) -> Decision {
-        let classified = self.classify_cached(sql, lex);
+        let (classified, tree) = self.classify_cached(sql, lex);
         let Some(policy) = self.policy_for(who, database) else {
             return Decision {
                 verdict: Verdict::Deny {
@@ -267,6 +189,7 @@ impl PolicySet {
                 statements: classified.as_ref().clone().unwrap_or_default(),
                 statement_rules: Vec::new(),
                 syntax_position: None,
+                tree: None,
             };
         };
         let statements = match classified.as_ref() {
@@ -281,16 +204,22 @@ impl PolicySet {
                     statements: Vec::new(),
                     statement_rules: Vec::new(),
                     syntax_position: None,
+                    tree: None,
                 };
             }
             Err(e) => return unparseable_decision(policy, e),
         };
-        decide_statements(policy, statements, session, now)
+        Decision {
+            tree,
+            ..decide_statements(policy, statements, session, now)
+        }
     }
 
-    fn classify_cached(&self, sql: &str, lex: &LexSettings) -> Cached {
+    /// The classification of `sql`, from the cache when this shape was seen; with the parse
+    /// tree when it was parsed now (a tree is never cached: the cache key hides numbers).
+    fn classify_cached(&self, sql: &str, lex: &LexSettings) -> (Cached, Option<Arc<Tree>>) {
         if sql.len() > CACHE_MAX_SQL_BYTES {
-            return Arc::new(classify(sql, *lex));
+            return classify_now(sql, lex);
         }
         let key = (cache_key(sql, lex), lex.standard_conforming_strings);
         // A poisoned lock only means another thread panicked mid-insert; the map is still sound.
@@ -300,9 +229,9 @@ impl PolicySet {
             .unwrap_or_else(|e| e.into_inner())
             .get(&key)
         {
-            return hit.clone();
+            return (hit.clone(), None);
         }
-        let result: Cached = Arc::new(classify(sql, *lex));
+        let (result, tree) = classify_now(sql, lex);
         // Secret spans are byte offsets in this text; the key hides numbers, whose length may
         // differ in a text with the same key, so such results are not shared.
         if let Ok(statements) = result.as_ref()
@@ -310,14 +239,22 @@ impl PolicySet {
                 .iter()
                 .any(|c| !c.secrets.is_empty() || c.secret_unplaced)
         {
-            return result;
+            return (result, tree);
         }
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= CACHE_ENTRIES {
             cache.clear();
         }
         cache.insert(key, result.clone());
-        result
+        (result, tree)
+    }
+}
+
+/// Classifies `sql` (PostgreSQL's parser runs once), keeping the tree apart from the result.
+fn classify_now(sql: &str, lex: &LexSettings) -> (Cached, Option<Arc<Tree>>) {
+    match classify_tree(sql, *lex) {
+        Ok((statements, tree)) => (Arc::new(Ok(statements)), Some(Arc::new(tree))),
+        Err(e) => (Arc::new(Err(e)), None),
     }
 }
 

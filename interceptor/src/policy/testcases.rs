@@ -20,8 +20,9 @@ use toml::Spanned;
 
 use super::error::PolicyError;
 use super::lexer::LexSettings;
+use super::load::TESTS_SUFFIX;
 use super::session::SessionStatements;
-use super::set::{PolicySet, TESTS_SUFFIX};
+use super::set::PolicySet;
 use crate::identity::{Identity, ProcessIdentity, Proof};
 
 #[derive(Debug, Deserialize)]
@@ -191,7 +192,7 @@ fn run_case(set: &PolicySet, case: &Case) -> Result<(), String> {
             "expected {want}, got {got} (rule {:?}){}",
             d.rule,
             match &d.verdict {
-                super::set::Verdict::Deny { message, .. } => format!(": {message}"),
+                super::rules::Verdict::Deny { message, .. } => format!(": {message}"),
                 _ => String::new(),
             }
         ));

@@ -9,11 +9,11 @@ use sqlparser::ast::{
     ObjectName, ObjectType, Reset, Set, Statement, TableFactor, Visitor,
 };
 
-use super::classify::{Risk, StatementKind};
 use super::functions;
 use super::names::{
     function_name, ident_name, is_reserved_unquoted, literal_string, name_parts, table_name,
 };
+use super::statement::{Risk, StatementKind};
 
 /// Accumulates what one statement does.
 #[derive(Default)]

@@ -11,13 +11,18 @@ use crate::audit::{
 };
 use crate::identity::Identity;
 use crate::net::message::{PgError, sqlstate};
+use crate::policy::pgparse::Tree;
 use crate::policy::{Decision, LexSettings, PolicyHandle, PolicySet, SessionStatements};
 
 /// What the relay does with a statement.
 #[derive(Debug)]
 pub enum Verdict {
-    /// Forward it; `record` is the audit record its outcome will be attached to.
-    Forward { record: Option<RecordId> },
+    /// Forward it; `record` is the audit record its outcome will be attached to, `tree` the
+    /// parse the decision was made on, when it was parsed for it (the masking rewrite reuses it).
+    Forward {
+        record: Option<RecordId>,
+        tree: Option<Arc<Tree>>,
+    },
     /// Do not forward it; the client gets this error and the session stays usable.
     Refuse(PgError),
     /// Policy wants a human decision: the request is recorded and pending. The relay tells the
@@ -61,7 +66,7 @@ pub struct SessionFacts {
     pub upstream_role: String,
     pub policy: String,
     /// What the session is doing now, for `interceptor sessions`.
-    pub activity: Arc<crate::ops::sessions::Activity>,
+    pub activity: Arc<super::activity::Activity>,
 }
 
 /// Lexer-relevant server settings, as last reported by ParameterStatus.
@@ -194,7 +199,7 @@ impl Gate {
                 }
             }
         }
-        crate::ops::metrics::statement(
+        crate::metrics::statement(
             verdict,
             decision.statements.iter().map(|c| c.kind.as_str()),
             deny_sqlstate.as_deref(),
@@ -313,6 +318,7 @@ impl Gate {
         self.sql_prepared.observe(&held.decision.statements);
         Verdict::Forward {
             record: Some(held.record),
+            tree: held.decision.tree.clone(),
         }
     }
 
@@ -327,7 +333,10 @@ impl Gate {
     ) -> Verdict {
         match self.record(protocol, sql, parameters, decision) {
             Ok(id) => match self.verdict(decision) {
-                Verdict::Forward { .. } => Verdict::Forward { record: Some(id) },
+                Verdict::Forward { tree, .. } => Verdict::Forward {
+                    record: Some(id),
+                    tree,
+                },
                 refuse => refuse,
             },
             Err(e) => audit_unavailable(e),
@@ -379,7 +388,10 @@ impl Gate {
         match &decision.verdict {
             P::Allow => {
                 self.sql_prepared.observe(&decision.statements);
-                Verdict::Forward { record: None }
+                Verdict::Forward {
+                    record: None,
+                    tree: decision.tree.clone(),
+                }
             }
             P::Deny { sqlstate, message } => {
                 let rule = decision.rule.as_deref().unwrap_or("default deny");
@@ -459,7 +471,10 @@ impl Gate {
         let needs_approval = matches!(decision.verdict, crate::policy::Verdict::Approve { .. });
         let verdict = if needs_approval && self.approvals.is_some() {
             // Parsing runs nothing: the statement is held at Execute, where it would run.
-            Verdict::Forward { record: None }
+            Verdict::Forward {
+                record: None,
+                tree: decision.tree.clone(),
+            }
         } else {
             self.verdict(&decision)
         };
@@ -518,7 +533,10 @@ impl Gate {
         let Some(p) = self.statements.portal(portal) else {
             // Not a portal we allowed: PostgreSQL does not know it either (its Parse was refused
             // or never sent), so it will answer with its own error.
-            return Verdict::Forward { record: None };
+            return Verdict::Forward {
+                record: None,
+                tree: None,
+            };
         };
         let prepared = p.statement.clone();
         let parameters = p.parameters.clone();
@@ -618,7 +636,7 @@ impl Recorder {
             rows: outcome.recorded,
             truncated: outcome.truncated,
         });
-        crate::ops::metrics::masked(&outcome.masked);
+        crate::metrics::masked(&outcome.masked);
         let result = self.audit.append(AuditEvent::Outcome(StatementOutcome {
             session,
             statement,

@@ -13,14 +13,14 @@ use bytes::Bytes;
 use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, Statement};
 
 use super::protocol::{Action, Frontend, Owed, OwedQueue, Statements};
-use super::upstream::Upstream;
+use super::upstream::{Upstream, UpstreamTarget};
 use crate::mask::{
     CopyColumn, CopyMasker, CopyOptions, MaskError, MaskPlan, MaskRules, MaskSummary, OriginCache,
     RelationCache, catalog_query, table_oids,
 };
 use crate::net::message::{self, Cursor, PgError, sqlstate};
+use crate::policy::pgparse::Tree;
 use crate::secrets::Secret;
-use crate::server::ServerState;
 
 /// Why the side connection could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +39,7 @@ pub enum SideError {
 
 /// How to open the side connection: the same upstream, role and database as the session.
 pub struct SideLogin {
-    pub server: Arc<ServerState>,
+    pub upstream: Arc<UpstreamTarget>,
     pub role: String,
     pub password: Option<Secret>,
     pub database: String,
@@ -142,23 +142,23 @@ impl SessionMask {
     /// column that is not a plain output column replaced by its masking expression
     /// (`Ok(None)`: send it unchanged), or the refusal to send it. Sessions without column
     /// rules do no work here.
-    pub async fn rewrite(&self, sql: &str) -> Result<Option<String>, PgError> {
+    /// `tree`: the statement's parse when the gate made one; otherwise it is parsed here.
+    pub async fn rewrite(&self, sql: &str, tree: Option<&Tree>) -> Result<Option<String>, PgError> {
         if !self.rules.needs_origins() {
             return Ok(None);
         }
+        if let Some(tree) = tree {
+            return self.rewrite_parsed(sql, tree).await;
+        }
         // What PostgreSQL's grammar rejects, the server rejects too: send it as it is.
-        let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
+        let Ok(parsed) = crate::policy::pgparse::parse_tree(sql, true) else {
             return Ok(None);
         };
-        self.rewrite_parsed(sql, &parsed.protobuf).await
+        self.rewrite_parsed(sql, &parsed).await
     }
 
     /// [`SessionMask::rewrite`] for a statement already parsed by pg_query.
-    pub async fn rewrite_parsed(
-        &self,
-        sql: &str,
-        tree: &pg_query::protobuf::ParseResult,
-    ) -> Result<Option<String>, PgError> {
+    pub async fn rewrite_parsed(&self, sql: &str, tree: &Tree) -> Result<Option<String>, PgError> {
         let refused = |m: String| PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, m);
         let needs = crate::mask::needs(tree);
         let mut cache = self.relations.lock().await;
@@ -279,7 +279,6 @@ impl Side {
     async fn conn(&mut self, login: &SideLogin) -> Result<&mut Upstream, SideError> {
         if self.conn.is_none() {
             let conn = login
-                .server
                 .upstream
                 .login(&login.role, login.password.as_ref(), &login.database, &[])
                 .await?;

@@ -1,11 +1,16 @@
 //! One client connection: startup, authentication, upstream login and the relay loop.
 
+pub mod activity;
 pub mod auth;
 pub mod cancel;
 pub mod gate;
+pub mod live;
 pub mod masking;
 pub mod protocol;
 pub mod relay;
+#[cfg(test)]
+mod relay_tests;
+pub mod shared;
 pub mod startup;
 pub mod upstream;
 
@@ -16,9 +21,9 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
+use self::shared::ServerState;
 use crate::net::message::{self, PgError, sqlstate};
 use crate::net::stream::Stream;
-use crate::server::ServerState;
 use cancel::UpstreamKey;
 use gate::{Gate, Recorder, SessionFacts};
 use startup::Opening;
@@ -197,7 +202,7 @@ async fn run(
         Ok(i) => i,
         Err(e) => {
             let pg = e.to_pg();
-            crate::ops::metrics::refusal(&pg.code);
+            crate::metrics::refusal(&pg.code);
             let _ = stream.write_all(&pg.encode()).await;
             return Err(e.into());
         }
@@ -299,13 +304,13 @@ async fn run(
             max_message,
         )
         .await;
-    crate::ops::metrics::METRICS
+    crate::metrics::METRICS
         .upstream_login_seconds
         .observe(login_started.elapsed().as_secs_f64());
     let upstream = match login {
         Ok(u) => u,
         Err(e) => {
-            crate::ops::metrics::METRICS.upstream_errors.inc();
+            crate::metrics::METRICS.upstream_errors.inc();
             tracing::warn!(error = %e, role, "upstream login failed");
             let pg = match &e {
                 upstream::UpstreamError::Refused { code, message } if code == "3D000" => {
@@ -330,7 +335,7 @@ async fn run(
                 .with_detail(e.to_string())
                 .with_hint("the database server may be down; try again or contact the operator"),
             };
-            crate::ops::metrics::refusal(&pg.code);
+            crate::metrics::refusal(&pg.code);
             let _ = stream.write_all(&pg.encode()).await;
             return Err(e.into());
         }
@@ -403,7 +408,7 @@ async fn run(
     let mask = masking::SessionMask::new(
         rules,
         masking::SideLogin {
-            server: server.clone(),
+            upstream: server.upstream.clone(),
             role: facts.upstream_role.clone(),
             password: password.clone(),
             database: facts.database.clone(),
@@ -537,7 +542,7 @@ fn tls_info(stream: &Stream) -> Option<crate::audit::TlsInfo> {
 }
 
 async fn fatal(stream: &mut Stream, err: PgError) -> Result<(), SessionError> {
-    crate::ops::metrics::refusal(&err.code);
+    crate::metrics::refusal(&err.code);
     let _ = stream.write_all(&err.encode()).await;
     Err(SessionError::Refused(err.message))
 }

@@ -22,6 +22,7 @@ use super::protocol::{Action, Frontend};
 use crate::net::frame::{FrameError, FrameReader, frames};
 use crate::net::message::{self, Cursor, PgError, sqlstate};
 use crate::net::stream::{BoxedRead, BoxedWrite};
+use crate::policy::pgparse::Tree;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -367,9 +368,9 @@ async fn client_to_upstream(
                         verdict = v;
                     }
                     let sub = match verdict {
-                        Verdict::Forward { record } => {
+                        Verdict::Forward { record, tree } => {
                             // Tracked either way: a refused rewrite is this statement's outcome.
-                            let new = rewrite(shared, sql).await;
+                            let new = rewrite(shared, sql, tree.as_deref()).await;
                             track(shared, batch, Kind::Simple, record);
                             match new {
                                 Ok(new) => new.map(|sql| message::query(&sql)),
@@ -383,10 +384,12 @@ async fn client_to_upstream(
                     sub
                 }
                 Frontend::Parse(p) => match gate.parse(p.statement, p.sql, shared.lex()).await {
-                    Verdict::Forward { .. } => match rewrite(shared, p.sql).await {
-                        Ok(new) => new.map(|sql| super::masking::reparse(&p, &sql)),
-                        Err(err) => Some(refuse(shared, batch, err, true)),
-                    },
+                    Verdict::Forward { tree, .. } => {
+                        match rewrite(shared, p.sql, tree.as_deref()).await {
+                            Ok(new) => new.map(|sql| super::masking::reparse(&p, &sql)),
+                            Err(err) => Some(refuse(shared, batch, err, true)),
+                        }
+                    }
                     Verdict::Refuse(err) => Some(refuse(shared, batch, err, true)),
                     Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), true)),
                 },
@@ -412,7 +415,7 @@ async fn client_to_upstream(
                         verdict = v;
                     }
                     match verdict {
-                        Verdict::Forward { record } => {
+                        Verdict::Forward { record, .. } => {
                             track(shared, batch, Kind::Execute, record);
                             None
                         }
@@ -549,10 +552,19 @@ fn track(shared: &Shared, batch: u64, kind: Kind, record: Option<crate::audit::R
     });
 }
 
-/// The statement rewritten for column masking (`None`: forward it as it is).
-async fn rewrite(shared: &Shared, sql: &str) -> Result<Option<String>, PgError> {
+/// The statement rewritten for column masking (`None`: forward it as it is). `tree` is the
+/// gate's parse of `sql`; the rewrite reads standard strings, so it is reused when the session
+/// has them on (else the rewrite parses as before).
+async fn rewrite(
+    shared: &Shared,
+    sql: &str,
+    tree: Option<&Tree>,
+) -> Result<Option<String>, PgError> {
     match &shared.mask {
-        Some(m) => m.rewrite(sql).await,
+        Some(m) => {
+            let tree = tree.filter(|_| shared.lex().standard_conforming_strings);
+            m.rewrite(sql, tree).await
+        }
         None => Ok(None),
     }
 }

@@ -17,8 +17,8 @@
 //!
 //! Not retried (the log stops for good, as before): sled failing (it latches its own I/O errors
 //! until reopened, so a restart is needed; the records are in the write-ahead segments), a
-//! failed background `fdatasync` with `durability = "write"` (the kernel may have dropped
-//! acknowledged frames), a record that cannot be encoded, an inconsistent chain. So that a
+//! failed background `fdatasync` (of a segment with `durability = "write"`, or of the head-mark
+//! file: the kernel may have dropped pages already acknowledged), a record that cannot be encoded, an inconsistent chain. So that a
 //! filling disk meets a write-ahead commit (retried) before sled (not retried), sled is handed
 //! records and synced only while the disk has room for it ([`Writer::store_has_room`]); a disk
 //! filled by someone else in the moment between that check and sled's write still stops it.
@@ -253,14 +253,15 @@ impl Writer {
         let held = std::mem::take(&mut o.held);
         let r = self.wal.truncate(good_len).and_then(|()| {
             if held.is_empty() {
-                // The periodic fdatasync it may hand back runs here (the outage holds the lock
-                // anyway); its failure is not retried, as elsewhere.
-                match self.background_step(shared, applier, false)? {
-                    Some(file) => file.sync_data().map_err(|e| {
+                // The periodic fdatasyncs it defers run here (the outage holds the lock
+                // anyway); their failure is not retried, as elsewhere.
+                self.background_step(shared, applier, false)?;
+                for file in std::mem::take(&mut self.deferred) {
+                    file.sync_data().map_err(|e| {
                         AuditError::Failed(format!("audit write-ahead sync failed: {e}"))
-                    }),
-                    None => Ok(()),
+                    })?;
                 }
+                Ok(())
             } else {
                 let started = Instant::now();
                 let r = self.commit(&held);

@@ -9,58 +9,13 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use super::activity::{ADMIN_SHUTDOWN, Activity};
+use super::gate::SessionFacts;
+use super::relay;
 use crate::net::message::PgError;
-use crate::session::gate::SessionFacts;
-use crate::session::relay;
 
-/// SQLSTATE admin_shutdown, what PostgreSQL sends for `pg_terminate_backend` and a shutdown.
-pub const ADMIN_SHUTDOWN: &str = "57P01";
 /// How long a killed session's running statement may take to end after its cancel.
 const KILL_GRACE: Duration = Duration::from_secs(5);
-/// Longest statement text shown in a listing.
-const MAX_SHOWN_SQL: usize = 500;
-
-/// What a session is doing, updated by the gate as statements are decided.
-#[derive(Debug, Default)]
-pub struct Activity {
-    current: Mutex<Option<String>>,
-    /// Set when the session is asked to end: statements sent from then on are not run.
-    stopping: std::sync::atomic::AtomicBool,
-}
-
-impl Activity {
-    /// The error for a statement that arrives after the session was asked to end.
-    pub fn refuse_if_stopping(&self) -> Option<PgError> {
-        self.stopping.load(Ordering::SeqCst).then(|| {
-            PgError::error(
-                ADMIN_SHUTDOWN,
-                "interceptor is ending this session; the statement was not run",
-            )
-        })
-    }
-
-    /// The statement most recently sent upstream (shown while it runs, and after as "last").
-    pub fn statement(&self, sql: &str) {
-        let shown = if sql.to_ascii_lowercase().contains("password") {
-            // The listing is not the audit trail: never show what may carry a secret.
-            "[redacted] (statement mentions a password)".to_owned()
-        } else {
-            let mut end = sql.len().min(MAX_SHOWN_SQL);
-            while !sql.is_char_boundary(end) {
-                end -= 1;
-            }
-            sql[..end].to_owned()
-        };
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(shown);
-    }
-
-    fn current(&self) -> Option<String> {
-        self.current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
 
 #[derive(Debug, Clone)]
 struct Stop {
@@ -213,9 +168,9 @@ impl Drop for LiveGuard<'_> {
             .fetch_add(c.bytes_to_client.load(Ordering::Relaxed), Ordering::Relaxed);
         map.remove(&self.session.facts.session_id.0);
         let f = &self.session.facts;
-        super::metrics::METRICS
+        crate::metrics::METRICS
             .sessions_open
-            .get_or_create(&super::metrics::SessionLabels {
+            .get_or_create(&crate::metrics::SessionLabels {
                 identity: f.identity.subject.clone(),
                 policy: f.policy.clone(),
             })
@@ -244,11 +199,11 @@ impl LiveSessions {
             upstream,
             stop,
         });
-        let labels = super::metrics::SessionLabels {
+        let labels = crate::metrics::SessionLabels {
             identity: facts.identity.subject.clone(),
             policy: facts.policy.clone(),
         };
-        let m = &super::metrics::METRICS;
+        let m = &crate::metrics::METRICS;
         m.sessions_open.get_or_create(&labels).inc();
         m.sessions.get_or_create(&labels).inc();
         self.lock().insert(facts.session_id.0, session.clone());

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use super::{DEFAULT_PIN_DIR, Detached, EbpfError, detach, status};
+use crate::ebpf::{DEFAULT_PIN_DIR, Detached, EbpfError, detach, status};
 
 #[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum EbpfCommand {

@@ -1,6 +1,6 @@
 //! The process-wide metrics registry (Prometheus / OpenMetrics text). Other modules count
 //! through the small functions here; values that already live elsewhere (audit queue, syncs,
-//! kernel counters, pending approvals, live relay bytes) are read when scraped.
+//! kernel counters, pending approvals, live relay bytes) are handed to [`render`] at each scrape.
 
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
@@ -11,8 +11,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::server::ServerState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SessionLabels {
@@ -236,31 +234,43 @@ fn advance(c: &Counter, now: u64) {
     }
 }
 
+/// Values that live elsewhere (audit queue, syncs, pending approvals, relay bytes, kernel
+/// counters), read from the running daemon at each scrape.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    pub audit_queued: usize,
+    pub audit_failed: bool,
+    pub audit_syncs: u64,
+    /// `None` without `[approvals]`.
+    pub approvals_pending: Option<usize>,
+    pub from_client: u64,
+    pub to_client: u64,
+    /// `None` without kernel steering (or when its status cannot be read).
+    pub kernel: Option<crate::ebpf::Counters>,
+}
+
 /// The text exposition, with the values read from the running daemon brought up to date.
-pub fn render(state: &ServerState) -> String {
+pub fn render(now: &Scrape) -> String {
     let m = &*METRICS;
     let _one = m.scrape.lock().unwrap_or_else(|p| p.into_inner());
-    let audit = state.audit.health();
-    m.audit_queue_depth.set(audit.queued as i64);
-    m.audit_unwritable.set(i64::from(audit.failed.is_some()));
-    advance(&m.audit_syncs, state.audit.sync_count());
-    if let Some(svc) = &state.approvals {
-        let pending = svc.list(None, false).map(|l| l.len()).unwrap_or(0);
+    m.audit_queue_depth.set(now.audit_queued as i64);
+    m.audit_unwritable.set(i64::from(now.audit_failed));
+    advance(&m.audit_syncs, now.audit_syncs);
+    if let Some(pending) = now.approvals_pending {
         m.approvals_pending.set(pending as i64);
     }
-    let (from_client, to_client) = state.live.bytes();
     let dir = |d: &str| DirectionLabels {
         direction: d.to_owned(),
     };
     advance(
         &m.relay_bytes.get_or_create(&dir("from_client")),
-        from_client,
+        now.from_client,
     );
-    advance(&m.relay_bytes.get_or_create(&dir("to_client")), to_client);
-    if let Some(st) = &state.steering
-        && let Ok(status) = crate::ebpf::status(st.pin_dir())
-    {
-        let c = status.counters;
+    advance(
+        &m.relay_bytes.get_or_create(&dir("to_client")),
+        now.to_client,
+    );
+    if let Some(c) = &now.kernel {
         for (event, v) in [
             ("steered", c.steered),
             ("dropped", c.dropped),

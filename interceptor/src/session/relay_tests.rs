@@ -1,0 +1,903 @@
+//! The relay and the gate driven by message sequences as clients send them, without a server:
+//! the test plays the client on one pipe and PostgreSQL on the other, and checks byte for byte
+//! what is forwarded, what is refused in place, what is withheld, what the client receives and
+//! what the audit trail holds. The client sides are the sequences psql (simple Query), pgbench
+//! -M prepared, tokio-postgres (prepare, then pipelined Bind/Execute/Sync) and JDBC batches
+//! (several statements, one Sync) send; the server side answers as PostgreSQL does.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::activity::Activity;
+use super::cancel::CancelSignal;
+use super::gate::{Gate, LexState, Recorder, SessionFacts, Verdict};
+use super::masking::{SessionMask, SideLogin};
+use super::relay::{self, End, RelayError, RowLimit, Shared};
+use super::upstream::UpstreamTarget;
+use crate::audit::{AuditEvent, AuditLog, QueryProtocol, StatementOutcome, StatementRecord};
+use crate::config::{AuditConfig, UpstreamConfig};
+use crate::identity::{Identity, Proof};
+use crate::mask::MaskRules;
+use crate::net::frame::FrameReader;
+use crate::net::message;
+use crate::policy::{PolicyHandle, PolicySet};
+
+const POLICY: &str = r#"
+[policy]
+name = "relay"
+[identities]
+subjects = ["alice"]
+[login]
+upstream_role = "app"
+databases = ["app"]
+[[rule]]
+name = "no-drops"
+decision = "deny"
+risks = ["drop"]
+message = "no drops here"
+[[rule]]
+name = "work"
+decision = "allow"
+kinds = ["read", "write", "session", "transaction"]
+"#;
+
+const MASK: &str = r#"
+[[column]]
+name_pattern = "ssn"
+strategy = "redact"
+"#;
+
+// ------------------------------------------------------------------- frames
+
+fn frame(tag: u8, body: &[u8]) -> Bytes {
+    message::message(tag, body)
+}
+
+fn cstr(b: &mut BytesMut, s: &str) {
+    b.put_slice(s.as_bytes());
+    b.put_u8(0);
+}
+
+fn parse(name: &str, sql: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    cstr(&mut b, name);
+    cstr(&mut b, sql);
+    b.put_i16(0);
+    frame(b'P', &b)
+}
+
+fn bind(portal: &str, statement: &str, params: &[&str]) -> Bytes {
+    let mut b = BytesMut::new();
+    cstr(&mut b, portal);
+    cstr(&mut b, statement);
+    b.put_i16(0);
+    b.put_i16(params.len() as i16);
+    for p in params {
+        b.put_i32(p.len() as i32);
+        b.put_slice(p.as_bytes());
+    }
+    b.put_i16(0);
+    frame(b'B', &b)
+}
+
+fn describe(kind: u8, name: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    b.put_u8(kind);
+    cstr(&mut b, name);
+    frame(b'D', &b)
+}
+
+fn execute(portal: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    cstr(&mut b, portal);
+    b.put_i32(0);
+    frame(b'E', &b)
+}
+
+fn sync() -> Bytes {
+    frame(b'S', &[])
+}
+
+fn terminate() -> Bytes {
+    frame(b'X', &[])
+}
+
+/// RowDescription of text columns that come from no table.
+fn row_description(columns: &[&str]) -> Bytes {
+    let mut b = BytesMut::new();
+    b.put_i16(columns.len() as i16);
+    for c in columns {
+        cstr(&mut b, c);
+        b.put_i32(0); // table oid
+        b.put_i16(0); // column number
+        b.put_i32(25); // text
+        b.put_i16(-1);
+        b.put_i32(-1);
+        b.put_i16(0);
+    }
+    frame(b'T', &b)
+}
+
+fn data_row(values: &[&str]) -> Bytes {
+    let mut b = BytesMut::new();
+    b.put_i16(values.len() as i16);
+    for v in values {
+        b.put_i32(v.len() as i32);
+        b.put_slice(v.as_bytes());
+    }
+    frame(b'D', &b)
+}
+
+fn complete(tag: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    cstr(&mut b, tag);
+    frame(b'C', &b)
+}
+
+fn ready() -> Bytes {
+    message::ready_for_query(b'I')
+}
+
+fn parse_complete() -> Bytes {
+    frame(b'1', &[])
+}
+
+fn bind_complete() -> Bytes {
+    frame(b'2', &[])
+}
+
+/// What PostgreSQL answers to the relay's stand-in for a refused statement.
+fn syntax_error_at(word: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    for (k, v) in [
+        (b'S', "ERROR"),
+        (b'V', "ERROR"),
+        (b'C', "42601"),
+        (b'M', &format!("syntax error at or near \"{word}\"")),
+        (b'P', "1"),
+    ] {
+        b.put_u8(k);
+        cstr(&mut b, v);
+    }
+    b.put_u8(0);
+    frame(b'E', &b)
+}
+
+fn cat(parts: &[Bytes]) -> Vec<u8> {
+    parts.iter().flat_map(|p| p.iter().copied()).collect()
+}
+
+/// One message read off a pipe: its tag and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Msg {
+    tag: u8,
+    body: Vec<u8>,
+}
+
+impl Msg {
+    fn raw(&self) -> Vec<u8> {
+        frame(self.tag, &self.body).to_vec()
+    }
+
+    /// The `M` and `C` fields of an ErrorResponse.
+    fn error(&self) -> (String, String) {
+        assert_eq!(self.tag, b'E', "not an error: {self:?}");
+        let (code, msg) = message::error_code_and_message(&self.body).expect("error fields");
+        (code, msg)
+    }
+}
+
+async fn read_msg(pipe: &mut DuplexStream) -> Msg {
+    let read = async {
+        let tag = pipe.read_u8().await.expect("tag");
+        let len = pipe.read_i32().await.expect("length");
+        let mut body = vec![0u8; (len - 4) as usize];
+        pipe.read_exact(&mut body).await.expect("body");
+        Msg { tag, body }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("a message within 10 s")
+}
+
+/// Messages up to and including the first with tag `last`.
+async fn read_until(pipe: &mut DuplexStream, last: u8) -> Vec<Msg> {
+    let mut out = Vec::new();
+    loop {
+        let m = read_msg(pipe).await;
+        let done = m.tag == last;
+        out.push(m);
+        if done {
+            return out;
+        }
+    }
+}
+
+fn raw(msgs: &[Msg]) -> Vec<u8> {
+    msgs.iter().flat_map(Msg::raw).collect()
+}
+
+fn tags(msgs: &[Msg]) -> String {
+    msgs.iter().map(|m| m.tag as char).collect()
+}
+
+// ------------------------------------------------------------------ harness
+
+/// A relay between a test client and a test PostgreSQL, with a real policy set and a real
+/// audit trail in a temporary directory.
+struct Session {
+    client: DuplexStream,
+    server: DuplexStream,
+    audit: AuditLog,
+    relay: tokio::task::JoinHandle<Result<End, RelayError>>,
+    _dir: tempfile::TempDir,
+}
+
+fn alice() -> Identity {
+    Identity {
+        subject: "alice".into(),
+        display_name: "alice".into(),
+        groups: Vec::new(),
+        proof: Proof::ScramSha256,
+        process: None,
+    }
+}
+
+/// A gate for alice under the test policy, with its audit trail.
+fn gate() -> (Gate, Recorder, AuditLog, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).expect("policy dir");
+    std::fs::write(policies.join("relay.toml"), POLICY).expect("policy");
+    let policy = PolicyHandle::new(PolicySet::load_dir(&policies).expect("policies"));
+    let audit_cfg: AuditConfig = toml::from_str(&format!(
+        "dir = {:?}\ndurability = \"write\"",
+        dir.path().join("audit")
+    ))
+    .expect("audit config");
+    let audit = AuditLog::open(&audit_cfg).expect("audit trail");
+    let facts = Arc::new(SessionFacts {
+        session_id: audit.new_session_id(),
+        identity: alice(),
+        database: "app".into(),
+        upstream_role: "app".into(),
+        policy: "relay".into(),
+        activity: Arc::new(Activity::default()),
+    });
+    let gate = Gate::new(facts.clone(), policy, audit.clone(), None);
+    let recorder = Recorder::new(facts, audit.clone());
+    (gate, recorder, audit, dir)
+}
+
+/// What the session is configured with besides the policy.
+#[derive(Default)]
+struct Options<'a> {
+    /// `[mask]` rules (column rules make the relay rewrite statements).
+    mask: Option<&'a str>,
+    /// The policy's `max_rows`, with a flag raised when the relay asks to cancel.
+    max_rows: Option<(u64, Arc<AtomicBool>)>,
+    /// ParameterStatus values the session starts with.
+    params: &'a [(&'a str, &'a str)],
+}
+
+fn start(mask: Option<&str>) -> Session {
+    start_with(Options {
+        mask,
+        ..Options::default()
+    })
+}
+
+fn start_with(options: Options<'_>) -> Session {
+    let (gate, recorder, audit, dir) = gate();
+    let params: Vec<(String, String)> = options
+        .params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let mut shared = Shared::new(&params);
+    if let Some(mask) = options.mask {
+        let section: toml::Value = toml::from_str(mask).expect("mask toml");
+        let rules = MaskRules::from_toml(&[section], None).expect("mask rules");
+        // Never connected: the statements these tests mask name no relation to look up.
+        let upstream: UpstreamConfig =
+            toml::from_str("host = \"/nonexistent\"").expect("upstream config");
+        let login = SideLogin {
+            upstream: Arc::new(UpstreamTarget::new(&upstream, None, 1 << 20, None)),
+            role: "app".into(),
+            password: None,
+            database: "app".into(),
+        };
+        shared = shared.with_mask(SessionMask::new(rules, login));
+    }
+    if let Some((max_rows, cancelled)) = options.max_rows {
+        shared = shared.with_row_limit(Some(RowLimit {
+            max_rows,
+            policy: "relay".into(),
+            cancel: Box::new(move || cancelled.store(true, Ordering::SeqCst)),
+        }));
+    }
+    let (client, client_side) = tokio::io::duplex(1 << 16);
+    let (server, server_side) = tokio::io::duplex(1 << 16);
+    let relay = tokio::spawn(async move {
+        let mut gate = gate;
+        let (client_rd, client_wr) = tokio::io::split(client_side);
+        let (up_rd, up_wr) = tokio::io::split(server_side);
+        relay::run(
+            Box::new(client_rd),
+            Box::new(client_wr),
+            FrameReader::new(1 << 20),
+            Box::new(up_rd),
+            Box::new(up_wr),
+            FrameReader::new(1 << 20),
+            &mut gate,
+            &recorder,
+            &shared,
+            &CancelSignal::default(),
+            std::future::pending(),
+        )
+        .await
+    });
+    Session {
+        client,
+        server,
+        audit,
+        relay,
+        _dir: dir,
+    }
+}
+
+impl Session {
+    async fn send(&mut self, parts: &[Bytes]) {
+        self.client
+            .write_all(&cat(parts))
+            .await
+            .expect("client write");
+    }
+
+    async fn answer(&mut self, parts: &[Bytes]) {
+        self.server
+            .write_all(&cat(parts))
+            .await
+            .expect("server write");
+    }
+
+    /// Ends the session as a client does, and returns the audit trail's statement records
+    /// with their outcomes, in order.
+    async fn finish(mut self) -> Vec<(StatementRecord, Option<StatementOutcome>)> {
+        self.send(&[terminate()]).await;
+        let x = read_msg(&mut self.server).await;
+        assert_eq!(x.tag, b'X', "Terminate is forwarded");
+        let end = self.relay.await.expect("relay task").expect("relay");
+        assert_eq!(end, End::ClientTerminated);
+        self.audit.sync().await.expect("audit sync");
+        self.audit.sync_index().await.expect("audit index");
+        let records = self
+            .audit
+            .store()
+            .records_after(None, 10_000)
+            .expect("records");
+        let mut out: Vec<(
+            crate::audit::RecordId,
+            StatementRecord,
+            Option<StatementOutcome>,
+        )> = Vec::new();
+        for (_, r) in records {
+            match r.event {
+                AuditEvent::Statement(s) => out.push((r.seq, s, None)),
+                AuditEvent::Outcome(o) => {
+                    if let Some(e) = out.iter_mut().find(|e| e.0 == o.statement) {
+                        e.2 = Some(o);
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.into_iter().map(|(_, s, o)| (s, o)).collect()
+    }
+}
+
+/// The stand-in the relay sent PostgreSQL for a refused statement.
+fn nonce_of(sql: &str) -> &str {
+    assert!(
+        sql.starts_with("interceptor_refused_"),
+        "not a refusal stand-in: {sql}"
+    );
+    sql
+}
+
+fn query_text(m: &Msg) -> String {
+    assert_eq!(m.tag, b'Q');
+    message::decode_query(&m.body).expect("query").to_owned()
+}
+
+fn parse_text(m: &Msg) -> String {
+    assert_eq!(m.tag, b'P');
+    message::decode_parse(&m.body)
+        .expect("parse")
+        .sql
+        .to_owned()
+}
+
+// -------------------------------------------------------------------- tests
+
+/// psql: one simple Query, answered with a row; everything passes through unchanged and the
+/// statement is recorded with its outcome.
+#[tokio::test]
+async fn psql_simple_query_is_forwarded_verbatim_and_recorded() {
+    let mut s = start(None);
+    let q = message::query("SELECT 1 AS one;");
+    s.send(std::slice::from_ref(&q)).await;
+    let up = read_until(&mut s.server, b'Q').await;
+    assert_eq!(raw(&up), q.to_vec(), "upstream gets the client's bytes");
+
+    let answer = [
+        row_description(&["one"]),
+        data_row(&["1"]),
+        complete("SELECT 1"),
+        ready(),
+    ];
+    s.answer(&answer).await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(
+        raw(&down),
+        cat(&answer),
+        "the client gets PostgreSQL's bytes"
+    );
+
+    let records = s.finish().await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let (st, outcome) = &records[0];
+    assert_eq!(st.sql, "SELECT 1 AS one;");
+    assert_eq!(st.protocol, QueryProtocol::Simple);
+    assert_eq!(st.decision, "allow");
+    let outcome = outcome.as_ref().expect("outcome recorded");
+    assert_eq!(outcome.command_tags, vec!["SELECT 1".to_owned()]);
+    assert_eq!(outcome.sqlstate, None);
+}
+
+/// psql: a refused statement never reaches PostgreSQL; the stand-in's syntax error becomes
+/// interceptor's refusal, and the session goes on.
+#[tokio::test]
+async fn psql_refused_query_is_replaced_and_its_error_swapped() {
+    let mut s = start(None);
+    s.send(&[message::query("DROP TABLE accounts")]).await;
+    let up = read_until(&mut s.server, b'Q').await;
+    assert_eq!(up.len(), 1);
+    let stand_in = query_text(&up[0]);
+    let nonce = nonce_of(&stand_in);
+    assert!(!stand_in.contains("DROP"), "{stand_in}");
+
+    s.answer(&[syntax_error_at(nonce), ready()]).await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "EZ");
+    let (code, msg) = down[0].error();
+    assert_eq!(code, "42501");
+    assert!(msg.contains("no drops here"), "{msg}");
+    assert!(!msg.contains("interceptor_refused_"), "{msg}");
+
+    // The next statement is served as usual.
+    let q = message::query("SELECT 2");
+    s.send(std::slice::from_ref(&q)).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'Q').await), q.to_vec());
+    let answer = [
+        row_description(&["?column?"]),
+        data_row(&["2"]),
+        complete("SELECT 1"),
+        ready(),
+    ];
+    s.answer(&answer).await;
+    assert_eq!(raw(&read_until(&mut s.client, b'Z').await), cat(&answer));
+
+    let records = s.finish().await;
+    let decisions: Vec<(&str, &str)> = records
+        .iter()
+        .map(|(r, _)| (r.sql.as_str(), r.decision.as_str()))
+        .collect();
+    assert_eq!(
+        decisions,
+        [("DROP TABLE accounts", "deny"), ("SELECT 2", "allow")]
+    );
+    assert_eq!(records[0].0.rule.as_deref(), Some("no-drops"));
+}
+
+/// pgbench -M prepared: Parse/Bind/Describe/Execute/Sync of a named statement, then
+/// Bind/Execute/Sync reusing it; all forwarded verbatim, each Execute recorded.
+#[tokio::test]
+async fn pgbench_prepared_statements_are_forwarded_and_each_execute_recorded() {
+    let mut s = start(None);
+    let sql = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+    let first = [
+        parse("P0_1", sql),
+        bind("", "P0_1", &["17"]),
+        describe(b'P', ""),
+        execute(""),
+        sync(),
+    ];
+    s.send(&first).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&first));
+    let answer = [
+        parse_complete(),
+        bind_complete(),
+        row_description(&["abalance"]),
+        data_row(&["0"]),
+        complete("SELECT 1"),
+        ready(),
+    ];
+    s.answer(&answer).await;
+    assert_eq!(raw(&read_until(&mut s.client, b'Z').await), cat(&answer));
+
+    let again = [bind("", "P0_1", &["42"]), execute(""), sync()];
+    s.send(&again).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&again));
+    let answer = [
+        bind_complete(),
+        data_row(&["-5"]),
+        complete("SELECT 1"),
+        ready(),
+    ];
+    s.answer(&answer).await;
+    assert_eq!(raw(&read_until(&mut s.client, b'Z').await), cat(&answer));
+
+    let records = s.finish().await;
+    assert_eq!(records.len(), 2, "one record per Execute: {records:?}");
+    for ((r, o), param) in records.iter().zip(["17", "42"]) {
+        assert_eq!(r.sql, sql);
+        assert_eq!(r.protocol, QueryProtocol::Extended);
+        assert_eq!(r.parameters, vec![Some(param.to_owned())]);
+        assert_eq!(r.decision, "allow");
+        let o = o.as_ref().expect("outcome");
+        assert_eq!(o.command_tags, vec!["SELECT 1".to_owned()]);
+    }
+}
+
+/// tokio-postgres: prepare (Parse/Describe/Sync), then several Bind/Execute/Sync groups sent
+/// without waiting for answers (pipelining); answers map back to their statements in order.
+#[tokio::test]
+async fn tokio_postgres_pipeline_keeps_answers_in_order() {
+    let mut s = start(None);
+    let prepare = [
+        parse("s0", "SELECT $1::int4 + 1"),
+        describe(b'S', "s0"),
+        sync(),
+    ];
+    s.send(&prepare).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&prepare));
+    let mut pd = BytesMut::new();
+    pd.put_i16(1);
+    pd.put_u32(23);
+    let answer = [
+        parse_complete(),
+        frame(b't', &pd),
+        row_description(&["?column?"]),
+        ready(),
+    ];
+    s.answer(&answer).await;
+    assert_eq!(raw(&read_until(&mut s.client, b'Z').await), cat(&answer));
+
+    let mut pipelined = Vec::new();
+    for n in ["1", "2", "3"] {
+        pipelined.extend([bind("", "s0", &[n]), execute(""), sync()]);
+    }
+    s.send(&pipelined).await;
+    let mut up = Vec::new();
+    for _ in 0..3 {
+        up.extend(read_until(&mut s.server, b'S').await);
+    }
+    assert_eq!(raw(&up), cat(&pipelined));
+    let mut answers = Vec::new();
+    for n in ["2", "3", "4"] {
+        answers.extend([
+            bind_complete(),
+            data_row(&[n]),
+            complete("SELECT 1"),
+            ready(),
+        ]);
+    }
+    s.answer(&answers).await;
+    let mut down = Vec::new();
+    for _ in 0..3 {
+        down.extend(read_until(&mut s.client, b'Z').await);
+    }
+    assert_eq!(raw(&down), cat(&answers));
+
+    let records = s.finish().await;
+    let params: Vec<_> = records.iter().map(|(r, _)| r.parameters.clone()).collect();
+    assert_eq!(
+        params,
+        [
+            vec![Some("1".to_owned())],
+            vec![Some("2".to_owned())],
+            vec![Some("3".to_owned())]
+        ]
+    );
+    assert!(
+        records
+            .iter()
+            .all(|(_, o)| o.as_ref().is_some_and(|o| o.sqlstate.is_none()))
+    );
+}
+
+/// A JDBC-style batch: three statements in one pipeline ending in one Sync, the middle one
+/// refused. The refused Parse is replaced in place; PostgreSQL fails it, skips the rest up to
+/// Sync as it does after any error, and the client sees interceptor's refusal where that
+/// statement's answer belongs.
+#[tokio::test]
+async fn jdbc_pipeline_with_a_refused_statement_in_the_middle() {
+    let mut s = start(None);
+    let first = [
+        parse("", "INSERT INTO audit_log(note) VALUES ($1)"),
+        bind("", "", &["a"]),
+        describe(b'P', ""),
+        execute(""),
+    ];
+    let refused = parse("", "DROP TABLE audit_log");
+    let after_refused = [bind("", "", &[]), describe(b'P', ""), execute("")];
+    let last = [
+        parse("", "SELECT count(*) FROM audit_log"),
+        bind("", "", &[]),
+        describe(b'P', ""),
+        execute(""),
+        sync(),
+    ];
+    let mut batch = first.to_vec();
+    batch.push(refused.clone());
+    batch.extend(after_refused.iter().cloned());
+    batch.extend(last.iter().cloned());
+    s.send(&batch).await;
+
+    let up = read_until(&mut s.server, b'S').await;
+    // Forwarded: the first statement as sent, a stand-in Parse in place of the refused one,
+    // then everything after it as sent (PostgreSQL skips it after the stand-in's error).
+    assert_eq!(tags(&up), "PBDEPBDEPBDES");
+    assert_eq!(raw(&up[..4]), cat(&first));
+    let stand_in = parse_text(&up[4]);
+    let nonce = nonce_of(&stand_in).to_owned();
+    assert_ne!(up[4].raw(), refused.to_vec());
+    assert_eq!(raw(&up[5..]), [cat(&after_refused), cat(&last)].concat());
+
+    let answer = [
+        parse_complete(),
+        bind_complete(),
+        frame(b'n', &[]),
+        complete("INSERT 0 1"),
+        syntax_error_at(&nonce),
+        ready(),
+    ];
+    s.answer(&answer).await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "12nCEZ");
+    assert_eq!(raw(&down[..4]), cat(&answer[..4]));
+    let (code, msg) = down[4].error();
+    assert_eq!(code, "42501");
+    assert!(msg.contains("no drops here"), "{msg}");
+
+    let records = s.finish().await;
+    let seen: Vec<(&str, &str)> = records
+        .iter()
+        .map(|(r, _)| (r.sql.as_str(), r.decision.as_str()))
+        .collect();
+    // The refused Parse is evidence; the INSERT ran; the SELECT after the error was skipped.
+    assert!(seen.contains(&("DROP TABLE audit_log", "deny")), "{seen:?}");
+    let insert = records
+        .iter()
+        .find(|(r, _)| r.sql.starts_with("INSERT"))
+        .expect("insert recorded");
+    assert_eq!(
+        insert.1.as_ref().map(|o| o.command_tags.clone()),
+        Some(vec!["INSERT 0 1".to_owned()])
+    );
+    let select = records
+        .iter()
+        .find(|(r, _)| r.sql.starts_with("SELECT count"))
+        .expect("the Execute after the refusal is decided and recorded");
+    assert!(
+        select.1.as_ref().is_some_and(|o| o.skipped),
+        "PostgreSQL skipped it: {select:?}"
+    );
+}
+
+/// PostgreSQL's parser runs once per statement through classification and the masking
+/// rewrite: the rewrite reuses the gate's tree, and a statement whose classification came
+/// from the cache is parsed once, by the rewrite.
+#[tokio::test]
+async fn each_statement_is_parsed_once_through_classify_and_mask() {
+    let mut s = start(Some(MASK));
+    for (i, sql) in ["SELECT 1 AS n", "SELECT 2 AS n"].into_iter().enumerate() {
+        let before = crate::policy::pgparse::parses();
+        let q = message::query(sql);
+        s.send(std::slice::from_ref(&q)).await;
+        let up = read_until(&mut s.server, b'Q').await;
+        assert_eq!(raw(&up), q.to_vec(), "nothing to rewrite in {sql}");
+        let parses = crate::policy::pgparse::parses() - before;
+        // The first is classified (one parse, reused by the rewrite); the second has the
+        // first's shape, so its classification is cached and only the rewrite parses it.
+        assert_eq!(parses, 1, "statement {i} `{sql}` parsed {parses} times");
+        let answer = [
+            row_description(&["n"]),
+            data_row(&["1"]),
+            complete("SELECT 1"),
+            ready(),
+        ];
+        s.answer(&answer).await;
+        read_until(&mut s.client, b'Z').await;
+    }
+    // Extended protocol: the Parse is classified and rewritten with one parse as well.
+    let before = crate::policy::pgparse::parses();
+    let batch = [
+        parse("", "SELECT 'x' AS label"),
+        bind("", "", &[]),
+        execute(""),
+        sync(),
+    ];
+    s.send(&batch).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&batch));
+    // Execute decides again from the cache, without parsing.
+    assert_eq!(crate::policy::pgparse::parses() - before, 1);
+    s.answer(&[
+        parse_complete(),
+        bind_complete(),
+        data_row(&["x"]),
+        complete("SELECT 1"),
+        ready(),
+    ])
+    .await;
+    read_until(&mut s.client, b'Z').await;
+    s.finish().await;
+}
+
+/// A statement past the policy's `max_rows`: the rows beyond it are withheld from the client,
+/// PostgreSQL is asked to cancel, and the statement ends with interceptor's error in place of
+/// PostgreSQL's cancel error.
+#[tokio::test]
+async fn rows_past_max_rows_are_withheld_and_the_statement_cut() {
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let mut s = start_with(Options {
+        max_rows: Some((2, cancelled.clone())),
+        ..Options::default()
+    });
+    let q = message::query("SELECT g FROM generate_series(1, 1000000) g");
+    s.send(std::slice::from_ref(&q)).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'Q').await), q.to_vec());
+    let mut canceled = BytesMut::new();
+    for (k, v) in [
+        (b'S', "ERROR"),
+        (b'V', "ERROR"),
+        (b'C', "57014"),
+        (b'M', "canceling statement due to user request"),
+    ] {
+        canceled.put_u8(k);
+        cstr(&mut canceled, v);
+    }
+    canceled.put_u8(0);
+    let answer = [
+        row_description(&["g"]),
+        data_row(&["1"]),
+        data_row(&["2"]),
+        data_row(&["3"]),
+        data_row(&["4"]),
+        frame(b'E', &canceled),
+        ready(),
+    ];
+    s.answer(&answer).await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "TDDEZ", "rows 3 and 4 withheld");
+    assert_eq!(raw(&down[..3]), cat(&answer[..3]));
+    let (code, msg) = down[3].error();
+    assert_eq!(code, "54000");
+    assert!(msg.contains("more than 2 rows"), "{msg}");
+    assert!(
+        cancelled.load(Ordering::SeqCst),
+        "PostgreSQL was asked to stop"
+    );
+
+    let records = s.finish().await;
+    let outcome = records[0].1.as_ref().expect("outcome");
+    assert_eq!(outcome.sqlstate.as_deref(), Some("54000"));
+}
+
+/// A client whose encoding is not UTF8 cannot be inspected: its statements are refused in
+/// place, and PostgreSQL never sees them.
+#[tokio::test]
+async fn statements_in_another_client_encoding_are_refused() {
+    let mut s = start_with(Options {
+        params: &[("client_encoding", "LATIN1")],
+        ..Options::default()
+    });
+    s.send(&[message::query("SELECT 1")]).await;
+    let up = read_until(&mut s.server, b'Q').await;
+    let stand_in = query_text(&up[0]);
+    s.answer(&[syntax_error_at(nonce_of(&stand_in)), ready()])
+        .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "EZ");
+    assert_eq!(down[0].error().0, "0A000");
+    s.finish().await;
+}
+
+// --------------------------------------------------------------- the gate alone
+
+const UTF8_ON: LexState = LexState {
+    standard_conforming_strings: true,
+    client_encoding_utf8: true,
+};
+
+fn refused(v: Verdict) -> crate::net::message::PgError {
+    match v {
+        Verdict::Refuse(e) => e,
+        Verdict::Forward { .. } => panic!("forwarded, expected a refusal"),
+        Verdict::Hold(h) => panic!("held ({h:?}), expected a refusal"),
+    }
+}
+
+fn forwarded(v: Verdict) -> (bool, bool) {
+    match v {
+        Verdict::Forward { record, tree } => (record.is_some(), tree.is_some()),
+        Verdict::Refuse(e) => panic!("refused: {}", e.message),
+        Verdict::Hold(h) => panic!("held ({h:?})"),
+    }
+}
+
+/// Allowed statements are recorded and carry the parse the decision was made on when the
+/// text was parsed for it; a cached shape carries none.
+#[tokio::test]
+async fn gate_forwards_with_a_record_and_the_tree_of_a_fresh_parse() {
+    let (mut gate, _recorder, _audit, _dir) = gate();
+    assert_eq!(
+        forwarded(gate.query("SELECT 10", UTF8_ON).await),
+        (true, true)
+    );
+    assert_eq!(
+        forwarded(gate.query("SELECT 11", UTF8_ON).await),
+        (true, false),
+        "same shape: classified from the cache, no tree"
+    );
+    gate.flush().await.expect("flush");
+}
+
+/// Refusals: by rule (with the rule named), at Parse (recorded as evidence), after the session
+/// was asked to end, and for a portal the gate never allowed (PostgreSQL answers that one).
+#[tokio::test]
+async fn gate_refuses_by_rule_at_parse_and_when_stopping() {
+    let (mut gate, _recorder, audit, _dir) = gate();
+    let e = refused(gate.query("DROP TABLE t", UTF8_ON).await);
+    assert_eq!(e.code, "42501");
+    assert!(
+        e.detail.as_deref().is_some_and(|d| d.contains("no-drops")),
+        "{e:?}"
+    );
+
+    let e = refused(gate.parse("s1", "DROP TABLE t", UTF8_ON).await);
+    assert_eq!(e.code, "42501");
+    // A Bind/Execute of the refused statement is not the gate's to run: PostgreSQL fails it.
+    assert_eq!(
+        forwarded(gate.execute("nope", UTF8_ON).await),
+        (false, false)
+    );
+
+    gate.facts().activity.stopping.store(true, Ordering::SeqCst);
+    let e = refused(gate.query("SELECT 1", UTF8_ON).await);
+    assert_eq!(e.code, "57P01");
+
+    gate.flush().await.expect("flush");
+    audit.sync_index().await.expect("index");
+    let denied: Vec<(QueryProtocol, String)> = audit
+        .store()
+        .records_after(None, 100)
+        .expect("records")
+        .into_iter()
+        .filter_map(|(_, r)| match r.event {
+            AuditEvent::Statement(s) if s.decision == "deny" => Some((s.protocol, s.sql)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        denied,
+        [
+            (QueryProtocol::Simple, "DROP TABLE t".to_owned()),
+            (QueryProtocol::Extended, "DROP TABLE t".to_owned())
+        ]
+    );
+}
