@@ -1,19 +1,4 @@
-//! The SQL lexer and classifier, with both `standard_conforming_strings` settings.
+//! libFuzzer target: see `interceptor::fuzzing::sql_classify` for what it covers.
 #![no_main]
 
-use interceptor::policy::{classify, lexer};
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let Ok(sql) = std::str::from_utf8(data) else {
-        return;
-    };
-    for scs in [true, false] {
-        let lex = lexer::LexSettings {
-            standard_conforming_strings: scs,
-        };
-        let _ = lexer::split_statements(sql, lex);
-        let _ = lexer::tokenize(sql, lex);
-        let _ = classify::classify(sql, lex);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| interceptor::fuzzing::sql_classify(data));

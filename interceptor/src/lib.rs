@@ -14,6 +14,9 @@ pub mod audit;
 pub mod config;
 pub mod console;
 pub mod ebpf;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 pub mod mask;
 pub mod metrics;

@@ -10,6 +10,7 @@ mod fuzz;
 mod harness_env;
 mod package;
 mod setup;
+mod soak;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +49,8 @@ enum Task {
     Package(package::PackageArgs),
     /// Run every libFuzzer target in fuzz/ (needs the nightly toolchain and cargo-fuzz).
     Fuzz(fuzz::FuzzArgs),
+    /// Sustained mixed load through interceptor, then audit vs PostgreSQL counts, RSS and fds.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,5 +64,6 @@ fn main() -> anyhow::Result<()> {
         Task::Differential(args) => differential::run(&args),
         Task::Package(args) => package::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
+        Task::Soak(args) => soak::run(&args),
     }
 }

@@ -323,5 +323,59 @@ fn cap(rows: &mut Vec<Vec<Option<String>>>, truncated: &mut bool, max_rows: usiz
     }
 }
 
+/// The write-ahead replay for [`crate::fuzzing`].
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+#[allow(clippy::panic)] // a broken invariant must crash: that is what the fuzzer reports
+pub mod fuzzing {
+    use super::{block, chain, signing, wal};
+
+    /// Replays write-ahead bytes as a start does, `data` being two segments split at `cut`:
+    /// frames recovered, each record decoded, records folded into blocks and read back (which
+    /// must give exactly the records put in). Returns the number of frames recovered.
+    pub fn wal_replay(data: &[u8], cut: usize) -> usize {
+        let cut = cut.min(data.len());
+        let mut replay = wal::Replay::default();
+        replay.segment(&data[..cut]);
+        replay.segment(&data[cut..]);
+        let recovered = replay.finish();
+        for frame in &recovered.frames {
+            let _ = block::fold_pairs(&frame.pairs);
+            let mut builder = block::BlockBuilder::default();
+            let mut put = Vec::new();
+            let mut blocks = Vec::new();
+            for (k, v) in &frame.pairs {
+                match chain::seq_of_key(k).filter(|_| k.len() == 9) {
+                    Some(seq) if k.first() == chain::record_key(seq).first() => {
+                        let _ = chain::decode_record(v);
+                        if let Some(b) = builder.push_closing(seq, v) {
+                            blocks.push(b);
+                        }
+                        put.push((seq, v.clone()));
+                    }
+                    _ => {
+                        let _ = signing::Mark::decode(v);
+                    }
+                }
+            }
+            blocks.extend(builder.take());
+            let mut got = Vec::new();
+            for (_, value) in &blocks {
+                for entry in block::entries(value) {
+                    match entry {
+                        Ok((seq, stored)) => got.push((seq, stored.to_vec())),
+                        Err(e) => panic!("a block just built does not read back: {e:?}"),
+                    }
+                }
+            }
+            assert!(
+                got == put,
+                "blocks read back differ from the records put in"
+            );
+        }
+        recovered.frames.len()
+    }
+}
+
 #[cfg(test)]
 mod tests;

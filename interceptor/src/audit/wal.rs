@@ -189,6 +189,17 @@ impl Wal {
         self.len
     }
 
+    /// Cuts the current segment back to `len` bytes: drops what a failed append or sync left
+    /// of a frame (a partial write, or a whole frame of unknown durability), so the segment
+    /// stays parseable and the frame can be written again.
+    pub(crate) fn truncate(&mut self, len: u64) -> Result<(), AuditError> {
+        self.file
+            .set_len(len)
+            .map_err(|e| AuditError::io(&self.path, e))?;
+        self.len = len;
+        Ok(())
+    }
+
     /// Seals the current segment and starts the next; returns the sealed number and, when
     /// the sealed one holds unsynced frames, a handle to `fdatasync` it with.
     pub(crate) fn rotate(&mut self) -> Result<(u64, Option<File>), AuditError> {
@@ -229,39 +240,55 @@ pub(crate) struct Recovered {
 
 /// Reads the frames of every segment in `dir`, oldest first.
 pub(crate) fn recover(dir: &Path) -> Result<Recovered, AuditError> {
-    let mut frames: Vec<Frame> = Vec::new();
-    let mut discarded_bytes = 0u64;
-    let mut stopped = false;
+    let mut replay = Replay::default();
     for (_, path) in segments(dir)? {
         let mut data = Vec::new();
         File::open(&path)
             .and_then(|mut f| f.read_to_end(&mut data))
             .map_err(|e| AuditError::io(&path, e))?;
-        if stopped {
+        replay.segment(&data);
+    }
+    Ok(replay.finish())
+}
+
+/// [`recover`]'s reading of segment contents, oldest first.
+#[derive(Default)]
+pub(crate) struct Replay {
+    frames: Vec<Frame>,
+    discarded_bytes: u64,
+    stopped: bool,
+}
+
+impl Replay {
+    pub(crate) fn segment(&mut self, data: &[u8]) {
+        if self.stopped {
             // Nothing after a bad frame can be trusted to follow it.
-            discarded_bytes += data.len() as u64;
-            continue;
+            self.discarded_bytes += data.len() as u64;
+            return;
         }
         let mut at = 0usize;
         while let Some((frame, used)) = decode(&data[at..]) {
             // Records of a frame follow the previous frame's; anything else is stale.
-            if let Some(prev) = frames.last()
+            if let Some(prev) = self.frames.last()
                 && frame.first_seq <= prev.first_seq
             {
                 break;
             }
-            frames.push(frame);
+            self.frames.push(frame);
             at += used;
         }
         if at < data.len() {
-            discarded_bytes += (data.len() - at) as u64;
-            stopped = true;
+            self.discarded_bytes += (data.len() - at) as u64;
+            self.stopped = true;
         }
     }
-    Ok(Recovered {
-        frames,
-        discarded_bytes,
-    })
+
+    pub(crate) fn finish(self) -> Recovered {
+        Recovered {
+            frames: self.frames,
+            discarded_bytes: self.discarded_bytes,
+        }
+    }
 }
 
 /// One frame from the start of `data` and the bytes it used; `None` if torn or corrupt.

@@ -29,6 +29,8 @@ use super::store::Store;
 use super::wal::Wal;
 use super::{AuditError, MAX_PENDING};
 
+mod outage;
+
 /// A periodic checkpoint is kept after this many records or this much time.
 const CHECKPOINT_EVERY_RECORDS: u64 = 1000;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
@@ -74,6 +76,8 @@ struct Queue {
     /// ... for longer than [`LAZY_COMMIT`]: the first record nobody waits for wakes it.
     deaf: bool,
     failed: Option<String>,
+    /// `failed` is an outage the writer retries (see [`outage`]), not a permanent failure.
+    outage: bool,
     shutdown: bool,
 }
 
@@ -111,6 +115,7 @@ impl Shared {
                 idle: false,
                 deaf: false,
                 failed: None,
+                outage: false,
                 shutdown: false,
             }),
             wake: Condvar::new(),
@@ -126,7 +131,9 @@ impl Shared {
         waiter: Option<Waiter>,
     ) -> Result<RecordId, AuditError> {
         let mut q = self.queue.lock().map_err(|_| poisoned())?;
-        if let Some(f) = &q.failed {
+        if let Some(f) = &q.failed
+            && !outage::admits(q.outage, &event, waiter.is_some())
+        {
             return Err(AuditError::Failed(f.clone()));
         }
         if q.shutdown {
@@ -172,6 +179,10 @@ impl Shared {
             let mut q = self.queue.lock().map_err(|_| poisoned())?;
             if q.shutdown {
                 return Err(AuditError::Closed);
+            }
+            if let (true, Some(f)) = (q.outage, &q.failed) {
+                // The writer thread's retry writes what is queued (see `outage`).
+                return Err(AuditError::Failed(f.clone()));
             }
             let batch = std::mem::take(&mut q.pending);
             // The thread hands committed records to sled; one asleep for long must hear of them.
@@ -256,11 +267,13 @@ impl Shared {
         self.visible.lock().ok().and_then(|h| h.clone())
     }
 
+    /// Stops the log for good (fail closed): ends any outage the writer was retrying.
     pub(crate) fn fail(&self, message: &str) {
-        if let Ok(mut q) = self.queue.lock()
-            && q.failed.is_none()
-        {
-            q.failed = Some(message.to_string());
+        if let Ok(mut q) = self.queue.lock() {
+            if q.failed.is_none() || q.outage {
+                q.failed = Some(message.to_string());
+            }
+            q.outage = false;
         }
     }
 }
@@ -294,6 +307,8 @@ pub(crate) struct Writer {
     /// Files whose periodic `fdatasync` is due; the writer thread runs them once it has
     /// released the writer lock, so callers committing meanwhile never wait for the disk.
     deferred: Vec<File>,
+    /// A write failure being retried, and the low-space deferral of sled's hand-over and sync.
+    outage: outage::State,
 }
 
 /// What one commit puts in the write-ahead frame, before it is written: the sealed records,
@@ -386,6 +401,7 @@ impl Writer {
             retention: RetentionPolicy::from_config(cfg),
             head_mark: super::headmark::HeadMarkFile::open(&super::integrity::head_mark_path(cfg))?,
             deferred: Vec::new(),
+            outage: outage::State::default(),
         })
     }
 
@@ -414,21 +430,28 @@ impl Writer {
             }
         };
         loop {
-            let Ok((idle_wait, active)) = shared
-                .writer
-                .lock()
-                .map(|w| (w.idle_wait(), w.last_commit.elapsed() < ACTIVE))
-            else {
+            let Ok((idle_wait, active, outage)) = shared.writer.lock().map(|w| {
+                (
+                    w.idle_wait(),
+                    w.last_commit.elapsed() < ACTIVE,
+                    w.outage.active(),
+                )
+            }) else {
                 tracing::error!("audit writer: writer lock poisoned, stopping");
                 return;
             };
+            if outage {
+                // Until the trail can be written again (or the log stops for good).
+                Writer::ride_out(&shared, &applier);
+                continue;
+            }
             let (jobs, shutdown) = {
                 let Ok(mut q) = shared.queue.lock() else {
                     tracing::error!("audit writer: queue lock poisoned, stopping");
                     return;
                 };
                 let mut lazy_deadline: Option<Instant> = None;
-                while !q.urgent && q.jobs.is_empty() && !q.shutdown {
+                while !q.urgent && q.jobs.is_empty() && !q.shutdown && !q.outage {
                     let mut wait = idle_wait;
                     if q.pending.is_empty() {
                         // Shortly after a commit more records nobody waits for are likely
@@ -470,6 +493,15 @@ impl Writer {
                 tracing::error!("audit writer: writer lock poisoned, stopping");
                 return;
             };
+            if w.outage.active() {
+                // Began on a caller's thread (`commit_here`) meanwhile: the jobs go back for
+                // the outage loop to answer, the queued records stay for the retry.
+                drop(w);
+                if let Ok(mut q) = shared.queue.lock() {
+                    q.jobs.extend(jobs);
+                }
+                continue;
+            }
             // Taken under the writer lock: queue order is chain order, and a caller committing
             // on its own thread takes the lock first too.
             let (batch, failed) = match shared.queue.lock() {
@@ -484,6 +516,7 @@ impl Writer {
             }
             w.step(&shared, &applier, jobs, shutdown);
             let deferred = std::mem::take(&mut w.deferred);
+            let outage = w.outage.active();
             drop(w);
             for file in deferred {
                 if let Err(e) = file.sync_data() {
@@ -491,7 +524,7 @@ impl Writer {
                     shared.fail(&format!("audit file sync failed: {e}"));
                 }
             }
-            if shutdown {
+            if shutdown && !outage {
                 let empty = shared
                     .queue
                     .lock()
@@ -584,6 +617,9 @@ impl Writer {
         if self.unapplied.is_empty() && self.unapplied_pairs.is_empty() {
             return;
         }
+        if !self.store_has_room() {
+            return;
+        }
         let job = StoreJob::Apply {
             pairs: std::mem::take(&mut self.unapplied_pairs),
             records: std::mem::take(&mut self.unapplied),
@@ -599,9 +635,11 @@ impl Writer {
     /// sync (handed to the store thread). A failure stops all further appends, as a failed
     /// commit does. At shutdown everything is made durable in sled before returning.
     fn background_sync(&mut self, shared: &Shared, applier: &Applier, shutdown: bool) {
+        if self.outage.active() {
+            return;
+        }
         if let Err(e) = self.background_step(shared, applier, shutdown) {
-            tracing::error!(error = %e, "audit sync failed; refusing further appends");
-            shared.fail(&e.to_string());
+            self.background_failed(shared, e);
         }
     }
 
@@ -616,7 +654,11 @@ impl Writer {
         if self.wal.has_unsynced()
             && (shutdown || self.last_wal_sync.elapsed() >= self.sync_interval)
         {
-            self.deferred.extend(self.wal.sync_later()?);
+            // Not retried: after a failed fdatasync the kernel may have dropped the pages of
+            // frames already acknowledged, so whether they are on disk is unknown.
+            let not_retried = |e: AuditError| AuditError::Failed(e.to_string());
+            self.deferred
+                .extend(self.wal.sync_later().map_err(not_retried)?);
             self.last_wal_sync = Instant::now();
         }
         if self.wal.len() > 0
@@ -632,13 +674,19 @@ impl Writer {
 
     /// Seals the current segment (later commits go to a new one) and asks the store thread to
     /// make sled's files hold everything in it, then delete it. Queued after every apply of
-    /// the frames it holds.
-    fn sync_store(&mut self, shared: &Shared, applier: &Applier) -> Result<(), AuditError> {
+    /// the frames it holds. `false`: put off, the audit disk lacks room for sled's writes.
+    fn sync_store(&mut self, shared: &Shared, applier: &Applier) -> Result<bool, AuditError> {
         self.hand_over(shared, applier);
+        if !self.unapplied.is_empty() || !self.unapplied_pairs.is_empty() {
+            // sled does not hold everything in the segment, so it must not be deleted.
+            self.last_store_sync = Instant::now();
+            return Ok(false);
+        }
         let (sealed, unsynced) = self.wal.rotate()?;
         self.deferred.extend(unsynced);
         self.last_store_sync = Instant::now();
-        applier.send(StoreJob::Sync { upto: sealed })
+        applier.send(StoreJob::Sync { upto: sealed })?;
+        Ok(true)
     }
 
     /// The commit-batch step: the queued records become one sealed, durable frame, and their
@@ -658,6 +706,8 @@ impl Writer {
                 event: p.event,
             });
         }
+        // Where a failed commit's partial frame is cut off before it is retried.
+        let good_len = self.wal.len();
         let result = match failed {
             Some(f) => Err(AuditError::Failed(f)),
             None => {
@@ -675,8 +725,8 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "audit commit failed; refusing further appends");
-                shared.fail(&e.to_string());
+                let records = std::mem::take(&mut records);
+                self.commit_failed(shared, e.clone(), records, good_len);
             }
         }
         for w in waiters {
@@ -780,7 +830,12 @@ impl Writer {
         reply: Option<super::applier::RetentionReply>,
     ) {
         self.last_retention = Some(Instant::now());
-        let r = self.sync_store(shared, applier).and_then(|()| {
+        let r = self.sync_store(shared, applier).and_then(|synced| {
+            if !synced {
+                return Err(AuditError::Request(
+                    "retention put off: the audit disk is nearly full".into(),
+                ));
+            }
             applier.send(StoreJob::Retain {
                 last: self.head.as_ref().map(|h| h.seq),
                 reply: reply.clone(),
