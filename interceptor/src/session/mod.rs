@@ -1,4 +1,5 @@
-//! One client connection: startup, authentication, upstream login and the relay loop.
+//! One client connection, in phases: startup, authenticate, route (policy), login upstream,
+//! relay, end. Each phase is a function that takes what it needs from the one before.
 
 pub mod activity;
 pub mod auth;
@@ -117,11 +118,55 @@ enum SessionError {
     Io(#[from] std::io::Error),
 }
 
-async fn run(
+/// A client that finished the startup phase: its stream, the parameters it sent.
+struct Started {
+    /// Counts the connection among those not yet authenticated until authentication ends.
+    pending: Option<crate::net::admission::Pending>,
+    stream: Stream,
+    reader: crate::net::frame::FrameReader,
+    params: Vec<(String, String)>,
+    user: String,
+    database: String,
+}
+
+impl Started {
+    fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the policy decided for an authenticated identity before anything reaches PostgreSQL.
+struct Routed<'a> {
+    identity: crate::identity::Identity,
+    route: crate::policy::Route,
+    rules: crate::mask::MaskRules,
+    password: Option<crate::secrets::Secret>,
+    passthrough: Vec<(String, String)>,
+    /// Holds the identity's place under `max_sessions` for the session's life.
+    _slot: Option<shared::SessionSlot<'a>>,
+}
+
+/// The phases of one connection, in order; each takes what it needs and hands on what the
+/// next one needs. A refusal ends the session with a FATAL (see [`fatal`]).
+async fn run(stream: Stream, peer: &Peer, server: &Arc<ServerState>) -> Result<(), SessionError> {
+    let Some(mut started) = startup_phase(stream, server).await? else {
+        return Ok(());
+    };
+    let identity = authenticate_phase(&mut started, peer, server).await?;
+    let routed = route_phase(&mut started, identity, server).await?;
+    let (upstream, key) = login_phase(&mut started, &routed, server).await?;
+    relay_phase(started, routed, upstream, key, peer, server).await
+}
+
+/// Admission, TLS/GSS negotiation and the startup packet; a CancelRequest is served here.
+/// `None`: the connection ended without a session (closed, or a cancel request).
+async fn startup_phase(
     mut stream: Stream,
-    peer: &Peer,
     server: &Arc<ServerState>,
-) -> Result<(), SessionError> {
+) -> Result<Option<Started>, SessionError> {
     let limits = &server.config.limits;
     let pending = match server.admission.admit() {
         Ok(p) => p,
@@ -130,9 +175,8 @@ async fn run(
             return fatal(&mut stream, e).await;
         }
     };
-    let auth_deadline = Duration::from_millis(limits.auth_timeout_ms);
     let opening = tokio::time::timeout(
-        auth_deadline,
+        Duration::from_millis(limits.auth_timeout_ms),
         startup::negotiate(
             stream,
             server.tls.as_ref(),
@@ -143,8 +187,8 @@ async fn run(
     .await
     .map_err(|_| SessionError::Timeout)??;
 
-    let (mut stream, mut reader, params, negotiate) = match opening {
-        Opening::Closed => return Ok(()),
+    let (mut stream, reader, params, negotiate) = match opening {
+        Opening::Closed => return Ok(None),
         Opening::Cancel { pid, secret } => {
             match server.cancel.resolve(pid, secret) {
                 Some(key) => {
@@ -153,7 +197,7 @@ async fn run(
                 }
                 None => tracing::info!("ignoring cancel request with an unknown key"),
             }
-            return Ok(());
+            return Ok(None);
         }
         Opening::Startup {
             stream,
@@ -192,10 +236,31 @@ async fn run(
             .write_all(&message::negotiate_protocol_version(*minor, unrecognized))
             .await?;
     }
+    Ok(Some(Started {
+        pending: Some(pending),
+        stream,
+        reader,
+        params,
+        user,
+        database,
+    }))
+}
 
+/// Proves who the client is (SCRAM, OIDC token, certificate) and attaches the kernel-attested
+/// process.
+async fn authenticate_phase(
+    started: &mut Started,
+    peer: &Peer,
+    server: &Arc<ServerState>,
+) -> Result<crate::identity::Identity, SessionError> {
     let identity = tokio::time::timeout(
-        auth_deadline,
-        auth::authenticate(&mut stream, &mut reader, &server.identities(), &user),
+        Duration::from_millis(server.config.limits.auth_timeout_ms),
+        auth::authenticate(
+            &mut started.stream,
+            &mut started.reader,
+            &server.identities(),
+            &started.user,
+        ),
     )
     .await
     .map_err(|_| SessionError::Timeout)?;
@@ -204,17 +269,27 @@ async fn run(
         Err(e) => {
             let pg = e.to_pg();
             crate::metrics::refusal(&pg.code);
-            let _ = stream.write_all(&pg.encode()).await;
+            let _ = started.stream.write_all(&pg.encode()).await;
             return Err(e.into());
         }
     };
-
     identity.process = peer.process();
-    drop(pending);
+    // Authenticated: no longer counted among the connections that have not proven who they are.
+    drop(started.pending.take());
     tracing::Span::current().record("identity", identity.subject.as_str());
+    Ok(identity)
+}
 
+/// The policy that routes this identity to this database: its upstream role, its limits
+/// (`max_sessions` taken here), its masking rules, the startup settings it lets through.
+async fn route_phase<'a>(
+    started: &mut Started,
+    identity: crate::identity::Identity,
+    server: &'a Arc<ServerState>,
+) -> Result<Routed<'a>, SessionError> {
+    let stream = &mut started.stream;
     let policy = server.policy.current();
-    let route = match policy.route(&identity, &database) {
+    let route = match policy.route(&identity, &started.database) {
         Ok(r) => r,
         Err(refusal) => {
             tracing::info!(
@@ -223,7 +298,7 @@ async fn run(
                 "login refused by policy"
             );
             return fatal(
-                &mut stream,
+                stream,
                 PgError::fatal(
                     refusal.sqlstate,
                     format!("interceptor: {}", refusal.message),
@@ -232,13 +307,12 @@ async fn run(
             .await;
         }
     };
-    let role = route.upstream_role.clone();
-    let _session_slot = match route.limits.max_sessions {
+    let slot = match route.limits.max_sessions {
         Some(max) => match server.sessions.acquire(&identity.subject, max) {
             Some(slot) => Some(slot),
             None => {
                 return fatal(
-                    &mut stream,
+                    stream,
                     PgError::fatal(
                         "53300",
                         format!(
@@ -260,7 +334,7 @@ async fn run(
         Err(e) => {
             tracing::error!(error = %e, policy = route.policy, "masking rules unusable: refusing the session");
             return fatal(
-                &mut stream,
+                stream,
                 PgError::fatal(
                     sqlstate::INTERNAL_ERROR,
                     "interceptor: the masking rules for this session are invalid, so it cannot start",
@@ -269,39 +343,58 @@ async fn run(
             .await;
         }
     };
-    let password = server.secrets().password_for(&role);
+    let password = server.secrets().password_for(&route.upstream_role);
     // Every startup setting is forwarded or refused by name, as the policy decides.
     let passthrough = match startup::decide_settings(
-        &params,
+        &started.params,
         &server.policy.current(),
         &identity,
-        &database,
+        &started.database,
         &route,
     ) {
         Ok(p) => p,
         Err(refused) => {
             tracing::info!(reason = refused.message, "startup setting refused");
             return fatal(
-                &mut stream,
+                stream,
                 PgError::fatal(refused.sqlstate, refused.message).with_hint(refused.hint),
             )
             .await;
         }
     };
+    Ok(Routed {
+        identity,
+        route,
+        rules,
+        password,
+        passthrough,
+        _slot: slot,
+    })
+}
+
+/// Logs in to PostgreSQL as the routed role (interceptor's own credentials) and greets the
+/// client with PostgreSQL's parameters and interceptor's cancel key.
+async fn login_phase<'a>(
+    started: &mut Started,
+    routed: &Routed<'_>,
+    server: &'a Arc<ServerState>,
+) -> Result<(upstream::Upstream, cancel::CancelKey<'a>), SessionError> {
+    let role = &routed.route.upstream_role;
     // The policy may give these identities a larger (or smaller) message limit.
-    let max_message = route
+    let max_message = routed
+        .route
         .limits
         .max_message_bytes
-        .unwrap_or(limits.max_message_bytes);
-    reader.set_max(max_message);
+        .unwrap_or(server.config.limits.max_message_bytes);
+    started.reader.set_max(max_message);
     let login_started = std::time::Instant::now();
     let login = server
         .upstream
         .login_limited(
-            &role,
-            password.as_ref(),
-            &database,
-            &passthrough,
+            role,
+            routed.password.as_ref(),
+            &started.database,
+            &routed.passthrough,
             max_message,
         )
         .await;
@@ -337,7 +430,7 @@ async fn run(
                 .with_hint("the database server may be down; try again or contact the operator"),
             };
             crate::metrics::refusal(&pg.code);
-            let _ = stream.write_all(&pg.encode()).await;
+            let _ = started.stream.write_all(&pg.encode()).await;
             return Err(e.into());
         }
     };
@@ -356,8 +449,37 @@ async fn run(
         hello.extend_from_slice(n);
     }
     hello.extend_from_slice(&message::ready_for_query(upstream.status));
-    stream.write_all(&hello).await?;
+    started.stream.write_all(&hello).await?;
+    Ok((upstream, key))
+}
 
+/// Records the session's start (durably: no session without it), relays until either side
+/// ends, and records the end.
+async fn relay_phase(
+    started: Started,
+    routed: Routed<'_>,
+    upstream: upstream::Upstream,
+    key: cancel::CancelKey<'_>,
+    peer: &Peer,
+    server: &Arc<ServerState>,
+) -> Result<(), SessionError> {
+    let application_name = started.param("application_name").map(str::to_owned);
+    let Started {
+        mut stream,
+        reader,
+        database,
+        ..
+    } = started;
+    // `_slot` keeps the identity's `max_sessions` place until the session ends.
+    let Routed {
+        identity,
+        route,
+        rules,
+        password,
+        _slot,
+        ..
+    } = routed;
+    let role = route.upstream_role.clone();
     let session_id = server.audit.new_session_id();
     tracing::Span::current().record("id", session_id.0);
     let start = crate::audit::AuditEvent::SessionStart(crate::audit::SessionStart {
@@ -379,7 +501,7 @@ async fn run(
         tls: tls_info(&stream),
         database: database.clone(),
         upstream_role: role.clone(),
-        application_name: get("application_name").map(str::to_owned),
+        application_name,
     });
     if let Err(e) = server.audit.append_durable(start).await {
         tracing::error!(error = %e, "AUDIT TRAIL UNAVAILABLE: refusing the session (fail closed)");
@@ -467,6 +589,18 @@ async fn run(
         live.session.stopped(),
     )
     .await;
+    let stop_reason = live.session.stop_reason();
+    end_phase(server, &facts, &shared, stop_reason, end)
+}
+
+/// Ends what the session held (its approval requests), logs and records how it ended.
+fn end_phase(
+    server: &ServerState,
+    facts: &SessionFacts,
+    shared: &relay::Shared,
+    stop_reason: Option<String>,
+    end: Result<relay::End, relay::RelayError>,
+) -> Result<(), SessionError> {
     if let Some(svc) = &server.approvals {
         svc.end_session(facts.session_id.0);
     }
@@ -484,10 +618,9 @@ async fn run(
         Ok(relay::End::ClientTerminated) => "client_terminate".to_owned(),
         Ok(relay::End::ClientGone) => "client_disconnect".to_owned(),
         Ok(relay::End::UpstreamGone) => "server_closed".to_owned(),
-        Ok(relay::End::Stopped) => live
-            .session
-            .stop_reason()
-            .unwrap_or_else(|| "stopped by interceptor".to_owned()),
+        Ok(relay::End::Stopped) => {
+            stop_reason.unwrap_or_else(|| "stopped by interceptor".to_owned())
+        }
         Err(e) => format!("error: {e}"),
     };
     let _ = server.audit.append(crate::audit::AuditEvent::SessionEnd(
@@ -541,7 +674,8 @@ fn tls_info(stream: &Stream) -> Option<crate::audit::TlsInfo> {
     })
 }
 
-async fn fatal(stream: &mut Stream, err: PgError) -> Result<(), SessionError> {
+/// Ends the session with `err` as a FATAL ErrorResponse; always the refusal as an error.
+async fn fatal<T>(stream: &mut Stream, err: PgError) -> Result<T, SessionError> {
     crate::metrics::refusal(&err.code);
     let _ = stream.write_all(&err.encode()).await;
     Err(SessionError::Refused(err.message))
