@@ -156,6 +156,8 @@ pub struct Shared {
     /// Masking for this session; `None` when no rule applies (no per-message work at all).
     mask: Option<Arc<SessionMask>>,
     row_limit: Option<RowLimit>,
+    /// PostgreSQL sent a FATAL (or PANIC): it told the client itself why the session ends.
+    upstream_fatal: AtomicBool,
 }
 
 impl Shared {
@@ -168,6 +170,7 @@ impl Shared {
             counters: Counters::default(),
             mask: None,
             row_limit: None,
+            upstream_fatal: AtomicBool::new(false),
         };
         for (k, v) in params {
             s.parameter(k, v);
@@ -277,6 +280,16 @@ pub async fn run(
         }
     }
     if matches!(result, Ok(End::UpstreamGone)) {
+        // PostgreSQL closed between messages. When it could not say why first (a backend
+        // ended while it was sending a result has no way to send its FATAL), the client still
+        // hears that the session is over, never a bare EOF.
+        if !shared.upstream_fatal.load(Ordering::Relaxed) {
+            let lost = PgError::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                "the connection to PostgreSQL was lost",
+            );
+            let _ = client_wr.write_all(&lost.encode()).await;
+        }
         let _ = client_wr.flush().await;
     }
     result
@@ -803,6 +816,9 @@ fn account(
             }
         }
         b'E' => {
+            if is_fatal(raw) {
+                shared.upstream_fatal.store(true, Ordering::Relaxed);
+            }
             // The refusal's stand-in is recognised on PostgreSQL's own text.
             if let Some(sub) = swap_refusal(shared, ready_seen, raw) {
                 return Some(sub);
@@ -838,6 +854,15 @@ fn account(
         _ => {}
     }
     None
+}
+
+/// An ErrorResponse whose severity ends the session (FATAL or PANIC).
+fn is_fatal(body: &[u8]) -> bool {
+    message::decode_error_fields(body).is_ok_and(|fields| {
+        fields
+            .iter()
+            .any(|(code, v)| matches!(code, b'S' | b'V') && matches!(v.as_str(), "FATAL" | "PANIC"))
+    })
 }
 
 /// Enforces `max_rows` on the statement at the front: `Some` replaces the message (empty:
