@@ -901,3 +901,60 @@ async fn gate_refuses_by_rule_at_parse_and_when_stopping() {
         ]
     );
 }
+
+/// PostgreSQL gone between two messages of a result, without a FATAL of its own (a backend
+/// ended while sending cannot send one): the client hears 08006, never a bare EOF.
+#[tokio::test]
+async fn upstream_closing_mid_result_without_a_word_ends_the_client_with_a_fatal() {
+    let mut s = start(None);
+    s.send(&[message::query("SELECT n FROM big")]).await;
+    read_until(&mut s.server, b'Q').await;
+    s.answer(&[row_description(&["n"]), data_row(&["1"])]).await;
+    drop(s.server);
+    let down = read_until(&mut s.client, b'E').await;
+    assert_eq!(tags(&down), "TDE");
+    let last = down.last().expect("error");
+    assert_eq!(last.error().0, "08006");
+    let fields = message::decode_error_fields(&last.body).expect("fields");
+    assert!(fields.contains(&(b'S', "FATAL".to_owned())), "{fields:?}");
+    assert_eq!(
+        s.relay.await.expect("relay task").expect("relay"),
+        End::UpstreamGone
+    );
+}
+
+/// When PostgreSQL said FATAL itself before closing, that is the client's last word: no
+/// second FATAL from interceptor.
+#[tokio::test]
+async fn upstream_fatal_before_closing_is_the_only_fatal() {
+    let mut s = start(None);
+    s.send(&[message::query("SELECT n FROM big")]).await;
+    read_until(&mut s.server, b'Q').await;
+    let mut shutdown = BytesMut::new();
+    for (code, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', "57P01"),
+        (b'M', "terminating connection due to administrator command"),
+    ] {
+        shutdown.extend_from_slice(&[code]);
+        cstr(&mut shutdown, value);
+    }
+    shutdown.extend_from_slice(&[0]);
+    s.answer(&[
+        row_description(&["n"]),
+        data_row(&["1"]),
+        frame(b'E', &shutdown),
+    ])
+    .await;
+    drop(s.server);
+    let down = read_until(&mut s.client, b'E').await;
+    assert_eq!(down.last().expect("error").error().0, "57P01");
+    assert_eq!(
+        s.relay.await.expect("relay task").expect("relay"),
+        End::UpstreamGone
+    );
+    let mut rest = Vec::new();
+    s.client.read_to_end(&mut rest).await.expect("read to end");
+    assert!(rest.is_empty(), "more after PostgreSQL's FATAL: {rest:?}");
+}
