@@ -120,6 +120,12 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
             failed.push(t.clone());
         }
     }
+    println!(
+        "fuzz: {} passed, {} failed ({} s per target)",
+        targets.len() - failed.len(),
+        failed.len(),
+        args.seconds
+    );
     if !failed.is_empty() {
         bail!(
             "fuzz targets that found a crash: {} (copy the input from fuzz/artifacts/<target>/ \
