@@ -17,6 +17,7 @@
 mod catalog;
 mod config;
 mod copy;
+mod copystmt;
 mod detect;
 mod notice;
 mod plan;
@@ -34,6 +35,7 @@ mod tests;
 
 pub use catalog::{CatalogResolver, ColumnOrigin, OriginCache, catalog_query, table_oids};
 pub use copy::{CopyColumn, CopyFormat, CopyMasker, CopyOptions};
+pub use copystmt::{CopyOut, CopyTarget, copies_to_client};
 pub use detect::DetectorKind;
 pub use plan::MaskPlan;
 pub use relcat::{Lookup, RelName, RelationCache};

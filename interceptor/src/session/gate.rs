@@ -470,7 +470,8 @@ impl Gate {
     }
 
     /// Parse: decided here, enforced (re-decided if the policy changed) and audited at Execute.
-    pub async fn parse(&mut self, statement: &str, sql: &str, lex: LexState) -> Verdict {
+    /// The relay reports what it sent upstream ([`Gate::parsed`], [`Gate::parse_refused`]).
+    pub async fn parse(&mut self, sql: &str, lex: LexState) -> Verdict {
         if let Some(e) = self.lex_check(lex) {
             return Verdict::Refuse(e);
         }
@@ -492,17 +493,24 @@ impl Gate {
                 return audit_unavailable(e);
             }
         }
-        if matches!(verdict, Verdict::Forward { .. }) {
-            self.statements.parsed(statement, sql);
-        } else {
-            self.statements.refused(statement);
-        }
         verdict
     }
 
-    /// A Bind: the portal keeps its statement and its parameters as recorded (`body` is the
-    /// whole message, for the result formats masking reads).
-    pub fn bind(&mut self, bind: &crate::net::message::BindView<'_>, body: &[u8]) {
+    /// The Parse of `statement` went upstream as the client sent it (or rewritten for
+    /// masking); `copies` are its COPY TO STDOUT statements (masking sessions only).
+    pub fn parsed(&mut self, statement: &str, sql: &str, copies: Vec<crate::mask::CopyTarget>) {
+        self.statements.parsed(statement, sql, copies);
+    }
+
+    /// The Parse of `statement` was refused (by policy or by the masking rewrite): its
+    /// stand-in went upstream instead.
+    pub fn parse_refused(&mut self, statement: &str) {
+        self.statements.refused(statement);
+    }
+
+    /// A Bind in batch `batch`: the portal keeps its statement and its parameters as recorded
+    /// (`body` is the whole message, for the result formats masking reads).
+    pub fn bind(&mut self, bind: &crate::net::message::BindView<'_>, body: &[u8], batch: u64) {
         let param_mask = self.param_mask.as_ref();
         let record = || {
             let formats = &bind.param_formats;
@@ -523,11 +531,16 @@ impl Gate {
                 .collect()
         };
         self.statements
-            .bound(bind.portal, bind.statement, body, record);
+            .bound(bind.portal, bind.statement, body, batch, record);
     }
 
     pub fn close(&mut self, kind: u8, name: &str) {
         self.statements.close(kind, name);
+    }
+
+    /// PostgreSQL was idle after batch `before - 1`: the portals bound up to then are gone.
+    pub fn transactions_ended_before(&mut self, before: u64) {
+        self.statements.transactions_ended_before(before);
     }
 
     pub async fn execute(&mut self, portal: &str, lex: LexState) -> Verdict {

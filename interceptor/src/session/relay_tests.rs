@@ -42,6 +42,10 @@ message = "no drops here"
 name = "work"
 decision = "allow"
 kinds = ["read", "write", "session", "transaction"]
+# The sessions' rules are set by each test; a policy that masks keeps parse trees cached.
+[[mask.column]]
+name_pattern = "ssn"
+strategy = "redact"
 "#;
 
 const MASK: &str = r#"
@@ -699,22 +703,29 @@ async fn jdbc_pipeline_with_a_refused_statement_in_the_middle() {
     );
 }
 
-/// PostgreSQL's parser runs once per statement through classification and the masking
-/// rewrite: the rewrite reuses the gate's tree, and a statement whose classification came
-/// from the cache is parsed once, by the rewrite.
+/// PostgreSQL's parser runs once per statement text through classification and the masking
+/// rewrite: the rewrite reuses the gate's tree, the classification cache keeps the tree of
+/// the text it parsed, so a repeated statement is not parsed again, and a statement that
+/// only shares the shape (other numbers) is parsed once, by the rewrite.
 #[tokio::test]
 async fn each_statement_is_parsed_once_through_classify_and_mask() {
     let mut s = start(Some(MASK));
-    for (i, sql) in ["SELECT 1 AS n", "SELECT 2 AS n"].into_iter().enumerate() {
+    for (sql, expected) in [
+        // Classified (one parse), the rewrite reuses the tree.
+        ("SELECT 1 AS n", 1),
+        // The same text again: the cache has its classification and its tree.
+        ("SELECT 1 AS n", 0),
+        // The same shape: the classification is cached, the tree is of another text.
+        ("SELECT 2 AS n", 1),
+        ("SELECT 1 AS n", 0),
+    ] {
         let before = crate::policy::pgparse::parses();
         let q = message::query(sql);
         s.send(std::slice::from_ref(&q)).await;
         let up = read_until(&mut s.server, b'Q').await;
         assert_eq!(raw(&up), q.to_vec(), "nothing to rewrite in {sql}");
         let parses = crate::policy::pgparse::parses() - before;
-        // The first is classified (one parse, reused by the rewrite); the second has the
-        // first's shape, so its classification is cached and only the rewrite parses it.
-        assert_eq!(parses, 1, "statement {i} `{sql}` parsed {parses} times");
+        assert_eq!(parses, expected, "`{sql}` parsed {parses} times");
         let answer = [
             row_description(&["n"]),
             data_row(&["1"]),
@@ -869,7 +880,7 @@ async fn gate_refuses_by_rule_at_parse_and_when_stopping() {
         "{e:?}"
     );
 
-    let e = refused(gate.parse("s1", "DROP TABLE t", UTF8_ON).await);
+    let e = refused(gate.parse("DROP TABLE t", UTF8_ON).await);
     assert_eq!(e.code, "42501");
     // A Bind/Execute of the refused statement is not the gate's to run: PostgreSQL fails it.
     assert_eq!(
@@ -957,4 +968,151 @@ async fn upstream_fatal_before_closing_is_the_only_fatal() {
     let mut rest = Vec::new();
     s.client.read_to_end(&mut rest).await.expect("read to end");
     assert!(rest.is_empty(), "more after PostgreSQL's FATAL: {rest:?}");
+}
+
+fn parameter_description() -> Bytes {
+    frame(b't', &0i16.to_be_bytes())
+}
+
+/// A Describe of a statement leaves its masking plan in the statement itself: the rows of a
+/// later Execute of its portal, which come without a RowDescription, are masked by it. A
+/// re-Parse of the name replaces the statement and its plan: rows of the new statement that
+/// nobody described cannot be masked by column, so they are withheld rather than masked by
+/// the old statement's plan.
+#[tokio::test]
+async fn a_statements_plan_lives_in_the_statement_and_goes_with_it() {
+    let mut s = start(Some(MASK));
+    let prepare = [
+        parse("", "SELECT $1::text AS ssn"),
+        describe(b'S', ""),
+        sync(),
+    ];
+    s.send(&prepare).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&prepare));
+    s.answer(&[
+        parse_complete(),
+        parameter_description(),
+        row_description(&["ssn"]),
+        ready(),
+    ])
+    .await;
+    assert_eq!(tags(&read_until(&mut s.client, b'Z').await), "1tTZ");
+
+    s.send(&[bind("", "", &[]), execute(""), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[
+        bind_complete(),
+        data_row(&["123-45-6789"]),
+        complete("SELECT 1"),
+        ready(),
+    ])
+    .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "2DCZ");
+    let row = String::from_utf8_lossy(&down[1].body).into_owned();
+    assert!(
+        !row.contains("123-45-6789"),
+        "masked by the described plan: {row}"
+    );
+
+    // The unnamed statement is parsed anew, not described: its rows have no plan.
+    let again = [
+        parse("", "SELECT $1::text AS ssn"),
+        bind("", "", &[]),
+        execute(""),
+        sync(),
+    ];
+    s.send(&again).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&again));
+    s.answer(&[
+        parse_complete(),
+        bind_complete(),
+        data_row(&["123-45-6789"]),
+        complete("SELECT 1"),
+        ready(),
+    ])
+    .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "12EZ", "{down:?}");
+    assert!(
+        !down
+            .iter()
+            .any(|m| String::from_utf8_lossy(&m.body).contains("123-45-6789")),
+        "{down:?}"
+    );
+    s.finish().await;
+}
+
+/// A refused Parse of a name PostgreSQL already has does not make the session forget it:
+/// PostgreSQL keeps the statement (its own Parse of the name would fail as well), so the
+/// next Execute of it must still be decided and recorded, not forwarded as unknown.
+#[tokio::test]
+async fn a_refused_reparse_of_a_name_keeps_the_statement_postgresql_has() {
+    let mut s = start(None);
+    s.send(&[parse("s1", "SELECT 1"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[parse_complete(), ready()]).await;
+    read_until(&mut s.client, b'Z').await;
+
+    s.send(&[parse("s1", "DROP TABLE t"), sync()]).await;
+    let up = read_until(&mut s.server, b'S').await;
+    let nonce = nonce_of(&parse_text(&up[0])).to_owned();
+    s.answer(&[syntax_error_at(&nonce), ready()]).await;
+    read_until(&mut s.client, b'Z').await;
+
+    s.send(&[bind("p", "s1", &[]), execute("p"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[
+        bind_complete(),
+        data_row(&["1"]),
+        complete("SELECT 1"),
+        ready(),
+    ])
+    .await;
+    read_until(&mut s.client, b'Z').await;
+    let records = s.finish().await;
+    let seen: Vec<(&str, &str)> = records
+        .iter()
+        .map(|(r, _)| (r.sql.as_str(), r.decision.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [("DROP TABLE t", "deny"), ("SELECT 1", "allow")],
+        "the Execute of s1 is decided and recorded"
+    );
+}
+
+/// Portals end with their transaction: after an idle ReadyForQuery the session forgets the
+/// portals bound before it (an Execute of one is PostgreSQL's to refuse, and is not decided
+/// on a statement PostgreSQL no longer has); inside a transaction block they stay.
+#[tokio::test]
+async fn portals_end_with_the_transaction_they_were_bound_in() {
+    let mut s = start(None);
+    s.send(&[parse("s1", "SELECT 1"), bind("p", "s1", &[]), sync()])
+        .await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[
+        parse_complete(),
+        bind_complete(),
+        message::ready_for_query(b'T'),
+    ])
+    .await;
+    read_until(&mut s.client, b'Z').await;
+    // Still in the transaction: the portal is there.
+    s.send(&[execute("p"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[data_row(&["1"]), complete("SELECT 1"), ready()])
+        .await;
+    read_until(&mut s.client, b'Z').await;
+    // That ReadyForQuery was idle: the portal is gone.
+    s.send(&[execute("p"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[syntax_error_at("p"), ready()]).await;
+    read_until(&mut s.client, b'Z').await;
+    let records = s.finish().await;
+    assert_eq!(
+        records.len(),
+        1,
+        "only the Execute inside the transaction is decided: {records:?}"
+    );
 }
