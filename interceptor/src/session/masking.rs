@@ -15,8 +15,9 @@ use bytes::Bytes;
 use super::protocol::{Action, Frontend, Owed, OwedQueue, Prepared, Statements};
 use super::upstream::{Upstream, UpstreamTarget};
 use crate::mask::{
-    CopyColumn, CopyMasker, CopyOptions, CopyTarget, MaskError, MaskPlan, MaskRules, MaskSummary,
-    OriginCache, RelationCache, catalog_query, table_oids,
+    CopyColumn, CopyMasker, CopyOptions, CopyTarget, FieldDescription, MaskError, MaskPlan,
+    MaskRules, MaskSummary, OriginCache, RelationCache, RowFields, catalog_query,
+    parse_row_description, table_oids_of,
 };
 use crate::net::message::{self, Cursor, PgError, sqlstate};
 use crate::policy::pgparse::Tree;
@@ -212,26 +213,25 @@ impl SessionMask {
         let Some(rd) = side.describe(&self.login, select).await? else {
             return Ok(None);
         };
-        side.resolve(&self.login, &self.origins, &rd).await?;
+        let fields = parse_row_description(&rd).map_err(|e| SideError::Refused(e.to_string()))?;
+        side.resolve(&self.login, &self.origins, &table_oids_of(&fields))
+            .await?;
         let origins = lock(&self.origins);
-        CopyColumn::from_row_description(&rd, &|t, a| {
+        Ok(Some(CopyColumn::from_fields(&fields, &|t, a| {
             crate::mask::CatalogResolver::origin(&*origins, t, a)
-        })
-        .map(Some)
-        .map_err(|e| SideError::Refused(e.to_string()))
+        })))
     }
 
-    /// Resolves the origins of every RowDescription in a backend chunk (before the chunk is
-    /// processed, so that processing needs no await).
-    pub async fn prepare(&self, chunk: &[u8]) -> Result<(), SideError> {
+    /// Resolves the origins of the RowDescriptions of a backend chunk, decoded (before the
+    /// chunk is processed, so that processing needs no await).
+    pub(crate) async fn prepare(&self, descriptions: &[RowFields]) -> Result<(), SideError> {
         if !self.rules.needs_origins() {
             return Ok(());
         }
-        for f in crate::net::frame::frames(chunk) {
-            if f.tag == b'T' {
-                let mut side = self.side.lock().await;
-                side.resolve(&self.login, &self.origins, f.body).await?;
-            }
+        for fields in descriptions.iter().flatten() {
+            let mut side = self.side.lock().await;
+            side.resolve(&self.login, &self.origins, &table_oids_of(fields))
+                .await?;
         }
         Ok(())
     }
@@ -291,15 +291,14 @@ impl Side {
         }
     }
 
-    /// Looks up the tables of a RowDescription that are not cached yet.
+    /// Looks up the tables (of a RowDescription) that are not cached yet.
     async fn resolve(
         &mut self,
         login: &SideLogin,
         origins: &Mutex<OriginCache>,
-        rd: &[u8],
+        oids: &[u32],
     ) -> Result<(), SideError> {
-        let oids = table_oids(rd).map_err(|e| SideError::Refused(e.to_string()))?;
-        let missing = lock(origins).missing(&oids);
+        let missing = lock(origins).missing(oids);
         if missing.is_empty() {
             return Ok(());
         }
@@ -450,9 +449,16 @@ impl MaskStream {
         &self.mask
     }
 
-    /// Decides one backend message; `summary` collects what was masked.
-    pub fn message(&mut self, tag: u8, body: &[u8], summary: &mut MaskSummary) -> Action {
-        match self.step(tag, body, summary) {
+    /// Decides one backend message; `summary` collects what was masked. `fields`: a
+    /// RowDescription's fields, as the relay decoded them (decoded here when absent).
+    pub(crate) fn message(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        fields: Option<&RowFields>,
+        summary: &mut MaskSummary,
+    ) -> Action {
+        match self.step(tag, body, fields, summary) {
             Ok(a) => a,
             Err(e) => self.fail(tag, e),
         }
@@ -482,6 +488,7 @@ impl MaskStream {
         &mut self,
         tag: u8,
         body: &[u8],
+        fields: Option<&RowFields>,
         summary: &mut MaskSummary,
     ) -> Result<Action, MaskError> {
         match tag {
@@ -502,7 +509,11 @@ impl MaskStream {
                 })
             }
             b'T' => {
-                let plan = self.plan(body);
+                let plan = match fields {
+                    Some(Ok(fields)) => self.plan(fields),
+                    Some(Err(e)) => Err(e.clone()),
+                    None => parse_row_description(body).and_then(|f| self.plan(&f)),
+                };
                 if let Some(statement) = self.describing.take() {
                     if let Some(statement) = statement {
                         statement.described.set(plan.map_err(|e| e.to_string()));
@@ -514,8 +525,7 @@ impl MaskStream {
                 if let Some(Owed::DescribePortal(Some(p))) =
                     self.pop_if(|e| matches!(e, Owed::DescribePortal(_)))
                 {
-                    p.described
-                        .set(plan.as_ref().map(Clone::clone).map_err(|e| e.to_string()));
+                    p.described.set(plan.clone().map_err(|e| e.to_string()));
                 }
                 self.active = Some(plan?);
                 Ok(Action::Forward)
@@ -628,10 +638,10 @@ impl MaskStream {
         }
     }
 
-    fn plan(&self, rd: &[u8]) -> Result<Option<MaskPlan>, MaskError> {
+    fn plan(&self, fields: &[FieldDescription]) -> Result<Option<MaskPlan>, MaskError> {
         // `prepare` resolved this chunk's tables; a table it could not resolve fails the plan.
         let origins = lock(&self.mask.origins);
-        self.mask.rules.plan(rd, &|t, a| {
+        self.mask.rules.plan_fields(fields, &|t, a| {
             crate::mask::CatalogResolver::origin(&*origins, t, a)
         })
     }

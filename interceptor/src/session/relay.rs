@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::gate::{Gate, LexState, Outcome, Recorder, Verdict};
 use super::masking::{MaskStream, SessionMask};
 use super::protocol::{Action, Frontend};
-use crate::mask::CopyTarget;
+use crate::mask::{CopyTarget, RowFields, parse_row_description};
 use crate::net::frame::{FrameError, FrameReader, frames};
 use crate::net::message::{self, Cursor, PgError, sqlstate};
 use crate::net::stream::{BoxedRead, BoxedWrite};
@@ -794,12 +794,22 @@ async fn upstream_to_client(
         let Some(chunk) = chunk.map_err(RelayError::Upstream)? else {
             return Ok(End::UpstreamGone);
         };
+        // Each RowDescription is decoded once, here, for masking (origins, plan) and the
+        // recording; sessions without masking decode one only to record its column names.
+        let descriptions: Vec<RowFields> = match &mask {
+            Some(_) => frames(&chunk)
+                .filter(|f| f.tag == b'T')
+                .map(|f| parse_row_description(f.body))
+                .collect(),
+            None => Vec::new(),
+        };
         if let Some(m) = &mask
-            && let Err(e) = m.session().prepare(&chunk).await
+            && let Err(e) = m.session().prepare(&descriptions).await
         {
             // Unresolved origins make the plans fail closed; the session itself goes on.
             tracing::warn!(error = %e, "column origins could not be resolved");
         }
+        let mut descriptions = descriptions.iter();
         let mut out: Option<BytesMut> = None;
         let mut copied_to = 0;
         let mut offset = 0;
@@ -808,6 +818,11 @@ async fn upstream_to_client(
             for f in frames(&chunk) {
                 let start = offset;
                 offset += f.raw.len();
+                let fields = if f.tag == b'T' {
+                    descriptions.next()
+                } else {
+                    None
+                };
                 let action = match mask.as_mut() {
                     None => Action::Forward,
                     Some(m) => {
@@ -818,7 +833,7 @@ async fn upstream_to_client(
                                 &mut scratch
                             }
                         };
-                        m.message(f.tag, f.body, summary)
+                        m.message(f.tag, f.body, fields, summary)
                     }
                 };
                 let (sub, dropped) = match action {
@@ -854,6 +869,7 @@ async fn upstream_to_client(
                             f.tag,
                             f.body,
                             body,
+                            fields,
                         );
                         if f.tag == b'Z' {
                             ready_seen += 1;
@@ -891,7 +907,8 @@ async fn upstream_to_client(
 }
 
 /// Bookkeeping of one backend message for the audit trail (`body` is what the client gets,
-/// masked; `raw` is PostgreSQL's original). Returns interceptor's error for a refusal's stand-in.
+/// masked; `raw` is PostgreSQL's original; `fields`: a RowDescription as masking decoded it).
+/// Returns interceptor's error for a refusal's stand-in.
 #[allow(clippy::too_many_arguments)]
 fn account(
     inflight: &mut VecDeque<InFlight>,
@@ -902,6 +919,7 @@ fn account(
     tag: u8,
     raw: &[u8],
     body: &[u8],
+    fields: Option<&RowFields>,
 ) -> Option<Bytes> {
     if let Some(limit) = &shared.row_limit
         && let Some(sub) = cut_off(inflight, finished, limit, tag)
@@ -926,7 +944,10 @@ fn account(
                 && front.record.is_some()
                 && recorder.rows_cap > 0
             {
-                front.outcome.columns = column_names(body);
+                front.outcome.columns = match fields {
+                    Some(Ok(fields)) => fields.iter().map(|f| f.name.clone()).collect(),
+                    _ => column_names(body),
+                };
             }
         }
         b'C' | b'I' | b's' => {

@@ -732,8 +732,15 @@ async fn each_statement_is_parsed_once_through_classify_and_mask() {
             complete("SELECT 1"),
             ready(),
         ];
+        let decoded = crate::mask::row_descriptions_decoded();
         s.answer(&answer).await;
         read_until(&mut s.client, b'Z').await;
+        // The relay task runs on this (current-thread) runtime: its decodes count here.
+        assert_eq!(
+            crate::mask::row_descriptions_decoded() - decoded,
+            1,
+            "the RowDescription is decoded once for origins, plan and recording"
+        );
     }
     // Extended protocol: the Parse is classified and rewritten with one parse as well.
     let before = crate::policy::pgparse::parses();
