@@ -39,7 +39,9 @@ pub fn frontend_messages(data: &[u8]) {
     let mut statements = Statements::new(true);
     for f in frame::frames(data) {
         match Frontend::decode(f.tag, f.body) {
-            Ok(Some(Frontend::Parse(p))) => statements.parsed(p.statement, p.sql, Vec::new()),
+            Ok(Some(Frontend::Parse(p))) => {
+                statements.parsed(p.statement, p.sql, Vec::new(), 0);
+            }
             Ok(Some(Frontend::Bind { view, body })) => {
                 let params = || {
                     view.params

@@ -498,8 +498,15 @@ impl Gate {
 
     /// The Parse of `statement` went upstream as the client sent it (or rewritten for
     /// masking); `copies` are its COPY TO STDOUT statements (masking sessions only).
-    pub fn parsed(&mut self, statement: &str, sql: &str, copies: Vec<crate::mask::CopyTarget>) {
-        self.statements.parsed(statement, sql, copies);
+    /// Returns the statement, for PostgreSQL's answer to settle.
+    pub fn parsed(
+        &mut self,
+        statement: &str,
+        sql: &str,
+        copies: Vec<crate::mask::CopyTarget>,
+        batch: u64,
+    ) -> Arc<super::protocol::Prepared> {
+        self.statements.parsed(statement, sql, copies, batch)
     }
 
     /// The Parse of `statement` was refused (by policy or by the masking rewrite): its
@@ -544,6 +551,21 @@ impl Gate {
     }
 
     pub async fn execute(&mut self, portal: &str, lex: LexState) -> Verdict {
+        if self.statements.unattributed(portal) {
+            // Bound to a statement the session did not see prepared (a name PREPAREd in SQL,
+            // or one whose Parse or Close interceptor could not follow): what it would run
+            // cannot be decided.
+            return Verdict::Refuse(
+                PgError::error(
+                    sqlstate::INSUFFICIENT_PRIVILEGE,
+                    format!(
+                        "interceptor: portal \"{portal}\" is bound to a prepared statement that \
+                         interceptor did not see prepared, so it cannot be decided"
+                    ),
+                )
+                .with_hint("prepare the statement (Parse) in this session and bind it again"),
+            );
+        }
         let Some(p) = self.statements.portal(portal) else {
             // Not a portal we allowed: PostgreSQL does not know it either (its Parse was refused
             // or never sent), so it will answer with its own error.

@@ -111,7 +111,7 @@ impl SessionMask {
             Frontend::Parse(_) => self.push(Owed::Parse),
             Frontend::Bind { .. } => self.push(Owed::Bind),
             Frontend::Describe { kind, name } => self.push(if *kind == b'S' {
-                Owed::DescribeStatement(statements.statement(name).cloned())
+                Owed::DescribeStatement(statements.statement(name))
             } else {
                 Owed::DescribePortal(statements.portal(name).cloned())
             }),

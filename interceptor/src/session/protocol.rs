@@ -5,6 +5,7 @@
 //! The gate, masking and the relay all read this state; none keeps a copy of its own.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -101,6 +102,50 @@ pub struct Prepared {
     pub copies: Box<[CopyTarget]>,
     /// Masking's plan from a Describe of the statement.
     pub described: DescribedSlot,
+    /// The batch its Parse went upstream in.
+    pub batch: u64,
+    /// Whether PostgreSQL has it: [`PENDING`] until its Parse is answered.
+    fate: AtomicU8,
+    /// What PostgreSQL has under the name while the Parse is pending, and keeps if the Parse
+    /// fails (a named one that exists, an error earlier in the batch that skips it). Dropped
+    /// once the Parse completes.
+    previous: Mutex<Option<Arc<Prepared>>>,
+}
+
+const PENDING: u8 = 0;
+const PARSED: u8 = 1;
+const FAILED: u8 = 2;
+
+impl Prepared {
+    /// Its Parse is not answered yet.
+    pub fn is_pending(&self) -> bool {
+        self.fate.load(Ordering::Acquire) == PENDING
+    }
+
+    /// PostgreSQL answered its Parse: ParseComplete (`parsed`), or an error that failed or
+    /// skipped it.
+    pub fn settle(&self, parsed: bool) {
+        self.fate
+            .store(if parsed { PARSED } else { FAILED }, Ordering::Release);
+        if parsed {
+            *lock(&self.previous) = None;
+        }
+    }
+
+    /// What PostgreSQL has under this name: this statement, unless its Parse failed; then
+    /// what the name held before (`None`: nothing).
+    fn effective(self: &Arc<Self>) -> Option<Arc<Prepared>> {
+        let mut at = self.clone();
+        while at.fate.load(Ordering::Acquire) == FAILED {
+            let before = lock(&at.previous).clone()?;
+            at = before;
+        }
+        Some(at)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Result format codes of a Bind: none (all text) and one (for all) are kept inline.
@@ -143,6 +188,9 @@ pub struct Portal {
 pub struct Statements {
     statements: HashMap<Arc<str>, Arc<Prepared>>,
     portals: HashMap<String, Arc<Portal>>,
+    /// Portals bound (in the batch given) to a statement the session does not know: what
+    /// PostgreSQL would run there cannot be decided, so an Execute of one is refused.
+    unattributed: HashMap<String, u64>,
     /// Result formats are read (once more from the Bind) only when masking needs them.
     keep_result_formats: bool,
     /// Portals of batches before this one are gone: their transaction ended.
@@ -157,17 +205,38 @@ impl Statements {
         }
     }
 
-    /// A Parse was let through under `name`; `copies` are its COPY TO STDOUT statements
-    /// (masking sessions only). It replaces any statement of that name, with its plan.
-    pub fn parsed(&mut self, name: &str, sql: &str, copies: Vec<CopyTarget>) {
+    /// A Parse was let through under `name` in batch `batch`; `copies` are its COPY TO STDOUT
+    /// statements (masking sessions only). It replaces any statement of that name, with its
+    /// plan, keeping the one before until PostgreSQL answers ([`Prepared::settle`]): the
+    /// returned statement is to be settled by that answer.
+    pub fn parsed(
+        &mut self,
+        name: &str,
+        sql: &str,
+        copies: Vec<CopyTarget>,
+        batch: u64,
+    ) -> Arc<Prepared> {
         let name: Arc<str> = Arc::from(name);
+        // A failed Parse stands for what it replaced: the chain stays as short as the
+        // Parses still unanswered.
+        let previous = self.statements.get(&name).and_then(|p| {
+            if p.is_pending() {
+                Some(p.clone())
+            } else {
+                p.effective()
+            }
+        });
         let prepared = Arc::new(Prepared {
             name: name.clone(),
             sql: Arc::from(sql),
             copies: copies.into_boxed_slice(),
             described: DescribedSlot::default(),
+            batch,
+            fate: AtomicU8::new(PENDING),
+            previous: Mutex::new(previous),
         });
-        self.statements.insert(name, prepared);
+        self.statements.insert(name, prepared.clone());
+        prepared
     }
 
     /// A Parse was refused. PostgreSQL gets an unnamed Parse that fails in its place, which
@@ -177,8 +246,11 @@ impl Statements {
         self.statements.remove("");
     }
 
-    pub fn statement(&self, name: &str) -> Option<&Arc<Prepared>> {
-        self.statements.get(name)
+    /// The statement named `name` as far as the session knows: the last Parse of it, unless
+    /// PostgreSQL failed that Parse (then what it still has). A Parse still unanswered counts
+    /// as done: see [`Prepared::is_pending`] for when that matters.
+    pub fn statement(&self, name: &str) -> Option<Arc<Prepared>> {
+        self.statements.get(name)?.effective()
     }
 
     pub fn portal(&self, name: &str) -> Option<&Arc<Portal>> {
@@ -195,10 +267,12 @@ impl Statements {
         batch: u64,
         parameters: impl FnOnce() -> Vec<Option<String>>,
     ) {
-        let Some(statement) = self.statements.get(statement) else {
+        let Some(statement) = self.statement(statement) else {
             self.portals.remove(portal);
+            self.unattributed.insert(portal.to_owned(), batch);
             return;
         };
+        self.unattributed.remove(portal);
         let result_formats = if self.keep_result_formats {
             match bind_result_formats(bind_body).as_deref() {
                 None | Some([]) => ResultFormats::AllText,
@@ -209,7 +283,7 @@ impl Statements {
             ResultFormats::AllText
         };
         let portal_state = Portal {
-            statement: statement.clone(),
+            statement,
             parameters: parameters(),
             result_formats,
             described: DescribedSlot::default(),
@@ -227,8 +301,14 @@ impl Statements {
             }
             _ => {
                 self.portals.remove(name);
+                self.unattributed.remove(name);
             }
         }
+    }
+
+    /// The portal was bound to a statement the session does not know.
+    pub fn unattributed(&self, portal: &str) -> bool {
+        self.unattributed.contains_key(portal)
     }
 
     /// PostgreSQL reported the session idle after batch `before - 1`: every transaction that
@@ -240,6 +320,7 @@ impl Statements {
         }
         self.portals_from = before;
         self.portals.retain(|_, p| p.batch >= before);
+        self.unattributed.retain(|_, batch| *batch >= before);
     }
 }
 
@@ -413,7 +494,7 @@ mod tests {
     #[test]
     fn portals_follow_binds_and_outlive_their_statement_name() {
         let mut s = Statements::new(true);
-        s.parsed("s1", "SELECT $1", Vec::new());
+        s.parsed("s1", "SELECT $1", Vec::new(), 0);
         s.bound("p1", "s1", &bind("p1", "s1", &[b"7"], &[1]), 0, || {
             vec![Some("7".into())]
         });
@@ -434,7 +515,7 @@ mod tests {
         assert!(s.portal("p1").is_none());
 
         let mut plain = Statements::new(false);
-        plain.parsed("", "SELECT 1", Vec::new());
+        plain.parsed("", "SELECT 1", Vec::new(), 0);
         plain.bound("", "", &bind("", "", &[], &[1, 0]), 0, Vec::new);
         assert!(
             plain
@@ -455,15 +536,70 @@ mod tests {
     #[test]
     fn a_refused_parse_drops_the_unnamed_statement_and_keeps_a_named_one() {
         let mut s = Statements::new(false);
-        s.parsed("", "SELECT 1", Vec::new());
-        s.parsed("s1", "DELETE FROM t", Vec::new());
+        s.parsed("", "SELECT 1", Vec::new(), 0);
+        s.parsed("s1", "DELETE FROM t", Vec::new(), 0);
         s.refused("s1");
         assert!(s.statement("").is_none());
         assert_eq!(
-            s.statement("s1").map(|p| &*p.sql),
+            s.statement("s1").map(|p| p.sql.to_string()).as_deref(),
             Some("DELETE FROM t"),
             "PostgreSQL still has s1: binding it must find it to decide it"
         );
+    }
+
+    /// A Parse PostgreSQL fails or skips (a named statement that exists, an error earlier in
+    /// its batch) leaves the statement it had: binding the name finds that one, not the text
+    /// of the failed Parse. One that completes stands alone.
+    #[test]
+    fn a_failed_parse_leaves_the_statement_postgresql_has() {
+        let mut s = Statements::new(false);
+        s.parsed("s1", "DELETE FROM t", Vec::new(), 0).settle(true);
+        let dup = s.parsed("s1", "SELECT 1", Vec::new(), 1);
+        assert!(dup.is_pending());
+        assert_eq!(
+            &*s.statement("s1").unwrap().sql,
+            "SELECT 1",
+            "same batch: as sent"
+        );
+        dup.settle(false);
+        assert_eq!(&*s.statement("s1").unwrap().sql, "DELETE FROM t");
+        s.bound("p", "s1", &bind("p", "s1", &[], &[]), 2, Vec::new);
+        assert_eq!(&*s.portal("p").unwrap().statement.sql, "DELETE FROM t");
+
+        // Two unanswered Parses of the unnamed statement, the second skipped.
+        s.parsed("", "SELECT 'a'", Vec::new(), 3);
+        let b = s.parsed("", "SELECT 'b'", Vec::new(), 3);
+        let c = s.parsed("", "SELECT 'c'", Vec::new(), 4);
+        s.statement("").unwrap();
+        b.settle(true);
+        c.settle(false);
+        assert_eq!(&*s.statement("").unwrap().sql, "SELECT 'b'");
+        // The completed one forgot what it replaced.
+        assert!(lock(&b.previous).is_none());
+        let never = s.parsed("n", "SELECT 2", Vec::new(), 5);
+        never.settle(false);
+        assert!(s.statement("n").is_none(), "nothing was there before");
+    }
+
+    /// A portal bound to a statement the session does not know is marked, so its Execute can
+    /// be refused rather than forwarded as unknown; a later good Bind clears the mark.
+    #[test]
+    fn portals_of_unknown_statements_are_marked() {
+        let mut s = Statements::new(false);
+        s.bound(
+            "p",
+            "sql_prepared",
+            &bind("p", "sql_prepared", &[], &[]),
+            0,
+            Vec::new,
+        );
+        assert!(s.unattributed("p") && s.portal("p").is_none());
+        s.parsed("k", "SELECT 1", Vec::new(), 0);
+        s.bound("p", "k", &bind("p", "k", &[], &[]), 0, Vec::new);
+        assert!(!s.unattributed("p") && s.portal("p").is_some());
+        s.bound("q", "nope", &bind("q", "nope", &[], &[]), 0, Vec::new);
+        s.transactions_ended_before(1);
+        assert!(!s.unattributed("q"), "gone with its transaction");
     }
 
     /// A replaced or closed statement or portal takes its masking plan with it; a portal
@@ -471,12 +607,12 @@ mod tests {
     #[test]
     fn plans_live_and_die_with_their_statement_or_portal() {
         let mut s = Statements::new(true);
-        s.parsed("", "SELECT 1", Vec::new());
+        s.parsed("", "SELECT 1", Vec::new(), 0);
         s.statement("").unwrap().described.set(Err("old".into()));
         s.bound("", "", &bind("", "", &[], &[]), 0, Vec::new);
         s.portal("").unwrap().described.set(Ok(None));
         // Re-Parse of the unnamed statement: a fresh entry, no plan.
-        s.parsed("", "SELECT 2", Vec::new());
+        s.parsed("", "SELECT 2", Vec::new(), 0);
         assert!(s.statement("").unwrap().described.get().is_none());
         // The portal bound earlier still refers to the statement it was bound from.
         assert!(matches!(
@@ -492,7 +628,7 @@ mod tests {
     #[test]
     fn portals_end_with_their_transaction() {
         let mut s = Statements::new(false);
-        s.parsed("st", "SELECT 1", Vec::new());
+        s.parsed("st", "SELECT 1", Vec::new(), 0);
         s.bound("", "st", &bind("", "st", &[], &[]), 0, Vec::new);
         s.bound("a", "st", &bind("a", "st", &[], &[]), 1, Vec::new);
         s.bound("b", "st", &bind("b", "st", &[], &[]), 2, Vec::new);

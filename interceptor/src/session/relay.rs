@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::gate::{Gate, LexState, Outcome, Recorder, Verdict};
 use super::masking::{MaskStream, SessionMask};
-use super::protocol::{Action, Frontend};
+use super::protocol::{Action, Frontend, Prepared};
 use crate::mask::{CopyTarget, RowFields, parse_row_description};
 use crate::net::frame::{FrameError, FrameReader, frames};
 use crate::net::message::{self, Cursor, PgError, sqlstate};
@@ -162,6 +162,11 @@ pub struct Shared {
     /// PostgreSQL was idle (no transaction) after batch `idle_before - 1`: the portals bound
     /// up to then ended with their transaction.
     idle_before: AtomicU64,
+    /// The Parses forwarded and not answered yet, in order; PostgreSQL's answer settles each
+    /// (ParseComplete, or the error that failed or skipped it).
+    parses: Mutex<VecDeque<Arc<Prepared>>>,
+    /// Signalled when Parses are settled.
+    parses_settled: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -176,6 +181,8 @@ impl Shared {
             row_limit: None,
             upstream_fatal: AtomicBool::new(false),
             idle_before: AtomicU64::new(0),
+            parses: Mutex::new(VecDeque::new()),
+            parses_settled: tokio::sync::Notify::new(),
         };
         for (k, v) in params {
             s.parameter(k, v);
@@ -438,7 +445,8 @@ async fn client_to_upstream(
                     // The session's statements follow what PostgreSQL gets.
                     match sent {
                         Ok((sub, copies)) => {
-                            gate.parsed(p.statement, p.sql, copies);
+                            let prepared = gate.parsed(p.statement, p.sql, copies, batch);
+                            lock(&shared.parses).push_back(prepared);
                             sub
                         }
                         Err(err) => {
@@ -448,6 +456,20 @@ async fn client_to_upstream(
                     }
                 }
                 Frontend::Bind { view, body } => {
+                    // The statement's Parse went in an earlier batch and is not answered yet:
+                    // what PostgreSQL binds depends on that answer (a failed Parse leaves the
+                    // statement it had), so everything before goes out and the answer is
+                    // awaited.
+                    if let Some(p) = gate
+                        .statements()
+                        .statement(view.statement)
+                        .filter(|p| p.is_pending() && p.batch < batch)
+                    {
+                        pending.emit(wr, gate, start).await?;
+                        if !parse_settled(&p, shared, rd, reader).await? {
+                            return Ok(End::ClientGone);
+                        }
+                    }
                     gate.bind(&view, body, batch);
                     None
                 }
@@ -596,6 +618,49 @@ impl Pending<'_> {
         };
         self.copied_to = upto;
         result.map_err(|e| RelayError::Upstream(FrameError::Io(e)))
+    }
+}
+
+/// Waits until PostgreSQL answered the Parse of `p` (already forwarded). `Ok(false)`: the
+/// client went away meanwhile.
+async fn parse_settled(
+    p: &Prepared,
+    shared: &Shared,
+    rd: &mut BoxedRead,
+    reader: &mut FrameReader,
+) -> Result<bool, RelayError> {
+    loop {
+        let settled = shared.parses_settled.notified();
+        tokio::pin!(settled);
+        settled.as_mut().enable();
+        if !p.is_pending() {
+            return Ok(true);
+        }
+        tokio::select! {
+            _ = &mut settled => {}
+            // The client may pipeline more; it waits in the buffer. End of stream: gone.
+            more = reader.fill(rd) => {
+                if more.map_err(RelayError::Client)? == 0 {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
+
+/// PostgreSQL answered the batch `batch` with an error or its ReadyForQuery: every Parse of
+/// it (or before) not completed by then failed or was skipped.
+fn parses_failed_through(shared: &Shared, batch: u64) {
+    let mut parses = lock(&shared.parses);
+    let mut any = false;
+    while parses.front().is_some_and(|p| p.batch <= batch) {
+        if let Some(p) = parses.pop_front() {
+            p.settle(false);
+            any = true;
+        }
+    }
+    if any {
+        shared.parses_settled.notify_waiters();
     }
 }
 
@@ -968,10 +1033,17 @@ fn account(
                 }
             }
         }
+        b'1' => {
+            if let Some(p) = lock(&shared.parses).pop_front() {
+                p.settle(true);
+                shared.parses_settled.notify_waiters();
+            }
+        }
         b'E' => {
             if is_fatal(raw) {
                 shared.upstream_fatal.store(true, Ordering::Relaxed);
             }
+            parses_failed_through(shared, ready_seen);
             // The refusal's stand-in is recognised on PostgreSQL's own text.
             if let Some(sub) = swap_refusal(shared, ready_seen, raw) {
                 return Some(sub);
@@ -989,6 +1061,7 @@ fn account(
             }
         }
         b'Z' => {
+            parses_failed_through(shared, ready_seen);
             if raw.first() == Some(&b'I') {
                 shared
                     .idle_before

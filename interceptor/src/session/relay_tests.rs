@@ -655,12 +655,16 @@ async fn jdbc_pipeline_with_a_refused_statement_in_the_middle() {
     let up = read_until(&mut s.server, b'S').await;
     // Forwarded: the first statement as sent, a stand-in Parse in place of the refused one,
     // then everything after it as sent (PostgreSQL skips it after the stand-in's error).
-    assert_eq!(tags(&up), "PBDEPBDEPBDES");
+    // The Execute of the portal bound to the refused statement is refused too (PostgreSQL
+    // skips both stand-ins after the first one's error).
+    assert_eq!(tags(&up), "PBDEPBDPPBDES");
     assert_eq!(raw(&up[..4]), cat(&first));
     let stand_in = parse_text(&up[4]);
     let nonce = nonce_of(&stand_in).to_owned();
     assert_ne!(up[4].raw(), refused.to_vec());
-    assert_eq!(raw(&up[5..]), [cat(&after_refused), cat(&last)].concat());
+    assert_eq!(raw(&up[5..7]), cat(&after_refused[..2]));
+    nonce_of(&parse_text(&up[7]));
+    assert_eq!(raw(&up[8..]), cat(&last));
 
     let answer = [
         parse_complete(),
@@ -1122,4 +1126,137 @@ async fn portals_end_with_the_transaction_they_were_bound_in() {
         1,
         "only the Execute inside the transaction is decided: {records:?}"
     );
+}
+
+fn error_response(code: &str, message: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    for (k, v) in [
+        (b'S', "ERROR"),
+        (b'V', "ERROR"),
+        (b'C', code),
+        (b'M', message),
+    ] {
+        b.put_u8(k);
+        cstr(&mut b, v);
+    }
+    b.put_u8(0);
+    frame(b'E', &b)
+}
+
+/// The statements an Execute was decided on, in order.
+fn decided(records: &[(StatementRecord, Option<StatementOutcome>)]) -> Vec<String> {
+    records.iter().map(|(r, _)| r.sql.clone()).collect()
+}
+
+/// PostgreSQL refuses a Parse of a name it already has; the statement it keeps is the one
+/// every later Execute of the name runs, so that is the one decided and recorded (not the
+/// text of the refused Parse, which would let anything run under an allowed text).
+#[tokio::test]
+async fn a_parse_postgresql_refuses_leaves_the_statement_it_has() {
+    let mut s = start(None);
+    s.send(&[parse("s1", "DELETE FROM audit_log"), sync()])
+        .await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[parse_complete(), ready()]).await;
+    read_until(&mut s.client, b'Z').await;
+
+    let dup = [parse("s1", "SELECT 1"), sync()];
+    s.send(&dup).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&dup));
+    s.answer(&[
+        error_response("42P05", "prepared statement \"s1\" already exists"),
+        ready(),
+    ])
+    .await;
+    read_until(&mut s.client, b'Z').await;
+
+    s.send(&[bind("p", "s1", &[]), execute("p"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[bind_complete(), complete("DELETE 3"), ready()])
+        .await;
+    read_until(&mut s.client, b'Z').await;
+    let records = s.finish().await;
+    assert_eq!(decided(&records), ["DELETE FROM audit_log"]);
+}
+
+/// After an error PostgreSQL skips the rest of the batch, a Parse of the unnamed statement
+/// too, and keeps the unnamed statement it had: a Bind of it in the next batch binds that one.
+#[tokio::test]
+async fn a_skipped_parse_leaves_the_unnamed_statement_postgresql_has() {
+    let mut s = start(None);
+    s.send(&[parse("", "DELETE FROM audit_log"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[parse_complete(), ready()]).await;
+    read_until(&mut s.client, b'Z').await;
+
+    s.send(&[execute("missing"), parse("", "SELECT 1"), sync()])
+        .await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[
+        error_response("34000", "portal \"missing\" does not exist"),
+        ready(),
+    ])
+    .await;
+    read_until(&mut s.client, b'Z').await;
+
+    s.send(&[bind("", "", &[]), execute(""), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[bind_complete(), complete("DELETE 3"), ready()])
+        .await;
+    read_until(&mut s.client, b'Z').await;
+    let records = s.finish().await;
+    assert_eq!(decided(&records), ["DELETE FROM audit_log"]);
+}
+
+/// Pipelined across a Sync (libpq's pipeline mode): a Bind of a statement whose Parse is not
+/// answered yet waits for the answer, with everything before it already sent, and then binds
+/// what PostgreSQL has.
+#[tokio::test]
+async fn a_bind_after_an_unanswered_parse_waits_for_its_answer() {
+    let mut s = start(None);
+    let first = [parse("s2", "SELECT 2"), sync()];
+    let then = [bind("p", "s2", &[]), execute("p"), sync()];
+    s.send(&[first.as_slice(), then.as_slice()].concat()).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&first));
+    let early = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        read_msg(&mut s.server),
+    );
+    assert!(
+        early.await.is_err(),
+        "the Bind waits for the Parse's answer"
+    );
+    s.answer(&[parse_complete(), ready()]).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&then));
+    s.answer(&[
+        bind_complete(),
+        data_row(&["2"]),
+        complete("SELECT 1"),
+        ready(),
+    ])
+    .await;
+    read_until(&mut s.client, b'Z').await;
+    read_until(&mut s.client, b'Z').await;
+    let records = s.finish().await;
+    assert_eq!(decided(&records), ["SELECT 2"]);
+}
+
+/// A portal bound to a statement the session never saw prepared (a name PREPAREd in SQL)
+/// cannot be decided: its Execute is refused, not forwarded as unknown.
+#[tokio::test]
+async fn an_execute_of_a_portal_of_an_unknown_statement_is_refused() {
+    let mut s = start(None);
+    s.send(&[bind("p", "made_by_sql_prepare", &[]), execute("p"), sync()])
+        .await;
+    let up = read_until(&mut s.server, b'S').await;
+    assert_eq!(tags(&up), "BPS");
+    let nonce = nonce_of(&parse_text(&up[1])).to_owned();
+    s.answer(&[bind_complete(), syntax_error_at(&nonce), ready()])
+        .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "2EZ");
+    let (code, msg) = down[1].error();
+    assert_eq!(code, "42501");
+    assert!(msg.contains("did not see prepared"), "{msg}");
+    s.finish().await;
 }
