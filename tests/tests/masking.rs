@@ -296,6 +296,51 @@ fn copy_spellings_are_read_as_the_server_reads_them() {
     }
 }
 
+/// With standard_conforming_strings off, `'it\'s'` is one string to PostgreSQL and not to a
+/// reader with it on: a statement with a backslash could hide a masked column from the
+/// rewrite (`replace(email, ...)` no longer looks like an email to the detectors). Refused.
+#[test]
+fn backslash_strings_with_standard_strings_off_are_refused_under_column_rules() {
+    let m = start();
+    let sql = r"SELECT replace(email, '@', ' at ') AS e, 'it\'s' AS s FROM customers ORDER BY id";
+    let out = PgCommand::psql(&m.proxy.params(AGENT))
+        .args([
+            "-A",
+            "-t",
+            "-c",
+            "SET standard_conforming_strings = off",
+            "-c",
+            sql,
+        ])
+        .run()
+        .unwrap();
+    assert!(!out.success(), "not refused: {}", out.stdout);
+    assert!(
+        out.stderr.contains("standard_conforming_strings"),
+        "{}",
+        out.stderr
+    );
+    for raw in ["alice.smith at example.com", "bob.jones at example.org"] {
+        assert!(!both(&out).contains(raw), "{raw} leaked:\n{}", out.stdout);
+    }
+    // Without a backslash the statement reads the same either way, and is masked.
+    let plain = "SELECT replace(email, '@', ' at ') AS e FROM customers ORDER BY id";
+    let out = PgCommand::psql(&m.proxy.params(AGENT))
+        .args([
+            "-A",
+            "-t",
+            "-c",
+            "SET standard_conforming_strings = off",
+            "-c",
+            plain,
+        ])
+        .run()
+        .unwrap();
+    for raw in ["alice.smith at example.com", "bob.jones at example.org"] {
+        assert!(!both(&out).contains(raw), "{raw} leaked:\n{}", both(&out));
+    }
+}
+
 #[test]
 fn binary_copy_is_masked() {
     let m = start();

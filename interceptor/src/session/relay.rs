@@ -790,8 +790,9 @@ struct Masked {
 /// Column masking of a statement the gate let through. `tree` is the gate's parse of `sql`
 /// (`None` when its classification came from the cache for a text that differs in its
 /// numbers): then PostgreSQL's parser runs once more, only if masking needs a tree at all.
-/// The rewrite reads standard strings, so it reuses a tree only when the session has them on
-/// (else the rewrite parses as before).
+/// The rewrite reads statements with standard strings; with them off a text without a
+/// backslash reads the same, one with a backslash is refused under column rules (read the
+/// wrong way, a string could hide a masked column from the rewrite).
 async fn masked(shared: &Shared, sql: &str, tree: Option<Arc<Tree>>) -> Masked {
     let Some(m) = &shared.mask else {
         return Masked {
@@ -800,8 +801,20 @@ async fn masked(shared: &Shared, sql: &str, tree: Option<Arc<Tree>>) -> Masked {
         };
     };
     let scs = shared.lex().standard_conforming_strings;
+    let reads_standard = scs || !sql.contains('\\');
+    if !reads_standard && m.rules().needs_origins() {
+        return Masked {
+            rewrite: Err(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "interceptor: column masking applies to this session, and it reads statements \
+                 with backslashes only with standard_conforming_strings on",
+            )
+            .with_hint("SET standard_conforming_strings = on")),
+            copies: Vec::new(),
+        };
+    }
     let tree = tree.or_else(|| {
-        let wanted = (scs && m.rules().needs_origins()) || super::masking::mentions_copy(sql);
+        let wanted = m.rules().needs_origins() || super::masking::mentions_copy(sql);
         wanted
             .then(|| crate::policy::pgparse::parse_tree(sql, scs).ok())
             .flatten()
@@ -811,7 +824,7 @@ async fn masked(shared: &Shared, sql: &str, tree: Option<Arc<Tree>>) -> Masked {
         .as_deref()
         .map(crate::mask::copies_to_client)
         .unwrap_or_default();
-    let rewrite = m.rewrite(sql, tree.as_deref().filter(|_| scs)).await;
+    let rewrite = m.rewrite(sql, tree.as_deref()).await;
     Masked { rewrite, copies }
 }
 

@@ -1260,3 +1260,38 @@ async fn an_execute_of_a_portal_of_an_unknown_statement_is_refused() {
     assert!(msg.contains("did not see prepared"), "{msg}");
     s.finish().await;
 }
+
+/// Under column rules with standard_conforming_strings off, a statement with a backslash is
+/// refused (read with the other setting a string could hide a column from the rewrite); one
+/// without reads the same either way and goes as it is.
+#[tokio::test]
+async fn backslashes_without_standard_strings_are_refused_under_column_rules() {
+    let mut s = start_with(Options {
+        mask: Some(MASK),
+        params: &[("standard_conforming_strings", "off")],
+        ..Options::default()
+    });
+    s.send(&[message::query(r"SELECT 'it\'s' AS n")]).await;
+    let up = read_until(&mut s.server, b'Q').await;
+    let stand_in = query_text(&up[0]);
+    s.answer(&[syntax_error_at(nonce_of(&stand_in)), ready()])
+        .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "EZ");
+    let (code, msg) = down[0].error();
+    assert_eq!(code, "0A000");
+    assert!(msg.contains("standard_conforming_strings"), "{msg}");
+
+    let plain = message::query("SELECT 'its' AS n");
+    s.send(std::slice::from_ref(&plain)).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'Q').await), plain.to_vec());
+    s.answer(&[
+        row_description(&["n"]),
+        data_row(&["its"]),
+        complete("SELECT 1"),
+        ready(),
+    ])
+    .await;
+    assert_eq!(tags(&read_until(&mut s.client, b'Z').await), "TDCZ");
+    s.finish().await;
+}
