@@ -323,7 +323,7 @@ impl Gate {
         // The approval's audit records (vote, granted, executed) are appended by the approvals
         // service; the relay's flush before forwarding must make them durable too.
         self.unsynced = true;
-        self.sql_prepared.observe(&held.decision.statements);
+        self.observe(&held.decision.statements);
         Verdict::Forward {
             record: Some(held.record),
             tree: held.decision.tree.clone(),
@@ -348,6 +348,21 @@ impl Gate {
                 refuse => refuse,
             },
             Err(e) => audit_unavailable(e),
+        }
+    }
+
+    /// Statements that went upstream: SQL-level PREPARE names for `EXECUTE`, and DEALLOCATE /
+    /// DISCARD ALL, which drop protocol-level statements too (one namespace in PostgreSQL).
+    /// A name dropped here and bound later is one the session does not know: its Execute is
+    /// refused, never decided on a text PostgreSQL no longer has.
+    fn observe(&mut self, statements: &[crate::policy::Classified]) {
+        self.sql_prepared.observe(statements);
+        for s in statements {
+            match s.deallocates.as_deref() {
+                Some("") => self.statements.deallocate_all(),
+                Some(name) => self.statements.close(b'S', name),
+                None => {}
+            }
         }
     }
 
@@ -395,7 +410,7 @@ impl Gate {
         use crate::policy::Verdict as P;
         match &decision.verdict {
             P::Allow => {
-                self.sql_prepared.observe(&decision.statements);
+                self.observe(&decision.statements);
                 Verdict::Forward {
                     record: None,
                     tree: decision.tree.clone(),

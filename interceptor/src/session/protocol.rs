@@ -306,6 +306,11 @@ impl Statements {
         }
     }
 
+    /// DEALLOCATE ALL or DISCARD ALL: every prepared statement is gone (portals stay).
+    pub fn deallocate_all(&mut self) {
+        self.statements.clear();
+    }
+
     /// The portal was bound to a statement the session does not know.
     pub fn unattributed(&self, portal: &str) -> bool {
         self.unattributed.contains_key(portal)

@@ -1295,3 +1295,33 @@ async fn backslashes_without_standard_strings_are_refused_under_column_rules() {
     assert_eq!(tags(&read_until(&mut s.client, b'Z').await), "TDCZ");
     s.finish().await;
 }
+
+/// DEALLOCATE drops protocol-level statements too (one namespace): a name PREPAREd in SQL
+/// afterwards is not the statement the session saw parsed, so an Execute of a portal bound to
+/// it is refused rather than decided on the old text.
+#[tokio::test]
+async fn a_deallocated_statement_is_not_decided_on_its_old_text() {
+    let mut s = start(None);
+    s.send(&[parse("s1", "SELECT 1"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[parse_complete(), ready()]).await;
+    read_until(&mut s.client, b'Z').await;
+
+    for sql in ["DEALLOCATE s1", "PREPARE s1 AS SELECT 2"] {
+        s.send(&[message::query(sql)]).await;
+        read_until(&mut s.server, b'Q').await;
+        s.answer(&[complete(sql.split(' ').next().unwrap_or("")), ready()])
+            .await;
+        read_until(&mut s.client, b'Z').await;
+    }
+
+    s.send(&[bind("p", "s1", &[]), execute("p"), sync()]).await;
+    let up = read_until(&mut s.server, b'S').await;
+    assert_eq!(tags(&up), "BPS", "the Execute is replaced by a refusal");
+    let nonce = nonce_of(&parse_text(&up[1])).to_owned();
+    s.answer(&[bind_complete(), syntax_error_at(&nonce), ready()])
+        .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(down[1].error().0, "42501");
+    s.finish().await;
+}
