@@ -39,7 +39,9 @@ pub fn frontend_messages(data: &[u8]) {
     let mut statements = Statements::new(true);
     for f in frame::frames(data) {
         match Frontend::decode(f.tag, f.body) {
-            Ok(Some(Frontend::Parse(p))) => statements.parsed(p.statement, p.sql),
+            Ok(Some(Frontend::Parse(p))) => {
+                statements.parsed(p.statement, p.sql, Vec::new(), 0);
+            }
             Ok(Some(Frontend::Bind { view, body })) => {
                 let params = || {
                     view.params
@@ -47,7 +49,7 @@ pub fn frontend_messages(data: &[u8]) {
                         .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
                         .collect()
                 };
-                statements.bound(view.portal, view.statement, body, params);
+                statements.bound(view.portal, view.statement, body, 0, params);
                 if let Some(p) = statements.portal(view.portal) {
                     let _ = p.result_formats.as_slice();
                 }

@@ -580,3 +580,94 @@ fn fast_path_calls_are_held_and_run_once_approved() {
         .unwrap();
     assert_eq!(stored.trim_end_matches('\n'), content);
 }
+
+/// A frontend message: tag, length, body.
+fn frontend_message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn parse_message(name: &str, sql: &str) -> Vec<u8> {
+    let body = [name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat();
+    frontend_message(b'P', &body)
+}
+
+/// Bind of `statement` into `portal`, no parameters, text results.
+fn bind_message(portal: &str, statement: &str) -> Vec<u8> {
+    let body = [
+        portal.as_bytes(),
+        b"\0",
+        statement.as_bytes(),
+        b"\0",
+        &[0, 0, 0, 0, 0, 0],
+    ]
+    .concat();
+    frontend_message(b'B', &body)
+}
+
+fn execute_message(portal: &str) -> Vec<u8> {
+    frontend_message(b'E', &[portal.as_bytes(), b"\0\0\0\0\0"].concat())
+}
+
+/// PostgreSQL keeps a prepared statement when a second Parse of its name fails (42P05), and
+/// keeps the unnamed statement when an error earlier in the batch skips a Parse of it. An
+/// Execute then runs the statement it kept, so that statement is the one decided: the DELETE
+/// is held for approval (and runs not at all when denied), whatever the failed Parse said.
+#[test]
+fn a_statement_postgresql_kept_after_a_failed_parse_is_still_held() {
+    use interceptor_tests::raw::RawClient;
+    let s = ApprovalStack::start(Setup::held_writes(60));
+    for (name, id) in [("s1", 11), ("", 12)] {
+        assert_eq!(s.count(id), "1");
+        let params = s.proxy.params(ALICE);
+        let client = std::thread::spawn(move || {
+            let mut c = RawClient::login(&params).unwrap();
+            let delete = format!("DELETE FROM accounts WHERE id = {id}");
+            c.send(&[parse_message(name, &delete), frontend_message(b'S', b"")].concat())
+                .unwrap();
+            let prepared = c.read_until_ready().unwrap().0;
+            // The named statement exists: its second Parse fails. The unnamed one's second
+            // Parse comes after an error in its batch: PostgreSQL skips it.
+            let mut again = Vec::new();
+            if name.is_empty() {
+                again.extend(execute_message("no_such_portal"));
+            }
+            again.extend(parse_message(name, "SELECT 1"));
+            again.extend(frontend_message(b'S', b""));
+            c.send(&again).unwrap();
+            let failed = c.read_until_ready().unwrap().0;
+            c.send(
+                &[
+                    bind_message("p", name),
+                    execute_message("p"),
+                    frontend_message(b'S', b""),
+                ]
+                .concat(),
+            )
+            .unwrap();
+            let run = c.read_until_ready().unwrap().0;
+            (prepared, failed, run)
+        });
+        let request = s.wait_pending("statement");
+        assert_eq!(s.count(id), "1", "held: nothing ran yet");
+        s.cli_ok(
+            "approvals",
+            &["deny", &request.to_string(), "--reason", "not this one"],
+        );
+        let (prepared, failed, run) = client.join().unwrap();
+        assert_eq!(prepared.first().map(|m| m.tag), Some(b'1'), "{prepared:?}");
+        let code = failed.iter().find_map(|m| m.sqlstate());
+        let expected = if name.is_empty() { "34000" } else { "42P05" };
+        assert_eq!(code.as_deref(), Some(expected), "{failed:?}");
+        let refusal = run.iter().find(|m| m.tag == b'E').expect("refused");
+        assert!(
+            refusal
+                .error_field(b'M')
+                .is_some_and(|m| m.contains("not this one")),
+            "{run:?}"
+        );
+        assert_eq!(s.count(id), "1", "the denied DELETE ran");
+    }
+}

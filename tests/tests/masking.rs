@@ -27,6 +27,10 @@ exempt_subjects = ["admin"]
 match = "public.customers.email"
 strategy = "pseudonym"
 
+[[mask.column]]
+match = 'crm."Leads"."E-mail"'
+strategy = "pseudonym"
+
 [[mask.detector]]
 kind = "card"
 strategy = "redact"
@@ -174,6 +178,166 @@ fn copy_to_stdout_text_and_csv_is_masked() {
             "{sql}: every row carries the email pseudonym:\n{}",
             out.stdout
         );
+    }
+}
+
+/// Raw values of the mixed-case table the COPY spellings test reads.
+const LEAD_EMAILS: [&str; 2] = ["carol.white@example.net", "dan.brown@example.net"];
+
+/// Each email pseudonym (`p_`, 16 hex digits, `@pseudonym.invalid`) replaced by a marker,
+/// with the CSV quotes the masker puts around a value it replaced (`"`, or the COPY's QUOTE).
+fn pseudonyms_marked(text: &str) -> String {
+    const DOMAIN: &str = "@pseudonym.invalid";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("p_") {
+        let tail = &rest[at + 2..];
+        let hex = tail.len() >= 16 && tail.as_bytes()[..16].iter().all(u8::is_ascii_hexdigit);
+        out.push_str(&rest[..at]);
+        if !hex {
+            out.push_str("p_");
+            rest = tail;
+            continue;
+        }
+        rest = &tail[16..];
+        rest = rest.strip_prefix(DOMAIN).unwrap_or(rest);
+        if let Some(q) = out.chars().last().filter(|q| matches!(q, '"' | '\'' | '|'))
+            && let Some(after) = rest.strip_prefix(q)
+        {
+            out.pop();
+            rest = after;
+        }
+        out.push_str("<EMAIL>");
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Every spelling of COPY options PostgreSQL accepts is read as the server reads it: the old
+/// `WITH CSV HEADER ESCAPE`, the new `(FORMAT csv, ESCAPE '\')`, `COPY BINARY t`, a query,
+/// schema-qualified, quoted and `U&""` names. The masked column gets its pseudonym in every
+/// row, and every other byte is what the exempt identity gets: a misread delimiter, quote or
+/// escape would split the rows elsewhere (the note holds all of them before the email).
+#[test]
+fn copy_spellings_are_read_as_the_server_reads_them() {
+    let m = start();
+    m.pg.psql(
+        r#"CREATE SCHEMA crm;
+         CREATE TABLE crm."Leads" (id int, note text, "E-mail" text);
+         INSERT INTO crm."Leads" VALUES
+           (1, 'say "hi"; use \ and , or '' |', 'carol.white@example.net'),
+           (2, E'tab\there\nnewline', 'dan.brown@example.net');
+         GRANT USAGE ON SCHEMA crm TO app_rw;
+         GRANT SELECT ON crm."Leads" TO app_rw;"#,
+    )
+    .unwrap();
+    for sql in [
+        r#"COPY crm."Leads" TO STDOUT WITH CSV HEADER DELIMITER ';' ESCAPE '\'"#,
+        r#"COPY crm."Leads" TO STDOUT WITH CSV QUOTE '|' ESCAPE '\'"#,
+        r#"COPY crm."Leads" (id, note, U&"E\002dmail") TO STDOUT (FORMAT csv, ESCAPE '\', QUOTE '''')"#,
+        r#"COPY "crm"."Leads" TO STDOUT (FORMAT csv, HEADER true, DELIMITER '|')"#,
+        r#"COPY (SELECT id, note, "E-mail" FROM crm."Leads" ORDER BY id) TO STDOUT (FORMAT csv, HEADER)"#,
+        r#"COPY (SELECT note, U&"E\002dmail" AS contact FROM crm."Leads") TO STDOUT"#,
+        r#"copy crm."Leads" to stdout with null as 'nil' delimiter as ','"#,
+        r#"COPY crm."Leads" (note, "E-mail") TO STDOUT (FORMAT text, DELIMITER ',')"#,
+    ] {
+        let masked = psql(&m, AGENT, sql).ok().unwrap();
+        let clear = psql(&m, ADMIN, sql).ok().unwrap();
+        for raw in LEAD_EMAILS {
+            assert!(
+                !both(&masked).contains(raw),
+                "{sql}: raw value {raw} leaked:\n{}",
+                masked.stdout
+            );
+            assert!(clear.stdout.contains(raw), "{sql}: exempt sees {raw}");
+        }
+        let mut expected = clear.stdout.clone();
+        for raw in LEAD_EMAILS {
+            expected = expected.replace(raw, "<EMAIL>");
+        }
+        assert_eq!(
+            pseudonyms_marked(&masked.stdout),
+            expected,
+            "{sql}: only the email column differs, each value by its pseudonym"
+        );
+    }
+    let legacy_binary = psql(&m, AGENT, r#"COPY BINARY crm."Leads" TO STDOUT"#)
+        .ok()
+        .unwrap();
+    assert!(
+        legacy_binary.stdout.starts_with("PGCOPY"),
+        "{:?}",
+        legacy_binary.stdout
+    );
+    assert_eq!(
+        legacy_binary.stdout.matches("p_").count(),
+        2,
+        "{:?}",
+        legacy_binary.stdout
+    );
+    for raw in LEAD_EMAILS {
+        assert!(!both(&legacy_binary).contains(raw), "binary: {raw} leaked");
+    }
+    // Output in another encoding could hide delimiter bytes inside multibyte characters:
+    // withheld, not guessed at.
+    let encoded = psql(
+        &m,
+        AGENT,
+        r#"COPY crm."Leads" TO STDOUT (FORMAT csv, ENCODING 'LATIN1')"#,
+    );
+    assert!(!encoded.success(), "{}", encoded.stdout);
+    assert!(
+        encoded.stderr.contains("could not be masked"),
+        "{}",
+        encoded.stderr
+    );
+    for raw in LEAD_EMAILS {
+        assert!(!both(&encoded).contains(raw), "encoding: {raw} leaked");
+    }
+}
+
+/// With standard_conforming_strings off, `'it\'s'` is one string to PostgreSQL and not to a
+/// reader with it on: a statement with a backslash could hide a masked column from the
+/// rewrite (`replace(email, ...)` no longer looks like an email to the detectors). Refused.
+#[test]
+fn backslash_strings_with_standard_strings_off_are_refused_under_column_rules() {
+    let m = start();
+    let sql = r"SELECT replace(email, '@', ' at ') AS e, 'it\'s' AS s FROM customers ORDER BY id";
+    let out = PgCommand::psql(&m.proxy.params(AGENT))
+        .args([
+            "-A",
+            "-t",
+            "-c",
+            "SET standard_conforming_strings = off",
+            "-c",
+            sql,
+        ])
+        .run()
+        .unwrap();
+    assert!(!out.success(), "not refused: {}", out.stdout);
+    assert!(
+        out.stderr.contains("standard_conforming_strings"),
+        "{}",
+        out.stderr
+    );
+    for raw in ["alice.smith at example.com", "bob.jones at example.org"] {
+        assert!(!both(&out).contains(raw), "{raw} leaked:\n{}", out.stdout);
+    }
+    // Without a backslash the statement reads the same either way, and is masked.
+    let plain = "SELECT replace(email, '@', ' at ') AS e FROM customers ORDER BY id";
+    let out = PgCommand::psql(&m.proxy.params(AGENT))
+        .args([
+            "-A",
+            "-t",
+            "-c",
+            "SET standard_conforming_strings = off",
+            "-c",
+            plain,
+        ])
+        .run()
+        .unwrap();
+    for raw in ["alice.smith at example.com", "bob.jones at example.org"] {
+        assert!(!both(&out).contains(raw), "{raw} leaked:\n{}", both(&out));
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use super::MaskError;
-use super::wire::parse_row_description;
+use super::wire::{FieldDescription, parse_row_description};
 
 /// Where a result column comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -109,14 +109,19 @@ impl CatalogResolver for OriginCache {
 
 /// The distinct non-zero table OIDs of a RowDescription (what needs resolving).
 pub fn table_oids(row_description: &[u8]) -> Result<Vec<u32>, MaskError> {
-    let mut oids: Vec<u32> = parse_row_description(row_description)?
+    Ok(table_oids_of(&parse_row_description(row_description)?))
+}
+
+/// [`table_oids`] of a RowDescription already decoded.
+pub(crate) fn table_oids_of(fields: &[FieldDescription]) -> Vec<u32> {
+    let mut oids: Vec<u32> = fields
         .iter()
         .map(|f| f.table_oid)
         .filter(|o| *o != 0)
         .collect();
     oids.sort_unstable();
     oids.dedup();
-    Ok(oids)
+    oids
 }
 
 /// A simple-protocol query returning `table_oid int8, attnum int4, schema, table, column` for

@@ -89,16 +89,27 @@ impl CopyColumn {
         row_description: &[u8],
         origins: &dyn Fn(u32, i16) -> Option<ColumnOrigin>,
     ) -> Result<Vec<CopyColumn>, MaskError> {
-        Ok(super::wire::parse_row_description(row_description)?
-            .into_iter()
+        Ok(Self::from_fields(
+            &super::wire::parse_row_description(row_description)?,
+            origins,
+        ))
+    }
+
+    /// [`CopyColumn::from_row_description`] of a RowDescription already decoded.
+    pub(crate) fn from_fields(
+        fields: &[super::wire::FieldDescription],
+        origins: &dyn Fn(u32, i16) -> Option<ColumnOrigin>,
+    ) -> Vec<CopyColumn> {
+        fields
+            .iter()
             .map(|f| CopyColumn {
                 origin: (f.table_oid != 0 && f.attnum > 0)
                     .then(|| origins(f.table_oid, f.attnum))
                     .flatten(),
-                name: f.name,
+                name: f.name.clone(),
                 type_oid: f.type_oid,
             })
-            .collect())
+            .collect()
     }
 }
 

@@ -17,6 +17,7 @@
 mod catalog;
 mod config;
 mod copy;
+mod copystmt;
 mod detect;
 mod notice;
 mod plan;
@@ -32,10 +33,18 @@ mod wire;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use catalog::table_oids_of;
 pub use catalog::{CatalogResolver, ColumnOrigin, OriginCache, catalog_query, table_oids};
 pub use copy::{CopyColumn, CopyFormat, CopyMasker, CopyOptions};
+pub use copystmt::{CopyOut, CopyTarget, copies_to_client};
 pub use detect::DetectorKind;
 pub use plan::MaskPlan;
+#[cfg(test)]
+pub(crate) use wire::row_descriptions_decoded;
+pub(crate) use wire::{FieldDescription, parse_row_description};
+
+/// A RowDescription decoded once: masking (origins, plan) and the recording read it.
+pub(crate) type RowFields = Result<Vec<FieldDescription>, MaskError>;
 pub use relcat::{Lookup, RelName, RelationCache};
 pub use rewrite::{Needs, Refusal, needs, rewrite};
 pub use rules::{Allowances, MaskRules};
@@ -43,7 +52,7 @@ pub use strategy::StrategyKind;
 pub use summary::{MaskCount, MaskSummary, MaskTarget};
 
 /// Why masking could not proceed. The relay must not forward the affected message.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum MaskError {
     /// The `[mask]` section of a policy is invalid.
     #[error("invalid mask rules: {0}")]

@@ -108,8 +108,19 @@ impl MaskRules {
         if self.is_empty() {
             return Ok(None);
         }
-        let fields = parse_row_description(row_description)?;
-        let columns = self.column_plans(&fields, origins)?;
+        self.plan_fields(&parse_row_description(row_description)?, origins)
+    }
+
+    /// [`MaskRules::plan`] of a RowDescription already decoded.
+    pub(crate) fn plan_fields(
+        &self,
+        fields: &[FieldDescription],
+        origins: &dyn Fn(u32, i16) -> Option<ColumnOrigin>,
+    ) -> Result<Option<MaskPlan>, MaskError> {
+        if self.is_empty() {
+            return Ok(None);
+        }
+        let columns = self.column_plans(fields, origins)?;
         if columns.iter().all(|c| matches!(c.action, Action::Keep)) {
             return Ok(None);
         }

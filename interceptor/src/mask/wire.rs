@@ -120,7 +120,21 @@ pub(crate) struct FieldDescription {
     pub format: Format,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// RowDescriptions decoded on this thread (tests count them per message).
+    static ROW_DESCRIPTIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many RowDescriptions this thread has decoded.
+#[cfg(test)]
+pub(crate) fn row_descriptions_decoded() -> usize {
+    ROW_DESCRIPTIONS.with(|n| n.get())
+}
+
 pub(crate) fn parse_row_description(body: &[u8]) -> Result<Vec<FieldDescription>, MaskError> {
+    #[cfg(test)]
+    ROW_DESCRIPTIONS.with(|n| n.set(n.get() + 1));
     const MSG: &str = "RowDescription";
     let mut r = Reader::new(body, MSG);
     let count = r.i16()?;

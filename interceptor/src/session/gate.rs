@@ -323,7 +323,7 @@ impl Gate {
         // The approval's audit records (vote, granted, executed) are appended by the approvals
         // service; the relay's flush before forwarding must make them durable too.
         self.unsynced = true;
-        self.sql_prepared.observe(&held.decision.statements);
+        self.observe(&held.decision.statements);
         Verdict::Forward {
             record: Some(held.record),
             tree: held.decision.tree.clone(),
@@ -348,6 +348,21 @@ impl Gate {
                 refuse => refuse,
             },
             Err(e) => audit_unavailable(e),
+        }
+    }
+
+    /// Statements that went upstream: SQL-level PREPARE names for `EXECUTE`, and DEALLOCATE /
+    /// DISCARD ALL, which drop protocol-level statements too (one namespace in PostgreSQL).
+    /// A name dropped here and bound later is one the session does not know: its Execute is
+    /// refused, never decided on a text PostgreSQL no longer has.
+    fn observe(&mut self, statements: &[crate::policy::Classified]) {
+        self.sql_prepared.observe(statements);
+        for s in statements {
+            match s.deallocates.as_deref() {
+                Some("") => self.statements.deallocate_all(),
+                Some(name) => self.statements.close(b'S', name),
+                None => {}
+            }
         }
     }
 
@@ -395,7 +410,7 @@ impl Gate {
         use crate::policy::Verdict as P;
         match &decision.verdict {
             P::Allow => {
-                self.sql_prepared.observe(&decision.statements);
+                self.observe(&decision.statements);
                 Verdict::Forward {
                     record: None,
                     tree: decision.tree.clone(),
@@ -470,7 +485,8 @@ impl Gate {
     }
 
     /// Parse: decided here, enforced (re-decided if the policy changed) and audited at Execute.
-    pub async fn parse(&mut self, statement: &str, sql: &str, lex: LexState) -> Verdict {
+    /// The relay reports what it sent upstream ([`Gate::parsed`], [`Gate::parse_refused`]).
+    pub async fn parse(&mut self, sql: &str, lex: LexState) -> Verdict {
         if let Some(e) = self.lex_check(lex) {
             return Verdict::Refuse(e);
         }
@@ -492,17 +508,31 @@ impl Gate {
                 return audit_unavailable(e);
             }
         }
-        if matches!(verdict, Verdict::Forward { .. }) {
-            self.statements.parsed(statement, sql);
-        } else {
-            self.statements.refused(statement);
-        }
         verdict
     }
 
-    /// A Bind: the portal keeps its statement and its parameters as recorded (`body` is the
-    /// whole message, for the result formats masking reads).
-    pub fn bind(&mut self, bind: &crate::net::message::BindView<'_>, body: &[u8]) {
+    /// The Parse of `statement` went upstream as the client sent it (or rewritten for
+    /// masking); `copies` are its COPY TO STDOUT statements (masking sessions only).
+    /// Returns the statement, for PostgreSQL's answer to settle.
+    pub fn parsed(
+        &mut self,
+        statement: &str,
+        sql: &str,
+        copies: Vec<crate::mask::CopyTarget>,
+        batch: u64,
+    ) -> Arc<super::protocol::Prepared> {
+        self.statements.parsed(statement, sql, copies, batch)
+    }
+
+    /// The Parse of `statement` was refused (by policy or by the masking rewrite): its
+    /// stand-in went upstream instead.
+    pub fn parse_refused(&mut self, statement: &str) {
+        self.statements.refused(statement);
+    }
+
+    /// A Bind in batch `batch`: the portal keeps its statement and its parameters as recorded
+    /// (`body` is the whole message, for the result formats masking reads).
+    pub fn bind(&mut self, bind: &crate::net::message::BindView<'_>, body: &[u8], batch: u64) {
         let param_mask = self.param_mask.as_ref();
         let record = || {
             let formats = &bind.param_formats;
@@ -523,14 +553,34 @@ impl Gate {
                 .collect()
         };
         self.statements
-            .bound(bind.portal, bind.statement, body, record);
+            .bound(bind.portal, bind.statement, body, batch, record);
     }
 
     pub fn close(&mut self, kind: u8, name: &str) {
         self.statements.close(kind, name);
     }
 
+    /// PostgreSQL was idle after batch `before - 1`: the portals bound up to then are gone.
+    pub fn transactions_ended_before(&mut self, before: u64) {
+        self.statements.transactions_ended_before(before);
+    }
+
     pub async fn execute(&mut self, portal: &str, lex: LexState) -> Verdict {
+        if self.statements.unattributed(portal) {
+            // Bound to a statement the session did not see prepared (a name PREPAREd in SQL,
+            // or one whose Parse or Close interceptor could not follow): what it would run
+            // cannot be decided.
+            return Verdict::Refuse(
+                PgError::error(
+                    sqlstate::INSUFFICIENT_PRIVILEGE,
+                    format!(
+                        "interceptor: portal \"{portal}\" is bound to a prepared statement that \
+                         interceptor did not see prepared, so it cannot be decided"
+                    ),
+                )
+                .with_hint("prepare the statement (Parse) in this session and bind it again"),
+            );
+        }
         let Some(p) = self.statements.portal(portal) else {
             // Not a portal we allowed: PostgreSQL does not know it either (its Parse was refused
             // or never sent), so it will answer with its own error.

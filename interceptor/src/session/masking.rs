@@ -3,20 +3,21 @@
 //!
 //! The client → upstream side announces, in order, every request whose answer matters for
 //! masking ([`Owed`]); the upstream → client side ([`MaskStream`]) consumes those entries as
-//! the answers arrive, so a RowDescription that answers Describe(statement) is kept for that
-//! statement and later Executes of its portals find their plan even without a RowDescription.
+//! the answers arrive. A RowDescription that answers a Describe is kept in the statement or
+//! portal it describes (the session's one [`Statements`]), so later Executes of its portals
+//! find their plan even without a RowDescription; masking keeps no statement state of its own.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, Statement};
 
-use super::protocol::{Action, Frontend, Owed, OwedQueue, Statements};
+use super::protocol::{Action, Frontend, Owed, OwedQueue, Prepared, Statements};
 use super::upstream::{Upstream, UpstreamTarget};
 use crate::mask::{
-    CopyColumn, CopyMasker, CopyOptions, MaskError, MaskPlan, MaskRules, MaskSummary, OriginCache,
-    RelationCache, catalog_query, table_oids,
+    CopyColumn, CopyMasker, CopyOptions, CopyTarget, FieldDescription, MaskError, MaskPlan,
+    MaskRules, MaskSummary, OriginCache, RelationCache, RowFields, catalog_query,
+    parse_row_description, table_oids_of,
 };
 use crate::net::message::{self, Cursor, PgError, sqlstate};
 use crate::policy::pgparse::Tree;
@@ -103,40 +104,39 @@ impl SessionMask {
     }
 
     /// A frontend message is about to be forwarded (refused ones too: their stand-in answers
-    /// in the same shape). `statements` is the session's view of what the client prepared.
+    /// in the same shape). `statements` is the session's view of what the client prepared,
+    /// before this message. A Query is announced by [`SessionMask::query`] once it is decided.
     pub async fn frontend(&self, message: &Frontend<'_>, statements: &Statements) {
         match message {
-            Frontend::Query(sql) => {
-                let copies = self.copy_specs(sql).await;
-                self.push(Owed::Query { copies });
-            }
-            Frontend::Parse(p) => self.push(Owed::Parse(Arc::from(p.statement))),
-            Frontend::Bind { view, .. } => self.push(Owed::Bind(view.portal.to_owned())),
+            Frontend::Parse(_) => self.push(Owed::Parse),
+            Frontend::Bind { .. } => self.push(Owed::Bind),
             Frontend::Describe { kind, name } => self.push(if *kind == b'S' {
-                Owed::DescribeStatement((*name).to_owned())
+                Owed::DescribeStatement(statements.statement(name))
             } else {
-                Owed::DescribePortal((*name).to_owned())
+                Owed::DescribePortal(statements.portal(name).cloned())
             }),
             Frontend::Execute { portal } => {
-                let (statement, formats, copies) = match statements.portal(portal) {
-                    Some(p) => (
-                        p.statement.name.clone(),
-                        p.result_formats.clone(),
-                        self.copy_specs(&p.statement.sql).await,
-                    ),
-                    None => (Arc::from(""), Default::default(), VecDeque::new()),
+                let portal = statements.portal(portal).cloned();
+                let copies = match &portal {
+                    Some(p) => self.copy_specs(&p.statement.copies).await,
+                    None => VecDeque::new(),
                 };
-                self.push(Owed::Execute {
-                    portal: (*portal).to_owned(),
-                    statement,
-                    formats,
-                    copies,
-                });
+                self.push(Owed::Execute { portal, copies });
             }
             Frontend::Sync => self.push(Owed::Sync),
             Frontend::FunctionCall(_) => self.push(Owed::FunctionCall),
-            Frontend::Close { .. } | Frontend::Terminate | Frontend::Passthrough => {}
+            Frontend::Query(_)
+            | Frontend::Close { .. }
+            | Frontend::Terminate
+            | Frontend::Passthrough => {}
         }
+    }
+
+    /// A Query is about to be forwarded (or its refusal's stand-in: then `copies` is empty);
+    /// `copies` are its COPY TO STDOUT statements as PostgreSQL's parser read them.
+    pub async fn query(&self, copies: &[CopyTarget]) {
+        let copies = self.copy_specs(copies).await;
+        self.push(Owed::Query { copies });
     }
 
     /// The statement as it must go upstream under column rules: every reference to a masked
@@ -185,92 +185,53 @@ impl SessionMask {
         result
     }
 
-    /// The COPY TO STDOUT statements of `sql`, in order, with their options and columns.
-    async fn copy_specs(&self, sql: &str) -> VecDeque<Result<CopySpec, String>> {
-        let mut out = VecDeque::new();
-        // Cheap prefilter: almost no statement is a COPY.
-        if !sql
-            .as_bytes()
-            .windows(4)
-            .any(|w| w.eq_ignore_ascii_case(b"copy"))
-        {
-            return out;
-        }
-        let dialect = sqlparser::dialect::PostgreSqlDialect {};
-        let Ok(statements) = sqlparser::parser::Parser::parse_sql(&dialect, sql) else {
-            // The gate refuses what it cannot parse; a COPY here would find no spec and fail.
-            return out;
-        };
-        for st in statements {
-            let Statement::Copy {
-                source,
-                to: true,
-                options,
-                legacy_options,
-                ..
-            } = st
-            else {
-                continue;
-            };
-            let spec = match copy_options(&options, &legacy_options) {
-                Ok(opts) => self
-                    .copy_columns(&source)
+    /// Each COPY TO STDOUT with its options and its columns, described now (just before it
+    /// runs, so a table changed since the statement was prepared is described as it is).
+    async fn copy_specs(&self, copies: &[CopyTarget]) -> VecDeque<Result<CopySpec, String>> {
+        let mut out = VecDeque::with_capacity(copies.len());
+        for copy in copies {
+            let spec = match copy {
+                Ok(copy) => self
+                    .copy_columns(&copy.columns_query)
                     .await
                     .map(|columns| CopySpec {
-                        options: opts,
+                        options: copy.options.clone(),
                         columns,
                     })
                     .map_err(|e| e.to_string()),
-                Err(e) => Err(e),
+                Err(e) => Err(e.clone()),
             };
             out.push_back(spec);
         }
         out
     }
 
-    /// The columns a COPY produces, described (not executed) on the side connection.
-    async fn copy_columns(
-        &self,
-        source: &CopySource,
-    ) -> Result<Option<Vec<CopyColumn>>, SideError> {
-        let select = match source {
-            CopySource::Table {
-                table_name,
-                columns,
-            } if columns.is_empty() => format!("SELECT * FROM {table_name}"),
-            CopySource::Table {
-                table_name,
-                columns,
-            } => {
-                let cols: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
-                format!("SELECT {} FROM {table_name}", cols.join(", "))
-            }
-            CopySource::Query(q) => q.to_string(),
-        };
+    /// The columns a COPY produces: the RowDescription of `select` (a query with the same
+    /// columns), described (not executed) on the side connection.
+    async fn copy_columns(&self, select: &str) -> Result<Option<Vec<CopyColumn>>, SideError> {
         let mut side = self.side.lock().await;
-        let Some(rd) = side.describe(&self.login, &select).await? else {
+        let Some(rd) = side.describe(&self.login, select).await? else {
             return Ok(None);
         };
-        side.resolve(&self.login, &self.origins, &rd).await?;
+        let fields = parse_row_description(&rd).map_err(|e| SideError::Refused(e.to_string()))?;
+        side.resolve(&self.login, &self.origins, &table_oids_of(&fields))
+            .await?;
         let origins = lock(&self.origins);
-        CopyColumn::from_row_description(&rd, &|t, a| {
+        Ok(Some(CopyColumn::from_fields(&fields, &|t, a| {
             crate::mask::CatalogResolver::origin(&*origins, t, a)
-        })
-        .map(Some)
-        .map_err(|e| SideError::Refused(e.to_string()))
+        })))
     }
 
-    /// Resolves the origins of every RowDescription in a backend chunk (before the chunk is
-    /// processed, so that processing needs no await).
-    pub async fn prepare(&self, chunk: &[u8]) -> Result<(), SideError> {
+    /// Resolves the origins of the RowDescriptions of a backend chunk, decoded (before the
+    /// chunk is processed, so that processing needs no await).
+    pub(crate) async fn prepare(&self, descriptions: &[RowFields]) -> Result<(), SideError> {
         if !self.rules.needs_origins() {
             return Ok(());
         }
-        for f in crate::net::frame::frames(chunk) {
-            if f.tag == b'T' {
-                let mut side = self.side.lock().await;
-                side.resolve(&self.login, &self.origins, f.body).await?;
-            }
+        for fields in descriptions.iter().flatten() {
+            let mut side = self.side.lock().await;
+            side.resolve(&self.login, &self.origins, &table_oids_of(fields))
+                .await?;
         }
         Ok(())
     }
@@ -330,15 +291,14 @@ impl Side {
         }
     }
 
-    /// Looks up the tables of a RowDescription that are not cached yet.
+    /// Looks up the tables (of a RowDescription) that are not cached yet.
     async fn resolve(
         &mut self,
         login: &SideLogin,
         origins: &Mutex<OriginCache>,
-        rd: &[u8],
+        oids: &[u32],
     ) -> Result<(), SideError> {
-        let oids = table_oids(rd).map_err(|e| SideError::Refused(e.to_string()))?;
-        let missing = lock(origins).missing(&oids);
+        let missing = lock(origins).missing(oids);
         if missing.is_empty() {
             return Ok(());
         }
@@ -405,6 +365,13 @@ fn error_text(body: &[u8]) -> String {
         .unwrap_or_else(|| "error".into())
 }
 
+/// Whether `sql` can hold a COPY: a cheap test before parsing a text only for its COPYs.
+pub fn mentions_copy(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"copy"))
+}
+
 /// The Parse `view` with its SQL replaced: statement name and parameter types kept.
 pub fn reparse(view: &message::ParseView<'_>, sql: &str) -> Bytes {
     let mut body =
@@ -454,85 +421,14 @@ fn catalog_row(body: &[u8]) -> Option<(u32, i16, crate::mask::ColumnOrigin)> {
     Some((oid, attnum, crate::mask::ColumnOrigin::new(s, t, col)))
 }
 
-/// COPY options as the masker needs them.
-fn copy_options(
-    options: &[CopyOption],
-    legacy: &[CopyLegacyOption],
-) -> Result<CopyOptions, String> {
-    let mut format = "text".to_owned();
-    for o in options {
-        if let CopyOption::Format(f) = o {
-            format = f.value.to_ascii_lowercase();
-        }
-    }
-    for o in legacy {
-        match o {
-            CopyLegacyOption::Binary => format = "binary".into(),
-            CopyLegacyOption::Csv(_) => format = "csv".into(),
-            _ => {}
-        }
-    }
-    let mut opts = match format.as_str() {
-        "text" => CopyOptions::text(),
-        "csv" => CopyOptions::csv(),
-        "binary" => CopyOptions::binary(),
-        other => return Err(format!("unknown COPY format {other}")),
-    };
-    let byte = |c: char| -> Result<u8, String> {
-        u8::try_from(u32::from(c))
-            .ok()
-            .filter(u8::is_ascii)
-            .ok_or_else(|| "non-ASCII COPY option".to_owned())
-    };
-    for o in options {
-        match o {
-            CopyOption::Delimiter(c) => opts.delimiter = byte(*c)?,
-            CopyOption::Null(s) => opts.null = s.as_bytes().to_vec(),
-            CopyOption::Header(h) => opts.header = *h,
-            CopyOption::Quote(c) => opts.quote = byte(*c)?,
-            CopyOption::Escape(c) => opts.escape = byte(*c)?,
-            _ => {}
-        }
-    }
-    for o in legacy {
-        match o {
-            CopyLegacyOption::Delimiter(c) => opts.delimiter = byte(*c)?,
-            CopyLegacyOption::Null(s) => opts.null = s.as_bytes().to_vec(),
-            CopyLegacyOption::Csv(csv) => {
-                for c in csv {
-                    match c {
-                        CopyLegacyCsvOption::Header => opts.header = true,
-                        CopyLegacyCsvOption::Quote(q) => opts.quote = byte(*q)?,
-                        CopyLegacyCsvOption::Escape(e) => opts.escape = byte(*e)?,
-                        _ => {}
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    if opts.format == crate::mask::CopyFormat::Csv && !options_set_escape(options, legacy) {
-        // CSV's escape defaults to its quote.
-        opts.escape = opts.quote;
-    }
-    Ok(opts)
-}
-
-fn options_set_escape(options: &[CopyOption], legacy: &[CopyLegacyOption]) -> bool {
-    options.iter().any(|o| matches!(o, CopyOption::Escape(_)))
-        || legacy.iter().any(|o| {
-            matches!(o, CopyLegacyOption::Csv(c) if c.iter().any(|x| matches!(x, CopyLegacyCsvOption::Escape(_))))
-        })
-}
-
 /// The upstream → client side's masking state.
 pub struct MaskStream {
     mask: Arc<SessionMask>,
     /// The plan of the rows now arriving (`Some(None)`: decided, nothing to mask).
     active: Option<Option<MaskPlan>>,
-    describing: Option<String>,
-    statements: HashMap<String, Result<Option<MaskPlan>, String>>,
-    portals: HashMap<String, Result<Option<MaskPlan>, String>>,
+    /// The answer to a Describe(statement) is arriving (`Some(None)`: of a statement the
+    /// session does not know; PostgreSQL will not know it either).
+    describing: Option<Option<Arc<Prepared>>>,
     copy: Option<CopyMasker>,
     /// A masking failure withheld the rest of this result.
     discard: bool,
@@ -544,8 +440,6 @@ impl MaskStream {
             mask,
             active: None,
             describing: None,
-            statements: HashMap::new(),
-            portals: HashMap::new(),
             copy: None,
             discard: false,
         }
@@ -555,9 +449,16 @@ impl MaskStream {
         &self.mask
     }
 
-    /// Decides one backend message; `summary` collects what was masked.
-    pub fn message(&mut self, tag: u8, body: &[u8], summary: &mut MaskSummary) -> Action {
-        match self.step(tag, body, summary) {
+    /// Decides one backend message; `summary` collects what was masked. `fields`: a
+    /// RowDescription's fields, as the relay decoded them (decoded here when absent).
+    pub(crate) fn message(
+        &mut self,
+        tag: u8,
+        body: &[u8],
+        fields: Option<&RowFields>,
+        summary: &mut MaskSummary,
+    ) -> Action {
+        match self.step(tag, body, fields, summary) {
             Ok(a) => a,
             Err(e) => self.fail(tag, e),
         }
@@ -587,6 +488,7 @@ impl MaskStream {
         &mut self,
         tag: u8,
         body: &[u8],
+        fields: Option<&RowFields>,
         summary: &mut MaskSummary,
     ) -> Result<Action, MaskError> {
         match tag {
@@ -607,53 +509,54 @@ impl MaskStream {
                 })
             }
             b'T' => {
-                let plan = self.plan(body);
-                if let Some(name) = self.describing.take() {
-                    self.statements
-                        .insert(name, plan.map_err(|e| e.to_string()));
+                let plan = match fields {
+                    Some(Ok(fields)) => self.plan(fields),
+                    Some(Err(e)) => Err(e.clone()),
+                    None => parse_row_description(body).and_then(|f| self.plan(&f)),
+                };
+                if let Some(statement) = self.describing.take() {
+                    if let Some(statement) = statement {
+                        statement.described.set(plan.map_err(|e| e.to_string()));
+                    }
                     return Ok(Action::Forward);
                 }
                 // Describe(portal) + Execute in one batch: the rows follow directly, and a
                 // later Execute of the same portal finds the plan.
-                if let Some(Owed::DescribePortal(p)) =
+                if let Some(Owed::DescribePortal(Some(p))) =
                     self.pop_if(|e| matches!(e, Owed::DescribePortal(_)))
                 {
-                    self.portals.insert(
-                        p,
-                        plan.as_ref().map(Clone::clone).map_err(|e| e.to_string()),
-                    );
+                    p.described.set(plan.clone().map_err(|e| e.to_string()));
                 }
                 self.active = Some(plan?);
                 Ok(Action::Forward)
             }
             b'n' => {
-                if let Some(name) = self.describing.take() {
-                    self.statements.insert(name, Ok(None));
-                } else if let Some(Owed::DescribePortal(p)) =
+                if let Some(statement) = self.describing.take() {
+                    if let Some(statement) = statement {
+                        statement.described.set(Ok(None));
+                    }
+                } else if let Some(Owed::DescribePortal(Some(p))) =
                     self.pop_if(|e| matches!(e, Owed::DescribePortal(_)))
                 {
-                    self.portals.insert(p, Ok(None));
+                    p.described.set(Ok(None));
                 }
                 Ok(Action::Forward)
             }
             b't' => {
-                if let Some(Owed::DescribeStatement(name)) =
+                if let Some(Owed::DescribeStatement(statement)) =
                     self.pop_if(|e| matches!(e, Owed::DescribeStatement(_)))
                 {
-                    self.describing = Some(name);
+                    self.describing = Some(statement);
                 }
                 Ok(Action::Forward)
             }
+            // A new statement or portal starts without a plan; nothing to forget here.
             b'1' => {
-                if let Some(Owed::Parse(name)) = self.pop_if(|e| matches!(e, Owed::Parse(_))) {
-                    self.statements.remove(&*name);
-                }
+                let _ = self.pop_if(|e| matches!(e, Owed::Parse));
                 Ok(Action::Forward)
             }
             b'2' => {
-                if let Some(Owed::Bind(portal)) = self.pop_if(|e| matches!(e, Owed::Bind(_))) {
-                    self.portals.remove(&portal);
-                }
+                let _ = self.pop_if(|e| matches!(e, Owed::Bind));
                 Ok(Action::Forward)
             }
             b'C' | b'I' | b's' => {
@@ -735,10 +638,10 @@ impl MaskStream {
         }
     }
 
-    fn plan(&self, rd: &[u8]) -> Result<Option<MaskPlan>, MaskError> {
+    fn plan(&self, fields: &[FieldDescription]) -> Result<Option<MaskPlan>, MaskError> {
         // `prepare` resolved this chunk's tables; a table it could not resolve fails the plan.
         let origins = lock(&self.mask.origins);
-        self.mask.rules.plan(rd, &|t, a| {
+        self.mask.rules.plan_fields(fields, &|t, a| {
             crate::mask::CatalogResolver::origin(&*origins, t, a)
         })
     }
@@ -748,19 +651,17 @@ impl MaskStream {
     fn plan_for_execute(&self) -> Result<Option<MaskPlan>, MaskError> {
         let expect = lock(&self.mask.expect);
         if let Some(Owed::Execute {
-            portal,
-            statement,
-            formats,
+            portal: Some(portal),
             ..
         }) = expect.front()
         {
-            if let Some(p) = self.portals.get(portal) {
-                return p.clone().map_err(|_| MaskError::ColumnsUnknown);
+            if let Some(described) = portal.described.get() {
+                return described.map_err(|_| MaskError::ColumnsUnknown);
             }
-            if let Some(p) = self.statements.get(&**statement) {
-                let mut plan = p.clone().map_err(|_| MaskError::ColumnsUnknown)?;
+            if let Some(described) = portal.statement.described.get() {
+                let mut plan = described.map_err(|_| MaskError::ColumnsUnknown)?;
                 if let Some(plan) = plan.as_mut() {
-                    plan.set_result_formats(formats.as_slice())?;
+                    plan.set_result_formats(portal.result_formats.as_slice())?;
                 }
                 return Ok(plan);
             }
@@ -798,10 +699,7 @@ impl MaskStream {
         self.copy = None;
         self.discard = false;
         self.describing = None;
-        let statements = &mut self.statements;
-        lock(&self.mask.expect).skip_to_batch_end(|name| {
-            statements.remove(name);
-        });
+        lock(&self.mask.expect).skip_to_batch_end();
     }
 
     fn end_batch(&mut self) {
@@ -833,37 +731,6 @@ fn withheld(e: &MaskError) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn copy_opts(sql: &str) -> Result<CopyOptions, String> {
-        let d = sqlparser::dialect::PostgreSqlDialect {};
-        let st = sqlparser::parser::Parser::parse_sql(&d, sql).map_err(|e| e.to_string())?;
-        match st.into_iter().next() {
-            Some(Statement::Copy {
-                options,
-                legacy_options,
-                ..
-            }) => copy_options(&options, &legacy_options),
-            _ => Err("not a COPY".into()),
-        }
-    }
-
-    #[test]
-    fn copy_options_follow_the_statement() {
-        let t = copy_opts("COPY t TO STDOUT").unwrap();
-        assert_eq!(t.format, crate::mask::CopyFormat::Text);
-        assert_eq!(t.delimiter, b'\t');
-        let c = copy_opts("COPY t TO STDOUT WITH (FORMAT csv, HEADER, DELIMITER ';', QUOTE '''')")
-            .unwrap();
-        assert_eq!(c.format, crate::mask::CopyFormat::Csv);
-        assert!(c.header);
-        assert_eq!((c.delimiter, c.quote, c.escape), (b';', b'\'', b'\''));
-        let b = copy_opts("COPY t TO STDOUT (FORMAT binary)").unwrap();
-        assert_eq!(b.format, crate::mask::CopyFormat::Binary);
-        let legacy = copy_opts("COPY t TO STDOUT CSV HEADER").unwrap();
-        assert_eq!(legacy.format, crate::mask::CopyFormat::Csv);
-        assert!(legacy.header);
-        assert!(copy_opts("COPY t TO STDOUT (FORMAT parquet)").is_err());
-    }
 
     #[test]
     fn catalog_rows_parse_and_reject_garbage() {

@@ -5,10 +5,12 @@
 //! The gate, masking and the relay all read this state; none keeps a copy of its own.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use crate::mask::{CopyTarget, MaskPlan};
 use crate::net::message::{self, BindView, Cursor, Malformed, ParseView};
 
 /// One frontend message, decoded once (views over the frame; no copy of the SQL or values).
@@ -70,11 +72,80 @@ impl<'a> Frontend<'a> {
     }
 }
 
+/// What a Describe told masking about the rows of a statement or portal: the plan of their
+/// DataRows (`Ok(None)`: nothing to mask; `Err`: no safe plan, the rows are withheld).
+pub type Described = Result<Option<MaskPlan>, String>;
+
+/// Where masking keeps what a Describe of this statement or portal answered. It lives in the
+/// statement or portal itself, so replacing or closing one drops its plan with it.
+#[derive(Debug, Default)]
+pub struct DescribedSlot(Mutex<Option<Described>>);
+
+impl DescribedSlot {
+    pub fn set(&self, described: Described) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(described);
+    }
+
+    pub fn get(&self) -> Option<Described> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// A protocol-level prepared statement the gate let through at Parse. Its decision is not
 /// kept: every Execute is decided anew, because what allowed it can end between the two.
+#[derive(Debug)]
 pub struct Prepared {
     pub name: Arc<str>,
     pub sql: Arc<str>,
+    /// Its COPY TO STDOUT statements as PostgreSQL's parser read them (masking sessions only;
+    /// their columns are described at each Execute, as the table may change in between).
+    pub copies: Box<[CopyTarget]>,
+    /// Masking's plan from a Describe of the statement.
+    pub described: DescribedSlot,
+    /// The batch its Parse went upstream in.
+    pub batch: u64,
+    /// Whether PostgreSQL has it: [`PENDING`] until its Parse is answered.
+    fate: AtomicU8,
+    /// What PostgreSQL has under the name while the Parse is pending, and keeps if the Parse
+    /// fails (a named one that exists, an error earlier in the batch that skips it). Dropped
+    /// once the Parse completes.
+    previous: Mutex<Option<Arc<Prepared>>>,
+}
+
+const PENDING: u8 = 0;
+const PARSED: u8 = 1;
+const FAILED: u8 = 2;
+
+impl Prepared {
+    /// Its Parse is not answered yet.
+    pub fn is_pending(&self) -> bool {
+        self.fate.load(Ordering::Acquire) == PENDING
+    }
+
+    /// PostgreSQL answered its Parse: ParseComplete (`parsed`), or an error that failed or
+    /// skipped it.
+    pub fn settle(&self, parsed: bool) {
+        self.fate
+            .store(if parsed { PARSED } else { FAILED }, Ordering::Release);
+        if parsed {
+            *lock(&self.previous) = None;
+        }
+    }
+
+    /// What PostgreSQL has under this name: this statement, unless its Parse failed; then
+    /// what the name held before (`None`: nothing).
+    fn effective(self: &Arc<Self>) -> Option<Arc<Prepared>> {
+        let mut at = self.clone();
+        while at.fate.load(Ordering::Acquire) == FAILED {
+            let before = lock(&at.previous).clone()?;
+            at = before;
+        }
+        Some(at)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Result format codes of a Bind: none (all text) and one (for all) are kept inline.
@@ -99,19 +170,31 @@ impl ResultFormats {
 
 /// A portal: its statement (which outlives a Close of the statement's name, as in
 /// PostgreSQL), the parameters as recorded, and its result formats.
+#[derive(Debug)]
 pub struct Portal {
     pub statement: Arc<Prepared>,
     pub parameters: Vec<Option<String>>,
     pub result_formats: ResultFormats,
+    /// Masking's plan from a Describe of the portal.
+    pub described: DescribedSlot,
+    /// The batch (count of Query, Sync and FunctionCall forwarded before it) it was bound in:
+    /// the transaction it lives in ended by the first idle ReadyForQuery of a later one.
+    batch: u64,
 }
 
-/// Prepared statements and portals by name, as the client declared them.
+/// Prepared statements and portals by name, as the client declared them: the session's one
+/// copy, which the gate decides from and masking keeps its plans in.
 #[derive(Default)]
 pub struct Statements {
     statements: HashMap<Arc<str>, Arc<Prepared>>,
-    portals: HashMap<String, Portal>,
+    portals: HashMap<String, Arc<Portal>>,
+    /// Portals bound (in the batch given) to a statement the session does not know: what
+    /// PostgreSQL would run there cannot be decided, so an Execute of one is refused.
+    unattributed: HashMap<String, u64>,
     /// Result formats are read (once more from the Bind) only when masking needs them.
     keep_result_formats: bool,
+    /// Portals of batches before this one are gone: their transaction ended.
+    portals_from: u64,
 }
 
 impl Statements {
@@ -122,42 +205,74 @@ impl Statements {
         }
     }
 
-    /// A Parse was let through under `name`.
-    pub fn parsed(&mut self, name: &str, sql: &str) {
+    /// A Parse was let through under `name` in batch `batch`; `copies` are its COPY TO STDOUT
+    /// statements (masking sessions only). It replaces any statement of that name, with its
+    /// plan, keeping the one before until PostgreSQL answers ([`Prepared::settle`]): the
+    /// returned statement is to be settled by that answer.
+    pub fn parsed(
+        &mut self,
+        name: &str,
+        sql: &str,
+        copies: Vec<CopyTarget>,
+        batch: u64,
+    ) -> Arc<Prepared> {
         let name: Arc<str> = Arc::from(name);
+        // A failed Parse stands for what it replaced: the chain stays as short as the
+        // Parses still unanswered.
+        let previous = self.statements.get(&name).and_then(|p| {
+            if p.is_pending() {
+                Some(p.clone())
+            } else {
+                p.effective()
+            }
+        });
         let prepared = Arc::new(Prepared {
             name: name.clone(),
             sql: Arc::from(sql),
+            copies: copies.into_boxed_slice(),
+            described: DescribedSlot::default(),
+            batch,
+            fate: AtomicU8::new(PENDING),
+            previous: Mutex::new(previous),
         });
-        self.statements.insert(name, prepared);
+        self.statements.insert(name, prepared.clone());
+        prepared
     }
 
-    /// A Parse under `name` was refused: PostgreSQL will not have it either.
-    pub fn refused(&mut self, name: &str) {
-        self.statements.remove(name);
+    /// A Parse was refused. PostgreSQL gets an unnamed Parse that fails in its place, which
+    /// drops the unnamed statement, as the client's own Parse of it would have; a named
+    /// statement it already had stays as it was (its own Parse would have failed too).
+    pub fn refused(&mut self, _name: &str) {
+        self.statements.remove("");
     }
 
-    pub fn statement(&self, name: &str) -> Option<&Arc<Prepared>> {
-        self.statements.get(name)
+    /// The statement named `name` as far as the session knows: the last Parse of it, unless
+    /// PostgreSQL failed that Parse (then what it still has). A Parse still unanswered counts
+    /// as done: see [`Prepared::is_pending`] for when that matters.
+    pub fn statement(&self, name: &str) -> Option<Arc<Prepared>> {
+        self.statements.get(name)?.effective()
     }
 
-    pub fn portal(&self, name: &str) -> Option<&Portal> {
+    pub fn portal(&self, name: &str) -> Option<&Arc<Portal>> {
         self.portals.get(name)
     }
 
-    /// A Bind of `statement` into `portal`; `parameters` renders the recorded values. A Bind
-    /// of a statement that was never let through leaves no portal.
+    /// A Bind of `statement` into `portal` in batch `batch`; `parameters` renders the recorded
+    /// values. A Bind of a statement that was never let through leaves no portal.
     pub fn bound(
         &mut self,
         portal: &str,
         statement: &str,
         bind_body: &[u8],
+        batch: u64,
         parameters: impl FnOnce() -> Vec<Option<String>>,
     ) {
-        let Some(statement) = self.statements.get(statement) else {
+        let Some(statement) = self.statement(statement) else {
             self.portals.remove(portal);
+            self.unattributed.insert(portal.to_owned(), batch);
             return;
         };
+        self.unattributed.remove(portal);
         let result_formats = if self.keep_result_formats {
             match bind_result_formats(bind_body).as_deref() {
                 None | Some([]) => ResultFormats::AllText,
@@ -168,11 +283,14 @@ impl Statements {
             ResultFormats::AllText
         };
         let portal_state = Portal {
-            statement: statement.clone(),
+            statement,
             parameters: parameters(),
             result_formats,
+            described: DescribedSlot::default(),
+            batch,
         };
-        self.portals.insert(portal.to_owned(), portal_state);
+        self.portals
+            .insert(portal.to_owned(), Arc::new(portal_state));
     }
 
     /// Close of a statement (`S`) or portal (anything else).
@@ -183,8 +301,31 @@ impl Statements {
             }
             _ => {
                 self.portals.remove(name);
+                self.unattributed.remove(name);
             }
         }
+    }
+
+    /// DEALLOCATE ALL or DISCARD ALL: every prepared statement is gone (portals stay).
+    pub fn deallocate_all(&mut self) {
+        self.statements.clear();
+    }
+
+    /// The portal was bound to a statement the session does not know.
+    pub fn unattributed(&self, portal: &str) -> bool {
+        self.unattributed.contains_key(portal)
+    }
+
+    /// PostgreSQL reported the session idle after batch `before - 1`: every transaction that
+    /// held the portals bound up to then has ended, and the portals with it (an implicit
+    /// transaction's unnamed portal at its Sync, a block's at COMMIT or ROLLBACK).
+    pub fn transactions_ended_before(&mut self, before: u64) {
+        if before <= self.portals_from {
+            return;
+        }
+        self.portals_from = before;
+        self.portals.retain(|_, p| p.batch >= before);
+        self.unattributed.retain(|_, batch| *batch >= before);
     }
 }
 
@@ -213,17 +354,17 @@ pub fn bind_result_formats(body: &[u8]) -> Option<Vec<i16>> {
 }
 
 /// A request whose answer the upstream → client side must attribute, in the order forwarded.
+/// Describes and Executes carry the statement or portal they name as it was when forwarded,
+/// so an answer lands where it belongs even if the client reused the name since.
 #[derive(Debug)]
 pub enum Owed<C> {
-    Parse(Arc<str>),
-    Bind(String),
-    DescribeStatement(String),
-    DescribePortal(String),
+    Parse,
+    Bind,
+    DescribeStatement(Option<Arc<Prepared>>),
+    DescribePortal(Option<Arc<Portal>>),
     /// `copies`: what each COPY TO STDOUT of the statement produces, in order.
     Execute {
-        portal: String,
-        statement: Arc<str>,
-        formats: ResultFormats,
+        portal: Option<Arc<Portal>>,
         copies: VecDeque<C>,
     },
     Query {
@@ -284,13 +425,10 @@ impl<C> OwedQueue<C> {
         }
     }
 
-    /// An ErrorResponse: PostgreSQL skips the rest of an extended batch up to Sync. Returns
-    /// the names of the Parses it skipped, which PostgreSQL therefore does not have.
-    pub fn skip_to_batch_end(&mut self, mut skipped_parse: impl FnMut(&str)) {
+    /// An ErrorResponse: PostgreSQL skips the rest of an extended batch up to Sync.
+    pub fn skip_to_batch_end(&mut self) {
         while self.queue.front().is_some_and(|e| !e.ends_batch()) {
-            if let Some(Owed::Parse(name)) = self.queue.pop_front() {
-                skipped_parse(&name);
-            }
+            self.queue.pop_front();
         }
     }
 
@@ -361,11 +499,11 @@ mod tests {
     #[test]
     fn portals_follow_binds_and_outlive_their_statement_name() {
         let mut s = Statements::new(true);
-        s.parsed("s1", "SELECT $1");
-        s.bound("p1", "s1", &bind("p1", "s1", &[b"7"], &[1]), || {
+        s.parsed("s1", "SELECT $1", Vec::new(), 0);
+        s.bound("p1", "s1", &bind("p1", "s1", &[b"7"], &[1]), 0, || {
             vec![Some("7".into())]
         });
-        s.bound("p2", "nope", &bind("p2", "nope", &[], &[]), Vec::new);
+        s.bound("p2", "nope", &bind("p2", "nope", &[], &[]), 0, Vec::new);
         assert!(
             s.portal("p2").is_none(),
             "no portal for an unknown statement"
@@ -382,34 +520,145 @@ mod tests {
         assert!(s.portal("p1").is_none());
 
         let mut plain = Statements::new(false);
-        plain.parsed("", "SELECT 1");
-        plain.bound("", "", &bind("", "", &[], &[1, 0]), Vec::new);
+        plain.parsed("", "SELECT 1", Vec::new(), 0);
+        plain.bound("", "", &bind("", "", &[], &[1, 0]), 0, Vec::new);
         assert!(
             plain
                 .portal("")
                 .is_some_and(|p| p.result_formats.as_slice().is_empty())
         );
         plain.refused("");
-        plain.bound("", "", &bind("", "", &[], &[]), Vec::new);
+        plain.bound("", "", &bind("", "", &[], &[]), 0, Vec::new);
         assert!(
             plain.portal("").is_none(),
             "a refused Parse leaves nothing to bind"
         );
     }
 
+    /// A refused Parse reaches PostgreSQL as a failing unnamed Parse: the unnamed statement is
+    /// gone there, and a named one PostgreSQL already had is still there (the client's own
+    /// Parse of an existing name fails as well), so every Execute of it is still decided.
+    #[test]
+    fn a_refused_parse_drops_the_unnamed_statement_and_keeps_a_named_one() {
+        let mut s = Statements::new(false);
+        s.parsed("", "SELECT 1", Vec::new(), 0);
+        s.parsed("s1", "DELETE FROM t", Vec::new(), 0);
+        s.refused("s1");
+        assert!(s.statement("").is_none());
+        assert_eq!(
+            s.statement("s1").map(|p| p.sql.to_string()).as_deref(),
+            Some("DELETE FROM t"),
+            "PostgreSQL still has s1: binding it must find it to decide it"
+        );
+    }
+
+    /// A Parse PostgreSQL fails or skips (a named statement that exists, an error earlier in
+    /// its batch) leaves the statement it had: binding the name finds that one, not the text
+    /// of the failed Parse. One that completes stands alone.
+    #[test]
+    fn a_failed_parse_leaves_the_statement_postgresql_has() {
+        let mut s = Statements::new(false);
+        s.parsed("s1", "DELETE FROM t", Vec::new(), 0).settle(true);
+        let dup = s.parsed("s1", "SELECT 1", Vec::new(), 1);
+        assert!(dup.is_pending());
+        assert_eq!(
+            &*s.statement("s1").unwrap().sql,
+            "SELECT 1",
+            "same batch: as sent"
+        );
+        dup.settle(false);
+        assert_eq!(&*s.statement("s1").unwrap().sql, "DELETE FROM t");
+        s.bound("p", "s1", &bind("p", "s1", &[], &[]), 2, Vec::new);
+        assert_eq!(&*s.portal("p").unwrap().statement.sql, "DELETE FROM t");
+
+        // Two unanswered Parses of the unnamed statement, the second skipped.
+        s.parsed("", "SELECT 'a'", Vec::new(), 3);
+        let b = s.parsed("", "SELECT 'b'", Vec::new(), 3);
+        let c = s.parsed("", "SELECT 'c'", Vec::new(), 4);
+        s.statement("").unwrap();
+        b.settle(true);
+        c.settle(false);
+        assert_eq!(&*s.statement("").unwrap().sql, "SELECT 'b'");
+        // The completed one forgot what it replaced.
+        assert!(lock(&b.previous).is_none());
+        let never = s.parsed("n", "SELECT 2", Vec::new(), 5);
+        never.settle(false);
+        assert!(s.statement("n").is_none(), "nothing was there before");
+    }
+
+    /// A portal bound to a statement the session does not know is marked, so its Execute can
+    /// be refused rather than forwarded as unknown; a later good Bind clears the mark.
+    #[test]
+    fn portals_of_unknown_statements_are_marked() {
+        let mut s = Statements::new(false);
+        s.bound(
+            "p",
+            "sql_prepared",
+            &bind("p", "sql_prepared", &[], &[]),
+            0,
+            Vec::new,
+        );
+        assert!(s.unattributed("p") && s.portal("p").is_none());
+        s.parsed("k", "SELECT 1", Vec::new(), 0);
+        s.bound("p", "k", &bind("p", "k", &[], &[]), 0, Vec::new);
+        assert!(!s.unattributed("p") && s.portal("p").is_some());
+        s.bound("q", "nope", &bind("q", "nope", &[], &[]), 0, Vec::new);
+        s.transactions_ended_before(1);
+        assert!(!s.unattributed("q"), "gone with its transaction");
+    }
+
+    /// A replaced or closed statement or portal takes its masking plan with it; a portal
+    /// keeps the plan of the statement it was bound from.
+    #[test]
+    fn plans_live_and_die_with_their_statement_or_portal() {
+        let mut s = Statements::new(true);
+        s.parsed("", "SELECT 1", Vec::new(), 0);
+        s.statement("").unwrap().described.set(Err("old".into()));
+        s.bound("", "", &bind("", "", &[], &[]), 0, Vec::new);
+        s.portal("").unwrap().described.set(Ok(None));
+        // Re-Parse of the unnamed statement: a fresh entry, no plan.
+        s.parsed("", "SELECT 2", Vec::new(), 0);
+        assert!(s.statement("").unwrap().described.get().is_none());
+        // The portal bound earlier still refers to the statement it was bound from.
+        assert!(matches!(
+            s.portal("").unwrap().statement.described.get(),
+            Some(Err(_))
+        ));
+        s.bound("", "", &bind("", "", &[], &[]), 0, Vec::new);
+        assert!(s.portal("").unwrap().described.get().is_none());
+    }
+
+    /// An idle ReadyForQuery ends the transaction of every portal bound before it; portals of
+    /// batches still in flight stay.
+    #[test]
+    fn portals_end_with_their_transaction() {
+        let mut s = Statements::new(false);
+        s.parsed("st", "SELECT 1", Vec::new(), 0);
+        s.bound("", "st", &bind("", "st", &[], &[]), 0, Vec::new);
+        s.bound("a", "st", &bind("a", "st", &[], &[]), 1, Vec::new);
+        s.bound("b", "st", &bind("b", "st", &[], &[]), 2, Vec::new);
+        s.transactions_ended_before(2);
+        assert!(s.portal("").is_none() && s.portal("a").is_none());
+        assert!(s.portal("b").is_some(), "bound in a batch not yet answered");
+        s.transactions_ended_before(1);
+        assert!(s.portal("b").is_some(), "an older report changes nothing");
+        assert!(
+            s.statement("st").is_some(),
+            "statements outlive transactions"
+        );
+    }
+
     #[test]
     fn an_error_skips_to_the_batch_end_and_ready_pays_it() {
         let mut q: OwedQueue<()> = OwedQueue::default();
-        q.push(Owed::Parse("a".into()));
-        q.push(Owed::Bind(String::new()));
-        q.push(Owed::Parse("b".into()));
+        q.push(Owed::Parse);
+        q.push(Owed::Bind);
+        q.push(Owed::Parse);
         q.push(Owed::Sync);
         q.push(Owed::Query {
             copies: VecDeque::new(),
         });
-        let mut skipped = Vec::new();
-        q.skip_to_batch_end(|n| skipped.push(n.to_owned()));
-        assert_eq!(skipped, ["a", "b"]);
+        q.skip_to_batch_end();
         assert!(matches!(q.front(), Some(Owed::Sync)));
         q.end_batch();
         assert!(matches!(q.front(), Some(Owed::Query { .. })));

@@ -18,7 +18,8 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::gate::{Gate, LexState, Outcome, Recorder, Verdict};
 use super::masking::{MaskStream, SessionMask};
-use super::protocol::{Action, Frontend};
+use super::protocol::{Action, Frontend, Prepared};
+use crate::mask::{CopyTarget, RowFields, parse_row_description};
 use crate::net::frame::{FrameError, FrameReader, frames};
 use crate::net::message::{self, Cursor, PgError, sqlstate};
 use crate::net::stream::{BoxedRead, BoxedWrite};
@@ -158,6 +159,14 @@ pub struct Shared {
     row_limit: Option<RowLimit>,
     /// PostgreSQL sent a FATAL (or PANIC): it told the client itself why the session ends.
     upstream_fatal: AtomicBool,
+    /// PostgreSQL was idle (no transaction) after batch `idle_before - 1`: the portals bound
+    /// up to then ended with their transaction.
+    idle_before: AtomicU64,
+    /// The Parses forwarded and not answered yet, in order; PostgreSQL's answer settles each
+    /// (ParseComplete, or the error that failed or skipped it).
+    parses: Mutex<VecDeque<Arc<Prepared>>>,
+    /// Signalled when Parses are settled.
+    parses_settled: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -171,6 +180,9 @@ impl Shared {
             mask: None,
             row_limit: None,
             upstream_fatal: AtomicBool::new(false),
+            idle_before: AtomicU64::new(0),
+            parses: Mutex::new(VecDeque::new()),
+            parses_settled: tokio::sync::Notify::new(),
         };
         for (k, v) in params {
             s.parameter(k, v);
@@ -346,8 +358,11 @@ async fn client_to_upstream(
             .counters
             .bytes_from_client
             .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        let mut out: Option<BytesMut> = None;
-        let mut copied_to = 0;
+        let mut pending = Pending {
+            chunk: &chunk,
+            out: None,
+            copied_to: 0,
+        };
         let mut offset = 0;
         let mut terminate = false;
         for f in frames(&chunk) {
@@ -363,70 +378,123 @@ async fn client_to_upstream(
                 }
                 Err(e) => return Err(RelayError::Protocol(e.to_string())),
             };
+            gate.transactions_ended_before(shared.idle_before.load(Ordering::Relaxed));
             if let Some(m) = &shared.mask {
                 m.frontend(&msg, gate.statements()).await;
             }
             let substitute = match msg {
                 Frontend::Query(sql) => {
                     shared.counters.statements.fetch_add(1, Ordering::Relaxed);
-                    let mut verdict = gate.query(sql, shared.lex()).await;
-                    if let Verdict::Hold(held) = verdict {
-                        // Everything before the held statement goes out first.
-                        emit(wr, gate, &chunk, &mut out, &mut copied_to, start).await?;
-                        let Some(v) =
-                            wait_for_approval(rd, reader, gate, held, &side, cancel_mark).await?
-                        else {
-                            return Ok(End::ClientGone);
-                        };
-                        verdict = v;
-                    }
-                    let sub = match verdict {
+                    let verdict = gate.query(sql, shared.lex()).await;
+                    let waiting = Waiting {
+                        rd: &mut *rd,
+                        reader: &mut *reader,
+                        side: &side,
+                        cancel_mark,
+                    };
+                    let Some(verdict) = settle(
+                        verdict,
+                        Before::AsIs,
+                        wr,
+                        gate,
+                        &mut pending,
+                        start,
+                        waiting,
+                    )
+                    .await?
+                    else {
+                        return Ok(End::ClientGone);
+                    };
+                    let (sub, copies) = match verdict {
                         Verdict::Forward { record, tree } => {
                             // Tracked either way: a refused rewrite is this statement's outcome.
-                            let new = rewrite(shared, sql, tree.as_deref()).await;
+                            let masked = masked(shared, sql, tree).await;
                             track(shared, batch, Kind::Simple, record);
-                            match new {
-                                Ok(new) => new.map(|sql| message::query(&sql)),
-                                Err(err) => Some(refuse(shared, batch, err, false)),
+                            match masked.rewrite {
+                                Ok(new) => (new.map(|sql| message::query(&sql)), masked.copies),
+                                Err(err) => (Some(refuse(shared, batch, err, false)), Vec::new()),
                             }
                         }
-                        Verdict::Refuse(err) => Some(refuse(shared, batch, err, false)),
-                        Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), false)),
+                        Verdict::Refuse(err) => {
+                            (Some(refuse(shared, batch, err, false)), Vec::new())
+                        }
+                        Verdict::Hold(_) => {
+                            (Some(refuse(shared, batch, still_held(), false)), Vec::new())
+                        }
                     };
+                    if let Some(m) = &shared.mask {
+                        m.query(&copies).await;
+                    }
                     batch += 1;
                     sub
                 }
-                Frontend::Parse(p) => match gate.parse(p.statement, p.sql, shared.lex()).await {
-                    Verdict::Forward { tree, .. } => {
-                        match rewrite(shared, p.sql, tree.as_deref()).await {
-                            Ok(new) => new.map(|sql| super::masking::reparse(&p, &sql)),
-                            Err(err) => Some(refuse(shared, batch, err, true)),
+                Frontend::Parse(p) => {
+                    let sent = match gate.parse(p.sql, shared.lex()).await {
+                        Verdict::Forward { tree, .. } => {
+                            let masked = masked(shared, p.sql, tree).await;
+                            masked.rewrite.map(|new| {
+                                (
+                                    new.map(|sql| super::masking::reparse(&p, &sql)),
+                                    masked.copies,
+                                )
+                            })
+                        }
+                        Verdict::Refuse(err) => Err(err),
+                        Verdict::Hold(_) => Err(still_held()),
+                    };
+                    // The session's statements follow what PostgreSQL gets.
+                    match sent {
+                        Ok((sub, copies)) => {
+                            let prepared = gate.parsed(p.statement, p.sql, copies, batch);
+                            lock(&shared.parses).push_back(prepared);
+                            sub
+                        }
+                        Err(err) => {
+                            gate.parse_refused(p.statement);
+                            Some(refuse(shared, batch, err, true))
                         }
                     }
-                    Verdict::Refuse(err) => Some(refuse(shared, batch, err, true)),
-                    Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), true)),
-                },
+                }
                 Frontend::Bind { view, body } => {
-                    gate.bind(&view, body);
+                    // The statement's Parse went in an earlier batch and is not answered yet:
+                    // what PostgreSQL binds depends on that answer (a failed Parse leaves the
+                    // statement it had), so everything before goes out and the answer is
+                    // awaited.
+                    if let Some(p) = gate
+                        .statements()
+                        .statement(view.statement)
+                        .filter(|p| p.is_pending() && p.batch < batch)
+                    {
+                        pending.emit(wr, gate, start).await?;
+                        if !parse_settled(&p, shared, rd, reader).await? {
+                            return Ok(End::ClientGone);
+                        }
+                    }
+                    gate.bind(&view, body, batch);
                     None
                 }
                 Frontend::Execute { portal } => {
                     shared.counters.statements.fetch_add(1, Ordering::Relaxed);
-                    let mut verdict = gate.execute(portal, shared.lex()).await;
-                    if let Verdict::Hold(held) = verdict {
-                        // The batch so far goes out with a Flush so its answers reach the client
-                        // while this statement waits.
-                        emit(wr, gate, &chunk, &mut out, &mut copied_to, start).await?;
-                        wr.write_all(&message::message(b'H', &[]))
-                            .await
-                            .map_err(|e| RelayError::Upstream(FrameError::Io(e)))?;
-                        let Some(v) =
-                            wait_for_approval(rd, reader, gate, held, &side, cancel_mark).await?
-                        else {
-                            return Ok(End::ClientGone);
-                        };
-                        verdict = v;
-                    }
+                    let verdict = gate.execute(portal, shared.lex()).await;
+                    let waiting = Waiting {
+                        rd: &mut *rd,
+                        reader: &mut *reader,
+                        side: &side,
+                        cancel_mark,
+                    };
+                    let Some(verdict) = settle(
+                        verdict,
+                        Before::Flushed,
+                        wr,
+                        gate,
+                        &mut pending,
+                        start,
+                        waiting,
+                    )
+                    .await?
+                    else {
+                        return Ok(End::ClientGone);
+                    };
                     match verdict {
                         Verdict::Forward { record, .. } => {
                             track(shared, batch, Kind::Execute, record);
@@ -446,23 +514,33 @@ async fn client_to_upstream(
                 }
                 Frontend::FunctionCall(call) => {
                     shared.counters.statements.fetch_add(1, Ordering::Relaxed);
-                    let (mut verdict, sql) = gate.function_call(&call, shared.lex()).await;
-                    if let Verdict::Hold(held) = verdict {
-                        emit(wr, gate, &chunk, &mut out, &mut copied_to, start).await?;
-                        let Some(v) =
-                            wait_for_approval(rd, reader, gate, held, &side, cancel_mark).await?
-                        else {
-                            return Ok(End::ClientGone);
-                        };
-                        verdict = v;
-                    }
+                    let (verdict, sql) = gate.function_call(&call, shared.lex()).await;
+                    let waiting = Waiting {
+                        rd: &mut *rd,
+                        reader: &mut *reader,
+                        side: &side,
+                        cancel_mark,
+                    };
+                    let Some(verdict) = settle(
+                        verdict,
+                        Before::AsIs,
+                        wr,
+                        gate,
+                        &mut pending,
+                        start,
+                        waiting,
+                    )
+                    .await?
+                    else {
+                        return Ok(End::ClientGone);
+                    };
                     let sub = match verdict {
                         Verdict::Forward { record, tree } => {
                             // Column masking would rewrite the call's SQL; a fast-path call
                             // cannot be rewritten, so it runs only where the SQL would run as
                             // it is (its result still passes the content detectors).
                             let checked = match &sql {
-                                Some(sql) => rewrite(shared, sql, tree.as_deref()).await,
+                                Some(sql) => masked(shared, sql, tree).await.rewrite,
                                 None => Ok(None),
                             };
                             track(shared, batch, Kind::Simple, record);
@@ -487,51 +565,151 @@ async fn client_to_upstream(
                 Frontend::Describe { .. } | Frontend::Passthrough => None,
             };
             if let Some(sub) = substitute {
-                let o = out.get_or_insert_with(|| BytesMut::with_capacity(chunk.len() + 64));
-                o.extend_from_slice(&chunk[copied_to..start]);
-                o.extend_from_slice(&sub);
-                copied_to = offset;
+                pending.substitute(start, offset, &sub);
             }
             if terminate {
                 break;
             }
         }
         // Write-ahead: every record of this chunk is durable before any of it is forwarded.
-        gate.flush().await.map_err(RelayError::Audit)?;
-        let result = match out {
-            // `copied_to` is past what a hold already forwarded (0 otherwise): never twice.
-            None => wr.write_all(&chunk[copied_to..offset]).await,
-            Some(mut o) => {
-                o.extend_from_slice(&chunk[copied_to..offset]);
-                wr.write_all(&o).await
-            }
-        };
-        result.map_err(|e| RelayError::Upstream(FrameError::Io(e)))?;
+        pending.emit(wr, gate, offset).await?;
         if terminate {
             return Ok(End::ClientTerminated);
         }
     }
 }
 
-/// Forwards what the chunk holds before `upto` (audit records made durable first).
-async fn emit(
+/// What of the chunk being read has gone upstream, and the substitutes built so far.
+struct Pending<'c> {
+    chunk: &'c [u8],
+    /// Substitutes and the unchanged bytes between them, not yet written.
+    out: Option<BytesMut>,
+    /// The chunk up to here is in `out` or already written.
+    copied_to: usize,
+}
+
+impl Pending<'_> {
+    /// The message at `start..end` goes upstream as `sub` instead.
+    fn substitute(&mut self, start: usize, end: usize, sub: &[u8]) {
+        let o = self
+            .out
+            .get_or_insert_with(|| BytesMut::with_capacity(self.chunk.len() + 64));
+        o.extend_from_slice(&self.chunk[self.copied_to..start]);
+        o.extend_from_slice(sub);
+        self.copied_to = end;
+    }
+
+    /// Forwards what the chunk holds before `upto` (audit records made durable first);
+    /// nothing is ever written twice.
+    async fn emit(
+        &mut self,
+        wr: &mut BoxedWrite,
+        gate: &mut Gate,
+        upto: usize,
+    ) -> Result<(), RelayError> {
+        gate.flush().await.map_err(RelayError::Audit)?;
+        let rest = &self.chunk[self.copied_to..upto];
+        let result = match self.out.take() {
+            Some(mut o) => {
+                o.extend_from_slice(rest);
+                wr.write_all(&o).await
+            }
+            None => wr.write_all(rest).await,
+        };
+        self.copied_to = upto;
+        result.map_err(|e| RelayError::Upstream(FrameError::Io(e)))
+    }
+}
+
+/// Waits until PostgreSQL answered the Parse of `p` (already forwarded). `Ok(false)`: the
+/// client went away meanwhile.
+async fn parse_settled(
+    p: &Prepared,
+    shared: &Shared,
+    rd: &mut BoxedRead,
+    reader: &mut FrameReader,
+) -> Result<bool, RelayError> {
+    loop {
+        let settled = shared.parses_settled.notified();
+        tokio::pin!(settled);
+        settled.as_mut().enable();
+        if !p.is_pending() {
+            return Ok(true);
+        }
+        tokio::select! {
+            _ = &mut settled => {}
+            // The client may pipeline more; it waits in the buffer. End of stream: gone.
+            more = reader.fill(rd) => {
+                if more.map_err(RelayError::Client)? == 0 {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
+
+/// PostgreSQL answered the batch `batch` with an error or its ReadyForQuery: every Parse of
+/// it (or before) not completed by then failed or was skipped.
+fn parses_failed_through(shared: &Shared, batch: u64) {
+    let mut parses = lock(&shared.parses);
+    let mut any = false;
+    while parses.front().is_some_and(|p| p.batch <= batch) {
+        if let Some(p) = parses.pop_front() {
+            p.settle(false);
+            any = true;
+        }
+    }
+    if any {
+        shared.parses_settled.notify_waiters();
+    }
+}
+
+/// What goes upstream with the messages before a held statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Before {
+    /// They go as they are (a Query or FunctionCall ends its own batch).
+    AsIs,
+    /// With a Flush, so an extended batch's answers so far reach the client while it waits.
+    Flushed,
+}
+
+/// The client side a held statement waits on.
+struct Waiting<'a, 's> {
+    rd: &'a mut BoxedRead,
+    reader: &'a mut FrameReader,
+    side: &'a Side<'s>,
+    cancel_mark: u64,
+}
+
+/// The verdict to carry out. A held statement first sends everything of the chunk before it
+/// (at `upto`), then waits for its resolution. `Ok(None)`: the client went away meanwhile.
+async fn settle(
+    verdict: Verdict,
+    before: Before,
     wr: &mut BoxedWrite,
     gate: &mut Gate,
-    chunk: &[u8],
-    out: &mut Option<BytesMut>,
-    copied_to: &mut usize,
+    pending: &mut Pending<'_>,
     upto: usize,
-) -> Result<(), RelayError> {
-    gate.flush().await.map_err(RelayError::Audit)?;
-    let result = match out.take() {
-        Some(mut o) => {
-            o.extend_from_slice(&chunk[*copied_to..upto]);
-            wr.write_all(&o).await
-        }
-        None => wr.write_all(&chunk[*copied_to..upto]).await,
+    waiting: Waiting<'_, '_>,
+) -> Result<Option<Verdict>, RelayError> {
+    let Verdict::Hold(held) = verdict else {
+        return Ok(Some(verdict));
     };
-    *copied_to = upto;
-    result.map_err(|e| RelayError::Upstream(FrameError::Io(e)))
+    pending.emit(wr, gate, upto).await?;
+    if before == Before::Flushed {
+        wr.write_all(&message::message(b'H', &[]))
+            .await
+            .map_err(|e| RelayError::Upstream(FrameError::Io(e)))?;
+    }
+    wait_for_approval(
+        waiting.rd,
+        waiting.reader,
+        gate,
+        held,
+        waiting.side,
+        waiting.cancel_mark,
+    )
+    .await
 }
 
 /// Tells the client its statement is pending and waits for the decision, the client's cancel
@@ -601,21 +779,53 @@ fn track(shared: &Shared, batch: u64, kind: Kind, record: Option<crate::audit::R
     });
 }
 
-/// The statement rewritten for column masking (`None`: forward it as it is). `tree` is the
-/// gate's parse of `sql`; the rewrite reads standard strings, so it is reused when the session
-/// has them on (else the rewrite parses as before).
-async fn rewrite(
-    shared: &Shared,
-    sql: &str,
-    tree: Option<&Tree>,
-) -> Result<Option<String>, PgError> {
-    match &shared.mask {
-        Some(m) => {
-            let tree = tree.filter(|_| shared.lex().standard_conforming_strings);
-            m.rewrite(sql, tree).await
-        }
-        None => Ok(None),
+/// What column masking does to a forwarded statement.
+struct Masked {
+    /// The statement rewritten (`None`: forward it as it is), or the refusal to send it.
+    rewrite: Result<Option<String>, PgError>,
+    /// Its COPY TO STDOUT statements, for the masker of their data.
+    copies: Vec<CopyTarget>,
+}
+
+/// Column masking of a statement the gate let through. `tree` is the gate's parse of `sql`
+/// (`None` when its classification came from the cache for a text that differs in its
+/// numbers): then PostgreSQL's parser runs once more, only if masking needs a tree at all.
+/// The rewrite reads statements with standard strings; with them off a text without a
+/// backslash reads the same, one with a backslash is refused under column rules (read the
+/// wrong way, a string could hide a masked column from the rewrite).
+async fn masked(shared: &Shared, sql: &str, tree: Option<Arc<Tree>>) -> Masked {
+    let Some(m) = &shared.mask else {
+        return Masked {
+            rewrite: Ok(None),
+            copies: Vec::new(),
+        };
+    };
+    let scs = shared.lex().standard_conforming_strings;
+    let reads_standard = scs || !sql.contains('\\');
+    if !reads_standard && m.rules().needs_origins() {
+        return Masked {
+            rewrite: Err(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "interceptor: column masking applies to this session, and it reads statements \
+                 with backslashes only with standard_conforming_strings on",
+            )
+            .with_hint("SET standard_conforming_strings = on")),
+            copies: Vec::new(),
+        };
     }
+    let tree = tree.or_else(|| {
+        let wanted = m.rules().needs_origins() || super::masking::mentions_copy(sql);
+        wanted
+            .then(|| crate::policy::pgparse::parse_tree(sql, scs).ok())
+            .flatten()
+            .map(Arc::new)
+    });
+    let copies = tree
+        .as_deref()
+        .map(crate::mask::copies_to_client)
+        .unwrap_or_default();
+    let rewrite = m.rewrite(sql, tree.as_deref()).await;
+    Masked { rewrite, copies }
 }
 
 /// Registers a refusal and returns the message that makes PostgreSQL fail in its place.
@@ -662,12 +872,22 @@ async fn upstream_to_client(
         let Some(chunk) = chunk.map_err(RelayError::Upstream)? else {
             return Ok(End::UpstreamGone);
         };
+        // Each RowDescription is decoded once, here, for masking (origins, plan) and the
+        // recording; sessions without masking decode one only to record its column names.
+        let descriptions: Vec<RowFields> = match &mask {
+            Some(_) => frames(&chunk)
+                .filter(|f| f.tag == b'T')
+                .map(|f| parse_row_description(f.body))
+                .collect(),
+            None => Vec::new(),
+        };
         if let Some(m) = &mask
-            && let Err(e) = m.session().prepare(&chunk).await
+            && let Err(e) = m.session().prepare(&descriptions).await
         {
             // Unresolved origins make the plans fail closed; the session itself goes on.
             tracing::warn!(error = %e, "column origins could not be resolved");
         }
+        let mut descriptions = descriptions.iter();
         let mut out: Option<BytesMut> = None;
         let mut copied_to = 0;
         let mut offset = 0;
@@ -676,6 +896,11 @@ async fn upstream_to_client(
             for f in frames(&chunk) {
                 let start = offset;
                 offset += f.raw.len();
+                let fields = if f.tag == b'T' {
+                    descriptions.next()
+                } else {
+                    None
+                };
                 let action = match mask.as_mut() {
                     None => Action::Forward,
                     Some(m) => {
@@ -686,7 +911,7 @@ async fn upstream_to_client(
                                 &mut scratch
                             }
                         };
-                        m.message(f.tag, f.body, summary)
+                        m.message(f.tag, f.body, fields, summary)
                     }
                 };
                 let (sub, dropped) = match action {
@@ -722,6 +947,7 @@ async fn upstream_to_client(
                             f.tag,
                             f.body,
                             body,
+                            fields,
                         );
                         if f.tag == b'Z' {
                             ready_seen += 1;
@@ -759,7 +985,8 @@ async fn upstream_to_client(
 }
 
 /// Bookkeeping of one backend message for the audit trail (`body` is what the client gets,
-/// masked; `raw` is PostgreSQL's original). Returns interceptor's error for a refusal's stand-in.
+/// masked; `raw` is PostgreSQL's original; `fields`: a RowDescription as masking decoded it).
+/// Returns interceptor's error for a refusal's stand-in.
 #[allow(clippy::too_many_arguments)]
 fn account(
     inflight: &mut VecDeque<InFlight>,
@@ -770,6 +997,7 @@ fn account(
     tag: u8,
     raw: &[u8],
     body: &[u8],
+    fields: Option<&RowFields>,
 ) -> Option<Bytes> {
     if let Some(limit) = &shared.row_limit
         && let Some(sub) = cut_off(inflight, finished, limit, tag)
@@ -794,7 +1022,10 @@ fn account(
                 && front.record.is_some()
                 && recorder.rows_cap > 0
             {
-                front.outcome.columns = column_names(body);
+                front.outcome.columns = match fields {
+                    Some(Ok(fields)) => fields.iter().map(|f| f.name.clone()).collect(),
+                    _ => column_names(body),
+                };
             }
         }
         b'C' | b'I' | b's' => {
@@ -815,10 +1046,17 @@ fn account(
                 }
             }
         }
+        b'1' => {
+            if let Some(p) = lock(&shared.parses).pop_front() {
+                p.settle(true);
+                shared.parses_settled.notify_waiters();
+            }
+        }
         b'E' => {
             if is_fatal(raw) {
                 shared.upstream_fatal.store(true, Ordering::Relaxed);
             }
+            parses_failed_through(shared, ready_seen);
             // The refusal's stand-in is recognised on PostgreSQL's own text.
             if let Some(sub) = swap_refusal(shared, ready_seen, raw) {
                 return Some(sub);
@@ -836,6 +1074,12 @@ fn account(
             }
         }
         b'Z' => {
+            parses_failed_through(shared, ready_seen);
+            if raw.first() == Some(&b'I') {
+                shared
+                    .idle_before
+                    .fetch_max(ready_seen + 1, Ordering::Relaxed);
+            }
             while inflight.front().is_some_and(|i| i.batch <= ready_seen) {
                 if let Some(mut done) = inflight.pop_front() {
                     if done.kind == Kind::Execute {

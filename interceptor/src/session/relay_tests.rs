@@ -42,6 +42,10 @@ message = "no drops here"
 name = "work"
 decision = "allow"
 kinds = ["read", "write", "session", "transaction"]
+# The sessions' rules are set by each test; a policy that masks keeps parse trees cached.
+[[mask.column]]
+name_pattern = "ssn"
+strategy = "redact"
 "#;
 
 const MASK: &str = r#"
@@ -651,12 +655,16 @@ async fn jdbc_pipeline_with_a_refused_statement_in_the_middle() {
     let up = read_until(&mut s.server, b'S').await;
     // Forwarded: the first statement as sent, a stand-in Parse in place of the refused one,
     // then everything after it as sent (PostgreSQL skips it after the stand-in's error).
-    assert_eq!(tags(&up), "PBDEPBDEPBDES");
+    // The Execute of the portal bound to the refused statement is refused too (PostgreSQL
+    // skips both stand-ins after the first one's error).
+    assert_eq!(tags(&up), "PBDEPBDPPBDES");
     assert_eq!(raw(&up[..4]), cat(&first));
     let stand_in = parse_text(&up[4]);
     let nonce = nonce_of(&stand_in).to_owned();
     assert_ne!(up[4].raw(), refused.to_vec());
-    assert_eq!(raw(&up[5..]), [cat(&after_refused), cat(&last)].concat());
+    assert_eq!(raw(&up[5..7]), cat(&after_refused[..2]));
+    nonce_of(&parse_text(&up[7]));
+    assert_eq!(raw(&up[8..]), cat(&last));
 
     let answer = [
         parse_complete(),
@@ -699,30 +707,44 @@ async fn jdbc_pipeline_with_a_refused_statement_in_the_middle() {
     );
 }
 
-/// PostgreSQL's parser runs once per statement through classification and the masking
-/// rewrite: the rewrite reuses the gate's tree, and a statement whose classification came
-/// from the cache is parsed once, by the rewrite.
+/// PostgreSQL's parser runs once per statement text through classification and the masking
+/// rewrite: the rewrite reuses the gate's tree, the classification cache keeps the tree of
+/// the text it parsed, so a repeated statement is not parsed again, and a statement that
+/// only shares the shape (other numbers) is parsed once, by the rewrite.
 #[tokio::test]
 async fn each_statement_is_parsed_once_through_classify_and_mask() {
     let mut s = start(Some(MASK));
-    for (i, sql) in ["SELECT 1 AS n", "SELECT 2 AS n"].into_iter().enumerate() {
+    for (sql, expected) in [
+        // Classified (one parse), the rewrite reuses the tree.
+        ("SELECT 1 AS n", 1),
+        // The same text again: the cache has its classification and its tree.
+        ("SELECT 1 AS n", 0),
+        // The same shape: the classification is cached, the tree is of another text.
+        ("SELECT 2 AS n", 1),
+        ("SELECT 1 AS n", 0),
+    ] {
         let before = crate::policy::pgparse::parses();
         let q = message::query(sql);
         s.send(std::slice::from_ref(&q)).await;
         let up = read_until(&mut s.server, b'Q').await;
         assert_eq!(raw(&up), q.to_vec(), "nothing to rewrite in {sql}");
         let parses = crate::policy::pgparse::parses() - before;
-        // The first is classified (one parse, reused by the rewrite); the second has the
-        // first's shape, so its classification is cached and only the rewrite parses it.
-        assert_eq!(parses, 1, "statement {i} `{sql}` parsed {parses} times");
+        assert_eq!(parses, expected, "`{sql}` parsed {parses} times");
         let answer = [
             row_description(&["n"]),
             data_row(&["1"]),
             complete("SELECT 1"),
             ready(),
         ];
+        let decoded = crate::mask::row_descriptions_decoded();
         s.answer(&answer).await;
         read_until(&mut s.client, b'Z').await;
+        // The relay task runs on this (current-thread) runtime: its decodes count here.
+        assert_eq!(
+            crate::mask::row_descriptions_decoded() - decoded,
+            1,
+            "the RowDescription is decoded once for origins, plan and recording"
+        );
     }
     // Extended protocol: the Parse is classified and rewritten with one parse as well.
     let before = crate::policy::pgparse::parses();
@@ -869,7 +891,7 @@ async fn gate_refuses_by_rule_at_parse_and_when_stopping() {
         "{e:?}"
     );
 
-    let e = refused(gate.parse("s1", "DROP TABLE t", UTF8_ON).await);
+    let e = refused(gate.parse("DROP TABLE t", UTF8_ON).await);
     assert_eq!(e.code, "42501");
     // A Bind/Execute of the refused statement is not the gate's to run: PostgreSQL fails it.
     assert_eq!(
@@ -957,4 +979,349 @@ async fn upstream_fatal_before_closing_is_the_only_fatal() {
     let mut rest = Vec::new();
     s.client.read_to_end(&mut rest).await.expect("read to end");
     assert!(rest.is_empty(), "more after PostgreSQL's FATAL: {rest:?}");
+}
+
+fn parameter_description() -> Bytes {
+    frame(b't', &0i16.to_be_bytes())
+}
+
+/// A Describe of a statement leaves its masking plan in the statement itself: the rows of a
+/// later Execute of its portal, which come without a RowDescription, are masked by it. A
+/// re-Parse of the name replaces the statement and its plan: rows of the new statement that
+/// nobody described cannot be masked by column, so they are withheld rather than masked by
+/// the old statement's plan.
+#[tokio::test]
+async fn a_statements_plan_lives_in_the_statement_and_goes_with_it() {
+    let mut s = start(Some(MASK));
+    let prepare = [
+        parse("", "SELECT $1::text AS ssn"),
+        describe(b'S', ""),
+        sync(),
+    ];
+    s.send(&prepare).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&prepare));
+    s.answer(&[
+        parse_complete(),
+        parameter_description(),
+        row_description(&["ssn"]),
+        ready(),
+    ])
+    .await;
+    assert_eq!(tags(&read_until(&mut s.client, b'Z').await), "1tTZ");
+
+    s.send(&[bind("", "", &[]), execute(""), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[
+        bind_complete(),
+        data_row(&["123-45-6789"]),
+        complete("SELECT 1"),
+        ready(),
+    ])
+    .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "2DCZ");
+    let row = String::from_utf8_lossy(&down[1].body).into_owned();
+    assert!(
+        !row.contains("123-45-6789"),
+        "masked by the described plan: {row}"
+    );
+
+    // The unnamed statement is parsed anew, not described: its rows have no plan.
+    let again = [
+        parse("", "SELECT $1::text AS ssn"),
+        bind("", "", &[]),
+        execute(""),
+        sync(),
+    ];
+    s.send(&again).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&again));
+    s.answer(&[
+        parse_complete(),
+        bind_complete(),
+        data_row(&["123-45-6789"]),
+        complete("SELECT 1"),
+        ready(),
+    ])
+    .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "12EZ", "{down:?}");
+    assert!(
+        !down
+            .iter()
+            .any(|m| String::from_utf8_lossy(&m.body).contains("123-45-6789")),
+        "{down:?}"
+    );
+    s.finish().await;
+}
+
+/// A refused Parse of a name PostgreSQL already has does not make the session forget it:
+/// PostgreSQL keeps the statement (its own Parse of the name would fail as well), so the
+/// next Execute of it must still be decided and recorded, not forwarded as unknown.
+#[tokio::test]
+async fn a_refused_reparse_of_a_name_keeps_the_statement_postgresql_has() {
+    let mut s = start(None);
+    s.send(&[parse("s1", "SELECT 1"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[parse_complete(), ready()]).await;
+    read_until(&mut s.client, b'Z').await;
+
+    s.send(&[parse("s1", "DROP TABLE t"), sync()]).await;
+    let up = read_until(&mut s.server, b'S').await;
+    let nonce = nonce_of(&parse_text(&up[0])).to_owned();
+    s.answer(&[syntax_error_at(&nonce), ready()]).await;
+    read_until(&mut s.client, b'Z').await;
+
+    s.send(&[bind("p", "s1", &[]), execute("p"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[
+        bind_complete(),
+        data_row(&["1"]),
+        complete("SELECT 1"),
+        ready(),
+    ])
+    .await;
+    read_until(&mut s.client, b'Z').await;
+    let records = s.finish().await;
+    let seen: Vec<(&str, &str)> = records
+        .iter()
+        .map(|(r, _)| (r.sql.as_str(), r.decision.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [("DROP TABLE t", "deny"), ("SELECT 1", "allow")],
+        "the Execute of s1 is decided and recorded"
+    );
+}
+
+/// Portals end with their transaction: after an idle ReadyForQuery the session forgets the
+/// portals bound before it (an Execute of one is PostgreSQL's to refuse, and is not decided
+/// on a statement PostgreSQL no longer has); inside a transaction block they stay.
+#[tokio::test]
+async fn portals_end_with_the_transaction_they_were_bound_in() {
+    let mut s = start(None);
+    s.send(&[parse("s1", "SELECT 1"), bind("p", "s1", &[]), sync()])
+        .await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[
+        parse_complete(),
+        bind_complete(),
+        message::ready_for_query(b'T'),
+    ])
+    .await;
+    read_until(&mut s.client, b'Z').await;
+    // Still in the transaction: the portal is there.
+    s.send(&[execute("p"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[data_row(&["1"]), complete("SELECT 1"), ready()])
+        .await;
+    read_until(&mut s.client, b'Z').await;
+    // That ReadyForQuery was idle: the portal is gone.
+    s.send(&[execute("p"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[syntax_error_at("p"), ready()]).await;
+    read_until(&mut s.client, b'Z').await;
+    let records = s.finish().await;
+    assert_eq!(
+        records.len(),
+        1,
+        "only the Execute inside the transaction is decided: {records:?}"
+    );
+}
+
+fn error_response(code: &str, message: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    for (k, v) in [
+        (b'S', "ERROR"),
+        (b'V', "ERROR"),
+        (b'C', code),
+        (b'M', message),
+    ] {
+        b.put_u8(k);
+        cstr(&mut b, v);
+    }
+    b.put_u8(0);
+    frame(b'E', &b)
+}
+
+/// The statements an Execute was decided on, in order.
+fn decided(records: &[(StatementRecord, Option<StatementOutcome>)]) -> Vec<String> {
+    records.iter().map(|(r, _)| r.sql.clone()).collect()
+}
+
+/// PostgreSQL refuses a Parse of a name it already has; the statement it keeps is the one
+/// every later Execute of the name runs, so that is the one decided and recorded (not the
+/// text of the refused Parse, which would let anything run under an allowed text).
+#[tokio::test]
+async fn a_parse_postgresql_refuses_leaves_the_statement_it_has() {
+    let mut s = start(None);
+    s.send(&[parse("s1", "DELETE FROM audit_log"), sync()])
+        .await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[parse_complete(), ready()]).await;
+    read_until(&mut s.client, b'Z').await;
+
+    let dup = [parse("s1", "SELECT 1"), sync()];
+    s.send(&dup).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&dup));
+    s.answer(&[
+        error_response("42P05", "prepared statement \"s1\" already exists"),
+        ready(),
+    ])
+    .await;
+    read_until(&mut s.client, b'Z').await;
+
+    s.send(&[bind("p", "s1", &[]), execute("p"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[bind_complete(), complete("DELETE 3"), ready()])
+        .await;
+    read_until(&mut s.client, b'Z').await;
+    let records = s.finish().await;
+    assert_eq!(decided(&records), ["DELETE FROM audit_log"]);
+}
+
+/// After an error PostgreSQL skips the rest of the batch, a Parse of the unnamed statement
+/// too, and keeps the unnamed statement it had: a Bind of it in the next batch binds that one.
+#[tokio::test]
+async fn a_skipped_parse_leaves_the_unnamed_statement_postgresql_has() {
+    let mut s = start(None);
+    s.send(&[parse("", "DELETE FROM audit_log"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[parse_complete(), ready()]).await;
+    read_until(&mut s.client, b'Z').await;
+
+    s.send(&[execute("missing"), parse("", "SELECT 1"), sync()])
+        .await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[
+        error_response("34000", "portal \"missing\" does not exist"),
+        ready(),
+    ])
+    .await;
+    read_until(&mut s.client, b'Z').await;
+
+    s.send(&[bind("", "", &[]), execute(""), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[bind_complete(), complete("DELETE 3"), ready()])
+        .await;
+    read_until(&mut s.client, b'Z').await;
+    let records = s.finish().await;
+    assert_eq!(decided(&records), ["DELETE FROM audit_log"]);
+}
+
+/// Pipelined across a Sync (libpq's pipeline mode): a Bind of a statement whose Parse is not
+/// answered yet waits for the answer, with everything before it already sent, and then binds
+/// what PostgreSQL has.
+#[tokio::test]
+async fn a_bind_after_an_unanswered_parse_waits_for_its_answer() {
+    let mut s = start(None);
+    let first = [parse("s2", "SELECT 2"), sync()];
+    let then = [bind("p", "s2", &[]), execute("p"), sync()];
+    s.send(&[first.as_slice(), then.as_slice()].concat()).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&first));
+    let early = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        read_msg(&mut s.server),
+    );
+    assert!(
+        early.await.is_err(),
+        "the Bind waits for the Parse's answer"
+    );
+    s.answer(&[parse_complete(), ready()]).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&then));
+    s.answer(&[
+        bind_complete(),
+        data_row(&["2"]),
+        complete("SELECT 1"),
+        ready(),
+    ])
+    .await;
+    read_until(&mut s.client, b'Z').await;
+    read_until(&mut s.client, b'Z').await;
+    let records = s.finish().await;
+    assert_eq!(decided(&records), ["SELECT 2"]);
+}
+
+/// A portal bound to a statement the session never saw prepared (a name PREPAREd in SQL)
+/// cannot be decided: its Execute is refused, not forwarded as unknown.
+#[tokio::test]
+async fn an_execute_of_a_portal_of_an_unknown_statement_is_refused() {
+    let mut s = start(None);
+    s.send(&[bind("p", "made_by_sql_prepare", &[]), execute("p"), sync()])
+        .await;
+    let up = read_until(&mut s.server, b'S').await;
+    assert_eq!(tags(&up), "BPS");
+    let nonce = nonce_of(&parse_text(&up[1])).to_owned();
+    s.answer(&[bind_complete(), syntax_error_at(&nonce), ready()])
+        .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "2EZ");
+    let (code, msg) = down[1].error();
+    assert_eq!(code, "42501");
+    assert!(msg.contains("did not see prepared"), "{msg}");
+    s.finish().await;
+}
+
+/// Under column rules with standard_conforming_strings off, a statement with a backslash is
+/// refused (read with the other setting a string could hide a column from the rewrite); one
+/// without reads the same either way and goes as it is.
+#[tokio::test]
+async fn backslashes_without_standard_strings_are_refused_under_column_rules() {
+    let mut s = start_with(Options {
+        mask: Some(MASK),
+        params: &[("standard_conforming_strings", "off")],
+        ..Options::default()
+    });
+    s.send(&[message::query(r"SELECT 'it\'s' AS n")]).await;
+    let up = read_until(&mut s.server, b'Q').await;
+    let stand_in = query_text(&up[0]);
+    s.answer(&[syntax_error_at(nonce_of(&stand_in)), ready()])
+        .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "EZ");
+    let (code, msg) = down[0].error();
+    assert_eq!(code, "0A000");
+    assert!(msg.contains("standard_conforming_strings"), "{msg}");
+
+    let plain = message::query("SELECT 'its' AS n");
+    s.send(std::slice::from_ref(&plain)).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'Q').await), plain.to_vec());
+    s.answer(&[
+        row_description(&["n"]),
+        data_row(&["its"]),
+        complete("SELECT 1"),
+        ready(),
+    ])
+    .await;
+    assert_eq!(tags(&read_until(&mut s.client, b'Z').await), "TDCZ");
+    s.finish().await;
+}
+
+/// DEALLOCATE drops protocol-level statements too (one namespace): a name PREPAREd in SQL
+/// afterwards is not the statement the session saw parsed, so an Execute of a portal bound to
+/// it is refused rather than decided on the old text.
+#[tokio::test]
+async fn a_deallocated_statement_is_not_decided_on_its_old_text() {
+    let mut s = start(None);
+    s.send(&[parse("s1", "SELECT 1"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[parse_complete(), ready()]).await;
+    read_until(&mut s.client, b'Z').await;
+
+    for sql in ["DEALLOCATE s1", "PREPARE s1 AS SELECT 2"] {
+        s.send(&[message::query(sql)]).await;
+        read_until(&mut s.server, b'Q').await;
+        s.answer(&[complete(sql.split(' ').next().unwrap_or("")), ready()])
+            .await;
+        read_until(&mut s.client, b'Z').await;
+    }
+
+    s.send(&[bind("p", "s1", &[]), execute("p"), sync()]).await;
+    let up = read_until(&mut s.server, b'S').await;
+    assert_eq!(tags(&up), "BPS", "the Execute is replaced by a refusal");
+    let nonce = nonce_of(&parse_text(&up[1])).to_owned();
+    s.answer(&[bind_complete(), syntax_error_at(&nonce), ready()])
+        .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(down[1].error().0, "42501");
+    s.finish().await;
 }
