@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use crate::identity::scram::{Mechanism, ServerExchange, Verifier};
 use crate::mask::{ColumnOrigin, CopyColumn, CopyOptions, MaskPlan, MaskRules, MaskSummary};
-use crate::net::{frame, message};
+use interceptor_wire::{frame, message};
 use crate::policy::{classify, lexer};
 use crate::session::protocol::{Frontend, Statements};
 

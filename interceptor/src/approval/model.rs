@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::identity::Identity;
-use crate::net::message::{PgError, Severity, sqlstate};
+use interceptor_wire::message::{PgError, Severity, sqlstate};
 
 pub type RequestId = u64;
 

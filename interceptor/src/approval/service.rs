@@ -19,7 +19,7 @@ use super::store::Store;
 use super::webhook::Webhook;
 use super::{ApprovalConfig, ApprovalError, now_ms};
 use crate::identity::Identity;
-use crate::net::message::PgError;
+use interceptor_wire::message::PgError;
 
 /// Receives every [`ApprovalEvent`]; the lead connects it to the audit log.
 pub type EventSink = Arc<dyn Fn(ApprovalEvent) + Send + Sync>;

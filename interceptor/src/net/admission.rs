@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::net::message::PgError;
+use interceptor_wire::message::PgError;
 
 /// SQLSTATE too_many_connections.
 pub const TOO_MANY_CONNECTIONS: &str = "53300";

@@ -1,7 +1,5 @@
-//! Listeners, TLS and PostgreSQL wire framing.
+//! Listeners, TLS and the streams they hand out.
 
 pub mod admission;
-pub mod frame;
-pub mod message;
 pub mod stream;
 pub mod tls;

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::net::message::PgError;
+use interceptor_wire::message::PgError;
 
 /// SQLSTATE admin_shutdown, what PostgreSQL sends for `pg_terminate_backend` and a shutdown.
 pub const ADMIN_SHUTDOWN: &str = "57P01";

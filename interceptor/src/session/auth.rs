@@ -8,8 +8,8 @@ use tokio::io::AsyncWriteExt;
 use crate::config::StaticIdentity;
 use crate::identity::scram::{Mechanism, ScramError, ServerExchange, Verifier};
 use crate::identity::{Identity, Proof};
-use crate::net::frame::{FrameError, FrameReader};
-use crate::net::message::{self, Cursor, PgError, sqlstate};
+use interceptor_wire::frame::{FrameError, FrameReader};
+use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
 use crate::net::stream::Stream;
 
 /// Static identities with their parsed verifiers.

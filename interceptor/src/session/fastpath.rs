@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use super::masking::{Side, SideError, SideLogin};
-use crate::net::message::{FunctionCallView, PgError, sqlstate};
+use interceptor_wire::message::{FunctionCallView, PgError, sqlstate};
 
 /// A function as the catalog names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,14 +200,14 @@ mod tests {
             b
         };
         // Two format codes for three arguments: malformed, as PostgreSQL says too.
-        assert!(crate::net::message::decode_function_call(&body).is_err());
+        assert!(interceptor_wire::message::decode_function_call(&body).is_err());
         let mut ok = body.clone();
         // One format code (binary) for all.
         ok.splice(
             4..10,
             1u16.to_be_bytes().into_iter().chain(1i16.to_be_bytes()),
         );
-        let call = crate::net::message::decode_function_call(&ok).unwrap();
+        let call = interceptor_wire::message::decode_function_call(&ok).unwrap();
         assert_eq!(call.function, 42);
         let rec = recorded_arguments(&call, |v, binary| {
             if binary {
@@ -226,7 +226,7 @@ mod tests {
         );
         // Truncated or negative lengths are errors, never panics.
         for cut in 0..ok.len() {
-            assert!(crate::net::message::decode_function_call(&ok[..cut]).is_err());
+            assert!(interceptor_wire::message::decode_function_call(&ok[..cut]).is_err());
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::audit::{
     StatementOutcome, StatementRecord,
 };
 use crate::identity::Identity;
-use crate::net::message::{PgError, sqlstate};
+use interceptor_wire::message::{PgError, sqlstate};
 use crate::policy::pgparse::Tree;
 use crate::policy::{Decision, LexSettings, PolicyHandle, PolicySet, SessionStatements};
 
@@ -502,7 +502,7 @@ impl Gate {
 
     /// A Bind: the portal keeps its statement and its parameters as recorded (`body` is the
     /// whole message, for the result formats masking reads).
-    pub fn bind(&mut self, bind: &crate::net::message::BindView<'_>, body: &[u8]) {
+    pub fn bind(&mut self, bind: &interceptor_wire::message::BindView<'_>, body: &[u8]) {
         let param_mask = self.param_mask.as_ref();
         let record = || {
             let formats = &bind.param_formats;
@@ -569,7 +569,7 @@ impl Gate {
     /// [`super::fastpath`]), which is returned with the verdict for the masking check.
     pub async fn function_call(
         &mut self,
-        call: &crate::net::message::FunctionCallView<'_>,
+        call: &interceptor_wire::message::FunctionCallView<'_>,
         lex: LexState,
     ) -> (Verdict, Option<String>) {
         if let Some(e) = self.lex_check(lex) {

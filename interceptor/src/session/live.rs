@@ -12,7 +12,7 @@ use tokio::sync::watch;
 pub use super::activity::{ADMIN_SHUTDOWN, Activity};
 use super::gate::SessionFacts;
 use super::relay;
-use crate::net::message::PgError;
+use interceptor_wire::message::PgError;
 
 /// How long a killed session's running statement may take to end after its cancel.
 const KILL_GRACE: Duration = Duration::from_secs(5);

@@ -18,7 +18,7 @@ use crate::mask::{
     CopyColumn, CopyMasker, CopyOptions, MaskError, MaskPlan, MaskRules, MaskSummary, OriginCache,
     RelationCache, catalog_query, table_oids,
 };
-use crate::net::message::{self, Cursor, PgError, sqlstate};
+use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
 use crate::policy::pgparse::Tree;
 use crate::secrets::Secret;
 
@@ -28,7 +28,7 @@ pub enum SideError {
     #[error("masking side connection: {0}")]
     Upstream(#[from] super::upstream::UpstreamError),
     #[error("masking side connection: {0}")]
-    Frame(#[from] crate::net::frame::FrameError),
+    Frame(#[from] interceptor_wire::frame::FrameError),
     #[error("masking side connection: PostgreSQL closed it")]
     Closed,
     #[error("masking side connection: {0}")]
@@ -266,7 +266,7 @@ impl SessionMask {
         if !self.rules.needs_origins() {
             return Ok(());
         }
-        for f in crate::net::frame::frames(chunk) {
+        for f in interceptor_wire::frame::frames(chunk) {
             if f.tag == b'T' {
                 let mut side = self.side.lock().await;
                 side.resolve(&self.login, &self.origins, f.body).await?;
@@ -317,7 +317,7 @@ impl Side {
         conn.stream
             .write_all(request)
             .await
-            .map_err(|e| SideError::Frame(crate::net::frame::FrameError::Io(e)))?;
+            .map_err(|e| SideError::Frame(interceptor_wire::frame::FrameError::Io(e)))?;
         let mut out = Vec::new();
         loop {
             let Some((tag, body)) = conn.reader.read_message(&mut conn.stream).await? else {

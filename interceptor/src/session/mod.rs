@@ -24,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
 use self::shared::ServerState;
-use crate::net::message::{self, PgError, sqlstate};
+use interceptor_wire::message::{self, PgError, sqlstate};
 use crate::net::stream::Stream;
 use cancel::UpstreamKey;
 use gate::{Gate, Recorder, SessionFacts};
@@ -123,7 +123,7 @@ struct Started {
     /// Counts the connection among those not yet authenticated until authentication ends.
     pending: Option<crate::net::admission::Pending>,
     stream: Stream,
-    reader: crate::net::frame::FrameReader,
+    reader: interceptor_wire::frame::FrameReader,
     params: Vec<(String, String)>,
     user: String,
     database: String,

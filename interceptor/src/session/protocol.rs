@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::net::message::{self, BindView, Cursor, Malformed, ParseView};
+use interceptor_wire::message::{self, BindView, Cursor, Malformed, ParseView};
 
 /// One frontend message, decoded once (views over the frame; no copy of the SQL or values).
 pub enum Frontend<'a> {

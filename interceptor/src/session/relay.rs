@@ -19,8 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::gate::{Gate, LexState, Outcome, Recorder, Verdict};
 use super::masking::{MaskStream, SessionMask};
 use super::protocol::{Action, Frontend};
-use crate::net::frame::{FrameError, FrameReader, frames};
-use crate::net::message::{self, Cursor, PgError, sqlstate};
+use interceptor_wire::frame::{FrameError, FrameReader, frames};
+use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
 use crate::net::stream::{BoxedRead, BoxedWrite};
 use crate::policy::pgparse::Tree;
 

@@ -21,8 +21,8 @@ use crate::audit::{AuditEvent, AuditLog, QueryProtocol, StatementOutcome, Statem
 use crate::config::{AuditConfig, UpstreamConfig};
 use crate::identity::{Identity, Proof};
 use crate::mask::MaskRules;
-use crate::net::frame::FrameReader;
-use crate::net::message;
+use interceptor_wire::frame::FrameReader;
+use interceptor_wire::message;
 use crate::policy::{PolicyHandle, PolicySet};
 
 const POLICY: &str = r#"
@@ -824,7 +824,7 @@ const UTF8_ON: LexState = LexState {
     client_encoding_utf8: true,
 };
 
-fn refused(v: Verdict) -> crate::net::message::PgError {
+fn refused(v: Verdict) -> interceptor_wire::message::PgError {
     match v {
         Verdict::Refuse(e) => e,
         Verdict::Forward { .. } => panic!("forwarded, expected a refusal"),

@@ -3,8 +3,8 @@
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
-use crate::net::frame::{FrameError, FrameReader};
-use crate::net::message::{self, PgError, sqlstate};
+use interceptor_wire::frame::{FrameError, FrameReader};
+use interceptor_wire::message::{self, PgError, sqlstate};
 use crate::net::stream::Stream;
 
 /// Startup packets are small; PostgreSQL caps them at 10 000 bytes as well.

@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::{UpstreamAuth, UpstreamConfig, UpstreamTls};
-use crate::net::frame::{FrameError, FrameReader};
-use crate::net::message::{Cursor, error_code_and_message};
+use interceptor_wire::frame::{FrameError, FrameReader};
+use interceptor_wire::message::{Cursor, error_code_and_message};
 use crate::net::stream::Stream;
 use crate::secrets::Secret;
 
@@ -379,7 +379,7 @@ impl UpstreamTarget {
                             .i32()
                             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
                     }
-                    b'N' => out.notices.push(crate::net::message::message(b'N', &body)),
+                    b'N' => out.notices.push(interceptor_wire::message::message(b'N', &body)),
                     b'Z' => {
                         out.status = body.first().copied().unwrap_or(b'I');
                         return Ok(());
