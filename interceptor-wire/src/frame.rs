@@ -5,10 +5,9 @@
 //! reserved for it.
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Read granularity; messages larger than this grow the buffer up to the configured limit.
-const READ_CHUNK: usize = 64 * 1024;
+pub const READ_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -32,15 +31,16 @@ pub struct Frame<'a> {
     pub raw: &'a [u8],
 }
 
-/// Accumulates bytes from one direction of a connection and hands out whole messages.
-pub struct FrameReader {
+/// Bytes received from one direction of a connection, handed out as whole messages. The caller
+/// reads into [`FrameBuffer::spare`] and asks again; nothing here touches a socket.
+pub struct FrameBuffer {
     buf: BytesMut,
     max: usize,
 }
 
-impl FrameReader {
+impl FrameBuffer {
     pub fn new(max: usize) -> Self {
-        FrameReader {
+        FrameBuffer {
             buf: BytesMut::with_capacity(READ_CHUNK),
             max,
         }
@@ -51,33 +51,46 @@ impl FrameReader {
         self.max = max;
     }
 
+    /// The message size limit.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// Bytes received but not yet handed out (e.g. pipelined after the startup packet).
     pub fn buffered(&self) -> usize {
         self.buf.len()
     }
 
-    /// Reads until at least one whole message is buffered and returns every whole message
-    /// buffered, as one contiguous chunk. `Ok(None)` on a clean end of stream between messages.
-    pub async fn read_chunk<R: AsyncRead + Unpin>(
-        &mut self,
-        reader: &mut R,
-    ) -> Result<Option<Bytes>, FrameError> {
-        loop {
-            let complete = self.complete_prefix()?;
-            if complete > 0 {
-                return Ok(Some(self.buf.split_to(complete).freeze()));
-            }
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-                self.buf.reserve(READ_CHUNK);
-            }
-            if reader.read_buf(&mut self.buf).await? == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(FrameError::Truncated)
-                };
-            }
+    /// The buffer to read more bytes into (at its end).
+    pub fn spare(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Makes room for a read when little is left: a chunk at a time.
+    pub fn reserve_chunk(&mut self) {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
         }
+    }
+
+    /// What the end of the stream means now: `Ok(None)` between messages, else
+    /// [`FrameError::Truncated`].
+    pub fn end_of_stream<T>(&self) -> Result<Option<T>, FrameError> {
+        if self.buf.is_empty() {
+            Ok(None)
+        } else {
+            Err(FrameError::Truncated)
+        }
+    }
+
+    /// Every whole message buffered, as one contiguous chunk (see [`frames`]); `None` until at
+    /// least one is whole.
+    pub fn split_chunk(&mut self) -> Result<Option<Bytes>, FrameError> {
+        let complete = self.complete_prefix()?;
+        if complete > 0 {
+            return Ok(Some(self.buf.split_to(complete).freeze()));
+        }
+        Ok(None)
     }
 
     /// Length of the longest prefix of whole messages; reserves room for a partial one.
@@ -99,74 +112,37 @@ impl FrameReader {
         Ok(pos)
     }
 
-    /// Reads more bytes into the buffer without handing anything out (used to notice a client
-    /// that disconnects while its statement is held). Returns the number of bytes read.
-    pub async fn fill<R: AsyncRead + Unpin>(
-        &mut self,
-        reader: &mut R,
-    ) -> Result<usize, FrameError> {
-        if self.buf.len() > self.max {
-            // Enough pipelined input is waiting; do not grow without bound.
-            std::future::pending::<()>().await;
+    /// Exactly one typed message, its tag and body; `None` until it is whole (room for all of it
+    /// is then reserved).
+    pub fn split_message(&mut self) -> Result<Option<(u8, Bytes)>, FrameError> {
+        if self.buf.len() >= 5 {
+            let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+            let total = checked_len(len, self.max)? + 1;
+            if self.buf.len() >= total {
+                let mut msg = self.buf.split_to(total);
+                let tag = msg[0];
+                msg.advance(5);
+                return Ok(Some((tag, msg.freeze())));
+            }
+            self.buf.reserve(total - self.buf.len());
         }
-        self.buf.reserve(READ_CHUNK);
-        Ok(reader.read_buf(&mut self.buf).await?)
+        Ok(None)
     }
 
-    /// Reads exactly one typed message (for the authentication exchange, where the client sends
-    /// one message at a time). `Ok(None)` on a clean end of stream.
-    pub async fn read_message<R: AsyncRead + Unpin>(
-        &mut self,
-        reader: &mut R,
-    ) -> Result<Option<(u8, Bytes)>, FrameError> {
-        loop {
-            if self.buf.len() >= 5 {
-                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
-                let total = checked_len(len, self.max)? + 1;
-                if self.buf.len() >= total {
-                    let mut msg = self.buf.split_to(total);
-                    let tag = msg[0];
-                    msg.advance(5);
-                    return Ok(Some((tag, msg.freeze())));
-                }
-                self.buf.reserve(total - self.buf.len());
+    /// One untyped startup-phase packet (StartupMessage, SSLRequest, CancelRequest...), its body
+    /// after the length, bounded by `max`; `None` until it is whole.
+    pub fn split_startup(&mut self, max: usize) -> Result<Option<Bytes>, FrameError> {
+        if self.buf.len() >= 4 {
+            let len = i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+            let len = checked_len(len, max)?;
+            if self.buf.len() >= len {
+                let mut packet = self.buf.split_to(len);
+                packet.advance(4);
+                return Ok(Some(packet.freeze()));
             }
-            if reader.read_buf(&mut self.buf).await? == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(FrameError::Truncated)
-                };
-            }
+            self.buf.reserve(len - self.buf.len());
         }
-    }
-
-    /// Reads one untyped startup-phase packet (StartupMessage, SSLRequest, CancelRequest...),
-    /// returning its body after the length. `Ok(None)` on a clean end of stream.
-    pub async fn read_startup<R: AsyncRead + Unpin>(
-        &mut self,
-        reader: &mut R,
-        max: usize,
-    ) -> Result<Option<Bytes>, FrameError> {
-        loop {
-            if self.buf.len() >= 4 {
-                let len = i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
-                let len = checked_len(len, max)?;
-                if self.buf.len() >= len {
-                    let mut packet = self.buf.split_to(len);
-                    packet.advance(4);
-                    return Ok(Some(packet.freeze()));
-                }
-                self.buf.reserve(len - self.buf.len());
-            }
-            if reader.read_buf(&mut self.buf).await? == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(FrameError::Truncated)
-                };
-            }
-        }
+        Ok(None)
     }
 }
 
@@ -181,7 +157,7 @@ fn checked_len(len: i32, max: usize) -> Result<usize, FrameError> {
     Ok(len)
 }
 
-/// Iterates over the messages of a chunk returned by [`FrameReader::read_chunk`].
+/// Iterates over the messages of a chunk returned by [`FrameBuffer::split_chunk`].
 pub fn frames(chunk: &[u8]) -> Frames<'_> {
     Frames { rest: chunk }
 }
@@ -224,50 +200,60 @@ mod tests {
         v
     }
 
-    #[tokio::test]
-    async fn splits_whole_messages_and_keeps_partial_ones() {
+    fn buffer(data: &[u8]) -> FrameBuffer {
+        let mut b = FrameBuffer::new(1 << 20);
+        b.spare().extend_from_slice(data);
+        b
+    }
+
+    #[test]
+    fn splits_whole_messages_and_keeps_partial_ones() {
         let mut data = msg(b'Q', b"select 1\0");
         data.extend(msg(b'S', b""));
         let partial = msg(b'Q', b"select 2\0");
         data.extend_from_slice(&partial[..7]);
-        let mut reader = FrameReader::new(1 << 20);
-        let mut src = &data[..];
-        let chunk = reader.read_chunk(&mut src).await.unwrap().unwrap();
+        let mut b = buffer(&data);
+        let chunk = b.split_chunk().unwrap().unwrap();
         let tags: Vec<u8> = frames(&chunk).map(|f| f.tag).collect();
         assert_eq!(tags, vec![b'Q', b'S']);
         assert_eq!(frames(&chunk).next().unwrap().body, b"select 1\0");
-        assert_eq!(reader.buffered(), 7);
+        assert_eq!(b.buffered(), 7);
+        assert!(b.split_chunk().unwrap().is_none());
         // The stream ends inside a message: that is an error, not a silent drop.
         assert!(matches!(
-            reader.read_chunk(&mut src).await,
+            b.end_of_stream::<()>(),
             Err(FrameError::Truncated)
         ));
+        b.spare().extend_from_slice(&partial[7..]);
+        let (tag, body) = b.split_message().unwrap().unwrap();
+        assert_eq!((tag, body.as_ref()), (b'Q', &b"select 2\0"[..]));
+        assert!(matches!(b.end_of_stream::<()>(), Ok(None)));
     }
 
-    #[tokio::test]
-    async fn refuses_lengths_that_lie() {
+    #[test]
+    fn refuses_lengths_that_lie() {
         for len in [-1i32, 0, 3] {
             let mut data = vec![b'Q'];
             data.extend_from_slice(&len.to_be_bytes());
-            let mut reader = FrameReader::new(1 << 20);
-            let r = reader.read_chunk(&mut &data[..]).await;
+            let r = buffer(&data).split_chunk();
+            assert!(matches!(r, Err(FrameError::BadLength(_))), "{len}");
+            let r = buffer(&data).split_message();
             assert!(matches!(r, Err(FrameError::BadLength(_))), "{len}");
         }
         let mut data = vec![b'Q'];
         data.extend_from_slice(&(100_000_000i32).to_be_bytes());
-        let mut reader = FrameReader::new(1 << 20);
-        let r = reader.read_chunk(&mut &data[..]).await;
+        let r = buffer(&data).split_chunk();
         assert!(matches!(r, Err(FrameError::TooLarge { .. })));
     }
 
-    #[tokio::test]
-    async fn startup_packets_are_bounded() {
-        let mut reader = FrameReader::new(1 << 20);
-        let data = [0u8, 0, 0, 8, 4, 210, 22, 47];
-        let body = reader.read_startup(&mut &data[..], 10_000).await.unwrap();
+    #[test]
+    fn startup_packets_are_bounded() {
+        let mut b = buffer(&[0u8, 0, 0, 8, 4, 210, 22]);
+        assert!(b.split_startup(10_000).unwrap().is_none());
+        b.spare().extend_from_slice(&[47]);
+        let body = b.split_startup(10_000).unwrap();
         assert_eq!(body.unwrap().as_ref(), &[4, 210, 22, 47]);
         let huge = [0x7fu8, 0, 0, 0];
-        let mut reader = FrameReader::new(1 << 20);
-        assert!(reader.read_startup(&mut &huge[..], 10_000).await.is_err());
+        assert!(buffer(&huge).split_startup(10_000).is_err());
     }
 }

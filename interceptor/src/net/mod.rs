@@ -1,5 +1,6 @@
-//! Listeners, TLS and the streams they hand out.
+//! Listeners, TLS, the streams they hand out and the reader that frames them.
 
 pub mod admission;
+pub mod reader;
 pub mod stream;
 pub mod tls;

@@ -8,9 +8,10 @@ use tokio::io::AsyncWriteExt;
 use crate::config::StaticIdentity;
 use crate::identity::scram::{Mechanism, ScramError, ServerExchange, Verifier};
 use crate::identity::{Identity, Proof};
-use interceptor_wire::frame::{FrameError, FrameReader};
-use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
+use crate::net::reader::FrameReader;
 use crate::net::stream::Stream;
+use interceptor_wire::frame::FrameError;
+use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
 
 /// Static identities with their parsed verifiers.
 pub struct StaticIdentities {

@@ -10,9 +10,9 @@ use crate::audit::{
     StatementOutcome, StatementRecord,
 };
 use crate::identity::Identity;
-use interceptor_wire::message::{PgError, sqlstate};
 use crate::policy::pgparse::Tree;
 use crate::policy::{Decision, LexSettings, PolicyHandle, PolicySet, SessionStatements};
+use interceptor_wire::message::{PgError, sqlstate};
 
 /// What the relay does with a statement.
 #[derive(Debug)]

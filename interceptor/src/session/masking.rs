@@ -18,9 +18,9 @@ use crate::mask::{
     CopyColumn, CopyMasker, CopyOptions, MaskError, MaskPlan, MaskRules, MaskSummary, OriginCache,
     RelationCache, catalog_query, table_oids,
 };
-use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
 use crate::policy::pgparse::Tree;
 use crate::secrets::Secret;
+use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
 
 /// Why the side connection could not answer.
 #[derive(Debug, thiserror::Error)]

@@ -24,10 +24,10 @@ use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
 use self::shared::ServerState;
-use interceptor_wire::message::{self, PgError, sqlstate};
 use crate::net::stream::Stream;
 use cancel::UpstreamKey;
 use gate::{Gate, Recorder, SessionFacts};
+use interceptor_wire::message::{self, PgError, sqlstate};
 use startup::Opening;
 
 /// Where a client connected from.
@@ -123,7 +123,7 @@ struct Started {
     /// Counts the connection among those not yet authenticated until authentication ends.
     pending: Option<crate::net::admission::Pending>,
     stream: Stream,
-    reader: interceptor_wire::frame::FrameReader,
+    reader: crate::net::reader::FrameReader,
     params: Vec<(String, String)>,
     user: String,
     database: String,

@@ -19,10 +19,11 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::gate::{Gate, LexState, Outcome, Recorder, Verdict};
 use super::masking::{MaskStream, SessionMask};
 use super::protocol::{Action, Frontend};
-use interceptor_wire::frame::{FrameError, FrameReader, frames};
-use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
+use crate::net::reader::FrameReader;
 use crate::net::stream::{BoxedRead, BoxedWrite};
 use crate::policy::pgparse::Tree;
+use interceptor_wire::frame::{FrameError, frames};
+use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {

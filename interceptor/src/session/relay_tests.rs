@@ -21,9 +21,9 @@ use crate::audit::{AuditEvent, AuditLog, QueryProtocol, StatementOutcome, Statem
 use crate::config::{AuditConfig, UpstreamConfig};
 use crate::identity::{Identity, Proof};
 use crate::mask::MaskRules;
-use interceptor_wire::frame::FrameReader;
-use interceptor_wire::message;
+use crate::net::reader::FrameReader;
 use crate::policy::{PolicyHandle, PolicySet};
+use interceptor_wire::message;
 
 const POLICY: &str = r#"
 [policy]

@@ -3,9 +3,10 @@
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
-use interceptor_wire::frame::{FrameError, FrameReader};
-use interceptor_wire::message::{self, PgError, sqlstate};
+use crate::net::reader::FrameReader;
 use crate::net::stream::Stream;
+use interceptor_wire::frame::FrameError;
+use interceptor_wire::message::{self, PgError, sqlstate};
 
 /// Startup packets are small; PostgreSQL caps them at 10 000 bytes as well.
 const MAX_STARTUP: usize = 10_000;

@@ -11,10 +11,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::{UpstreamAuth, UpstreamConfig, UpstreamTls};
-use interceptor_wire::frame::{FrameError, FrameReader};
-use interceptor_wire::message::{Cursor, error_code_and_message};
+use crate::net::reader::FrameReader;
 use crate::net::stream::Stream;
 use crate::secrets::Secret;
+use interceptor_wire::frame::FrameError;
+use interceptor_wire::message::{Cursor, error_code_and_message};
 
 /// Where the upstream is and how to reach it.
 pub struct UpstreamTarget {
@@ -379,7 +380,9 @@ impl UpstreamTarget {
                             .i32()
                             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
                     }
-                    b'N' => out.notices.push(interceptor_wire::message::message(b'N', &body)),
+                    b'N' => out
+                        .notices
+                        .push(interceptor_wire::message::message(b'N', &body)),
                     b'Z' => {
                         out.status = body.first().copied().unwrap_or(b'I');
                         return Ok(());
