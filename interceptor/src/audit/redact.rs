@@ -1,10 +1,10 @@
 //! Keeps secrets out of audit records. The classified statements say where their secrets are
 //! (string constants PostgreSQL's parser reads as a password or a connection string, see
-//! [`crate::policy::secrets`]); those bytes are replaced, the rest is recorded byte for byte:
+//! [`interceptor_sql::secrets`]); those bytes are replaced, the rest is recorded byte for byte:
 //! `ALTER ROLE bob PASSWORD 'secret'` is recorded as `ALTER ROLE bob PASSWORD '[redacted]'`.
 //! Nothing here parses SQL again.
 
-use crate::policy::Classified;
+use interceptor_sql::classify::Classified;
 
 use super::record::StatementRecord;
 
@@ -73,7 +73,8 @@ fn withhold(st: &mut StatementRecord, why: &str) {
 mod tests {
     use super::*;
     use crate::audit::record::{QueryProtocol, SessionId};
-    use crate::policy::{LexSettings, classify};
+    use interceptor_sql::classify::classify;
+    use interceptor_sql::lexer::LexSettings;
 
     fn st(sql: &str, params: Vec<Option<String>>) -> StatementRecord {
         StatementRecord {

@@ -6,15 +6,15 @@ use std::path::{Path, PathBuf};
 
 use super::error::PolicyError;
 use super::glob::Glob;
-use super::lexer::LexSettings;
 use super::load::TESTS_SUFFIX;
 use super::load::{parse_policy, policy_files};
 use super::model::{DecisionKind, KindSpec};
 use super::rules::{Policy, Rule, Verdict};
 use super::set::PolicySet;
-use super::statement::{Risk, StatementKind};
 use super::testcases;
 use crate::identity::{Identity, ProcessIdentity, Proof};
+use interceptor_sql::lexer::LexSettings;
+use interceptor_sql::statement::{Risk, StatementKind};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum PolicyCommand {

@@ -3,12 +3,12 @@
 
 use std::time::SystemTime;
 
-use super::classify::{Classified, Unclassifiable};
 use super::glob::Glob;
 use super::model::{DecisionKind, IdentityMatch};
 use super::rules::{Decision, Policy, Rule, Verdict};
 use super::session::SessionStatements;
 use crate::identity::Identity;
+use interceptor_sql::classify::{Classified, Unclassifiable};
 
 /// Does the identity section select `who`?
 pub fn identity_matches(m: &IdentityMatch, who: &Identity) -> bool {
@@ -100,7 +100,7 @@ impl Rule {
         &self,
         s: &Classified,
         now: SystemTime,
-    ) -> Option<Vec<super::statement::Risk>> {
+    ) -> Option<Vec<interceptor_sql::statement::Risk>> {
         if self.decision != DecisionKind::Allow {
             return None;
         }
@@ -353,7 +353,7 @@ pub(crate) fn merge_approval(acc: &mut Option<Verdict>, next: Verdict) {
 }
 
 /// A risk as spelled in policy files (its serde name).
-fn risk_name(r: super::statement::Risk) -> String {
+fn risk_name(r: interceptor_sql::statement::Risk) -> String {
     match serde_json::to_value(r) {
         Ok(serde_json::Value::String(s)) => s,
         _ => format!("{r:?}"),

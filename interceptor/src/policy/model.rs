@@ -6,8 +6,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use toml::Spanned;
 
 use super::glob::Glob;
-use super::statement::{Risk, StatementKind};
 use super::window::Window;
+use interceptor_sql::statement::{Risk, StatementKind};
 
 /// One policy file.
 #[derive(Debug, Clone, Deserialize)]

@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::classify::Classified;
 use super::glob::Glob;
 use super::model::{DecisionKind, IdentityMatch, KindSpec, Limits};
-use super::pgparse::Tree;
-use super::statement::Risk;
 use super::window::Window;
+use interceptor_sql::classify::Classified;
+use interceptor_sql::pgparse::Tree;
+use interceptor_sql::statement::Risk;
 
 /// A validated rule.
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::classify::Classified;
+use interceptor_sql::classify::Classified;
 
 /// Per-session map from prepared-statement name to its classification.
 #[derive(Debug, Clone, Default)]

@@ -9,15 +9,15 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::classify::{Classified, Unclassifiable, classify_tree};
 use super::decide::{decide_statements, identity_matches, unparseable_decision};
 use super::error::PolicyError;
-use super::lexer::LexSettings;
 use super::load::{parse_policy, policy_files};
 use super::model::Limits;
-use super::pgparse::Tree;
 use super::session::SessionStatements;
 use crate::identity::Identity;
+use interceptor_sql::classify::{Classified, Unclassifiable, classify_tree};
+use interceptor_sql::lexer::LexSettings;
+use interceptor_sql::pgparse::Tree;
 
 pub use super::load::TESTS_SUFFIX;
 pub use super::rules::{Decision, Policy, Rule, Verdict};
@@ -196,7 +196,7 @@ impl PolicySet {
             Ok(s) => s,
             // Nothing but whitespace, `;` and comments: PostgreSQL runs nothing and answers
             // EmptyQueryResponse. Drivers and pools send these as pings.
-            Err(crate::policy::Unclassifiable::Empty) => {
+            Err(interceptor_sql::classify::Unclassifiable::Empty) => {
                 return Decision {
                     verdict: Verdict::Allow,
                     rule: Some("empty query".to_owned()),
@@ -264,14 +264,14 @@ fn classify_now(sql: &str, lex: &LexSettings) -> (Cached, Option<Arc<Tree>>) {
 /// different numbers over and over. The tokens come from the same PostgreSQL-faithful lexer
 /// that splits statements, so a number inside a string, identifier or comment is not a token.
 fn cache_key(sql: &str, lex: &LexSettings) -> String {
-    let Ok(tokens) = super::lexer::tokenize(sql, *lex) else {
+    let Ok(tokens) = interceptor_sql::lexer::tokenize(sql, *lex) else {
         return sql.to_owned();
     };
     let mut key = String::with_capacity(sql.len());
     let mut at = 0;
     for t in tokens
         .iter()
-        .filter(|t| t.kind == super::lexer::TokKind::Number)
+        .filter(|t| t.kind == interceptor_sql::lexer::TokKind::Number)
     {
         if t.span.start < at || t.span.end > sql.len() {
             return sql.to_owned();

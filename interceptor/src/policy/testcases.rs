@@ -19,11 +19,11 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::error::PolicyError;
-use super::lexer::LexSettings;
 use super::load::TESTS_SUFFIX;
 use super::session::SessionStatements;
 use super::set::PolicySet;
 use crate::identity::{Identity, ProcessIdentity, Proof};
+use interceptor_sql::lexer::LexSettings;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

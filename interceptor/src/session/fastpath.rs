@@ -170,13 +170,16 @@ mod tests {
 
     #[test]
     fn the_stand_in_sql_is_classified_as_a_call_of_that_function() {
-        use crate::policy::{Risk, StatementKind};
+        use interceptor_sql::statement::{Risk, StatementKind};
         let f = Function {
             schema: "pg_catalog".into(),
             name: "lowrite".into(),
         };
-        let c =
-            crate::policy::classify(&f.call_sql(2), crate::policy::LexSettings::default()).unwrap();
+        let c = interceptor_sql::classify::classify(
+            &f.call_sql(2),
+            interceptor_sql::lexer::LexSettings::default(),
+        )
+        .unwrap();
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].kind, StatementKind::Write);
         assert!(c[0].risks.contains(&Risk::LargeObject), "{c:?}");

@@ -10,8 +10,9 @@ use crate::audit::{
     StatementOutcome, StatementRecord,
 };
 use crate::identity::Identity;
-use crate::policy::pgparse::Tree;
-use crate::policy::{Decision, LexSettings, PolicyHandle, PolicySet, SessionStatements};
+use crate::policy::{Decision, PolicyHandle, PolicySet, SessionStatements};
+use interceptor_sql::lexer::LexSettings;
+use interceptor_sql::pgparse::Tree;
 use interceptor_wire::message::{PgError, sqlstate};
 
 /// What the relay does with a statement.

@@ -18,8 +18,8 @@ use crate::mask::{
     CopyColumn, CopyMasker, CopyOptions, MaskError, MaskPlan, MaskRules, MaskSummary, OriginCache,
     RelationCache, catalog_query, table_oids,
 };
-use crate::policy::pgparse::Tree;
 use crate::secrets::Secret;
+use interceptor_sql::pgparse::Tree;
 use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
 
 /// Why the side connection could not answer.
@@ -152,7 +152,7 @@ impl SessionMask {
             return self.rewrite_parsed(sql, tree).await;
         }
         // What PostgreSQL's grammar rejects, the server rejects too: send it as it is.
-        let Ok(parsed) = crate::policy::pgparse::parse_tree(sql, true) else {
+        let Ok(parsed) = interceptor_sql::pgparse::parse_tree(sql, true) else {
             return Ok(None);
         };
         self.rewrite_parsed(sql, &parsed).await

@@ -21,7 +21,7 @@ use super::masking::{MaskStream, SessionMask};
 use super::protocol::{Action, Frontend};
 use crate::net::reader::FrameReader;
 use crate::net::stream::{BoxedRead, BoxedWrite};
-use crate::policy::pgparse::Tree;
+use interceptor_sql::pgparse::Tree;
 use interceptor_wire::frame::{FrameError, frames};
 use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
 

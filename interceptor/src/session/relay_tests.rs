@@ -706,12 +706,12 @@ async fn jdbc_pipeline_with_a_refused_statement_in_the_middle() {
 async fn each_statement_is_parsed_once_through_classify_and_mask() {
     let mut s = start(Some(MASK));
     for (i, sql) in ["SELECT 1 AS n", "SELECT 2 AS n"].into_iter().enumerate() {
-        let before = crate::policy::pgparse::parses();
+        let before = interceptor_sql::pgparse::parses();
         let q = message::query(sql);
         s.send(std::slice::from_ref(&q)).await;
         let up = read_until(&mut s.server, b'Q').await;
         assert_eq!(raw(&up), q.to_vec(), "nothing to rewrite in {sql}");
-        let parses = crate::policy::pgparse::parses() - before;
+        let parses = interceptor_sql::pgparse::parses() - before;
         // The first is classified (one parse, reused by the rewrite); the second has the
         // first's shape, so its classification is cached and only the rewrite parses it.
         assert_eq!(parses, 1, "statement {i} `{sql}` parsed {parses} times");
@@ -725,7 +725,7 @@ async fn each_statement_is_parsed_once_through_classify_and_mask() {
         read_until(&mut s.client, b'Z').await;
     }
     // Extended protocol: the Parse is classified and rewritten with one parse as well.
-    let before = crate::policy::pgparse::parses();
+    let before = interceptor_sql::pgparse::parses();
     let batch = [
         parse("", "SELECT 'x' AS label"),
         bind("", "", &[]),
@@ -735,7 +735,7 @@ async fn each_statement_is_parsed_once_through_classify_and_mask() {
     s.send(&batch).await;
     assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&batch));
     // Execute decides again from the cache, without parsing.
-    assert_eq!(crate::policy::pgparse::parses() - before, 1);
+    assert_eq!(interceptor_sql::pgparse::parses() - before, 1);
     s.answer(&[
         parse_complete(),
         bind_complete(),

@@ -355,7 +355,7 @@ pub fn decide_settings(
             identity,
             database,
             &sql,
-            &crate::policy::lexer::LexSettings::default(),
+            &interceptor_sql::lexer::LexSettings::default(),
         );
         match decision.verdict {
             crate::policy::Verdict::Allow => {}

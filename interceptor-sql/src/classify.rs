@@ -43,7 +43,7 @@ pub struct Classified {
     /// `PREPARE name AS …`: the name (the rest describes the prepared statement).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prepares: Option<String>,
-    /// `EXECUTE name`: decided by what `name` was prepared as (see [`super::SessionStatements`]).
+    /// `EXECUTE name`: decided by what `name` was prepared as (the policy keeps the map of prepared names).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub executes: Option<String>,
     /// `DEALLOCATE name` (`Some("")` for DEALLOCATE ALL / DISCARD ALL).

@@ -1,0 +1,23 @@
+//! What a PostgreSQL statement does, read the way the server reads it.
+//!
+//! * [`lexer`]: PostgreSQL-faithful splitting of query text (the anti-bypass layer).
+//! * [`statement`]: the words rules use for what a statement is (kind, risks).
+//! * [`mod@classify`]: what each statement does (kind, risks, tables, functions), from
+//!   PostgreSQL's own parser ([`pgparse`], tree walk in `pgwalk`), with [`functions`] (side
+//!   effects), [`relfuncs`] (functions whose arguments name relations, from pg_proc), and the
+//!   sqlparser reading ([`walk`], [`names`]) as a second opinion that can only refuse.
+//! * [`secrets`]: spans of secrets (passwords) in statement text.
+
+pub mod classify;
+pub mod functions;
+pub mod lexer;
+pub mod names;
+pub mod pgparse;
+pub(crate) mod pgwalk;
+pub mod relfuncs;
+pub mod secrets;
+pub mod statement;
+pub mod walk;
+
+#[cfg(test)]
+mod classify_tests;
