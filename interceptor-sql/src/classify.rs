@@ -20,9 +20,8 @@ use super::names::{ident_name, name_parts, table_name};
 use super::pgparse;
 use super::pgwalk::{self, TreeError, TreeFacts};
 use super::secrets;
+use super::statement::{Risk, StatementKind};
 use super::walk::{Facts, Walk, shallow};
-
-pub use super::statement::{Risk, StatementKind};
 
 /// One classified statement (recorded in the audit trail).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

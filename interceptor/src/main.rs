@@ -135,7 +135,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
-            let loaded = interceptor::server::Loaded::load(&c)?;
+            let loaded = interceptor::session::shared::Loaded::load(&c)?;
             let missing = loaded.roles_without_secret();
             if !missing.is_empty() {
                 for (policy, role) in &missing {

@@ -14,7 +14,7 @@ use crate::net::stream::Stream;
 use crate::policy::PolicyEvent;
 use crate::session::{self, Peer};
 
-pub use crate::session::shared::{Loaded, ServerState, SessionCounts, SessionSlot};
+use crate::session::shared::ServerState;
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {

@@ -21,7 +21,7 @@ use super::signing::Mark;
 use super::store::{Store, Stored};
 use super::verify::{self, Problem, VerifyMode, VerifyReport};
 
-pub use super::record::AuditGap;
+use super::record::AuditGap;
 
 /// The head-mark file of `cfg`'s store.
 pub fn head_mark_path(cfg: &AuditConfig) -> PathBuf {

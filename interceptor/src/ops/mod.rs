@@ -10,8 +10,3 @@ pub mod install;
 pub mod logging;
 pub mod notify;
 pub mod reload;
-
-// The registry lives below the rooms that count into it (audit, sessions); reachable here too.
-pub use crate::metrics;
-// Live sessions are the session's own registry; reachable here too.
-pub use crate::session::live as sessions;

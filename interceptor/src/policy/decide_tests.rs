@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use super::cli::{self, PolicyCommand};
 use super::reload::{PolicyEvent, PolicyHandle};
+use super::rules::Verdict;
 use super::session::SessionStatements;
-use super::set::{PolicySet, Verdict};
+use super::set::PolicySet;
 use super::testcases;
 use crate::identity::{Identity, Proof};
 use interceptor_sql::lexer::LexSettings;

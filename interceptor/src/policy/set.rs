@@ -19,8 +19,7 @@ use interceptor_sql::classify::{Classified, Unclassifiable, classify_tree};
 use interceptor_sql::lexer::LexSettings;
 use interceptor_sql::pgparse::Tree;
 
-pub use super::load::TESTS_SUFFIX;
-pub use super::rules::{Decision, Policy, Rule, Verdict};
+use super::rules::{Decision, Policy, Verdict};
 
 static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
 

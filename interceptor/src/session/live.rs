@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use super::activity::{ADMIN_SHUTDOWN, Activity};
+use super::activity::ADMIN_SHUTDOWN;
 use super::gate::SessionFacts;
 use super::relay;
 use interceptor_wire::message::PgError;
