@@ -9,15 +9,15 @@
 //! * [`secrets`]: spans of secrets (passwords) in statement text.
 
 pub mod classify;
-pub mod functions;
+pub(crate) mod functions;
 pub mod lexer;
-pub mod names;
+pub(crate) mod names;
 pub mod pgparse;
 pub(crate) mod pgwalk;
 pub mod relfuncs;
-pub mod secrets;
+pub(crate) mod secrets;
 pub mod statement;
-pub mod walk;
+pub(crate) mod walk;
 
 #[cfg(test)]
 mod classify_tests;

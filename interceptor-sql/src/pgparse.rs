@@ -20,7 +20,10 @@ pub struct SyntaxError {
 pub type Tree = pg_query::protobuf::ParseResult;
 
 /// Parses `sql` as the server would with the given `standard_conforming_strings` setting.
-pub fn parse(sql: &str, standard_conforming_strings: bool) -> Result<Vec<RawStmt>, SyntaxError> {
+pub(crate) fn parse(
+    sql: &str,
+    standard_conforming_strings: bool,
+) -> Result<Vec<RawStmt>, SyntaxError> {
     parse_tree(sql, standard_conforming_strings).map(|tree| tree.stmts)
 }
 

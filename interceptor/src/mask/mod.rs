@@ -33,14 +33,14 @@ mod wire;
 mod tests;
 
 pub use catalog::{CatalogResolver, ColumnOrigin, OriginCache, catalog_query, table_oids};
-pub use copy::{CopyColumn, CopyFormat, CopyMasker, CopyOptions};
-pub use detect::DetectorKind;
+pub(crate) use copy::CopyMasker;
+pub use copy::{CopyColumn, CopyFormat, CopyOptions};
 pub use plan::MaskPlan;
-pub use relcat::{Lookup, RelName, RelationCache};
-pub use rewrite::{Needs, Refusal, needs, rewrite};
-pub use rules::{Allowances, MaskRules};
+pub(crate) use relcat::RelationCache;
+pub(crate) use rewrite::{needs, rewrite};
+pub use rules::MaskRules;
 pub use strategy::StrategyKind;
-pub use summary::{MaskCount, MaskSummary, MaskTarget};
+pub use summary::{MaskSummary, MaskTarget};
 
 /// Why masking could not proceed. The relay must not forward the affected message.
 #[derive(Debug, thiserror::Error)]

@@ -8,30 +8,30 @@ use interceptor_wire::frame::{FrameBuffer, FrameError, READ_CHUNK};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Accumulates bytes from one direction of a connection and hands out whole messages.
-pub struct FrameReader {
+pub(crate) struct FrameReader {
     buf: FrameBuffer,
 }
 
 impl FrameReader {
-    pub fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         FrameReader {
             buf: FrameBuffer::new(max),
         }
     }
 
     /// Changes the message size limit (once the session's policy is known).
-    pub fn set_max(&mut self, max: usize) {
+    pub(crate) fn set_max(&mut self, max: usize) {
         self.buf.set_max(max);
     }
 
     /// Bytes received but not yet handed out (e.g. pipelined after the startup packet).
-    pub fn buffered(&self) -> usize {
+    pub(crate) fn buffered(&self) -> usize {
         self.buf.buffered()
     }
 
     /// Reads until at least one whole message is buffered and returns every whole message
     /// buffered, as one contiguous chunk. `Ok(None)` on a clean end of stream between messages.
-    pub async fn read_chunk<R: AsyncRead + Unpin>(
+    pub(crate) async fn read_chunk<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut R,
     ) -> Result<Option<Bytes>, FrameError> {
@@ -48,7 +48,7 @@ impl FrameReader {
 
     /// Reads more bytes into the buffer without handing anything out (used to notice a client
     /// that disconnects while its statement is held). Returns the number of bytes read.
-    pub async fn fill<R: AsyncRead + Unpin>(
+    pub(crate) async fn fill<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut R,
     ) -> Result<usize, FrameError> {
@@ -63,7 +63,7 @@ impl FrameReader {
 
     /// Reads exactly one typed message (for the authentication exchange, where the client sends
     /// one message at a time). `Ok(None)` on a clean end of stream.
-    pub async fn read_message<R: AsyncRead + Unpin>(
+    pub(crate) async fn read_message<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut R,
     ) -> Result<Option<(u8, Bytes)>, FrameError> {
@@ -79,7 +79,7 @@ impl FrameReader {
 
     /// Reads one untyped startup-phase packet (StartupMessage, SSLRequest, CancelRequest...),
     /// returning its body after the length. `Ok(None)` on a clean end of stream.
-    pub async fn read_startup<R: AsyncRead + Unpin>(
+    pub(crate) async fn read_startup<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut R,
         max: usize,

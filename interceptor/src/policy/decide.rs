@@ -11,7 +11,7 @@ use crate::identity::Identity;
 use interceptor_sql::classify::{Classified, Unclassifiable};
 
 /// Does the identity section select `who`?
-pub fn identity_matches(m: &IdentityMatch, who: &Identity) -> bool {
+pub(crate) fn identity_matches(m: &IdentityMatch, who: &Identity) -> bool {
     let named = m.subjects.is_empty() && m.groups.is_empty()
         || m.subjects.iter().any(|g| g.matches(&who.subject))
         || m.groups

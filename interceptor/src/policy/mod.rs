@@ -13,24 +13,22 @@
 //! The evaluation order is documented in `docs/policy.md`.
 
 pub mod cli;
-pub mod decide;
-pub mod error;
-pub mod glob;
-pub mod load;
-pub mod model;
-pub mod reload;
-pub mod rules;
-pub mod session;
-pub mod set;
-pub mod testcases;
-pub mod window;
+pub(crate) mod decide;
+pub(crate) mod error;
+pub(crate) mod glob;
+pub(crate) mod load;
+pub(crate) mod model;
+pub(crate) mod reload;
+pub(crate) mod rules;
+pub(crate) mod session;
+pub(crate) mod set;
+pub(crate) mod testcases;
+pub(crate) mod window;
 
-pub use error::PolicyError;
-pub use model::Limits;
-pub use reload::{PolicyEvent, PolicyHandle};
-pub use rules::{Decision, Policy, Rule, Verdict};
-pub use session::SessionStatements;
-pub use set::{PolicySet, Refusal, Route};
+pub(crate) use reload::{PolicyEvent, PolicyHandle};
+pub(crate) use rules::{Decision, Verdict};
+pub(crate) use session::SessionStatements;
+pub(crate) use set::{PolicySet, Route};
 
 #[cfg(test)]
 mod decide_tests;

@@ -12,7 +12,7 @@ use interceptor_sql::statement::{Risk, StatementKind};
 /// One policy file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PolicyFile {
+pub(crate) struct PolicyFile {
     pub policy: PolicyMeta,
     pub identities: IdentityMatch,
     pub login: Login,
@@ -31,7 +31,7 @@ pub struct PolicyFile {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PolicyMeta {
+pub(crate) struct PolicyMeta {
     pub name: Spanned<String>,
     #[serde(default)]
     pub description: String,
@@ -66,7 +66,7 @@ pub struct ProcessMatch {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Login {
+pub(crate) struct Login {
     /// The PostgreSQL role interceptor logs in as for these identities (least privilege).
     pub upstream_role: String,
     /// Databases these identities may connect to (glob patterns).
@@ -113,7 +113,7 @@ pub struct StartupSettings {
 /// What to do with a query that cannot be parsed or classified (default: deny).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UnparseableRule {
+pub(crate) struct UnparseableRule {
     pub decision: Spanned<DecisionKind>,
     #[serde(default)]
     pub approvers: Vec<String>,
@@ -172,10 +172,12 @@ impl KindSpec {
 /// `[[rule]]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RuleSpec {
+pub(crate) struct RuleSpec {
     pub name: Spanned<String>,
     pub decision: DecisionKind,
+    /// A note for readers of the policy file: parsed (so a non-string is refused), never used.
     #[serde(default)]
+    #[expect(dead_code, reason = "accepted in policy files as documentation")]
     pub description: String,
     /// Statement kinds (absent: any kind).
     #[serde(default)]
@@ -220,7 +222,7 @@ pub(crate) fn default_timeout() -> u64 {
 }
 
 /// Every risk: what `risks = ["any"]` stands for.
-pub const ALL_RISKS: [Risk; 19] = [
+pub(crate) const ALL_RISKS: [Risk; 19] = [
     Risk::DeleteWithoutWhere,
     Risk::UpdateWithoutWhere,
     Risk::Drop,

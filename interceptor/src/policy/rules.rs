@@ -76,7 +76,7 @@ impl Verdict {
 
 /// The decision for one query (all its statements).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Decision {
+pub(crate) struct Decision {
     pub verdict: Verdict,
     /// The rule that made the decision (`None`: default deny, or no policy).
     pub rule: Option<String>,

@@ -33,7 +33,7 @@ type Cached = Arc<Result<Vec<Classified>, Unclassifiable>>;
 
 /// All policies of a directory, in evaluation order.
 #[derive(Debug)]
-pub struct PolicySet {
+pub(crate) struct PolicySet {
     policies: Vec<Policy>,
     version: u64,
     dir: PathBuf,
@@ -42,7 +42,7 @@ pub struct PolicySet {
 
 /// Where a session logs in upstream, and the limits that apply to it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Route {
+pub(crate) struct Route {
     pub policy: String,
     pub upstream_role: String,
     pub limits: Limits,
@@ -53,14 +53,14 @@ pub struct Route {
 /// A login refusal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
 #[error("{message}")]
-pub struct Refusal {
+pub(crate) struct Refusal {
     pub sqlstate: String,
     pub message: String,
 }
 
 impl PolicySet {
     /// Loads every `*.toml` (except `*.tests.toml`) in `dir`. Any error fails the whole load.
-    pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
+    pub(crate) fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
         let mut policies = Vec::new();
         let mut names: HashMap<String, String> = HashMap::new();
         for path in policy_files(dir)? {
@@ -87,7 +87,7 @@ impl PolicySet {
 
     /// A set without policies: every login is refused and every statement denied (for a
     /// daemon started without a policy directory: fail closed).
-    pub fn empty() -> PolicySet {
+    pub(crate) fn empty() -> PolicySet {
         PolicySet {
             policies: Vec::new(),
             version: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
@@ -97,28 +97,24 @@ impl PolicySet {
     }
 
     /// Changes on each successful load (a cache key for the proxy).
-    pub fn version(&self) -> u64 {
+    pub(crate) fn version(&self) -> u64 {
         self.version
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn policies(&self) -> &[Policy] {
+    pub(crate) fn policies(&self) -> &[Policy] {
         &self.policies
     }
 
     /// The policy that applies to `who` on `database`: the first (by priority, then name)
     /// whose identity match and database list both fit.
-    pub fn policy_for(&self, who: &Identity, database: &str) -> Option<&Policy> {
+    pub(crate) fn policy_for(&self, who: &Identity, database: &str) -> Option<&Policy> {
         self.policies.iter().find(|p| {
             identity_matches(&p.identities, who) && p.databases.iter().any(|d| d.matches(database))
         })
     }
 
     /// At login: which upstream role to use, or a refusal.
-    pub fn route(&self, who: &Identity, database: &str) -> Result<Route, Refusal> {
+    pub(crate) fn route(&self, who: &Identity, database: &str) -> Result<Route, Refusal> {
         match self.policy_for(who, database) {
             Some(p) => Ok(Route {
                 policy: p.name.clone(),
@@ -139,20 +135,27 @@ impl PolicySet {
     }
 
     /// The raw `[mask]` rules of the policy that applies to `who` on `database`.
-    pub fn mask_rules_for(&self, who: &Identity, database: &str) -> Vec<toml::Value> {
+    #[cfg(test)]
+    pub(crate) fn mask_rules_for(&self, who: &Identity, database: &str) -> Vec<toml::Value> {
         self.policy_for(who, database)
             .map(|p| mask_values(p.mask.as_ref()))
             .unwrap_or_default()
     }
 
     /// Decides every statement of one Query / Parse text (no prepared statements known).
-    pub fn decide(&self, who: &Identity, database: &str, sql: &str, lex: &LexSettings) -> Decision {
+    pub(crate) fn decide(
+        &self,
+        who: &Identity,
+        database: &str,
+        sql: &str,
+        lex: &LexSettings,
+    ) -> Decision {
         self.decide_in_session(who, database, sql, lex, &SessionStatements::new())
     }
 
     /// As [`PolicySet::decide`], resolving `EXECUTE name` through the session's prepared
     /// statements (feed it with [`SessionStatements::observe`]).
-    pub fn decide_in_session(
+    pub(crate) fn decide_in_session(
         &self,
         who: &Identity,
         database: &str,
@@ -164,7 +167,7 @@ impl PolicySet {
     }
 
     /// As [`PolicySet::decide_in_session`] at a given time (for rules with windows).
-    pub fn decide_at(
+    pub(crate) fn decide_at(
         &self,
         who: &Identity,
         database: &str,

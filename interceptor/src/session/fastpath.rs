@@ -11,14 +11,14 @@ use interceptor_wire::message::{FunctionCallView, PgError, sqlstate};
 
 /// A function as the catalog names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Function {
+pub(crate) struct Function {
     pub schema: String,
     pub name: String,
 }
 
 impl Function {
     /// The SQL a call with `nargs` arguments stands for.
-    pub fn call_sql(&self, nargs: usize) -> String {
+    pub(crate) fn call_sql(&self, nargs: usize) -> String {
         let args: Vec<String> = (1..=nargs).map(|i| format!("${i}")).collect();
         format!(
             "SELECT {}.{}({})",
@@ -48,7 +48,7 @@ const MAX_CACHED: usize = 1_000;
 /// Resolves function OIDs for one session. Only functions in `pg_catalog` are cached: those
 /// cannot be renamed or replaced by the roles sessions log in as, while a user function can be
 /// renamed under its OID (`ALTER FUNCTION ... RENAME`), so it is looked up at every call.
-pub struct FunctionCatalog {
+pub(crate) struct FunctionCatalog {
     login: SideLogin,
     side: Side,
     builtins: HashMap<u32, Function>,
@@ -56,7 +56,7 @@ pub struct FunctionCatalog {
 
 impl FunctionCatalog {
     /// Nothing is opened until the first call needs a lookup.
-    pub fn new(login: SideLogin) -> Self {
+    pub(crate) fn new(login: SideLogin) -> Self {
         FunctionCatalog {
             login,
             side: Side::new(),
@@ -66,7 +66,7 @@ impl FunctionCatalog {
 
     /// The function with `oid`; `Ok(None)` when the catalog has none (for the side connection:
     /// one created in the session's open transaction is not visible yet).
-    pub async fn resolve(&mut self, oid: u32) -> Result<Option<Function>, SideError> {
+    pub(crate) async fn resolve(&mut self, oid: u32) -> Result<Option<Function>, SideError> {
         if let Some(f) = self.builtins.get(&oid) {
             return Ok(Some(f.clone()));
         }
@@ -95,7 +95,7 @@ impl FunctionCatalog {
 }
 
 /// Why a call could not be decided (the client gets this error; the session goes on).
-pub fn unresolved(
+pub(crate) fn unresolved(
     oid: u32,
     result: Result<Option<Function>, SideError>,
 ) -> Result<Function, PgError> {
@@ -128,7 +128,7 @@ const UNDEFINED_FUNCTION: &str = "42883";
 
 /// The arguments as the audit trail records them: text as it is, binary as hex, NULL as
 /// `None`; `mask` replaces what a content detector finds.
-pub fn recorded_arguments(
+pub(crate) fn recorded_arguments(
     call: &FunctionCallView<'_>,
     mask: impl Fn(&[u8], bool) -> String,
 ) -> Vec<Option<String>> {

@@ -24,7 +24,7 @@ use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
 
 /// Why the side connection could not answer.
 #[derive(Debug, thiserror::Error)]
-pub enum SideError {
+pub(crate) enum SideError {
     #[error("masking side connection: {0}")]
     Upstream(#[from] super::upstream::UpstreamError),
     #[error("masking side connection: {0}")]
@@ -39,7 +39,7 @@ pub enum SideError {
 
 /// How to open the side connection: the same upstream, role and database as the session.
 #[derive(Clone)]
-pub struct SideLogin {
+pub(crate) struct SideLogin {
     pub upstream: Arc<UpstreamTarget>,
     pub role: String,
     pub password: Option<Secret>,
@@ -54,7 +54,7 @@ pub(super) struct Side {
 
 /// One COPY TO STDOUT as the statement declares it.
 #[derive(Debug)]
-pub struct CopySpec {
+pub(crate) struct CopySpec {
     options: CopyOptions,
     columns: Option<Vec<CopyColumn>>,
 }
@@ -63,7 +63,7 @@ pub struct CopySpec {
 type Expect = Owed<Result<CopySpec, String>>;
 
 /// The masking of one session, shared by both directions.
-pub struct SessionMask {
+pub(crate) struct SessionMask {
     rules: MaskRules,
     side: tokio::sync::Mutex<Side>,
     origins: Mutex<OriginCache>,
@@ -79,7 +79,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl SessionMask {
     /// `None` when no rule applies to this identity: the relay then does no masking work.
-    pub fn new(rules: MaskRules, login: SideLogin) -> Option<Arc<SessionMask>> {
+    pub(crate) fn new(rules: MaskRules, login: SideLogin) -> Option<Arc<SessionMask>> {
         if rules.is_empty() {
             return None;
         }
@@ -94,7 +94,7 @@ impl SessionMask {
     }
 
     /// The session's rules (after exemptions).
-    pub fn rules(&self) -> &MaskRules {
+    pub(crate) fn rules(&self) -> &MaskRules {
         &self.rules
     }
 
@@ -104,7 +104,7 @@ impl SessionMask {
 
     /// A frontend message is about to be forwarded (refused ones too: their stand-in answers
     /// in the same shape). `statements` is the session's view of what the client prepared.
-    pub async fn frontend(&self, message: &Frontend<'_>, statements: &Statements) {
+    pub(crate) async fn frontend(&self, message: &Frontend<'_>, statements: &Statements) {
         match message {
             Frontend::Query(sql) => {
                 let copies = self.copy_specs(sql).await;
@@ -144,7 +144,11 @@ impl SessionMask {
     /// (`Ok(None)`: send it unchanged), or the refusal to send it. Sessions without column
     /// rules do no work here.
     /// `tree`: the statement's parse when the gate made one; otherwise it is parsed here.
-    pub async fn rewrite(&self, sql: &str, tree: Option<&Tree>) -> Result<Option<String>, PgError> {
+    pub(crate) async fn rewrite(
+        &self,
+        sql: &str,
+        tree: Option<&Tree>,
+    ) -> Result<Option<String>, PgError> {
         if !self.rules.needs_origins() {
             return Ok(None);
         }
@@ -159,7 +163,11 @@ impl SessionMask {
     }
 
     /// [`SessionMask::rewrite`] for a statement already parsed by pg_query.
-    pub async fn rewrite_parsed(&self, sql: &str, tree: &Tree) -> Result<Option<String>, PgError> {
+    pub(crate) async fn rewrite_parsed(
+        &self,
+        sql: &str,
+        tree: &Tree,
+    ) -> Result<Option<String>, PgError> {
         let refused = |m: String| PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, m);
         let needs = crate::mask::needs(tree);
         let mut cache = self.relations.lock().await;
@@ -262,7 +270,7 @@ impl SessionMask {
 
     /// Resolves the origins of every RowDescription in a backend chunk (before the chunk is
     /// processed, so that processing needs no await).
-    pub async fn prepare(&self, chunk: &[u8]) -> Result<(), SideError> {
+    pub(crate) async fn prepare(&self, chunk: &[u8]) -> Result<(), SideError> {
         if !self.rules.needs_origins() {
             return Ok(());
         }
@@ -406,7 +414,7 @@ fn error_text(body: &[u8]) -> String {
 }
 
 /// The Parse `view` with its SQL replaced: statement name and parameter types kept.
-pub fn reparse(view: &message::ParseView<'_>, sql: &str) -> Bytes {
+pub(crate) fn reparse(view: &message::ParseView<'_>, sql: &str) -> Bytes {
     let mut body =
         Vec::with_capacity(view.statement.len() + sql.len() + 4 + 4 * view.param_types.len());
     body.extend_from_slice(view.statement.as_bytes());
@@ -526,7 +534,7 @@ fn options_set_escape(options: &[CopyOption], legacy: &[CopyLegacyOption]) -> bo
 }
 
 /// The upstream → client side's masking state.
-pub struct MaskStream {
+pub(crate) struct MaskStream {
     mask: Arc<SessionMask>,
     /// The plan of the rows now arriving (`Some(None)`: decided, nothing to mask).
     active: Option<Option<MaskPlan>>,
@@ -539,7 +547,7 @@ pub struct MaskStream {
 }
 
 impl MaskStream {
-    pub fn new(mask: Arc<SessionMask>) -> Self {
+    pub(crate) fn new(mask: Arc<SessionMask>) -> Self {
         MaskStream {
             mask,
             active: None,
@@ -551,12 +559,12 @@ impl MaskStream {
         }
     }
 
-    pub fn session(&self) -> &Arc<SessionMask> {
+    pub(crate) fn session(&self) -> &Arc<SessionMask> {
         &self.mask
     }
 
     /// Decides one backend message; `summary` collects what was masked.
-    pub fn message(&mut self, tag: u8, body: &[u8], summary: &mut MaskSummary) -> Action {
+    pub(crate) fn message(&mut self, tag: u8, body: &[u8], summary: &mut MaskSummary) -> Action {
         match self.step(tag, body, summary) {
             Ok(a) => a,
             Err(e) => self.fail(tag, e),

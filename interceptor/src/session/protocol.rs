@@ -12,7 +12,7 @@ use bytes::Bytes;
 use interceptor_wire::message::{self, BindView, Cursor, Malformed, ParseView};
 
 /// One frontend message, decoded once (views over the frame; no copy of the SQL or values).
-pub enum Frontend<'a> {
+pub(crate) enum Frontend<'a> {
     Query(&'a str),
     Parse(ParseView<'a>),
     /// `body` is the whole Bind, for the result format codes [`BindView`] leaves out.
@@ -42,7 +42,7 @@ pub enum Frontend<'a> {
 
 impl<'a> Frontend<'a> {
     /// Decodes one frontend message. `Ok(None)`: a message type the protocol does not have.
-    pub fn decode(tag: u8, body: &'a [u8]) -> Result<Option<Frontend<'a>>, Malformed> {
+    pub(crate) fn decode(tag: u8, body: &'a [u8]) -> Result<Option<Frontend<'a>>, Malformed> {
         Ok(Some(match tag {
             b'Q' => Frontend::Query(message::decode_query(body)?),
             b'P' => Frontend::Parse(message::decode_parse(body)?),
@@ -72,14 +72,14 @@ impl<'a> Frontend<'a> {
 
 /// A protocol-level prepared statement the gate let through at Parse. Its decision is not
 /// kept: every Execute is decided anew, because what allowed it can end between the two.
-pub struct Prepared {
+pub(crate) struct Prepared {
     pub name: Arc<str>,
     pub sql: Arc<str>,
 }
 
 /// Result format codes of a Bind: none (all text) and one (for all) are kept inline.
 #[derive(Debug, Clone, Default)]
-pub enum ResultFormats {
+pub(crate) enum ResultFormats {
     #[default]
     AllText,
     All(i16),
@@ -88,7 +88,7 @@ pub enum ResultFormats {
 
 impl ResultFormats {
     /// The codes as the Bind gave them.
-    pub fn as_slice(&self) -> &[i16] {
+    pub(crate) fn as_slice(&self) -> &[i16] {
         match self {
             ResultFormats::AllText => &[],
             ResultFormats::All(c) => std::slice::from_ref(c),
@@ -99,7 +99,7 @@ impl ResultFormats {
 
 /// A portal: its statement (which outlives a Close of the statement's name, as in
 /// PostgreSQL), the parameters as recorded, and its result formats.
-pub struct Portal {
+pub(crate) struct Portal {
     pub statement: Arc<Prepared>,
     pub parameters: Vec<Option<String>>,
     pub result_formats: ResultFormats,
@@ -107,7 +107,7 @@ pub struct Portal {
 
 /// Prepared statements and portals by name, as the client declared them.
 #[derive(Default)]
-pub struct Statements {
+pub(crate) struct Statements {
     statements: HashMap<Arc<str>, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     /// Result formats are read (once more from the Bind) only when masking needs them.
@@ -115,7 +115,7 @@ pub struct Statements {
 }
 
 impl Statements {
-    pub fn new(keep_result_formats: bool) -> Self {
+    pub(crate) fn new(keep_result_formats: bool) -> Self {
         Statements {
             keep_result_formats,
             ..Statements::default()
@@ -123,7 +123,7 @@ impl Statements {
     }
 
     /// A Parse was let through under `name`.
-    pub fn parsed(&mut self, name: &str, sql: &str) {
+    pub(crate) fn parsed(&mut self, name: &str, sql: &str) {
         let name: Arc<str> = Arc::from(name);
         let prepared = Arc::new(Prepared {
             name: name.clone(),
@@ -133,21 +133,22 @@ impl Statements {
     }
 
     /// A Parse under `name` was refused: PostgreSQL will not have it either.
-    pub fn refused(&mut self, name: &str) {
+    pub(crate) fn refused(&mut self, name: &str) {
         self.statements.remove(name);
     }
 
-    pub fn statement(&self, name: &str) -> Option<&Arc<Prepared>> {
+    #[cfg(test)]
+    pub(crate) fn statement(&self, name: &str) -> Option<&Arc<Prepared>> {
         self.statements.get(name)
     }
 
-    pub fn portal(&self, name: &str) -> Option<&Portal> {
+    pub(crate) fn portal(&self, name: &str) -> Option<&Portal> {
         self.portals.get(name)
     }
 
     /// A Bind of `statement` into `portal`; `parameters` renders the recorded values. A Bind
     /// of a statement that was never let through leaves no portal.
-    pub fn bound(
+    pub(crate) fn bound(
         &mut self,
         portal: &str,
         statement: &str,
@@ -176,7 +177,7 @@ impl Statements {
     }
 
     /// Close of a statement (`S`) or portal (anything else).
-    pub fn close(&mut self, kind: u8, name: &str) {
+    pub(crate) fn close(&mut self, kind: u8, name: &str) {
         match kind {
             b'S' => {
                 self.statements.remove(name);
@@ -189,7 +190,7 @@ impl Statements {
 }
 
 /// The result format codes at the end of a Bind.
-pub fn bind_result_formats(body: &[u8]) -> Option<Vec<i16>> {
+pub(crate) fn bind_result_formats(body: &[u8]) -> Option<Vec<i16>> {
     let mut c = Cursor::new(body, "Bind");
     c.cstr().ok()?;
     c.cstr().ok()?;
@@ -214,7 +215,7 @@ pub fn bind_result_formats(body: &[u8]) -> Option<Vec<i16>> {
 
 /// A request whose answer the upstream → client side must attribute, in the order forwarded.
 #[derive(Debug)]
-pub enum Owed<C> {
+pub(crate) enum Owed<C> {
     Parse(Arc<str>),
     Bind(String),
     DescribeStatement(String),
@@ -235,14 +236,14 @@ pub enum Owed<C> {
 
 impl<C> Owed<C> {
     /// Answered by a ReadyForQuery.
-    pub fn ends_batch(&self) -> bool {
+    pub(crate) fn ends_batch(&self) -> bool {
         matches!(self, Owed::Query { .. } | Owed::Sync | Owed::FunctionCall)
     }
 }
 
 /// The queue of answers PostgreSQL owes, front first.
 #[derive(Debug)]
-pub struct OwedQueue<C> {
+pub(crate) struct OwedQueue<C> {
     queue: VecDeque<Owed<C>>,
 }
 
@@ -255,28 +256,25 @@ impl<C> Default for OwedQueue<C> {
 }
 
 impl<C> OwedQueue<C> {
-    pub fn push(&mut self, owed: Owed<C>) {
+    pub(crate) fn push(&mut self, owed: Owed<C>) {
         self.queue.push_back(owed);
     }
 
-    pub fn front(&self) -> Option<&Owed<C>> {
+    pub(crate) fn front(&self) -> Option<&Owed<C>> {
         self.queue.front()
     }
 
-    pub fn front_mut(&mut self) -> Option<&mut Owed<C>> {
+    pub(crate) fn front_mut(&mut self) -> Option<&mut Owed<C>> {
         self.queue.front_mut()
     }
 
-    pub fn len(&self) -> usize {
-        self.queue.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
 
     /// The front entry, if it is what `want` expects.
-    pub fn pop_if(&mut self, want: impl Fn(&Owed<C>) -> bool) -> Option<Owed<C>> {
+    pub(crate) fn pop_if(&mut self, want: impl Fn(&Owed<C>) -> bool) -> Option<Owed<C>> {
         if self.queue.front().is_some_and(want) {
             self.queue.pop_front()
         } else {
@@ -286,7 +284,7 @@ impl<C> OwedQueue<C> {
 
     /// An ErrorResponse: PostgreSQL skips the rest of an extended batch up to Sync. Returns
     /// the names of the Parses it skipped, which PostgreSQL therefore does not have.
-    pub fn skip_to_batch_end(&mut self, mut skipped_parse: impl FnMut(&str)) {
+    pub(crate) fn skip_to_batch_end(&mut self, mut skipped_parse: impl FnMut(&str)) {
         while self.queue.front().is_some_and(|e| !e.ends_batch()) {
             if let Some(Owed::Parse(name)) = self.queue.pop_front() {
                 skipped_parse(&name);
@@ -295,7 +293,7 @@ impl<C> OwedQueue<C> {
     }
 
     /// A ReadyForQuery: everything up to and including the entry that ends the batch is paid.
-    pub fn end_batch(&mut self) {
+    pub(crate) fn end_batch(&mut self) {
         while let Some(e) = self.queue.pop_front() {
             if e.ends_batch() {
                 break;
@@ -306,7 +304,7 @@ impl<C> OwedQueue<C> {
 
 /// What the relay does with one backend message.
 #[derive(Debug)]
-pub enum Action {
+pub(crate) enum Action {
     /// Forward it unchanged.
     Forward,
     /// Forward this message (complete, with header) instead: the same message masked.
