@@ -3,9 +3,11 @@
 //!
 //! sled's cost is per entry (a node update, its serialisation, an allocation or two, its share
 //! of every later consolidation), and the store thread applies thousands of records per batch;
-//! one entry per block divides that cost by the records in a block. A block stays far below
-//! sled's blob threshold (a quarter of its 512 KiB segment), so it lives in sled's log file and
-//! never becomes a file of its own.
+//! one entry per block divides that cost by the records in a block. Blocks are small enough that
+//! a whole leaf of them stays below sled's blob threshold: sled splits a leaf once it holds more
+//! than 16 entries, and writes a page image over a quarter of its 512 KiB segment as a file of
+//! its own (created, written, later unlinked, at every consolidation of that page). With 16 KiB
+//! blocks a full leaf was 272 KiB, and those files cost a busy proxy more than its records.
 //!
 //! A block's value is a version byte, then entries `seq (u64 BE) || len (u32 BE) || stored`,
 //! where `stored` is the chain's stored form of the record ([`super::chain::seal`]), byte for
@@ -18,8 +20,10 @@ use super::chain::{self, RECORD_PREFIX};
 use super::record::RecordId;
 
 pub(super) const BLOCK_PREFIX: u8 = b'b';
-/// A block is closed once it holds this many bytes (records are a few hundred bytes each).
-pub(super) const MAX_BLOCK_BYTES: usize = 16 * 1024;
+/// A block holds at most this many bytes, unless one record alone is larger (records are a few
+/// hundred bytes each). 17 entries of this size (a full sled leaf) stay under sled's 128 KiB
+/// blob threshold.
+pub(super) const MAX_BLOCK_BYTES: usize = 6 * 1024;
 const VERSION: u8 = 1;
 const ENTRY_HEADER: usize = 8 + 4;
 
@@ -45,8 +49,9 @@ impl BlockBuilder {
         self.last.is_some_and(|l| l.0.checked_add(1) != Some(seq.0))
     }
 
-    pub(super) fn is_full(&self) -> bool {
-        self.buf.len() >= MAX_BLOCK_BYTES
+    /// Whether `len` more stored bytes would take a non-empty block over its size.
+    fn would_overflow(&self, len: usize) -> bool {
+        !self.buf.is_empty() && self.buf.len() + ENTRY_HEADER + len > MAX_BLOCK_BYTES
     }
 
     pub(super) fn push(&mut self, seq: RecordId, stored: &[u8]) {
@@ -64,13 +69,13 @@ impl BlockBuilder {
     }
 
     /// Adds a record, first closing the current block (returned) if the record does not
-    /// continue its run or the block is full.
+    /// continue its run or would not fit.
     pub(super) fn push_closing(
         &mut self,
         seq: RecordId,
         stored: &[u8],
     ) -> Option<([u8; 9], Vec<u8>)> {
-        let closed = if self.breaks_run(seq) || self.is_full() {
+        let closed = if self.breaks_run(seq) || self.would_overflow(stored.len()) {
             self.take()
         } else {
             None
@@ -239,18 +244,36 @@ mod tests {
     }
 
     #[test]
-    fn a_block_closes_at_its_size_bound() {
-        let big = vec![b'x'; MAX_BLOCK_BYTES / 3];
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = (0..7)
-            .map(|s| (chain::record_key(RecordId(s)).to_vec(), big.clone()))
+    fn a_block_closes_before_it_would_pass_its_size_bound() {
+        // Three of these fill a block exactly (version byte and entry headers included).
+        let third = vec![b'x'; MAX_BLOCK_BYTES / 3 - ENTRY_HEADER - 1];
+        let oversized = vec![b'y'; MAX_BLOCK_BYTES + 1];
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = (0..7)
+            .map(|s| (chain::record_key(RecordId(s)).to_vec(), third.clone()))
             .collect();
+        pairs.push((chain::record_key(RecordId(7)).to_vec(), oversized));
+        pairs.push((chain::record_key(RecordId(8)).to_vec(), third.clone()));
         let tree = sled::Config::new()
             .temporary(true)
             .open()
             .and_then(|db| db.open_tree("log"))
             .expect("sled");
         tree.apply_batch(fold_pairs(&pairs)).expect("apply");
-        let blocks = tree.iter().count();
-        assert_eq!(blocks, 3, "7 records of a third of the bound: 3 + 3 + 1");
+        let sizes: Vec<(u64, usize)> = tree
+            .iter()
+            .map(|e| {
+                let (_, v) = e.expect("entry");
+                (entries(&v).count() as u64, v.len())
+            })
+            .collect();
+        // 3 + 3 + 1, the oversized record alone, then the last one.
+        let counts: Vec<u64> = sizes.iter().map(|s| s.0).collect();
+        assert_eq!(counts, vec![3, 3, 1, 1, 1]);
+        for (n, len) in &sizes {
+            assert!(
+                *n == 1 || *len <= MAX_BLOCK_BYTES,
+                "{n} records in {len} bytes"
+            );
+        }
     }
 }

@@ -304,6 +304,10 @@ pub(crate) struct Writer {
     last_commit: Instant,
     /// The head kept outside the store (see [`super::headmark`]).
     head_mark: super::headmark::HeadMarkFile,
+    /// Commits happened since the head-mark file was last written: the writer thread writes
+    /// it within [`LAZY_COMMIT`], not the committing session (one `pwrite` per wake-up
+    /// instead of one per commit, and none on a statement's path).
+    mark_behind: bool,
     /// Files whose periodic `fdatasync` is due; the writer thread runs them once it has
     /// released the writer lock, so callers committing meanwhile never wait for the disk.
     deferred: Vec<File>,
@@ -400,6 +404,7 @@ impl Writer {
             last_retention: None,
             retention: RetentionPolicy::from_config(cfg),
             head_mark: super::headmark::HeadMarkFile::open(&super::integrity::head_mark_path(cfg))?,
+            mark_behind: false,
             deferred: Vec::new(),
             outage: outage::State::default(),
         })
@@ -596,6 +601,9 @@ impl Writer {
     /// due, if one is.
     fn idle_wait(&self) -> Duration {
         let mut wait = Duration::from_secs(30);
+        if self.mark_behind {
+            wait = wait.min(LAZY_COMMIT);
+        }
         if self.wal.has_unsynced() {
             wait = wait.min(
                 self.sync_interval
@@ -651,6 +659,7 @@ impl Writer {
         applier: &Applier,
         shutdown: bool,
     ) -> Result<(), AuditError> {
+        self.write_mark()?;
         if self.wal.has_unsynced()
             && (shutdown || self.last_wal_sync.elapsed() >= self.sync_interval)
         {
@@ -669,6 +678,22 @@ impl Writer {
             self.deferred.push(self.head_mark.sync_later()?);
             self.sync_store(shared, applier)?;
         }
+        Ok(())
+    }
+
+    /// Brings the head-mark file up to the last commit. Written, not synced: a truncated or
+    /// edited tail happens while the kernel is up, and the page cache holds the mark then (it
+    /// lags the log by at most [`LAZY_COMMIT`]; a tail cut within that moment is still caught
+    /// once the mark is written, unless the daemon dies first); a second fdatasync per commit
+    /// would halve the fsync ceiling. The mark is synced with sled's files (every few seconds).
+    fn write_mark(&mut self) -> Result<(), AuditError> {
+        if !self.mark_behind {
+            return Ok(());
+        }
+        if let Some(head) = &self.head {
+            self.head_mark.write(head, false)?;
+        }
+        self.mark_behind = false;
         Ok(())
     }
 
@@ -796,11 +821,9 @@ impl Writer {
             Durability::Fsync => self.wal.sync()?,
             Durability::Write => {}
         }
-        // After the frame, so the mark never claims more than the log holds. Written, not
-        // synced: a truncated or edited tail happens while the kernel is up, and the page cache
-        // already holds the mark then; a second fdatasync per commit would halve the fsync
-        // ceiling. The mark is synced with sled's files (every few seconds).
-        self.head_mark.write(&sealed.head, false)?;
+        // The head-mark file follows on the writer thread (`write_mark`), after the frame, so
+        // the mark never claims more than the log holds.
+        self.mark_behind = true;
         let n = records.len() as u64;
         self.last_commit = Instant::now();
         self.prev = sealed.prev;

@@ -25,6 +25,9 @@ pub struct Endpoints {
     pub pgbouncer_pid: Option<u32>,
     /// The pgbench script of the 100-row cases.
     pub rows100_script: PathBuf,
+    /// The audit directory of the fsync interceptor (on disk), where the disk's `fdatasync`
+    /// latency is probed while each of its runs goes on.
+    pub fsync_audit_dir: Option<PathBuf>,
 }
 
 /// interceptor's identities (one per [`Masking`]) and its process id.
@@ -102,11 +105,21 @@ pub fn one(
         }
         let pid = endpoints.proxy_pid(target);
         let cpu_before = pid.map(cpu_ticks).transpose()?;
+        let probe = match (&endpoints.fsync_audit_dir, target) {
+            (Some(dir), Target::Interceptor) => Some(SyncProbe::start(dir)?),
+            _ => None,
+        };
         let out = PgCommand::pgbench(params)
             .args(args)
             .timeout(duration + Duration::from_secs(60))
-            .run()?
-            .ok()?;
+            .run();
+        if let Some(probe) = probe {
+            let times = probe.stop()?;
+            if let Some(median) = super::stats::median(&times) {
+                m.record_fdatasync_during(scenario, median);
+            }
+        }
+        let out = out?.ok()?;
         let summary = pgbench::parse(&out.stdout)?;
         if let (Some(pid), Some(before)) = (pid, cpu_before) {
             let ticks = cpu_ticks(pid)?.saturating_sub(before);
@@ -261,6 +274,55 @@ pub fn fdatasync_latency(dir: &std::path::Path, rounds: usize) -> Result<Duratio
     r?;
     let median = super::stats::median(&times).context("no fdatasync timed")?;
     Ok(Duration::from_secs_f64(median))
+}
+
+/// Times `fdatasync` on the audit filesystem while a run goes on: the disk's latency as the
+/// fsync interceptor met it, not as it was before or after (a shared disk's latency moves with
+/// whatever else writes to it). One 4 KiB append and `fdatasync` every 20 ms, a load far below
+/// the interceptor's own.
+pub struct SyncProbe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Vec<f64>>>,
+}
+
+impl SyncProbe {
+    pub fn start(dir: &std::path::Path) -> Result<SyncProbe> {
+        use std::io::Write;
+        use std::sync::atomic::Ordering;
+        let path = dir.join(format!("bench-fdatasync-during.{}", std::process::id()));
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("create {}", path.display()))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let block = [0x5au8; 4096];
+            let mut times = Vec::new();
+            let r = (|| -> Result<()> {
+                while !flag.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    file.write_all(&block).context("write probe")?;
+                    file.sync_data().context("fdatasync probe")?;
+                    times.push(t.elapsed().as_secs_f64());
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(())
+            })();
+            let _ = std::fs::remove_file(&path);
+            r.map(|()| times)
+        });
+        Ok(SyncProbe { stop, thread })
+    }
+
+    /// The latencies timed, seconds.
+    pub fn stop(self) -> Result<Vec<f64>> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("fdatasync probe thread panicked"))?
+    }
 }
 
 /// Resets the process's peak RSS (VmHWM) to its current RSS (`clear_refs` value 5).

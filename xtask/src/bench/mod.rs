@@ -238,6 +238,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .map(|b| ConnParams::new("127.0.0.1", b.port(), APP_RW, Some(password)).dbname(APP_DB)),
         pgbouncer_pid: bouncer.as_ref().map(|b| b.pid()),
         rows100_script,
+        fsync_audit_dir: proxies
+            .as_ref()
+            .and_then(|(p, _, _)| p.audit_dir())
+            .filter(|d| d.is_dir()),
     };
 
     // Warm the caches once so the first measured target is not the one paying for cold pages;
