@@ -2,7 +2,7 @@
 //! on (kind, risks, tables, functions).
 //!
 //! PostgreSQL's own parser ([`super::pgparse`]) is the authority: its tree gives every
-//! statement's kind, relations, functions and nested statements ([`super::pgwalk`]). Two second
+//! statement's kind, relations, functions and nested statements (`pgwalk`). Two second
 //! opinions can only make the answer stricter: our PostgreSQL-faithful lexer
 //! ([`super::lexer`]) must split the text into the same statements, and where sqlparser also
 //! parses a statement and believes it writes, a statement the tree calls harmless is refused.

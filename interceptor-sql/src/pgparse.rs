@@ -27,7 +27,8 @@ pub(crate) fn parse(
     parse_tree(sql, standard_conforming_strings).map(|tree| tree.stmts)
 }
 
-/// [`parse`], keeping the whole tree.
+/// Parses `sql` as the server would with the given `standard_conforming_strings` setting, keeping
+/// the whole tree.
 pub fn parse_tree(sql: &str, standard_conforming_strings: bool) -> Result<Tree, SyntaxError> {
     #[cfg(any(test, feature = "count-parses"))]
     PARSES.with(|n| n.set(n.get() + 1));
