@@ -15,7 +15,8 @@
 //! else is `pub(crate)` and dead code shows): [`server`] (run the daemon, check a configuration),
 //! [`config`] (the configuration file), [`cli`] (the binary's subcommands), and for the
 //! integration tests [`ebpf`] (steering, doctor), [`mask`] (masking plans and COPY) and
-//! [`identity`] (who is connected); `fuzzing` holds the fuzz targets' entry points.
+//! [`identity`] (who is connected); `fuzzing` holds the fuzz targets' entry points. Types these
+//! name (the configuration sections, say) are public as far as they are reachable from here.
 
 pub(crate) mod approval;
 pub(crate) mod audit;
@@ -36,10 +37,12 @@ pub(crate) mod secrets;
 pub mod server;
 pub(crate) mod session;
 
-/// The subcommands of the `interceptor` binary, one module each.
+/// The subcommands of the `interceptor` binary, one module each (and the password hasher).
 pub mod cli {
     pub use crate::approval::cli as approval;
     pub use crate::audit::cli as audit;
+    /// `interceptor hash-password`: a SCRAM-SHA-256 verifier for a static identity.
+    pub use crate::identity::scram::hash_password;
     pub use crate::ops::cli as sessions;
     pub use crate::ops::ebpf;
     pub use crate::ops::install;

@@ -270,7 +270,7 @@ fn main() -> anyhow::Result<()> {
             if pw.is_empty() {
                 anyhow::bail!("empty password");
             }
-            println!("{}", interceptor::identity::scram::hash_password(pw));
+            println!("{}", interceptor::cli::hash_password(pw));
             Ok(())
         }
     }

@@ -33,12 +33,12 @@ impl fmt::Display for SessionId {
 /// Wall-clock time with microsecond precision, serialized as RFC 3339 UTC
 /// (`2026-11-22T01:02:03.456789Z`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Timestamp {
+pub(crate) struct Timestamp {
     micros: u64,
 }
 
 impl Timestamp {
-    pub fn now() -> Timestamp {
+    pub(crate) fn now() -> Timestamp {
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
@@ -46,19 +46,19 @@ impl Timestamp {
         Timestamp { micros }
     }
 
-    pub fn from_unix_micros(micros: u64) -> Timestamp {
+    pub(crate) fn from_unix_micros(micros: u64) -> Timestamp {
         Timestamp { micros }
     }
 
-    pub fn unix_micros(self) -> u64 {
+    pub(crate) fn unix_micros(self) -> u64 {
         self.micros
     }
 
-    pub fn to_system_time(self) -> SystemTime {
+    pub(crate) fn to_system_time(self) -> SystemTime {
         UNIX_EPOCH + Duration::from_micros(self.micros)
     }
 
-    pub fn from_system_time(t: SystemTime) -> Timestamp {
+    pub(crate) fn from_system_time(t: SystemTime) -> Timestamp {
         let micros = t
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
@@ -66,7 +66,7 @@ impl Timestamp {
         Timestamp { micros }
     }
 
-    pub fn saturating_sub(self, d: Duration) -> Timestamp {
+    pub(crate) fn saturating_sub(self, d: Duration) -> Timestamp {
         let d = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         Timestamp {
             micros: self.micros.saturating_sub(d),
@@ -74,7 +74,7 @@ impl Timestamp {
     }
 
     /// Parses RFC 3339 (`2026-11-22T00:00:00Z`, fractional seconds allowed).
-    pub fn parse_rfc3339(s: &str) -> Result<Timestamp, humantime::TimestampError> {
+    pub(crate) fn parse_rfc3339(s: &str) -> Result<Timestamp, humantime::TimestampError> {
         humantime::parse_rfc3339_weak(s).map(Timestamp::from_system_time)
     }
 }

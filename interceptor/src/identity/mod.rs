@@ -5,7 +5,7 @@ pub(crate) mod error;
 pub(crate) mod mtls;
 pub(crate) mod oidc;
 pub(crate) mod process;
-pub mod scram;
+pub(crate) mod scram;
 
 use serde::{Deserialize, Serialize};
 

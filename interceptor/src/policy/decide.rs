@@ -41,7 +41,7 @@ pub(crate) fn identity_matches(m: &IdentityMatch, who: &Identity) -> bool {
 impl Rule {
     /// Does this rule apply to the statement? `allow` rules are narrow (everything the
     /// statement touches must be covered), `deny`/`approve` rules broad (one hit is enough).
-    pub fn matches(&self, s: &Classified, now: SystemTime) -> bool {
+    pub(crate) fn matches(&self, s: &Classified, now: SystemTime) -> bool {
         if let Some((_, w)) = &self.window
             && !w.contains(now)
         {

@@ -105,7 +105,6 @@ pub(crate) fn parse_policy(path: &Path, text: &str) -> Result<Policy, PolicyErro
     }
     Ok(Policy {
         name,
-        description: file.policy.description,
         priority: file.policy.priority,
         path: path.to_owned(),
         identities: file.identities,

@@ -33,7 +33,9 @@ pub(crate) struct PolicyFile {
 #[serde(deny_unknown_fields)]
 pub(crate) struct PolicyMeta {
     pub name: Spanned<String>,
+    /// A note for readers of the policy file: parsed (so a non-string is refused), never used.
     #[serde(default)]
+    #[expect(dead_code, reason = "accepted in policy files as documentation")]
     pub description: String,
     /// Policies are tried from the highest priority down (ties: by name).
     #[serde(default)]
@@ -44,7 +46,7 @@ pub(crate) struct PolicyMeta {
 /// `process`: every attribute given must match the kernel-attested client process.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct IdentityMatch {
+pub(crate) struct IdentityMatch {
     #[serde(default)]
     pub subjects: Vec<Glob>,
     #[serde(default)]
@@ -55,7 +57,7 @@ pub struct IdentityMatch {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ProcessMatch {
+pub(crate) struct ProcessMatch {
     #[serde(default)]
     pub uids: Vec<u32>,
     #[serde(default)]
@@ -76,7 +78,7 @@ pub(crate) struct Login {
 /// Per-identity limits the proxy enforces.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Rows returned per statement before the proxy cuts the result off.
     #[serde(default)]
     pub max_rows: Option<u64>,
@@ -98,7 +100,7 @@ pub struct Limits {
 /// `[limits.startup]`: startup settings beyond what the rules decide for the equivalent `SET`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StartupSettings {
+pub(crate) struct StartupSettings {
     /// Settings every session starts with; a client asking for another value is refused.
     #[serde(default)]
     pub pin: BTreeMap<String, String>,
@@ -125,7 +127,7 @@ pub(crate) struct UnparseableRule {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum DecisionKind {
+pub(crate) enum DecisionKind {
     Allow,
     Deny,
     Approve,
@@ -134,7 +136,7 @@ pub enum DecisionKind {
 /// A kind in a rule: one statement kind, or `copy` for both COPY directions, or `any`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum KindSpec {
+pub(crate) enum KindSpec {
     Read,
     Transaction,
     Session,
@@ -150,7 +152,7 @@ pub enum KindSpec {
 }
 
 impl KindSpec {
-    pub fn matches(self, kind: StatementKind) -> bool {
+    pub(crate) fn matches(self, kind: StatementKind) -> bool {
         use StatementKind as K;
         match self {
             KindSpec::Any => true,

@@ -15,7 +15,7 @@ use interceptor_sql::statement::Risk;
 
 /// A validated rule.
 #[derive(Debug, Clone)]
-pub struct Rule {
+pub(crate) struct Rule {
     pub name: String,
     pub decision: DecisionKind,
     pub kinds: Option<Vec<KindSpec>>,
@@ -34,9 +34,8 @@ pub struct Rule {
 
 /// One policy (one file).
 #[derive(Debug, Clone)]
-pub struct Policy {
+pub(crate) struct Policy {
     pub name: String,
-    pub description: String,
     pub priority: i64,
     pub path: PathBuf,
     pub identities: IdentityMatch,
@@ -50,7 +49,7 @@ pub struct Policy {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "verdict", rename_all = "snake_case")]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Allow,
     Deny {
         sqlstate: String,
@@ -65,7 +64,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Verdict::Allow => "allow",
             Verdict::Deny { .. } => "deny",

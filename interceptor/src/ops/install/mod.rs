@@ -20,7 +20,7 @@ use anyhow::{Context, bail};
 
 use manifest::{Change, Manifest};
 
-pub const USER: &str = "interceptor";
+pub(crate) const USER: &str = "interceptor";
 const UNIT: &str = "interceptor.service";
 const UNIT_TEMPLATE: &str = include_str!("../../../../deploy/interceptor.service");
 const MANIFEST: &str = "/etc/interceptor/install-manifest.json";
