@@ -218,7 +218,8 @@ pub fn summarize(m: &Measurements) -> Vec<Row> {
         }
     }
     // The fsync ceiling: N closed-loop clients that each wait for one fdatasync per
-    // statement cannot exceed N / latency. The latency is the one timed while the fsync
+    // statement cannot exceed N / latency statements per second (N / (latency × statements
+    // per transaction) transactions). The latency is the one timed while the fsync
     // interceptor ran that case, where known (the disk is shared); else the idle probes'.
     let idle = median(&m.fdatasync_s).filter(|l| *l > 0.0);
     if let Some(latency) = idle {
@@ -253,7 +254,8 @@ pub fn summarize(m: &Measurements) -> Vec<Row> {
         let Some(latency) = during.or(idle) else {
             continue;
         };
-        let ceiling = f64::from(case.clients) / latency;
+        let ceiling = f64::from(case.clients)
+            / (latency * f64::from(case.script.statements_per_transaction()));
         let name = format!("{}_fsync_ceiling", scenario.name());
         let mut row = Row::new(&name, Target::Interceptor, Unit::Tps.name(), ceiling);
         if let Some(tps) = m.median_of(scenario, Target::Interceptor) {
@@ -480,6 +482,8 @@ mod tests {
         assert!((ceiling.ratio_to_baseline.unwrap() - 3000.0 / 1600.0).abs() < 1e-9);
         // Cases without a timing of their own keep the idle probes' latency.
         assert!((find("select_only_c32_simple_fsync_ceiling").median - 16000.0).abs() < 1e-6);
+        // A TPC-B-like transaction is 7 statements, each waiting for its own sync.
+        assert!((find("tpcb_c8_fsync_ceiling").median - 8.0 / (0.002 * 7.0)).abs() < 1e-6);
     }
 
     #[test]

@@ -137,6 +137,17 @@ pub enum Script {
     Rows100,
 }
 
+impl Script {
+    /// The statements one transaction sends, each with a record that must be durable before
+    /// it runs (TPC-B-like: BEGIN, three UPDATEs, a SELECT, an INSERT, END).
+    pub fn statements_per_transaction(self) -> u32 {
+        match self {
+            Script::TpcB => 7,
+            Script::SelectOnly | Script::Rows100 => 1,
+        }
+    }
+}
+
 impl Scenario {
     pub const ALL: [Scenario; 12] = [
         Scenario::SelectOnlySimple,
