@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use crate::audit::config::{AuditConfig, Durability};
+use crate::audit::config::AuditConfig;
 use crate::console::ConsoleConfig;
 
 #[derive(Debug, thiserror::Error)]

@@ -15,9 +15,9 @@ use std::sync::OnceLock;
 
 use crate::identity::scram::{Mechanism, ServerExchange, Verifier};
 use crate::mask::{ColumnOrigin, CopyColumn, CopyOptions, MaskPlan, MaskRules, MaskSummary};
-use crate::net::{frame, message};
-use crate::policy::{classify, lexer};
 use crate::session::protocol::{Frontend, Statements};
+use interceptor_sql::{classify, lexer};
+use interceptor_wire::{frame, message};
 
 /// One target: the input libFuzzer generated.
 pub type Target = fn(&[u8]);

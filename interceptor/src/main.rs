@@ -28,7 +28,7 @@ enum Command {
         config: PathBuf,
         /// Log lines as text or JSON; `auto` is JSON under systemd's journal, text elsewhere.
         #[arg(long, value_enum, default_value_t, env = "INTERCEPTOR_LOG_FORMAT")]
-        log_format: interceptor::ops::logging::LogFormat,
+        log_format: interceptor::cli::logging::LogFormat,
         /// Start even though the audit store lost records or fails verification (the daemon
         /// refuses otherwise); the accepted gap becomes an `audit_gap` record in the chain.
         #[arg(long)]
@@ -48,7 +48,7 @@ enum Command {
         #[arg(long, short, env = "INTERCEPTOR_CONFIG")]
         config: Option<PathBuf>,
         #[command(subcommand)]
-        command: interceptor::audit::cli::AuditCommand,
+        command: interceptor::cli::audit::AuditCommand,
     },
     /// Held statements: list, show, approve or deny them (through the running daemon).
     Approvals {
@@ -59,7 +59,7 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
-        command: interceptor::approval::cli::ApprovalsCommand,
+        command: interceptor::cli::approval::ApprovalsCommand,
     },
     /// Time-bound grants: request, list, revoke.
     Access {
@@ -70,11 +70,11 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
-        command: interceptor::approval::cli::AccessCommand,
+        command: interceptor::cli::approval::AccessCommand,
     },
     /// Kernel interception: status of the attached programs, or a clean uninstall.
     #[command(subcommand)]
-    Ebpf(interceptor::ops::ebpf::EbpfCommand),
+    Ebpf(interceptor::cli::ebpf::EbpfCommand),
     /// Check this host: kernel features, cgroup2, bpffs, where PostgreSQL listens, bypass paths.
     Doctor {
         /// The daemon's configuration file, to check its [ebpf] settings too.
@@ -91,7 +91,7 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
-        command: Option<interceptor::ops::cli::SessionsCommand>,
+        command: Option<interceptor::cli::sessions::SessionsCommand>,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on standard output.
     Completions {
@@ -107,12 +107,12 @@ enum Command {
     },
     /// Write, lint, explain and test policy files.
     #[command(subcommand)]
-    Policy(interceptor::policy::cli::PolicyCommand),
+    Policy(interceptor::cli::policy::PolicyCommand),
     /// Put interceptor on this PostgreSQL host: user, directories, generated config, systemd
     /// unit; checks pg_hba.conf and open connections. A dry run unless --apply.
-    Install(interceptor::ops::install::InstallArgs),
+    Install(interceptor::cli::install::InstallArgs),
     /// Undo exactly what `install --apply` did (from its manifest). A dry run unless --apply.
-    Uninstall(interceptor::ops::install::UninstallArgs),
+    Uninstall(interceptor::cli::install::UninstallArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -123,7 +123,7 @@ fn main() -> anyhow::Result<()> {
             log_format,
             accept_audit_gap,
         } => {
-            interceptor::ops::logging::init(log_format);
+            interceptor::cli::logging::init(log_format);
             let path = config.clone();
             let mut config = Config::load(&config)?;
             config.audit.accept_gap = accept_audit_gap;
@@ -135,8 +135,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
-            let loaded = interceptor::server::Loaded::load(&c)?;
-            let missing = loaded.roles_without_secret();
+            let missing = interceptor::server::check_config(&c)?;
             if !missing.is_empty() {
                 for (policy, role) in &missing {
                     eprintln!(
@@ -154,13 +153,13 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Audit { config, command } => {
-            if let interceptor::audit::cli::AuditCommand::Keygen { out } = &command {
-                return interceptor::audit::cli::keygen(out);
+            if let interceptor::cli::audit::AuditCommand::Keygen { out } = &command {
+                return interceptor::cli::audit::keygen(out);
             }
             let config =
                 config.context("--config is required (the daemon's configuration file)")?;
             let config = Config::load(&config)?;
-            interceptor::audit::cli::run(
+            interceptor::cli::audit::run(
                 command,
                 &config.audit,
                 config.admin.as_ref().map(|a| a.socket.as_path()),
@@ -172,7 +171,7 @@ fn main() -> anyhow::Result<()> {
             command,
         } => {
             let socket = approvals_socket(&config)?;
-            interceptor::approval::cli::run_approvals(command, &socket, json)?;
+            interceptor::cli::approval::run_approvals(command, &socket, json)?;
             Ok(())
         }
         Command::Access {
@@ -181,13 +180,13 @@ fn main() -> anyhow::Result<()> {
             command,
         } => {
             let socket = approvals_socket(&config)?;
-            interceptor::approval::cli::run_access(command, &socket, json)?;
+            interceptor::cli::approval::run_access(command, &socket, json)?;
             Ok(())
         }
         Command::Ebpf(cmd) => {
             // A plain message and a failing exit, no backtrace: these are operator errors
             // (permissions, a wrong pin dir), not bugs.
-            if let Err(e) = interceptor::ops::ebpf::run_command(&cmd, &mut std::io::stdout().lock())
+            if let Err(e) = interceptor::cli::ebpf::run_command(&cmd, &mut std::io::stdout().lock())
             {
                 eprintln!("interceptor ebpf: {e}");
                 std::process::exit(1);
@@ -216,7 +215,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Policy(cmd) => {
-            let ok = interceptor::policy::cli::run(&cmd, &mut std::io::stdout().lock())?;
+            let ok = interceptor::cli::policy::run(&cmd, &mut std::io::stdout().lock())?;
             if !ok {
                 std::process::exit(1);
             }
@@ -229,7 +228,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let config =
                 config.context("--config is required (the daemon's configuration file)")?;
-            interceptor::ops::cli::run(&config, command, json, &mut std::io::stdout().lock())
+            interceptor::cli::sessions::run(&config, command, json, &mut std::io::stdout().lock())
         }
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -257,10 +256,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Install(args) => {
-            interceptor::ops::install::install(&args, &mut std::io::stdout().lock())
+            interceptor::cli::install::install(&args, &mut std::io::stdout().lock())
         }
         Command::Uninstall(args) => {
-            interceptor::ops::install::uninstall(&args, &mut std::io::stdout().lock())
+            interceptor::cli::install::uninstall(&args, &mut std::io::stdout().lock())
         }
         Command::HashPassword => {
             let mut pw = String::new();
@@ -271,7 +270,7 @@ fn main() -> anyhow::Result<()> {
             if pw.is_empty() {
                 anyhow::bail!("empty password");
             }
-            println!("{}", interceptor::identity::scram::hash_password(pw));
+            println!("{}", interceptor::cli::hash_password(pw));
             Ok(())
         }
     }

@@ -13,39 +13,39 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SessionLabels {
+pub(crate) struct SessionLabels {
     pub identity: String,
     pub policy: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StatementLabels {
+pub(crate) struct StatementLabels {
     pub decision: String,
     pub kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SqlstateLabels {
+pub(crate) struct SqlstateLabels {
     pub sqlstate: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MaskLabels {
+pub(crate) struct MaskLabels {
     pub column: String,
     pub strategy: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabels {
+pub(crate) struct DirectionLabels {
     pub direction: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EventLabels {
+pub(crate) struct EventLabels {
     pub event: String,
 }
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     pub sessions_open: Family<SessionLabels, Gauge>,
     pub sessions: Family<SessionLabels, Counter>,
@@ -67,7 +67,7 @@ pub struct Metrics {
 }
 
 /// The registry every module counts into.
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+pub(crate) static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 fn latency() -> Histogram {
     // 50 µs .. ~3.3 s
@@ -172,7 +172,11 @@ impl Metrics {
 }
 
 /// A statement was decided (its audit record appended).
-pub fn statement<'a>(decision: &str, kinds: impl Iterator<Item = &'a str>, refused: Option<&str>) {
+pub(crate) fn statement<'a>(
+    decision: &str,
+    kinds: impl Iterator<Item = &'a str>,
+    refused: Option<&str>,
+) {
     let mut any = false;
     for kind in kinds {
         any = true;
@@ -199,7 +203,7 @@ pub fn statement<'a>(decision: &str, kinds: impl Iterator<Item = &'a str>, refus
 }
 
 /// interceptor sent the client an error of its own with this SQLSTATE.
-pub fn refusal(sqlstate: &str) {
+pub(crate) fn refusal(sqlstate: &str) {
     METRICS
         .refusals
         .get_or_create(&SqlstateLabels {
@@ -209,7 +213,7 @@ pub fn refusal(sqlstate: &str) {
 }
 
 /// The masked values of one finished statement.
-pub fn masked(summary: &crate::mask::MaskSummary) {
+pub(crate) fn masked(summary: &crate::mask::MaskSummary) {
     for c in summary.entries() {
         METRICS
             .masked_values
@@ -222,7 +226,7 @@ pub fn masked(summary: &crate::mask::MaskSummary) {
 }
 
 /// One audit group commit took `elapsed`.
-pub fn audit_commit(elapsed: Duration) {
+pub(crate) fn audit_commit(elapsed: Duration) {
     METRICS.audit_commit_seconds.observe(elapsed.as_secs_f64());
 }
 
@@ -237,7 +241,7 @@ fn advance(c: &Counter, now: u64) {
 /// Values that live elsewhere (audit queue, syncs, pending approvals, relay bytes, kernel
 /// counters), read from the running daemon at each scrape.
 #[derive(Debug, Default)]
-pub struct Scrape {
+pub(crate) struct Scrape {
     pub audit_queued: usize,
     pub audit_failed: bool,
     pub audit_syncs: u64,
@@ -250,7 +254,7 @@ pub struct Scrape {
 }
 
 /// The text exposition, with the values read from the running daemon brought up to date.
-pub fn render(now: &Scrape) -> String {
+pub(crate) fn render(now: &Scrape) -> String {
     let m = &*METRICS;
     let _one = m.scrape.lock().unwrap_or_else(|p| p.into_inner());
     m.audit_queue_depth.set(now.audit_queued as i64);

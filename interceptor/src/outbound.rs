@@ -9,7 +9,7 @@ use http::Uri;
 
 /// Why a URL is refused. The messages never repeat the URL's user-info part.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum UrlError {
+pub(crate) enum UrlError {
     #[error("is not a valid URL")]
     Invalid,
     #[error("must use https (plain http is allowed to loopback only)")]
@@ -21,7 +21,7 @@ pub enum UrlError {
 }
 
 /// Whether `url` may be dialled; `Ok(true)` when it is https.
-pub fn check(url: &str) -> Result<bool, UrlError> {
+pub(crate) fn check(url: &str) -> Result<bool, UrlError> {
     // Credentials first and on the raw text: `http::Uri` rejects some user-info forms outright,
     // and the caller must learn that the URL carried them, not just that it did not parse.
     if let Some((_, rest)) = url.split_once("://") {

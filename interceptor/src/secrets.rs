@@ -12,13 +12,13 @@ use serde::Deserialize;
 /// A secret value whose `Debug` never prints it and whose memory is wiped when it is dropped
 /// (`secrecy`), compared in constant time.
 #[derive(Clone)]
-pub struct Secret(SecretString);
+pub(crate) struct Secret(SecretString);
 
 impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
+    pub(crate) fn new(s: impl Into<String>) -> Self {
         Secret(SecretString::from(s.into()))
     }
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         self.0.expose_secret()
     }
 }
@@ -47,7 +47,7 @@ impl fmt::Debug for Secret {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum SecretsError {
+pub(crate) enum SecretsError {
     #[error("cannot read secrets file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -73,13 +73,13 @@ struct SecretsFile {
 
 /// Upstream credentials by role name.
 #[derive(Debug, Default, Clone)]
-pub struct Secrets {
+pub(crate) struct Secrets {
     roles: HashMap<String, Secret>,
     pseudonym_key: Option<Secret>,
 }
 
 /// Environment variable consulted for a role without an entry in the file.
-pub fn env_var_for(role: &str) -> String {
+pub(crate) fn env_var_for(role: &str) -> String {
     let upper: String = role
         .chars()
         .map(|c| {
@@ -94,7 +94,7 @@ pub fn env_var_for(role: &str) -> String {
 }
 
 impl Secrets {
-    pub fn load(path: Option<&Path>) -> Result<Secrets, SecretsError> {
+    pub(crate) fn load(path: Option<&Path>) -> Result<Secrets, SecretsError> {
         let Some(path) = path else {
             return Ok(Secrets::default());
         };
@@ -134,14 +134,14 @@ impl Secrets {
     }
 
     /// The password for an upstream role: the file first, then `INTERCEPTOR_ROLE_PASSWORD_<ROLE>`.
-    pub fn password_for(&self, role: &str) -> Option<Secret> {
+    pub(crate) fn password_for(&self, role: &str) -> Option<Secret> {
         self.roles
             .get(role)
             .cloned()
             .or_else(|| std::env::var(env_var_for(role)).ok().map(Secret::new))
     }
 
-    pub fn pseudonym_key(&self) -> Option<&Secret> {
+    pub(crate) fn pseudonym_key(&self) -> Option<&Secret> {
         self.pseudonym_key.as_ref()
     }
 }

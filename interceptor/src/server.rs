@@ -14,7 +14,14 @@ use crate::net::stream::Stream;
 use crate::policy::PolicyEvent;
 use crate::session::{self, Peer};
 
-pub use crate::session::shared::{Loaded, ServerState, SessionCounts, SessionSlot};
+use crate::session::shared::{Loaded, ServerState};
+
+/// `interceptor check-config`: loads what the daemon loads at start (identities, secrets,
+/// policies) and returns the policies whose upstream role has no password in the secrets file:
+/// `(policy, role)`.
+pub fn check_config(config: &Config) -> anyhow::Result<Vec<(String, String)>> {
+    Ok(Loaded::load(config)?.roles_without_secret())
+}
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -245,11 +252,7 @@ async fn accept_tcp(listener: TcpListener, state: Arc<ServerState>) -> anyhow::R
         }
         tokio::spawn(session::handle(
             Stream::Tcp(tcp),
-            Peer::Tcp {
-                peer,
-                local,
-                process,
-            },
+            Peer::Tcp { peer, process },
             state.clone(),
         ));
     }

@@ -15,7 +15,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use interceptor::policy::{Classified, LexSettings, StatementKind, classify, relfuncs};
+use interceptor_sql::classify::{Classified, classify};
+use interceptor_sql::lexer::LexSettings;
+use interceptor_sql::relfuncs;
+use interceptor_sql::statement::StatementKind;
 use interceptor_tests::pg::APP_DB;
 use interceptor_tests::{PgCluster, PgCommand, corpus};
 use serde_json::Value;
@@ -52,7 +55,7 @@ fn relation_function_list_matches_pg_proc() {
     if std::env::var_os("INTERCEPTOR_REGENERATE").is_some() {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/src/policy/pg15_relation_functions.txt"
+            "/../interceptor-sql/src/pg15_relation_functions.txt"
         );
         let header = relfuncs::DATA.lines().next().unwrap_or("#");
         std::fs::write(path, format!("{header}\n{}\n", live.join("\n"))).unwrap();
@@ -409,7 +412,7 @@ fn policy_test_statements() -> Vec<String> {
 }
 
 fn split(sql: &str) -> Vec<String> {
-    interceptor::policy::lexer::split_statements(sql, ON)
+    interceptor_sql::lexer::split_statements(sql, ON)
         .map(|pieces| {
             pieces
                 .iter()

@@ -13,7 +13,9 @@ use std::process::Command;
 
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
-use interceptor::policy::{Classified, LexSettings, StatementKind, classify};
+use interceptor_sql::classify::{Classified, classify};
+use interceptor_sql::lexer::LexSettings;
+use interceptor_sql::statement::StatementKind;
 use postgres_protocol::message::{backend, frontend};
 
 const BIN: &str = "/usr/lib/postgresql/15/bin";

@@ -36,7 +36,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How TCP callers prove who they are.
 #[derive(Clone, Default)]
-pub struct AdminAuth {
+pub(crate) struct AdminAuth {
     /// Verifies `Authorization: Bearer` tokens.
     pub oidc: Option<Arc<OidcVerifier>>,
     /// TLS for the TCP listener; its client verifier decides which certificates pass the
@@ -50,7 +50,7 @@ pub struct AdminAuth {
 
 /// Paths on the admin listener that another service answers (the web console under
 /// `/console`). Whoever runs both composes them: approvals know only that such paths exist.
-pub trait Pages: Send + Sync {
+pub(crate) trait Pages: Send + Sync {
     /// Whether `path` belongs to that service rather than to the JSON API.
     fn owns(&self, path: &str) -> bool;
 
@@ -64,7 +64,7 @@ pub trait Pages: Send + Sync {
     ) -> Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>;
 }
 
-pub struct AdminApi {
+pub(crate) struct AdminApi {
     service: ApprovalService,
     auth: AdminAuth,
 }
@@ -99,7 +99,7 @@ struct RevokeBody {
 
 /// Binds both listeners the config names and serves them until the handles are aborted.
 /// A non-loopback `http_listen` needs TLS: tokens must not cross the network in clear.
-pub async fn spawn(
+pub(crate) async fn spawn(
     service: ApprovalService,
     auth: AdminAuth,
 ) -> Result<Vec<JoinHandle<()>>, ApprovalError> {
@@ -125,7 +125,7 @@ pub async fn spawn(
 
 /// Binds the admin socket (replacing a stale socket, never another kind of file) with
 /// mode 0660.
-pub fn bind_unix(path: &Path) -> Result<UnixListener, ApprovalError> {
+pub(crate) fn bind_unix(path: &Path) -> Result<UnixListener, ApprovalError> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
@@ -144,12 +144,13 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, ApprovalError> {
 }
 
 impl AdminApi {
-    pub fn new(service: ApprovalService, auth: AdminAuth) -> Self {
+    #[cfg(test)]
+    pub(crate) fn new(service: ApprovalService, auth: AdminAuth) -> Self {
         AdminApi { service, auth }
     }
 
     /// Serves TCP callers, over TLS when [`AdminAuth::tls`] is set.
-    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+    pub(crate) async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
         let acceptor = self.auth.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         loop {
             match listener.accept().await {
@@ -186,7 +187,7 @@ impl AdminApi {
         }
     }
 
-    pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) {
+    pub(crate) async fn serve_unix(self: Arc<Self>, listener: UnixListener) {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {

@@ -8,7 +8,7 @@ use crate::audit::{
 };
 
 /// An [`EventSink`] that appends each approval event to the audit trail.
-pub fn to_audit(log: AuditLog) -> EventSink {
+pub(crate) fn to_audit(log: AuditLog) -> EventSink {
     Arc::new(move |event: ApprovalEvent| {
         let record = approval_record(event);
         if let Err(e) = log.append(AuditEvent::Approval(record)) {

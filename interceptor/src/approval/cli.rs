@@ -191,7 +191,7 @@ fn print_json(v: &Value) {
 }
 
 /// One request over the admin socket; non-2xx answers become [`ApprovalError::Remote`].
-pub fn call(
+pub(crate) fn call(
     socket: &Path,
     method: &str,
     path: &str,

@@ -9,7 +9,7 @@ use crate::identity::Identity;
 
 /// An approved grant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Grant {
+pub(crate) struct Grant {
     pub id: u64,
     /// The identity the grant is for.
     pub subject: String,
@@ -30,14 +30,14 @@ pub struct Grant {
 }
 
 impl Grant {
-    pub fn is_active(&self, now_ms: u64) -> bool {
+    pub(crate) fn is_active(&self, now_ms: u64) -> bool {
         self.revoked_at_ms.is_none() && self.starts_at_ms <= now_ms && now_ms < self.expires_at_ms
     }
 }
 
 /// What `access request` / `POST /grants` asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GrantRequest {
+pub(crate) struct GrantRequest {
     #[serde(default)]
     pub groups: Vec<String>,
     #[serde(default)]
@@ -48,7 +48,7 @@ pub struct GrantRequest {
 }
 
 /// `identity` with the groups of its active grants added (grants for other subjects ignored).
-pub fn elevate(identity: &Identity, grants: &[Grant], now_ms: u64) -> Identity {
+pub(crate) fn elevate(identity: &Identity, grants: &[Grant], now_ms: u64) -> Identity {
     let mut out = identity.clone();
     for g in grants
         .iter()
@@ -64,7 +64,7 @@ pub fn elevate(identity: &Identity, grants: &[Grant], now_ms: u64) -> Identity {
 }
 
 /// Parses `30m`, `2h`, `1h30m`, `45s`, `1d` into seconds (positive, bounded by `u32` seconds).
-pub fn parse_duration(text: &str) -> Result<u64, ApprovalError> {
+pub(crate) fn parse_duration(text: &str) -> Result<u64, ApprovalError> {
     let bad = || ApprovalError::BadRequest(format!("invalid duration {text:?} (e.g. 30m, 2h)"));
     let mut total: u64 = 0;
     let mut number: Option<u64> = None;

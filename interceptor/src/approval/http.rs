@@ -5,10 +5,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::ApprovalError;
 
-pub const MAX_HEAD: usize = 16 * 1024;
-pub const MAX_BODY: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 16 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024;
 
-pub struct HttpRequest {
+pub(crate) struct HttpRequest {
     pub method: String,
     pub path: String,
     pub authorization: Option<String>,
@@ -23,7 +23,7 @@ const KEPT_HEADERS: [&str; 4] = ["cookie", "origin", "content-type", "sec-fetch-
 
 impl HttpRequest {
     /// The first value of header `name` (lower case).
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
@@ -32,7 +32,9 @@ impl HttpRequest {
 }
 
 /// Reads one request; errors are answered with 400 by the caller.
-pub async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<HttpRequest, ApprovalError> {
+pub(crate) async fn read_request<S: AsyncRead + Unpin>(
+    s: &mut S,
+) -> Result<HttpRequest, ApprovalError> {
     let bad = |m: &str| ApprovalError::BadRequest(m.to_owned());
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
@@ -99,7 +101,7 @@ pub async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Result<HttpRequest
     }
 }
 
-pub fn reason_phrase(status: u16) -> &'static str {
+pub(crate) fn reason_phrase(status: u16) -> &'static str {
     match status {
         200 => "OK",
         201 => "Created",
@@ -115,7 +117,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-pub async fn write_response<S: AsyncWrite + Unpin>(
+pub(crate) async fn write_response<S: AsyncWrite + Unpin>(
     s: &mut S,
     status: u16,
     body: &serde_json::Value,
@@ -138,7 +140,7 @@ pub async fn write_response<S: AsyncWrite + Unpin>(
 
 /// A response with caller-chosen headers (the web console's pages); `Content-Length` and
 /// `Connection: close` are added.
-pub async fn write_raw<S: AsyncWrite + Unpin>(
+pub(crate) async fn write_raw<S: AsyncWrite + Unpin>(
     s: &mut S,
     status: u16,
     headers: &[(&str, String)],
@@ -151,7 +153,7 @@ pub async fn write_raw<S: AsyncWrite + Unpin>(
 
 /// Only the head: without `length` the body ends when the connection closes (streamed
 /// exports).
-pub async fn write_head<S: AsyncWrite + Unpin>(
+pub(crate) async fn write_head<S: AsyncWrite + Unpin>(
     s: &mut S,
     status: u16,
     headers: &[(&str, String)],

@@ -7,15 +7,15 @@
 //! Every step is reported as an [`ApprovalEvent`] to the sink the caller connects to the audit
 //! log, and optionally to a webhook.
 
-pub mod api;
-pub mod audit_sink;
+pub(crate) mod api;
+pub(crate) mod audit_sink;
 pub mod cli;
-pub mod grant;
+pub(crate) mod grant;
 pub(crate) mod http;
-pub mod model;
-pub mod render;
-pub mod service;
-pub mod store;
+pub(crate) mod model;
+pub(crate) mod render;
+pub(crate) mod service;
+pub(crate) mod store;
 mod webhook;
 
 #[cfg(test)]
@@ -27,11 +27,9 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-pub use grant::{Grant, GrantRequest, elevate, parse_duration};
-pub use model::{
-    ApprovalEvent, NewRequest, Request, RequestId, RequestKind, Resolution, Scope, Status, Vote,
-};
-pub use service::{ApprovalService, Elevation, EventSink, HeldRequest};
+pub(crate) use grant::Grant;
+pub(crate) use model::{ApprovalEvent, NewRequest, RequestId, RequestKind, Resolution, Status};
+pub(crate) use service::{ApprovalService, Elevation, EventSink, HeldRequest};
 
 /// `[approvals]` in the gateway config.
 #[derive(Debug, Clone, Deserialize)]
@@ -172,7 +170,7 @@ impl ApprovalError {
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

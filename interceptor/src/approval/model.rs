@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::identity::Identity;
-use crate::net::message::{PgError, Severity, sqlstate};
+use interceptor_wire::message::{PgError, Severity, sqlstate};
 
-pub type RequestId = u64;
+pub(crate) type RequestId = u64;
 
 /// What an approval of a statement covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -50,7 +50,7 @@ impl fmt::Display for Status {
 /// What is asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum RequestKind {
+pub(crate) enum RequestKind {
     /// A held statement of a live session.
     Statement {
         session_id: u64,
@@ -71,7 +71,7 @@ pub enum RequestKind {
 
 /// One approver's decision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Vote {
+pub(crate) struct Vote {
     pub by: String,
     pub approve: bool,
     pub reason: Option<String>,
@@ -80,7 +80,7 @@ pub struct Vote {
 
 /// A stored request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Request {
+pub(crate) struct Request {
     pub id: RequestId,
     #[serde(flatten)]
     pub kind: RequestKind,
@@ -105,7 +105,7 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn approvers(&self) -> Vec<String> {
+    pub(crate) fn approvers(&self) -> Vec<String> {
         self.votes
             .iter()
             .filter(|v| v.approve)
@@ -114,7 +114,7 @@ impl Request {
     }
 
     /// The resolution of a closed request (`None` while pending).
-    pub fn resolution(&self) -> Option<Resolution> {
+    pub(crate) fn resolution(&self) -> Option<Resolution> {
         Some(match self.status {
             Status::Pending => return None,
             Status::Approved => Resolution::Approved {
@@ -136,7 +136,7 @@ impl Request {
     }
 
     /// May `who` see this request (its SQL)? Its requester and its possible approvers.
-    pub fn visible_to(&self, who: &Identity) -> bool {
+    pub(crate) fn visible_to(&self, who: &Identity) -> bool {
         who.subject == self.identity.subject || self.approver_groups.iter().any(|g| who.in_group(g))
     }
 }
@@ -144,7 +144,7 @@ impl Request {
 /// What the gate gets back from [`super::HeldRequest::wait`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum Resolution {
+pub(crate) enum Resolution {
     Approved { by: Vec<String>, scope: Scope },
     Denied { by: String, reason: String },
     TimedOut,
@@ -153,7 +153,7 @@ pub enum Resolution {
 
 impl Resolution {
     /// The ErrorResponse for a statement that must not run (`None` when approved).
-    pub fn refusal(&self, id: RequestId) -> Option<PgError> {
+    pub(crate) fn refusal(&self, id: RequestId) -> Option<PgError> {
         let message = match self {
             Resolution::Approved { .. } => return None,
             Resolution::Denied { by, reason } => {
@@ -168,7 +168,7 @@ impl Resolution {
 
 /// A statement the policy wants approved, as the gate describes it to [`super::ApprovalService::hold`].
 #[derive(Debug, Clone)]
-pub struct NewRequest {
+pub(crate) struct NewRequest {
     pub identity: Identity,
     pub session_id: u64,
     pub database: String,
@@ -184,7 +184,7 @@ pub struct NewRequest {
 
 impl NewRequest {
     /// Builds the request from a policy decision; `None` unless its verdict is `Approve`.
-    pub fn from_decision(
+    pub(crate) fn from_decision(
         identity: &Identity,
         session_id: u64,
         database: &str,
@@ -227,12 +227,16 @@ impl NewRequest {
 }
 
 /// SHA-256 (hex) of the exact statement text: a session approval covers exactly this text.
-pub fn fingerprint(sql: &str) -> String {
+pub(crate) fn fingerprint(sql: &str) -> String {
     hex::encode(Sha256::digest(sql.as_bytes()))
 }
 
 /// The NoticeResponse telling a client its statement is held.
-pub fn pending_notice(id: RequestId, timeout_secs: u64, approver_groups: &[String]) -> PgError {
+pub(crate) fn pending_notice(
+    id: RequestId,
+    timeout_secs: u64,
+    approver_groups: &[String],
+) -> PgError {
     PgError {
         severity: Severity::Notice,
         code: Cow::Borrowed("01000"),
@@ -251,7 +255,7 @@ pub fn pending_notice(id: RequestId, timeout_secs: u64, approver_groups: &[Strin
 /// Every step, for the audit log (via the sink) and, reduced, for the webhook.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
-pub enum ApprovalEvent {
+pub(crate) enum ApprovalEvent {
     Requested {
         request: Box<Request>,
     },

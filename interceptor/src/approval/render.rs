@@ -8,7 +8,7 @@ use super::grant::Grant;
 use super::model::{Request, RequestKind, Status};
 
 /// `2026-12-05 21:03:11 CET`: epoch milliseconds in the system's time zone.
-pub fn local_time(ms: u64) -> String {
+pub(crate) fn local_time(ms: u64) -> String {
     let Ok(ts) = i64::try_from(ms)
         .map_err(|_| ())
         .and_then(|ms| jiff::Timestamp::from_millisecond(ms).map_err(|_| ()))
@@ -68,7 +68,7 @@ fn votes(r: &Request) -> String {
     )
 }
 
-pub fn requests(out: &mut dyn Write, list: &[Request]) -> std::io::Result<()> {
+pub(crate) fn requests(out: &mut dyn Write, list: &[Request]) -> std::io::Result<()> {
     if list.is_empty() {
         return writeln!(out, "no requests");
     }
@@ -94,7 +94,7 @@ pub fn requests(out: &mut dyn Write, list: &[Request]) -> std::io::Result<()> {
     Ok(())
 }
 
-pub fn request(out: &mut dyn Write, r: &Request) -> std::io::Result<()> {
+pub(crate) fn request(out: &mut dyn Write, r: &Request) -> std::io::Result<()> {
     writeln!(out, "request      {} ({})", r.id, kind(r))?;
     writeln!(out, "status       {}", r.status)?;
     writeln!(
@@ -172,7 +172,7 @@ fn grant_state(g: &Grant, now_ms: u64) -> &'static str {
     }
 }
 
-pub fn grants(out: &mut dyn Write, list: &[Grant], now_ms: u64) -> std::io::Result<()> {
+pub(crate) fn grants(out: &mut dyn Write, list: &[Grant], now_ms: u64) -> std::io::Result<()> {
     if list.is_empty() {
         return writeln!(out, "no grants");
     }
@@ -197,7 +197,7 @@ pub fn grants(out: &mut dyn Write, list: &[Grant], now_ms: u64) -> std::io::Resu
     Ok(())
 }
 
-pub fn grant(out: &mut dyn Write, g: &Grant, now_ms: u64) -> std::io::Result<()> {
+pub(crate) fn grant(out: &mut dyn Write, g: &Grant, now_ms: u64) -> std::io::Result<()> {
     writeln!(out, "grant        {} ({})", g.id, grant_state(g, now_ms))?;
     writeln!(out, "subject      {}", g.subject)?;
     writeln!(out, "groups       {}", g.groups.join(", "))?;

@@ -19,10 +19,10 @@ use super::store::Store;
 use super::webhook::Webhook;
 use super::{ApprovalConfig, ApprovalError, now_ms};
 use crate::identity::Identity;
-use crate::net::message::PgError;
+use interceptor_wire::message::PgError;
 
 /// Receives every [`ApprovalEvent`]; the lead connects it to the audit log.
-pub type EventSink = Arc<dyn Fn(ApprovalEvent) + Send + Sync>;
+pub(crate) type EventSink = Arc<dyn Fn(ApprovalEvent) + Send + Sync>;
 
 /// Statements whose waiter vanished without closing them are aborted this long after their
 /// deadline by the sweeper (normally the waiter or its Drop guard closes them).
@@ -30,7 +30,7 @@ const LOST_WAITER_GRACE_MS: u64 = 5_000;
 
 /// Cheap to clone; one per gateway.
 #[derive(Clone)]
-pub struct ApprovalService {
+pub(crate) struct ApprovalService {
     inner: Arc<Inner>,
 }
 
@@ -57,7 +57,7 @@ struct State {
 /// An identity with its active grants, and until when that holds (see
 /// [`ApprovalService::elevation`]).
 #[derive(Debug, Clone)]
-pub struct Elevation {
+pub(crate) struct Elevation {
     pub identity: Identity,
     /// [`ApprovalService::grants_generation`] when this was computed.
     pub generation: u64,
@@ -67,7 +67,7 @@ pub struct Elevation {
 
 impl Elevation {
     /// Still exact: no grant was added or revoked since, and none of its grants expired.
-    pub fn is_current(&self, generation: u64, now_ms: u64) -> bool {
+    pub(crate) fn is_current(&self, generation: u64, now_ms: u64) -> bool {
         self.generation == generation && now_ms < self.valid_until_ms
     }
 }
@@ -75,7 +75,10 @@ impl Elevation {
 impl ApprovalService {
     /// Opens the store. Statement requests left pending by a previous run are closed as
     /// aborted (their sessions died with that process); grant requests stay pending.
-    pub fn open(cfg: ApprovalConfig, events: EventSink) -> Result<ApprovalService, ApprovalError> {
+    pub(crate) fn open(
+        cfg: ApprovalConfig,
+        events: EventSink,
+    ) -> Result<ApprovalService, ApprovalError> {
         cfg.validate()?;
         let store = Store::open(&cfg.dir)?;
         let webhook = cfg
@@ -120,7 +123,7 @@ impl ApprovalService {
         Ok(service)
     }
 
-    pub fn config(&self) -> &ApprovalConfig {
+    pub(crate) fn config(&self) -> &ApprovalConfig {
         &self.inner.cfg
     }
 
@@ -159,7 +162,7 @@ impl ApprovalService {
     /// Records a held statement durably and returns the handle the gate waits on. A statement
     /// text already approved for this session with scope `session` resolves at once (and is
     /// recorded as its own, approved request).
-    pub async fn hold(&self, req: NewRequest) -> Result<HeldRequest, ApprovalError> {
+    pub(crate) async fn hold(&self, req: NewRequest) -> Result<HeldRequest, ApprovalError> {
         if req.approver_groups.is_empty() {
             // Fail closed: nobody could ever approve it.
             return Err(ApprovalError::Config(format!(
@@ -296,7 +299,7 @@ impl ApprovalService {
     /// groups, is not its requester, has not voted on it yet; a denial needs a reason. The
     /// request is approved once `approvals_required` distinct approvers said yes; any denial
     /// closes it. The vote is durable before this returns.
-    pub async fn decide(
+    pub(crate) async fn decide(
         &self,
         id: RequestId,
         approver: &Identity,
@@ -461,7 +464,7 @@ impl ApprovalService {
 
     /// The gate forwarded an approved statement; `statement` is its audit record, which the
     /// statement's outcome is attached to.
-    pub fn executed(&self, id: RequestId, session_id: u64, statement: Option<u64>) {
+    pub(crate) fn executed(&self, id: RequestId, session_id: u64, statement: Option<u64>) {
         self.emit(ApprovalEvent::Executed {
             id,
             session_id,
@@ -470,7 +473,7 @@ impl ApprovalService {
     }
 
     /// Forgets the session's `scope = session` approvals; call when a session ends.
-    pub fn end_session(&self, session_id: u64) {
+    pub(crate) fn end_session(&self, session_id: u64) {
         self.state()
             .session_approvals
             .retain(|(s, _), _| *s != session_id);
@@ -478,7 +481,7 @@ impl ApprovalService {
 
     /// Requests `caller` may see (their own and those they may decide on); pending only
     /// unless `all`. `caller = None`: every request (trusted local use only).
-    pub fn list(
+    pub(crate) fn list(
         &self,
         caller: Option<&Identity>,
         all: bool,
@@ -494,7 +497,11 @@ impl ApprovalService {
     }
 
     /// One request; not found when `caller` may not see it (its existence is not revealed).
-    pub fn show(&self, id: RequestId, caller: Option<&Identity>) -> Result<Request, ApprovalError> {
+    pub(crate) fn show(
+        &self,
+        id: RequestId,
+        caller: Option<&Identity>,
+    ) -> Result<Request, ApprovalError> {
         self.inner
             .store
             .request(id)?
@@ -504,7 +511,7 @@ impl ApprovalService {
 
     /// Asks for a time-bound grant for `requester` itself; decided with [`Self::decide`] by
     /// members of `grant_approvers`.
-    pub async fn request_grant(
+    pub(crate) async fn request_grant(
         &self,
         requester: &Identity,
         req: GrantRequest,
@@ -573,7 +580,7 @@ impl ApprovalService {
     }
 
     /// Active grants of this identity's subject (expiry by the clock, not by the sweeper).
-    pub fn active_grants_for(&self, who: &Identity) -> Vec<Grant> {
+    pub(crate) fn active_grants_for(&self, who: &Identity) -> Vec<Grant> {
         let now = now_ms();
         let mut grants: Vec<Grant> = self
             .state()
@@ -587,20 +594,21 @@ impl ApprovalService {
     }
 
     /// `who` with the groups of its active grants added: decide policy with this.
-    pub fn elevated(&self, who: &Identity) -> Identity {
+    #[cfg(test)]
+    pub(crate) fn elevated(&self, who: &Identity) -> Identity {
         elevate(who, &self.active_grants_for(who), now_ms())
     }
 
     /// Changes whenever a grant is approved, revoked or reported expired; cheap to read on
     /// every statement.
-    pub fn grants_generation(&self) -> u64 {
+    pub(crate) fn grants_generation(&self) -> u64 {
         self.state().grants_generation
     }
 
     /// [`Self::elevated`], with what a session needs to cache it exactly: a grant takes effect
     /// at the next statement after its approval and ends at its expiry or revocation, with
     /// no lag.
-    pub fn elevation(&self, who: &Identity) -> Elevation {
+    pub(crate) fn elevation(&self, who: &Identity) -> Elevation {
         // The generation is read first: a change racing this computation makes the result
         // look stale at the next statement rather than current.
         let generation = self.grants_generation();
@@ -619,7 +627,7 @@ impl ApprovalService {
     }
 
     /// Grants `caller` may see: their own, or all for grant approvers; active only unless `all`.
-    pub fn grants(
+    pub(crate) fn grants(
         &self,
         caller: Option<&Identity>,
         all: bool,
@@ -646,7 +654,7 @@ impl ApprovalService {
     }
 
     /// Ends a grant now. Its holder or a grant approver may revoke it.
-    pub async fn revoke(
+    pub(crate) async fn revoke(
         &self,
         id: u64,
         by: &Identity,
@@ -684,7 +692,7 @@ impl ApprovalService {
 
     /// Closes what time has ended: grant requests past their deadline, statements whose waiter
     /// is gone, grants past expiry (reported once). Run by [`Self::spawn_sweeper`].
-    pub async fn sweep(&self) -> Result<(), ApprovalError> {
+    pub(crate) async fn sweep(&self) -> Result<(), ApprovalError> {
         let now = now_ms();
         for r in self.inner.store.requests()? {
             if r.status != Status::Pending {
@@ -734,7 +742,7 @@ impl ApprovalService {
     }
 
     /// Runs [`Self::sweep`] every `period` until the handle is aborted.
-    pub fn spawn_sweeper(&self, period: Duration) -> tokio::task::JoinHandle<()> {
+    pub(crate) fn spawn_sweeper(&self, period: Duration) -> tokio::task::JoinHandle<()> {
         let service = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
@@ -750,7 +758,7 @@ impl ApprovalService {
 
 /// A statement waiting for approvers. Dropping it (or the [`HeldRequest::wait`] future) while
 /// the request is pending closes the request as aborted.
-pub struct HeldRequest {
+pub(crate) struct HeldRequest {
     id: RequestId,
     timeout_secs: u64,
     approver_groups: Vec<String>,
@@ -762,16 +770,12 @@ pub struct HeldRequest {
 }
 
 impl HeldRequest {
-    pub fn id(&self) -> RequestId {
+    pub(crate) fn id(&self) -> RequestId {
         self.id
     }
 
-    pub fn timeout_secs(&self) -> u64 {
-        self.timeout_secs
-    }
-
     /// The NoticeResponse to send before waiting (`None`: approved already, nothing to say).
-    pub fn notice(&self) -> Option<PgError> {
+    pub(crate) fn notice(&self) -> Option<PgError> {
         self.resolved
             .is_none()
             .then(|| pending_notice(self.id, self.timeout_secs, &self.approver_groups))
@@ -779,7 +783,7 @@ impl HeldRequest {
 
     /// Waits for the decision or the timeout. Cancel-safe: drop the future to stop waiting
     /// (client cancel or disconnect); the request is then closed as aborted.
-    pub async fn wait(mut self) -> Resolution {
+    pub(crate) async fn wait(mut self) -> Resolution {
         if let Some(r) = self.resolved.take() {
             self.guard.armed = false;
             return r;

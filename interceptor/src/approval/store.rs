@@ -10,14 +10,14 @@ use super::ApprovalError;
 use super::grant::Grant;
 use super::model::{Request, RequestId};
 
-pub struct Store {
+pub(crate) struct Store {
     db: sled::Db,
     requests: sled::Tree,
     grants: sled::Tree,
 }
 
 impl Store {
-    pub fn open(dir: &Path) -> Result<Store, ApprovalError> {
+    pub(crate) fn open(dir: &Path) -> Result<Store, ApprovalError> {
         let db = sled::open(dir)
             .map_err(|e| ApprovalError::Store(format!("cannot open {}: {e}", dir.display())))?;
         let requests = db.open_tree("requests")?;
@@ -30,43 +30,43 @@ impl Store {
     }
 
     /// A fresh id, never reused across restarts (requests and grants share the sequence).
-    pub fn next_id(&self) -> Result<u64, ApprovalError> {
+    pub(crate) fn next_id(&self) -> Result<u64, ApprovalError> {
         Ok(self.db.generate_id()? + 1)
     }
 
-    pub fn put_request(&self, r: &Request) -> Result<(), ApprovalError> {
+    pub(crate) fn put_request(&self, r: &Request) -> Result<(), ApprovalError> {
         put(&self.requests, r.id, r)
     }
 
-    pub fn request(&self, id: RequestId) -> Result<Option<Request>, ApprovalError> {
+    pub(crate) fn request(&self, id: RequestId) -> Result<Option<Request>, ApprovalError> {
         get(&self.requests, id)
     }
 
-    pub fn requests(&self) -> Result<Vec<Request>, ApprovalError> {
+    pub(crate) fn requests(&self) -> Result<Vec<Request>, ApprovalError> {
         all(&self.requests)
     }
 
-    pub fn put_grant(&self, g: &Grant) -> Result<(), ApprovalError> {
+    pub(crate) fn put_grant(&self, g: &Grant) -> Result<(), ApprovalError> {
         put(&self.grants, g.id, g)
     }
 
-    pub fn grant(&self, id: u64) -> Result<Option<Grant>, ApprovalError> {
+    pub(crate) fn grant(&self, id: u64) -> Result<Option<Grant>, ApprovalError> {
         get(&self.grants, id)
     }
 
-    pub fn grants(&self) -> Result<Vec<Grant>, ApprovalError> {
+    pub(crate) fn grants(&self) -> Result<Vec<Grant>, ApprovalError> {
         all(&self.grants)
     }
 
     /// Makes every write so far durable (see crate-notes on sled's flush).
-    pub async fn flush(&self) -> Result<(), ApprovalError> {
+    pub(crate) async fn flush(&self) -> Result<(), ApprovalError> {
         self.db.flush_async().await?;
         Ok(())
     }
 
     /// For synchronous paths (a Drop guard); the background flusher covers it within 500 ms
     /// if this is not reached.
-    pub fn flush_blocking(&self) -> Result<(), ApprovalError> {
+    pub(crate) fn flush_blocking(&self) -> Result<(), ApprovalError> {
         self.db.flush()?;
         Ok(())
     }

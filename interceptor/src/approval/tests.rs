@@ -15,6 +15,8 @@ use rsa::traits::PublicKeyParts;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::grant::GrantRequest;
+use super::model::Scope;
 use super::*;
 use crate::identity::oidc::{OidcConfig, OidcVerifier};
 use crate::identity::{Identity, Proof};

@@ -8,21 +8,21 @@ use serde_json::{Value, json};
 use super::ApprovalError;
 use super::model::{ApprovalEvent, RequestKind};
 
-pub struct Webhook {
+pub(super) struct Webhook {
     url: String,
     agent: ureq::Agent,
 }
 
 /// The shared rule for URLs interceptor dials (see `outbound`): https anywhere, plain http only
 /// to loopback, no credentials, a host.
-pub fn check_url(url: &str) -> Result<(), ApprovalError> {
+pub(super) fn check_url(url: &str) -> Result<(), ApprovalError> {
     crate::outbound::check(url)
         .map(|_| ())
         .map_err(|e| ApprovalError::Config(format!("webhook_url {e}")))
 }
 
 impl Webhook {
-    pub fn new(url: &str, timeout: Duration) -> Result<Webhook, ApprovalError> {
+    pub(super) fn new(url: &str, timeout: Duration) -> Result<Webhook, ApprovalError> {
         check_url(url)?;
         let config = ureq::Agent::config_builder()
             .timeout_global(Some(timeout))
@@ -36,7 +36,7 @@ impl Webhook {
 
     /// Sends the event if it is one the webhook reports, without waiting for the answer;
     /// `done` gets `delivered` or why not, once known (not called for events not reported).
-    pub fn send(&self, event: &ApprovalEvent, done: impl FnOnce(String) + Send + 'static) {
+    pub(super) fn send(&self, event: &ApprovalEvent, done: impl FnOnce(String) + Send + 'static) {
         let Some(body) = payload(event) else {
             return;
         };
@@ -74,7 +74,7 @@ fn failure(e: &ureq::Error) -> String {
 }
 
 /// The webhook's view of an event (`None`: not reported).
-pub fn payload(event: &ApprovalEvent) -> Option<Value> {
+pub(super) fn payload(event: &ApprovalEvent) -> Option<Value> {
     Some(match event {
         ApprovalEvent::Requested { request } => {
             let (kind, database, groups) = match &request.kind {

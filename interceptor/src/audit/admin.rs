@@ -24,11 +24,11 @@ use super::{AuditError, AuditLog};
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 /// Largest export page served in one response.
-pub const MAX_PAGE: usize = 10_000;
+pub(crate) const MAX_PAGE: usize = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum AdminRequest {
+pub(crate) enum AdminRequest {
     Sessions {
         #[serde(default)]
         filter: SessionFilter,
@@ -56,7 +56,7 @@ pub enum AdminRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AdminResponse {
+pub(crate) struct AdminResponse {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<serde_json::Value>,
@@ -82,7 +82,7 @@ impl AdminResponse {
 }
 
 /// What a request runs against: the daemon's open log, or a store the CLI opened itself.
-pub enum Target<'a> {
+pub(crate) enum Target<'a> {
     Live(&'a AuditLog),
     Offline {
         store: &'a Store,
@@ -104,7 +104,10 @@ fn to_value<T: Serialize>(v: T) -> Result<serde_json::Value, AuditError> {
 }
 
 /// Runs one request (blocking: sled reads, possibly a full verify).
-pub fn handle(target: &Target<'_>, req: AdminRequest) -> Result<serde_json::Value, AuditError> {
+pub(crate) fn handle(
+    target: &Target<'_>,
+    req: AdminRequest,
+) -> Result<serde_json::Value, AuditError> {
     let store = target.store();
     match req {
         AdminRequest::Sessions { filter } => to_value(query::list_sessions(store, &filter)?),
@@ -156,7 +159,7 @@ pub fn handle(target: &Target<'_>, req: AdminRequest) -> Result<serde_json::Valu
 }
 
 /// The `op`s answered by [`handle`]; any other `op` goes to the [`Extension`], if any.
-pub const AUDIT_OPS: [&str; 7] = [
+pub(crate) const AUDIT_OPS: [&str; 7] = [
     "sessions",
     "show",
     "replay",
@@ -166,20 +169,16 @@ pub const AUDIT_OPS: [&str; 7] = [
     "retention",
 ];
 
-pub type ExtensionFuture =
+pub(crate) type ExtensionFuture =
     Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send + 'static>>;
 /// Handles requests for other modules on the same socket (e.g. approvals): receives the whole
 /// request object; its result or error is sent back as `{"ok":...}` like audit requests.
-pub type Extension = Arc<dyn Fn(serde_json::Value) -> ExtensionFuture + Send + Sync>;
+pub(crate) type Extension = Arc<dyn Fn(serde_json::Value) -> ExtensionFuture + Send + Sync>;
 
-/// Binds `path` and serves audit requests until the task is dropped. Removes a stale socket
-/// file left by a previous run, but never a regular file or a socket someone still listens on.
-pub async fn serve(path: &Path, log: AuditLog) -> Result<(), AuditError> {
-    serve_with(path, log, None).await
-}
-
-/// [`serve`], passing requests with other `op`s to `extension`.
-pub async fn serve_with(
+/// Binds `path` and serves audit requests until the task is dropped, passing requests with
+/// other `op`s to `extension`. Removes a stale socket file left by a previous run, but never a
+/// regular file or a socket someone still listens on.
+pub(crate) async fn serve_with(
     path: &Path,
     log: AuditLog,
     extension: Option<Extension>,
@@ -306,13 +305,13 @@ async fn write_response(
 }
 
 /// A blocking client for the CLI.
-pub struct AdminClient {
+pub(crate) struct AdminClient {
     reader: BufReader<std::os::unix::net::UnixStream>,
     writer: std::os::unix::net::UnixStream,
 }
 
 impl AdminClient {
-    pub fn connect(path: &Path) -> std::io::Result<AdminClient> {
+    pub(crate) fn connect(path: &Path) -> std::io::Result<AdminClient> {
         let stream = std::os::unix::net::UnixStream::connect(path)?;
         let writer = stream.try_clone()?;
         Ok(AdminClient {
@@ -321,13 +320,13 @@ impl AdminClient {
         })
     }
 
-    pub fn request(&mut self, req: &AdminRequest) -> Result<serde_json::Value, AuditError> {
+    pub(crate) fn request(&mut self, req: &AdminRequest) -> Result<serde_json::Value, AuditError> {
         let value = serde_json::to_value(req).map_err(|e| AuditError::Encode(e.to_string()))?;
         self.request_value(&value)
     }
 
     /// Sends any request object (for extension ops such as approvals).
-    pub fn request_value(
+    pub(crate) fn request_value(
         &mut self,
         req: &serde_json::Value,
     ) -> Result<serde_json::Value, AuditError> {

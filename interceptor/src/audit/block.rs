@@ -19,15 +19,15 @@
 use super::chain::{self, RECORD_PREFIX};
 use super::record::RecordId;
 
-pub const BLOCK_PREFIX: u8 = b'b';
+pub(super) const BLOCK_PREFIX: u8 = b'b';
 /// A block holds at most this many bytes, unless one record alone is larger (records are a few
 /// hundred bytes each). 17 entries of this size (a full sled leaf) stay under sled's 128 KiB
 /// blob threshold.
-pub const MAX_BLOCK_BYTES: usize = 6 * 1024;
+pub(super) const MAX_BLOCK_BYTES: usize = 6 * 1024;
 const VERSION: u8 = 1;
 const ENTRY_HEADER: usize = 8 + 4;
 
-pub fn block_key(first: RecordId) -> [u8; 9] {
+pub(super) fn block_key(first: RecordId) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = BLOCK_PREFIX;
     k[1..].copy_from_slice(&first.0.to_be_bytes());
@@ -36,7 +36,7 @@ pub fn block_key(first: RecordId) -> [u8; 9] {
 
 /// Accumulates consecutive stored records into one block.
 #[derive(Default)]
-pub struct BlockBuilder {
+pub(super) struct BlockBuilder {
     first: Option<RecordId>,
     last: Option<RecordId>,
     buf: Vec<u8>,
@@ -45,7 +45,7 @@ pub struct BlockBuilder {
 impl BlockBuilder {
     /// Whether `seq` would not continue this block (a block holds one run of sequence
     /// numbers, so that finding a record by its block key stays exact).
-    pub fn breaks_run(&self, seq: RecordId) -> bool {
+    pub(super) fn breaks_run(&self, seq: RecordId) -> bool {
         self.last.is_some_and(|l| l.0.checked_add(1) != Some(seq.0))
     }
 
@@ -54,7 +54,7 @@ impl BlockBuilder {
         !self.buf.is_empty() && self.buf.len() + ENTRY_HEADER + len > MAX_BLOCK_BYTES
     }
 
-    pub fn push(&mut self, seq: RecordId, stored: &[u8]) {
+    pub(super) fn push(&mut self, seq: RecordId, stored: &[u8]) {
         if self.first.is_none() {
             self.first = Some(seq);
             self.buf.reserve(1 + ENTRY_HEADER + stored.len());
@@ -70,7 +70,11 @@ impl BlockBuilder {
 
     /// Adds a record, first closing the current block (returned) if the record does not
     /// continue its run or would not fit.
-    pub fn push_closing(&mut self, seq: RecordId, stored: &[u8]) -> Option<([u8; 9], Vec<u8>)> {
+    pub(super) fn push_closing(
+        &mut self,
+        seq: RecordId,
+        stored: &[u8],
+    ) -> Option<([u8; 9], Vec<u8>)> {
         let closed = if self.breaks_run(seq) || self.would_overflow(stored.len()) {
             self.take()
         } else {
@@ -81,7 +85,7 @@ impl BlockBuilder {
     }
 
     /// The block's key and value, leaving the builder empty.
-    pub fn take(&mut self) -> Option<([u8; 9], Vec<u8>)> {
+    pub(super) fn take(&mut self) -> Option<([u8; 9], Vec<u8>)> {
         let first = self.first.take()?;
         self.last = None;
         Some((block_key(first), std::mem::take(&mut self.buf)))
@@ -90,13 +94,13 @@ impl BlockBuilder {
 
 /// A block's bytes did not parse from `offset` on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Malformed {
+pub(super) struct Malformed {
     pub offset: usize,
 }
 
 /// The entries of a block, in stored order: `(seq, stored record)`. Stops after the first
 /// malformed entry.
-pub fn entries(value: &[u8]) -> Entries<'_> {
+pub(super) fn entries(value: &[u8]) -> Entries<'_> {
     Entries {
         value,
         offset: 0,
@@ -104,7 +108,7 @@ pub fn entries(value: &[u8]) -> Entries<'_> {
     }
 }
 
-pub struct Entries<'a> {
+pub(super) struct Entries<'a> {
     value: &'a [u8],
     offset: usize,
     done: bool,
@@ -150,7 +154,9 @@ impl<'a> Iterator for Entries<'a> {
 /// Turns a group commit's pairs (records under their own keys, as the write-ahead frames
 /// carry them, plus marks) into the batch the `log` tree stores: the records folded into
 /// blocks, everything else as it is.
-pub fn fold_pairs<'a>(pairs: impl IntoIterator<Item = &'a (Vec<u8>, Vec<u8>)>) -> sled::Batch {
+pub(super) fn fold_pairs<'a>(
+    pairs: impl IntoIterator<Item = &'a (Vec<u8>, Vec<u8>)>,
+) -> sled::Batch {
     let mut batch = sled::Batch::default();
     let mut block = BlockBuilder::default();
     for (k, v) in pairs {

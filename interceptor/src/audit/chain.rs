@@ -8,34 +8,34 @@ use sha2::{Digest, Sha256};
 
 use super::record::{Record, RecordId};
 
-pub const HASH_LEN: usize = 32;
+pub(crate) const HASH_LEN: usize = 32;
 
 /// A SHA-256 chain hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChainHash(pub [u8; HASH_LEN]);
+pub(crate) struct ChainHash(pub [u8; HASH_LEN]);
 
 impl ChainHash {
     /// The predecessor of record 0.
-    pub const GENESIS: ChainHash = ChainHash([0u8; HASH_LEN]);
+    pub(crate) const GENESIS: ChainHash = ChainHash([0u8; HASH_LEN]);
 
-    pub fn link(prev: &ChainHash, body: &[u8]) -> ChainHash {
+    pub(crate) fn link(prev: &ChainHash, body: &[u8]) -> ChainHash {
         let mut h = Sha256::new();
         h.update(prev.0);
         h.update(body);
         ChainHash(h.finalize().into())
     }
 
-    pub fn to_hex(self) -> String {
+    pub(crate) fn to_hex(self) -> String {
         hex::encode(self.0)
     }
 
-    pub fn from_hex(s: &str) -> Option<ChainHash> {
+    pub(crate) fn from_hex(s: &str) -> Option<ChainHash> {
         let bytes = hex::decode(s).ok()?;
         let arr: [u8; HASH_LEN] = bytes.try_into().ok()?;
         Some(ChainHash(arr))
     }
 
-    pub fn from_slice(b: &[u8]) -> Option<ChainHash> {
+    pub(crate) fn from_slice(b: &[u8]) -> Option<ChainHash> {
         let arr: [u8; HASH_LEN] = b.try_into().ok()?;
         Some(ChainHash(arr))
     }
@@ -43,19 +43,19 @@ impl ChainHash {
 
 /// Key prefixes inside the `log` tree. Records and signed marks live in one tree so a group
 /// commit (records + new head + checkpoint) is one atomic sled batch.
-pub const RECORD_PREFIX: u8 = b'r';
-pub const CHECKPOINT_PREFIX: u8 = b'c';
-pub const HEAD_KEY: &[u8] = b"m:head";
-pub const BASE_KEY: &[u8] = b"m:base";
+pub(crate) const RECORD_PREFIX: u8 = b'r';
+pub(crate) const CHECKPOINT_PREFIX: u8 = b'c';
+pub(crate) const HEAD_KEY: &[u8] = b"m:head";
+pub(crate) const BASE_KEY: &[u8] = b"m:base";
 
-pub fn record_key(seq: RecordId) -> [u8; 9] {
+pub(crate) fn record_key(seq: RecordId) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = RECORD_PREFIX;
     k[1..].copy_from_slice(&seq.0.to_be_bytes());
     k
 }
 
-pub fn checkpoint_key(seq: RecordId) -> [u8; 9] {
+pub(crate) fn checkpoint_key(seq: RecordId) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = CHECKPOINT_PREFIX;
     k[1..].copy_from_slice(&seq.0.to_be_bytes());
@@ -63,18 +63,18 @@ pub fn checkpoint_key(seq: RecordId) -> [u8; 9] {
 }
 
 /// The sequence number in a record or checkpoint key, if the key is well-formed.
-pub fn seq_of_key(key: &[u8]) -> Option<RecordId> {
+pub(crate) fn seq_of_key(key: &[u8]) -> Option<RecordId> {
     let arr: [u8; 8] = key.get(1..)?.try_into().ok()?;
     Some(RecordId(u64::from_be_bytes(arr)))
 }
 
 /// A stored record split into its parts (not yet checked).
-pub struct StoredRecord<'a> {
+pub(crate) struct StoredRecord<'a> {
     pub hash: ChainHash,
     pub body: &'a [u8],
 }
 
-pub fn split_stored(value: &[u8]) -> Option<StoredRecord<'_>> {
+pub(crate) fn split_stored(value: &[u8]) -> Option<StoredRecord<'_>> {
     if value.len() < HASH_LEN {
         return None;
     }
@@ -86,7 +86,10 @@ pub fn split_stored(value: &[u8]) -> Option<StoredRecord<'_>> {
 }
 
 /// Serializes a record and links it; returns the stored bytes and the new chain hash.
-pub fn seal(prev: &ChainHash, record: &Record) -> Result<(Vec<u8>, ChainHash), serde_json::Error> {
+pub(crate) fn seal(
+    prev: &ChainHash,
+    record: &Record,
+) -> Result<(Vec<u8>, ChainHash), serde_json::Error> {
     let body = serde_json::to_vec(record)?;
     let hash = ChainHash::link(prev, &body);
     let mut stored = Vec::with_capacity(HASH_LEN + body.len());
@@ -95,7 +98,7 @@ pub fn seal(prev: &ChainHash, record: &Record) -> Result<(Vec<u8>, ChainHash), s
     Ok((stored, hash))
 }
 
-pub fn decode_record(value: &[u8]) -> Option<(ChainHash, Record)> {
+pub(crate) fn decode_record(value: &[u8]) -> Option<(ChainHash, Record)> {
     let s = split_stored(value)?;
     let r: Record = serde_json::from_slice(s.body).ok()?;
     Some((s.hash, r))

@@ -379,7 +379,7 @@ fn export_all(
 }
 
 /// RFC 3339, or an age (`90m`, `2h`, `7d`) counted back from now.
-pub fn parse_time(s: &str) -> anyhow::Result<Timestamp> {
+pub(crate) fn parse_time(s: &str) -> anyhow::Result<Timestamp> {
     if let Ok(t) = Timestamp::parse_rfc3339(s) {
         return Ok(t);
     }

@@ -7,12 +7,12 @@ use serde::{Deserialize, Serialize};
 use super::chain::ChainHash;
 use super::record::{AuditEvent, Record, RecordId, SessionId, Timestamp};
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 1;
 
 /// One exported record: the record plus its chain hash, so an export can be checked against
 /// the store's signed checkpoints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExportRecord {
+pub(crate) struct ExportRecord {
     pub v: u32,
     pub seq: RecordId,
     pub at: Timestamp,
@@ -22,7 +22,7 @@ pub struct ExportRecord {
 }
 
 impl ExportRecord {
-    pub fn new(rec: Record, hash: ChainHash) -> ExportRecord {
+    pub(crate) fn new(rec: Record, hash: ChainHash) -> ExportRecord {
         ExportRecord {
             v: SCHEMA_VERSION,
             seq: rec.seq,
@@ -34,7 +34,7 @@ impl ExportRecord {
 }
 
 /// The CSV columns, in order. `event` holds the full event as JSON, so nothing is lost.
-pub const CSV_COLUMNS: [&str; 15] = [
+pub(crate) const CSV_COLUMNS: [&str; 15] = [
     "v",
     "seq",
     "at",
@@ -59,16 +59,16 @@ pub enum ExportFormat {
     Csv,
 }
 
-pub fn write_jsonl<W: Write + ?Sized>(w: &mut W, rec: &ExportRecord) -> std::io::Result<()> {
+pub(crate) fn write_jsonl<W: Write + ?Sized>(w: &mut W, rec: &ExportRecord) -> std::io::Result<()> {
     serde_json::to_writer(&mut *w, rec)?;
     w.write_all(b"\n")
 }
 
-pub fn write_csv_header<W: Write + ?Sized>(w: &mut W) -> std::io::Result<()> {
+pub(crate) fn write_csv_header<W: Write + ?Sized>(w: &mut W) -> std::io::Result<()> {
     writeln!(w, "{}", CSV_COLUMNS.join(","))
 }
 
-pub fn write_csv<W: Write + ?Sized>(w: &mut W, rec: &ExportRecord) -> std::io::Result<()> {
+pub(crate) fn write_csv<W: Write + ?Sized>(w: &mut W, rec: &ExportRecord) -> std::io::Result<()> {
     let opt = |v: Option<String>| v.unwrap_or_default();
     let session = rec.event.session().map(|s: SessionId| s.to_string());
     let (mut decision, mut rule, mut sql, mut statement) = (None, None, None, None);
@@ -118,7 +118,7 @@ fn kind_of(e: &AuditEvent) -> &'static str {
 
 /// RFC 4180 quoting; fields starting with a formula character are prefixed with `'` so a
 /// spreadsheet never evaluates SQL text recorded from a client (CSV injection).
-pub fn csv_field(s: &str) -> String {
+pub(crate) fn csv_field(s: &str) -> String {
     let s = if s.starts_with(['=', '+', '-', '@']) {
         format!("'{s}")
     } else {

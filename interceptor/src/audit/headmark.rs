@@ -24,7 +24,7 @@ const SLOT: usize = 1024;
 const HEADER: usize = 4 + 8 + 4 + 4;
 
 /// Where the head mark of the store in `dir` lives unless configured.
-pub fn default_path(dir: &Path) -> PathBuf {
+pub(crate) fn default_path(dir: &Path) -> PathBuf {
     let mut name = dir.file_name().map(|n| n.to_owned()).unwrap_or_default();
     name.push(".head");
     dir.with_file_name(name)
@@ -97,7 +97,7 @@ impl HeadMarkFile {
 
 /// What the head-mark file says.
 #[derive(Debug)]
-pub enum Read {
+pub(crate) enum Read {
     /// No file (a store that never committed with this version, or the file was removed).
     Missing,
     /// The file exists but neither slot is valid.
@@ -105,7 +105,7 @@ pub enum Read {
     Mark(Mark),
 }
 
-pub fn read(path: &Path) -> Result<Read, AuditError> {
+pub(crate) fn read(path: &Path) -> Result<Read, AuditError> {
     let data = match std::fs::read(path) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Read::Missing),

@@ -21,10 +21,10 @@ use super::signing::Mark;
 use super::store::{Store, Stored};
 use super::verify::{self, Problem, VerifyMode, VerifyReport};
 
-pub use super::record::AuditGap;
+use super::record::AuditGap;
 
 /// The head-mark file of `cfg`'s store.
-pub fn head_mark_path(cfg: &AuditConfig) -> PathBuf {
+pub(crate) fn head_mark_path(cfg: &AuditConfig) -> PathBuf {
     cfg.head_mark
         .clone()
         .unwrap_or_else(|| headmark::default_path(&cfg.dir))
@@ -41,7 +41,7 @@ fn problem(seq: Option<RecordId>, message: String) -> Problem {
 }
 
 /// Adds to `report` what the head-mark file at `path` says is missing or different.
-pub fn compare_with_head_mark(
+pub(crate) fn compare_with_head_mark(
     report: &mut VerifyReport,
     store: &Store,
     path: &Path,
@@ -131,7 +131,7 @@ fn check_against(report: &mut VerifyReport, store: &Store, mark: &Mark) -> Resul
 
 /// The start-up check: the whole store verified, then compared with the head-mark file.
 /// Returns the problems not already accepted by an earlier [`AuditGap`] record.
-pub fn check_at_start(
+pub(crate) fn check_at_start(
     store: &Store,
     cfg: &AuditConfig,
     key: Option<&VerifyingKey>,
@@ -173,7 +173,7 @@ fn accepted_upto(store: &Store) -> Result<Option<RecordId>, AuditError> {
 }
 
 /// The error the daemon stops with when problems remain and no gap was accepted.
-pub fn refusal(problems: &[Problem], path: &Path) -> AuditError {
+pub(crate) fn refusal(problems: &[Problem], path: &Path) -> AuditError {
     let mut lines: Vec<String> = problems.iter().take(5).map(|p| p.message.clone()).collect();
     if problems.len() > 5 {
         lines.push(format!("... and {} more", problems.len() - 5));
@@ -187,7 +187,7 @@ pub fn refusal(problems: &[Problem], path: &Path) -> AuditError {
 }
 
 /// The record appended when the operator accepted the problems.
-pub fn gap_event(problems: &[Problem], report: &VerifyReport, path: &Path) -> AuditEvent {
+pub(crate) fn gap_event(problems: &[Problem], report: &VerifyReport, path: &Path) -> AuditEvent {
     let expected_head = match headmark::read(path) {
         Ok(Read::Mark(m)) => Some(m.seq),
         _ => None,

@@ -11,22 +11,22 @@
 //!   ([`signing`]). [`verify::verify`] names the first record that does not fit.
 //! * **Fail closed**: once a write or sync fails, every later append fails.
 
-pub mod admin;
+pub(crate) mod admin;
 mod applier;
 mod block;
-pub mod chain;
+pub(crate) mod chain;
 pub mod cli;
-pub mod config;
-pub mod export;
-pub mod headmark;
-pub mod integrity;
-pub mod query;
-pub mod record;
-pub mod redact;
-pub mod retention;
-pub mod signing;
-pub mod store;
-pub mod verify;
+pub(crate) mod config;
+pub(crate) mod export;
+pub(crate) mod headmark;
+pub(crate) mod integrity;
+pub(crate) mod query;
+pub(crate) mod record;
+pub(crate) mod redact;
+pub(crate) mod retention;
+pub(crate) mod signing;
+pub(crate) mod store;
+pub(crate) mod verify;
 mod wal;
 mod writer;
 
@@ -37,21 +37,20 @@ use std::thread::JoinHandle;
 
 use ed25519_dalek::VerifyingKey;
 
-pub use record::{
-    Approval, ApprovalAction, AuditEvent, KernelEvent, MaskedColumn, MaskingSummary, Peer,
-    PolicyReload, QueryProtocol, Record, RecordId, RecordedRows, ResultRows, SessionEnd, SessionId,
-    SessionStart, StatementOutcome, StatementRecord, Timestamp, TlsInfo,
+pub(crate) use record::{
+    Approval, ApprovalAction, AuditEvent, MaskedColumn, MaskingSummary, Peer, PolicyReload,
+    QueryProtocol, RecordId, RecordedRows, SessionEnd, SessionId, SessionStart, StatementOutcome,
+    StatementRecord, Timestamp, TlsInfo,
 };
-pub use retention::RetentionReport;
-pub use signing::{Mark, MarkKind};
-pub use store::{SessionSummary, Space, Store};
-pub use verify::{Problem, VerifyReport};
+pub(crate) use retention::RetentionReport;
+pub(crate) use signing::Mark;
+pub(crate) use store::Store;
 
 use self::config::AuditConfig;
 use writer::{Shared, Writer};
 
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum AuditError {
+pub(crate) enum AuditError {
     #[error("audit store error: {0}")]
     Store(String),
     #[error("audit I/O error on {path}: {message}")]
@@ -96,11 +95,11 @@ impl From<sled::Error> for AuditError {
 const MAX_PENDING: usize = 200_000;
 /// Recorded result data per statement is also capped in bytes, which keeps records small
 /// enough for sled's log (large values go to separate blob files).
-pub const MAX_RECORDED_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_RECORDED_BYTES: usize = 256 * 1024;
 
 /// What [`AuditLog::health`] reports.
 #[derive(Debug, Clone)]
-pub struct AuditHealth {
+pub(crate) struct AuditHealth {
     /// Records queued and not yet committed.
     pub queued: usize,
     /// Why the log refuses appends (fail closed), if it does.
@@ -109,7 +108,7 @@ pub struct AuditHealth {
 
 /// The audit log. Cheap to clone; the writer thread stops when the last clone is dropped.
 #[derive(Clone)]
-pub struct AuditLog {
+pub(crate) struct AuditLog {
     inner: Arc<Inner>,
 }
 
@@ -137,7 +136,7 @@ impl Drop for Inner {
 impl AuditLog {
     /// Opens the store, checks that its tail matches the signed head, and starts the
     /// group-commit thread.
-    pub fn open(cfg: &AuditConfig) -> Result<AuditLog, AuditError> {
+    pub(crate) fn open(cfg: &AuditConfig) -> Result<AuditLog, AuditError> {
         let key = cfg
             .signing_key
             .as_deref()
@@ -178,7 +177,7 @@ impl AuditLog {
 
     /// Queues a record and waits until it is durable (group commit). Used before forwarding
     /// a statement: an error means the statement must be refused.
-    pub async fn append_durable(&self, event: AuditEvent) -> Result<RecordId, AuditError> {
+    pub(crate) async fn append_durable(&self, event: AuditEvent) -> Result<RecordId, AuditError> {
         if self.inner.shared.inline() {
             let seq = self.enqueue(event, None)?;
             self.inner.shared.commit_here()?;
@@ -194,61 +193,61 @@ impl AuditLog {
     }
 
     /// Queues a record; durable at the next group commit. Used for outcomes and session end.
-    pub fn append(&self, event: AuditEvent) -> Result<RecordId, AuditError> {
+    pub(crate) fn append(&self, event: AuditEvent) -> Result<RecordId, AuditError> {
         self.enqueue(event, None)
     }
 
     /// A session id never handed out before in this store.
-    pub fn new_session_id(&self) -> SessionId {
+    pub(crate) fn new_session_id(&self) -> SessionId {
         SessionId(self.inner.next_session.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Result rows recorded per statement (`[audit] record_rows`); the relay need not collect more.
-    pub fn record_rows_cap(&self) -> usize {
+    pub(crate) fn record_rows_cap(&self) -> usize {
         self.inner.record_rows
     }
 
     /// The store, for queries (sled is safe for concurrent readers). It lags the log of record
     /// slightly: call [`AuditLog::sync_index`] first to see every committed record.
-    pub fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Store {
         &self.inner.store
     }
 
-    pub fn verifying_key(&self) -> Option<&VerifyingKey> {
+    pub(crate) fn verifying_key(&self) -> Option<&VerifyingKey> {
         self.inner.verifying_key.as_ref()
     }
 
     /// Number of flush+sync rounds done so far (each covers a whole batch).
-    pub fn sync_count(&self) -> u64 {
+    pub(crate) fn sync_count(&self) -> u64 {
         self.inner.shared.syncs.load(Ordering::Relaxed)
     }
 
     /// Queue depth and writability, for metrics and readiness.
-    pub fn health(&self) -> AuditHealth {
+    pub(crate) fn health(&self) -> AuditHealth {
         let (queued, failed) = self.inner.shared.health();
         AuditHealth { queued, failed }
     }
 
     /// The head as of the last completed commit (durable in the write-ahead segment).
-    pub fn committed_head(&self) -> Option<Mark> {
+    pub(crate) fn committed_head(&self) -> Option<Mark> {
         self.inner.shared.committed_head()
     }
 
     /// The head of the last commit [`AuditLog::store`] holds: what a live verify checks up to
     /// (sled follows the segments, so this may trail [`AuditLog::committed_head`]).
-    pub fn visible_head(&self) -> Option<Mark> {
+    pub(crate) fn visible_head(&self) -> Option<Mark> {
         self.inner.shared.visible_head()
     }
 
     /// Applies retention now (the writer also does so hourly). Blocks until done.
-    pub fn run_retention(&self) -> Result<RetentionReport, AuditError> {
+    pub(crate) fn run_retention(&self) -> Result<RetentionReport, AuditError> {
         self.inner.shared.request_retention()
     }
 
     /// Waits until sled (records and session indexes) holds everything queued so far: it
     /// follows the write-ahead segments by up to [`writer`]'s apply interval. Readers of
     /// [`AuditLog::store`] in a running daemon call this first.
-    pub async fn sync_index(&self) -> Result<(), AuditError> {
+    pub(crate) async fn sync_index(&self) -> Result<(), AuditError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.inner.shared.push_index_barrier(tx)?;
         rx.await.map_err(|_| AuditError::Closed)?
@@ -256,7 +255,7 @@ impl AuditLog {
 
     /// Waits until everything queued so far is durable (in the write-ahead segment; sled may
     /// not show it yet, see [`AuditLog::sync_index`]).
-    pub async fn sync(&self) -> Result<(), AuditError> {
+    pub(crate) async fn sync(&self) -> Result<(), AuditError> {
         if self.inner.shared.inline() {
             return self.inner.shared.commit_here();
         }
@@ -327,13 +326,13 @@ fn cap(rows: &mut Vec<Vec<Option<String>>>, truncated: &mut bool, max_rows: usiz
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 #[allow(clippy::panic)] // a broken invariant must crash: that is what the fuzzer reports
-pub mod fuzzing {
+pub(crate) mod fuzzing {
     use super::{block, chain, signing, wal};
 
     /// Replays write-ahead bytes as a start does, `data` being two segments split at `cut`:
     /// frames recovered, each record decoded, records folded into blocks and read back (which
     /// must give exactly the records put in). Returns the number of frames recovered.
-    pub fn wal_replay(data: &[u8], cut: usize) -> usize {
+    pub(crate) fn wal_replay(data: &[u8], cut: usize) -> usize {
         let cut = cut.min(data.len());
         let mut replay = wal::Replay::default();
         replay.segment(&data[..cut]);

@@ -14,7 +14,7 @@ use super::signing::Mark;
 use super::store::{SessionSummary, Space, Store};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionFilter {
+pub(crate) struct SessionFilter {
     /// Matches the identity subject or display name exactly.
     #[serde(default)]
     pub identity: Option<String>,
@@ -30,7 +30,7 @@ pub struct SessionFilter {
     pub limit: Option<usize>,
 }
 
-pub fn list_sessions(
+pub(crate) fn list_sessions(
     store: &Store,
     filter: &SessionFilter,
 ) -> Result<Vec<SessionSummary>, AuditError> {
@@ -68,13 +68,16 @@ pub fn list_sessions(
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionDetail {
+pub(crate) struct SessionDetail {
     pub summary: SessionSummary,
     pub start: Option<SessionStart>,
     pub end: Option<SessionEnd>,
 }
 
-pub fn show_session(store: &Store, id: SessionId) -> Result<Option<SessionDetail>, AuditError> {
+pub(crate) fn show_session(
+    store: &Store,
+    id: SessionId,
+) -> Result<Option<SessionDetail>, AuditError> {
     let Some(summary) = store.session_summary(id)? else {
         return Ok(None);
     };
@@ -102,7 +105,7 @@ pub fn show_session(store: &Store, id: SessionId) -> Result<Option<SessionDetail
 /// One step of a session's timeline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "entry", rename_all = "snake_case")]
-pub enum ReplayEntry {
+pub(crate) enum ReplayEntry {
     /// A statement with its decision, and (when recorded) its outcome and result rows.
     Statement {
         seq: RecordId,
@@ -121,12 +124,12 @@ pub enum ReplayEntry {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Replay {
+pub(crate) struct Replay {
     pub session: SessionSummary,
     pub entries: Vec<ReplayEntry>,
 }
 
-pub fn replay(store: &Store, id: SessionId) -> Result<Option<Replay>, AuditError> {
+pub(crate) fn replay(store: &Store, id: SessionId) -> Result<Option<Replay>, AuditError> {
     let Some(summary) = store.session_summary(id)? else {
         return Ok(None);
     };
@@ -209,7 +212,7 @@ pub fn replay(store: &Store, id: SessionId) -> Result<Option<Replay>, AuditError
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExportFilter {
+pub(crate) struct ExportFilter {
     #[serde(default)]
     pub session: Option<SessionId>,
     #[serde(default)]
@@ -220,7 +223,7 @@ pub struct ExportFilter {
 
 /// Up to `limit` records after `after` that match `filter`, and the last seq examined (pass it
 /// back as `after` for the next page; `None` when the log is exhausted).
-pub fn export_page(
+pub(crate) fn export_page(
     store: &Store,
     after: Option<RecordId>,
     limit: usize,
@@ -251,7 +254,7 @@ pub fn export_page(
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub dir: String,
     pub space: Space,
     pub first: Option<RecordId>,
@@ -264,7 +267,7 @@ pub struct Stats {
     pub syncs: Option<u64>,
 }
 
-pub fn stats(store: &Store, syncs: Option<u64>) -> Result<Stats, AuditError> {
+pub(crate) fn stats(store: &Store, syncs: Option<u64>) -> Result<Stats, AuditError> {
     Ok(Stats {
         dir: store.dir().display().to_string(),
         space: store.space()?,

@@ -11,7 +11,7 @@ use crate::identity::Identity;
 /// Position of a record in the log (its hash-chain sequence number, starting at 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct RecordId(pub u64);
+pub(crate) struct RecordId(pub u64);
 
 impl fmt::Display for RecordId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -22,7 +22,7 @@ impl fmt::Display for RecordId {
 /// A client session, allocated by [`super::AuditLog::new_session_id`]; never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct SessionId(pub u64);
+pub(crate) struct SessionId(pub u64);
 
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -33,12 +33,12 @@ impl fmt::Display for SessionId {
 /// Wall-clock time with microsecond precision, serialized as RFC 3339 UTC
 /// (`2026-11-22T01:02:03.456789Z`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Timestamp {
+pub(crate) struct Timestamp {
     micros: u64,
 }
 
 impl Timestamp {
-    pub fn now() -> Timestamp {
+    pub(crate) fn now() -> Timestamp {
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
@@ -46,19 +46,19 @@ impl Timestamp {
         Timestamp { micros }
     }
 
-    pub fn from_unix_micros(micros: u64) -> Timestamp {
+    pub(crate) fn from_unix_micros(micros: u64) -> Timestamp {
         Timestamp { micros }
     }
 
-    pub fn unix_micros(self) -> u64 {
+    pub(crate) fn unix_micros(self) -> u64 {
         self.micros
     }
 
-    pub fn to_system_time(self) -> SystemTime {
+    pub(crate) fn to_system_time(self) -> SystemTime {
         UNIX_EPOCH + Duration::from_micros(self.micros)
     }
 
-    pub fn from_system_time(t: SystemTime) -> Timestamp {
+    pub(crate) fn from_system_time(t: SystemTime) -> Timestamp {
         let micros = t
             .duration_since(UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
@@ -66,7 +66,7 @@ impl Timestamp {
         Timestamp { micros }
     }
 
-    pub fn saturating_sub(self, d: Duration) -> Timestamp {
+    pub(crate) fn saturating_sub(self, d: Duration) -> Timestamp {
         let d = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         Timestamp {
             micros: self.micros.saturating_sub(d),
@@ -74,7 +74,7 @@ impl Timestamp {
     }
 
     /// Parses RFC 3339 (`2026-11-22T00:00:00Z`, fractional seconds allowed).
-    pub fn parse_rfc3339(s: &str) -> Result<Timestamp, humantime::TimestampError> {
+    pub(crate) fn parse_rfc3339(s: &str) -> Result<Timestamp, humantime::TimestampError> {
         humantime::parse_rfc3339_weak(s).map(Timestamp::from_system_time)
     }
 }
@@ -105,14 +105,14 @@ impl<'de> Deserialize<'de> for Timestamp {
 /// Where a client connected from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "transport", rename_all = "snake_case")]
-pub enum Peer {
+pub(crate) enum Peer {
     Tcp { addr: String },
     Unix { path: Option<String> },
 }
 
 /// The TLS parameters a client negotiated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TlsInfo {
+pub(crate) struct TlsInfo {
     pub version: String,
     pub cipher_suite: String,
     /// SHA-256 (hex) of the client certificate, if one was presented.
@@ -121,7 +121,7 @@ pub struct TlsInfo {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionStart {
+pub(crate) struct SessionStart {
     pub session: SessionId,
     /// Who, how it was proven, and the kernel-attested process (inside `identity.process`).
     pub identity: Identity,
@@ -138,7 +138,7 @@ pub struct SessionStart {
 /// Which protocol path carried a statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum QueryProtocol {
+pub(crate) enum QueryProtocol {
     Simple,
     Extended,
     /// The fast path (FunctionCall message); `sql` is the call as SQL, the arguments are the
@@ -148,7 +148,7 @@ pub enum QueryProtocol {
 
 /// A statement as the policy saw it, recorded before it is forwarded (write-ahead).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatementRecord {
+pub(crate) struct StatementRecord {
     pub session: SessionId,
     pub protocol: QueryProtocol,
     pub sql: String,
@@ -177,7 +177,7 @@ pub struct StatementRecord {
 
 /// What masking did to a statement's result.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MaskingSummary {
+pub(crate) struct MaskingSummary {
     /// Masked columns with the rule applied, e.g. `users.email` → `hash`.
     #[serde(default)]
     pub columns: Vec<MaskedColumn>,
@@ -187,14 +187,14 @@ pub struct MaskingSummary {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MaskedColumn {
+pub(crate) struct MaskedColumn {
     pub column: String,
     pub rule: String,
 }
 
 /// How a statement ended, appended once PostgreSQL answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatementOutcome {
+pub(crate) struct StatementOutcome {
     pub session: SessionId,
     /// The [`StatementRecord`] this completes.
     pub statement: RecordId,
@@ -224,7 +224,7 @@ pub struct StatementOutcome {
 
 /// Result rows (already masked) as recorded with a statement's outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordedRows {
+pub(crate) struct RecordedRows {
     pub columns: Vec<String>,
     /// Text values; `None` = SQL NULL.
     pub rows: Vec<Vec<Option<String>>>,
@@ -236,7 +236,7 @@ pub struct RecordedRows {
 /// Result rows recorded as a record of their own, as stores written before outcomes carried
 /// them hold them (still read: replay and export show them as before).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResultRows {
+pub(crate) struct ResultRows {
     pub session: SessionId,
     pub statement: RecordId,
     pub columns: Vec<String>,
@@ -248,7 +248,7 @@ pub struct ResultRows {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionEnd {
+pub(crate) struct SessionEnd {
     pub session: SessionId,
     pub bytes_from_client: u64,
     pub bytes_to_client: u64,
@@ -259,7 +259,7 @@ pub struct SessionEnd {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyReload {
+pub(crate) struct PolicyReload {
     /// Content hash or version of the policy set now in force.
     pub version: String,
     #[serde(default)]
@@ -271,7 +271,7 @@ pub struct PolicyReload {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ApprovalAction {
+pub(crate) enum ApprovalAction {
     Requested,
     Granted,
     Denied,
@@ -289,7 +289,7 @@ pub enum ApprovalAction {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Approval {
+pub(crate) struct Approval {
     pub approval_id: String,
     pub action: ApprovalAction,
     #[serde(default)]
@@ -307,7 +307,7 @@ pub struct Approval {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KernelEvent {
+pub(crate) struct KernelEvent {
     /// e.g. `connect`, `bypass_attempt`, `program_detached`.
     pub kind: String,
     #[serde(default)]
@@ -323,7 +323,7 @@ pub struct KernelEvent {
 /// Anything the gateway records. Serialized as `{"type": "...", ...fields}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum AuditEvent {
+pub(crate) enum AuditEvent {
     SessionStart(SessionStart),
     Statement(StatementRecord),
     Outcome(StatementOutcome),
@@ -338,7 +338,7 @@ pub enum AuditEvent {
 
 impl AuditEvent {
     /// The session a record belongs to, if any (used for indexing and retention).
-    pub fn session(&self) -> Option<SessionId> {
+    pub(crate) fn session(&self) -> Option<SessionId> {
         match self {
             AuditEvent::SessionStart(s) => Some(s.session),
             AuditEvent::Statement(s) => Some(s.session),
@@ -350,7 +350,7 @@ impl AuditEvent {
         }
     }
 
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             AuditEvent::SessionStart(_) => "session_start",
             AuditEvent::Statement(_) => "statement",
@@ -367,7 +367,7 @@ impl AuditEvent {
 
 /// One entry of the log: the hashed body. Its exact stored bytes are what the chain covers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
+pub(crate) struct Record {
     pub seq: RecordId,
     pub at: Timestamp,
     pub event: AuditEvent,
@@ -375,7 +375,7 @@ pub struct Record {
 
 /// A recorded decision to continue the chain over a detected loss or alteration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditGap {
+pub(crate) struct AuditGap {
     /// What the start-up check found, one line each.
     pub problems: Vec<String>,
     /// The head the head-mark file expected, if it had one.

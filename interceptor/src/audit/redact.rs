@@ -1,14 +1,14 @@
 //! Keeps secrets out of audit records. The classified statements say where their secrets are
 //! (string constants PostgreSQL's parser reads as a password or a connection string, see
-//! [`crate::policy::secrets`]); those bytes are replaced, the rest is recorded byte for byte:
+//! `Classified::secrets`); those bytes are replaced, the rest is recorded byte for byte:
 //! `ALTER ROLE bob PASSWORD 'secret'` is recorded as `ALTER ROLE bob PASSWORD '[redacted]'`.
 //! Nothing here parses SQL again.
 
-use crate::policy::Classified;
+use interceptor_sql::classify::Classified;
 
 use super::record::StatementRecord;
 
-pub const REDACTED: &str = "[redacted]";
+pub(crate) const REDACTED: &str = "[redacted]";
 
 /// Words without which no statement PostgreSQL accepts can hold a secret (keywords cannot be
 /// spelled with escapes; `U&"p\0061ssword"` as an option name still needs `OPTIONS`).
@@ -18,7 +18,7 @@ const SECRET_WORDS: [&str; 5] = ["password", "connection", "options", "scram-sha
 /// text that could not be classified but may hold a secret, a secret the parser could not
 /// place, or a span that does not fit the text withholds the whole text, its parameters and
 /// the refusal reason (a syntax error may quote the text).
-pub fn redact_record(st: &mut StatementRecord, statements: &[Classified]) {
+pub(crate) fn redact_record(st: &mut StatementRecord, statements: &[Classified]) {
     if statements.is_empty() {
         if may_hold_secret(&st.sql) {
             withhold(
@@ -73,7 +73,8 @@ fn withhold(st: &mut StatementRecord, why: &str) {
 mod tests {
     use super::*;
     use crate::audit::record::{QueryProtocol, SessionId};
-    use crate::policy::{LexSettings, classify};
+    use interceptor_sql::classify::classify;
+    use interceptor_sql::lexer::LexSettings;
 
     fn st(sql: &str, params: Vec<Option<String>>) -> StatementRecord {
         StatementRecord {

@@ -17,14 +17,14 @@ use super::signing::{Mark, MarkKind};
 use super::store::{Store, Stored, decode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetentionPolicy {
+pub(crate) struct RetentionPolicy {
     pub max_age: Option<Duration>,
     /// Bound on the logical record bytes ([`super::Space::record_bytes`]).
     pub max_bytes: Option<u64>,
 }
 
 impl RetentionPolicy {
-    pub fn from_config(cfg: &AuditConfig) -> RetentionPolicy {
+    pub(crate) fn from_config(cfg: &AuditConfig) -> RetentionPolicy {
         RetentionPolicy {
             max_age: (cfg.retention_days > 0)
                 .then(|| Duration::from_secs(cfg.retention_days.saturating_mul(86_400))),
@@ -32,13 +32,13 @@ impl RetentionPolicy {
         }
     }
 
-    pub fn is_active(&self) -> bool {
+    pub(crate) fn is_active(&self) -> bool {
         self.max_age.is_some() || self.max_bytes.is_some()
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RetentionReport {
+pub(crate) struct RetentionReport {
     pub removed_records: u64,
     pub removed_sessions: u64,
     /// First record kept (the new base), if anything was removed.

@@ -19,7 +19,7 @@ use super::record::{RecordId, Timestamp};
 /// What a signed mark asserts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum MarkKind {
+pub(crate) enum MarkKind {
     /// The last durable record is `seq` with chain hash `hash`.
     Head,
     /// A periodic checkpoint: record `seq` has chain hash `hash` (kept for auditors).
@@ -41,7 +41,7 @@ impl MarkKind {
 
 /// A (possibly signed) statement about the chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Mark {
+pub(crate) struct Mark {
     pub kind: MarkKind,
     pub seq: RecordId,
     /// Hex SHA-256 chain hash.
@@ -67,7 +67,12 @@ impl Mark {
         m
     }
 
-    pub fn new(kind: MarkKind, seq: RecordId, hash: ChainHash, key: Option<&SigningKey>) -> Mark {
+    pub(crate) fn new(
+        kind: MarkKind,
+        seq: RecordId,
+        hash: ChainHash,
+        key: Option<&SigningKey>,
+    ) -> Mark {
         let at = Timestamp::now();
         let (key_id, signature) = match key {
             Some(k) => {
@@ -89,12 +94,12 @@ impl Mark {
         }
     }
 
-    pub fn chain_hash(&self) -> Option<ChainHash> {
+    pub(crate) fn chain_hash(&self) -> Option<ChainHash> {
         ChainHash::from_hex(&self.hash)
     }
 
     /// Checks the signature against `key`. Unsigned or malformed marks fail.
-    pub fn verify(&self, key: &VerifyingKey) -> Result<(), String> {
+    pub(crate) fn verify(&self, key: &VerifyingKey) -> Result<(), String> {
         let hash = self
             .chain_hash()
             .ok_or_else(|| "malformed hash".to_string())?;
@@ -114,22 +119,22 @@ impl Mark {
         .map_err(|_| "bad signature (wrong key or altered mark)".to_string())
     }
 
-    pub fn encode(&self) -> Result<Vec<u8>, AuditError> {
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, AuditError> {
         serde_json::to_vec(self).map_err(|e| AuditError::Encode(e.to_string()))
     }
 
-    pub fn decode(bytes: &[u8]) -> Option<Mark> {
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Mark> {
         serde_json::from_slice(bytes).ok()
     }
 }
 
-pub fn key_id(key: &VerifyingKey) -> String {
+pub(crate) fn key_id(key: &VerifyingKey) -> String {
     let d = Sha256::digest(key.as_bytes());
     hex::encode(&d[..8])
 }
 
 /// Reads a private key: PKCS#8 PEM, or 32 raw bytes as 64 hex characters.
-pub fn load_signing_key(path: &Path) -> Result<SigningKey, AuditError> {
+pub(crate) fn load_signing_key(path: &Path) -> Result<SigningKey, AuditError> {
     let text = std::fs::read_to_string(path).map_err(|e| AuditError::Key {
         path: path.to_owned(),
         message: e.to_string(),
@@ -170,7 +175,8 @@ fn check_private_permissions(path: &Path) -> Result<(), AuditError> {
 }
 
 /// Reads a public key: SPKI PEM, or 32 raw bytes as 64 hex characters.
-pub fn load_verifying_key(path: &Path) -> Result<VerifyingKey, AuditError> {
+#[cfg(test)]
+pub(crate) fn load_verifying_key(path: &Path) -> Result<VerifyingKey, AuditError> {
     let text = std::fs::read_to_string(path).map_err(|e| AuditError::Key {
         path: path.to_owned(),
         message: e.to_string(),
@@ -181,7 +187,7 @@ pub fn load_verifying_key(path: &Path) -> Result<VerifyingKey, AuditError> {
     })
 }
 
-pub fn parse_verifying_key(text: &str) -> Result<VerifyingKey, String> {
+pub(crate) fn parse_verifying_key(text: &str) -> Result<VerifyingKey, String> {
     let trimmed = text.trim();
     if trimmed.starts_with("-----BEGIN") {
         return VerifyingKey::from_public_key_pem(trimmed)
@@ -196,7 +202,7 @@ pub fn parse_verifying_key(text: &str) -> Result<VerifyingKey, String> {
 
 /// Files written by [`generate_keypair`].
 #[derive(Debug, Clone)]
-pub struct GeneratedKey {
+pub(crate) struct GeneratedKey {
     pub private_key: PathBuf,
     pub public_key: PathBuf,
     pub public_key_hex: String,
@@ -205,7 +211,7 @@ pub struct GeneratedKey {
 
 /// Generates a key pair: `out` (PKCS#8 PEM, mode 0600, never overwritten) and `out.pub`
 /// (SPKI PEM) for auditors.
-pub fn generate_keypair(out: &Path) -> Result<GeneratedKey, AuditError> {
+pub(crate) fn generate_keypair(out: &Path) -> Result<GeneratedKey, AuditError> {
     let err = |path: &Path, message: String| AuditError::Key {
         path: path.to_owned(),
         message,

@@ -21,7 +21,7 @@ use super::signing::Mark;
 /// Trees: `log` (records + marks, the tamper-evident part), `sessions` (session summaries),
 /// `session_records` (session id ++ seq), `meta` (index bookkeeping).
 #[derive(Clone)]
-pub struct Store {
+pub(crate) struct Store {
     dir: PathBuf,
     db: sled::Db,
     pub(crate) log: sled::Tree,
@@ -36,7 +36,7 @@ const MAX_CACHED_SESSIONS: usize = 100_000;
 
 /// What the index knows about a session (derived from its records; rebuilt if lost).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionSummary {
+pub(crate) struct SessionSummary {
     pub session: SessionId,
     pub subject: Option<String>,
     pub display_name: Option<String>,
@@ -149,7 +149,7 @@ fn u64_value(v: Option<sled::IVec>) -> Option<u64> {
 
 impl Store {
     /// Opens (creating if needed) the store in `dir`. Fails if another process holds it.
-    pub fn open(dir: &Path) -> Result<Store, AuditError> {
+    pub(crate) fn open(dir: &Path) -> Result<Store, AuditError> {
         std::fs::create_dir_all(dir).map_err(|e| AuditError::io(dir, e))?;
         let db = open_db(dir)?;
         let tree = |name: &str| db.open_tree(name).map_err(AuditError::from);
@@ -249,7 +249,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
@@ -293,11 +293,11 @@ impl Store {
         Ok(())
     }
 
-    pub fn head(&self) -> Result<Option<Mark>, AuditError> {
+    pub(crate) fn head(&self) -> Result<Option<Mark>, AuditError> {
         self.mark(HEAD_KEY)
     }
 
-    pub fn base(&self) -> Result<Option<Mark>, AuditError> {
+    pub(crate) fn base(&self) -> Result<Option<Mark>, AuditError> {
         self.mark(BASE_KEY)
     }
 
@@ -310,7 +310,7 @@ impl Store {
         }
     }
 
-    pub fn checkpoints(&self) -> Result<Vec<Mark>, AuditError> {
+    pub(crate) fn checkpoints(&self) -> Result<Vec<Mark>, AuditError> {
         let mut out = Vec::new();
         for item in self.log.scan_prefix([CHECKPOINT_PREFIX]) {
             let (k, v) = item?;
@@ -323,7 +323,7 @@ impl Store {
     }
 
     /// The record `seq`, looked up in the block whose key is the last at or before it.
-    pub fn record(&self, seq: RecordId) -> Result<Option<Record>, AuditError> {
+    pub(crate) fn record(&self, seq: RecordId) -> Result<Option<Record>, AuditError> {
         let Some((k, v)) = self
             .log
             .range(block_key(RecordId(0))..=block_key(seq))
@@ -365,7 +365,7 @@ impl Store {
     }
 
     /// Records with `seq > after` (all if `None`), in order, at most `limit`.
-    pub fn records_after(
+    pub(crate) fn records_after(
         &self,
         after: Option<RecordId>,
         limit: usize,
@@ -384,7 +384,7 @@ impl Store {
     }
 
     /// The last record in the log (by key).
-    pub fn last_record(&self) -> Result<Option<(chain::ChainHash, Record)>, AuditError> {
+    pub(crate) fn last_record(&self) -> Result<Option<(chain::ChainHash, Record)>, AuditError> {
         let last = self
             .log
             .range(vec![BLOCK_PREFIX]..vec![BLOCK_PREFIX + 1])
@@ -410,7 +410,7 @@ impl Store {
             .transpose()
     }
 
-    pub fn session_summary(
+    pub(crate) fn session_summary(
         &self,
         session: SessionId,
     ) -> Result<Option<SessionSummary>, AuditError> {
@@ -422,7 +422,7 @@ impl Store {
         }
     }
 
-    pub fn all_sessions(&self) -> Result<Vec<SessionSummary>, AuditError> {
+    pub(crate) fn all_sessions(&self) -> Result<Vec<SessionSummary>, AuditError> {
         let mut out = Vec::new();
         for item in self.sessions.iter() {
             let (_, v) = item?;
@@ -434,7 +434,7 @@ impl Store {
     }
 
     /// Sequence numbers of a session's records, in order.
-    pub fn session_seqs(&self, session: SessionId) -> Result<Vec<RecordId>, AuditError> {
+    pub(crate) fn session_seqs(&self, session: SessionId) -> Result<Vec<RecordId>, AuditError> {
         let mut out: Vec<RecordId> = self
             .session_ref_entries(session)?
             .into_iter()
@@ -557,7 +557,7 @@ impl Store {
     }
 
     /// Bytes of record data in the log (what the size bound limits) and bytes on disk.
-    pub fn space(&self) -> Result<Space, AuditError> {
+    pub(crate) fn space(&self) -> Result<Space, AuditError> {
         let mut record_bytes = 0u64;
         let mut records = 0u64;
         for item in self.scan(RecordId(0)) {
@@ -639,7 +639,7 @@ impl Iterator for Scan {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Space {
+pub(crate) struct Space {
     pub records: u64,
     /// Logical size of the records (keys + values), the quantity `max_size_mib` bounds.
     pub record_bytes: u64,

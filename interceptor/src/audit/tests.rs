@@ -5,9 +5,12 @@ use std::path::{Path, PathBuf};
 use super::chain::{self, ChainHash};
 use super::export::{self, ExportRecord};
 use super::query::{self, ExportFilter, ReplayEntry, SessionFilter};
+use super::record::{Record, ResultRows};
+use super::store::SessionSummary;
+use super::verify::VerifyReport;
 use super::verify::{VerifyMode, verify};
 use super::*;
-use crate::config::AuditConfig;
+use crate::audit::config::AuditConfig;
 use crate::identity::{Identity, ProcessIdentity, Proof};
 
 fn config(dir: &Path, key: Option<PathBuf>) -> AuditConfig {
@@ -17,7 +20,7 @@ fn config(dir: &Path, key: Option<PathBuf>) -> AuditConfig {
         record_rows: 100,
         retention_days: 0,
         max_size_mib: 0,
-        durability: crate::config::Durability::Fsync,
+        durability: crate::audit::config::Durability::Fsync,
         sync_interval_ms: 200,
         head_mark: None,
         accept_gap: false,
@@ -1021,8 +1024,8 @@ fn appends_stop_when_sleds_files_cannot_be_synced_in_the_background() {
 #[test]
 fn commits_only_in_the_write_ahead_file_survive_a_crash() {
     for durability in [
-        crate::config::Durability::Fsync,
-        crate::config::Durability::Write,
+        crate::audit::config::Durability::Fsync,
+        crate::audit::config::Durability::Write,
     ] {
         let (tmp, mut cfg, key) = setup();
         cfg.durability = durability;
@@ -1287,7 +1290,7 @@ fn cli_opens_the_store_directly_when_no_daemon_runs() {
 fn throughput_probe() {
     let (_tmp, mut cfg, _key) = setup();
     if std::env::var("PROBE_DURABILITY").as_deref() == Ok("write") {
-        cfg.durability = crate::config::Durability::Write;
+        cfg.durability = crate::audit::config::Durability::Write;
     }
     let log = AuditLog::open(&cfg).expect("open");
     let secs = 3;
@@ -1501,7 +1504,7 @@ fn apply_batch_cost_probe() {
 fn statement_barrier_outcome_loop_never_waits_for_the_lazy_timer() {
     let (_tmp, mut cfg, key) = setup();
     // No disk sync per barrier: what is timed is the hand-off to the writer and back.
-    cfg.durability = crate::config::Durability::Write;
+    cfg.durability = crate::audit::config::Durability::Write;
     let log = AuditLog::open(&cfg).expect("open");
     const N: u64 = 300;
     let started = std::time::Instant::now();
@@ -1608,7 +1611,7 @@ fn callers_committing_their_own_records_keep_the_chain_whole_under_concurrency()
     // durability = "write": sessions commit on their own threads while the writer thread
     // commits records nobody waits for; the chain must hold every record once, in order.
     let (_tmp, mut cfg, key) = setup();
-    cfg.durability = crate::config::Durability::Write;
+    cfg.durability = crate::audit::config::Durability::Write;
     let log = AuditLog::open(&cfg).expect("open");
     const TASKS: u64 = 8;
     const EACH: u64 = 200;
@@ -1710,8 +1713,8 @@ fn the_store_writes_no_blob_files_under_a_steady_trail() {
 #[test]
 fn the_head_mark_file_follows_commits_while_running() {
     for durability in [
-        crate::config::Durability::Write,
-        crate::config::Durability::Fsync,
+        crate::audit::config::Durability::Write,
+        crate::audit::config::Durability::Fsync,
     ] {
         let (_tmp, mut cfg, _key) = setup();
         cfg.durability = durability;

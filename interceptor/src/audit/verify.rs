@@ -13,7 +13,7 @@ use super::signing::Mark;
 use super::store::{Store, Stored};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Problem {
+pub(crate) struct Problem {
     /// The record concerned (for a gap: the first missing one).
     pub seq: Option<RecordId>,
     /// The sled key in the `log` tree, hex.
@@ -22,7 +22,7 @@ pub struct Problem {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VerifyReport {
+pub(crate) struct VerifyReport {
     pub ok: bool,
     pub records: u64,
     pub first: Option<RecordId>,
@@ -37,7 +37,7 @@ pub struct VerifyReport {
 
 /// How much of the log to check.
 #[derive(Debug, Clone)]
-pub enum VerifyMode {
+pub(crate) enum VerifyMode {
     /// The store is closed (CLI): everything, including records after the head.
     Offline,
     /// The daemon is writing: check up to the head of its last completed commit.
@@ -71,7 +71,7 @@ impl Checker<'_> {
     }
 }
 
-pub fn verify(
+pub(crate) fn verify(
     store: &Store,
     key: Option<&VerifyingKey>,
     mode: VerifyMode,

@@ -10,14 +10,14 @@ use super::Console;
 use super::session::{SESSION_COOKIE, Session, cookie, same_token, session_cookie};
 
 /// A signed-in caller.
-pub struct Caller {
+pub(super) struct Caller {
     pub session: Session,
     /// `Set-Cookie` to send when the session was opened by this request (client certificate).
     pub set_cookie: Option<String>,
 }
 
 /// Why a request is refused before it reaches a page.
-pub enum Refusal {
+pub(super) enum Refusal {
     /// Not signed in (GET: the sign-in page; POST: 401).
     SignIn,
     /// A certificate was presented but does not map to an identity.

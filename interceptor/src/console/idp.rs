@@ -21,7 +21,7 @@ struct Endpoints {
     token: String,
 }
 
-pub struct IdpClient {
+pub(super) struct IdpClient {
     issuer: String,
     client_id: String,
     client_secret: Option<String>,
@@ -36,10 +36,10 @@ pub struct IdpClient {
 /// Why a sign-in failed; shown to the person signing in (never a token or secret).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct SignInError(pub String);
+pub(super) struct SignInError(pub String);
 
 impl IdpClient {
-    pub fn new(
+    pub(super) fn new(
         cfg: &ConsoleConfig,
         client_id: &str,
         oidc: &OidcConfig,
@@ -84,7 +84,7 @@ impl IdpClient {
         })
     }
 
-    pub fn issuer(&self) -> &str {
+    pub(super) fn issuer(&self) -> &str {
         &self.issuer
     }
 
@@ -103,7 +103,7 @@ impl IdpClient {
     }
 
     /// Where to send the browser to sign in.
-    pub async fn authorize_url(&self, login: &PendingLogin) -> Result<String, SignInError> {
+    pub(super) async fn authorize_url(&self, login: &PendingLogin) -> Result<String, SignInError> {
         let endpoints = self.endpoints().await?;
         let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(login.verifier.as_bytes()));
         let query = form_urlencoded::Serializer::new(String::new())
@@ -125,7 +125,11 @@ impl IdpClient {
     }
 
     /// Redeems `code` and validates the ID token it returns.
-    pub async fn redeem(&self, code: &str, login: &PendingLogin) -> Result<Identity, SignInError> {
+    pub(super) async fn redeem(
+        &self,
+        code: &str,
+        login: &PendingLogin,
+    ) -> Result<Identity, SignInError> {
         let endpoints = self.endpoints().await?;
         let body = {
             let mut form = form_urlencoded::Serializer::new(String::new());

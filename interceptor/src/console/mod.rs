@@ -32,7 +32,7 @@ use crate::audit::AuditLog;
 use crate::identity::mtls::MtlsConfig;
 use crate::identity::oidc::{OidcConfig, OidcVerifier};
 
-pub use routes::is_console_path;
+pub(crate) use routes::is_console_path;
 
 /// `[console]` in the gateway config.
 #[derive(Debug, Clone, Deserialize)]
@@ -83,7 +83,7 @@ impl ConsoleConfig {
 }
 
 /// Everything the console's pages need. One per daemon, shared by every connection.
-pub struct Console {
+pub(crate) struct Console {
     cfg: ConsoleConfig,
     service: ApprovalService,
     audit: AuditLog,
@@ -94,7 +94,7 @@ pub struct Console {
 }
 
 impl Console {
-    pub fn new(
+    pub(crate) fn new(
         cfg: ConsoleConfig,
         oidc_cfg: Option<&OidcConfig>,
         service: ApprovalService,

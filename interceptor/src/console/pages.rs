@@ -13,7 +13,7 @@ use super::reply::{Form, Reply};
 use super::session::Session;
 
 /// The frame of every page; `session` = None on pages shown before sign-in.
-pub fn layout(session: Option<&Session>, title: &str, body: Markup) -> Markup {
+pub(super) fn layout(session: Option<&Session>, title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -46,7 +46,7 @@ pub fn layout(session: Option<&Session>, title: &str, body: Markup) -> Markup {
     }
 }
 
-pub fn sign_in(issuer: Option<&str>, certificates: bool) -> Markup {
+pub(super) fn sign_in(issuer: Option<&str>, certificates: bool) -> Markup {
     layout(
         None,
         "Sign in",
@@ -62,7 +62,7 @@ pub fn sign_in(issuer: Option<&str>, certificates: bool) -> Markup {
 }
 
 /// Shown after a successful sign-in; moves on by itself (see `finish_login`).
-pub fn signed_in() -> Markup {
+pub(super) fn signed_in() -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -76,7 +76,7 @@ pub fn signed_in() -> Markup {
     }
 }
 
-pub fn message(session: Option<&Session>, title: &str, text: &str) -> Markup {
+pub(super) fn message(session: Option<&Session>, title: &str, text: &str) -> Markup {
     layout(
         session,
         title,
@@ -87,7 +87,7 @@ pub fn message(session: Option<&Session>, title: &str, text: &str) -> Markup {
     )
 }
 
-pub fn proof(p: &Proof) -> String {
+pub(super) fn proof(p: &Proof) -> String {
     match p {
         Proof::ScramSha256 => "SCRAM-SHA-256".into(),
         Proof::ScramSha256Plus => "SCRAM-SHA-256-PLUS (channel bound)".into(),
@@ -99,7 +99,7 @@ pub fn proof(p: &Proof) -> String {
 }
 
 /// `95 s`, `4 min 10 s`, `2 h 5 min`.
-pub fn duration(ms: u64) -> String {
+pub(super) fn duration(ms: u64) -> String {
     let s = ms / 1000;
     match s {
         0..60 => format!("{s} s"),
@@ -108,7 +108,7 @@ pub fn duration(ms: u64) -> String {
     }
 }
 
-pub fn time(ms: u64) -> String {
+pub(super) fn time(ms: u64) -> String {
     crate::audit::record::Timestamp::from_unix_micros(ms.saturating_mul(1000)).to_string()
 }
 
@@ -135,7 +135,7 @@ const WITHHELD: &str =
     "[withheld: the statement mentions a password; its redacted text is in the audit trail]";
 
 /// The statement as the audit trail recorded it (passwords redacted, parameters as recorded).
-pub struct Recorded {
+pub(super) struct Recorded {
     pub sql: String,
     pub parameters: Vec<Option<String>>,
 }

@@ -6,19 +6,19 @@ use std::collections::HashMap;
 use maud::Markup;
 
 /// No inline script or style, nothing from another origin, no framing, forms post only here.
-pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+pub(super) const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                        connect-src 'self'; form-action 'self'; frame-ancestors 'none'; \
                        base-uri 'none'";
 
 /// A form body or query string.
-pub type Form = HashMap<String, String>;
+pub(super) type Form = HashMap<String, String>;
 
 pub(super) fn parse_form(bytes: &[u8]) -> Form {
     form_urlencoded::parse(bytes).into_owned().collect()
 }
 
 /// One answer.
-pub struct Reply {
+pub(super) struct Reply {
     pub status: u16,
     pub content_type: &'static str,
     pub headers: Vec<(&'static str, String)>,
@@ -26,7 +26,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    pub fn html(status: u16, page: Markup) -> Reply {
+    pub(super) fn html(status: u16, page: Markup) -> Reply {
         Reply {
             status,
             content_type: "text/html; charset=utf-8",
@@ -35,7 +35,7 @@ impl Reply {
         }
     }
 
-    pub fn redirect(to: &str) -> Reply {
+    pub(super) fn redirect(to: &str) -> Reply {
         Reply {
             status: 303,
             content_type: "text/plain; charset=utf-8",
@@ -62,7 +62,7 @@ impl Reply {
 }
 
 /// Headers on every console answer.
-pub fn security_headers(content_type: &str) -> Vec<(&'static str, String)> {
+pub(super) fn security_headers(content_type: &str) -> Vec<(&'static str, String)> {
     vec![
         ("Content-Type", content_type.to_owned()),
         ("Content-Security-Policy", CSP.to_owned()),

@@ -15,7 +15,7 @@ use super::session::{
 };
 
 /// Paths the console answers (everything else on the listener is the JSON API).
-pub fn is_console_path(path: &str) -> bool {
+pub(crate) fn is_console_path(path: &str) -> bool {
     path == "/console" || path.starts_with("/console/") || path.starts_with("/console?")
 }
 
@@ -24,7 +24,7 @@ const JS: &str = include_str!("static/console.js");
 
 impl Console {
     /// Answers one console request on `stream`.
-    pub async fn serve<S: AsyncWrite + Unpin>(
+    pub(crate) async fn serve<S: AsyncWrite + Unpin>(
         &self,
         req: &HttpRequest,
         cert: Option<&[u8]>,

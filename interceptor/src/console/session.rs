@@ -12,26 +12,26 @@ use rand::RngCore;
 use crate::identity::Identity;
 
 /// The session cookie: SameSite=Strict, so no other site can make the browser send it.
-pub const SESSION_COOKIE: &str = "__Host-interceptor-console";
+pub(super) const SESSION_COOKIE: &str = "__Host-interceptor-console";
 /// The sign-in cookie lives only between "sign in" and the IdP's redirect back, which is a
 /// cross-site navigation: SameSite=Lax, or the browser would not send it on that redirect.
-pub const LOGIN_COOKIE: &str = "__Host-interceptor-login";
+pub(super) const LOGIN_COOKIE: &str = "__Host-interceptor-login";
 
 /// How long a sign-in may take at the IdP.
-pub const LOGIN_TTL: Duration = Duration::from_secs(600);
+pub(super) const LOGIN_TTL: Duration = Duration::from_secs(600);
 /// Bounds on what unauthenticated callers can make us store.
 const MAX_LOGINS: usize = 1000;
 const MAX_SESSIONS: usize = 10_000;
 
 /// 32 random bytes, base64url.
-pub fn random_token() -> String {
+pub(super) fn random_token() -> String {
     let mut b = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut b);
     URL_SAFE_NO_PAD.encode(b)
 }
 
 #[derive(Clone)]
-pub struct Session {
+pub(super) struct Session {
     pub identity: Identity,
     /// Sent with every form; compared on every POST.
     pub csrf: String,
@@ -42,21 +42,21 @@ pub struct Session {
 }
 
 /// A sign-in waiting for the IdP's redirect.
-pub struct PendingLogin {
+pub(super) struct PendingLogin {
     pub state: String,
     pub nonce: String,
     pub verifier: String,
     started: Instant,
 }
 
-pub struct Sessions {
+pub(super) struct Sessions {
     ttl: Duration,
     sessions: Mutex<HashMap<String, Session>>,
     logins: Mutex<HashMap<String, PendingLogin>>,
 }
 
 impl Sessions {
-    pub fn new(ttl: Duration) -> Sessions {
+    pub(super) fn new(ttl: Duration) -> Sessions {
         Sessions {
             ttl,
             sessions: Mutex::new(HashMap::new()),
@@ -64,7 +64,7 @@ impl Sessions {
         }
     }
 
-    pub fn ttl(&self) -> Duration {
+    pub(super) fn ttl(&self) -> Duration {
         self.ttl
     }
 
@@ -74,7 +74,11 @@ impl Sessions {
     }
 
     /// Opens a session; returns its cookie value.
-    pub fn open(&self, identity: Identity, cert_sha256: Option<String>) -> (String, Session) {
+    pub(super) fn open(
+        &self,
+        identity: Identity,
+        cert_sha256: Option<String>,
+    ) -> (String, Session) {
         let now = Instant::now();
         let mut all = Self::lock(&self.sessions);
         all.retain(|_, s| s.expires > now);
@@ -99,7 +103,7 @@ impl Sessions {
         (id, s)
     }
 
-    pub fn get(&self, id: &str) -> Option<Session> {
+    pub(super) fn get(&self, id: &str) -> Option<Session> {
         let mut all = Self::lock(&self.sessions);
         match all.get(id) {
             Some(s) if s.expires > Instant::now() => Some(s.clone()),
@@ -111,12 +115,12 @@ impl Sessions {
         }
     }
 
-    pub fn close(&self, id: &str) {
+    pub(super) fn close(&self, id: &str) {
         Self::lock(&self.sessions).remove(id);
     }
 
     /// Starts a sign-in; returns the login cookie value and its state.
-    pub fn start_login(&self) -> (String, PendingLogin) {
+    pub(super) fn start_login(&self) -> (String, PendingLogin) {
         let now = Instant::now();
         let mut all = Self::lock(&self.logins);
         all.retain(|_, l| now.duration_since(l.started) < LOGIN_TTL);
@@ -147,33 +151,33 @@ impl Sessions {
     }
 
     /// Takes (once) the sign-in the login cookie names.
-    pub fn finish_login(&self, id: &str) -> Option<PendingLogin> {
+    pub(super) fn finish_login(&self, id: &str) -> Option<PendingLogin> {
         let l = Self::lock(&self.logins).remove(id)?;
         (l.started.elapsed() < LOGIN_TTL).then_some(l)
     }
 }
 
 /// `Set-Cookie` for the session.
-pub fn session_cookie(id: &str, ttl: Duration) -> String {
+pub(super) fn session_cookie(id: &str, ttl: Duration) -> String {
     format!(
         "{SESSION_COOKIE}={id}; Path=/; Secure; HttpOnly; SameSite=Strict; Max-Age={}",
         ttl.as_secs()
     )
 }
 
-pub fn login_cookie(id: &str) -> String {
+pub(super) fn login_cookie(id: &str) -> String {
     format!(
         "{LOGIN_COOKIE}={id}; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age={}",
         LOGIN_TTL.as_secs()
     )
 }
 
-pub fn expired_cookie(name: &str, same_site: &str) -> String {
+pub(super) fn expired_cookie(name: &str, same_site: &str) -> String {
     format!("{name}=; Path=/; Secure; HttpOnly; SameSite={same_site}; Max-Age=0")
 }
 
 /// The value of cookie `name` in a `Cookie` header.
-pub fn cookie<'a>(header: Option<&'a str>, name: &str) -> Option<&'a str> {
+pub(super) fn cookie<'a>(header: Option<&'a str>, name: &str) -> Option<&'a str> {
     header?.split(';').find_map(|kv| {
         let (k, v) = kv.trim().split_once('=')?;
         (k == name).then_some(v)
@@ -181,7 +185,7 @@ pub fn cookie<'a>(header: Option<&'a str>, name: &str) -> Option<&'a str> {
 }
 
 /// Equal without an early exit, so response times do not reveal how much of a token matched.
-pub fn same_token(a: &str, b: &str) -> bool {
+pub(super) fn same_token(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
         return false;

@@ -30,7 +30,7 @@ const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
 #[derive(Debug, thiserror::Error)]
-pub enum BtfError {
+pub(super) enum BtfError {
     #[error("reading kernel BTF: {0}")]
     Io(#[from] std::io::Error),
     #[error("kernel BTF is malformed: {0}")]
@@ -54,7 +54,7 @@ struct Type {
     members: Vec<Member>,
 }
 
-pub struct KernelBtf {
+pub(super) struct KernelBtf {
     strings: Vec<u8>,
     /// Index = type id (0 is `void`).
     types: Vec<Type>,
@@ -69,11 +69,11 @@ fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
 }
 
 impl KernelBtf {
-    pub fn from_sys_fs() -> Result<KernelBtf, BtfError> {
+    pub(super) fn from_sys_fs() -> Result<KernelBtf, BtfError> {
         KernelBtf::parse(&std::fs::read("/sys/kernel/btf/vmlinux")?)
     }
 
-    pub fn parse(data: &[u8]) -> Result<KernelBtf, BtfError> {
+    pub(super) fn parse(data: &[u8]) -> Result<KernelBtf, BtfError> {
         if data.get(0..2) != Some(&[0x9f, 0xeb]) {
             return Err(BtfError::Malformed("bad magic (not little-endian BTF)"));
         }
@@ -185,7 +185,7 @@ impl KernelBtf {
         None
     }
 
-    pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+    pub(super) fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
         let missing = || BtfError::NoMember(format!("{strukt}.{member}"));
         let id = *self.structs.get(strukt).ok_or_else(missing)?;
         let t = self.types.get(id as usize).ok_or_else(missing)?;
@@ -193,7 +193,7 @@ impl KernelBtf {
     }
 
     /// The `IC_TASK_OFFSETS` value for this kernel.
-    pub fn task_offsets(&self) -> Result<[u32; OFF_SLOTS], BtfError> {
+    pub(super) fn task_offsets(&self) -> Result<[u32; OFF_SLOTS], BtfError> {
         let mut o = [0u32; OFF_SLOTS];
         for (slot, strukt, member) in [
             (OFF_TASK_MM, "task_struct", "mm"),

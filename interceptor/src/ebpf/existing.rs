@@ -36,7 +36,7 @@ pub enum OnExisting {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Owner {
+pub(crate) struct Owner {
     pub pid: u32,
     pub comm: String,
     pub exe: Option<String>,
@@ -53,7 +53,7 @@ impl fmt::Display for Owner {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Transport {
+pub(crate) enum Transport {
     /// PostgreSQL's end: `local`; the client's: `remote`.
     Tcp {
         local: SocketAddr,
@@ -66,7 +66,7 @@ pub enum Transport {
 
 /// One connection to PostgreSQL that does not go through interceptor.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Existing {
+pub(crate) struct Existing {
     pub transport: Transport,
     /// The PostgreSQL backend holding the server end.
     pub backend: Owner,
@@ -213,7 +213,7 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
 
 /// Established connections to PostgreSQL on `ports` (TCP) or on its unix sockets that are not
 /// interceptor's own upstream sessions.
-pub fn find(ports: &[u16]) -> Vec<Existing> {
+pub(crate) fn find(ports: &[u16]) -> Vec<Existing> {
     let owners = socket_owners();
     let me = Own::this_process();
     let mut tcp = Vec::new();
@@ -318,7 +318,7 @@ fn unix_connections(owners: &BTreeMap<u64, Owner>, me: &Own) -> Vec<Existing> {
 
 /// Logs every connection that predates steering; with `Terminate`, closes the TCP ones. Returns
 /// the connections still open (unix ones, and TCP ones the kernel refused to destroy).
-pub fn handle(ports: &[u16], mode: OnExisting) -> Vec<Existing> {
+pub(crate) fn handle(ports: &[u16], mode: OnExisting) -> Vec<Existing> {
     let found = find(ports);
     let mut left = Vec::new();
     for c in found {
@@ -353,7 +353,7 @@ pub fn handle(ports: &[u16], mode: OnExisting) -> Vec<Existing> {
 }
 
 /// The `pg_terminate_backend` calls that end these connections.
-pub fn terminate_sql(conns: &[Existing]) -> String {
+pub(crate) fn terminate_sql(conns: &[Existing]) -> String {
     let pids: BTreeSet<u32> = conns.iter().map(|c| c.backend.pid).collect();
     pids.iter()
         .map(|p| format!("SELECT pg_terminate_backend({p});"))

@@ -33,14 +33,14 @@ impl log::Log for TracingLog {
 }
 
 /// Owns the log ring buffer (its fd must outlive program loading) and the thread draining it.
-pub struct KernelLog {
+pub(super) struct KernelLog {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl KernelLog {
     /// Must be called after loading the object and before loading the programs.
-    pub fn start(ebpf: &mut Ebpf) -> Option<KernelLog> {
+    pub(super) fn start(ebpf: &mut Ebpf) -> Option<KernelLog> {
         let mut logger = match EbpfLogger::init_with_logger(ebpf, TracingLog) {
             Ok(l) => l,
             Err(e) => {

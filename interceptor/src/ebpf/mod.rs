@@ -37,7 +37,7 @@
 
 mod btf;
 mod doctor;
-pub mod existing;
+pub(crate) mod existing;
 mod logger;
 pub mod maps;
 mod process;

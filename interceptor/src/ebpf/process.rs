@@ -29,7 +29,7 @@ use std::path::Path;
 use super::maps::ConnInfo;
 use crate::identity::ProcessIdentity;
 
-pub fn process_identity(info: &ConnInfo, cgroup_root: Option<&Path>) -> ProcessIdentity {
+pub(super) fn process_identity(info: &ConnInfo, cgroup_root: Option<&Path>) -> ProcessIdentity {
     let comm = info.comm();
     let proc_dir = Path::new("/proc").join(info.pid.to_string());
     let exe = if info.flags & interceptor_common::CONN_EXE != 0 {

@@ -30,7 +30,7 @@ fn fs_magic(path: &Path) -> Option<i64> {
     (rc == 0).then_some(st.f_type as i64)
 }
 
-pub fn is_bpffs(path: &Path) -> bool {
+pub(super) fn is_bpffs(path: &Path) -> bool {
     fs_magic(path) == Some(BPF_FS_MAGIC)
 }
 
@@ -52,7 +52,7 @@ fn mount(fstype: &str, target: &Path) -> Result<(), EbpfError> {
 }
 
 /// Creates `dir` on bpffs, mounting bpffs on /sys/fs/bpf first if nothing is mounted there.
-pub fn ensure_pin_dir(dir: &Path) -> Result<(), EbpfError> {
+pub(super) fn ensure_pin_dir(dir: &Path) -> Result<(), EbpfError> {
     if dir.starts_with(BPFFS_MOUNT) && !is_bpffs(Path::new(BPFFS_MOUNT)) {
         mount("bpf", Path::new(BPFFS_MOUNT))?;
     }
@@ -71,7 +71,7 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), EbpfError> {
 }
 
 /// Mount points of cgroup v2 hierarchies, from /proc/self/mountinfo.
-pub fn cgroup2_mounts() -> Vec<PathBuf> {
+pub(super) fn cgroup2_mounts() -> Vec<PathBuf> {
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
@@ -106,7 +106,7 @@ fn unescape_mount(s: &str) -> PathBuf {
 }
 
 /// The root of the cgroup v2 hierarchy, mounting one if none is mounted.
-pub fn ensure_cgroup2() -> Result<PathBuf, EbpfError> {
+pub(super) fn ensure_cgroup2() -> Result<PathBuf, EbpfError> {
     if let Some(p) = cgroup2_mounts().into_iter().next() {
         return Ok(p);
     }
@@ -115,13 +115,13 @@ pub fn ensure_cgroup2() -> Result<PathBuf, EbpfError> {
 }
 
 /// The calling thread's cgroup v2 directory under `root` (the cgroup2 mount point).
-pub fn current_cgroup(root: &Path) -> Option<PathBuf> {
+pub(super) fn current_cgroup(root: &Path) -> Option<PathBuf> {
     let text = std::fs::read_to_string("/proc/thread-self/cgroup").ok()?;
     let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
     std::fs::canonicalize(root.join(rel.trim_start_matches('/'))).ok()
 }
 
-pub fn is_cgroup2(path: &Path) -> bool {
+pub(super) fn is_cgroup2(path: &Path) -> bool {
     fs_magic(path) == Some(CGROUP2_SUPER_MAGIC)
 }
 
@@ -145,17 +145,17 @@ fn getsockopt_u64(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<u64> {
 }
 
 /// The kernel's unique, never reused id of a socket.
-pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+pub(super) fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     getsockopt_u64(fd, SO_COOKIE)
 }
 
 /// The cookie of the network namespace a socket lives in.
-pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+pub(super) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     getsockopt_u64(fd, SO_NETNS_COOKIE)
 }
 
 /// `BPF_LINK_DETACH`: detaches a link even while other processes hold it open.
-pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
+pub(super) fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
     // union bpf_attr { struct { __u32 link_fd; } link_detach; ... }; the tail must be zero.
     let mut attr = [0u32; 16];
     attr[0] = fd.as_raw_fd() as u32;
@@ -175,7 +175,7 @@ pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
 }
 
 /// `BPF_OBJ_GET`: opens a pinned object.
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
     // union bpf_attr { struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; ... } }
@@ -198,7 +198,7 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// The local address and IPV6_V6ONLY flag of a listening socket.
-pub fn listener_info(fd: BorrowedFd<'_>) -> io::Result<(std::net::SocketAddr, bool)> {
+pub(super) fn listener_info(fd: BorrowedFd<'_>) -> io::Result<(std::net::SocketAddr, bool)> {
     let owned = fd.try_clone_to_owned()?;
     let listener = std::net::TcpListener::from(owned);
     let addr = listener.local_addr()?;
@@ -297,7 +297,10 @@ fn rd_u32(b: &[u8], at: usize) -> Option<u32> {
 /// Aborts the TCP socket of this network namespace whose local end is `local` and remote end is
 /// `remote` (SOCK_DESTROY: the peer gets a reset, the owner ECONNABORTED). Needs CAP_NET_ADMIN
 /// and CONFIG_INET_DIAG_DESTROY.
-pub fn sock_destroy(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> io::Result<()> {
+pub(super) fn sock_destroy(
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+) -> io::Result<()> {
     let v6 = |ip: std::net::IpAddr| match ip {
         std::net::IpAddr::V4(a) => a.to_ipv6_mapped(),
         std::net::IpAddr::V6(a) => a,
@@ -349,7 +352,7 @@ pub fn sock_destroy(local: std::net::SocketAddr, remote: std::net::SocketAddr) -
 }
 
 /// Every unix socket of this network namespace with a connected peer: inode -> peer inode.
-pub fn unix_peers() -> io::Result<std::collections::BTreeMap<u64, u64>> {
+pub(super) fn unix_peers() -> io::Result<std::collections::BTreeMap<u64, u64>> {
     // struct unix_diag_req { u8 family, protocol; u16 pad; u32 states, ino, show; u32 cookie[2]; }
     let mut body = vec![libc::AF_UNIX as u8, 0, 0, 0];
     body.extend_from_slice(&u32::MAX.to_ne_bytes());

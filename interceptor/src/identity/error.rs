@@ -5,12 +5,12 @@
 //! (token, password) and never include key material.
 
 /// SQLSTATE `28000` invalid_authorization_specification.
-pub const SQLSTATE_INVALID_AUTHORIZATION: &str = "28000";
+pub(crate) const SQLSTATE_INVALID_AUTHORIZATION: &str = "28000";
 /// SQLSTATE `28P01` invalid_password: the credential itself was rejected.
-pub const SQLSTATE_INVALID_PASSWORD: &str = "28P01";
+pub(crate) const SQLSTATE_INVALID_PASSWORD: &str = "28P01";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum IdentityError {
+pub(crate) enum IdentityError {
     /// The credential is not a well-formed JWT (wrong shape, bad base64/JSON, too long, JWE, …).
     #[error("invalid token: {0}")]
     MalformedToken(String),
@@ -56,7 +56,7 @@ impl IdentityError {
     ///
     /// A rejected credential is `28P01` (as PostgreSQL reports a wrong password); a credential
     /// that is fine but does not authorize this login, or no usable credential at all, is `28000`.
-    pub fn sqlstate(&self) -> &'static str {
+    pub(crate) fn sqlstate(&self) -> &'static str {
         match self {
             IdentityError::MalformedToken(_)
             | IdentityError::DisallowedAlgorithm(_)

@@ -1,13 +1,11 @@
 //! Who is on the other end of a session. Every provider (static secrets, OIDC, mTLS, kernel
 //! attestation) produces the same [`Identity`], so policy and audit never care how it was proven.
 
-pub mod error;
-pub mod mtls;
-pub mod oidc;
-pub mod process;
-pub mod scram;
-
-pub use error::IdentityError;
+pub(crate) mod error;
+pub(crate) mod mtls;
+pub(crate) mod oidc;
+pub(crate) mod process;
+pub(crate) mod scram;
 
 use serde::{Deserialize, Serialize};
 

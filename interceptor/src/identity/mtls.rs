@@ -24,8 +24,10 @@ use std::sync::Arc;
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
+#[cfg(test)]
+use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use x509_parser::certificate::X509Certificate;
@@ -137,7 +139,7 @@ fn load_crls(
 /// The client-certificate verifier for the TLS acceptor: certificates must chain to
 /// `ca_file`, be valid now, allow client authentication and not be revoked by `crl_files`.
 /// Clients without a certificate pass the handshake unless `require_client_cert` is set.
-pub fn client_cert_verifier(
+pub(crate) fn client_cert_verifier(
     cfg: &MtlsConfig,
 ) -> Result<Arc<dyn ClientCertVerifier>, IdentityError> {
     let roots = load_roots(&cfg.ca_file)?;
@@ -156,7 +158,8 @@ pub fn client_cert_verifier(
 }
 
 /// Reads the gateway's own certificate chain and private key (PEM files) for [`server_config`].
-pub fn load_server_identity(
+#[cfg(test)]
+pub(crate) fn load_server_identity(
     cert_file: &Path,
     key_file: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), IdentityError> {
@@ -179,7 +182,8 @@ pub fn load_server_identity(
 
 /// A rustls server config with the `ring` provider, safe default protocol versions, the
 /// gateway's certificate, and `client_verifier` (or no client authentication when `None`).
-pub fn server_config(
+#[cfg(test)]
+pub(crate) fn server_config(
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     client_verifier: Option<Arc<dyn ClientCertVerifier>>,
@@ -274,7 +278,10 @@ fn subject_of(cert: &X509Certificate<'_>, cfg: &MtlsConfig) -> Result<String, Id
 /// Call it only with a certificate the handshake's [`client_cert_verifier`] accepted (rustls'
 /// `peer_certificates()[0]`): this function does not check the chain. It re-checks the
 /// validity period so a long-lived session cannot be set up from an expired certificate.
-pub fn identity_from_cert(cert_der: &[u8], cfg: &MtlsConfig) -> Result<Identity, IdentityError> {
+pub(crate) fn identity_from_cert(
+    cert_der: &[u8],
+    cfg: &MtlsConfig,
+) -> Result<Identity, IdentityError> {
     let (rest, cert) = X509Certificate::from_der(cert_der)
         .map_err(|_| cert_error("certificate is not valid DER X.509"))?;
     if !rest.is_empty() {

@@ -40,11 +40,11 @@ use crate::identity::error::{IdentityError, sanitize};
 use crate::identity::{Identity, Proof};
 
 use keys::{KeySet, NoKey};
-pub use source::{FetchFuture, FileJwksSource, HttpJwksSource, JwksSource, MAX_DOCUMENT_BYTES};
+pub(crate) use source::{FileJwksSource, HttpJwksSource, JwksSource, MAX_DOCUMENT_BYTES};
 pub(crate) use source::{agent_for, check_url};
 
 /// Largest clock leeway accepted in the config: more would keep expired tokens alive.
-pub const MAX_LEEWAY_SECS: u64 = 300;
+pub(crate) const MAX_LEEWAY_SECS: u64 = 300;
 
 /// `[oidc]` in the gateway config.
 #[derive(Debug, Clone, Deserialize)]
@@ -153,7 +153,7 @@ struct KeyCache {
 
 /// Verifies OIDC JWTs for one issuer. Create once at startup, share (it is `Send + Sync`).
 #[derive(Debug)]
-pub struct OidcVerifier {
+pub(crate) struct OidcVerifier {
     issuer: String,
     /// Template validation (issuer, audience, leeway, required claims); `algorithms` is set per
     /// token to the single pinned algorithm its header names.
@@ -176,7 +176,7 @@ pub struct OidcVerifier {
 impl OidcVerifier {
     /// Validates the config and sets up the key source. A `jwks_file` is read now, so a missing
     /// or unusable file stops startup; HTTP sources load on first use (or [`Self::prefetch`]).
-    pub fn new(cfg: &OidcConfig) -> Result<Self, IdentityError> {
+    pub(crate) fn new(cfg: &OidcConfig) -> Result<Self, IdentityError> {
         let timeout = Duration::from_secs(cfg.http_timeout_secs.max(1));
         let ca = cfg.ca_file.as_deref();
         match (&cfg.jwks_file, &cfg.jwks_url) {
@@ -208,7 +208,7 @@ impl OidcVerifier {
 
     /// Like [`Self::new`] with a caller-supplied key source (its `jwks_*` settings are ignored).
     /// Keys are loaded on first use.
-    pub fn with_source(
+    pub(crate) fn with_source(
         cfg: &OidcConfig,
         source: Arc<dyn JwksSource>,
     ) -> Result<Self, IdentityError> {
@@ -289,27 +289,15 @@ impl OidcVerifier {
         })
     }
 
-    /// The issuer this verifier trusts.
-    pub fn issuer(&self) -> &str {
-        &self.issuer
-    }
-
-    /// Loads the keys now (e.g. at startup, to log a misconfigured IdP early).
-    pub async fn prefetch(&self) -> Result<(), IdentityError> {
-        if self.cache.read().await.keys.is_some() {
-            return Ok(());
-        }
-        self.refresh(Wait::Yes).await.map(|_| ())
-    }
-
-    /// How many times keys were fetched from the source (for metrics and tests).
-    pub fn jwks_fetches(&self) -> u64 {
+    /// How many times keys were fetched from the source.
+    #[cfg(test)]
+    pub(crate) fn jwks_fetches(&self) -> u64 {
         self.fetches.load(Ordering::Relaxed)
     }
 
     /// Verifies a token and maps its claims. Does not look at the PostgreSQL user name: use
     /// [`Self::verify_login`] for a login.
-    pub async fn verify(&self, token: &str) -> Result<Identity, IdentityError> {
+    pub(crate) async fn verify(&self, token: &str) -> Result<Identity, IdentityError> {
         // Pasted tokens often carry a trailing newline; whitespace is never part of a JWT.
         let token = token.trim_matches(|c: char| c.is_ascii_whitespace());
         let header = token::inspect(token, &self.allowed_algs)?;
@@ -338,7 +326,7 @@ impl OidcVerifier {
 
     /// Verifies a login: the token must be valid and, when `bind_user` is set, `pg_user` must
     /// be the token's subject or one of `placeholder_users`.
-    pub async fn verify_login(
+    pub(crate) async fn verify_login(
         &self,
         pg_user: &str,
         token: &str,
@@ -349,7 +337,11 @@ impl OidcVerifier {
     }
 
     /// The user-name binding on its own.
-    pub fn check_user(&self, identity: &Identity, pg_user: &str) -> Result<(), IdentityError> {
+    pub(crate) fn check_user(
+        &self,
+        identity: &Identity,
+        pg_user: &str,
+    ) -> Result<(), IdentityError> {
         if !self.bind_user
             || pg_user == identity.subject
             || self.placeholder_users.iter().any(|p| p == pg_user)

@@ -17,7 +17,7 @@ use std::path::Path;
 use super::ProcessIdentity;
 
 /// Builds a [`ProcessIdentity`] for `pid`, whose uid/gid the kernel attested.
-pub fn describe(pid: u32, uid: u32, gid: u32) -> ProcessIdentity {
+pub(crate) fn describe(pid: u32, uid: u32, gid: u32) -> ProcessIdentity {
     describe_in(Path::new("/proc"), pid, uid, gid)
 }
 

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 type HmacSha256 = Hmac<Sha256>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ScramError {
+pub(crate) enum ScramError {
     #[error("malformed SCRAM verifier")]
     BadVerifier,
     #[error("malformed SCRAM message")]
@@ -32,7 +32,7 @@ pub enum ScramError {
 
 /// A parsed SCRAM-SHA-256 verifier.
 #[derive(Clone)]
-pub struct Verifier {
+pub(crate) struct Verifier {
     iterations: u32,
     salt: Vec<u8>,
     stored_key: [u8; 32],
@@ -40,7 +40,7 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    pub fn parse(s: &str) -> Result<Verifier, ScramError> {
+    pub(crate) fn parse(s: &str) -> Result<Verifier, ScramError> {
         let rest = s
             .strip_prefix("SCRAM-SHA-256$")
             .ok_or(ScramError::BadVerifier)?;
@@ -63,7 +63,7 @@ impl Verifier {
 
     /// A verifier no password matches, derived from a per-process secret so that an unknown user
     /// goes through the same exchange as a known one (no user enumeration by timing or shape).
-    pub fn decoy(user: &str, process_secret: &[u8; 32]) -> Verifier {
+    pub(crate) fn decoy(user: &str, process_secret: &[u8; 32]) -> Verifier {
         let mut mac = hmac_sha256(process_secret, user.as_bytes());
         let salt = mac[..16].to_vec();
         mac = hmac_sha256(&mac, b"keys");
@@ -93,21 +93,21 @@ fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
 
 /// The SASL mechanisms interceptor speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mechanism {
+pub(crate) enum Mechanism {
     ScramSha256,
     /// With channel binding; offered only over TLS.
     ScramSha256Plus,
 }
 
 impl Mechanism {
-    pub const fn name(self) -> &'static str {
+    pub(crate) const fn name(self) -> &'static str {
         match self {
             Mechanism::ScramSha256 => "SCRAM-SHA-256",
             Mechanism::ScramSha256Plus => "SCRAM-SHA-256-PLUS",
         }
     }
 
-    pub fn from_name(name: &[u8]) -> Option<Mechanism> {
+    pub(crate) fn from_name(name: &[u8]) -> Option<Mechanism> {
         match name {
             b"SCRAM-SHA-256" => Some(Mechanism::ScramSha256),
             b"SCRAM-SHA-256-PLUS" => Some(Mechanism::ScramSha256Plus),
@@ -117,7 +117,7 @@ impl Mechanism {
 
     /// What the server offers, most secure first (as PostgreSQL orders them): with an end
     /// point hash (a TLS connection whose certificate has one) both, else plain SCRAM only.
-    pub fn offered(end_point: Option<&[u8]>) -> &'static [&'static str] {
+    pub(crate) fn offered(end_point: Option<&[u8]>) -> &'static [&'static str] {
         match end_point {
             Some(_) => &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"],
             None => &["SCRAM-SHA-256"],
@@ -126,7 +126,7 @@ impl Mechanism {
 }
 
 /// The server's side of one exchange.
-pub struct ServerExchange {
+pub(crate) struct ServerExchange {
     verifier: Verifier,
     client_first_bare: String,
     /// What the client-final-message's `c=` must decode to: the gs2 header, followed by the
@@ -140,7 +140,7 @@ impl ServerExchange {
     /// Takes the client-first-message sent with `mechanism`, returns the exchange and the
     /// server-first-message. `end_point` is this connection's `tls-server-end-point` data when
     /// SCRAM-SHA-256-PLUS was offered on it (TLS), `None` when only SCRAM-SHA-256 was.
-    pub fn start(
+    pub(crate) fn start(
         verifier: Verifier,
         mechanism: Mechanism,
         end_point: Option<&[u8]>,
@@ -226,7 +226,7 @@ impl ServerExchange {
     }
 
     /// Checks the client-final-message; returns the server-final-message on success.
-    pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
+    pub(crate) fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
         let msg = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed)?;
         let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(ScramError::Malformed)?;
         let mut channel = None;
@@ -271,7 +271,7 @@ impl ServerExchange {
 
 /// Equality whose time does not depend on where the inputs differ (only on their lengths):
 /// `subtle` keeps the optimiser from turning the comparison back into an early exit.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     a.ct_eq(b).into()
 }

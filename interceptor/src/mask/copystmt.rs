@@ -12,11 +12,11 @@ use super::copy::{CopyFormat, CopyOptions};
 
 /// One COPY … TO STDOUT, in statement order: what it copies and the options that shape its
 /// output. An error names an option the masker cannot follow (the result is then withheld).
-pub type CopyTarget = Result<CopyOut, String>;
+pub(crate) type CopyTarget = Result<CopyOut, String>;
 
 /// What a COPY TO STDOUT produces.
 #[derive(Debug, Clone)]
-pub struct CopyOut {
+pub(crate) struct CopyOut {
     pub options: CopyOptions,
     /// A query whose RowDescription has the COPY's columns, in order (described, never run).
     pub columns_query: String,
@@ -24,7 +24,7 @@ pub struct CopyOut {
 
 /// The COPY TO STDOUT statements of `tree`, in order. COPY FROM, and COPY TO a file or a
 /// program, send no data to the client and are left out.
-pub fn copies_to_client(tree: &ParseResult) -> Vec<CopyTarget> {
+pub(crate) fn copies_to_client(tree: &ParseResult) -> Vec<CopyTarget> {
     tree.stmts
         .iter()
         .filter_map(|raw| match raw.stmt.as_ref()?.node.as_ref()? {

@@ -17,7 +17,7 @@ use super::summary::MaskTarget;
 /// The built-in detectors (`custom` is a named regex from the rules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum DetectorKind {
+pub(crate) enum DetectorKind {
     /// Payment card numbers: 13-19 digits, optional single space/dash separators, Luhn-valid.
     Card,
     Email,

@@ -35,9 +35,9 @@ mod tests;
 
 pub(crate) use catalog::table_oids_of;
 pub use catalog::{CatalogResolver, ColumnOrigin, OriginCache, catalog_query, table_oids};
-pub use copy::{CopyColumn, CopyFormat, CopyMasker, CopyOptions};
-pub use copystmt::{CopyOut, CopyTarget, copies_to_client};
-pub use detect::DetectorKind;
+pub(crate) use copy::CopyMasker;
+pub use copy::{CopyColumn, CopyFormat, CopyOptions};
+pub(crate) use copystmt::{CopyTarget, copies_to_client};
 pub use plan::MaskPlan;
 #[cfg(test)]
 pub(crate) use wire::row_descriptions_decoded;
@@ -45,11 +45,11 @@ pub(crate) use wire::{FieldDescription, parse_row_description};
 
 /// A RowDescription decoded once: masking (origins, plan) and the recording read it.
 pub(crate) type RowFields = Result<Vec<FieldDescription>, MaskError>;
-pub use relcat::{Lookup, RelName, RelationCache};
-pub use rewrite::{Needs, Refusal, needs, rewrite};
-pub use rules::{Allowances, MaskRules};
+pub(crate) use relcat::RelationCache;
+pub(crate) use rewrite::{needs, rewrite};
+pub use rules::MaskRules;
 pub use strategy::StrategyKind;
-pub use summary::{MaskCount, MaskSummary, MaskTarget};
+pub use summary::{MaskSummary, MaskTarget};
 
 /// Why masking could not proceed. The relay must not forward the affected message.
 #[derive(Debug, Clone, thiserror::Error)]

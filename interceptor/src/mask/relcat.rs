@@ -11,7 +11,7 @@ use super::sqlmask::ColumnType;
 
 /// A relation as a statement names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RelName {
+pub(crate) struct RelName {
     pub schema: Option<String>,
     pub name: String,
 }
@@ -27,21 +27,21 @@ impl RelName {
 }
 
 #[derive(Debug, Clone)]
-pub struct ColumnInfo {
+pub(crate) struct ColumnInfo {
     pub name: String,
     pub ty: ColumnType,
 }
 
 /// A column a view or materialized view reads (`column` `None`: the whole row).
 #[derive(Debug, Clone)]
-pub struct BaseColumn {
+pub(crate) struct BaseColumn {
     pub schema: String,
     pub table: String,
     pub column: Option<String>,
 }
 
 #[derive(Debug, Clone)]
-pub struct RelationInfo {
+pub(crate) struct RelationInfo {
     pub schema: String,
     pub name: String,
     /// `pg_class.relkind`.
@@ -54,7 +54,7 @@ pub struct RelationInfo {
 
 /// Per-session cache of lookups. `None` = looked up, does not exist for the side connection.
 #[derive(Debug, Default)]
-pub struct RelationCache {
+pub(crate) struct RelationCache {
     relations: HashMap<RelName, Option<RelationInfo>>,
     user_functions: HashMap<String, bool>,
 }
@@ -63,23 +63,23 @@ pub struct RelationCache {
 const MAX_ENTRIES: usize = 10_000;
 
 impl RelationCache {
-    pub fn relation(&self, name: &RelName) -> Option<&RelationInfo> {
+    pub(crate) fn relation(&self, name: &RelName) -> Option<&RelationInfo> {
         self.relations.get(name).and_then(Option::as_ref)
     }
 
     /// A function of this name exists outside pg_catalog and information_schema (unknown
     /// names count as user functions: fail closed).
-    pub fn is_user_function(&self, name: &str) -> bool {
+    pub(crate) fn is_user_function(&self, name: &str) -> bool {
         self.user_functions.get(name).copied().unwrap_or(true)
     }
 
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.relations.clear();
         self.user_functions.clear();
     }
 
     /// The catalog query for what is not cached yet, `None` when everything is.
-    pub fn query(&self, relations: &[RelName], functions: &[String]) -> Option<Lookup> {
+    pub(crate) fn query(&self, relations: &[RelName], functions: &[String]) -> Option<Lookup> {
         let rels: Vec<RelName> = relations
             .iter()
             .filter(|r| !self.relations.contains_key(*r))
@@ -157,7 +157,7 @@ impl RelationCache {
     }
 
     /// Stores the answer to `lookup` (rows of 8 text fields). Malformed rows are an error.
-    pub fn insert(
+    pub(crate) fn insert(
         &mut self,
         lookup: Lookup,
         rows: &[Vec<Option<String>>],
@@ -234,12 +234,12 @@ impl RelationCache {
 /// A catalog answer that does not have the shape of the lookup query's rows.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("malformed catalog answer")]
-pub struct MalformedCatalog;
+pub(crate) struct MalformedCatalog;
 
 /// A pending catalog lookup: run `sql` (simple protocol), hand the rows to
 /// [`RelationCache::insert`].
 #[derive(Debug)]
-pub struct Lookup {
+pub(crate) struct Lookup {
     pub sql: String,
     relations: Vec<RelName>,
     functions: Vec<String>,

@@ -21,11 +21,11 @@ use super::strategy::Strategy;
 /// Why a statement cannot be sent: the message names the column and the rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct Refusal(pub String);
+pub(crate) struct Refusal(pub String);
 
 /// What a statement needs from the catalog before [`rewrite`] can run.
 #[derive(Debug, Default)]
-pub struct Needs {
+pub(crate) struct Needs {
     pub relations: Vec<RelName>,
     pub functions: Vec<String>,
     /// The statement may change the catalog (the session's cache should be dropped after it).
@@ -33,7 +33,7 @@ pub struct Needs {
 }
 
 /// The relations and function names `tree` mentions.
-pub fn needs(tree: &pg_query::protobuf::ParseResult) -> Needs {
+pub(crate) fn needs(tree: &pg_query::protobuf::ParseResult) -> Needs {
     let mut n = Needs::default();
     let Ok(v) = serde_json::to_value(tree) else {
         return n;
@@ -95,7 +95,7 @@ fn collect(v: &Value, n: &mut Needs) {
 }
 
 /// Rewrites `sql` (whose parse is `tree`): `Ok(None)` when nothing changes.
-pub fn rewrite(
+pub(crate) fn rewrite(
     sql: &str,
     tree: &pg_query::protobuf::ParseResult,
     rules: &MaskRules,

@@ -8,7 +8,7 @@ use super::strategy::Strategy;
 
 /// How a masked column is typed, from the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ColumnType {
+pub(crate) struct ColumnType {
     /// `format_type(atttypid, atttypmod)`: SQL for the column's type.
     pub sql: String,
     /// `pg_type.typcategory` is `S` (text, varchar, bpchar, name, citext, domains over them).
@@ -25,7 +25,7 @@ const MAX_BOUND: usize = 255;
 
 /// The SQL expression standing for `reference` (the column reference as written) under
 /// `strategy`, or `None` when the strategy cannot be written without the key.
-pub fn masking_expression(
+pub(super) fn masking_expression(
     strategy: &Strategy,
     keyed: bool,
     reference: &str,

@@ -95,7 +95,7 @@ impl<'a> Reader<'a> {
 
 /// Wire format of a column's values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     Text,
     Binary,
 }

@@ -9,22 +9,22 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::net::message::PgError;
+use interceptor_wire::message::PgError;
 
 /// SQLSTATE too_many_connections.
-pub const TOO_MANY_CONNECTIONS: &str = "53300";
+pub(crate) const TOO_MANY_CONNECTIONS: &str = "53300";
 
 #[derive(Clone)]
-pub struct Admission {
+pub(crate) struct Admission {
     pending: Arc<Semaphore>,
     max: usize,
 }
 
 /// Held while a connection has not authenticated; dropped once it has (or is gone).
-pub struct Pending(#[allow(dead_code)] OwnedSemaphorePermit);
+pub(crate) struct Pending(#[allow(dead_code)] OwnedSemaphorePermit);
 
 impl Admission {
-    pub fn new(max_unauthenticated: usize) -> Self {
+    pub(crate) fn new(max_unauthenticated: usize) -> Self {
         Admission {
             pending: Arc::new(Semaphore::new(max_unauthenticated)),
             max: max_unauthenticated,
@@ -32,7 +32,7 @@ impl Admission {
     }
 
     /// A slot for one more unauthenticated connection, or the error to send when none is free.
-    pub fn admit(&self) -> Result<Pending, PgError> {
+    pub(crate) fn admit(&self) -> Result<Pending, PgError> {
         self.pending
             .clone()
             .try_acquire_owned()
@@ -50,7 +50,8 @@ impl Admission {
     }
 
     /// Connections currently awaiting authentication.
-    pub fn pending(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> usize {
         self.max - self.pending.available_permits()
     }
 }

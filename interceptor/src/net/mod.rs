@@ -1,7 +1,6 @@
-//! Listeners, TLS and PostgreSQL wire framing.
+//! Listeners, TLS, the streams they hand out and the reader that frames them.
 
-pub mod admission;
-pub mod frame;
-pub mod message;
-pub mod stream;
-pub mod tls;
+pub(crate) mod admission;
+pub(crate) mod reader;
+pub(crate) mod stream;
+pub(crate) mod tls;

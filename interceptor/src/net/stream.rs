@@ -7,10 +7,10 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
-pub type BoxedRead = Box<dyn AsyncRead + Unpin + Send>;
-pub type BoxedWrite = Box<dyn AsyncWrite + Unpin + Send>;
+pub(crate) type BoxedRead = Box<dyn AsyncRead + Unpin + Send>;
+pub(crate) type BoxedWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
-pub enum Stream {
+pub(crate) enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
     TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
@@ -18,12 +18,12 @@ pub enum Stream {
 }
 
 impl Stream {
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         matches!(self, Stream::TlsServer(_) | Stream::TlsClient(_))
     }
 
     /// Splits into independently owned halves; plain sockets split without a lock.
-    pub fn into_split(self) -> (BoxedRead, BoxedWrite) {
+    pub(crate) fn into_split(self) -> (BoxedRead, BoxedWrite) {
         match self {
             Stream::Tcp(s) => {
                 let (r, w) = s.into_split();

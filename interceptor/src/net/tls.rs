@@ -12,7 +12,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("cannot read {path}: {message}")]
     Pem { path: String, message: String },
     #[error("{path} holds no certificate")]
@@ -27,7 +27,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| TlsError::Pem {
             path: path.display().to_string(),
@@ -56,7 +56,7 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 /// The acceptor's configuration. With an mTLS configuration, clients may (or must) present a
 /// certificate chained to its CA; the verifier is the identity module's.
-pub fn server_config(
+pub(crate) fn server_config(
     cert: &Path,
     key: &Path,
     mtls: Option<&crate::identity::mtls::MtlsConfig>,
@@ -82,7 +82,7 @@ pub fn server_config(
 /// DER hashed with the hash of its signature algorithm, SHA-256 where that is MD5 or SHA-1.
 /// `None` where the algorithm has no single hash (Ed25519, Ed448) or is not known: PostgreSQL
 /// cannot bind to such a certificate either, and only SCRAM-SHA-256 is offered then.
-pub fn server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
     use sha2::Digest;
     use x509_parser::prelude::FromDer;
     #[derive(Clone, Copy)]
@@ -137,7 +137,10 @@ pub fn server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
 
 /// The upstream connector's configuration: verified against `ca`, or (tls = require) encrypted
 /// without verification, as libpq's `sslmode=require` does.
-pub fn client_config(ca: Option<&Path>, verify: bool) -> Result<Arc<ClientConfig>, TlsError> {
+pub(crate) fn client_config(
+    ca: Option<&Path>,
+    verify: bool,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let builder =
         ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let config = if verify {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::audit::admin::{Extension, ExtensionFuture};
 use crate::session::shared::ServerState;
 
-pub fn extension(state: Arc<ServerState>) -> Extension {
+pub(crate) fn extension(state: Arc<ServerState>) -> Extension {
     Arc::new(move |req: serde_json::Value| -> ExtensionFuture {
         let state = state.clone();
         Box::pin(async move { handle(&state, req).await })

@@ -12,12 +12,12 @@ use crate::session::shared::ServerState;
 /// Set once every listener accepts; cleared when a graceful stop begins.
 static LISTENING: AtomicBool = AtomicBool::new(false);
 
-pub fn set_listening(on: bool) {
+pub(crate) fn set_listening(on: bool) {
     LISTENING.store(on, Ordering::SeqCst);
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Check {
+pub(crate) struct Check {
     pub name: &'static str,
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -25,13 +25,13 @@ pub struct Check {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     pub ready: bool,
     pub checks: Vec<Check>,
 }
 
 /// Runs every readiness check (opens, and drops, one connection to PostgreSQL).
-pub async fn readiness(state: &ServerState) -> Readiness {
+pub(crate) async fn readiness(state: &ServerState) -> Readiness {
     let mut checks = Vec::new();
     let listening = LISTENING.load(Ordering::SeqCst);
     checks.push(Check {

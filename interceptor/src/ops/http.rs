@@ -14,7 +14,7 @@ use crate::session::shared::ServerState;
 const MAX_HEAD: usize = 8 * 1024;
 
 /// Binds `addr` (before the daemon reports ready) and returns the serving task's future.
-pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+pub(crate) async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     use anyhow::Context;
     let l = TcpListener::bind(addr)
         .await
@@ -23,7 +23,7 @@ pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(l)
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<ServerState>) -> anyhow::Result<()> {
+pub(crate) async fn serve(listener: TcpListener, state: Arc<ServerState>) -> anyhow::Result<()> {
     loop {
         let (sock, _) = match listener.accept().await {
             Ok(c) => c,

@@ -15,7 +15,7 @@ pub enum LogFormat {
 
 impl LogFormat {
     /// The format `Auto` stands for in this process.
-    pub fn resolve(self) -> LogFormat {
+    pub(crate) fn resolve(self) -> LogFormat {
         match self {
             LogFormat::Auto if stderr_is_journal() => LogFormat::Json,
             LogFormat::Auto => LogFormat::Text,
@@ -27,7 +27,7 @@ impl LogFormat {
 /// systemd sets `JOURNAL_STREAM=<dev>:<inode>` for a service whose stderr is the journal; the
 /// variable is inherited by children whose stderr may be elsewhere, so the device and inode of
 /// stderr are compared with it, as systemd's documentation asks.
-pub fn stderr_is_journal() -> bool {
+pub(crate) fn stderr_is_journal() -> bool {
     let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
         return false;
     };

@@ -4,7 +4,7 @@
 use std::os::unix::net::UnixDatagram;
 
 /// Sends `state` to the service manager; does nothing when not run by one.
-pub fn notify(state: &str) {
+pub(crate) fn notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
@@ -25,7 +25,7 @@ pub fn notify(state: &str) {
 }
 
 /// `READY=1`, with a status line for `systemctl status`.
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     notify(&format!(
         "READY=1\nSTATUS={status}\nMAINPID={}\n",
         std::process::id()
@@ -34,7 +34,7 @@ pub fn ready(status: &str) {
 
 /// Around a reload: `RELOADING=1` with the monotonic time systemd asks for (Type=notify-reload
 /// compatible), then `READY=1`.
-pub fn reloading() {
+pub(crate) fn reloading() {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -45,6 +45,6 @@ pub fn reloading() {
     notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}\n"));
 }
 
-pub fn stopping() {
+pub(crate) fn stopping() {
     notify("STOPPING=1\n");
 }

@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::session::shared::ServerState;
 
 /// The top-level sections whose values differ between `old` and `new`.
-pub fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
+pub(crate) fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut out = Vec::new();
     macro_rules! cmp {
         ($($field:ident => $name:literal),* $(,)?) => {
@@ -38,7 +38,7 @@ pub fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
 }
 
 /// Handles one SIGHUP.
-pub fn reload(state: &ServerState, config_path: Option<&Path>) {
+pub(crate) fn reload(state: &ServerState, config_path: Option<&Path>) {
     super::notify::reloading();
     let outcome = |ok: bool| {
         crate::metrics::METRICS

@@ -6,15 +6,15 @@ use std::path::{Path, PathBuf};
 
 use super::error::PolicyError;
 use super::glob::Glob;
-use super::lexer::LexSettings;
 use super::load::TESTS_SUFFIX;
 use super::load::{parse_policy, policy_files};
 use super::model::{DecisionKind, KindSpec};
 use super::rules::{Policy, Rule, Verdict};
 use super::set::PolicySet;
-use super::statement::{Risk, StatementKind};
 use super::testcases;
 use crate::identity::{Identity, ProcessIdentity, Proof};
+use interceptor_sql::lexer::LexSettings;
+use interceptor_sql::statement::{Risk, StatementKind};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum PolicyCommand {
@@ -185,13 +185,13 @@ pub fn run(cmd: &PolicyCommand, out: &mut dyn Write) -> Result<bool, CliError> {
 
 /// A lint finding.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Warning {
+pub(crate) struct Warning {
     pub location: String,
     pub message: String,
 }
 
 #[derive(Debug, Default)]
-pub struct CheckReport {
+pub(crate) struct CheckReport {
     pub policies: usize,
     pub errors: Vec<PolicyError>,
     pub warnings: Vec<Warning>,
@@ -199,7 +199,7 @@ pub struct CheckReport {
 
 /// Lints every policy file of `dir` (all errors, not just the first) and the test files'
 /// syntax.
-pub fn check_dir(dir: &Path) -> Result<CheckReport, PolicyError> {
+pub(crate) fn check_dir(dir: &Path) -> Result<CheckReport, PolicyError> {
     let mut report = CheckReport::default();
     let mut policies = Vec::new();
     for path in policy_files(dir)? {
@@ -268,7 +268,7 @@ fn is_broad(rule: &Rule) -> bool {
 }
 
 /// Rules that can never match, and rules shadowed by an earlier rule.
-pub fn lint_policy(p: &Policy) -> Vec<Warning> {
+pub(crate) fn lint_policy(p: &Policy) -> Vec<Warning> {
     let mut out = Vec::new();
     let warn = |rule: &Rule, message: String| Warning {
         location: rule.location.clone(),

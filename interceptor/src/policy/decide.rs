@@ -3,15 +3,15 @@
 
 use std::time::SystemTime;
 
-use super::classify::{Classified, Unclassifiable};
 use super::glob::Glob;
 use super::model::{DecisionKind, IdentityMatch};
 use super::rules::{Decision, Policy, Rule, Verdict};
 use super::session::SessionStatements;
 use crate::identity::Identity;
+use interceptor_sql::classify::{Classified, Unclassifiable};
 
 /// Does the identity section select `who`?
-pub fn identity_matches(m: &IdentityMatch, who: &Identity) -> bool {
+pub(crate) fn identity_matches(m: &IdentityMatch, who: &Identity) -> bool {
     let named = m.subjects.is_empty() && m.groups.is_empty()
         || m.subjects.iter().any(|g| g.matches(&who.subject))
         || m.groups
@@ -41,7 +41,7 @@ pub fn identity_matches(m: &IdentityMatch, who: &Identity) -> bool {
 impl Rule {
     /// Does this rule apply to the statement? `allow` rules are narrow (everything the
     /// statement touches must be covered), `deny`/`approve` rules broad (one hit is enough).
-    pub fn matches(&self, s: &Classified, now: SystemTime) -> bool {
+    pub(crate) fn matches(&self, s: &Classified, now: SystemTime) -> bool {
         if let Some((_, w)) = &self.window
             && !w.contains(now)
         {
@@ -100,7 +100,7 @@ impl Rule {
         &self,
         s: &Classified,
         now: SystemTime,
-    ) -> Option<Vec<super::statement::Risk>> {
+    ) -> Option<Vec<interceptor_sql::statement::Risk>> {
         if self.decision != DecisionKind::Allow {
             return None;
         }
@@ -353,7 +353,7 @@ pub(crate) fn merge_approval(acc: &mut Option<Verdict>, next: Verdict) {
 }
 
 /// A risk as spelled in policy files (its serde name).
-fn risk_name(r: super::statement::Risk) -> String {
+fn risk_name(r: interceptor_sql::statement::Risk) -> String {
     match serde_json::to_value(r) {
         Ok(serde_json::Value::String(s)) => s,
         _ => format!("{r:?}"),

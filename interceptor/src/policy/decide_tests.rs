@@ -4,12 +4,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::cli::{self, PolicyCommand};
-use super::lexer::LexSettings;
 use super::reload::{PolicyEvent, PolicyHandle};
+use super::rules::Verdict;
 use super::session::SessionStatements;
-use super::set::{PolicySet, Verdict};
+use super::set::PolicySet;
 use super::testcases;
 use crate::identity::{Identity, Proof};
+use interceptor_sql::lexer::LexSettings;
 
 fn who(subject: &str, groups: &[&str]) -> Identity {
     Identity {
@@ -485,7 +486,7 @@ async fn reload_picks_up_a_new_file() {
 fn read_only_example_policies_allow_psql_and_drivers() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
     let set = load(&dir);
-    let corpus = include_str!("testdata/psql15_catalog_queries.sql");
+    let corpus = include_str!("../../../interceptor-sql/src/testdata/psql15_catalog_queries.sql");
     let mut queries: Vec<&str> = corpus
         .split("\n----\n")
         .map(str::trim)

@@ -6,10 +6,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
-pub struct Glob(String);
+pub(crate) struct Glob(String);
 
 impl Glob {
-    pub fn new(pattern: impl Into<String>) -> Result<Glob, String> {
+    pub(crate) fn new(pattern: impl Into<String>) -> Result<Glob, String> {
         let pattern = pattern.into();
         if pattern.is_empty() {
             return Err("empty pattern".to_owned());
@@ -17,22 +17,18 @@ impl Glob {
         Ok(Glob(pattern))
     }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
     /// True when the pattern has no wildcard and equals `other` (used by the linter).
-    pub fn is_literal(&self) -> bool {
+    pub(crate) fn is_literal(&self) -> bool {
         !self.0.contains(['*', '?'])
     }
 
-    pub fn matches(&self, text: &str) -> bool {
+    pub(crate) fn matches(&self, text: &str) -> bool {
         glob_match(self.0.as_bytes(), text.as_bytes())
     }
 
     /// Does this pattern match everything `other` matches? Conservative: only decides the
     /// easy cases (`*`, equal patterns, literal `other`), returns false otherwise.
-    pub fn covers(&self, other: &Glob) -> bool {
+    pub(crate) fn covers(&self, other: &Glob) -> bool {
         self.0 == "*" || self.0 == other.0 || (other.is_literal() && self.matches(&other.0))
     }
 }

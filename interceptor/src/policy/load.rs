@@ -9,7 +9,7 @@ use super::rules::{Policy, Rule, Verdict};
 use super::window::Window;
 
 /// Policy files end in `.toml`; policy tests in `.tests.toml` are not policies.
-pub const TESTS_SUFFIX: &str = ".tests.toml";
+pub(crate) const TESTS_SUFFIX: &str = ".tests.toml";
 
 /// The policy files of `dir`: `*.toml` except `*.tests.toml` and hidden files, sorted.
 pub(crate) fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
@@ -29,7 +29,7 @@ pub(crate) fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
 }
 
 /// Parses and validates one policy file.
-pub fn parse_policy(path: &Path, text: &str) -> Result<Policy, PolicyError> {
+pub(crate) fn parse_policy(path: &Path, text: &str) -> Result<Policy, PolicyError> {
     let file: PolicyFile =
         toml::from_str(text).map_err(|e| PolicyError::from_toml(path, text, &e))?;
     let name_span = file.policy.name.span();
@@ -105,7 +105,6 @@ pub fn parse_policy(path: &Path, text: &str) -> Result<Policy, PolicyError> {
     }
     Ok(Policy {
         name,
-        description: file.policy.description,
         priority: file.policy.priority,
         path: path.to_owned(),
         identities: file.identities,

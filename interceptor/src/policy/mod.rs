@@ -1,11 +1,8 @@
-//! Policy files, statement classification and decisions.
+//! Policy files and decisions over classified statements.
 //!
-//! * [`lexer`]: PostgreSQL-faithful splitting of query text (the anti-bypass layer).
-//! * [`statement`]: the words rules use for what a statement is (kind, risks).
-//! * [`mod@classify`]: what each statement does (kind, risks, tables, functions), from
-//!   PostgreSQL's own parser ([`pgparse`], tree walk in `pgwalk`), with [`functions`] (side
-//!   effects), [`relfuncs`] (functions whose arguments name relations, from pg_proc), and the
-//!   sqlparser reading ([`walk`], [`names`]) as a second opinion that can only refuse.
+//! What each statement does (lexer, PostgreSQL's parser, kinds and risks) is the
+//! `interceptor_sql` crate; this module decides on it.
+//!
 //! * [`model`]: the TOML policy file format; [`load`]: validation with `file:line:col`.
 //! * [`rules`]: a validated policy, its rules, verdicts and decisions.
 //! * [`set`]: the API the proxy calls (`PolicySet`: route, decide); [`decide`]: rule matching
@@ -15,40 +12,23 @@
 //!
 //! The evaluation order is documented in `docs/policy.md`.
 
-pub mod classify;
 pub mod cli;
-pub mod decide;
-pub mod error;
-pub mod functions;
-pub mod glob;
-pub mod lexer;
-pub mod load;
-pub mod model;
-pub mod names;
-pub mod pgparse;
-pub(crate) mod pgwalk;
-pub mod relfuncs;
-pub mod reload;
-pub mod rules;
-pub mod secrets;
-pub mod session;
-pub mod set;
-pub mod statement;
-pub mod testcases;
-pub mod walk;
-pub mod window;
+pub(crate) mod decide;
+pub(crate) mod error;
+pub(crate) mod glob;
+pub(crate) mod load;
+pub(crate) mod model;
+pub(crate) mod reload;
+pub(crate) mod rules;
+pub(crate) mod session;
+pub(crate) mod set;
+pub(crate) mod testcases;
+pub(crate) mod window;
 
-pub use classify::{Classified, Unclassifiable, classify};
-pub use error::PolicyError;
-pub use lexer::LexSettings;
-pub use model::Limits;
-pub use reload::{PolicyEvent, PolicyHandle};
-pub use rules::{Decision, Policy, Rule, Verdict};
-pub use session::SessionStatements;
-pub use set::{PolicySet, Refusal, Route};
-pub use statement::{Risk, StatementKind};
+pub(crate) use reload::{PolicyEvent, PolicyHandle};
+pub(crate) use rules::{Decision, Verdict};
+pub(crate) use session::SessionStatements;
+pub(crate) use set::{PolicySet, Route};
 
-#[cfg(test)]
-mod classify_tests;
 #[cfg(test)]
 mod decide_tests;

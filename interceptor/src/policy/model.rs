@@ -6,13 +6,13 @@ use serde::{Deserialize, Deserializer, Serialize};
 use toml::Spanned;
 
 use super::glob::Glob;
-use super::statement::{Risk, StatementKind};
 use super::window::Window;
+use interceptor_sql::statement::{Risk, StatementKind};
 
 /// One policy file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PolicyFile {
+pub(crate) struct PolicyFile {
     pub policy: PolicyMeta,
     pub identities: IdentityMatch,
     pub login: Login,
@@ -31,9 +31,11 @@ pub struct PolicyFile {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PolicyMeta {
+pub(crate) struct PolicyMeta {
     pub name: Spanned<String>,
+    /// A note for readers of the policy file: parsed (so a non-string is refused), never used.
     #[serde(default)]
+    #[expect(dead_code, reason = "accepted in policy files as documentation")]
     pub description: String,
     /// Policies are tried from the highest priority down (ties: by name).
     #[serde(default)]
@@ -44,7 +46,7 @@ pub struct PolicyMeta {
 /// `process`: every attribute given must match the kernel-attested client process.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct IdentityMatch {
+pub(crate) struct IdentityMatch {
     #[serde(default)]
     pub subjects: Vec<Glob>,
     #[serde(default)]
@@ -55,7 +57,7 @@ pub struct IdentityMatch {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ProcessMatch {
+pub(crate) struct ProcessMatch {
     #[serde(default)]
     pub uids: Vec<u32>,
     #[serde(default)]
@@ -66,7 +68,7 @@ pub struct ProcessMatch {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Login {
+pub(crate) struct Login {
     /// The PostgreSQL role interceptor logs in as for these identities (least privilege).
     pub upstream_role: String,
     /// Databases these identities may connect to (glob patterns).
@@ -76,7 +78,7 @@ pub struct Login {
 /// Per-identity limits the proxy enforces.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Rows returned per statement before the proxy cuts the result off.
     #[serde(default)]
     pub max_rows: Option<u64>,
@@ -98,7 +100,7 @@ pub struct Limits {
 /// `[limits.startup]`: startup settings beyond what the rules decide for the equivalent `SET`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StartupSettings {
+pub(crate) struct StartupSettings {
     /// Settings every session starts with; a client asking for another value is refused.
     #[serde(default)]
     pub pin: BTreeMap<String, String>,
@@ -113,7 +115,7 @@ pub struct StartupSettings {
 /// What to do with a query that cannot be parsed or classified (default: deny).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UnparseableRule {
+pub(crate) struct UnparseableRule {
     pub decision: Spanned<DecisionKind>,
     #[serde(default)]
     pub approvers: Vec<String>,
@@ -125,7 +127,7 @@ pub struct UnparseableRule {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum DecisionKind {
+pub(crate) enum DecisionKind {
     Allow,
     Deny,
     Approve,
@@ -134,7 +136,7 @@ pub enum DecisionKind {
 /// A kind in a rule: one statement kind, or `copy` for both COPY directions, or `any`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum KindSpec {
+pub(crate) enum KindSpec {
     Read,
     Transaction,
     Session,
@@ -150,7 +152,7 @@ pub enum KindSpec {
 }
 
 impl KindSpec {
-    pub fn matches(self, kind: StatementKind) -> bool {
+    pub(crate) fn matches(self, kind: StatementKind) -> bool {
         use StatementKind as K;
         match self {
             KindSpec::Any => true,
@@ -172,10 +174,12 @@ impl KindSpec {
 /// `[[rule]]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RuleSpec {
+pub(crate) struct RuleSpec {
     pub name: Spanned<String>,
     pub decision: DecisionKind,
+    /// A note for readers of the policy file: parsed (so a non-string is refused), never used.
     #[serde(default)]
+    #[expect(dead_code, reason = "accepted in policy files as documentation")]
     pub description: String,
     /// Statement kinds (absent: any kind).
     #[serde(default)]
@@ -220,7 +224,7 @@ pub(crate) fn default_timeout() -> u64 {
 }
 
 /// Every risk: what `risks = ["any"]` stands for.
-pub const ALL_RISKS: [Risk; 19] = [
+pub(crate) const ALL_RISKS: [Risk; 19] = [
     Risk::DeleteWithoutWhere,
     Risk::UpdateWithoutWhere,
     Risk::Drop,

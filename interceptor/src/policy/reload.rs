@@ -13,11 +13,11 @@ use super::error::PolicyError;
 use super::set::PolicySet;
 
 /// How often the watcher looks at the directory.
-pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
-pub enum PolicyEvent {
+pub(crate) enum PolicyEvent {
     /// A new policy set is in force.
     Reloaded { version: u64, policies: Vec<String> },
     /// The directory changed but did not load; `version` (the old set) stays in force.
@@ -26,13 +26,13 @@ pub enum PolicyEvent {
 
 /// Shared, cheaply cloned access to the current policy set.
 #[derive(Debug, Clone)]
-pub struct PolicyHandle {
+pub(crate) struct PolicyHandle {
     current: Arc<RwLock<Arc<PolicySet>>>,
     events: broadcast::Sender<PolicyEvent>,
 }
 
 impl PolicyHandle {
-    pub fn new(set: PolicySet) -> PolicyHandle {
+    pub(crate) fn new(set: PolicySet) -> PolicyHandle {
         let (events, _) = broadcast::channel(64);
         PolicyHandle {
             current: Arc::new(RwLock::new(Arc::new(set))),
@@ -41,12 +41,12 @@ impl PolicyHandle {
     }
 
     /// Loads `dir` once (startup: a broken directory is an error, there is nothing to keep).
-    pub fn load(dir: &Path) -> Result<PolicyHandle, PolicyError> {
+    pub(crate) fn load(dir: &Path) -> Result<PolicyHandle, PolicyError> {
         Ok(PolicyHandle::new(PolicySet::load_dir(dir)?))
     }
 
     /// The policy set in force now. Hold the `Arc` for the whole decision.
-    pub fn current(&self) -> Arc<PolicySet> {
+    pub(crate) fn current(&self) -> Arc<PolicySet> {
         // A poisoned lock still holds a complete Arc (swaps are a single assignment).
         self.current
             .read()
@@ -55,13 +55,13 @@ impl PolicyHandle {
     }
 
     /// Reload and audit events.
-    pub fn subscribe(&self) -> broadcast::Receiver<PolicyEvent> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<PolicyEvent> {
         self.events.subscribe()
     }
 
     /// Loads `dir` now; on success swaps it in, on failure keeps the old set. Either way an
     /// event is sent and returned.
-    pub fn reload(&self, dir: &Path) -> PolicyEvent {
+    pub(crate) fn reload(&self, dir: &Path) -> PolicyEvent {
         let event = match PolicySet::load_dir(dir) {
             Ok(set) => {
                 let event = PolicyEvent::Reloaded {
@@ -88,7 +88,7 @@ impl PolicyHandle {
 
     /// Starts a task that reloads `dir` whenever a policy file's name, size or mtime changes.
     /// Returns the event receiver (subscribed before the task starts, so no event is missed).
-    pub fn spawn_watcher(&self, dir: PathBuf) -> broadcast::Receiver<PolicyEvent> {
+    pub(crate) fn spawn_watcher(&self, dir: PathBuf) -> broadcast::Receiver<PolicyEvent> {
         let rx = self.subscribe();
         let handle = self.clone();
         // Taken now, not in the task: a change made before the task first runs is still seen.

@@ -6,16 +6,16 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::classify::Classified;
 use super::glob::Glob;
 use super::model::{DecisionKind, IdentityMatch, KindSpec, Limits};
-use super::pgparse::Tree;
-use super::statement::Risk;
 use super::window::Window;
+use interceptor_sql::classify::Classified;
+use interceptor_sql::pgparse::Tree;
+use interceptor_sql::statement::Risk;
 
 /// A validated rule.
 #[derive(Debug, Clone)]
-pub struct Rule {
+pub(crate) struct Rule {
     pub name: String,
     pub decision: DecisionKind,
     pub kinds: Option<Vec<KindSpec>>,
@@ -34,9 +34,8 @@ pub struct Rule {
 
 /// One policy (one file).
 #[derive(Debug, Clone)]
-pub struct Policy {
+pub(crate) struct Policy {
     pub name: String,
-    pub description: String,
     pub priority: i64,
     pub path: PathBuf,
     pub identities: IdentityMatch,
@@ -50,7 +49,7 @@ pub struct Policy {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "verdict", rename_all = "snake_case")]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Allow,
     Deny {
         sqlstate: String,
@@ -65,7 +64,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Verdict::Allow => "allow",
             Verdict::Deny { .. } => "deny",
@@ -76,7 +75,7 @@ impl Verdict {
 
 /// The decision for one query (all its statements).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Decision {
+pub(crate) struct Decision {
     pub verdict: Verdict,
     /// The rule that made the decision (`None`: default deny, or no policy).
     pub rule: Option<String>,

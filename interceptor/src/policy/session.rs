@@ -3,22 +3,22 @@
 
 use std::collections::HashMap;
 
-use super::classify::Classified;
+use interceptor_sql::classify::Classified;
 
 /// Per-session map from prepared-statement name to its classification.
 #[derive(Debug, Clone, Default)]
-pub struct SessionStatements {
+pub(crate) struct SessionStatements {
     prepared: HashMap<String, Classified>,
 }
 
 impl SessionStatements {
-    pub fn new() -> SessionStatements {
+    pub(crate) fn new() -> SessionStatements {
         SessionStatements::default()
     }
 
     /// Records the effect of statements that were sent upstream and succeeded: PREPARE adds a
     /// name, DEALLOCATE removes it, DEALLOCATE ALL / DISCARD ALL clear the map.
-    pub fn observe(&mut self, statements: &[Classified]) {
+    pub(crate) fn observe(&mut self, statements: &[Classified]) {
         for s in statements {
             self.apply(s);
         }
@@ -40,15 +40,12 @@ impl SessionStatements {
     }
 
     /// What `name` was prepared as.
-    pub fn get(&self, name: &str) -> Option<&Classified> {
+    pub(crate) fn get(&self, name: &str) -> Option<&Classified> {
         self.prepared.get(name)
     }
 
-    pub fn len(&self) -> usize {
-        self.prepared.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.prepared.is_empty()
     }
 }

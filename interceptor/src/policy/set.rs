@@ -9,18 +9,17 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::classify::{Classified, Unclassifiable, classify_tree};
 use super::decide::{decide_statements, identity_matches, unparseable_decision};
 use super::error::PolicyError;
-use super::lexer::LexSettings;
 use super::load::{parse_policy, policy_files};
 use super::model::Limits;
-use super::pgparse::Tree;
 use super::session::SessionStatements;
 use crate::identity::Identity;
+use interceptor_sql::classify::{Classified, Unclassifiable, classify_tree};
+use interceptor_sql::lexer::LexSettings;
+use interceptor_sql::pgparse::Tree;
 
-pub use super::load::TESTS_SUFFIX;
-pub use super::rules::{Decision, Policy, Rule, Verdict};
+use super::rules::{Decision, Policy, Verdict};
 
 static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
 
@@ -65,7 +64,7 @@ struct CachedTree {
 
 /// All policies of a directory, in evaluation order.
 #[derive(Debug)]
-pub struct PolicySet {
+pub(crate) struct PolicySet {
     policies: Vec<Policy>,
     version: u64,
     dir: PathBuf,
@@ -76,7 +75,7 @@ pub struct PolicySet {
 
 /// Where a session logs in upstream, and the limits that apply to it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Route {
+pub(crate) struct Route {
     pub policy: String,
     pub upstream_role: String,
     pub limits: Limits,
@@ -87,14 +86,14 @@ pub struct Route {
 /// A login refusal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
 #[error("{message}")]
-pub struct Refusal {
+pub(crate) struct Refusal {
     pub sqlstate: String,
     pub message: String,
 }
 
 impl PolicySet {
     /// Loads every `*.toml` (except `*.tests.toml`) in `dir`. Any error fails the whole load.
-    pub fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
+    pub(crate) fn load_dir(dir: &Path) -> Result<PolicySet, PolicyError> {
         let mut policies = Vec::new();
         let mut names: HashMap<String, String> = HashMap::new();
         for path in policy_files(dir)? {
@@ -123,7 +122,7 @@ impl PolicySet {
 
     /// A set without policies: every login is refused and every statement denied (for a
     /// daemon started without a policy directory: fail closed).
-    pub fn empty() -> PolicySet {
+    pub(crate) fn empty() -> PolicySet {
         PolicySet {
             policies: Vec::new(),
             version: NEXT_VERSION.fetch_add(1, Ordering::Relaxed),
@@ -134,28 +133,24 @@ impl PolicySet {
     }
 
     /// Changes on each successful load (a cache key for the proxy).
-    pub fn version(&self) -> u64 {
+    pub(crate) fn version(&self) -> u64 {
         self.version
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    pub fn policies(&self) -> &[Policy] {
+    pub(crate) fn policies(&self) -> &[Policy] {
         &self.policies
     }
 
     /// The policy that applies to `who` on `database`: the first (by priority, then name)
     /// whose identity match and database list both fit.
-    pub fn policy_for(&self, who: &Identity, database: &str) -> Option<&Policy> {
+    pub(crate) fn policy_for(&self, who: &Identity, database: &str) -> Option<&Policy> {
         self.policies.iter().find(|p| {
             identity_matches(&p.identities, who) && p.databases.iter().any(|d| d.matches(database))
         })
     }
 
     /// At login: which upstream role to use, or a refusal.
-    pub fn route(&self, who: &Identity, database: &str) -> Result<Route, Refusal> {
+    pub(crate) fn route(&self, who: &Identity, database: &str) -> Result<Route, Refusal> {
         match self.policy_for(who, database) {
             Some(p) => Ok(Route {
                 policy: p.name.clone(),
@@ -176,20 +171,27 @@ impl PolicySet {
     }
 
     /// The raw `[mask]` rules of the policy that applies to `who` on `database`.
-    pub fn mask_rules_for(&self, who: &Identity, database: &str) -> Vec<toml::Value> {
+    #[cfg(test)]
+    pub(crate) fn mask_rules_for(&self, who: &Identity, database: &str) -> Vec<toml::Value> {
         self.policy_for(who, database)
             .map(|p| mask_values(p.mask.as_ref()))
             .unwrap_or_default()
     }
 
     /// Decides every statement of one Query / Parse text (no prepared statements known).
-    pub fn decide(&self, who: &Identity, database: &str, sql: &str, lex: &LexSettings) -> Decision {
+    pub(crate) fn decide(
+        &self,
+        who: &Identity,
+        database: &str,
+        sql: &str,
+        lex: &LexSettings,
+    ) -> Decision {
         self.decide_in_session(who, database, sql, lex, &SessionStatements::new())
     }
 
     /// As [`PolicySet::decide`], resolving `EXECUTE name` through the session's prepared
     /// statements (feed it with [`SessionStatements::observe`]).
-    pub fn decide_in_session(
+    pub(crate) fn decide_in_session(
         &self,
         who: &Identity,
         database: &str,
@@ -201,7 +203,7 @@ impl PolicySet {
     }
 
     /// As [`PolicySet::decide_in_session`] at a given time (for rules with windows).
-    pub fn decide_at(
+    pub(crate) fn decide_at(
         &self,
         who: &Identity,
         database: &str,
@@ -232,7 +234,7 @@ impl PolicySet {
             Ok(s) => s,
             // Nothing but whitespace, `;` and comments: PostgreSQL runs nothing and answers
             // EmptyQueryResponse. Drivers and pools send these as pings.
-            Err(crate::policy::Unclassifiable::Empty) => {
+            Err(interceptor_sql::classify::Unclassifiable::Empty) => {
                 return Decision {
                     verdict: Verdict::Allow,
                     rule: Some("empty query".to_owned()),
@@ -335,14 +337,14 @@ fn classify_now(sql: &str, lex: &LexSettings) -> (Cached, Option<Arc<Tree>>) {
 /// different numbers over and over. The tokens come from the same PostgreSQL-faithful lexer
 /// that splits statements, so a number inside a string, identifier or comment is not a token.
 fn cache_key(sql: &str, lex: &LexSettings) -> String {
-    let Ok(tokens) = super::lexer::tokenize(sql, *lex) else {
+    let Ok(tokens) = interceptor_sql::lexer::tokenize(sql, *lex) else {
         return sql.to_owned();
     };
     let mut key = String::with_capacity(sql.len());
     let mut at = 0;
     for t in tokens
         .iter()
-        .filter(|t| t.kind == super::lexer::TokKind::Number)
+        .filter(|t| t.kind == interceptor_sql::lexer::TokKind::Number)
     {
         if t.span.start < at || t.span.end > sql.len() {
             return sql.to_owned();

@@ -19,11 +19,11 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::error::PolicyError;
-use super::lexer::LexSettings;
 use super::load::TESTS_SUFFIX;
 use super::session::SessionStatements;
 use super::set::PolicySet;
 use crate::identity::{Identity, ProcessIdentity, Proof};
+use interceptor_sql::lexer::LexSettings;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,7 +34,7 @@ struct TestFile {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Expect {
+pub(crate) enum Expect {
     Allow,
     Deny,
     Approve,
@@ -76,7 +76,7 @@ fn yes() -> bool {
 
 /// The outcome of one case.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CaseResult {
+pub(crate) struct CaseResult {
     /// `file:line:col` of the case.
     pub location: String,
     pub name: String,
@@ -85,7 +85,7 @@ pub struct CaseResult {
 }
 
 /// Runs every `*.tests.toml` in `dir` against the policies of `dir`.
-pub fn run_dir(dir: &Path) -> Result<Vec<CaseResult>, PolicyError> {
+pub(crate) fn run_dir(dir: &Path) -> Result<Vec<CaseResult>, PolicyError> {
     let set = PolicySet::load_dir(dir)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| PolicyError::io(dir, e))?
@@ -102,7 +102,11 @@ pub fn run_dir(dir: &Path) -> Result<Vec<CaseResult>, PolicyError> {
 }
 
 /// Runs the cases of one test file.
-pub fn run_file(set: &PolicySet, path: &Path, text: &str) -> Result<Vec<CaseResult>, PolicyError> {
+pub(crate) fn run_file(
+    set: &PolicySet,
+    path: &Path,
+    text: &str,
+) -> Result<Vec<CaseResult>, PolicyError> {
     let file: TestFile =
         toml::from_str(text).map_err(|e| PolicyError::from_toml(path, text, &e))?;
     let mut out = Vec::new();

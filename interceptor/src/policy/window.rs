@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// A day of the week.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Day {
+pub(crate) enum Day {
     Sun,
     Mon,
     Tue,
@@ -26,7 +26,7 @@ impl Day {
 
 /// Minutes since midnight, written `"HH:MM"` in policy files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct TimeOfDay(pub u32);
+pub(crate) struct TimeOfDay(pub u32);
 
 impl<'de> Deserialize<'de> for TimeOfDay {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -49,7 +49,7 @@ fn parse_hhmm(s: &str) -> Option<u32> {
 
 /// A UTC offset, written `"+HH:MM"` / `"-HH:MM"` (default `"+00:00"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-pub struct UtcOffset(pub i64);
+pub(crate) struct UtcOffset(pub i64);
 
 impl<'de> Deserialize<'de> for UtcOffset {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -69,7 +69,7 @@ impl<'de> Deserialize<'de> for UtcOffset {
 /// An IANA time zone (`"Europe/Berlin"`), resolved from the host's time zone database when the
 /// policy is loaded: an unknown name is a load error, never a window that silently uses UTC.
 #[derive(Debug, Clone)]
-pub struct TimeZoneName {
+pub(crate) struct TimeZoneName {
     name: String,
     zone: jiff::tz::TimeZone,
 }
@@ -102,7 +102,7 @@ impl<'de> Deserialize<'de> for TimeZoneName {
 
 /// `[windows.NAME]` in a policy file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Window {
+pub(crate) struct Window {
     /// Days on which the window opens (default: every day).
     #[serde(default)]
     pub days: Vec<Day>,
@@ -149,7 +149,7 @@ impl<'de> Deserialize<'de> for Window {
 
 impl Window {
     /// True if `at` falls inside the window.
-    pub fn contains(&self, at: SystemTime) -> bool {
+    pub(crate) fn contains(&self, at: SystemTime) -> bool {
         // A clock before 1970 is broken: treat the window as closed (fail closed).
         let Ok(since) = at.duration_since(UNIX_EPOCH) else {
             return false;
@@ -184,7 +184,7 @@ impl Window {
     }
 
     /// A window that can never be open (linted).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.from == self.to
     }
 }

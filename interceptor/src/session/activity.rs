@@ -4,16 +4,16 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::net::message::PgError;
+use interceptor_wire::message::PgError;
 
 /// SQLSTATE admin_shutdown, what PostgreSQL sends for `pg_terminate_backend` and a shutdown.
-pub const ADMIN_SHUTDOWN: &str = "57P01";
+pub(crate) const ADMIN_SHUTDOWN: &str = "57P01";
 /// Longest statement text shown in a listing.
 const MAX_SHOWN_SQL: usize = 500;
 
 /// What a session is doing, updated by the gate as statements are decided.
 #[derive(Debug, Default)]
-pub struct Activity {
+pub(crate) struct Activity {
     current: Mutex<Option<String>>,
     /// Set when the session is asked to end: statements sent from then on are not run.
     pub(super) stopping: AtomicBool,
@@ -21,7 +21,7 @@ pub struct Activity {
 
 impl Activity {
     /// The error for a statement that arrives after the session was asked to end.
-    pub fn refuse_if_stopping(&self) -> Option<PgError> {
+    pub(crate) fn refuse_if_stopping(&self) -> Option<PgError> {
         self.stopping.load(Ordering::SeqCst).then(|| {
             PgError::error(
                 ADMIN_SHUTDOWN,
@@ -31,7 +31,7 @@ impl Activity {
     }
 
     /// The statement most recently sent upstream (shown while it runs, and after as "last").
-    pub fn statement(&self, sql: &str) {
+    pub(crate) fn statement(&self, sql: &str) {
         let shown = if sql.to_ascii_lowercase().contains("password") {
             // The listing is not the audit trail: never show what may carry a secret.
             "[redacted] (statement mentions a password)".to_owned()

@@ -8,18 +8,19 @@ use tokio::io::AsyncWriteExt;
 use crate::config::StaticIdentity;
 use crate::identity::scram::{Mechanism, ScramError, ServerExchange, Verifier};
 use crate::identity::{Identity, Proof};
-use crate::net::frame::{FrameError, FrameReader};
-use crate::net::message::{self, Cursor, PgError, sqlstate};
+use crate::net::reader::FrameReader;
 use crate::net::stream::Stream;
+use interceptor_wire::frame::FrameError;
+use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
 
 /// Static identities with their parsed verifiers.
-pub struct StaticIdentities {
+pub(crate) struct StaticIdentities {
     entries: HashMap<String, (Verifier, StaticIdentity)>,
     decoy_secret: [u8; 32],
 }
 
 impl StaticIdentities {
-    pub fn new(
+    pub(crate) fn new(
         config: &std::collections::BTreeMap<String, StaticIdentity>,
     ) -> Result<Self, String> {
         let mut entries = HashMap::new();
@@ -37,13 +38,13 @@ impl StaticIdentities {
         })
     }
 
-    pub fn get(&self, name: &str) -> Option<&StaticIdentity> {
+    pub(crate) fn get(&self, name: &str) -> Option<&StaticIdentity> {
         self.entries.get(name).map(|(_, s)| s)
     }
 }
 
 /// Every way a client can prove who it is.
-pub struct Authenticators {
+pub(crate) struct Authenticators {
     pub statics: StaticIdentities,
     pub oidc: Option<std::sync::Arc<crate::identity::oidc::OidcVerifier>>,
     pub mtls: Option<crate::identity::mtls::MtlsConfig>,
@@ -52,16 +53,10 @@ pub struct Authenticators {
     pub tls_end_point: Option<Vec<u8>>,
 }
 
-impl Authenticators {
-    pub fn get(&self, name: &str) -> Option<&StaticIdentity> {
-        self.statics.get(name)
-    }
-}
-
 /// Authenticates the client, choosing the method as PostgreSQL's pg_hba would for this gateway:
 /// a verified client certificate (mTLS) first, then a static identity by SCRAM, then an OIDC token
 /// sent as a cleartext password over TLS. Anything else fails like a wrong password.
-pub async fn authenticate(
+pub(crate) async fn authenticate(
     stream: &mut Stream,
     reader: &mut FrameReader,
     auth: &Authenticators,
@@ -121,7 +116,7 @@ fn peer_certificate(stream: &Stream) -> Option<Vec<u8>> {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     #[error("password authentication failed for user \"{0}\"")]
     Failed(String),
     #[error("protocol violation during authentication: {0}")]
@@ -137,7 +132,7 @@ pub enum AuthError {
 
 impl AuthError {
     /// What the client is told.
-    pub fn to_pg(&self) -> PgError {
+    pub(crate) fn to_pg(&self) -> PgError {
         match self {
             AuthError::Failed(_) => PgError::fatal(sqlstate::INVALID_PASSWORD, self.to_string()),
             AuthError::Identity(code, msg) => PgError::fatal(*code, msg.clone()),

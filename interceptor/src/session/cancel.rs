@@ -13,13 +13,13 @@ use rand::Rng;
 use crate::identity::scram::constant_time_eq;
 
 #[derive(Debug, Clone, Copy)]
-pub struct UpstreamKey {
+pub(crate) struct UpstreamKey {
     pub pid: i32,
     pub secret: i32,
 }
 
 #[derive(Default)]
-pub struct CancelRegistry {
+pub(crate) struct CancelRegistry {
     sessions: Mutex<HashMap<i32, Entry>>,
 }
 
@@ -30,24 +30,24 @@ type Entry = (i32, UpstreamKey, Arc<CancelSignal>);
 /// notified: a cancel that arrives after the client sent its statement but before interceptor
 /// started to wait on it must still end that wait.
 #[derive(Default)]
-pub struct CancelSignal {
+pub(crate) struct CancelSignal {
     count: AtomicU64,
     notify: Notify,
 }
 
 impl CancelSignal {
-    pub fn raise(&self) {
+    pub(crate) fn raise(&self) {
         self.count.fetch_add(1, Ordering::SeqCst);
         self.notify.notify_waiters();
     }
 
     /// How many cancels were raised so far (a mark for [`CancelSignal::after`]).
-    pub fn seen(&self) -> u64 {
+    pub(crate) fn seen(&self) -> u64 {
         self.count.load(Ordering::SeqCst)
     }
 
     /// Completes once a cancel later than `mark` was raised (at once if one already was).
-    pub async fn after(&self, mark: u64) {
+    pub(crate) async fn after(&self, mark: u64) {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -62,7 +62,7 @@ impl CancelSignal {
 }
 
 /// Removes the session's key when the session ends.
-pub struct CancelKey<'a> {
+pub(crate) struct CancelKey<'a> {
     registry: &'a CancelRegistry,
     pub pid: i32,
     pub secret: i32,
@@ -80,7 +80,7 @@ impl Drop for CancelKey<'_> {
 
 impl CancelRegistry {
     /// Allocates a client-facing key for a session whose upstream key is `upstream`.
-    pub fn register(&self, upstream: UpstreamKey) -> CancelKey<'_> {
+    pub(crate) fn register(&self, upstream: UpstreamKey) -> CancelKey<'_> {
         let mut rng = rand::thread_rng();
         let secret: i32 = rng.r#gen();
         // A poisoned lock only means another session panicked while holding it; the map is
@@ -111,7 +111,7 @@ impl CancelRegistry {
 
     /// The upstream key for a client's CancelRequest, if the key is genuine.
     /// Also wakes the session's own waits (a held statement).
-    pub fn resolve(&self, pid: i32, secret: i32) -> Option<UpstreamKey> {
+    pub(crate) fn resolve(&self, pid: i32, secret: i32) -> Option<UpstreamKey> {
         let m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let (s, up, cancelled) = m.get(&pid)?;
         if !constant_time_eq(&s.to_be_bytes(), &secret.to_be_bytes()) {

@@ -7,18 +7,18 @@
 use std::collections::HashMap;
 
 use super::masking::{Side, SideError, SideLogin};
-use crate::net::message::{FunctionCallView, PgError, sqlstate};
+use interceptor_wire::message::{FunctionCallView, PgError, sqlstate};
 
 /// A function as the catalog names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Function {
+pub(crate) struct Function {
     pub schema: String,
     pub name: String,
 }
 
 impl Function {
     /// The SQL a call with `nargs` arguments stands for.
-    pub fn call_sql(&self, nargs: usize) -> String {
+    pub(crate) fn call_sql(&self, nargs: usize) -> String {
         let args: Vec<String> = (1..=nargs).map(|i| format!("${i}")).collect();
         format!(
             "SELECT {}.{}({})",
@@ -48,7 +48,7 @@ const MAX_CACHED: usize = 1_000;
 /// Resolves function OIDs for one session. Only functions in `pg_catalog` are cached: those
 /// cannot be renamed or replaced by the roles sessions log in as, while a user function can be
 /// renamed under its OID (`ALTER FUNCTION ... RENAME`), so it is looked up at every call.
-pub struct FunctionCatalog {
+pub(crate) struct FunctionCatalog {
     login: SideLogin,
     side: Side,
     builtins: HashMap<u32, Function>,
@@ -56,7 +56,7 @@ pub struct FunctionCatalog {
 
 impl FunctionCatalog {
     /// Nothing is opened until the first call needs a lookup.
-    pub fn new(login: SideLogin) -> Self {
+    pub(crate) fn new(login: SideLogin) -> Self {
         FunctionCatalog {
             login,
             side: Side::new(),
@@ -66,7 +66,7 @@ impl FunctionCatalog {
 
     /// The function with `oid`; `Ok(None)` when the catalog has none (for the side connection:
     /// one created in the session's open transaction is not visible yet).
-    pub async fn resolve(&mut self, oid: u32) -> Result<Option<Function>, SideError> {
+    pub(crate) async fn resolve(&mut self, oid: u32) -> Result<Option<Function>, SideError> {
         if let Some(f) = self.builtins.get(&oid) {
             return Ok(Some(f.clone()));
         }
@@ -95,7 +95,7 @@ impl FunctionCatalog {
 }
 
 /// Why a call could not be decided (the client gets this error; the session goes on).
-pub fn unresolved(
+pub(crate) fn unresolved(
     oid: u32,
     result: Result<Option<Function>, SideError>,
 ) -> Result<Function, PgError> {
@@ -128,7 +128,7 @@ const UNDEFINED_FUNCTION: &str = "42883";
 
 /// The arguments as the audit trail records them: text as it is, binary as hex, NULL as
 /// `None`; `mask` replaces what a content detector finds.
-pub fn recorded_arguments(
+pub(crate) fn recorded_arguments(
     call: &FunctionCallView<'_>,
     mask: impl Fn(&[u8], bool) -> String,
 ) -> Vec<Option<String>> {
@@ -170,13 +170,16 @@ mod tests {
 
     #[test]
     fn the_stand_in_sql_is_classified_as_a_call_of_that_function() {
-        use crate::policy::{Risk, StatementKind};
+        use interceptor_sql::statement::{Risk, StatementKind};
         let f = Function {
             schema: "pg_catalog".into(),
             name: "lowrite".into(),
         };
-        let c =
-            crate::policy::classify(&f.call_sql(2), crate::policy::LexSettings::default()).unwrap();
+        let c = interceptor_sql::classify::classify(
+            &f.call_sql(2),
+            interceptor_sql::lexer::LexSettings::default(),
+        )
+        .unwrap();
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].kind, StatementKind::Write);
         assert!(c[0].risks.contains(&Risk::LargeObject), "{c:?}");
@@ -200,14 +203,14 @@ mod tests {
             b
         };
         // Two format codes for three arguments: malformed, as PostgreSQL says too.
-        assert!(crate::net::message::decode_function_call(&body).is_err());
+        assert!(interceptor_wire::message::decode_function_call(&body).is_err());
         let mut ok = body.clone();
         // One format code (binary) for all.
         ok.splice(
             4..10,
             1u16.to_be_bytes().into_iter().chain(1i16.to_be_bytes()),
         );
-        let call = crate::net::message::decode_function_call(&ok).unwrap();
+        let call = interceptor_wire::message::decode_function_call(&ok).unwrap();
         assert_eq!(call.function, 42);
         let rec = recorded_arguments(&call, |v, binary| {
             if binary {
@@ -226,7 +229,7 @@ mod tests {
         );
         // Truncated or negative lengths are errors, never panics.
         for cut in 0..ok.len() {
-            assert!(crate::net::message::decode_function_call(&ok[..cut]).is_err());
+            assert!(interceptor_wire::message::decode_function_call(&ok[..cut]).is_err());
         }
     }
 }

@@ -10,13 +10,14 @@ use crate::audit::{
     StatementOutcome, StatementRecord,
 };
 use crate::identity::Identity;
-use crate::net::message::{PgError, sqlstate};
-use crate::policy::pgparse::Tree;
-use crate::policy::{Decision, LexSettings, PolicyHandle, PolicySet, SessionStatements};
+use crate::policy::{Decision, PolicyHandle, PolicySet, SessionStatements};
+use interceptor_sql::lexer::LexSettings;
+use interceptor_sql::pgparse::Tree;
+use interceptor_wire::message::{PgError, sqlstate};
 
 /// What the relay does with a statement.
 #[derive(Debug)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Forward it; `record` is the audit record its outcome will be attached to, `tree` the
     /// parse the decision was made on, when it was parsed for it (the masking rewrite reuses it).
     Forward {
@@ -31,13 +32,13 @@ pub enum Verdict {
 }
 
 /// A statement waiting for approval.
-pub struct Held {
+pub(crate) struct Held {
     pub request: crate::approval::HeldRequest,
     meta: HeldStatement,
 }
 
 /// What is needed to run a held statement once approved.
-pub struct HeldStatement {
+pub(crate) struct HeldStatement {
     id: crate::approval::RequestId,
     decision: Arc<Decision>,
     /// The statement's audit record, made when it was held; its outcome attaches to it.
@@ -52,14 +53,14 @@ impl std::fmt::Debug for Held {
 
 impl Held {
     /// Splits the waitable request from what the gate needs afterwards.
-    pub fn take_request(self) -> (crate::approval::HeldRequest, HeldStatement) {
+    pub(crate) fn take_request(self) -> (crate::approval::HeldRequest, HeldStatement) {
         (self.request, self.meta)
     }
 }
 
 /// Facts about the session the gate decides with.
 #[derive(Debug, Clone)]
-pub struct SessionFacts {
+pub(crate) struct SessionFacts {
     pub session_id: SessionId,
     pub identity: Identity,
     pub database: String,
@@ -71,14 +72,14 @@ pub struct SessionFacts {
 
 /// Lexer-relevant server settings, as last reported by ParameterStatus.
 #[derive(Debug, Clone, Copy)]
-pub struct LexState {
+pub(crate) struct LexState {
     pub standard_conforming_strings: bool,
     pub client_encoding_utf8: bool,
 }
 
 /// Outcome of a forwarded statement, for the audit trail.
 #[derive(Debug, Default, Clone)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub command_tags: Vec<String>,
     pub rows: u64,
     pub sqlstate: Option<String>,
@@ -93,7 +94,7 @@ pub struct Outcome {
     pub masked: crate::mask::MaskSummary,
 }
 
-pub struct Gate {
+pub(crate) struct Gate {
     facts: Arc<SessionFacts>,
     policy: PolicyHandle,
     /// SQL-level PREPARE names, for EXECUTE.
@@ -118,7 +119,7 @@ pub struct Gate {
 }
 
 impl Gate {
-    pub fn new(
+    pub(crate) fn new(
         facts: Arc<SessionFacts>,
         policy: PolicyHandle,
         audit: AuditLog,
@@ -139,26 +140,26 @@ impl Gate {
     }
 
     /// Decides fast-path calls (FunctionCall) by the function `functions` names for their OID.
-    pub fn resolve_functions_with(&mut self, functions: super::fastpath::FunctionCatalog) {
+    pub(crate) fn resolve_functions_with(&mut self, functions: super::fastpath::FunctionCatalog) {
         self.functions = Some(functions);
     }
 
     /// Records bound parameters through the session's content detectors (a parameter cannot
     /// be tied to a column, so column rules do not apply to it), and keeps each portal's
     /// result formats, which masking reads.
-    pub fn mask_parameters(&mut self, rules: crate::mask::MaskRules) {
+    pub(crate) fn mask_parameters(&mut self, rules: crate::mask::MaskRules) {
         self.param_mask = (!rules.is_empty()).then_some(rules);
         self.statements = Statements::new(true);
     }
 
     /// The session's prepared statements and portals, as the gate let them through.
-    pub fn statements(&self) -> &Statements {
+    pub(crate) fn statements(&self) -> &Statements {
         &self.statements
     }
 
     /// Waits until every record appended so far is durable. The relay calls this before it
     /// forwards anything, so no statement reaches PostgreSQL ahead of its record.
-    pub async fn flush(&mut self) -> Result<(), AuditError> {
+    pub(crate) async fn flush(&mut self) -> Result<(), AuditError> {
         if std::mem::take(&mut self.unsynced) {
             self.audit.sync().await?;
         }
@@ -308,7 +309,7 @@ impl Gate {
 
     /// Applies a held statement's resolution: approved statements are recorded (with their
     /// approval) and forwarded exactly as submitted; anything else is refused.
-    pub fn after_hold(
+    pub(crate) fn after_hold(
         &mut self,
         held: HeldStatement,
         resolution: crate::approval::Resolution,
@@ -355,7 +356,7 @@ impl Gate {
     /// DISCARD ALL, which drop protocol-level statements too (one namespace in PostgreSQL).
     /// A name dropped here and bound later is one the session does not know: its Execute is
     /// refused, never decided on a text PostgreSQL no longer has.
-    fn observe(&mut self, statements: &[crate::policy::Classified]) {
+    fn observe(&mut self, statements: &[interceptor_sql::classify::Classified]) {
         self.sql_prepared.observe(statements);
         for s in statements {
             match s.deallocates.as_deref() {
@@ -366,7 +367,8 @@ impl Gate {
         }
     }
 
-    pub fn facts(&self) -> &SessionFacts {
+    #[cfg(test)]
+    pub(crate) fn facts(&self) -> &SessionFacts {
         &self.facts
     }
 
@@ -469,7 +471,7 @@ impl Gate {
     }
 
     /// A simple-protocol Query (possibly several statements).
-    pub async fn query(&mut self, sql: &str, lex: LexState) -> Verdict {
+    pub(crate) async fn query(&mut self, sql: &str, lex: LexState) -> Verdict {
         if let Some(e) = self.lex_check(lex) {
             return Verdict::Refuse(e);
         }
@@ -486,7 +488,7 @@ impl Gate {
 
     /// Parse: decided here, enforced (re-decided if the policy changed) and audited at Execute.
     /// The relay reports what it sent upstream ([`Gate::parsed`], [`Gate::parse_refused`]).
-    pub async fn parse(&mut self, sql: &str, lex: LexState) -> Verdict {
+    pub(crate) async fn parse(&mut self, sql: &str, lex: LexState) -> Verdict {
         if let Some(e) = self.lex_check(lex) {
             return Verdict::Refuse(e);
         }
@@ -514,7 +516,7 @@ impl Gate {
     /// The Parse of `statement` went upstream as the client sent it (or rewritten for
     /// masking); `copies` are its COPY TO STDOUT statements (masking sessions only).
     /// Returns the statement, for PostgreSQL's answer to settle.
-    pub fn parsed(
+    pub(crate) fn parsed(
         &mut self,
         statement: &str,
         sql: &str,
@@ -526,13 +528,18 @@ impl Gate {
 
     /// The Parse of `statement` was refused (by policy or by the masking rewrite): its
     /// stand-in went upstream instead.
-    pub fn parse_refused(&mut self, statement: &str) {
+    pub(crate) fn parse_refused(&mut self, statement: &str) {
         self.statements.refused(statement);
     }
 
     /// A Bind in batch `batch`: the portal keeps its statement and its parameters as recorded
     /// (`body` is the whole message, for the result formats masking reads).
-    pub fn bind(&mut self, bind: &crate::net::message::BindView<'_>, body: &[u8], batch: u64) {
+    pub(crate) fn bind(
+        &mut self,
+        bind: &interceptor_wire::message::BindView<'_>,
+        body: &[u8],
+        batch: u64,
+    ) {
         let param_mask = self.param_mask.as_ref();
         let record = || {
             let formats = &bind.param_formats;
@@ -556,16 +563,16 @@ impl Gate {
             .bound(bind.portal, bind.statement, body, batch, record);
     }
 
-    pub fn close(&mut self, kind: u8, name: &str) {
+    pub(crate) fn close(&mut self, kind: u8, name: &str) {
         self.statements.close(kind, name);
     }
 
     /// PostgreSQL was idle after batch `before - 1`: the portals bound up to then are gone.
-    pub fn transactions_ended_before(&mut self, before: u64) {
+    pub(crate) fn transactions_ended_before(&mut self, before: u64) {
         self.statements.transactions_ended_before(before);
     }
 
-    pub async fn execute(&mut self, portal: &str, lex: LexState) -> Verdict {
+    pub(crate) async fn execute(&mut self, portal: &str, lex: LexState) -> Verdict {
         if self.statements.unattributed(portal) {
             // Bound to a statement the session did not see prepared (a name PREPAREd in SQL,
             // or one whose Parse or Close interceptor could not follow): what it would run
@@ -617,9 +624,9 @@ impl Gate {
     /// FunctionCall calls a function by OID, outside SQL. It is decided, held, audited and
     /// refused exactly as the SQL it stands for (`SELECT "schema"."function"($1, ...)`, see
     /// [`super::fastpath`]), which is returned with the verdict for the masking check.
-    pub async fn function_call(
+    pub(crate) async fn function_call(
         &mut self,
-        call: &crate::net::message::FunctionCallView<'_>,
+        call: &interceptor_wire::message::FunctionCallView<'_>,
         lex: LexState,
     ) -> (Verdict, Option<String>) {
         if let Some(e) = self.lex_check(lex) {
@@ -700,7 +707,7 @@ fn masking_summary(s: &crate::mask::MaskSummary) -> crate::audit::MaskingSummary
 }
 
 /// Records what forwarded statements did; used by the upstream → client direction.
-pub struct Recorder {
+pub(crate) struct Recorder {
     facts: Arc<SessionFacts>,
     audit: AuditLog,
     /// Result rows recorded per statement for replay.
@@ -708,7 +715,7 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub fn new(facts: Arc<SessionFacts>, audit: AuditLog) -> Self {
+    pub(crate) fn new(facts: Arc<SessionFacts>, audit: AuditLog) -> Self {
         let rows_cap = audit.record_rows_cap();
         Recorder {
             facts,
@@ -718,7 +725,7 @@ impl Recorder {
     }
 
     /// A forwarded statement finished.
-    pub fn outcome(&self, record: Option<RecordId>, outcome: Outcome) {
+    pub(crate) fn outcome(&self, record: Option<RecordId>, outcome: Outcome) {
         let Some(statement) = record else { return };
         let session = self.facts.session_id;
         let rows = (outcome.rows > 0 || !outcome.command_tags.is_empty()).then(|| {

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use super::activity::{ADMIN_SHUTDOWN, Activity};
+use super::activity::ADMIN_SHUTDOWN;
 use super::gate::SessionFacts;
 use super::relay;
-use crate::net::message::PgError;
+use interceptor_wire::message::PgError;
 
 /// How long a killed session's running statement may take to end after its cancel.
 const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -25,7 +25,7 @@ struct Stop {
 }
 
 /// One open session.
-pub struct LiveSession {
+pub(crate) struct LiveSession {
     pub facts: Arc<SessionFacts>,
     pub peer: String,
     since: SystemTime,
@@ -37,7 +37,7 @@ pub struct LiveSession {
 impl LiveSession {
     /// Resolves once the session should end, with the FATAL error to send the client: when it
     /// is asked to stop and has no statement running (or the grace period is over).
-    pub async fn stopped(&self) -> PgError {
+    pub(crate) async fn stopped(&self) -> PgError {
         let mut rx = self.stop.subscribe();
         let stop = loop {
             if let Some(s) = rx.borrow_and_update().clone() {
@@ -56,7 +56,7 @@ impl LiveSession {
     }
 
     /// Why the session was stopped, if it was.
-    pub fn stop_reason(&self) -> Option<String> {
+    pub(crate) fn stop_reason(&self) -> Option<String> {
         self.stop.borrow().as_ref().map(|s| s.message.clone())
     }
 
@@ -118,7 +118,7 @@ impl LiveSession {
 
 /// A session as `interceptor sessions` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionView {
+pub(crate) struct SessionView {
     pub id: u64,
     pub identity: String,
     pub process: Option<String>,
@@ -141,7 +141,7 @@ pub struct SessionView {
 
 /// Every open session.
 #[derive(Default)]
-pub struct LiveSessions {
+pub(crate) struct LiveSessions {
     map: Mutex<HashMap<u64, Arc<LiveSession>>>,
     /// Bytes of sessions that ended (the live ones are read from their counters).
     ended_from_client: AtomicU64,
@@ -149,7 +149,7 @@ pub struct LiveSessions {
 }
 
 /// Deregisters the session when it ends.
-pub struct LiveGuard<'a> {
+pub(crate) struct LiveGuard<'a> {
     live: &'a LiveSessions,
     pub session: Arc<LiveSession>,
 }
@@ -183,7 +183,7 @@ impl LiveSessions {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn register(
+    pub(crate) fn register(
         &self,
         facts: Arc<SessionFacts>,
         peer: String,
@@ -214,14 +214,14 @@ impl LiveSessions {
     }
 
     /// The sessions open now, oldest first.
-    pub fn list(&self) -> Vec<SessionView> {
+    pub(crate) fn list(&self) -> Vec<SessionView> {
         let mut v: Vec<SessionView> = self.lock().values().map(|s| s.view()).collect();
         v.sort_by_key(|s| s.id);
         v
     }
 
     /// Bytes relayed from and to clients, over ended and open sessions.
-    pub fn bytes(&self) -> (u64, u64) {
+    pub(crate) fn bytes(&self) -> (u64, u64) {
         let map = self.lock();
         let (mut from, mut to) = (
             self.ended_from_client.load(Ordering::Relaxed),
@@ -234,17 +234,17 @@ impl LiveSessions {
         (from, to)
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Ends session `id` (its running statement is cancelled first). Returns the upstream
     /// cancel key when a statement was running, for the caller to send the cancel.
-    pub fn kill(&self, id: u64, by: &str) -> Result<Option<(i32, i32)>, String> {
+    pub(crate) fn kill(&self, id: u64, by: &str) -> Result<Option<(i32, i32)>, String> {
         let session = self
             .lock()
             .get(&id)
@@ -258,7 +258,7 @@ impl LiveSessions {
     }
 
     /// Graceful stop: every session ends once its running statement finishes, or at `grace`.
-    pub fn stop_all(&self, grace: Duration) {
+    pub(crate) fn stop_all(&self, grace: Duration) {
         for s in self.lock().values() {
             s.request_stop(
                 "terminating connection due to administrator command (interceptor is shutting down)"

@@ -19,17 +19,17 @@ use crate::mask::{
     MaskRules, MaskSummary, OriginCache, RelationCache, RowFields, catalog_query,
     parse_row_description, table_oids_of,
 };
-use crate::net::message::{self, Cursor, PgError, sqlstate};
-use crate::policy::pgparse::Tree;
 use crate::secrets::Secret;
+use interceptor_sql::pgparse::Tree;
+use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
 
 /// Why the side connection could not answer.
 #[derive(Debug, thiserror::Error)]
-pub enum SideError {
+pub(crate) enum SideError {
     #[error("masking side connection: {0}")]
     Upstream(#[from] super::upstream::UpstreamError),
     #[error("masking side connection: {0}")]
-    Frame(#[from] crate::net::frame::FrameError),
+    Frame(#[from] interceptor_wire::frame::FrameError),
     #[error("masking side connection: PostgreSQL closed it")]
     Closed,
     #[error("masking side connection: {0}")]
@@ -40,7 +40,7 @@ pub enum SideError {
 
 /// How to open the side connection: the same upstream, role and database as the session.
 #[derive(Clone)]
-pub struct SideLogin {
+pub(crate) struct SideLogin {
     pub upstream: Arc<UpstreamTarget>,
     pub role: String,
     pub password: Option<Secret>,
@@ -55,7 +55,7 @@ pub(super) struct Side {
 
 /// One COPY TO STDOUT as the statement declares it.
 #[derive(Debug)]
-pub struct CopySpec {
+pub(crate) struct CopySpec {
     options: CopyOptions,
     columns: Option<Vec<CopyColumn>>,
 }
@@ -64,7 +64,7 @@ pub struct CopySpec {
 type Expect = Owed<Result<CopySpec, String>>;
 
 /// The masking of one session, shared by both directions.
-pub struct SessionMask {
+pub(crate) struct SessionMask {
     rules: MaskRules,
     side: tokio::sync::Mutex<Side>,
     origins: Mutex<OriginCache>,
@@ -80,7 +80,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl SessionMask {
     /// `None` when no rule applies to this identity: the relay then does no masking work.
-    pub fn new(rules: MaskRules, login: SideLogin) -> Option<Arc<SessionMask>> {
+    pub(crate) fn new(rules: MaskRules, login: SideLogin) -> Option<Arc<SessionMask>> {
         if rules.is_empty() {
             return None;
         }
@@ -95,7 +95,7 @@ impl SessionMask {
     }
 
     /// The session's rules (after exemptions).
-    pub fn rules(&self) -> &MaskRules {
+    pub(crate) fn rules(&self) -> &MaskRules {
         &self.rules
     }
 
@@ -106,7 +106,7 @@ impl SessionMask {
     /// A frontend message is about to be forwarded (refused ones too: their stand-in answers
     /// in the same shape). `statements` is the session's view of what the client prepared,
     /// before this message. A Query is announced by [`SessionMask::query`] once it is decided.
-    pub async fn frontend(&self, message: &Frontend<'_>, statements: &Statements) {
+    pub(crate) async fn frontend(&self, message: &Frontend<'_>, statements: &Statements) {
         match message {
             Frontend::Parse(_) => self.push(Owed::Parse),
             Frontend::Bind { .. } => self.push(Owed::Bind),
@@ -134,7 +134,7 @@ impl SessionMask {
 
     /// A Query is about to be forwarded (or its refusal's stand-in: then `copies` is empty);
     /// `copies` are its COPY TO STDOUT statements as PostgreSQL's parser read them.
-    pub async fn query(&self, copies: &[CopyTarget]) {
+    pub(crate) async fn query(&self, copies: &[CopyTarget]) {
         let copies = self.copy_specs(copies).await;
         self.push(Owed::Query { copies });
     }
@@ -144,7 +144,11 @@ impl SessionMask {
     /// (`Ok(None)`: send it unchanged), or the refusal to send it. Sessions without column
     /// rules do no work here.
     /// `tree`: the statement's parse when the gate made one; otherwise it is parsed here.
-    pub async fn rewrite(&self, sql: &str, tree: Option<&Tree>) -> Result<Option<String>, PgError> {
+    pub(crate) async fn rewrite(
+        &self,
+        sql: &str,
+        tree: Option<&Tree>,
+    ) -> Result<Option<String>, PgError> {
         if !self.rules.needs_origins() {
             return Ok(None);
         }
@@ -152,14 +156,18 @@ impl SessionMask {
             return self.rewrite_parsed(sql, tree).await;
         }
         // What PostgreSQL's grammar rejects, the server rejects too: send it as it is.
-        let Ok(parsed) = crate::policy::pgparse::parse_tree(sql, true) else {
+        let Ok(parsed) = interceptor_sql::pgparse::parse_tree(sql, true) else {
             return Ok(None);
         };
         self.rewrite_parsed(sql, &parsed).await
     }
 
     /// [`SessionMask::rewrite`] for a statement already parsed by pg_query.
-    pub async fn rewrite_parsed(&self, sql: &str, tree: &Tree) -> Result<Option<String>, PgError> {
+    pub(crate) async fn rewrite_parsed(
+        &self,
+        sql: &str,
+        tree: &Tree,
+    ) -> Result<Option<String>, PgError> {
         let refused = |m: String| PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, m);
         let needs = crate::mask::needs(tree);
         let mut cache = self.relations.lock().await;
@@ -278,7 +286,7 @@ impl Side {
         conn.stream
             .write_all(request)
             .await
-            .map_err(|e| SideError::Frame(crate::net::frame::FrameError::Io(e)))?;
+            .map_err(|e| SideError::Frame(interceptor_wire::frame::FrameError::Io(e)))?;
         let mut out = Vec::new();
         loop {
             let Some((tag, body)) = conn.reader.read_message(&mut conn.stream).await? else {
@@ -366,14 +374,14 @@ fn error_text(body: &[u8]) -> String {
 }
 
 /// Whether `sql` can hold a COPY: a cheap test before parsing a text only for its COPYs.
-pub fn mentions_copy(sql: &str) -> bool {
+pub(crate) fn mentions_copy(sql: &str) -> bool {
     sql.as_bytes()
         .windows(4)
         .any(|w| w.eq_ignore_ascii_case(b"copy"))
 }
 
 /// The Parse `view` with its SQL replaced: statement name and parameter types kept.
-pub fn reparse(view: &message::ParseView<'_>, sql: &str) -> Bytes {
+pub(crate) fn reparse(view: &message::ParseView<'_>, sql: &str) -> Bytes {
     let mut body =
         Vec::with_capacity(view.statement.len() + sql.len() + 4 + 4 * view.param_types.len());
     body.extend_from_slice(view.statement.as_bytes());
@@ -422,7 +430,7 @@ fn catalog_row(body: &[u8]) -> Option<(u32, i16, crate::mask::ColumnOrigin)> {
 }
 
 /// The upstream → client side's masking state.
-pub struct MaskStream {
+pub(crate) struct MaskStream {
     mask: Arc<SessionMask>,
     /// The plan of the rows now arriving (`Some(None)`: decided, nothing to mask).
     active: Option<Option<MaskPlan>>,
@@ -435,7 +443,7 @@ pub struct MaskStream {
 }
 
 impl MaskStream {
-    pub fn new(mask: Arc<SessionMask>) -> Self {
+    pub(crate) fn new(mask: Arc<SessionMask>) -> Self {
         MaskStream {
             mask,
             active: None,
@@ -445,7 +453,7 @@ impl MaskStream {
         }
     }
 
-    pub fn session(&self) -> &Arc<SessionMask> {
+    pub(crate) fn session(&self) -> &Arc<SessionMask> {
         &self.mask
     }
 

@@ -1,20 +1,20 @@
 //! One client connection, in phases: startup, authenticate, route (policy), login upstream,
 //! relay, end. Each phase is a function that takes what it needs from the one before.
 
-pub mod activity;
-pub mod auth;
-pub mod cancel;
-pub mod fastpath;
-pub mod gate;
-pub mod live;
-pub mod masking;
-pub mod protocol;
-pub mod relay;
+pub(crate) mod activity;
+pub(crate) mod auth;
+pub(crate) mod cancel;
+pub(crate) mod fastpath;
+pub(crate) mod gate;
+pub(crate) mod live;
+pub(crate) mod masking;
+pub(crate) mod protocol;
+pub(crate) mod relay;
 #[cfg(test)]
 mod relay_tests;
-pub mod shared;
-pub mod startup;
-pub mod upstream;
+pub(crate) mod shared;
+pub(crate) mod startup;
+pub(crate) mod upstream;
 
 use std::fmt;
 use std::sync::Arc;
@@ -24,18 +24,17 @@ use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 
 use self::shared::ServerState;
-use crate::net::message::{self, PgError, sqlstate};
 use crate::net::stream::Stream;
 use cancel::UpstreamKey;
 use gate::{Gate, Recorder, SessionFacts};
+use interceptor_wire::message::{self, PgError, sqlstate};
 use startup::Opening;
 
 /// Where a client connected from.
 #[derive(Debug, Clone)]
-pub enum Peer {
+pub(crate) enum Peer {
     Tcp {
         peer: std::net::SocketAddr,
-        local: std::net::SocketAddr,
         /// Kernel-attested client process (local clients, when the eBPF programs saw it).
         process: Option<crate::identity::ProcessIdentity>,
     },
@@ -82,7 +81,7 @@ impl fmt::Display for Peer {
 /// SQLSTATEs PostgreSQL answers a bad startup setting with.
 const SETTING_ERRORS: &[&str] = &["42704", "22023", "22P02", "55P02", "42501", "3F000"];
 
-pub async fn handle(stream: Stream, peer: Peer, server: Arc<ServerState>) {
+pub(crate) async fn handle(stream: Stream, peer: Peer, server: Arc<ServerState>) {
     let span = tracing::info_span!(
         "session",
         peer = %peer,
@@ -123,7 +122,7 @@ struct Started {
     /// Counts the connection among those not yet authenticated until authentication ends.
     pending: Option<crate::net::admission::Pending>,
     stream: Stream,
-    reader: crate::net::frame::FrameReader,
+    reader: crate::net::reader::FrameReader,
     params: Vec<(String, String)>,
     user: String,
     database: String,

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use crate::mask::{CopyTarget, MaskPlan};
-use crate::net::message::{self, BindView, Cursor, Malformed, ParseView};
+use interceptor_wire::message::{self, BindView, Cursor, Malformed, ParseView};
 
 /// One frontend message, decoded once (views over the frame; no copy of the SQL or values).
-pub enum Frontend<'a> {
+pub(crate) enum Frontend<'a> {
     Query(&'a str),
     Parse(ParseView<'a>),
     /// `body` is the whole Bind, for the result format codes [`BindView`] leaves out.
@@ -44,7 +44,7 @@ pub enum Frontend<'a> {
 
 impl<'a> Frontend<'a> {
     /// Decodes one frontend message. `Ok(None)`: a message type the protocol does not have.
-    pub fn decode(tag: u8, body: &'a [u8]) -> Result<Option<Frontend<'a>>, Malformed> {
+    pub(crate) fn decode(tag: u8, body: &'a [u8]) -> Result<Option<Frontend<'a>>, Malformed> {
         Ok(Some(match tag {
             b'Q' => Frontend::Query(message::decode_query(body)?),
             b'P' => Frontend::Parse(message::decode_parse(body)?),
@@ -74,19 +74,19 @@ impl<'a> Frontend<'a> {
 
 /// What a Describe told masking about the rows of a statement or portal: the plan of their
 /// DataRows (`Ok(None)`: nothing to mask; `Err`: no safe plan, the rows are withheld).
-pub type Described = Result<Option<MaskPlan>, String>;
+pub(crate) type Described = Result<Option<MaskPlan>, String>;
 
 /// Where masking keeps what a Describe of this statement or portal answered. It lives in the
 /// statement or portal itself, so replacing or closing one drops its plan with it.
 #[derive(Debug, Default)]
-pub struct DescribedSlot(Mutex<Option<Described>>);
+pub(crate) struct DescribedSlot(Mutex<Option<Described>>);
 
 impl DescribedSlot {
-    pub fn set(&self, described: Described) {
+    pub(crate) fn set(&self, described: Described) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(described);
     }
 
-    pub fn get(&self) -> Option<Described> {
+    pub(crate) fn get(&self) -> Option<Described> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
@@ -94,8 +94,7 @@ impl DescribedSlot {
 /// A protocol-level prepared statement the gate let through at Parse. Its decision is not
 /// kept: every Execute is decided anew, because what allowed it can end between the two.
 #[derive(Debug)]
-pub struct Prepared {
-    pub name: Arc<str>,
+pub(crate) struct Prepared {
     pub sql: Arc<str>,
     /// Its COPY TO STDOUT statements as PostgreSQL's parser read them (masking sessions only;
     /// their columns are described at each Execute, as the table may change in between).
@@ -118,13 +117,13 @@ const FAILED: u8 = 2;
 
 impl Prepared {
     /// Its Parse is not answered yet.
-    pub fn is_pending(&self) -> bool {
+    pub(crate) fn is_pending(&self) -> bool {
         self.fate.load(Ordering::Acquire) == PENDING
     }
 
     /// PostgreSQL answered its Parse: ParseComplete (`parsed`), or an error that failed or
     /// skipped it.
-    pub fn settle(&self, parsed: bool) {
+    pub(crate) fn settle(&self, parsed: bool) {
         self.fate
             .store(if parsed { PARSED } else { FAILED }, Ordering::Release);
         if parsed {
@@ -150,7 +149,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Result format codes of a Bind: none (all text) and one (for all) are kept inline.
 #[derive(Debug, Clone, Default)]
-pub enum ResultFormats {
+pub(crate) enum ResultFormats {
     #[default]
     AllText,
     All(i16),
@@ -159,7 +158,7 @@ pub enum ResultFormats {
 
 impl ResultFormats {
     /// The codes as the Bind gave them.
-    pub fn as_slice(&self) -> &[i16] {
+    pub(crate) fn as_slice(&self) -> &[i16] {
         match self {
             ResultFormats::AllText => &[],
             ResultFormats::All(c) => std::slice::from_ref(c),
@@ -171,7 +170,7 @@ impl ResultFormats {
 /// A portal: its statement (which outlives a Close of the statement's name, as in
 /// PostgreSQL), the parameters as recorded, and its result formats.
 #[derive(Debug)]
-pub struct Portal {
+pub(crate) struct Portal {
     pub statement: Arc<Prepared>,
     pub parameters: Vec<Option<String>>,
     pub result_formats: ResultFormats,
@@ -185,7 +184,7 @@ pub struct Portal {
 /// Prepared statements and portals by name, as the client declared them: the session's one
 /// copy, which the gate decides from and masking keeps its plans in.
 #[derive(Default)]
-pub struct Statements {
+pub(crate) struct Statements {
     statements: HashMap<Arc<str>, Arc<Prepared>>,
     portals: HashMap<String, Arc<Portal>>,
     /// Portals bound (in the batch given) to a statement the session does not know: what
@@ -198,7 +197,7 @@ pub struct Statements {
 }
 
 impl Statements {
-    pub fn new(keep_result_formats: bool) -> Self {
+    pub(crate) fn new(keep_result_formats: bool) -> Self {
         Statements {
             keep_result_formats,
             ..Statements::default()
@@ -209,7 +208,7 @@ impl Statements {
     /// statements (masking sessions only). It replaces any statement of that name, with its
     /// plan, keeping the one before until PostgreSQL answers ([`Prepared::settle`]): the
     /// returned statement is to be settled by that answer.
-    pub fn parsed(
+    pub(crate) fn parsed(
         &mut self,
         name: &str,
         sql: &str,
@@ -227,7 +226,6 @@ impl Statements {
             }
         });
         let prepared = Arc::new(Prepared {
-            name: name.clone(),
             sql: Arc::from(sql),
             copies: copies.into_boxed_slice(),
             described: DescribedSlot::default(),
@@ -242,24 +240,24 @@ impl Statements {
     /// A Parse was refused. PostgreSQL gets an unnamed Parse that fails in its place, which
     /// drops the unnamed statement, as the client's own Parse of it would have; a named
     /// statement it already had stays as it was (its own Parse would have failed too).
-    pub fn refused(&mut self, _name: &str) {
+    pub(crate) fn refused(&mut self, _name: &str) {
         self.statements.remove("");
     }
 
     /// The statement named `name` as far as the session knows: the last Parse of it, unless
     /// PostgreSQL failed that Parse (then what it still has). A Parse still unanswered counts
     /// as done: see [`Prepared::is_pending`] for when that matters.
-    pub fn statement(&self, name: &str) -> Option<Arc<Prepared>> {
+    pub(crate) fn statement(&self, name: &str) -> Option<Arc<Prepared>> {
         self.statements.get(name)?.effective()
     }
 
-    pub fn portal(&self, name: &str) -> Option<&Arc<Portal>> {
+    pub(crate) fn portal(&self, name: &str) -> Option<&Arc<Portal>> {
         self.portals.get(name)
     }
 
     /// A Bind of `statement` into `portal` in batch `batch`; `parameters` renders the recorded
     /// values. A Bind of a statement that was never let through leaves no portal.
-    pub fn bound(
+    pub(crate) fn bound(
         &mut self,
         portal: &str,
         statement: &str,
@@ -294,7 +292,7 @@ impl Statements {
     }
 
     /// Close of a statement (`S`) or portal (anything else).
-    pub fn close(&mut self, kind: u8, name: &str) {
+    pub(crate) fn close(&mut self, kind: u8, name: &str) {
         match kind {
             b'S' => {
                 self.statements.remove(name);
@@ -307,19 +305,19 @@ impl Statements {
     }
 
     /// DEALLOCATE ALL or DISCARD ALL: every prepared statement is gone (portals stay).
-    pub fn deallocate_all(&mut self) {
+    pub(crate) fn deallocate_all(&mut self) {
         self.statements.clear();
     }
 
     /// The portal was bound to a statement the session does not know.
-    pub fn unattributed(&self, portal: &str) -> bool {
+    pub(crate) fn unattributed(&self, portal: &str) -> bool {
         self.unattributed.contains_key(portal)
     }
 
     /// PostgreSQL reported the session idle after batch `before - 1`: every transaction that
     /// held the portals bound up to then has ended, and the portals with it (an implicit
     /// transaction's unnamed portal at its Sync, a block's at COMMIT or ROLLBACK).
-    pub fn transactions_ended_before(&mut self, before: u64) {
+    pub(crate) fn transactions_ended_before(&mut self, before: u64) {
         if before <= self.portals_from {
             return;
         }
@@ -330,7 +328,7 @@ impl Statements {
 }
 
 /// The result format codes at the end of a Bind.
-pub fn bind_result_formats(body: &[u8]) -> Option<Vec<i16>> {
+pub(crate) fn bind_result_formats(body: &[u8]) -> Option<Vec<i16>> {
     let mut c = Cursor::new(body, "Bind");
     c.cstr().ok()?;
     c.cstr().ok()?;
@@ -357,7 +355,7 @@ pub fn bind_result_formats(body: &[u8]) -> Option<Vec<i16>> {
 /// Describes and Executes carry the statement or portal they name as it was when forwarded,
 /// so an answer lands where it belongs even if the client reused the name since.
 #[derive(Debug)]
-pub enum Owed<C> {
+pub(crate) enum Owed<C> {
     Parse,
     Bind,
     DescribeStatement(Option<Arc<Prepared>>),
@@ -376,14 +374,14 @@ pub enum Owed<C> {
 
 impl<C> Owed<C> {
     /// Answered by a ReadyForQuery.
-    pub fn ends_batch(&self) -> bool {
+    pub(crate) fn ends_batch(&self) -> bool {
         matches!(self, Owed::Query { .. } | Owed::Sync | Owed::FunctionCall)
     }
 }
 
 /// The queue of answers PostgreSQL owes, front first.
 #[derive(Debug)]
-pub struct OwedQueue<C> {
+pub(crate) struct OwedQueue<C> {
     queue: VecDeque<Owed<C>>,
 }
 
@@ -396,28 +394,25 @@ impl<C> Default for OwedQueue<C> {
 }
 
 impl<C> OwedQueue<C> {
-    pub fn push(&mut self, owed: Owed<C>) {
+    pub(crate) fn push(&mut self, owed: Owed<C>) {
         self.queue.push_back(owed);
     }
 
-    pub fn front(&self) -> Option<&Owed<C>> {
+    pub(crate) fn front(&self) -> Option<&Owed<C>> {
         self.queue.front()
     }
 
-    pub fn front_mut(&mut self) -> Option<&mut Owed<C>> {
+    pub(crate) fn front_mut(&mut self) -> Option<&mut Owed<C>> {
         self.queue.front_mut()
     }
 
-    pub fn len(&self) -> usize {
-        self.queue.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
 
     /// The front entry, if it is what `want` expects.
-    pub fn pop_if(&mut self, want: impl Fn(&Owed<C>) -> bool) -> Option<Owed<C>> {
+    pub(crate) fn pop_if(&mut self, want: impl Fn(&Owed<C>) -> bool) -> Option<Owed<C>> {
         if self.queue.front().is_some_and(want) {
             self.queue.pop_front()
         } else {
@@ -426,14 +421,14 @@ impl<C> OwedQueue<C> {
     }
 
     /// An ErrorResponse: PostgreSQL skips the rest of an extended batch up to Sync.
-    pub fn skip_to_batch_end(&mut self) {
+    pub(crate) fn skip_to_batch_end(&mut self) {
         while self.queue.front().is_some_and(|e| !e.ends_batch()) {
             self.queue.pop_front();
         }
     }
 
     /// A ReadyForQuery: everything up to and including the entry that ends the batch is paid.
-    pub fn end_batch(&mut self) {
+    pub(crate) fn end_batch(&mut self) {
         while let Some(e) = self.queue.pop_front() {
             if e.ends_batch() {
                 break;
@@ -444,7 +439,7 @@ impl<C> OwedQueue<C> {
 
 /// What the relay does with one backend message.
 #[derive(Debug)]
-pub enum Action {
+pub(crate) enum Action {
     /// Forward it unchanged.
     Forward,
     /// Forward this message (complete, with header) instead: the same message masked.
@@ -514,7 +509,6 @@ mod tests {
             .portal("p1")
             .expect("portal survives Close of its statement");
         assert_eq!(&*p.statement.sql, "SELECT $1");
-        assert_eq!(&*p.statement.name, "s1");
         assert_eq!(p.result_formats.as_slice(), &[1]);
         s.close(b'P', "p1");
         assert!(s.portal("p1").is_none());

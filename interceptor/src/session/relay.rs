@@ -14,19 +14,20 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use rand::RngCore;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::gate::{Gate, LexState, Outcome, Recorder, Verdict};
 use super::masking::{MaskStream, SessionMask};
 use super::protocol::{Action, Frontend, Prepared};
 use crate::mask::{CopyTarget, RowFields, parse_row_description};
-use crate::net::frame::{FrameError, FrameReader, frames};
-use crate::net::message::{self, Cursor, PgError, sqlstate};
+use crate::net::reader::FrameReader;
 use crate::net::stream::{BoxedRead, BoxedWrite};
-use crate::policy::pgparse::Tree;
+use interceptor_sql::pgparse::Tree;
+use interceptor_wire::frame::{FrameError, frames};
+use interceptor_wire::message::{self, Cursor, PgError, sqlstate};
 
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
+pub(crate) enum RelayError {
     #[error("client: {0}")]
     Client(FrameError),
     #[error("upstream: {0}")]
@@ -43,7 +44,7 @@ const RAISE_LIMIT: &str = "raise max_message_bytes in the policy's [limits] for 
 
 impl RelayError {
     /// The FATAL the client gets, if it can still hear one.
-    pub fn to_pg(&self) -> Option<PgError> {
+    pub(crate) fn to_pg(&self) -> Option<PgError> {
         match self {
             RelayError::Client(FrameError::TooLarge { len, max }) => Some(
                 PgError::fatal(
@@ -89,7 +90,7 @@ impl RelayError {
 
 /// How a session ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
+pub(crate) enum End {
     ClientTerminated,
     ClientGone,
     UpstreamGone,
@@ -98,7 +99,7 @@ pub enum End {
 }
 
 #[derive(Debug, Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     pub bytes_from_client: AtomicU64,
     pub bytes_to_client: AtomicU64,
     pub statements: AtomicU64,
@@ -140,7 +141,7 @@ enum Cut {
 }
 
 /// The policy's row limit for this session and how to stop a statement that passes it.
-pub struct RowLimit {
+pub(crate) struct RowLimit {
     pub max_rows: u64,
     pub policy: String,
     /// Asks PostgreSQL to cancel the session's running statement (fire and forget).
@@ -148,7 +149,7 @@ pub struct RowLimit {
 }
 
 /// State both directions share.
-pub struct Shared {
+pub(crate) struct Shared {
     refusals: Mutex<VecDeque<PendingRefusal>>,
     inflight: Mutex<VecDeque<InFlight>>,
     standard_conforming_strings: AtomicBool,
@@ -170,7 +171,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(params: &[(String, String)]) -> Self {
+    pub(crate) fn new(params: &[(String, String)]) -> Self {
         let s = Shared {
             refusals: Mutex::new(VecDeque::new()),
             inflight: Mutex::new(VecDeque::new()),
@@ -191,13 +192,13 @@ impl Shared {
     }
 
     /// Masks this session's results with `mask`.
-    pub fn with_mask(mut self, mask: Option<Arc<SessionMask>>) -> Self {
+    pub(crate) fn with_mask(mut self, mask: Option<Arc<SessionMask>>) -> Self {
         self.mask = mask;
         self
     }
 
     /// Cuts off results longer than the policy's `max_rows`.
-    pub fn with_row_limit(mut self, limit: Option<RowLimit>) -> Self {
+    pub(crate) fn with_row_limit(mut self, limit: Option<RowLimit>) -> Self {
         self.row_limit = limit;
         self
     }
@@ -216,7 +217,7 @@ impl Shared {
     }
 
     /// Statements forwarded whose results have not all come back yet.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         lock(&self.inflight).len()
     }
 
@@ -235,7 +236,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Relays until either side ends. On a relay error the client is told why before it is closed.
 #[allow(clippy::too_many_arguments)]
-pub async fn run(
+pub(crate) async fn run(
     mut client_rd: BoxedRead,
     mut client_wr: BoxedWrite,
     mut client_reader: FrameReader,
@@ -816,7 +817,7 @@ async fn masked(shared: &Shared, sql: &str, tree: Option<Arc<Tree>>) -> Masked {
     let tree = tree.or_else(|| {
         let wanted = m.rules().needs_origins() || super::masking::mentions_copy(sql);
         wanted
-            .then(|| crate::policy::pgparse::parse_tree(sql, scs).ok())
+            .then(|| interceptor_sql::pgparse::parse_tree(sql, scs).ok())
             .flatten()
             .map(Arc::new)
     });
@@ -1205,9 +1206,4 @@ fn swap_refusal(shared: &Shared, ready_seen: u64, body: &[u8]) -> Option<Bytes> 
         return refusals.pop_front().map(|r| r.error);
     }
     None
-}
-
-/// Writes a complete message to a writer (used before the relay starts).
-pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
-    w.write_all(bytes).await
 }

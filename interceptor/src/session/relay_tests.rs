@@ -17,13 +17,14 @@ use super::gate::{Gate, LexState, Recorder, SessionFacts, Verdict};
 use super::masking::{SessionMask, SideLogin};
 use super::relay::{self, End, RelayError, RowLimit, Shared};
 use super::upstream::UpstreamTarget;
+use crate::audit::config::AuditConfig;
 use crate::audit::{AuditEvent, AuditLog, QueryProtocol, StatementOutcome, StatementRecord};
-use crate::config::{AuditConfig, UpstreamConfig};
+use crate::config::UpstreamConfig;
 use crate::identity::{Identity, Proof};
 use crate::mask::MaskRules;
-use crate::net::frame::FrameReader;
-use crate::net::message;
+use crate::net::reader::FrameReader;
 use crate::policy::{PolicyHandle, PolicySet};
+use interceptor_wire::message;
 
 const POLICY: &str = r#"
 [policy]
@@ -723,12 +724,12 @@ async fn each_statement_is_parsed_once_through_classify_and_mask() {
         ("SELECT 2 AS n", 1),
         ("SELECT 1 AS n", 0),
     ] {
-        let before = crate::policy::pgparse::parses();
+        let before = interceptor_sql::pgparse::parses();
         let q = message::query(sql);
         s.send(std::slice::from_ref(&q)).await;
         let up = read_until(&mut s.server, b'Q').await;
         assert_eq!(raw(&up), q.to_vec(), "nothing to rewrite in {sql}");
-        let parses = crate::policy::pgparse::parses() - before;
+        let parses = interceptor_sql::pgparse::parses() - before;
         assert_eq!(parses, expected, "`{sql}` parsed {parses} times");
         let answer = [
             row_description(&["n"]),
@@ -747,7 +748,7 @@ async fn each_statement_is_parsed_once_through_classify_and_mask() {
         );
     }
     // Extended protocol: the Parse is classified and rewritten with one parse as well.
-    let before = crate::policy::pgparse::parses();
+    let before = interceptor_sql::pgparse::parses();
     let batch = [
         parse("", "SELECT 'x' AS label"),
         bind("", "", &[]),
@@ -757,7 +758,7 @@ async fn each_statement_is_parsed_once_through_classify_and_mask() {
     s.send(&batch).await;
     assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&batch));
     // Execute decides again from the cache, without parsing.
-    assert_eq!(crate::policy::pgparse::parses() - before, 1);
+    assert_eq!(interceptor_sql::pgparse::parses() - before, 1);
     s.answer(&[
         parse_complete(),
         bind_complete(),
@@ -846,7 +847,7 @@ const UTF8_ON: LexState = LexState {
     client_encoding_utf8: true,
 };
 
-fn refused(v: Verdict) -> crate::net::message::PgError {
+fn refused(v: Verdict) -> interceptor_wire::message::PgError {
     match v {
         Verdict::Refuse(e) => e,
         Verdict::Forward { .. } => panic!("forwarded, expected a refusal"),

@@ -18,7 +18,7 @@ use crate::policy::{PolicyHandle, PolicySet};
 use crate::secrets::Secrets;
 
 /// Everything sessions share.
-pub struct ServerState {
+pub(crate) struct ServerState {
     pub config: Config,
     /// Static identities and the OIDC/mTLS verifiers sessions authenticate with: read through
     /// [`ServerState::identities`], replaced on SIGHUP.
@@ -43,18 +43,18 @@ pub struct ServerState {
 
 /// Open sessions per identity, for the policy's `max_sessions`.
 #[derive(Default)]
-pub struct SessionCounts {
+pub(crate) struct SessionCounts {
     open: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 /// Holds one session slot; released on drop.
-pub struct SessionSlot<'a> {
+pub(crate) struct SessionSlot<'a> {
     counts: &'a SessionCounts,
     subject: String,
 }
 
 impl SessionCounts {
-    pub fn acquire(&self, subject: &str, max: u32) -> Option<SessionSlot<'_>> {
+    pub(crate) fn acquire(&self, subject: &str, max: u32) -> Option<SessionSlot<'_>> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(subject.to_owned()).or_insert(0);
         if *n >= max {
@@ -82,7 +82,7 @@ impl Drop for SessionSlot<'_> {
 
 /// Everything loaded from the configuration that needs no exclusive store: what
 /// `interceptor check-config` validates, also while the daemon runs.
-pub struct Loaded {
+pub(crate) struct Loaded {
     identities: Authenticators,
     secrets: Secrets,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -92,7 +92,7 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    pub fn load(config: &Config) -> anyhow::Result<Loaded> {
+    pub(crate) fn load(config: &Config) -> anyhow::Result<Loaded> {
         let statics = StaticIdentities::new(&config.identities).map_err(anyhow::Error::msg)?;
         let secrets = Secrets::load(config.secrets.file.as_deref())?;
         let mtls = config.mtls.clone().or_else(|| {
@@ -160,7 +160,7 @@ impl Loaded {
 impl Loaded {
     /// Policies whose upstream role has no password in the secrets file (or its environment
     /// variable): `(policy, role)`. Logins under them fail unless PostgreSQL trusts the role.
-    pub fn roles_without_secret(&self) -> Vec<(String, String)> {
+    pub(crate) fn roles_without_secret(&self) -> Vec<(String, String)> {
         self.policy
             .current()
             .policies()
@@ -173,7 +173,10 @@ impl Loaded {
 
 impl ServerState {
     /// Loads the configuration and opens the stores (audit, approvals).
-    pub fn new(config: Config, steering: Option<Arc<Steering>>) -> anyhow::Result<ServerState> {
+    pub(crate) fn new(
+        config: Config,
+        steering: Option<Arc<Steering>>,
+    ) -> anyhow::Result<ServerState> {
         let loaded = Loaded::load(&config)?;
         let upstream = Arc::new(UpstreamTarget::new(
             &config.upstream,
@@ -217,7 +220,7 @@ impl ServerState {
     }
 
     /// The authenticators new sessions use.
-    pub fn identities(&self) -> Arc<Authenticators> {
+    pub(crate) fn identities(&self) -> Arc<Authenticators> {
         self.identities
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -225,7 +228,7 @@ impl ServerState {
     }
 
     /// The upstream secrets new sessions use.
-    pub fn secrets(&self) -> Arc<Secrets> {
+    pub(crate) fn secrets(&self) -> Arc<Secrets> {
         self.secrets
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -238,7 +241,7 @@ impl ServerState {
     /// (`[identity.*]`, `[oidc]`) are replaced unless `[tls]` or `[mtls]` changed: the TLS
     /// acceptor checking client certificates is built at start, so the set stays whole until
     /// a restart. Open sessions keep the identity they logged in with.
-    pub fn reload_credentials(&self, new: &Config, loaded: Loaded) -> Vec<&'static str> {
+    pub(crate) fn reload_credentials(&self, new: &Config, loaded: Loaded) -> Vec<&'static str> {
         let mut applied = vec!["secrets"];
         *self
             .secrets

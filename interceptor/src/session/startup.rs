@@ -3,9 +3,10 @@
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
-use crate::net::frame::{FrameError, FrameReader};
-use crate::net::message::{self, PgError, sqlstate};
+use crate::net::reader::FrameReader;
 use crate::net::stream::Stream;
+use interceptor_wire::frame::FrameError;
+use interceptor_wire::message::{self, PgError, sqlstate};
 
 /// Startup packets are small; PostgreSQL caps them at 10 000 bytes as well.
 const MAX_STARTUP: usize = 10_000;
@@ -16,7 +17,7 @@ const GSSENC_REQUEST: i32 = 80877104;
 const CANCEL_REQUEST: i32 = 80877102;
 
 /// What the client asked for.
-pub enum Opening {
+pub(crate) enum Opening {
     Startup {
         stream: Stream,
         reader: FrameReader,
@@ -34,7 +35,7 @@ pub enum Opening {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum StartupError {
+pub(crate) enum StartupError {
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error("{0}")]
@@ -44,7 +45,7 @@ pub enum StartupError {
 }
 
 /// Runs the startup phase. Refusals are sent to the client as FATAL before returning the error.
-pub async fn negotiate(
+pub(crate) async fn negotiate(
     mut stream: Stream,
     tls: Option<&tokio_rustls::TlsAcceptor>,
     require_tls: bool,
@@ -187,7 +188,7 @@ const REFUSED_BY_DEFAULT: &[&str] = &[
 
 /// A startup parameter refused by policy: the client gets a FATAL naming it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SettingRefused {
+pub(crate) struct SettingRefused {
     pub sqlstate: &'static str,
     pub message: String,
     pub hint: String,
@@ -195,7 +196,7 @@ pub struct SettingRefused {
 
 /// Splits libpq `options` (`-c name=value`, `--name=value`, backslash escapes a character) into
 /// settings. Anything else is refused: other server switches have no place in a proxied session.
-pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, SettingRefused> {
+pub(crate) fn parse_options(options: &str) -> Result<Vec<(String, String)>, SettingRefused> {
     let mut words = Vec::new();
     let mut cur = String::new();
     let mut in_word = false;
@@ -263,7 +264,7 @@ fn valid_setting_name(name: &str) -> bool {
 /// The settings to send upstream for a client's startup parameters, decided by policy: pinned
 /// values always, forbidden names never, identity changes only where allowed, and every other
 /// setting as the policy decides the equivalent `SET name TO 'value'`.
-pub fn decide_settings(
+pub(crate) fn decide_settings(
     params: &[(String, String)],
     policies: &crate::policy::PolicySet,
     identity: &crate::identity::Identity,
@@ -354,7 +355,7 @@ pub fn decide_settings(
             identity,
             database,
             &sql,
-            &crate::policy::lexer::LexSettings::default(),
+            &interceptor_sql::lexer::LexSettings::default(),
         );
         match decision.verdict {
             crate::policy::Verdict::Allow => {}

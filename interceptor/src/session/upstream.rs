@@ -11,13 +11,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::config::{UpstreamAuth, UpstreamConfig, UpstreamTls};
-use crate::net::frame::{FrameError, FrameReader};
-use crate::net::message::{Cursor, error_code_and_message};
+use crate::net::reader::FrameReader;
 use crate::net::stream::Stream;
 use crate::secrets::Secret;
+use interceptor_wire::frame::FrameError;
+use interceptor_wire::message::{Cursor, error_code_and_message};
 
 /// Where the upstream is and how to reach it.
-pub struct UpstreamTarget {
+pub(crate) struct UpstreamTarget {
     unix: Option<PathBuf>,
     host: String,
     port: u16,
@@ -31,7 +32,7 @@ pub struct UpstreamTarget {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     #[error("cannot connect to PostgreSQL at {at}: {source}")]
     Connect { at: String, source: std::io::Error },
     #[error("timed out connecting to PostgreSQL at {0}")]
@@ -53,7 +54,7 @@ pub enum UpstreamError {
 }
 
 /// A logged-in upstream session, positioned right after its first ReadyForQuery.
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub stream: Stream,
     pub reader: FrameReader,
     pub params: Vec<(String, String)>,
@@ -65,7 +66,7 @@ pub struct Upstream {
 }
 
 impl UpstreamTarget {
-    pub fn new(
+    pub(crate) fn new(
         cfg: &UpstreamConfig,
         connector: Option<Arc<rustls::ClientConfig>>,
         max_message: usize,
@@ -114,7 +115,7 @@ impl UpstreamTarget {
         Ok(())
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match &self.unix {
             Some(p) => p.display().to_string(),
             None => format!("{}:{}", self.host, self.port),
@@ -122,7 +123,7 @@ impl UpstreamTarget {
     }
 
     /// A raw connection (TLS negotiated per configuration).
-    pub async fn connect(&self) -> Result<Stream, UpstreamError> {
+    pub(crate) async fn connect(&self) -> Result<Stream, UpstreamError> {
         let at = self.describe();
         let fut = async {
             if let Some(path) = &self.unix {
@@ -204,7 +205,7 @@ impl UpstreamTarget {
     }
 
     /// Asks PostgreSQL to cancel the query of backend `pid`.
-    pub async fn cancel(&self, pid: i32, secret: i32) -> Result<(), UpstreamError> {
+    pub(crate) async fn cancel(&self, pid: i32, secret: i32) -> Result<(), UpstreamError> {
         let mut stream = self.connect().await?;
         let mut buf = BytesMut::new();
         frontend::cancel_request(pid, secret, &mut buf);
@@ -216,7 +217,7 @@ impl UpstreamTarget {
     }
 
     /// Connects and logs in as `role` on `database`.
-    pub async fn login(
+    pub(crate) async fn login(
         &self,
         role: &str,
         password: Option<&Secret>,
@@ -228,7 +229,7 @@ impl UpstreamTarget {
     }
 
     /// As [`UpstreamTarget::login`], with the session's own message size limit.
-    pub async fn login_limited(
+    pub(crate) async fn login_limited(
         &self,
         role: &str,
         password: Option<&Secret>,
@@ -379,7 +380,9 @@ impl UpstreamTarget {
                             .i32()
                             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
                     }
-                    b'N' => out.notices.push(crate::net::message::message(b'N', &body)),
+                    b'N' => out
+                        .notices
+                        .push(interceptor_wire::message::message(b'N', &body)),
                     b'Z' => {
                         out.status = body.first().copied().unwrap_or(b'I');
                         return Ok(());

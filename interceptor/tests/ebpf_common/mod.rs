@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use interceptor::ebpf::{self, Steering, SteeringConfig};
 use interceptor::identity::ProcessIdentity;
 
-pub const PROTECTED: u16 = 5432;
+pub(crate) const PROTECTED: u16 = 5432;
 
 /// Whether the eBPF tests can run here. Without root or without the eBPF object they are skipped
 /// loudly, unless INTERCEPTOR_REQUIRE_BPF=1 makes that a failure.
-pub fn bpf_available(test: &str) -> bool {
+pub(crate) fn bpf_available(test: &str) -> bool {
     let required = std::env::var("INTERCEPTOR_REQUIRE_BPF").is_ok_and(|v| v == "1");
     let problem = if unsafe { libc::geteuid() } != 0 {
         Some("not running as root")
@@ -57,7 +57,7 @@ fn run(cmd: &str, args: &[&str]) {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
-pub fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     format!(
         "{prefix}{}x{}",
         std::process::id(),
@@ -66,13 +66,13 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// A named network namespace with loopback up, deleted on drop.
-pub struct NetNs {
+pub(crate) struct NetNs {
     pub name: String,
     pub file: File,
 }
 
 impl NetNs {
-    pub fn new() -> NetNs {
+    pub(crate) fn new() -> NetNs {
         let name = unique("icns");
         run("ip", &["netns", "add", &name]);
         run("ip", &["-n", &name, "link", "set", "lo", "up"]);
@@ -90,12 +90,12 @@ impl Drop for NetNs {
 }
 
 /// Switches the calling thread into a network namespace until dropped.
-pub struct InNetNs {
+pub(crate) struct InNetNs {
     previous: File,
 }
 
 impl InNetNs {
-    pub fn enter(ns: &NetNs) -> InNetNs {
+    pub(crate) fn enter(ns: &NetNs) -> InNetNs {
         let previous = File::open("/proc/thread-self/ns/net").unwrap();
         assert_eq!(
             unsafe { libc::setns(ns.file.as_raw_fd(), libc::CLONE_NEWNET) },
@@ -114,12 +114,12 @@ impl Drop for InNetNs {
 }
 
 /// A child cgroup v2, removed on drop (its processes must be gone by then).
-pub struct Cgroup {
+pub(crate) struct Cgroup {
     pub path: PathBuf,
     pub procs: File,
 }
 
-pub fn cgroup2_root() -> PathBuf {
+pub(crate) fn cgroup2_root() -> PathBuf {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     if let Some(p) = text.lines().find_map(|l| {
         let (left, right) = l.split_once(" - ")?;
@@ -136,7 +136,7 @@ pub fn cgroup2_root() -> PathBuf {
 }
 
 impl Cgroup {
-    pub fn new() -> Cgroup {
+    pub(crate) fn new() -> Cgroup {
         let path = cgroup2_root().join(unique("ic-test-"));
         std::fs::create_dir(&path).unwrap();
         let procs = std::fs::OpenOptions::new()
@@ -147,7 +147,7 @@ impl Cgroup {
     }
 
     /// A child cgroup `name` of this one (drop it before its parent).
-    pub fn child(&self, name: &str) -> Cgroup {
+    pub(crate) fn child(&self, name: &str) -> Cgroup {
         let path = self.path.join(name);
         std::fs::create_dir(&path).unwrap();
         let procs = std::fs::OpenOptions::new()
@@ -158,12 +158,12 @@ impl Cgroup {
     }
 
     /// The path as /proc/<pid>/cgroup shows it (relative to the cgroup2 root).
-    pub fn rel_path(&self) -> String {
+    pub(crate) fn rel_path(&self) -> String {
         let rel = self.path.strip_prefix(cgroup2_root()).unwrap();
         format!("/{}", rel.display())
     }
 
-    pub fn id(&self) -> u64 {
+    pub(crate) fn id(&self) -> u64 {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&self.path).unwrap().ino()
     }
@@ -181,10 +181,10 @@ impl Drop for Cgroup {
 }
 
 /// A private pin directory, detached and removed on drop.
-pub struct PinDir(pub PathBuf);
+pub(crate) struct PinDir(pub PathBuf);
 
 impl PinDir {
-    pub fn new() -> PinDir {
+    pub(crate) fn new() -> PinDir {
         PinDir(PathBuf::from("/sys/fs/bpf").join(unique("ic-test-")))
     }
 }
@@ -198,7 +198,7 @@ impl Drop for PinDir {
 }
 
 /// A listening socket with TCP Fast Open enabled.
-pub fn listen(addr: &str) -> TcpListener {
+pub(crate) fn listen(addr: &str) -> TcpListener {
     let l = TcpListener::bind(addr).unwrap();
     let qlen: libc::c_int = 16;
     unsafe {
@@ -214,7 +214,7 @@ pub fn listen(addr: &str) -> TcpListener {
     l
 }
 
-pub fn config(cgroup: &Cgroup, pin: &PinDir) -> SteeringConfig {
+pub(crate) fn config(cgroup: &Cgroup, pin: &PinDir) -> SteeringConfig {
     SteeringConfig {
         enabled: true,
         ports: vec![PROTECTED],
@@ -247,7 +247,7 @@ except Exception as e:
 "#;
 
 /// Where and as whom a client process runs.
-pub struct ClientSpec<'a> {
+pub(crate) struct ClientSpec<'a> {
     pub netns: &'a NetNs,
     pub cgroup: Option<&'a Cgroup>,
     pub uid: u32,
@@ -257,7 +257,7 @@ pub struct ClientSpec<'a> {
     pub tfo: bool,
 }
 
-pub fn spawn_client(spec: &ClientSpec<'_>) -> Child {
+pub(crate) fn spawn_client(spec: &ClientSpec<'_>) -> Child {
     let ns_fd = spec.netns.file.as_raw_fd();
     let procs_fd = spec.cgroup.map(|c| c.procs.as_raw_fd());
     let (uid, gid) = (spec.uid, spec.gid);
@@ -299,14 +299,14 @@ pub fn spawn_client(spec: &ClientSpec<'_>) -> Child {
 
 /// A connection that reached one of the test listeners.
 #[derive(Debug)]
-pub struct Accepted {
+pub(crate) struct Accepted {
     pub peer: SocketAddr,
     pub local: SocketAddr,
     pub identity: Option<ProcessIdentity>,
 }
 
 #[derive(Debug)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub client_pid: u32,
     /// The client's own report: `REPLY ...`, `REFUSED` or `ERROR ...`.
     pub client: String,
@@ -314,13 +314,13 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    pub fn refused(&self) -> bool {
+    pub(crate) fn refused(&self) -> bool {
         self.client == "REFUSED" && self.accepted.is_none()
     }
 }
 
 /// Runs one client while serving `listeners`; looks up each accepted connection's identity.
-pub fn exchange(
+pub(crate) fn exchange(
     steering: Option<&Steering>,
     listeners: &[&TcpListener],
     spec: &ClientSpec<'_>,
@@ -360,7 +360,7 @@ pub fn exchange(
     }
 }
 
-pub fn serve(steering: Option<&Steering>, stream: TcpStream, peer: SocketAddr) -> Accepted {
+pub(crate) fn serve(steering: Option<&Steering>, stream: TcpStream, peer: SocketAddr) -> Accepted {
     stream.set_nonblocking(false).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -383,21 +383,21 @@ pub fn serve(steering: Option<&Steering>, stream: TcpStream, peer: SocketAddr) -
     }
 }
 
-pub fn fds<'a>(ls: &'a [&'a TcpListener]) -> Vec<BorrowedFd<'a>> {
+pub(crate) fn fds<'a>(ls: &'a [&'a TcpListener]) -> Vec<BorrowedFd<'a>> {
     ls.iter().map(|l| l.as_fd()).collect()
 }
 
-pub fn cstr(s: &str) -> CString {
+pub(crate) fn cstr(s: &str) -> CString {
     CString::new(s).unwrap()
 }
 
 /// Runs a client that no test listener serves; returns its report.
-pub fn client_alone(spec: &ClientSpec<'_>) -> String {
+pub(crate) fn client_alone(spec: &ClientSpec<'_>) -> String {
     let out = spawn_client(spec).wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-pub fn assert_nothing_waiting(l: &TcpListener, what: &str) {
+pub(crate) fn assert_nothing_waiting(l: &TcpListener, what: &str) {
     match l.accept() {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
         other => panic!("{what}: unexpected connection {other:?}"),
@@ -405,7 +405,7 @@ pub fn assert_nothing_waiting(l: &TcpListener, what: &str) {
 }
 
 /// Accepts one connection within a few seconds.
-pub fn accept_within(l: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
+pub(crate) fn accept_within(l: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match l.accept() {

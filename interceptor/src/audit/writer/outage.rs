@@ -265,7 +265,7 @@ impl Writer {
             } else {
                 let started = Instant::now();
                 let r = self.commit(&held);
-                crate::ops::metrics::audit_commit(started.elapsed());
+                crate::metrics::audit_commit(started.elapsed());
                 r
             }
         });

@@ -11,28 +11,29 @@ use std::time::Duration;
 use crate::identity::error::IdentityError;
 
 /// Largest JWKS or discovery document read (real ones are a few KiB).
-pub const MAX_DOCUMENT_BYTES: u64 = 1024 * 1024;
+pub(crate) const MAX_DOCUMENT_BYTES: u64 = 1024 * 1024;
 
-pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<String, IdentityError>> + Send + 'a>>;
+pub(crate) type FetchFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<String, IdentityError>> + Send + 'a>>;
 
 /// Supplies the current JWKS document (JSON text).
-pub trait JwksSource: Send + Sync + std::fmt::Debug {
+pub(crate) trait JwksSource: Send + Sync + std::fmt::Debug {
     fn fetch(&self) -> FetchFuture<'_>;
 }
 
 /// A JWKS kept in a local file (air-gapped hosts, tests, keys pushed by config management).
 #[derive(Debug, Clone)]
-pub struct FileJwksSource {
+pub(crate) struct FileJwksSource {
     path: PathBuf,
 }
 
 impl FileJwksSource {
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(path: impl Into<PathBuf>) -> Self {
         FileJwksSource { path: path.into() }
     }
 
     /// Reads the file synchronously (used once at startup so a bad file stops the daemon).
-    pub fn read_blocking(&self) -> Result<String, IdentityError> {
+    pub(crate) fn read_blocking(&self) -> Result<String, IdentityError> {
         read_bounded(&self.path)
     }
 }
@@ -71,14 +72,14 @@ enum HttpTarget {
 
 /// Fetches the JWKS over HTTPS with a small blocking client run off the async threads.
 #[derive(Debug, Clone)]
-pub struct HttpJwksSource {
+pub(crate) struct HttpJwksSource {
     agent: ureq::Agent,
     target: HttpTarget,
 }
 
 impl HttpJwksSource {
     /// Fetches the JWKS at `url`.
-    pub fn from_url(
+    pub(crate) fn from_url(
         url: &str,
         ca_file: Option<&Path>,
         timeout: Duration,
@@ -91,7 +92,7 @@ impl HttpJwksSource {
     }
 
     /// Finds the JWKS through the issuer's OIDC discovery document.
-    pub fn discover(
+    pub(crate) fn discover(
         issuer: &str,
         ca_file: Option<&Path>,
         timeout: Duration,

@@ -3,13 +3,13 @@
 use super::discover::Cluster;
 
 /// interceptor's listen port: PostgreSQL's pooler habit (6432), unless PostgreSQL has it.
-pub fn listen_port(pg_port: u16) -> u16 {
+pub(super) fn listen_port(pg_port: u16) -> u16 {
     if pg_port == 6432 { 6433 } else { 6432 }
 }
 
 /// `upstream_dir`: where interceptor finds PostgreSQL's unix socket; `moved`: whether install
 /// moves it there (into a directory only interceptor's group can enter).
-pub fn render(c: &Cluster, upstream_dir: &std::path::Path, moved: bool) -> String {
+pub(super) fn render(c: &Cluster, upstream_dir: &std::path::Path, moved: bool) -> String {
     let version = c.version.as_deref().unwrap_or("unknown version");
     let data = c
         .data_dir

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// The cluster interceptor is installed in front of.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cluster {
+pub(crate) struct Cluster {
     pub version: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub port: u16,
@@ -25,7 +25,7 @@ pub struct Cluster {
 
 /// What the operator passed on the command line.
 #[derive(Debug, Clone, Default)]
-pub struct Hints {
+pub(crate) struct Hints {
     pub data_dir: Option<PathBuf>,
     pub port: Option<u16>,
     pub socket_dir: Option<PathBuf>,
@@ -35,14 +35,14 @@ pub struct Hints {
 /// The fields of postmaster.pid that matter here (PostgreSQL writes one per line: pid, data
 /// directory, start time, port, first socket directory, listen address, shmem key, status).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PostmasterPid {
+pub(crate) struct PostmasterPid {
     pub pid: u32,
     pub data_dir: PathBuf,
     pub port: u16,
     pub socket_dir: Option<PathBuf>,
 }
 
-pub fn parse_postmaster_pid(text: &str) -> Option<PostmasterPid> {
+pub(crate) fn parse_postmaster_pid(text: &str) -> Option<PostmasterPid> {
     let lines: Vec<&str> = text.lines().collect();
     let socket_dir = lines
         .get(4)
@@ -59,7 +59,7 @@ pub fn parse_postmaster_pid(text: &str) -> Option<PostmasterPid> {
 
 /// One line of `pg_lsclusters --no-header`: version, name, port, status, owner, data dir, log.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LsCluster {
+pub(crate) struct LsCluster {
     pub version: String,
     pub name: String,
     pub port: u16,
@@ -67,7 +67,7 @@ pub struct LsCluster {
     pub data_dir: PathBuf,
 }
 
-pub fn parse_lsclusters(text: &str) -> Vec<LsCluster> {
+pub(crate) fn parse_lsclusters(text: &str) -> Vec<LsCluster> {
     text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
@@ -97,7 +97,7 @@ const DEFAULT_SOCKET_DIR: &str = "/var/run/postgresql";
 
 /// Finds the cluster: flags first, then the cluster `pg_lsclusters` lists as online (or the
 /// first one), then PostgreSQL's defaults (said so in `source`).
-pub fn discover(hints: &Hints) -> Cluster {
+pub(crate) fn discover(hints: &Hints) -> Cluster {
     let mut source = Vec::new();
     let mut version = None;
     let mut debian_conf = None;

@@ -7,7 +7,7 @@
 use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Risk {
+pub(crate) enum Risk {
     /// A path around interceptor whatever else is configured.
     Bypass,
     /// A path around interceptor unless kernel steering (`[ebpf] enabled`) covers it.
@@ -16,7 +16,7 @@ pub enum Risk {
 
 /// One line to change, with what to change it to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
+pub(crate) struct Finding {
     pub line_no: usize,
     pub line: String,
     pub risk: Risk,
@@ -47,7 +47,7 @@ fn is_loopback(addr: &str) -> bool {
 }
 
 /// Checks the text of a pg_hba.conf.
-pub fn check(text: &str) -> Vec<Finding> {
+pub(crate) fn check(text: &str) -> Vec<Finding> {
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = raw.split('#').next().unwrap_or("").trim();

@@ -7,7 +7,7 @@ use sha2::Digest;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Change {
+pub(super) enum Change {
     Group {
         name: String,
     },
@@ -41,22 +41,22 @@ pub enum Change {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Manifest {
+pub(super) struct Manifest {
     pub changes: Vec<Change>,
 }
 
-pub fn sha256(bytes: &[u8]) -> String {
+pub(super) fn sha256(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
 impl Manifest {
-    pub fn load(path: &Path) -> anyhow::Result<Manifest> {
+    pub(super) fn load(path: &Path) -> anyhow::Result<Manifest> {
         let text = std::fs::read_to_string(path)?;
         Ok(serde_json::from_str(&text)?)
     }
 
     /// Root-only (0600), replaced atomically.
-    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+    pub(super) fn save(&self, path: &Path) -> anyhow::Result<()> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let tmp = path.with_extension("json.tmp");

@@ -6,10 +6,10 @@
 //! changed is written to a manifest; `uninstall` undoes exactly that, and nothing it did not do.
 
 mod config_text;
-pub mod discover;
-pub mod hba;
+pub(crate) mod discover;
+pub(crate) mod hba;
 mod manifest;
-pub mod pg_socket;
+pub(crate) mod pg_socket;
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -20,7 +20,7 @@ use anyhow::{Context, bail};
 
 use manifest::{Change, Manifest};
 
-pub const USER: &str = "interceptor";
+pub(crate) const USER: &str = "interceptor";
 const UNIT: &str = "interceptor.service";
 const UNIT_TEMPLATE: &str = include_str!("../../../../deploy/interceptor.service");
 const MANIFEST: &str = "/etc/interceptor/install-manifest.json";

@@ -16,15 +16,15 @@ use super::discover::Cluster;
 
 /// The private socket directory on the target system (kept across reboots by a tmpfiles.d
 /// entry, as /run is emptied at boot).
-pub const PRIVATE_DIR: &str = "/run/postgresql-private";
-pub const TMPFILES: &str = "/etc/tmpfiles.d/interceptor-postgresql.conf";
+pub(crate) const PRIVATE_DIR: &str = "/run/postgresql-private";
+pub(crate) const TMPFILES: &str = "/etc/tmpfiles.d/interceptor-postgresql.conf";
 const AUTO_CONF: &str = "postgresql.auto.conf";
 const SETTING: &str = "unix_socket_directories";
-pub const COMMENT: &str =
+pub(crate) const COMMENT: &str =
     "# interceptor install: PostgreSQL's socket only interceptor's group can reach";
 
 /// The line install adds for `dir`.
-pub fn setting_line(dir: &Path) -> String {
+pub(crate) fn setting_line(dir: &Path) -> String {
     let quoted = dir.display().to_string().replace('\'', "''");
     format!("{SETTING} = '{quoted}'")
 }
@@ -36,19 +36,19 @@ fn is_setting(line: &str) -> bool {
 }
 
 /// The cluster's `postgresql.auto.conf`.
-pub fn auto_conf(data_dir: &Path) -> PathBuf {
+pub(crate) fn auto_conf(data_dir: &Path) -> PathBuf {
     data_dir.join(AUTO_CONF)
 }
 
 /// The data directory's owner (the PostgreSQL server account): uid, gid.
-pub fn server_account(data_dir: &Path) -> anyhow::Result<(u32, u32)> {
+pub(crate) fn server_account(data_dir: &Path) -> anyhow::Result<(u32, u32)> {
     let m = std::fs::metadata(data_dir)
         .with_context(|| format!("PostgreSQL data directory {}", data_dir.display()))?;
     Ok((m.uid(), m.gid()))
 }
 
 /// The account name of `uid` on this host.
-pub fn user_name(uid: u32) -> Option<String> {
+pub(crate) fn user_name(uid: u32) -> Option<String> {
     let text = std::fs::read_to_string("/etc/passwd").ok()?;
     text.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
@@ -87,7 +87,7 @@ impl Mode0600 for std::fs::OpenOptions {
 
 /// Appends `line` to the cluster's auto.conf. Returns the setting it overrides, if any (the last
 /// active one), for uninstall.
-pub fn add(file: &Path, line: &str) -> anyhow::Result<Option<String>> {
+pub(crate) fn add(file: &Path, line: &str) -> anyhow::Result<Option<String>> {
     let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
     let previous = text.lines().rfind(|l| is_setting(l)).map(str::to_owned);
     let mut new = text.clone();
@@ -101,7 +101,7 @@ pub fn add(file: &Path, line: &str) -> anyhow::Result<Option<String>> {
 
 /// Takes `line` (and its comment) out of auto.conf again. If `ALTER SYSTEM` has since folded an
 /// earlier setting into ours, that earlier one is put back.
-pub fn remove(file: &Path, line: &str, previous: Option<&str>) -> anyhow::Result<bool> {
+pub(crate) fn remove(file: &Path, line: &str, previous: Option<&str>) -> anyhow::Result<bool> {
     let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
     if !text.lines().any(|l| l.trim() == line) {
         return Ok(false);
@@ -126,7 +126,7 @@ pub fn remove(file: &Path, line: &str, previous: Option<&str>) -> anyhow::Result
 /// How to restart the cluster so that the socket moves: `pg_ctlcluster` for a Debian cluster
 /// (through systemd), else `pg_ctl restart` as the server account with the running server's
 /// own binaries.
-pub fn restart_command(c: &Cluster) -> Option<Vec<String>> {
+pub(crate) fn restart_command(c: &Cluster) -> Option<Vec<String>> {
     if let Some((version, name)) = &c.debian {
         return Some(vec![
             "pg_ctlcluster".into(),
@@ -166,7 +166,7 @@ pub fn restart_command(c: &Cluster) -> Option<Vec<String>> {
 
 /// Runs a restart command. Its output is discarded: the restarted server inherits pg_ctl's
 /// stdout and stderr and would hold a pipe open for as long as it runs.
-pub fn restart(argv: &[String]) -> anyhow::Result<()> {
+pub(crate) fn restart(argv: &[String]) -> anyhow::Result<()> {
     let Some((program, args)) = argv.split_first() else {
         bail!("no restart command");
     };

@@ -20,13 +20,17 @@ pub struct SyntaxError {
 pub type Tree = pg_query::protobuf::ParseResult;
 
 /// Parses `sql` as the server would with the given `standard_conforming_strings` setting.
-pub fn parse(sql: &str, standard_conforming_strings: bool) -> Result<Vec<RawStmt>, SyntaxError> {
+pub(crate) fn parse(
+    sql: &str,
+    standard_conforming_strings: bool,
+) -> Result<Vec<RawStmt>, SyntaxError> {
     parse_tree(sql, standard_conforming_strings).map(|tree| tree.stmts)
 }
 
-/// [`parse`], keeping the whole tree.
+/// Parses `sql` as the server would with the given `standard_conforming_strings` setting, keeping
+/// the whole tree.
 pub fn parse_tree(sql: &str, standard_conforming_strings: bool) -> Result<Tree, SyntaxError> {
-    #[cfg(test)]
+    #[cfg(any(test, feature = "count-parses"))]
     PARSES.with(|n| n.set(n.get() + 1));
     let options = if standard_conforming_strings {
         pg_query::ParserOptions::DEFAULT
@@ -47,15 +51,15 @@ pub fn parse_tree(sql: &str, standard_conforming_strings: bool) -> Result<Tree, 
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "count-parses"))]
 thread_local! {
     /// Calls of the parser on this thread (tests count them per statement).
     static PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// How many times this thread has called PostgreSQL's parser.
-#[cfg(test)]
-pub(crate) fn parses() -> usize {
+#[cfg(any(test, feature = "count-parses"))]
+pub fn parses() -> usize {
     PARSES.with(|n| n.get())
 }
 

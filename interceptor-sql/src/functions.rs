@@ -57,14 +57,14 @@ fn builtins() -> &'static HashSet<&'static str> {
 
 /// True if an unqualified call of `name` resolves to a PostgreSQL built-in (pg_catalog is
 /// searched first, so a user cannot shadow these without schema-qualifying).
-pub fn is_builtin(name: &str) -> bool {
+pub(crate) fn is_builtin(name: &str) -> bool {
     builtins().contains(name)
 }
 
 /// The side effects of calling `name` (the last part of the function name, lower-case):
 /// the statement kind it raises the statement to, and the risks it adds. `None` for functions
 /// without known side effects.
-pub fn side_effects(name: &str) -> Option<(StatementKind, &'static [Risk])> {
+pub(crate) fn side_effects(name: &str) -> Option<(StatementKind, &'static [Risk])> {
     use Risk::*;
     use StatementKind::*;
     const SIDE: &[Risk] = &[SideEffectFunction];
@@ -145,7 +145,7 @@ pub fn side_effects(name: &str) -> Option<(StatementKind, &'static [Risk])> {
 
 /// Risks of `set_config(setting, …)` by the setting's name; `None` means the name is not a
 /// literal and so could be anything.
-pub fn set_config_risks(setting: Option<&str>) -> &'static [Risk] {
+pub(crate) fn set_config_risks(setting: Option<&str>) -> &'static [Risk] {
     match setting.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
         Some("role") => &[Risk::SetRole],
         Some("session_authorization") => &[Risk::SessionAuthorization],

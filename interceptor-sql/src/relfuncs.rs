@@ -10,7 +10,7 @@ use super::names::{MAX_IDENTIFIER_BYTES, qualify_relation};
 
 /// What an argument carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ArgClass {
+pub(crate) enum ArgClass {
     /// A relation (regclass) whose contents the function reads.
     Relation,
     /// A relation (regclass) of which only metadata is read (size, structure, sequence
@@ -27,7 +27,7 @@ pub enum ArgClass {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArgSpec {
+pub(crate) struct ArgSpec {
     /// 1-based argument position; 0 for whole-database functions without such an argument.
     pub position: usize,
     /// The argument's name in pg_proc (for named notation), empty if unnamed.
@@ -79,14 +79,14 @@ fn table() -> &'static HashMap<String, Vec<ArgSpec>> {
 }
 
 /// The relation-naming arguments of built-in function `name` (empty for most functions).
-pub fn lookup(name: &str) -> &'static [ArgSpec] {
+pub(crate) fn lookup(name: &str) -> &'static [ArgSpec] {
     table().get(name).map(Vec::as_slice).unwrap_or(&[])
 }
 
 /// The relation a regclass literal names, as PostgreSQL's `regclassin` reads it: dotted
 /// identifiers, double quotes keep case, unquoted names fold to lower case. `None` for anything
 /// else (an OID, a malformed name): the relation is then unknown.
-pub fn regclass_name(text: &str) -> Option<String> {
+pub(crate) fn regclass_name(text: &str) -> Option<String> {
     let mut parts: Vec<String> = Vec::new();
     let mut chars = text.trim().chars().peekable();
     loop {

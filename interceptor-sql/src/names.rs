@@ -39,7 +39,7 @@ pub(crate) fn name_parts(name: &ObjectName) -> Vec<String> {
 
 /// `schema.table`, with the database part of `db.schema.table` dropped (PostgreSQL only allows
 /// the current database there).
-pub fn table_name(name: &ObjectName) -> String {
+pub(crate) fn table_name(name: &ObjectName) -> String {
     let parts = name_parts(name);
     match parts.as_slice() {
         [t] if t.starts_with("pg_") => format!("pg_catalog.{t}"),

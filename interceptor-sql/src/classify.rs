@@ -2,7 +2,7 @@
 //! on (kind, risks, tables, functions).
 //!
 //! PostgreSQL's own parser ([`super::pgparse`]) is the authority: its tree gives every
-//! statement's kind, relations, functions and nested statements ([`super::pgwalk`]). Two second
+//! statement's kind, relations, functions and nested statements (`pgwalk`). Two second
 //! opinions can only make the answer stricter: our PostgreSQL-faithful lexer
 //! ([`super::lexer`]) must split the text into the same statements, and where sqlparser also
 //! parses a statement and believes it writes, a statement the tree calls harmless is refused.
@@ -20,9 +20,8 @@ use super::names::{ident_name, name_parts, table_name};
 use super::pgparse;
 use super::pgwalk::{self, TreeError, TreeFacts};
 use super::secrets;
+use super::statement::{Risk, StatementKind};
 use super::walk::{Facts, Walk, shallow};
-
-pub use super::statement::{Risk, StatementKind};
 
 /// One classified statement (recorded in the audit trail).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +42,7 @@ pub struct Classified {
     /// `PREPARE name AS …`: the name (the rest describes the prepared statement).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prepares: Option<String>,
-    /// `EXECUTE name`: decided by what `name` was prepared as (see [`super::SessionStatements`]).
+    /// `EXECUTE name`: decided by what `name` was prepared as (the policy keeps the map of prepared names).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub executes: Option<String>,
     /// `DEALLOCATE name` (`Some("")` for DEALLOCATE ALL / DISCARD ALL).

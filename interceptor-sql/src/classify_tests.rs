@@ -1,7 +1,8 @@
 //! Classification corpus: tricky statements and what they must classify as.
 
-use super::classify::{Classified, Risk, StatementKind, Unclassifiable, classify};
+use super::classify::{Classified, Unclassifiable, classify};
 use super::lexer::LexSettings;
+use super::statement::{Risk, StatementKind};
 
 const ON: LexSettings = LexSettings {
     standard_conforming_strings: true,

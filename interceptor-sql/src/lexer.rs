@@ -4,7 +4,7 @@
 //!
 //! Why: sqlparser is not PostgreSQL. If the two disagree on where a string or comment ends, a
 //! client can hide a statement from the classifier (a parser differential). This lexer splits the
-//! text into statements the way the server will, and [`crate::policy::classify()`] refuses the query
+//! text into statements the way the server will, and [`crate::classify::classify()`] refuses the query
 //! when sqlparser's tokens disagree with ours.
 
 use std::ops::Range;

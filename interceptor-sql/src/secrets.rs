@@ -14,11 +14,11 @@ use super::lexer::{Tok, TokKind};
 
 /// A secret the tree names but the tokens do not place: the statement must be withheld whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unplaced;
+pub(crate) struct Unplaced;
 
 /// The byte ranges (in the query text) of the string constants holding secrets in `node`,
 /// whose tokens are `tokens`.
-pub fn secret_spans(node: &N, tokens: &[Tok]) -> Result<Vec<Range<usize>>, Unplaced> {
+pub(crate) fn secret_spans(node: &N, tokens: &[Tok]) -> Result<Vec<Range<usize>>, Unplaced> {
     let mut out = Vec::new();
     match node {
         N::CreateRoleStmt(s) => password_options(&s.options, tokens, &mut out)?,
