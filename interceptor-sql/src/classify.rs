@@ -459,10 +459,8 @@ fn classify_statement(
         }
         Statement::Deallocate { name, .. } => deallocates = Some(ident_name(name)),
         Statement::Discard { object_type } => {
-            if matches!(
-                object_type,
-                ast::DiscardObject::ALL | ast::DiscardObject::PLANS
-            ) {
+            // DISCARD PLANS drops cached plans only; prepared statements stay.
+            if matches!(object_type, ast::DiscardObject::ALL) {
                 deallocates = Some(String::new());
             }
         }

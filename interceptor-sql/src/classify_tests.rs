@@ -397,6 +397,10 @@ fn prepare_classifies_inner_statement() {
     assert_eq!(c.executes.as_deref(), Some("p"));
     assert_eq!(c.kind, StatementKind::Procedural);
     assert_eq!(one("DEALLOCATE p").deallocates.as_deref(), Some("p"));
+    assert_eq!(one("DEALLOCATE ALL").deallocates.as_deref(), Some(""));
+    assert_eq!(one("DISCARD ALL").deallocates.as_deref(), Some(""));
+    // Cached plans only: PostgreSQL keeps the prepared statements.
+    assert_eq!(one("DISCARD PLANS").deallocates, None);
 }
 
 #[test]

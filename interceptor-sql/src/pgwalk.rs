@@ -119,10 +119,8 @@ fn classify_node(
         }
         NodeEnum::DiscardStmt(d) => {
             f.raise(K::Session);
-            if matches!(
-                DiscardMode::try_from(d.target),
-                Ok(DiscardMode::DiscardAll | DiscardMode::DiscardPlans)
-            ) {
+            // DISCARD PLANS drops cached plans only; prepared statements stay.
+            if matches!(DiscardMode::try_from(d.target), Ok(DiscardMode::DiscardAll)) {
                 out.deallocates = Some(String::new());
             }
         }

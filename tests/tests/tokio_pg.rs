@@ -413,3 +413,38 @@ async fn closed_clients_leave_no_upstream_sessions() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// DISCARD PLANS drops cached plans, not prepared statements (DISCARD ALL does both): a
+/// statement prepared before it still runs, at the SQL level and the protocol level, as it does
+/// directly against PostgreSQL.
+#[tokio::test]
+async fn prepared_statements_outlive_discard_plans() {
+    let s = stack();
+    let direct =
+        s.pg.psql("PREPARE p AS SELECT 41 + 1; DISCARD PLANS; EXECUTE p;")
+            .unwrap();
+    assert_eq!(direct.trim(), "42", "PostgreSQL itself: {direct:?}");
+
+    let c = s.params(ALICE).connect().await.unwrap();
+    let stmt = c.prepare("SELECT 40 + 2").await.unwrap();
+    c.batch_execute("PREPARE p AS SELECT 41 + 1").await.unwrap();
+    c.batch_execute("DISCARD PLANS").await.unwrap();
+    let row = c.query_one(&stmt, &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    let executed: Vec<String> = c
+        .simple_query("EXECUTE p")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(executed, vec!["42".to_string()]);
+
+    // DISCARD ALL drops them, in PostgreSQL and so through the proxy.
+    c.batch_execute("DISCARD ALL").await.unwrap();
+    assert!(c.simple_query("EXECUTE p").await.is_err());
+    assert!(c.query_one(&stmt, &[]).await.is_err());
+}
