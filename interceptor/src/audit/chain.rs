@@ -1,11 +1,12 @@
 //! The hash chain: how a record is stored and linked to its predecessor.
 //!
-//! A stored record is `sha256(prev_hash || body) || body`, where `body` is the record's JSON
-//! ([`Record`]) exactly as written. Hashing the stored bytes (not a re-serialization) makes the
+//! A stored record is `sha256(prev_hash || body) || body`, where `body` is the record's encoding
+//! ([`body`]: compact binary for statements and outcomes, JSON otherwise) exactly as written. Hashing the stored bytes (not a re-serialization) makes the
 //! stored bytes the canonical form, so verification never depends on serializer details.
 
 use sha2::{Digest, Sha256};
 
+use super::body;
 use super::record::{Record, RecordId};
 
 pub(crate) const HASH_LEN: usize = 32;
@@ -85,21 +86,18 @@ pub(crate) fn split_stored(value: &[u8]) -> Option<StoredRecord<'_>> {
     })
 }
 
-/// Serializes a record and links it; returns the stored bytes and the new chain hash.
-pub(crate) fn seal(
-    prev: &ChainHash,
-    record: &Record,
-) -> Result<(Vec<u8>, ChainHash), serde_json::Error> {
-    let body = serde_json::to_vec(record)?;
-    let hash = ChainHash::link(prev, &body);
-    let mut stored = Vec::with_capacity(HASH_LEN + body.len());
-    stored.extend_from_slice(&hash.0);
-    stored.extend_from_slice(&body);
+/// Encodes a record and links it; returns the stored bytes and the new chain hash.
+pub(crate) fn seal(prev: &ChainHash, record: &Record) -> Result<(Vec<u8>, ChainHash), String> {
+    // One buffer: the hash's place, then the body, then the hash over the body written in.
+    let mut stored = Vec::with_capacity(HASH_LEN + 160);
+    stored.resize(HASH_LEN, 0);
+    body::encode(record, &mut stored)?;
+    let hash = ChainHash::link(prev, &stored[HASH_LEN..]);
+    stored[..HASH_LEN].copy_from_slice(&hash.0);
     Ok((stored, hash))
 }
 
 pub(crate) fn decode_record(value: &[u8]) -> Option<(ChainHash, Record)> {
     let s = split_stored(value)?;
-    let r: Record = serde_json::from_slice(s.body).ok()?;
-    Some((s.hash, r))
+    Some((s.hash, body::decode(s.body)?))
 }

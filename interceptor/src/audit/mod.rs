@@ -14,6 +14,7 @@
 pub(crate) mod admin;
 mod applier;
 mod block;
+pub(crate) mod body;
 pub(crate) mod chain;
 pub mod cli;
 pub(crate) mod config;

@@ -7,8 +7,9 @@ use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 
 use super::AuditError;
+use super::body;
 use super::chain::{self, BASE_KEY, CHECKPOINT_PREFIX, ChainHash, HEAD_KEY, RECORD_PREFIX};
-use super::record::{Record, RecordId};
+use super::record::RecordId;
 use super::signing::Mark;
 use super::store::{Store, Stored};
 
@@ -204,13 +205,13 @@ pub(crate) fn verify(
                 expected = RecordId(seq.0 + 1);
                 continue;
             };
-            match serde_json::from_slice::<Record>(stored.body) {
-                Err(_) => c.problem(
+            match body::decode(stored.body) {
+                None => c.problem(
                     Some(seq),
                     &k,
                     format!("record {seq} is not a valid record (modified)"),
                 ),
-                Ok(r) if r.seq != seq => c.problem(
+                Some(r) if r.seq != seq => c.problem(
                     Some(seq),
                     &k,
                     format!(
@@ -218,7 +219,7 @@ pub(crate) fn verify(
                         r.seq
                     ),
                 ),
-                Ok(_) => {}
+                Some(_) => {}
             }
             if let Some(p) = prev
                 && ChainHash::link(&p, stored.body) != stored.hash

@@ -784,8 +784,7 @@ impl Writer {
                     rec.seq
                 )));
             }
-            let (stored, hash) =
-                chain::seal(&prev, rec).map_err(|e| AuditError::Encode(e.to_string()))?;
+            let (stored, hash) = chain::seal(&prev, rec).map_err(AuditError::Encode)?;
             pairs.push((chain::record_key(rec.seq).to_vec(), stored));
             prev = hash;
             expected = RecordId(expected.0 + 1);
