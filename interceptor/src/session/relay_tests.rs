@@ -1326,3 +1326,66 @@ async fn a_deallocated_statement_is_not_decided_on_its_old_text() {
     assert_eq!(down[1].error().0, "42501");
     s.finish().await;
 }
+
+/// The RowDescription that answers a Describe of one portal masks the rows of that portal
+/// only: an Execute of another portal right after it, whose rows come without a description,
+/// is not masked by the described portal's plan (which would leave its masked column, at
+/// another position, in the clear); with column rules those rows are withheld instead.
+#[tokio::test]
+async fn a_portals_description_masks_its_own_rows_only() {
+    let mut s = start(Some(MASK));
+    let prepare = [
+        parse("sa", "SELECT 1 AS note, 2 AS ssn"),
+        parse("sb", "SELECT 3 AS ssn, 4 AS note"),
+        bind("a", "sa", &[]),
+        bind("b", "sb", &[]),
+        sync(),
+    ];
+    s.send(&prepare).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&prepare));
+    s.answer(&[
+        parse_complete(),
+        parse_complete(),
+        bind_complete(),
+        bind_complete(),
+        message::ready_for_query(b'T'),
+    ])
+    .await;
+    read_until(&mut s.client, b'Z').await;
+
+    // Describe a, Execute b: b's rows are not a's.
+    s.send(&[describe(b'P', "a"), execute("b"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[
+        row_description(&["note", "ssn"]),
+        data_row(&["123-45-6789", "n"]),
+        complete("SELECT 1"),
+        message::ready_for_query(b'T'),
+    ])
+    .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "TEZ", "{down:?}");
+    assert_eq!(down[1].error().0, "XX000");
+    assert!(
+        !down
+            .iter()
+            .any(|m| String::from_utf8_lossy(&m.body).contains("123-45-6789")),
+        "{down:?}"
+    );
+
+    // Describe a, Execute a: a's rows are masked by a's description.
+    s.send(&[describe(b'P', "a"), execute("a"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[
+        row_description(&["note", "ssn"]),
+        data_row(&["n", "123-45-6789"]),
+        complete("SELECT 1"),
+        ready(),
+    ])
+    .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "TDCZ", "{down:?}");
+    let row = String::from_utf8_lossy(&down[1].body).into_owned();
+    assert!(!row.contains("123-45-6789") && row.contains('n'), "{row}");
+    s.finish().await;
+}
