@@ -126,14 +126,15 @@ impl SessionMask {
             };
             let rows = rows.map_err(|e| {
                 refused(format!(
-                    "interceptor: statement refused: the catalog lookup that column masking                      needs failed ({e})"
+                    "interceptor: statement refused: the catalog lookup that column masking \
+                     needs failed ({e})"
                 ))
             })?;
             cache.insert(lookup, &rows).map_err(|_| {
                 refused("interceptor: statement refused: malformed catalog answer".into())
             })?;
         }
-        let result = crate::mask::rewrite(sql, tree, &self.rules, &cache)
+        let result = crate::mask::rewrite(sql, &needs, &self.rules, &cache)
             .map_err(|r| refused(r.0).with_hint("column masking applies to this session"));
         if needs.changes_catalog {
             cache.clear();

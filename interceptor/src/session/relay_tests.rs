@@ -725,12 +725,21 @@ async fn each_statement_is_parsed_once_through_classify_and_mask() {
         ("SELECT 1 AS n", 0),
     ] {
         let before = interceptor_sql::pgparse::parses();
+        let (converted, scanned) = crate::mask::conversions_and_scans();
         let q = message::query(sql);
         s.send(std::slice::from_ref(&q)).await;
         let up = read_until(&mut s.server, b'Q').await;
         assert_eq!(raw(&up), q.to_vec(), "nothing to rewrite in {sql}");
         let parses = interceptor_sql::pgparse::parses() - before;
         assert_eq!(parses, expected, "`{sql}` parsed {parses} times");
+        // The rewrite converts the tree once (for its catalog needs and its walk) and scans
+        // the text only to edit it.
+        let (c, sc) = crate::mask::conversions_and_scans();
+        assert_eq!(
+            (c - converted, sc - scanned),
+            (1, 0),
+            "`{sql}`: tree conversions and scans"
+        );
         let answer = [
             row_description(&["n"]),
             data_row(&["1"]),
