@@ -15,7 +15,7 @@ use bytes::Bytes;
 use crate::mask::{CopyTarget, MaskPlan};
 use interceptor_wire::message::{self, BindView, Cursor, Malformed, ParseView};
 
-pub(crate) use owed::{CopySpec, Cut, Outcome, Owed, OwedCopy, OwedQueue, Running};
+pub(crate) use owed::{CopySpec, Cut, Outcome, Owed, OwedCopy, OwedQueue, Owing, Running};
 
 /// One frontend message, decoded once (views over the frame; no copy of the SQL or values).
 pub(crate) enum Frontend<'a> {

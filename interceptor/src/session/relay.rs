@@ -8,8 +8,8 @@
 //! error for interceptor's own. No reordering, no waiting and no second writer on the client socket.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use rand::RngCore;
@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::gate::{Gate, LexState, Recorder, Verdict};
 use super::masking::{MaskStream, SessionMask};
-use super::protocol::{Action, Cut, Frontend, Owed, OwedCopy, OwedQueue, Prepared, Running};
+use super::protocol::{Action, Cut, Frontend, Owed, OwedCopy, OwedQueue, Owing, Prepared, Running};
 use crate::mask::{CopyTarget, RowFields, parse_row_description};
 use crate::net::reader::FrameReader;
 use crate::net::stream::{BoxedRead, BoxedWrite};
@@ -117,7 +117,7 @@ pub(crate) struct RowLimit {
 pub(crate) struct Shared {
     /// The answers PostgreSQL owes, in order: the client → upstream side pushes, the
     /// upstream → client side advances (see [`OwedQueue`]).
-    owed: Mutex<OwedQueue>,
+    owed: Owing,
     standard_conforming_strings: AtomicBool,
     client_encoding_utf8: AtomicBool,
     pub counters: Counters,
@@ -129,15 +129,12 @@ pub(crate) struct Shared {
     /// PostgreSQL was idle (no transaction) after batch `idle_before - 1`: the portals bound
     /// up to then ended with their transaction.
     idle_before: AtomicU64,
-    /// Signalled when PostgreSQL's answer settled Parses (ParseComplete, or the error that
-    /// failed or skipped them).
-    parses_settled: tokio::sync::Notify,
 }
 
 impl Shared {
     pub(crate) fn new(params: &[(String, String)]) -> Self {
         let s = Shared {
-            owed: Mutex::new(OwedQueue::default()),
+            owed: Owing::default(),
             standard_conforming_strings: AtomicBool::new(true),
             client_encoding_utf8: AtomicBool::new(true),
             counters: Counters::default(),
@@ -145,7 +142,6 @@ impl Shared {
             row_limit: None,
             upstream_fatal: AtomicBool::new(false),
             idle_before: AtomicU64::new(0),
-            parses_settled: tokio::sync::Notify::new(),
         };
         for (k, v) in params {
             s.parameter(k, v);
@@ -180,12 +176,12 @@ impl Shared {
 
     /// Statements forwarded whose results have not all come back yet.
     pub(crate) fn in_flight(&self) -> usize {
-        lock(&self.owed).running()
+        self.owed.running()
     }
 
     /// PostgreSQL will answer a message about to go upstream with `owed`.
     fn owe(&self, owed: Owed) {
-        lock(&self.owed).push(owed);
+        self.owed.push(owed);
     }
 
     fn lex(&self) -> LexState {
@@ -194,11 +190,6 @@ impl Shared {
             client_encoding_utf8: self.client_encoding_utf8.load(Ordering::Relaxed),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The guarded queues stay consistent even if a holder panicked (single push/pop operations).
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Relays until either side ends. On a relay error the client is told why before it is closed.
@@ -620,7 +611,7 @@ async fn parse_settled(
     reader: &mut FrameReader,
 ) -> Result<bool, RelayError> {
     loop {
-        let settled = shared.parses_settled.notified();
+        let settled = shared.owed.parses_settled();
         tokio::pin!(settled);
         settled.as_mut().enable();
         if !p.is_pending() {
@@ -876,7 +867,7 @@ async fn upstream_to_client(
         let mut offset = 0;
         let mut parses_settled = false;
         {
-            let mut owed = lock(&shared.owed);
+            let mut owed = shared.owed.lock();
             for f in frames(&chunk) {
                 let start = offset;
                 offset += f.raw.len();
@@ -935,7 +926,7 @@ async fn upstream_to_client(
             }
         }
         if parses_settled {
-            shared.parses_settled.notify_waiters();
+            shared.owed.settled();
         }
         for mut done in finished.drain(..) {
             done.outcome.duration_us = done.started.elapsed().as_micros() as u64;

@@ -6,7 +6,7 @@
 //! its own, so the three can never disagree about which answer is whose.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -325,6 +325,43 @@ impl OwedQueue {
         if let Some(i) = self.first(want) {
             self.queue.remove(i);
         }
+    }
+}
+
+/// The session's owed queue as both directions share it, with the signal a client message
+/// waits on when what it refers to depends on a Parse still unanswered.
+#[derive(Debug, Default)]
+pub(crate) struct Owing {
+    queue: Mutex<OwedQueue>,
+    parses_settled: tokio::sync::Notify,
+}
+
+impl Owing {
+    /// PostgreSQL will answer a message about to go upstream with `owed`.
+    pub(crate) fn push(&self, owed: Owed) {
+        self.lock().push(owed);
+    }
+
+    /// Statements forwarded whose results have not all come back yet.
+    pub(crate) fn running(&self) -> usize {
+        self.lock().running()
+    }
+
+    /// The queue, to read and advance by a chunk of backend messages.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, OwedQueue> {
+        // Each operation leaves the queue consistent, so a holder's panic leaves it usable.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves at the next [`Owing::settled`]; enable it before checking whether a Parse is
+    /// still pending, so a settlement in between is not missed.
+    pub(crate) fn parses_settled(&self) -> tokio::sync::futures::Notified<'_> {
+        self.parses_settled.notified()
+    }
+
+    /// Backend messages settled Parses ([`OwedQueue::answered`] said so).
+    pub(crate) fn settled(&self) {
+        self.parses_settled.notify_waiters();
     }
 }
 
