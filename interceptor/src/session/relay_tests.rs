@@ -1398,3 +1398,62 @@ async fn a_portals_description_masks_its_own_rows_only() {
     assert!(!row.contains("123-45-6789") && row.contains('n'), "{row}");
     s.finish().await;
 }
+
+/// Masking and a refusal in one pipeline, read from the one queue: the rows of the statement
+/// before the refusal are masked by its own description, the refusal's stand-in error becomes
+/// interceptor's, and the statement after it, which PostgreSQL skips, is recorded as skipped.
+#[tokio::test]
+async fn a_masked_result_and_a_refusal_share_one_pipeline() {
+    let mut s = start(Some(MASK));
+    let batch = [
+        parse("", "SELECT 'x' AS ssn"),
+        bind("", "", &[]),
+        describe(b'P', ""),
+        execute(""),
+        parse("", "DROP TABLE audit_log"),
+        bind("", "", &[]),
+        execute(""),
+        parse("", "SELECT 'y' AS ssn"),
+        bind("", "", &[]),
+        describe(b'P', ""),
+        execute(""),
+        sync(),
+    ];
+    s.send(&batch).await;
+    let up = read_until(&mut s.server, b'S').await;
+    assert_eq!(tags(&up), "PBDEPBPPBDES");
+    let nonce = nonce_of(&parse_text(&up[4])).to_owned();
+    s.answer(&[
+        parse_complete(),
+        bind_complete(),
+        row_description(&["ssn"]),
+        data_row(&["123-45-6789"]),
+        complete("SELECT 1"),
+        syntax_error_at(&nonce),
+        ready(),
+    ])
+    .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "12TDCEZ", "{down:?}");
+    let row = String::from_utf8_lossy(&down[3].body).into_owned();
+    assert!(!row.contains("123-45-6789"), "masked: {row}");
+    let (code, msg) = down[5].error();
+    assert_eq!(code, "42501");
+    assert!(msg.contains("no drops here"), "{msg}");
+
+    let records = s.finish().await;
+    let outcome = |sql: &str| {
+        records
+            .iter()
+            .find(|(r, _)| r.sql == sql)
+            .and_then(|(_, o)| o.clone())
+            .unwrap_or_else(|| panic!("no outcome for {sql}: {records:?}"))
+    };
+    let first = outcome("SELECT 'x' AS ssn");
+    assert_eq!(first.command_tags, ["SELECT 1"]);
+    assert!(!first.skipped && first.sqlstate.is_none(), "{first:?}");
+    assert!(
+        outcome("SELECT 'y' AS ssn").skipped,
+        "PostgreSQL skipped it"
+    );
+}
