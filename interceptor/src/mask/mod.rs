@@ -46,6 +46,8 @@ pub(crate) use wire::{FieldDescription, parse_row_description};
 /// A RowDescription decoded once: masking (origins, plan) and the recording read it.
 pub(crate) type RowFields = Result<Vec<FieldDescription>, MaskError>;
 pub(crate) use relcat::RelationCache;
+#[cfg(test)]
+pub(crate) use rewrite::conversions_and_scans;
 pub(crate) use rewrite::{needs, rewrite};
 pub use rules::MaskRules;
 pub use strategy::StrategyKind;

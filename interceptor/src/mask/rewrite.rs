@@ -23,17 +23,34 @@ use super::strategy::Strategy;
 #[error("{0}")]
 pub(crate) struct Refusal(pub String);
 
-/// What a statement needs from the catalog before [`rewrite`] can run.
+/// What a statement needs from the catalog before [`rewrite`] can run, and its parse tree as
+/// the rewrite reads it: converted from pg_query's protobuf once, here, for both.
 #[derive(Debug, Default)]
 pub(crate) struct Needs {
     pub relations: Vec<RelName>,
     pub functions: Vec<String>,
     /// The statement may change the catalog (the session's cache should be dropped after it).
     pub changes_catalog: bool,
+    /// `None`: the tree could not be converted (the rewrite then refuses the statement).
+    tree: Option<Value>,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Conversions of a parse tree and scans of a text on this thread (tests count them).
+    static COUNTS: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// How many parse trees this thread converted for the rewrite, and texts it scanned.
+#[cfg(test)]
+pub(crate) fn conversions_and_scans() -> (usize, usize) {
+    COUNTS.with(|c| c.get())
 }
 
 /// The relations and function names `tree` mentions.
 pub(crate) fn needs(tree: &pg_query::protobuf::ParseResult) -> Needs {
+    #[cfg(test)]
+    COUNTS.with(|c| c.set((c.get().0 + 1, c.get().1)));
     let mut n = Needs::default();
     let Ok(v) = serde_json::to_value(tree) else {
         return n;
@@ -66,6 +83,7 @@ pub(crate) fn needs(tree: &pg_query::protobuf::ParseResult) -> Needs {
             }
         }
     }
+    n.tree = Some(v);
     n
 }
 
@@ -94,31 +112,26 @@ fn collect(v: &Value, n: &mut Needs) {
     }
 }
 
-/// Rewrites `sql` (whose parse is `tree`): `Ok(None)` when nothing changes.
+/// Rewrites `sql`, whose parse [`needs`] read: `Ok(None)` when nothing changes.
 pub(crate) fn rewrite(
     sql: &str,
-    tree: &pg_query::protobuf::ParseResult,
+    needs: &Needs,
     rules: &MaskRules,
     catalog: &RelationCache,
 ) -> Result<Option<String>, Refusal> {
     if !rules.needs_origins() {
         return Ok(None);
     }
-    let v = serde_json::to_value(tree)
-        .map_err(|_| Refusal("interceptor: statement could not be analysed for masking".into()))?;
-    let tokens = pg_query::scan(sql)
-        .map_err(|_| Refusal("interceptor: statement could not be analysed for masking".into()))?
-        .tokens
-        .iter()
-        .map(|t| (t.start as usize, t.end as usize))
-        .collect();
+    let v = needs.tree.as_ref().ok_or_else(|| {
+        Refusal("interceptor: statement could not be analysed for masking".into())
+    })?;
     let mut w = Walker {
         sql,
         rules,
         catalog,
         allow: rules.allowances(),
         keyed: rules.has_key(),
-        tokens,
+        tokens: std::cell::OnceCell::new(),
         edits: Vec::new(),
         in_view: false,
     };
@@ -341,7 +354,14 @@ struct Walker<'a> {
     catalog: &'a RelationCache,
     allow: Allowances,
     keyed: bool,
-    tokens: Vec<(usize, usize)>,
+    /// Token spans of `sql`, scanned at the first edit (most statements need none). The scan
+    /// is PostgreSQL's own scanner, whose positions the tree's locations are. The
+    /// interceptor-sql lexer is not used instead: its tokens are not carried with the
+    /// statement (a classification from the cache never lexed this text), and it is held to
+    /// the server's scanner where strings, comments and statements end, not at every token
+    /// boundary the span arithmetic below counts; it would be a second scan, only close to
+    /// this one.
+    tokens: std::cell::OnceCell<Option<Vec<(usize, usize)>>>,
     edits: Vec<Edit>,
     /// Inside CREATE VIEW: every masked reference is refused (a view would read it later,
     /// out of sight).
@@ -880,12 +900,27 @@ impl<'a> Walker<'a> {
     fn span(&self, location: i64, fields: usize) -> Result<(usize, usize), Refusal> {
         let bad = || Refusal("interceptor: statement could not be rewritten for masking".into());
         let start = usize::try_from(location).map_err(|_| bad())?;
-        let i = self
+        let tokens = self
             .tokens
+            .get_or_init(|| {
+                #[cfg(test)]
+                COUNTS.with(|c| c.set((c.get().0, c.get().1 + 1)));
+                let scanned = pg_query::scan(self.sql).ok()?;
+                Some(
+                    scanned
+                        .tokens
+                        .iter()
+                        .map(|t| (t.start as usize, t.end as usize))
+                        .collect(),
+                )
+            })
+            .as_deref()
+            .ok_or_else(bad)?;
+        let i = tokens
             .binary_search_by_key(&start, |t| t.0)
             .map_err(|_| bad())?;
         let last = i + 2 * fields.max(1) - 2;
-        let end = self.tokens.get(last).ok_or_else(bad)?.1;
+        let end = tokens.get(last).ok_or_else(bad)?.1;
         Ok((start, end))
     }
 
@@ -1304,7 +1339,30 @@ mod tests {
 
     fn run(sql: &str) -> Result<Option<String>, Refusal> {
         let tree = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).unwrap();
-        rewrite(sql, &tree.protobuf, &rules(), &catalog(sql))
+        rewrite(sql, &needs(&tree.protobuf), &rules(), &catalog(sql))
+    }
+
+    /// The tree is converted once per statement (the catalog lookup and the rewrite share
+    /// it), and the text is scanned only when a reference is rewritten.
+    #[test]
+    fn one_conversion_per_statement_and_a_scan_only_for_an_edit() {
+        let rules = rules();
+        for (sql, scans) in [
+            ("SELECT card, email FROM t", 0),
+            ("SELECT upper(card) FROM t WHERE card LIKE $1", 1),
+        ] {
+            let cache = catalog(sql);
+            let tree = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).unwrap();
+            let before = conversions_and_scans();
+            let n = needs(&tree.protobuf);
+            let out = rewrite(sql, &n, &rules, &cache).unwrap();
+            let (conversions, scanned) = conversions_and_scans();
+            assert_eq!(
+                (conversions - before.0, scanned - before.1),
+                (1, scans),
+                "{sql} -> {out:?}"
+            );
+        }
     }
 
     #[test]

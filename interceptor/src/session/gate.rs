@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::protocol::Statements;
+use super::protocol::{Outcome, Statements};
 use crate::audit::{
     AuditError, AuditEvent, AuditLog, QueryProtocol, RecordId, RecordedRows, SessionId,
     StatementOutcome, StatementRecord,
@@ -75,23 +75,6 @@ pub(crate) struct SessionFacts {
 pub(crate) struct LexState {
     pub standard_conforming_strings: bool,
     pub client_encoding_utf8: bool,
-}
-
-/// Outcome of a forwarded statement, for the audit trail.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Outcome {
-    pub command_tags: Vec<String>,
-    pub rows: u64,
-    pub sqlstate: Option<String>,
-    pub error: Option<String>,
-    pub duration_us: u64,
-    pub skipped: bool,
-    /// Result rows as the client saw them (already masked), up to the recording cap.
-    pub columns: Vec<String>,
-    pub recorded: Vec<Vec<Option<String>>>,
-    pub truncated: bool,
-    /// What masking replaced in this statement's answer (targets and counts, never values).
-    pub masked: crate::mask::MaskSummary,
 }
 
 pub(crate) struct Gate {

@@ -1,23 +1,23 @@
-//! Masking in the data path: which rules apply to a session, which result each backend message
-//! belongs to, and the side connection that resolves column origins and COPY columns.
+//! Masking in the data path: which rules apply to a session, how each backend message of a
+//! result is masked, and the side connection that resolves column origins and COPY columns.
 //!
-//! The client → upstream side announces, in order, every request whose answer matters for
-//! masking ([`Owed`]); the upstream → client side ([`MaskStream`]) consumes those entries as
-//! the answers arrive. A RowDescription that answers a Describe is kept in the statement or
-//! portal it describes (the session's one [`Statements`]), so later Executes of its portals
-//! find their plan even without a RowDescription; masking keeps no statement state of its own.
+//! Which result a backend message belongs to is read from the session's one queue of owed
+//! answers ([`OwedQueue`]), which the relay advances; masking keeps no queue of its own. A
+//! RowDescription that answers a Describe is kept in the statement or portal it describes (the
+//! session's one [`Statements`](super::protocol::Statements)), so later Executes of its portals
+//! find their plan even without a RowDescription; masking keeps no statement state either.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::protocol::{Action, Frontend, Owed, OwedQueue, Prepared, Statements};
+use super::protocol::{Action, CopySpec, Owed, OwedCopy, OwedQueue};
 use super::upstream::{Upstream, UpstreamTarget};
 use crate::mask::{
-    CopyColumn, CopyMasker, CopyOptions, CopyTarget, FieldDescription, MaskError, MaskPlan,
-    MaskRules, MaskSummary, OriginCache, RelationCache, RowFields, catalog_query,
-    parse_row_description, table_oids_of,
+    CopyColumn, CopyMasker, CopyTarget, FieldDescription, MaskError, MaskPlan, MaskRules,
+    MaskSummary, OriginCache, RelationCache, RowFields, catalog_query, parse_row_description,
+    table_oids_of,
 };
 use crate::secrets::Secret;
 use interceptor_sql::pgparse::Tree;
@@ -53,23 +53,12 @@ pub(super) struct Side {
     conn: Option<Upstream>,
 }
 
-/// One COPY TO STDOUT as the statement declares it.
-#[derive(Debug)]
-pub(crate) struct CopySpec {
-    options: CopyOptions,
-    columns: Option<Vec<CopyColumn>>,
-}
-
-/// What masking needs of each answer PostgreSQL owes: the COPY specs of a statement.
-type Expect = Owed<Result<CopySpec, String>>;
-
 /// The masking of one session, shared by both directions.
 pub(crate) struct SessionMask {
     rules: MaskRules,
     side: tokio::sync::Mutex<Side>,
     origins: Mutex<OriginCache>,
     login: SideLogin,
-    expect: Mutex<OwedQueue<Result<CopySpec, String>>>,
     /// Relations and functions the statement rewrite looked up (column rules only).
     relations: tokio::sync::Mutex<RelationCache>,
 }
@@ -89,7 +78,6 @@ impl SessionMask {
             side: tokio::sync::Mutex::new(Side { conn: None }),
             origins: Mutex::new(OriginCache::default()),
             login,
-            expect: Mutex::new(OwedQueue::default()),
             relations: tokio::sync::Mutex::new(RelationCache::default()),
         }))
     }
@@ -97,46 +85,6 @@ impl SessionMask {
     /// The session's rules (after exemptions).
     pub(crate) fn rules(&self) -> &MaskRules {
         &self.rules
-    }
-
-    fn push(&self, e: Expect) {
-        lock(&self.expect).push(e);
-    }
-
-    /// A frontend message is about to be forwarded (refused ones too: their stand-in answers
-    /// in the same shape). `statements` is the session's view of what the client prepared,
-    /// before this message. A Query is announced by [`SessionMask::query`] once it is decided.
-    pub(crate) async fn frontend(&self, message: &Frontend<'_>, statements: &Statements) {
-        match message {
-            Frontend::Parse(_) => self.push(Owed::Parse),
-            Frontend::Bind { .. } => self.push(Owed::Bind),
-            Frontend::Describe { kind, name } => self.push(if *kind == b'S' {
-                Owed::DescribeStatement(statements.statement(name))
-            } else {
-                Owed::DescribePortal(statements.portal(name).cloned())
-            }),
-            Frontend::Execute { portal } => {
-                let portal = statements.portal(portal).cloned();
-                let copies = match &portal {
-                    Some(p) => self.copy_specs(&p.statement.copies).await,
-                    None => VecDeque::new(),
-                };
-                self.push(Owed::Execute { portal, copies });
-            }
-            Frontend::Sync => self.push(Owed::Sync),
-            Frontend::FunctionCall(_) => self.push(Owed::FunctionCall),
-            Frontend::Query(_)
-            | Frontend::Close { .. }
-            | Frontend::Terminate
-            | Frontend::Passthrough => {}
-        }
-    }
-
-    /// A Query is about to be forwarded (or its refusal's stand-in: then `copies` is empty);
-    /// `copies` are its COPY TO STDOUT statements as PostgreSQL's parser read them.
-    pub(crate) async fn query(&self, copies: &[CopyTarget]) {
-        let copies = self.copy_specs(copies).await;
-        self.push(Owed::Query { copies });
     }
 
     /// The statement as it must go upstream under column rules: every reference to a masked
@@ -178,14 +126,15 @@ impl SessionMask {
             };
             let rows = rows.map_err(|e| {
                 refused(format!(
-                    "interceptor: statement refused: the catalog lookup that column masking                      needs failed ({e})"
+                    "interceptor: statement refused: the catalog lookup that column masking \
+                     needs failed ({e})"
                 ))
             })?;
             cache.insert(lookup, &rows).map_err(|_| {
                 refused("interceptor: statement refused: malformed catalog answer".into())
             })?;
         }
-        let result = crate::mask::rewrite(sql, tree, &self.rules, &cache)
+        let result = crate::mask::rewrite(sql, &needs, &self.rules, &cache)
             .map_err(|r| refused(r.0).with_hint("column masking applies to this session"));
         if needs.changes_catalog {
             cache.clear();
@@ -195,7 +144,7 @@ impl SessionMask {
 
     /// Each COPY TO STDOUT with its options and its columns, described now (just before it
     /// runs, so a table changed since the statement was prepared is described as it is).
-    async fn copy_specs(&self, copies: &[CopyTarget]) -> VecDeque<Result<CopySpec, String>> {
+    pub(crate) async fn copy_specs(&self, copies: &[CopyTarget]) -> VecDeque<OwedCopy> {
         let mut out = VecDeque::with_capacity(copies.len());
         for copy in copies {
             let spec = match copy {
@@ -429,17 +378,32 @@ fn catalog_row(body: &[u8]) -> Option<(u32, i16, crate::mask::ColumnOrigin)> {
     Some((oid, attnum, crate::mask::ColumnOrigin::new(s, t, col)))
 }
 
-/// The upstream → client side's masking state.
+/// The upstream → client side's masking state: how the result now arriving is masked. Which
+/// statement or Describe a message answers is read from the session's owed queue.
 pub(crate) struct MaskStream {
     mask: Arc<SessionMask>,
     /// The plan of the rows now arriving (`Some(None)`: decided, nothing to mask).
     active: Option<Option<MaskPlan>>,
-    /// The answer to a Describe(statement) is arriving (`Some(None)`: of a statement the
-    /// session does not know; PostgreSQL will not know it either).
-    describing: Option<Option<Arc<Prepared>>>,
+    /// What a Describe of a portal the session does not know (a SQL cursor) answered, for the
+    /// rows of an Execute of that name that comes next (`None` plan: nothing to mask). A
+    /// portal the session knows keeps its plan itself, so no other portal's rows can be
+    /// masked by it.
+    described: Option<(Box<str>, Option<MaskPlan>)>,
     copy: Option<CopyMasker>,
     /// A masking failure withheld the rest of this result.
     discard: bool,
+}
+
+/// Where the masking of a message is summed up: the outcome of the statement it belongs to,
+/// else a scratch summary nobody reads.
+fn summary<'a>(owed: &'a mut OwedQueue, scratch: &'a mut MaskSummary) -> &'a mut MaskSummary {
+    match owed.running_mut() {
+        Some(run) => &mut run.outcome.masked,
+        None => {
+            scratch.clear();
+            scratch
+        }
+    }
 }
 
 impl MaskStream {
@@ -447,7 +411,7 @@ impl MaskStream {
         MaskStream {
             mask,
             active: None,
-            describing: None,
+            described: None,
             copy: None,
             discard: false,
         }
@@ -457,16 +421,18 @@ impl MaskStream {
         &self.mask
     }
 
-    /// Decides one backend message; `summary` collects what was masked. `fields`: a
-    /// RowDescription's fields, as the relay decoded them (decoded here when absent).
+    /// Decides one backend message, before `owed` is advanced by it; what was masked is
+    /// summed up in the outcome of the statement it belongs to. `fields`: a RowDescription's
+    /// fields, as the relay decoded them (decoded here when absent).
     pub(crate) fn message(
         &mut self,
         tag: u8,
         body: &[u8],
         fields: Option<&RowFields>,
-        summary: &mut MaskSummary,
+        owed: &mut OwedQueue,
+        scratch: &mut MaskSummary,
     ) -> Action {
-        match self.step(tag, body, fields, summary) {
+        match self.step(tag, body, fields, owed, scratch) {
             Ok(a) => a,
             Err(e) => self.fail(tag, e),
         }
@@ -478,12 +444,10 @@ impl MaskStream {
         tracing::warn!(error = %e, "masking failed: result withheld");
         self.copy = None;
         self.active = None;
+        self.described = None;
         // An ErrorResponse that cannot be masked ends its result itself; anything else starts
         // discarding up to the result's end.
         self.discard = !matches!(tag, b'E' | b'Z' | b'C' | b'I' | b's');
-        if matches!(tag, b'C' | b'I' | b's') {
-            self.pop_execute();
-        }
         if tag == b'E' {
             // PostgreSQL's own error, unmaskable: interceptor's error answers in its place.
             Action::Rewrite(withheld(&e))
@@ -497,7 +461,8 @@ impl MaskStream {
         tag: u8,
         body: &[u8],
         fields: Option<&RowFields>,
-        summary: &mut MaskSummary,
+        owed: &mut OwedQueue,
+        scratch: &mut MaskSummary,
     ) -> Result<Action, MaskError> {
         match tag {
             b'D' => {
@@ -505,16 +470,18 @@ impl MaskStream {
                     return Ok(Action::Withhold);
                 }
                 if self.active.is_none() {
-                    self.active = Some(self.plan_for_execute()?);
+                    self.active = Some(self.plan_for_execute(owed)?);
                 }
                 let Some(Some(plan)) = &self.active else {
                     return Ok(Action::Forward);
                 };
                 // The masked row comes framed: one allocation per changed row, none otherwise.
-                Ok(match plan.mask_data_row_message(body, summary)? {
-                    None => Action::Forward,
-                    Some(message) => Action::Rewrite(Bytes::from(message)),
-                })
+                Ok(
+                    match plan.mask_data_row_message(body, summary(owed, scratch))? {
+                        None => Action::Forward,
+                        Some(message) => Action::Rewrite(Bytes::from(message)),
+                    },
+                )
             }
             b'T' => {
                 let plan = match fields {
@@ -522,56 +489,44 @@ impl MaskStream {
                     Some(Err(e)) => Err(e.clone()),
                     None => parse_row_description(body).and_then(|f| self.plan(&f)),
                 };
-                if let Some(statement) = self.describing.take() {
-                    if let Some(statement) = statement {
-                        statement.described.set(plan.map_err(|e| e.to_string()));
+                match owed.describing() {
+                    Some(Owed::DescribeStatement(statement)) => {
+                        if let Some(statement) = statement {
+                            statement.described.set(plan.map_err(|e| e.to_string()));
+                        }
                     }
-                    return Ok(Action::Forward);
+                    Some(Owed::DescribePortal { name, portal }) => {
+                        if let Some(p) = portal {
+                            p.described.set(plan.clone().map_err(|e| e.to_string()));
+                        }
+                        // No safe plan: the description is refused, as its rows would be.
+                        let plan = plan?;
+                        if portal.is_none() {
+                            self.described = Some((name.clone(), plan));
+                        }
+                    }
+                    // A statement's result starts: its rows follow.
+                    _ => self.active = Some(plan?),
                 }
-                // Describe(portal) + Execute in one batch: the rows follow directly, and a
-                // later Execute of the same portal finds the plan.
-                if let Some(Owed::DescribePortal(Some(p))) =
-                    self.pop_if(|e| matches!(e, Owed::DescribePortal(_)))
-                {
-                    p.described.set(plan.clone().map_err(|e| e.to_string()));
-                }
-                self.active = Some(plan?);
                 Ok(Action::Forward)
             }
             b'n' => {
-                if let Some(statement) = self.describing.take() {
-                    if let Some(statement) = statement {
-                        statement.described.set(Ok(None));
+                match owed.describing() {
+                    Some(Owed::DescribeStatement(Some(statement))) => {
+                        statement.described.set(Ok(None))
                     }
-                } else if let Some(Owed::DescribePortal(Some(p))) =
-                    self.pop_if(|e| matches!(e, Owed::DescribePortal(_)))
-                {
-                    p.described.set(Ok(None));
+                    Some(Owed::DescribePortal {
+                        portal: Some(p), ..
+                    }) => p.described.set(Ok(None)),
+                    _ => {}
                 }
-                Ok(Action::Forward)
-            }
-            b't' => {
-                if let Some(Owed::DescribeStatement(statement)) =
-                    self.pop_if(|e| matches!(e, Owed::DescribeStatement(_)))
-                {
-                    self.describing = Some(statement);
-                }
-                Ok(Action::Forward)
-            }
-            // A new statement or portal starts without a plan; nothing to forget here.
-            b'1' => {
-                let _ = self.pop_if(|e| matches!(e, Owed::Parse));
-                Ok(Action::Forward)
-            }
-            b'2' => {
-                let _ = self.pop_if(|e| matches!(e, Owed::Bind));
                 Ok(Action::Forward)
             }
             b'C' | b'I' | b's' => {
                 let discarded = std::mem::take(&mut self.discard);
                 self.active = None;
                 self.copy = None;
-                self.pop_execute();
+                self.described = None;
                 Ok(if discarded {
                     Action::Withhold
                 } else {
@@ -582,11 +537,12 @@ impl MaskStream {
                 if self.discard {
                     return Ok(Action::Withhold);
                 }
-                let spec = self.next_copy_spec()?;
-                self.copy =
-                    self.mask
-                        .rules
-                        .copy_plan(body, spec.columns.as_deref(), spec.options)?;
+                let spec = next_copy_spec(owed)?;
+                self.copy = self.mask.rules.copy_plan(
+                    body,
+                    spec.columns.as_deref(),
+                    spec.options.clone(),
+                )?;
                 Ok(Action::Forward)
             }
             b'd' => {
@@ -596,7 +552,7 @@ impl MaskStream {
                 let Some(copy) = self.copy.as_mut() else {
                     return Ok(Action::Forward);
                 };
-                Ok(match copy.feed(body, summary)? {
+                Ok(match copy.feed(body, summary(owed, scratch))? {
                     None => Action::Forward,
                     Some(b) if b.is_empty() => Action::Withhold,
                     Some(b) => Action::Rewrite(message::message(b'd', &b)),
@@ -609,7 +565,7 @@ impl MaskStream {
                 let Some(copy) = self.copy.as_mut() else {
                     return Ok(Action::Forward);
                 };
-                Ok(match copy.finish(summary)? {
+                Ok(match copy.finish(summary(owed, scratch))? {
                     None => Action::Forward,
                     Some(rest) => {
                         let mut both = bytes::BytesMut::new();
@@ -620,26 +576,34 @@ impl MaskStream {
                 })
             }
             b'E' => {
-                self.end_error();
+                self.end_result();
                 Ok(replace(
                     b'E',
-                    self.mask.rules.mask_error_fields(body, summary)?,
+                    self.mask
+                        .rules
+                        .mask_error_fields(body, summary(owed, scratch))?,
                 ))
             }
             b'N' => Ok(replace(
                 b'N',
-                self.mask.rules.mask_error_fields(body, summary)?,
+                self.mask
+                    .rules
+                    .mask_error_fields(body, summary(owed, scratch))?,
             )),
             b'A' => Ok(replace(
                 b'A',
-                self.mask.rules.mask_notification_body(body, summary)?,
+                self.mask
+                    .rules
+                    .mask_notification_body(body, summary(owed, scratch))?,
             )),
             b'V' => Ok(replace(
                 b'V',
-                self.mask.rules.mask_function_result(body, summary)?,
+                self.mask
+                    .rules
+                    .mask_function_result(body, summary(owed, scratch))?,
             )),
             b'Z' => {
-                self.end_batch();
+                self.end_result();
                 Ok(Action::Forward)
             }
             _ => Ok(Action::Forward),
@@ -656,66 +620,57 @@ impl MaskStream {
 
     /// The plan of rows that arrive without a RowDescription: the portal's or statement's
     /// described plan, else a blind scan (an error with column rules).
-    fn plan_for_execute(&self) -> Result<Option<MaskPlan>, MaskError> {
-        let expect = lock(&self.mask.expect);
-        if let Some(Owed::Execute {
-            portal: Some(portal),
-            ..
-        }) = expect.front()
-        {
-            if let Some(described) = portal.described.get() {
-                return described.map_err(|_| MaskError::ColumnsUnknown);
-            }
-            if let Some(described) = portal.statement.described.get() {
-                let mut plan = described.map_err(|_| MaskError::ColumnsUnknown)?;
-                if let Some(plan) = plan.as_mut() {
-                    plan.set_result_formats(portal.result_formats.as_slice())?;
+    fn plan_for_execute(&mut self, owed: &OwedQueue) -> Result<Option<MaskPlan>, MaskError> {
+        match owed.producing() {
+            Some(Owed::Execute {
+                portal: Some(portal),
+                ..
+            }) => {
+                if let Some(described) = portal.described.get() {
+                    return described.map_err(|_| MaskError::ColumnsUnknown);
                 }
-                return Ok(plan);
+                if let Some(described) = portal.statement.described.get() {
+                    let mut plan = described.map_err(|_| MaskError::ColumnsUnknown)?;
+                    if let Some(plan) = plan.as_mut() {
+                        plan.set_result_formats(portal.result_formats.as_slice())?;
+                    }
+                    return Ok(plan);
+                }
             }
+            Some(Owed::Execute {
+                name, portal: None, ..
+            }) => {
+                if let Some((_, plan)) = self.described.take_if(|(n, _)| n == name) {
+                    return Ok(plan);
+                }
+            }
+            _ => {}
         }
         self.mask.rules.plan_without_description()
     }
 
-    fn next_copy_spec(&self) -> Result<CopySpec, MaskError> {
-        let mut expect = lock(&self.mask.expect);
-        let copies = match expect.front_mut() {
-            Some(Owed::Query { copies } | Owed::Execute { copies, .. }) => copies,
-            _ => return Err(MaskError::CopyFormat("COPY of an unknown statement")),
-        };
-        match copies.pop_front() {
-            Some(Ok(spec)) => Ok(spec),
-            Some(Err(e)) => {
-                tracing::warn!(error = %e, "COPY columns could not be described");
-                Err(MaskError::ColumnsUnknown)
-            }
-            None => Err(MaskError::CopyFormat("COPY options unknown")),
+    /// An error, or the batch's end: the result being masked is over.
+    fn end_result(&mut self) {
+        self.active = None;
+        self.copy = None;
+        self.discard = false;
+        self.described = None;
+    }
+}
+
+/// The spec of the COPY TO STDOUT now starting: the next of its statement's.
+fn next_copy_spec(owed: &OwedQueue) -> Result<&CopySpec, MaskError> {
+    let copies = match owed.producing() {
+        Some(Owed::Query { copies, .. } | Owed::Execute { copies, .. }) => copies,
+        _ => return Err(MaskError::CopyFormat("COPY of an unknown statement")),
+    };
+    match copies.front() {
+        Some(Ok(spec)) => Ok(spec),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "COPY columns could not be described");
+            Err(MaskError::ColumnsUnknown)
         }
-    }
-
-    fn pop_if(&self, want: impl Fn(&Expect) -> bool) -> Option<Expect> {
-        lock(&self.mask.expect).pop_if(want)
-    }
-
-    fn pop_execute(&self) {
-        let _ = self.pop_if(|e| matches!(e, Owed::Execute { .. }));
-    }
-
-    /// An ErrorResponse: PostgreSQL skips the rest of an extended batch up to Sync.
-    fn end_error(&mut self) {
-        self.active = None;
-        self.copy = None;
-        self.discard = false;
-        self.describing = None;
-        lock(&self.mask.expect).skip_to_batch_end();
-    }
-
-    fn end_batch(&mut self) {
-        self.active = None;
-        self.copy = None;
-        self.discard = false;
-        self.describing = None;
-        lock(&self.mask.expect).end_batch();
+        None => Err(MaskError::CopyFormat("COPY options unknown")),
     }
 }
 

@@ -4,7 +4,9 @@
 //!
 //! The gate, masking and the relay all read this state; none keeps a copy of its own.
 
-use std::collections::{HashMap, VecDeque};
+mod owed;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -12,6 +14,8 @@ use bytes::Bytes;
 
 use crate::mask::{CopyTarget, MaskPlan};
 use interceptor_wire::message::{self, BindView, Cursor, Malformed, ParseView};
+
+pub(crate) use owed::{CopySpec, Cut, Outcome, Owed, OwedCopy, OwedQueue, Owing, Running};
 
 /// One frontend message, decoded once (views over the frame; no copy of the SQL or values).
 pub(crate) enum Frontend<'a> {
@@ -351,92 +355,6 @@ pub(crate) fn bind_result_formats(body: &[u8]) -> Option<Vec<i16>> {
     Some(out)
 }
 
-/// A request whose answer the upstream → client side must attribute, in the order forwarded.
-/// Describes and Executes carry the statement or portal they name as it was when forwarded,
-/// so an answer lands where it belongs even if the client reused the name since.
-#[derive(Debug)]
-pub(crate) enum Owed<C> {
-    Parse,
-    Bind,
-    DescribeStatement(Option<Arc<Prepared>>),
-    DescribePortal(Option<Arc<Portal>>),
-    /// `copies`: what each COPY TO STDOUT of the statement produces, in order.
-    Execute {
-        portal: Option<Arc<Portal>>,
-        copies: VecDeque<C>,
-    },
-    Query {
-        copies: VecDeque<C>,
-    },
-    Sync,
-    FunctionCall,
-}
-
-impl<C> Owed<C> {
-    /// Answered by a ReadyForQuery.
-    pub(crate) fn ends_batch(&self) -> bool {
-        matches!(self, Owed::Query { .. } | Owed::Sync | Owed::FunctionCall)
-    }
-}
-
-/// The queue of answers PostgreSQL owes, front first.
-#[derive(Debug)]
-pub(crate) struct OwedQueue<C> {
-    queue: VecDeque<Owed<C>>,
-}
-
-impl<C> Default for OwedQueue<C> {
-    fn default() -> Self {
-        OwedQueue {
-            queue: VecDeque::new(),
-        }
-    }
-}
-
-impl<C> OwedQueue<C> {
-    pub(crate) fn push(&mut self, owed: Owed<C>) {
-        self.queue.push_back(owed);
-    }
-
-    pub(crate) fn front(&self) -> Option<&Owed<C>> {
-        self.queue.front()
-    }
-
-    pub(crate) fn front_mut(&mut self) -> Option<&mut Owed<C>> {
-        self.queue.front_mut()
-    }
-
-    #[cfg(test)]
-    pub(crate) fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
-    /// The front entry, if it is what `want` expects.
-    pub(crate) fn pop_if(&mut self, want: impl Fn(&Owed<C>) -> bool) -> Option<Owed<C>> {
-        if self.queue.front().is_some_and(want) {
-            self.queue.pop_front()
-        } else {
-            None
-        }
-    }
-
-    /// An ErrorResponse: PostgreSQL skips the rest of an extended batch up to Sync.
-    pub(crate) fn skip_to_batch_end(&mut self) {
-        while self.queue.front().is_some_and(|e| !e.ends_batch()) {
-            self.queue.pop_front();
-        }
-    }
-
-    /// A ReadyForQuery: everything up to and including the entry that ends the batch is paid.
-    pub(crate) fn end_batch(&mut self) {
-        while let Some(e) = self.queue.pop_front() {
-            if e.ends_batch() {
-                break;
-            }
-        }
-    }
-}
-
 /// What the relay does with one backend message.
 #[derive(Debug)]
 pub(crate) enum Action {
@@ -640,24 +558,6 @@ mod tests {
             s.statement("st").is_some(),
             "statements outlive transactions"
         );
-    }
-
-    #[test]
-    fn an_error_skips_to_the_batch_end_and_ready_pays_it() {
-        let mut q: OwedQueue<()> = OwedQueue::default();
-        q.push(Owed::Parse);
-        q.push(Owed::Bind);
-        q.push(Owed::Parse);
-        q.push(Owed::Sync);
-        q.push(Owed::Query {
-            copies: VecDeque::new(),
-        });
-        q.skip_to_batch_end();
-        assert!(matches!(q.front(), Some(Owed::Sync)));
-        q.end_batch();
-        assert!(matches!(q.front(), Some(Owed::Query { .. })));
-        q.end_batch();
-        assert!(q.is_empty());
     }
 
     #[test]

@@ -8,17 +8,16 @@
 //! error for interceptor's own. No reordering, no waiting and no second writer on the client socket.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::gate::{Gate, LexState, Outcome, Recorder, Verdict};
+use super::gate::{Gate, LexState, Recorder, Verdict};
 use super::masking::{MaskStream, SessionMask};
-use super::protocol::{Action, Frontend, Prepared};
+use super::protocol::{Action, Cut, Frontend, Owed, OwedCopy, OwedQueue, Owing, Prepared, Running};
 use crate::mask::{CopyTarget, RowFields, parse_row_description};
 use crate::net::reader::FrameReader;
 use crate::net::stream::{BoxedRead, BoxedWrite};
@@ -106,40 +105,6 @@ pub(crate) struct Counters {
     pub refused: AtomicU64,
 }
 
-struct PendingRefusal {
-    /// Index of the ReadyForQuery that closes the batch the refusal belongs to.
-    batch: u64,
-    nonce: String,
-    error: Bytes,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Simple,
-    Execute,
-}
-
-struct InFlight {
-    batch: u64,
-    kind: Kind,
-    record: Option<crate::audit::RecordId>,
-    started: Instant,
-    outcome: Outcome,
-    cut: Cut,
-}
-
-/// Where a statement stands with the session's `max_rows` limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cut {
-    Within,
-    /// Past the limit: rows are dropped and PostgreSQL was asked to cancel; the statement's
-    /// end (its CommandComplete or the cancel's error) becomes interceptor's error.
-    Cutting,
-    /// The client has its error; the rest of this query message is dropped up to
-    /// ReadyForQuery, as after any error of a simple query.
-    Reported,
-}
-
 /// The policy's row limit for this session and how to stop a statement that passes it.
 pub(crate) struct RowLimit {
     pub max_rows: u64,
@@ -150,8 +115,9 @@ pub(crate) struct RowLimit {
 
 /// State both directions share.
 pub(crate) struct Shared {
-    refusals: Mutex<VecDeque<PendingRefusal>>,
-    inflight: Mutex<VecDeque<InFlight>>,
+    /// The answers PostgreSQL owes, in order: the client → upstream side pushes, the
+    /// upstream → client side advances (see [`OwedQueue`]).
+    owed: Owing,
     standard_conforming_strings: AtomicBool,
     client_encoding_utf8: AtomicBool,
     pub counters: Counters,
@@ -163,18 +129,12 @@ pub(crate) struct Shared {
     /// PostgreSQL was idle (no transaction) after batch `idle_before - 1`: the portals bound
     /// up to then ended with their transaction.
     idle_before: AtomicU64,
-    /// The Parses forwarded and not answered yet, in order; PostgreSQL's answer settles each
-    /// (ParseComplete, or the error that failed or skipped it).
-    parses: Mutex<VecDeque<Arc<Prepared>>>,
-    /// Signalled when Parses are settled.
-    parses_settled: tokio::sync::Notify,
 }
 
 impl Shared {
     pub(crate) fn new(params: &[(String, String)]) -> Self {
         let s = Shared {
-            refusals: Mutex::new(VecDeque::new()),
-            inflight: Mutex::new(VecDeque::new()),
+            owed: Owing::default(),
             standard_conforming_strings: AtomicBool::new(true),
             client_encoding_utf8: AtomicBool::new(true),
             counters: Counters::default(),
@@ -182,8 +142,6 @@ impl Shared {
             row_limit: None,
             upstream_fatal: AtomicBool::new(false),
             idle_before: AtomicU64::new(0),
-            parses: Mutex::new(VecDeque::new()),
-            parses_settled: tokio::sync::Notify::new(),
         };
         for (k, v) in params {
             s.parameter(k, v);
@@ -218,7 +176,12 @@ impl Shared {
 
     /// Statements forwarded whose results have not all come back yet.
     pub(crate) fn in_flight(&self) -> usize {
-        lock(&self.inflight).len()
+        self.owed.running()
+    }
+
+    /// PostgreSQL will answer a message about to go upstream with `owed`.
+    fn owe(&self, owed: Owed) {
+        self.owed.push(owed);
     }
 
     fn lex(&self) -> LexState {
@@ -227,11 +190,6 @@ impl Shared {
             client_encoding_utf8: self.client_encoding_utf8.load(Ordering::Relaxed),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The guarded queues stay consistent even if a holder panicked (single push/pop operations).
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Relays until either side ends. On a relay error the client is told why before it is closed.
@@ -380,9 +338,6 @@ async fn client_to_upstream(
                 Err(e) => return Err(RelayError::Protocol(e.to_string())),
             };
             gate.transactions_ended_before(shared.idle_before.load(Ordering::Relaxed));
-            if let Some(m) = &shared.mask {
-                m.frontend(&msg, gate.statements()).await;
-            }
             let substitute = match msg {
                 Frontend::Query(sql) => {
                     shared.counters.statements.fetch_add(1, Ordering::Relaxed);
@@ -406,26 +361,23 @@ async fn client_to_upstream(
                     else {
                         return Ok(End::ClientGone);
                     };
-                    let (sub, copies) = match verdict {
+                    let sub = match verdict {
                         Verdict::Forward { record, tree } => {
-                            // Tracked either way: a refused rewrite is this statement's outcome.
+                            // Run either way: a refused rewrite is this statement's outcome.
                             let masked = masked(shared, sql, tree).await;
-                            track(shared, batch, Kind::Simple, record);
+                            let run = Running::new(record);
                             match masked.rewrite {
-                                Ok(new) => (new.map(|sql| message::query(&sql)), masked.copies),
-                                Err(err) => (Some(refuse(shared, batch, err, false)), Vec::new()),
+                                Ok(new) => {
+                                    let copies = copy_specs(shared, &masked.copies).await;
+                                    shared.owe(Owed::Query { copies, run });
+                                    new.map(|sql| message::query(&sql))
+                                }
+                                Err(err) => Some(refuse(shared, err, Stand::Query, Some(run))),
                             }
                         }
-                        Verdict::Refuse(err) => {
-                            (Some(refuse(shared, batch, err, false)), Vec::new())
-                        }
-                        Verdict::Hold(_) => {
-                            (Some(refuse(shared, batch, still_held(), false)), Vec::new())
-                        }
+                        Verdict::Refuse(err) => Some(refuse(shared, err, Stand::Query, None)),
+                        Verdict::Hold(_) => Some(refuse(shared, still_held(), Stand::Query, None)),
                     };
-                    if let Some(m) = &shared.mask {
-                        m.query(&copies).await;
-                    }
                     batch += 1;
                     sub
                 }
@@ -447,12 +399,12 @@ async fn client_to_upstream(
                     match sent {
                         Ok((sub, copies)) => {
                             let prepared = gate.parsed(p.statement, p.sql, copies, batch);
-                            lock(&shared.parses).push_back(prepared);
+                            shared.owe(Owed::Parse(prepared));
                             sub
                         }
                         Err(err) => {
                             gate.parse_refused(p.statement);
-                            Some(refuse(shared, batch, err, true))
+                            Some(refuse(shared, err, Stand::Parse, None))
                         }
                     }
                 }
@@ -472,6 +424,7 @@ async fn client_to_upstream(
                         }
                     }
                     gate.bind(&view, body, batch);
+                    shared.owe(Owed::Bind);
                     None
                 }
                 Frontend::Execute { portal } => {
@@ -498,11 +451,22 @@ async fn client_to_upstream(
                     };
                     match verdict {
                         Verdict::Forward { record, .. } => {
-                            track(shared, batch, Kind::Execute, record);
+                            // The portal as PostgreSQL will run it, with what its COPYs produce.
+                            let bound = gate.statements().portal(portal).cloned();
+                            let copies = match &bound {
+                                Some(p) => copy_specs(shared, &p.statement.copies).await,
+                                None => VecDeque::new(),
+                            };
+                            shared.owe(Owed::Execute {
+                                name: portal.into(),
+                                portal: bound,
+                                copies,
+                                run: Running::new(record),
+                            });
                             None
                         }
-                        Verdict::Refuse(err) => Some(refuse(shared, batch, err, true)),
-                        Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), true)),
+                        Verdict::Refuse(err) => Some(refuse(shared, err, Stand::Parse, None)),
+                        Verdict::Hold(_) => Some(refuse(shared, still_held(), Stand::Parse, None)),
                     }
                 }
                 Frontend::Close { kind, name } => {
@@ -510,6 +474,7 @@ async fn client_to_upstream(
                     None
                 }
                 Frontend::Sync => {
+                    shared.owe(Owed::Sync);
                     batch += 1;
                     None
                 }
@@ -544,17 +509,20 @@ async fn client_to_upstream(
                                 Some(sql) => masked(shared, sql, tree).await.rewrite,
                                 None => Ok(None),
                             };
-                            track(shared, batch, Kind::Simple, record);
+                            let run = Running::new(record);
                             match checked {
-                                Ok(None) => None,
-                                Ok(Some(_)) => {
-                                    Some(refuse(shared, batch, unmaskable_call(), false))
+                                Ok(None) => {
+                                    shared.owe(Owed::FunctionCall(run));
+                                    None
                                 }
-                                Err(err) => Some(refuse(shared, batch, err, false)),
+                                Ok(Some(_)) => {
+                                    Some(refuse(shared, unmaskable_call(), Stand::Query, Some(run)))
+                                }
+                                Err(err) => Some(refuse(shared, err, Stand::Query, Some(run))),
                             }
                         }
-                        Verdict::Refuse(err) => Some(refuse(shared, batch, err, false)),
-                        Verdict::Hold(_) => Some(refuse(shared, batch, still_held(), false)),
+                        Verdict::Refuse(err) => Some(refuse(shared, err, Stand::Query, None)),
+                        Verdict::Hold(_) => Some(refuse(shared, still_held(), Stand::Query, None)),
                     };
                     batch += 1;
                     sub
@@ -563,7 +531,19 @@ async fn client_to_upstream(
                     terminate = true;
                     None
                 }
-                Frontend::Describe { .. } | Frontend::Passthrough => None,
+                Frontend::Describe { kind, name } => {
+                    let statements = gate.statements();
+                    shared.owe(if kind == b'S' {
+                        Owed::DescribeStatement(statements.statement(name))
+                    } else {
+                        Owed::DescribePortal {
+                            name: name.into(),
+                            portal: statements.portal(name).cloned(),
+                        }
+                    });
+                    None
+                }
+                Frontend::Passthrough => None,
             };
             if let Some(sub) = substitute {
                 pending.substitute(start, offset, &sub);
@@ -631,7 +611,7 @@ async fn parse_settled(
     reader: &mut FrameReader,
 ) -> Result<bool, RelayError> {
     loop {
-        let settled = shared.parses_settled.notified();
+        let settled = shared.owed.parses_settled();
         tokio::pin!(settled);
         settled.as_mut().enable();
         if !p.is_pending() {
@@ -646,22 +626,6 @@ async fn parse_settled(
                 }
             }
         }
-    }
-}
-
-/// PostgreSQL answered the batch `batch` with an error or its ReadyForQuery: every Parse of
-/// it (or before) not completed by then failed or was skipped.
-fn parses_failed_through(shared: &Shared, batch: u64) {
-    let mut parses = lock(&shared.parses);
-    let mut any = false;
-    while parses.front().is_some_and(|p| p.batch <= batch) {
-        if let Some(p) = parses.pop_front() {
-            p.settle(false);
-            any = true;
-        }
-    }
-    if any {
-        shared.parses_settled.notify_waiters();
     }
 }
 
@@ -769,15 +733,13 @@ fn still_held() -> PgError {
     )
 }
 
-fn track(shared: &Shared, batch: u64, kind: Kind, record: Option<crate::audit::RecordId>) {
-    lock(&shared.inflight).push_back(InFlight {
-        batch,
-        kind,
-        record,
-        started: Instant::now(),
-        outcome: Outcome::default(),
-        cut: Cut::Within,
-    });
+/// Each COPY TO STDOUT of a statement about to run with what it produces (masking sessions
+/// only: without masking nothing reads them).
+async fn copy_specs(shared: &Shared, copies: &[CopyTarget]) -> VecDeque<OwedCopy> {
+    match &shared.mask {
+        Some(m) if !copies.is_empty() => m.copy_specs(copies).await,
+        _ => VecDeque::new(),
+    }
 }
 
 /// What column masking does to a forwarded statement.
@@ -829,22 +791,33 @@ async fn masked(shared: &Shared, sql: &str, tree: Option<Arc<Tree>>) -> Masked {
     Masked { rewrite, copies }
 }
 
+/// How a refused message's stand-in goes upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stand {
+    /// As a Query, for a Query or FunctionCall: it ends its batch, as they do.
+    Query,
+    /// As an unnamed Parse, for a Parse or Execute inside an extended batch.
+    Parse,
+}
+
 /// Registers a refusal and returns the message that makes PostgreSQL fail in its place.
-fn refuse(shared: &Shared, batch: u64, err: PgError, extended: bool) -> Bytes {
+/// `run`: the statement's outcome, when it was let through before being refused.
+fn refuse(shared: &Shared, err: PgError, stand: Stand, run: Option<Running>) -> Bytes {
     shared.counters.refused.fetch_add(1, Ordering::Relaxed);
     let mut raw = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut raw);
     let nonce = format!("interceptor_refused_{}", hex::encode(raw));
-    lock(&shared.refusals).push_back(PendingRefusal {
-        batch,
-        nonce: nonce.clone(),
+    let stand_in = match stand {
+        Stand::Query => message::query(&nonce),
+        Stand::Parse => message::parse_unnamed(&nonce),
+    };
+    shared.owe(Owed::Refused {
+        nonce,
         error: err.encode(),
+        simple: stand == Stand::Query,
+        run,
     });
-    if extended {
-        message::parse_unnamed(&nonce)
-    } else {
-        message::query(&nonce)
-    }
+    stand_in
 }
 
 async fn upstream_to_client(
@@ -856,7 +829,7 @@ async fn upstream_to_client(
     notices: &mut tokio::sync::mpsc::UnboundedReceiver<Bytes>,
 ) -> Result<End, RelayError> {
     let mut ready_seen: u64 = 0;
-    let mut finished: Vec<InFlight> = Vec::new();
+    let mut finished: Vec<Running> = Vec::new();
     let mut mask = shared.mask.clone().map(MaskStream::new);
     let mut scratch = crate::mask::MaskSummary::new();
     loop {
@@ -892,8 +865,9 @@ async fn upstream_to_client(
         let mut out: Option<BytesMut> = None;
         let mut copied_to = 0;
         let mut offset = 0;
+        let mut parses_settled = false;
         {
-            let mut inflight = lock(&shared.inflight);
+            let mut owed = shared.owed.lock();
             for f in frames(&chunk) {
                 let start = offset;
                 offset += f.raw.len();
@@ -904,23 +878,14 @@ async fn upstream_to_client(
                 };
                 let action = match mask.as_mut() {
                     None => Action::Forward,
-                    Some(m) => {
-                        let summary = match inflight.front_mut() {
-                            Some(front) => &mut front.outcome.masked,
-                            None => {
-                                scratch.clear();
-                                &mut scratch
-                            }
-                        };
-                        m.message(f.tag, f.body, fields, summary)
-                    }
+                    Some(m) => m.message(f.tag, f.body, fields, &mut owed, &mut scratch),
                 };
                 let (sub, dropped) = match action {
                     Action::Refuse(error) => {
                         // A result that could not be masked: the client gets the error instead.
-                        if let Some(front) = inflight.front_mut() {
-                            front.outcome.sqlstate = Some(sqlstate::INTERNAL_ERROR.into());
-                            front.outcome.error =
+                        if let Some(run) = owed.running_mut() {
+                            run.outcome.sqlstate = Some(sqlstate::INTERNAL_ERROR.into());
+                            run.outcome.error =
                                 Some("interceptor: result withheld (masking failed)".into());
                         }
                         (Some(error), None)
@@ -940,24 +905,18 @@ async fn upstream_to_client(
                         sub
                     } else {
                         let swapped = account(
-                            &mut inflight,
-                            &mut finished,
-                            recorder,
-                            shared,
-                            ready_seen,
-                            f.tag,
-                            f.body,
-                            body,
-                            fields,
+                            &mut owed, recorder, shared, ready_seen, f.tag, f.body, body, fields,
                         );
-                        if f.tag == b'Z' {
-                            ready_seen += 1;
-                        }
                         swapped.or(sub)
                     }
                 } else {
                     sub
                 };
+                // The one place the owed queue advances, whatever became of the message.
+                parses_settled |= owed.answered(f.tag, &mut finished);
+                if f.tag == b'Z' {
+                    ready_seen += 1;
+                }
                 if let Some(sub) = sub {
                     let o = out.get_or_insert_with(|| BytesMut::with_capacity(chunk.len() + 64));
                     o.extend_from_slice(&chunk[copied_to..start]);
@@ -965,6 +924,9 @@ async fn upstream_to_client(
                     copied_to = offset;
                 }
             }
+        }
+        if parses_settled {
+            shared.owed.settled();
         }
         for mut done in finished.drain(..) {
             done.outcome.duration_us = done.started.elapsed().as_micros() as u64;
@@ -985,13 +947,14 @@ async fn upstream_to_client(
     }
 }
 
-/// Bookkeeping of one backend message for the audit trail (`body` is what the client gets,
-/// masked; `raw` is PostgreSQL's original; `fields`: a RowDescription as masking decoded it).
-/// Returns interceptor's error for a refusal's stand-in.
+/// Bookkeeping of one backend message for the audit trail, on the statement it belongs to
+/// (`body` is what the client gets, masked; `raw` is PostgreSQL's original; `fields`: a
+/// RowDescription as masking decoded it). Reads the owed queue, never advances it. Returns
+/// what the client gets instead: interceptor's error for a refusal's stand-in or a statement
+/// past `max_rows`, nothing for a row past it.
 #[allow(clippy::too_many_arguments)]
 fn account(
-    inflight: &mut VecDeque<InFlight>,
-    finished: &mut Vec<InFlight>,
+    owed: &mut OwedQueue,
     recorder: &Recorder,
     shared: &Shared,
     ready_seen: u64,
@@ -1001,29 +964,30 @@ fn account(
     fields: Option<&RowFields>,
 ) -> Option<Bytes> {
     if let Some(limit) = &shared.row_limit
-        && let Some(sub) = cut_off(inflight, finished, limit, tag)
+        && let Some(run) = owed.running_mut()
+        && let Some(sub) = cut_off(run, limit, tag)
     {
         return Some(sub);
     }
     match tag {
         b'D' => {
-            if let Some(front) = inflight.front_mut() {
-                front.outcome.rows += 1;
-                if front.record.is_some() && !front.outcome.columns.is_empty() {
-                    if front.outcome.recorded.len() < recorder.rows_cap {
-                        front.outcome.recorded.push(text_fields(body));
+            if let Some(run) = owed.running_mut() {
+                run.outcome.rows += 1;
+                if run.record.is_some() && !run.outcome.columns.is_empty() {
+                    if run.outcome.recorded.len() < recorder.rows_cap {
+                        run.outcome.recorded.push(text_fields(body));
                     } else {
-                        front.outcome.truncated = true;
+                        run.outcome.truncated = true;
                     }
                 }
             }
         }
         b'T' => {
-            if let Some(front) = inflight.front_mut()
-                && front.record.is_some()
+            if let Some(run) = owed.running_mut()
+                && run.record.is_some()
                 && recorder.rows_cap > 0
             {
-                front.outcome.columns = match fields {
+                run.outcome.columns = match fields {
                     Some(Ok(fields)) => fields.iter().map(|f| f.name.clone()).collect(),
                     _ => column_names(body),
                 };
@@ -1038,57 +1002,29 @@ fn account(
                 b'I' => "EMPTY".to_owned(),
                 _ => "SUSPENDED".to_owned(),
             };
-            if let Some(front) = inflight.front_mut() {
-                front.outcome.command_tags.push(tag);
-                if front.kind == Kind::Execute
-                    && let Some(done) = inflight.pop_front()
-                {
-                    finished.push(done);
-                }
-            }
-        }
-        b'1' => {
-            if let Some(p) = lock(&shared.parses).pop_front() {
-                p.settle(true);
-                shared.parses_settled.notify_waiters();
+            if let Some(run) = owed.running_mut() {
+                run.outcome.command_tags.push(tag);
             }
         }
         b'E' => {
             if is_fatal(raw) {
                 shared.upstream_fatal.store(true, Ordering::Relaxed);
             }
-            parses_failed_through(shared, ready_seen);
             // The refusal's stand-in is recognised on PostgreSQL's own text.
-            if let Some(sub) = swap_refusal(shared, ready_seen, raw) {
+            if let Some(sub) = owed.refusal_answered(raw) {
                 return Some(sub);
             }
-            if let Some(front) = inflight.front_mut() {
+            if let Some(run) = owed.running_mut() {
                 let (code, msg) = message::error_code_and_message(body)
                     .unwrap_or_else(|| (sqlstate::INTERNAL_ERROR.into(), String::new()));
-                front.outcome.sqlstate = Some(code);
-                front.outcome.error = Some(msg);
-                if front.kind == Kind::Execute
-                    && let Some(done) = inflight.pop_front()
-                {
-                    finished.push(done);
-                }
+                run.outcome.sqlstate = Some(code);
+                run.outcome.error = Some(msg);
             }
         }
-        b'Z' => {
-            parses_failed_through(shared, ready_seen);
-            if raw.first() == Some(&b'I') {
-                shared
-                    .idle_before
-                    .fetch_max(ready_seen + 1, Ordering::Relaxed);
-            }
-            while inflight.front().is_some_and(|i| i.batch <= ready_seen) {
-                if let Some(mut done) = inflight.pop_front() {
-                    if done.kind == Kind::Execute {
-                        done.outcome.skipped = true;
-                    }
-                    finished.push(done);
-                }
-            }
+        b'Z' if raw.first() == Some(&b'I') => {
+            shared
+                .idle_before
+                .fetch_max(ready_seen + 1, Ordering::Relaxed);
         }
         b'S' => {
             let mut c = Cursor::new(body, "ParameterStatus");
@@ -1110,23 +1046,17 @@ fn is_fatal(body: &[u8]) -> bool {
     })
 }
 
-/// Enforces `max_rows` on the statement at the front: `Some` replaces the message (empty:
-/// dropped), `None` lets the normal bookkeeping see it. Rows past the limit never reach the
-/// client; PostgreSQL is asked to stop producing them.
-fn cut_off(
-    inflight: &mut VecDeque<InFlight>,
-    finished: &mut Vec<InFlight>,
-    limit: &RowLimit,
-    tag: u8,
-) -> Option<Bytes> {
-    let front = inflight.front_mut()?;
-    match (front.cut, tag) {
+/// Enforces `max_rows` on the statement whose answer is arriving: `Some` replaces the message
+/// (empty: dropped), `None` lets the normal bookkeeping see it. Rows past the limit never
+/// reach the client; PostgreSQL is asked to stop producing them.
+fn cut_off(run: &mut Running, limit: &RowLimit, tag: u8) -> Option<Bytes> {
+    match (run.cut, tag) {
         // Session state and asynchronous messages still reach the client; so does a COPY FROM
         // STDIN start, which PostgreSQL would otherwise wait on forever.
         (_, b'Z' | b'S' | b'A' | b'N' | b'G' | b'W') => None,
-        (Cut::Within, b'D') if front.outcome.rows >= limit.max_rows => {
-            front.cut = Cut::Cutting;
-            front.outcome.truncated = true;
+        (Cut::Within, b'D') if run.outcome.rows >= limit.max_rows => {
+            run.cut = Cut::Cutting;
+            run.outcome.truncated = true;
             (limit.cancel)();
             Some(Bytes::new())
         }
@@ -1136,18 +1066,15 @@ fn cut_off(
                 "interceptor: the result has more than {} rows, the most policy \"{}\" allows per statement",
                 limit.max_rows, limit.policy
             );
-            front.outcome.sqlstate = Some(sqlstate::PROGRAM_LIMIT_EXCEEDED.into());
-            front.outcome.error = Some(message.clone());
-            front.cut = Cut::Reported;
-            let err = PgError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED, message)
-                .with_hint("narrow the query (WHERE, LIMIT) or page through it with a cursor")
-                .encode();
-            if front.kind == Kind::Execute
-                && let Some(done) = inflight.pop_front()
-            {
-                finished.push(done);
-            }
-            Some(err)
+            run.outcome.sqlstate = Some(sqlstate::PROGRAM_LIMIT_EXCEEDED.into());
+            run.outcome.error = Some(message.clone());
+            run.cut = Cut::Reported;
+            // An Execute's statement ends here; the queue lets it go with this message.
+            Some(
+                PgError::error(sqlstate::PROGRAM_LIMIT_EXCEEDED, message)
+                    .with_hint("narrow the query (WHERE, LIMIT) or page through it with a cursor")
+                    .encode(),
+            )
         }
         (Cut::Cutting, _) => Some(Bytes::new()),
         // After the error, the rest of the query message goes nowhere (as PostgreSQL skips it).
@@ -1188,22 +1115,4 @@ fn column_names(body: &[u8]) -> Vec<String> {
         }
     }
     out
-}
-
-/// If this ErrorResponse is PostgreSQL's answer to a refusal's stand-in, interceptor's own error.
-fn swap_refusal(shared: &Shared, ready_seen: u64, body: &[u8]) -> Option<Bytes> {
-    let mut refusals = lock(&shared.refusals);
-    // Refusals of batches that already ended were skipped by PostgreSQL after an earlier error.
-    while refusals.front().is_some_and(|r| r.batch < ready_seen) {
-        refusals.pop_front();
-    }
-    let front = refusals.front()?;
-    if front.batch != ready_seen {
-        return None;
-    }
-    let (code, msg) = message::error_code_and_message(body)?;
-    if code == sqlstate::SYNTAX_ERROR && msg.contains(front.nonce.as_str()) {
-        return refusals.pop_front().map(|r| r.error);
-    }
-    None
 }

@@ -725,12 +725,21 @@ async fn each_statement_is_parsed_once_through_classify_and_mask() {
         ("SELECT 1 AS n", 0),
     ] {
         let before = interceptor_sql::pgparse::parses();
+        let (converted, scanned) = crate::mask::conversions_and_scans();
         let q = message::query(sql);
         s.send(std::slice::from_ref(&q)).await;
         let up = read_until(&mut s.server, b'Q').await;
         assert_eq!(raw(&up), q.to_vec(), "nothing to rewrite in {sql}");
         let parses = interceptor_sql::pgparse::parses() - before;
         assert_eq!(parses, expected, "`{sql}` parsed {parses} times");
+        // The rewrite converts the tree once (for its catalog needs and its walk) and scans
+        // the text only to edit it.
+        let (c, sc) = crate::mask::conversions_and_scans();
+        assert_eq!(
+            (c - converted, sc - scanned),
+            (1, 0),
+            "`{sql}`: tree conversions and scans"
+        );
         let answer = [
             row_description(&["n"]),
             data_row(&["1"]),
@@ -1325,4 +1334,126 @@ async fn a_deallocated_statement_is_not_decided_on_its_old_text() {
     let down = read_until(&mut s.client, b'Z').await;
     assert_eq!(down[1].error().0, "42501");
     s.finish().await;
+}
+
+/// The RowDescription that answers a Describe of one portal masks the rows of that portal
+/// only: an Execute of another portal right after it, whose rows come without a description,
+/// is not masked by the described portal's plan (which would leave its masked column, at
+/// another position, in the clear); with column rules those rows are withheld instead.
+#[tokio::test]
+async fn a_portals_description_masks_its_own_rows_only() {
+    let mut s = start(Some(MASK));
+    let prepare = [
+        parse("sa", "SELECT 1 AS note, 2 AS ssn"),
+        parse("sb", "SELECT 3 AS ssn, 4 AS note"),
+        bind("a", "sa", &[]),
+        bind("b", "sb", &[]),
+        sync(),
+    ];
+    s.send(&prepare).await;
+    assert_eq!(raw(&read_until(&mut s.server, b'S').await), cat(&prepare));
+    s.answer(&[
+        parse_complete(),
+        parse_complete(),
+        bind_complete(),
+        bind_complete(),
+        message::ready_for_query(b'T'),
+    ])
+    .await;
+    read_until(&mut s.client, b'Z').await;
+
+    // Describe a, Execute b: b's rows are not a's.
+    s.send(&[describe(b'P', "a"), execute("b"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[
+        row_description(&["note", "ssn"]),
+        data_row(&["123-45-6789", "n"]),
+        complete("SELECT 1"),
+        message::ready_for_query(b'T'),
+    ])
+    .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "TEZ", "{down:?}");
+    assert_eq!(down[1].error().0, "XX000");
+    assert!(
+        !down
+            .iter()
+            .any(|m| String::from_utf8_lossy(&m.body).contains("123-45-6789")),
+        "{down:?}"
+    );
+
+    // Describe a, Execute a: a's rows are masked by a's description.
+    s.send(&[describe(b'P', "a"), execute("a"), sync()]).await;
+    read_until(&mut s.server, b'S').await;
+    s.answer(&[
+        row_description(&["note", "ssn"]),
+        data_row(&["n", "123-45-6789"]),
+        complete("SELECT 1"),
+        ready(),
+    ])
+    .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "TDCZ", "{down:?}");
+    let row = String::from_utf8_lossy(&down[1].body).into_owned();
+    assert!(!row.contains("123-45-6789") && row.contains('n'), "{row}");
+    s.finish().await;
+}
+
+/// Masking and a refusal in one pipeline, read from the one queue: the rows of the statement
+/// before the refusal are masked by its own description, the refusal's stand-in error becomes
+/// interceptor's, and the statement after it, which PostgreSQL skips, is recorded as skipped.
+#[tokio::test]
+async fn a_masked_result_and_a_refusal_share_one_pipeline() {
+    let mut s = start(Some(MASK));
+    let batch = [
+        parse("", "SELECT 'x' AS ssn"),
+        bind("", "", &[]),
+        describe(b'P', ""),
+        execute(""),
+        parse("", "DROP TABLE audit_log"),
+        bind("", "", &[]),
+        execute(""),
+        parse("", "SELECT 'y' AS ssn"),
+        bind("", "", &[]),
+        describe(b'P', ""),
+        execute(""),
+        sync(),
+    ];
+    s.send(&batch).await;
+    let up = read_until(&mut s.server, b'S').await;
+    assert_eq!(tags(&up), "PBDEPBPPBDES");
+    let nonce = nonce_of(&parse_text(&up[4])).to_owned();
+    s.answer(&[
+        parse_complete(),
+        bind_complete(),
+        row_description(&["ssn"]),
+        data_row(&["123-45-6789"]),
+        complete("SELECT 1"),
+        syntax_error_at(&nonce),
+        ready(),
+    ])
+    .await;
+    let down = read_until(&mut s.client, b'Z').await;
+    assert_eq!(tags(&down), "12TDCEZ", "{down:?}");
+    let row = String::from_utf8_lossy(&down[3].body).into_owned();
+    assert!(!row.contains("123-45-6789"), "masked: {row}");
+    let (code, msg) = down[5].error();
+    assert_eq!(code, "42501");
+    assert!(msg.contains("no drops here"), "{msg}");
+
+    let records = s.finish().await;
+    let outcome = |sql: &str| {
+        records
+            .iter()
+            .find(|(r, _)| r.sql == sql)
+            .and_then(|(_, o)| o.clone())
+            .unwrap_or_else(|| panic!("no outcome for {sql}: {records:?}"))
+    };
+    let first = outcome("SELECT 'x' AS ssn");
+    assert_eq!(first.command_tags, ["SELECT 1"]);
+    assert!(!first.skipped && first.sqlstate.is_none(), "{first:?}");
+    assert!(
+        outcome("SELECT 'y' AS ssn").skipped,
+        "PostgreSQL skipped it"
+    );
 }
