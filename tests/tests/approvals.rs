@@ -273,6 +273,44 @@ async fn a_cancel_while_held_gives_57014_aborts_the_request_and_nothing_runs() {
     );
 }
 
+/// The cancel of a held statement is interceptor's alone: nothing of the session ran upstream,
+/// so passed on to PostgreSQL it could only land on the client's next statement. A slow next
+/// statement gives a late cancel every chance to hit it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cancel_of_a_held_statement_never_reaches_the_next_one() {
+    let s = start_stack(Setup::held_writes(60));
+    let mut c = alice_session(&s).await;
+    let cancel = c.client.cancel_token();
+    for round in 0..3 {
+        let client = c.client;
+        let held = tokio::spawn(async move {
+            let res = client
+                .simple_query("DELETE FROM accounts WHERE id = 4")
+                .await;
+            (res, client)
+        });
+        let id = c.notices.recv().await.map(|n| request_id_in(&n)).unwrap();
+        cancel.cancel_query(NoTls).await.unwrap();
+        let (res, client) = tokio::time::timeout(std::time::Duration::from_secs(10), held)
+            .await
+            .expect("the cancel must end the wait")
+            .unwrap();
+        let err = res.unwrap_err();
+        assert_eq!(
+            err.as_db_error().map(|d| d.code()),
+            Some(&SqlState::QUERY_CANCELED),
+            "round {round}: {err:?}"
+        );
+        let next = client.simple_query("SELECT pg_sleep(0.3), 42").await;
+        assert!(
+            next.is_ok(),
+            "round {round}: the held statement's cancel reached the next statement: {next:?}"
+        );
+        tokio::task::block_in_place(|| s.wait_status(id, "aborted"));
+        c.client = client;
+    }
+}
+
 /// A driver that cancels on a timer may send its CancelRequest before interceptor has started
 /// to hold the statement (before the client saw the notice): the cancel must still end the
 /// hold, not be lost while the statement waits for its timeout.

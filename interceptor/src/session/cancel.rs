@@ -33,6 +33,28 @@ type Entry = (i32, UpstreamKey, Arc<CancelSignal>);
 pub(crate) struct CancelSignal {
     count: AtomicU64,
     notify: Notify,
+    /// Interceptor alone is answering the client (a held statement, nothing of the session
+    /// running upstream): a cancel is the hold's only, see [`CancelSignal::answer_locally`].
+    local: AtomicU64,
+}
+
+/// What a genuine CancelRequest does besides waking the session's own waits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Resolved {
+    /// PostgreSQL is (or may be) running something of the session: pass the cancel on.
+    Forward(UpstreamKey),
+    /// Only interceptor's hold was waiting. Passed on, the cancel could reach PostgreSQL
+    /// after the client sent its next statement and cancel that one instead.
+    Local,
+}
+
+/// While alive, the session's cancels are answered by interceptor alone.
+pub(crate) struct LocalAnswer<'a>(&'a CancelSignal);
+
+impl Drop for LocalAnswer<'_> {
+    fn drop(&mut self) {
+        self.0.local.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl CancelSignal {
@@ -44,6 +66,13 @@ impl CancelSignal {
     /// How many cancels were raised so far (a mark for [`CancelSignal::after`]).
     pub(crate) fn seen(&self) -> u64 {
         self.count.load(Ordering::SeqCst)
+    }
+
+    /// Until the guard drops, cancels are not passed on to PostgreSQL: the caller holds a
+    /// statement and nothing of the session runs upstream.
+    pub(crate) fn answer_locally(&self) -> LocalAnswer<'_> {
+        self.local.fetch_add(1, Ordering::SeqCst);
+        LocalAnswer(self)
     }
 
     /// Completes once a cancel later than `mark` was raised (at once if one already was).
@@ -109,16 +138,20 @@ impl CancelRegistry {
         }
     }
 
-    /// The upstream key for a client's CancelRequest, if the key is genuine.
-    /// Also wakes the session's own waits (a held statement).
-    pub(crate) fn resolve(&self, pid: i32, secret: i32) -> Option<UpstreamKey> {
+    /// What a client's CancelRequest does, if the key is genuine (`None`: ignore it). Also
+    /// wakes the session's own waits (a held statement).
+    pub(crate) fn resolve(&self, pid: i32, secret: i32) -> Option<Resolved> {
         let m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let (s, up, cancelled) = m.get(&pid)?;
         if !constant_time_eq(&s.to_be_bytes(), &secret.to_be_bytes()) {
             return None;
         }
         cancelled.raise();
-        Some(*up)
+        Some(if cancelled.local.load(Ordering::SeqCst) > 0 {
+            Resolved::Local
+        } else {
+            Resolved::Forward(*up)
+        })
     }
 }
 
@@ -132,7 +165,10 @@ mod tests {
         let key = reg.register(UpstreamKey { pid: 42, secret: 7 });
         assert_eq!(key.pid, 42, "the client sees the real backend pid");
         assert_ne!(key.secret, 7, "but never the upstream secret");
-        assert_eq!(reg.resolve(key.pid, key.secret).map(|k| k.pid), Some(42));
+        assert!(matches!(
+            reg.resolve(key.pid, key.secret),
+            Some(Resolved::Forward(UpstreamKey { pid: 42, secret: 7 }))
+        ));
         assert!(
             reg.resolve(42, 7).is_none(),
             "the upstream secret is no key"
@@ -146,6 +182,28 @@ mod tests {
         let secret = key.secret;
         drop(key);
         assert!(reg.resolve(pid, secret).is_none());
+    }
+
+    #[test]
+    fn a_cancel_during_a_local_answer_wakes_the_hold_and_stays_with_interceptor() {
+        let reg = CancelRegistry::default();
+        let key = reg.register(UpstreamKey { pid: 42, secret: 7 });
+        let mark = key.cancelled.seen();
+        {
+            let _local = key.cancelled.answer_locally();
+            let nested = key.cancelled.answer_locally();
+            drop(nested);
+            assert!(matches!(
+                reg.resolve(key.pid, key.secret),
+                Some(Resolved::Local)
+            ));
+            assert!(key.cancelled.seen() > mark, "the hold hears of it");
+        }
+        // Once the hold is over, cancels go to PostgreSQL again.
+        assert!(matches!(
+            reg.resolve(key.pid, key.secret),
+            Some(Resolved::Forward(_))
+        ));
     }
 
     #[tokio::test]

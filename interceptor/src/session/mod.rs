@@ -190,9 +190,12 @@ async fn startup_phase(
         Opening::Closed => return Ok(None),
         Opening::Cancel { pid, secret } => {
             match server.cancel.resolve(pid, secret) {
-                Some(key) => {
+                Some(cancel::Resolved::Forward(key)) => {
                     tracing::info!(upstream_pid = key.pid, "forwarding cancel request");
                     server.upstream.cancel(key.pid, key.secret).await?;
+                }
+                Some(cancel::Resolved::Local) => {
+                    tracing::info!("cancel request answered by interceptor (a held statement)");
                 }
                 None => tracing::info!("ignoring cancel request with an unknown key"),
             }

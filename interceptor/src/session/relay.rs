@@ -217,7 +217,11 @@ pub(crate) async fn run(
             &mut client_reader,
             gate,
             shared,
-            Side { notice_tx, cancel },
+            Side {
+                notice_tx,
+                cancel,
+                owed: &shared.owed,
+            },
         );
         let u2c = upstream_to_client(
             &mut up_rd,
@@ -287,6 +291,7 @@ async fn drain(rd: &mut BoxedRead, len: usize) {
 struct Side<'a> {
     notice_tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
     cancel: &'a super::cancel::CancelSignal,
+    owed: &'a Owing,
 }
 
 async fn client_to_upstream(
@@ -692,6 +697,8 @@ async fn wait_for_approval(
         let _ = side.notice_tx.send(notice.encode());
     }
     let id = held.request.id();
+    // With nothing of the session running upstream, the client's cancel is the hold's alone.
+    let _local = (side.owed.lock().len() == 0).then(|| side.cancel.answer_locally());
     let (request, held) = held.take_request();
     let wait = request.wait();
     tokio::pin!(wait);
