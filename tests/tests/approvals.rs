@@ -279,6 +279,13 @@ async fn a_cancel_while_held_gives_57014_aborts_the_request_and_nothing_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cancel_of_a_held_statement_never_reaches_the_next_one() {
     let s = start_stack(Setup::held_writes(60));
+    // PostgreSQL logs each cancel request it acts on at DEBUG2: the oracle for "never passed
+    // on", whether or not a late one happened to hit the next statement.
+    tokio::task::block_in_place(|| {
+        s.pg.psql("ALTER SYSTEM SET log_min_messages = debug2")
+            .unwrap();
+        s.pg.psql("SELECT pg_reload_conf()").unwrap();
+    });
     let mut c = alice_session(&s).await;
     let cancel = c.client.cancel_token();
     for round in 0..3 {
@@ -308,6 +315,34 @@ async fn the_cancel_of_a_held_statement_never_reaches_the_next_one() {
         );
         tokio::task::block_in_place(|| s.wait_status(id, "aborted"));
         c.client = client;
+    }
+    let log = s.pg.server_log();
+    assert!(
+        !log.contains("processing cancel request"),
+        "a held statement's cancel reached PostgreSQL:\n{}",
+        log.lines()
+            .filter(|l| l.contains("cancel"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // The oracle works: a cancel of a statement that runs in PostgreSQL is passed on.
+    let client = c.client;
+    let cancel = client.cancel_token();
+    let running = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(5)").await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    cancel.cancel_query(NoTls).await.unwrap();
+    let res = running.await.unwrap();
+    assert_eq!(
+        res.unwrap_err().as_db_error().map(|d| d.code()),
+        Some(&SqlState::QUERY_CANCELED)
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !s.pg.server_log().contains("processing cancel request") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "PostgreSQL never logged the forwarded cancel"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

@@ -698,7 +698,11 @@ async fn wait_for_approval(
     }
     let id = held.request.id();
     // With nothing of the session running upstream, the client's cancel is the hold's alone.
-    let _local = (side.owed.lock().len() == 0).then(|| side.cancel.answer_locally());
+    let _local = side
+        .owed
+        .lock()
+        .is_empty()
+        .then(|| side.cancel.answer_locally());
     let (request, held) = held.take_request();
     let wait = request.wait();
     tokio::pin!(wait);

@@ -204,6 +204,11 @@ impl OwedQueue {
         self.queue.len()
     }
 
+    /// PostgreSQL owes nothing: nothing of the session is running or about to answer.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
     /// Statements forwarded whose results have not all come back yet.
     pub(crate) fn running(&self) -> usize {
         self.queue.iter().filter(|e| e.run().is_some()).count()
