@@ -56,7 +56,8 @@ pub fn interceptor_bin() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("INTERCEPTOR_BIN").map(PathBuf::from)
         && bin.is_file()
     {
-        return Ok(bin);
+        // Absolute: the tests start it from other working directories.
+        return Ok(std::path::absolute(&bin)?);
     }
     build_interceptor()
 }

@@ -466,6 +466,8 @@ fn release_interceptor() -> Result<std::path::PathBuf> {
     if let Some(bin) = std::env::var_os("INTERCEPTOR_BIN").map(std::path::PathBuf::from)
         && bin.is_file()
     {
+        // Absolute: the harness starts it from other working directories.
+        let bin = std::path::absolute(&bin)?;
         println!("using INTERCEPTOR_BIN={}", bin.display());
         return Ok(bin);
     }
