@@ -124,6 +124,8 @@ const OP_CHARS: &[u8] = b"~!@#^&|`?+-*/%<>=";
 
 /// Tokenizes the whole text. Comments and whitespace are dropped.
 pub fn tokenize(sql: &str, settings: LexSettings) -> Result<Vec<Tok>, LexError> {
+    #[cfg(any(test, feature = "count-parses"))]
+    LEXES.with(|n| n.set(n.get() + 1));
     let b = sql.as_bytes();
     if b.contains(&0) {
         return Err(LexError::Nul);
@@ -318,6 +320,18 @@ pub fn tokenize(sql: &str, settings: LexSettings) -> Result<Vec<Tok>, LexError> 
         i += 1;
     }
     Ok(toks)
+}
+
+#[cfg(any(test, feature = "count-parses"))]
+thread_local! {
+    /// Calls of [`tokenize`] on this thread (tests count them per statement).
+    static LEXES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many texts this thread has tokenized.
+#[cfg(any(test, feature = "count-parses"))]
+pub fn lexes() -> usize {
+    LEXES.with(|n| n.get())
 }
 
 fn tok_str(needs_e_prefix: bool, body: String, span: Range<usize>) -> Tok {

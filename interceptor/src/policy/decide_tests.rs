@@ -87,6 +87,44 @@ fn route_and_limits() {
     assert!(set.route(&who("mallory", &["ops"]), "app").is_err());
 }
 
+/// A repeated text without numbers is decided from the cache without lexing it; a text with
+/// numbers is lexed for its cache key, and shares the classification of its shape.
+#[test]
+fn repeated_texts_are_decided_from_the_cache_with_as_little_lexing_as_possible() {
+    let d = dir_with(&[("basic.toml", BASIC)]);
+    let set = load(d.path());
+    let alice = who("alice", &["devs"]);
+    let lexes = |sql: &str| {
+        let before = interceptor_sql::lexer::lexes();
+        let verdict = set.decide(&alice, "app", sql, &ON).verdict;
+        (interceptor_sql::lexer::lexes() - before, verdict)
+    };
+    let bound = "SELECT name FROM users WHERE id = $1";
+    let (first, verdict) = lexes(bound);
+    assert!(first >= 1, "a new text is lexed");
+    assert_eq!(verdict, Verdict::Allow);
+    assert_eq!(lexes(bound), (0, Verdict::Allow), "a repeat is not lexed");
+    // The other standard_conforming_strings setting is a cache of its own.
+    let before = interceptor_sql::lexer::lexes();
+    let off = LexSettings {
+        standard_conforming_strings: false,
+    };
+    set.decide(&alice, "app", bound, &off);
+    assert!(interceptor_sql::lexer::lexes() > before);
+    // With numbers: lexed once for the key, then found by its shape.
+    let (first, _) = lexes("SELECT name FROM users WHERE id = 1");
+    assert!(first >= 2, "key and classification: {first}");
+    assert_eq!(
+        lexes("SELECT name FROM users WHERE id = 2"),
+        (1, Verdict::Allow)
+    );
+    // A text equal to another's key cannot exist (keys hold NUL), so a write is never found
+    // as a read's entry: each is decided on its own.
+    let (_, write) = lexes("DELETE FROM users WHERE id = $1");
+    assert!(matches!(write, Verdict::Approve { .. }), "{write:?}");
+    assert_eq!(lexes(bound), (0, Verdict::Allow));
+}
+
 #[test]
 fn decisions() {
     let d = dir_with(&[("basic.toml", BASIC)]);

@@ -34,14 +34,52 @@ const CACHE_MAX_SQL_BYTES: usize = 16 * 1024;
 const CACHE_TREE_MAX_SQL_BYTES: usize = 2 * 1024;
 const CACHE_TREES_SQL_BYTES: usize = 32 * 1024;
 
-type CacheKey = (String, bool);
 type Cached = Arc<Result<Vec<Classified>, Unclassifiable>>;
 
 /// The classification cache: entries by key, and how much text the kept trees stand for.
 #[derive(Debug, Default)]
 struct Cache {
-    entries: HashMap<CacheKey, CacheEntry>,
+    /// By `standard_conforming_strings` (off, on): the same text lexes differently.
+    entries: [HashMap<String, CacheEntry>; 2],
     tree_sql_bytes: usize,
+}
+
+impl Cache {
+    fn get(&self, key: &str, standard_conforming_strings: bool) -> Option<&CacheEntry> {
+        self.entries[usize::from(standard_conforming_strings)].get(key)
+    }
+
+    fn insert(
+        &mut self,
+        key: String,
+        standard_conforming_strings: bool,
+        entry: CacheEntry,
+    ) -> Option<CacheEntry> {
+        self.entries[usize::from(standard_conforming_strings)].insert(key, entry)
+    }
+
+    fn len(&self) -> usize {
+        self.entries.iter().map(HashMap::len).sum()
+    }
+
+    fn clear(&mut self) {
+        self.entries.iter_mut().for_each(HashMap::clear);
+        self.tree_sql_bytes = 0;
+    }
+
+    /// The entry for `key` as the classification of `sql`, with the tree when it is this very
+    /// text's.
+    fn hit(&self, key: &str, sql: &str, scs: bool) -> Option<(Cached, Option<Arc<Tree>>)> {
+        let hit = self.get(key, scs)?;
+        let tree = hit.tree.as_ref().and_then(|t| {
+            let same = match &t.text {
+                None => key == sql,
+                Some(text) => **text == *sql,
+            };
+            same.then(|| t.tree.clone())
+        });
+        Some((hit.classified.clone(), tree))
+    }
 }
 
 /// A cached classification and, for a short text, PostgreSQL's parse tree of it (the masking
@@ -259,23 +297,20 @@ impl PolicySet {
         if sql.len() > CACHE_MAX_SQL_BYTES {
             return classify_now(sql, lex);
         }
-        let key = (cache_key(sql, lex), lex.standard_conforming_strings);
+        let scs = lex.standard_conforming_strings;
         // A poisoned lock only means another thread panicked mid-insert; the map is still sound.
-        if let Some(hit) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entries
-            .get(&key)
+        let cache = || self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        // A text without numeric literals is its own key (a key has a NUL where a number was,
+        // a text never has one), so a repeat of it is found without lexing it: what drivers
+        // that bind parameters send.
+        if let Some(found) = cache().hit(sql, sql, scs) {
+            return found;
+        }
+        let key = cache_key(sql, lex);
+        if key != sql
+            && let Some(found) = cache().hit(&key, sql, scs)
         {
-            let tree = hit.tree.as_ref().and_then(|t| {
-                let same = match &t.text {
-                    None => key.0 == sql,
-                    Some(text) => **text == *sql,
-                };
-                same.then(|| t.tree.clone())
-            });
-            return (hit.classified.clone(), tree);
+            return found;
         }
         let (result, tree) = classify_now(sql, lex);
         // Secret spans are byte offsets in this text; the key hides numbers, whose length may
@@ -287,10 +322,9 @@ impl PolicySet {
         {
             return (result, tree);
         }
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.entries.len() >= CACHE_ENTRIES {
-            cache.entries.clear();
-            cache.tree_sql_bytes = 0;
+        let mut cache = cache();
+        if cache.len() >= CACHE_ENTRIES {
+            cache.clear();
         }
         let cached_tree = tree
             .as_ref()
@@ -301,7 +335,7 @@ impl PolicySet {
             })
             .map(|t| CachedTree {
                 tree: t.clone(),
-                text: (key.0 != sql).then(|| sql.into()),
+                text: (key != sql).then(|| sql.into()),
             });
         if cached_tree.is_some() {
             cache.tree_sql_bytes += sql.len();
@@ -310,10 +344,10 @@ impl PolicySet {
             classified: result.clone(),
             tree: cached_tree,
         };
-        let key_len = key.0.len();
+        let key_len = key.len();
         if let Some(CacheEntry {
             tree: Some(old), ..
-        }) = cache.entries.insert(key, entry)
+        }) = cache.insert(key, scs, entry)
         {
             // Two sessions classified the same shape at once: the first one's tree is gone.
             let old_len = old.text.map_or(key_len, |t| t.len());
