@@ -1,11 +1,12 @@
 //! Matching rules against classified statements and combining per-statement verdicts into
 //! one decision for the query. The order is documented in docs/policy.md.
 
+use std::borrow::Cow;
 use std::time::SystemTime;
 
 use super::glob::Glob;
 use super::model::{DecisionKind, IdentityMatch};
-use super::rules::{Decision, Policy, Rule, Verdict};
+use super::rules::{DecidedStatements, Decision, Policy, Rule, Verdict};
 use super::session::SessionStatements;
 use crate::identity::Identity;
 use interceptor_sql::classify::{Classified, Unclassifiable};
@@ -192,7 +193,7 @@ pub(crate) fn unparseable_decision(policy: &Policy, e: &Unclassifiable) -> Decis
         verdict,
         rule,
         policy: Some(policy.name.clone()),
-        statements: Vec::new(),
+        statements: DecidedStatements::default(),
         statement_rules: Vec::new(),
         syntax_position: e.position(),
         tree: None,
@@ -201,26 +202,31 @@ pub(crate) fn unparseable_decision(policy: &Policy, e: &Unclassifiable) -> Decis
 
 pub(crate) fn decide_statements(
     policy: &Policy,
-    classified: &[Classified],
+    classified: DecidedStatements,
     session: &SessionStatements,
     now: SystemTime,
 ) -> Decision {
     // PREPAREs earlier in the same query are visible to its later EXECUTEs.
     let mut local = SessionStatements::new();
-    let mut statements = Vec::with_capacity(classified.len());
+    // The statements as decided: the classification itself unless an EXECUTE stands for what
+    // it runs, then a list of their own.
+    let mut resolved_list = classified
+        .iter()
+        .any(|s| s.executes.is_some())
+        .then(|| Vec::with_capacity(classified.len()));
     let mut rules = Vec::with_capacity(classified.len());
     let mut deny: Option<(Verdict, Option<String>)> = None;
     let mut approve: Option<Verdict> = None;
-    let mut allow_rules: Vec<String> = Vec::new();
-    for s in classified {
-        let resolved = match &s.executes {
+    let mut allow_rules: Vec<&str> = Vec::new();
+    for s in classified.iter() {
+        let resolved: Cow<'_, Classified> = match &s.executes {
             Some(name) => match local.get(name).or_else(|| session.get(name)) {
                 Some(p) => {
                     let mut r = p.clone();
                     r.command = "EXECUTE".to_owned();
                     r.executes = Some(name.clone());
                     r.span = s.span;
-                    r
+                    Cow::Owned(r)
                 }
                 None => {
                     deny.get_or_insert((
@@ -233,12 +239,14 @@ pub(crate) fn decide_statements(
                         },
                         None,
                     ));
-                    statements.push(s.clone());
+                    if let Some(list) = resolved_list.as_mut() {
+                        list.push(s.clone());
+                    }
                     rules.push(None);
                     continue;
                 }
             },
-            None => s.clone(),
+            None => Cow::Borrowed(s),
         };
         local.apply(&resolved);
         match policy.rules.iter().find(|r| r.matches(&resolved, now)) {
@@ -246,8 +254,8 @@ pub(crate) fn decide_statements(
                 let v = rule.verdict(policy, &resolved);
                 match &v {
                     Verdict::Allow => {
-                        if !allow_rules.contains(&rule.name) {
-                            allow_rules.push(rule.name.clone());
+                        if !allow_rules.contains(&rule.name.as_str()) {
+                            allow_rules.push(&rule.name);
                         }
                     }
                     Verdict::Deny { .. } => {
@@ -301,7 +309,9 @@ pub(crate) fn decide_statements(
                 rules.push(None);
             }
         }
-        statements.push(resolved);
+        if let Some(list) = resolved_list.as_mut() {
+            list.push(resolved.into_owned());
+        }
     }
     let (verdict, rule) = if let Some((v, r)) = deny {
         (v, r)
@@ -321,7 +331,7 @@ pub(crate) fn decide_statements(
         verdict,
         rule,
         policy: Some(policy.name.clone()),
-        statements,
+        statements: resolved_list.map_or(classified, DecidedStatements::from),
         statement_rules: rules,
         syntax_position: None,
         tree: None,

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::glob::Glob;
 use super::model::{DecisionKind, IdentityMatch, KindSpec, Limits};
 use super::window::Window;
-use interceptor_sql::classify::Classified;
+use interceptor_sql::classify::{Classified, Unclassifiable};
 use interceptor_sql::pgparse::Tree;
 use interceptor_sql::statement::Risk;
 
@@ -73,6 +73,66 @@ impl Verdict {
     }
 }
 
+/// The statements a decision covers, as a slice: the classification cache's own list, shared
+/// (no copy per decision), or a list of their own where `EXECUTE name` was resolved to what
+/// `name` was prepared as.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DecidedStatements(Listed);
+
+#[derive(Debug, Clone, Default)]
+enum Listed {
+    #[default]
+    None,
+    Shared(Arc<Result<Vec<Classified>, Unclassifiable>>),
+    Own(Vec<Classified>),
+}
+
+impl DecidedStatements {
+    /// The cache's classification (none when it is an error).
+    pub(crate) fn shared(classified: Arc<Result<Vec<Classified>, Unclassifiable>>) -> Self {
+        DecidedStatements(Listed::Shared(classified))
+    }
+}
+
+impl From<Vec<Classified>> for DecidedStatements {
+    fn from(v: Vec<Classified>) -> Self {
+        DecidedStatements(Listed::Own(v))
+    }
+}
+
+impl std::ops::Deref for DecidedStatements {
+    type Target = [Classified];
+
+    fn deref(&self) -> &[Classified] {
+        match &self.0 {
+            Listed::None => &[],
+            Listed::Shared(c) => c.as_ref().as_ref().map_or(&[], Vec::as_slice),
+            Listed::Own(v) => v,
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a DecidedStatements {
+    type Item = &'a Classified;
+    type IntoIter = std::slice::Iter<'a, Classified>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl PartialEq for DecidedStatements {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Serialize for DecidedStatements {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(s)
+    }
+}
+
 /// The decision for one query (all its statements).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct Decision {
@@ -81,7 +141,7 @@ pub(crate) struct Decision {
     pub rule: Option<String>,
     /// The policy that was applied.
     pub policy: Option<String>,
-    pub statements: Vec<Classified>,
+    pub statements: DecidedStatements,
     /// Rule of each statement, in order (`None` where the default deny applied).
     pub statement_rules: Vec<Option<String>>,
     /// A syntax error's 1-based character position in the query (PostgreSQL's cursor).

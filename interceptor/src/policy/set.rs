@@ -19,7 +19,7 @@ use interceptor_sql::classify::{Classified, Unclassifiable, classify_tree};
 use interceptor_sql::lexer::LexSettings;
 use interceptor_sql::pgparse::Tree;
 
-use super::rules::{Decision, Policy, Verdict};
+use super::rules::{DecidedStatements, Decision, Policy, Verdict};
 
 static NEXT_VERSION: AtomicU64 = AtomicU64::new(1);
 
@@ -262,14 +262,14 @@ impl PolicySet {
                 },
                 rule: None,
                 policy: None,
-                statements: classified.as_ref().clone().unwrap_or_default(),
+                statements: DecidedStatements::shared(classified.clone()),
                 statement_rules: Vec::new(),
                 syntax_position: None,
                 tree: None,
             };
         };
-        let statements = match classified.as_ref() {
-            Ok(s) => s,
+        match classified.as_ref() {
+            Ok(_) => {}
             // Nothing but whitespace, `;` and comments: PostgreSQL runs nothing and answers
             // EmptyQueryResponse. Drivers and pools send these as pings.
             Err(interceptor_sql::classify::Unclassifiable::Empty) => {
@@ -277,17 +277,17 @@ impl PolicySet {
                     verdict: Verdict::Allow,
                     rule: Some("empty query".to_owned()),
                     policy: Some(policy.name.clone()),
-                    statements: Vec::new(),
+                    statements: DecidedStatements::default(),
                     statement_rules: Vec::new(),
                     syntax_position: None,
                     tree: None,
                 };
             }
             Err(e) => return unparseable_decision(policy, e),
-        };
+        }
         Decision {
             tree,
-            ..decide_statements(policy, statements, session, now)
+            ..decide_statements(policy, DecidedStatements::shared(classified), session, now)
         }
     }
 
