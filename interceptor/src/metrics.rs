@@ -20,8 +20,9 @@ pub(crate) struct SessionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct StatementLabels {
-    pub decision: String,
-    pub kind: String,
+    // Static: counting a statement looks its series up without allocating.
+    pub decision: &'static str,
+    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -172,9 +173,9 @@ impl Metrics {
 }
 
 /// A statement was decided (its audit record appended).
-pub(crate) fn statement<'a>(
-    decision: &str,
-    kinds: impl Iterator<Item = &'a str>,
+pub(crate) fn statement(
+    decision: &'static str,
+    kinds: impl Iterator<Item = &'static str>,
     refused: Option<&str>,
 ) {
     let mut any = false;
@@ -182,18 +183,15 @@ pub(crate) fn statement<'a>(
         any = true;
         METRICS
             .statements
-            .get_or_create(&StatementLabels {
-                decision: decision.to_owned(),
-                kind: kind.to_owned(),
-            })
+            .get_or_create(&StatementLabels { decision, kind })
             .inc();
     }
     if !any {
         METRICS
             .statements
             .get_or_create(&StatementLabels {
-                decision: decision.to_owned(),
-                kind: "none".to_owned(),
+                decision,
+                kind: "none",
             })
             .inc();
     }

@@ -214,12 +214,13 @@ impl Gate {
             approval,
         };
         crate::audit::redact::redact_record(&mut record, &decision.statements);
-        let shown = (verdict == "allow").then(|| record.sql.clone());
+        // The listing shows the text as recorded (secrets taken out). Before the append, which
+        // takes the record; an append that fails ends the session anyway.
+        if verdict == "allow" {
+            self.facts.activity.statement(&record.sql);
+        }
         let id = self.audit.append(AuditEvent::Statement(record))?;
         self.unsynced = true;
-        if let Some(shown) = shown {
-            self.facts.activity.statement(&shown);
-        }
         Ok(id)
     }
 
@@ -355,16 +356,17 @@ impl Gate {
         &self.facts
     }
 
-    /// The session's identity as policy sees it now: with the groups of active grants.
-    fn current_identity(&mut self) -> Identity {
+    /// Brings the session's identity as policy sees it up to date with the active grants
+    /// (see [`Gate::identity`]); checks a generation number unless grants changed.
+    fn refresh_elevation(&mut self) {
         let Some(svc) = &self.approvals else {
-            return self.facts.identity.clone();
+            return;
         };
         let generation = svc.grants_generation();
         if let Some(e) = &self.elevated
             && e.is_current(generation, crate::approval::now_ms())
         {
-            return e.identity.clone();
+            return;
         }
         let fresh = svc.elevation(&self.facts.identity);
         let changed = self
@@ -374,20 +376,32 @@ impl Gate {
         if changed && fresh.identity.groups != self.facts.identity.groups {
             tracing::info!(groups = ?fresh.identity.groups, "time-bound grant in effect");
         }
-        let who = fresh.identity.clone();
         self.elevated = Some(fresh);
-        who
+    }
+
+    /// The session's identity with the groups of its grants, as of the last
+    /// [`Gate::refresh_elevation`].
+    fn identity(&self) -> &Identity {
+        self.elevated
+            .as_ref()
+            .map_or(&self.facts.identity, |e| &e.identity)
     }
 
     /// Decides `sql` now, for the identity as it is now (with its grants). Nothing is cached
     /// per session: a decision can depend on the time (rule windows, grant expiry).
     fn decide(&mut self, policy: &PolicySet, sql: &str, lex: LexState) -> Arc<Decision> {
-        let who = self.current_identity();
+        self.refresh_elevation();
         let lex = LexSettings {
             standard_conforming_strings: lex.standard_conforming_strings,
         };
         let f = &self.facts;
-        Arc::new(policy.decide_in_session(&who, &f.database, sql, &lex, &self.sql_prepared))
+        Arc::new(policy.decide_in_session(
+            self.identity(),
+            &f.database,
+            sql,
+            &lex,
+            &self.sql_prepared,
+        ))
     }
 
     /// Turns a decision into what the relay does.
