@@ -194,10 +194,7 @@ mod tests {
     use super::*;
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
+        crate::message::message(tag, body).to_vec()
     }
 
     fn buffer(data: &[u8]) -> FrameBuffer {

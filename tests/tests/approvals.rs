@@ -13,7 +13,9 @@ use interceptor_tests::{
 
 mod approval_support;
 
-use approval_support::{ApprovalStack, Setup, WebhookSink, alice_session, request_id_in};
+use approval_support::{
+    ApprovalStack, Setup, WebhookSink, alice_session, request_id_in, simple_query_in_background,
+};
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, SimpleQueryMessage};
@@ -222,12 +224,7 @@ async fn a_cancel_while_held_gives_57014_aborts_the_request_and_nothing_runs() {
     let mut c = alice_session(&s).await;
     let cancel = c.client.cancel_token();
     let client = c.client;
-    let held = tokio::spawn(async move {
-        let res = client
-            .simple_query("DELETE FROM accounts WHERE id = 4")
-            .await;
-        (res, client)
-    });
+    let held = simple_query_in_background(client, "DELETE FROM accounts WHERE id = 4");
     let id = c.notices.recv().await.map(|n| request_id_in(&n)).unwrap();
     tokio::task::block_in_place(|| assert_eq!(s.request(id)["status"], "pending"));
     cancel.cancel_query(NoTls).await.unwrap();
@@ -290,12 +287,7 @@ async fn the_cancel_of_a_held_statement_never_reaches_the_next_one() {
     let cancel = c.client.cancel_token();
     for round in 0..3 {
         let client = c.client;
-        let held = tokio::spawn(async move {
-            let res = client
-                .simple_query("DELETE FROM accounts WHERE id = 4")
-                .await;
-            (res, client)
-        });
+        let held = simple_query_in_background(client, "DELETE FROM accounts WHERE id = 4");
         let id = c.notices.recv().await.map(|n| request_id_in(&n)).unwrap();
         cancel.cancel_query(NoTls).await.unwrap();
         let (res, client) = tokio::time::timeout(std::time::Duration::from_secs(10), held)
@@ -355,12 +347,7 @@ async fn a_cancel_sent_before_the_hold_notice_still_ends_the_wait() {
     let c = alice_session(&s).await;
     let cancel = c.client.cancel_token();
     let client = c.client;
-    let held = tokio::spawn(async move {
-        let res = client
-            .simple_query("DELETE FROM accounts WHERE id = 5")
-            .await;
-        (res, client)
-    });
+    let held = simple_query_in_background(client, "DELETE FROM accounts WHERE id = 5");
     // No wait for the notice: the cancel races the hold.
     cancel.cancel_query(NoTls).await.unwrap();
     let (res, client) = tokio::time::timeout(std::time::Duration::from_secs(20), held)

@@ -8,7 +8,8 @@ mod approval_support;
 use std::time::Duration;
 
 use approval_support::{
-    ApprovalStack, Auth, Setup, alice_session, forged_token, request_id_in, token,
+    ApprovalStack, Auth, Setup, alice_session, forged_token, request_id_in,
+    simple_query_in_background, token,
 };
 use interceptor_tests::{ALICE, PgCommand};
 use serde_json::{Value, json};
@@ -124,12 +125,7 @@ async fn a_client_certificate_approver_denies_with_a_reason_the_client_sees() {
     let s = tokio::task::block_in_place(|| ApprovalStack::start(Setup::held_writes(60)));
     let mut c = alice_session(&s).await;
     let client = c.client;
-    let held = tokio::spawn(async move {
-        let res = client
-            .simple_query("DELETE FROM accounts WHERE id = 10")
-            .await;
-        (res, client)
-    });
+    let held = simple_query_in_background(client, "DELETE FROM accounts WHERE id = 10");
     let id = c.notices.recv().await.map(|n| request_id_in(&n)).unwrap();
     tokio::task::block_in_place(|| {
         // A denial needs a reason.

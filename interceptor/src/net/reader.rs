@@ -101,10 +101,7 @@ mod tests {
     use interceptor_wire::frame::frames;
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
+        interceptor_wire::message::message(tag, body).to_vec()
     }
 
     #[tokio::test]

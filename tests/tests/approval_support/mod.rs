@@ -493,6 +493,21 @@ pub async fn alice_session(stack: &ApprovalStack) -> NoticedClient {
     }
 }
 
+/// Runs `sql` on `client` in a task of its own (it may be held for approval) and gives the
+/// client back with the result.
+pub fn simple_query_in_background(
+    client: tokio_postgres::Client,
+    sql: &'static str,
+) -> tokio::task::JoinHandle<(
+    Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>,
+    tokio_postgres::Client,
+)> {
+    tokio::spawn(async move {
+        let res = client.simple_query(sql).await;
+        (res, client)
+    })
+}
+
 impl NoticedClient {
     /// Waits for the "held for approval" notice and returns the request id it names.
     pub async fn held_notice(&mut self) -> u64 {
